@@ -1,0 +1,41 @@
+# dbguard — `make demo` and `make test` install what is missing first.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: setup host venv demo test test-unit bench lint clean help
+
+help:
+	@echo "make demo   - PostgreSQL under memory pressure, without and with dbguard, side by side"
+	@echo "make test   - the whole test suite (unit, integration, end-to-end; needs root)"
+	@echo "make bench  - benchmarks (results in benchmarks/RESULTS.md)"
+	@echo "make setup  - only install Debian packages, kernel headers link and .venv"
+
+setup: host venv
+
+host:
+	@bash scripts/setup-host.sh
+
+# The distribution's python3 with system site-packages: BCC (python3-bpfcc) is not on PyPI.
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	@$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+demo: setup
+	@$(PY) -m lab.demo
+
+test: setup
+	@$(PY) -m pytest $(PYTEST_ARGS)
+
+test-unit: venv
+	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: setup
+	@$(PY) -m benchmarks.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

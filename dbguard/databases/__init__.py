@@ -1,0 +1,1 @@
+"""Database adapters: one module per kind, all behind databases.base.Database."""

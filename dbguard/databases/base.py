@@ -1,0 +1,50 @@
+"""The one interface the rest of dbguard uses to talk to a database.
+
+Every method is safe to call when the server is down: `collect()` then returns
+`DbStats(up=False, error=...)`, and the act methods return an `Outcome` with ok=False.
+Nothing here raises into the main loop; protection must go on without SQL.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+from ..model import DbStats
+
+
+@dataclass(frozen=True)
+class Outcome:
+    ok: bool
+    detail: str = ""          # one line: what happened, or why not
+
+
+class Database(abc.ABC):
+    kind: str
+    name: str
+
+    @abc.abstractmethod
+    def collect(self) -> DbStats:
+        """Read roles, sessions, cache figures. Bounded by statement/connect timeouts."""
+
+    @abc.abstractmethod
+    def set_shrink_step(self, step: int) -> Outcome:
+        """Move the caches to `step` (0 = the DBA's configured values, shrink_steps_max = floor).
+
+        Records the DBA's originals durably (state file) before the first change, so they
+        survive a dbguard crash; step 0 restores them exactly.
+        """
+
+    @abc.abstractmethod
+    def cancel(self, pid: int) -> Outcome:
+        """Cancel the running statement of a session (pg_cancel_backend / KILL QUERY)."""
+
+    @abc.abstractmethod
+    def terminate(self, pid: int) -> Outcome:
+        """End the session (pg_terminate_backend / KILL CONNECTION). Never a signal."""
+
+    def recover(self) -> Outcome:
+        """At startup: put back the DBA's settings that a previous run left shrunk."""
+        return self.set_shrink_step(0)
+
+    def close(self) -> None:
+        """Drop connections."""

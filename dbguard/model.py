@@ -1,0 +1,164 @@
+"""The facts dbguard passes between sense, decide and act.
+
+Plain frozen data: sense builds it, policy reads it, act carries out what policy returns.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Level(enum.IntEnum):
+    OK = 0
+    WARN = 1
+    HIGH = 2
+    CRITICAL = 3
+
+
+class Role(str, enum.Enum):
+    """What a process is to dbguard, established by fact (pid files, SQL), not by name."""
+
+    POSTMASTER = "postmaster"
+    PG_AUXILIARY = "pg_auxiliary"      # checkpointer, walwriter, startup, ...
+    PG_BACKEND = "pg_backend"          # client backends and parallel workers
+    MYSQLD = "mysqld"
+    DBGUARD = "dbguard"
+    INIT = "init"
+    KERNEL_THREAD = "kernel_thread"
+    OTHER = "other"
+
+    @property
+    def is_database(self) -> bool:
+        return self in DATABASE_ROLES
+
+    @property
+    def never_signalled(self) -> bool:
+        """Processes dbguard must never send a signal to, whatever the policy says."""
+        return self in DATABASE_ROLES or self in (Role.DBGUARD, Role.INIT, Role.KERNEL_THREAD)
+
+
+DATABASE_ROLES = frozenset({Role.POSTMASTER, Role.PG_AUXILIARY, Role.PG_BACKEND, Role.MYSQLD})
+
+
+@dataclass(frozen=True, order=True)
+class ProcKey:
+    """A process identity that survives PID reuse: pid plus start time in clock ticks."""
+
+    pid: int
+    start_time: int
+
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    start_time: int            # /proc/PID/stat field 22, clock ticks since boot
+    ppid: int
+    uid: int
+    comm: str
+    exe: str                   # resolved /proc/PID/exe, "" when unreadable
+    cmdline: str
+    rss_bytes: int
+    memcg: str                 # memory cgroup path relative to the hierarchy root, "/..."
+    oom_score_adj: int
+    kernel_thread: bool = False
+
+    @property
+    def key(self) -> ProcKey:
+        return ProcKey(self.pid, self.start_time)
+
+
+@dataclass(frozen=True)
+class MemoryReading:
+    """Memory state of the watched cgroup (or the host), one sample."""
+
+    cgroup: str                # directory under /sys/fs/cgroup, or "" for the host
+    cgroup_version: int        # 1, 2, or 0 for the host (MemAvailable)
+    usage_bytes: int
+    limit_bytes: int | None    # None: unlimited
+    psi_some_avg10: float      # percent
+    psi_full_avg10: float      # percent
+    reclaimable_bytes: int = 0 # page cache the kernel can drop (inactive_file)
+
+    @property
+    def usage_ratio(self) -> float:
+        if not self.limit_bytes:
+            return 0.0
+        return self.usage_bytes / self.limit_bytes
+
+    @property
+    def pressing_ratio(self) -> float:
+        """Usage that reclaim cannot give back: a cgroup full of page cache is not in trouble."""
+        if not self.limit_bytes:
+            return 0.0
+        return max(0, self.usage_bytes - self.reclaimable_bytes) / self.limit_bytes
+
+
+@dataclass(frozen=True)
+class DbSession:
+    pid: int                   # server-side pid (PostgreSQL backend) or thread/connection id (MySQL)
+    kind: str                  # backend_type for PostgreSQL, "connection" for MySQL
+    state: str                 # active, idle, idle in transaction, ...
+    user: str = ""
+    query: str = ""
+    age_seconds: float = 0.0   # time since the current query (or state) started
+    memory_bytes: int = 0      # best estimate of what the session holds
+
+
+@dataclass(frozen=True)
+class DbStats:
+    """What one database reported this cycle. `up=False` means stale: protection goes on without SQL."""
+
+    name: str
+    kind: str                             # "postgresql" or "mysql"
+    up: bool
+    error: str = ""                       # one line, when not up
+    server_pid: int | None = None         # postmaster / mysqld
+    data_directory: str = ""
+    roles: dict[int, Role] = field(default_factory=dict)   # pid -> role, from SQL facts
+    sessions: tuple[DbSession, ...] = ()
+    cache_bytes: int = 0                  # shared_buffers / innodb_buffer_pool_size now
+    cache_configured_bytes: int = 0       # what the DBA configured
+    cache_used_bytes: int = 0
+    hit_ratio: float | None = None
+    shrink_step: int = 0                  # 0: as the DBA configured; higher: shrunk further
+    shrink_steps_max: int = 0             # 0: nothing this database can shrink
+    extra: dict[str, Any] = field(default_factory=dict)    # kind-specific figures for explain/metrics
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    ts: float
+    memory: MemoryReading
+    procs: dict[int, Proc]
+    roles: dict[int, Role]                # every pid in procs -> role
+    databases: tuple[DbStats, ...]
+    self_pid: int
+
+
+class ActionKind(str, enum.Enum):
+    SET_OOM_SCORE_ADJ = "set_oom_score_adj"
+    KILL = "kill"
+    CANCEL_QUERY = "cancel_query"
+    TERMINATE_SESSION = "terminate_session"
+    SHRINK_CACHE = "shrink_cache"
+    RESTORE_CACHE = "restore_cache"
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: ActionKind
+    reason: str
+    pid: int | None = None
+    start_time: int | None = None          # with pid: the identity the action is meant for
+    target: str = ""                       # human description: "hog (rss 150 MiB)", "postgresql main"
+    database: str | None = None            # database name for SQL actions
+    value: int | None = None               # oom_score_adj value, shrink step, ...
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    level: Level
+    level_reason: str
+    actions: tuple[Action, ...]

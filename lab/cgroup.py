@@ -1,0 +1,130 @@
+"""Memory cgroups for tests and demos, made under dbguard's own cgroup and removed after.
+
+Works on cgroup v1 (the `memory` controller hierarchy) and v2 (unified, with the memory
+controller enabled in the parent's subtree_control).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from pathlib import Path
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def own_memory_cgroup() -> tuple[Path, int]:
+    """The memory cgroup this process lives in: (directory, version)."""
+    v2_path = None
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        hid, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return CGROUP_ROOT / "memory" / path.lstrip("/"), 1
+        if hid == "0":
+            v2_path = path
+    if v2_path is not None and (CGROUP_ROOT / "cgroup.controllers").exists():
+        return CGROUP_ROOT / v2_path.lstrip("/"), 2
+    raise RuntimeError("no memory cgroup found: mount the cgroup v1 memory controller or cgroup v2")
+
+
+class MemoryCgroup:
+    """A child memory cgroup with a hard limit. Use as a context manager."""
+
+    def __init__(self, limit_bytes: int, name: str | None = None):
+        parent, self.version = own_memory_cgroup()
+        if self.version == 2:
+            # A v2 cgroup with processes cannot have children with controllers: work in a sibling-free leaf.
+            ctl = parent / "cgroup.subtree_control"
+            if "memory" not in ctl.read_text().split():
+                raise RuntimeError(
+                    f"memory controller not enabled in {ctl}: echo +memory > {ctl} "
+                    "(needs no processes in that cgroup)")
+        self.path = parent / (name or f"dbguard-test-{uuid.uuid4().hex[:8]}")
+        self.limit_bytes = limit_bytes
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def __enter__(self) -> "MemoryCgroup":
+        self.path.mkdir()
+        try:
+            self.set_limit(self.limit_bytes)
+        except Exception:
+            self.path.rmdir()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self, timeout: float = 10.0) -> None:
+        """Kill what is left inside, then rmdir. Never leaves a cgroup behind if it can help it."""
+        if not self.path.exists():
+            return
+        deadline = time.monotonic() + timeout
+        while True:
+            pids = self.pids()
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    # --- control ---------------------------------------------------------------------------
+    @property
+    def relpath(self) -> str:
+        """Path inside its hierarchy, as /proc/PID/cgroup shows it."""
+        base = CGROUP_ROOT / "memory" if self.version == 1 else CGROUP_ROOT
+        return "/" + str(self.path.relative_to(base))
+
+    def set_limit(self, limit_bytes: int) -> None:
+        if self.version == 1:
+            (self.path / "memory.limit_in_bytes").write_text(str(limit_bytes))
+        else:
+            (self.path / "memory.max").write_text(str(limit_bytes))
+            swap = self.path / "memory.swap.max"
+            if swap.exists():
+                swap.write_text("0")
+        self.limit_bytes = limit_bytes
+
+    def add(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+
+    def pids(self) -> list[int]:
+        try:
+            return [int(x) for x in (self.path / "cgroup.procs").read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    def usage(self) -> int:
+        name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
+        return int((self.path / name).read_text())
+
+    def oom_kills(self) -> int:
+        """Kernel OOM kills inside this cgroup so far."""
+        if self.version == 1:
+            for line in (self.path / "memory.oom_control").read_text().splitlines():
+                k, _, v = line.partition(" ")
+                if k == "oom_kill":
+                    return int(v)
+            return 0
+        for line in (self.path / "memory.events").read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k == "oom_kill":
+                return int(v)
+        return 0
+
+    def preexec(self):
+        """For subprocess.Popen(preexec_fn=...): the child joins this cgroup before exec."""
+        procs = str(self.path / "cgroup.procs")
+
+        def join() -> None:
+            with open(procs, "w") as f:
+                f.write("0")
+        return join

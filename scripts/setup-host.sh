@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs everything dbguard and its test suite need on a Debian/Ubuntu host, as root.
+# Idempotent: each step checks first, so `make test` can call it every time.
+set -euo pipefail
+
+need_pkgs=(
+  python3 python3-venv python3-bpfcc bpftool linux-headers-amd64
+  postgresql postgresql-contrib mariadb-server mariadb-client
+  earlyoom util-linux procps
+)
+
+missing=()
+for p in "${need_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "setup-host: installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# BCC compiles against the running kernel's headers. Debian ships none for this kernel,
+# but any recent headers work for programs that use only tracepoints and helpers.
+kver=$(uname -r)
+moddir=/lib/modules/$kver
+if [[ ! -e $moddir/build/include && -z "${BCC_KERNEL_SOURCE:-}" ]]; then
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -n1 || true)
+  common=${hdr%-amd64}-common
+  if [[ -z $hdr || ! -d $common ]]; then
+    echo "setup-host: no kernel headers under /usr/src; install linux-headers-amd64" >&2
+    exit 1
+  fi
+  mkdir -p "$moddir"
+  ln -sfn "$hdr" "$moddir/build"
+  ln -sfn "$common" "$moddir/source"
+  echo "setup-host: linked $moddir/build -> $hdr"
+fi
+
+# tracefs is where BCC finds tracepoint formats.
+if [[ ! -e /sys/kernel/tracing/events ]] && ! grep -q ' /sys/kernel/tracing ' /proc/mounts; then
+  mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null || true
+fi
