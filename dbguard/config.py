@@ -1,0 +1,276 @@
+"""Configuration: TOML in, validated frozen dataclasses out.
+
+One schema (the dataclasses below) serves loading, validation and the defaults; every
+error is one line that names the key path, e.g. `pressure.warn_usage: must be between 0 and 1`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "k": 1024, "kb": 1024, "kib": 1024,
+    "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
+    "g": 1024**3, "gb": 1024**3, "gib": 1024**3,
+    "t": 1024**4, "tb": 1024**4, "tib": 1024**4,
+}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+
+
+def parse_size(value: Any, path: str = "size") -> int:
+    """Bytes from an int or a string such as "512MiB" (kB/MB/GB are binary, as in PostgreSQL)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{path}: expected a size such as 512MiB, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{path}: must not be negative")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ConfigError(f"{path}: expected a size such as 512MiB or a number of bytes, got {value!r}")
+
+
+def Size(default: int, **kw) -> Any:
+    return field(default=default, metadata={"size": True, **kw})
+
+
+def Bounded(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
+    return field(default=default, metadata={"lo": lo, "hi": hi})
+
+
+@dataclass(frozen=True)
+class General:
+    interval: float = Bounded(1.0, 0.05, 60)
+    dry_run: bool = False
+    state_dir: str = "/var/lib/dbguard"
+    lock_memory: bool = True
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    kind: str = ""
+    name: str = ""
+    # PostgreSQL
+    dsn: str = ""
+    data_directory: str = ""
+    shrink_settings: tuple[str, ...] = ("work_mem", "maintenance_work_mem")
+    shrink_floor: int = Size(1024**2)
+    close_idle_after: float = Bounded(0.0, 0)
+    # MySQL / MariaDB
+    host: str = ""
+    port: int = Bounded(3306, 1, 65535)
+    socket: str = ""
+    user: str = ""
+    buffer_pool_floor: int = Size(128 * 1024**2)
+    shrink_caches: tuple[str, ...] = ()
+    # both
+    password_file: str = ""
+    password_env: str = ""
+    connect_timeout: float = Bounded(3.0, 0.1, 60)
+    statement_timeout: float = Bounded(2.0, 0.1, 60)
+    shrink_steps: int = Bounded(3, 0, 16)
+    runaway_min_bytes: int = Size(64 * 1024**2)
+    terminate_after: float = Bounded(5.0, 0, 600)
+
+    def password(self) -> str | None:
+        """Read the password at connect time; never stored in the config object or logged."""
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(
+                    f"databases.{self.name}.password_env: environment variable {self.password_env} is not set")
+            return value
+        if self.password_file:
+            try:
+                return Path(self.password_file).read_text().splitlines()[0]
+            except (OSError, IndexError) as e:
+                raise ConfigError(f"databases.{self.name}.password_file: cannot read {self.password_file}: "
+                                  f"{getattr(e, 'strerror', None) or 'empty file'}") from None
+        return None
+
+
+@dataclass(frozen=True)
+class Pressure:
+    cgroup: str = ""
+    warn_usage: float = Bounded(0.80, 0.05, 1.0)
+    high_usage: float = Bounded(0.90, 0.05, 1.0)
+    critical_usage: float = Bounded(0.96, 0.05, 1.0)
+    warn_psi_some: float = Bounded(10.0, 0, 100)
+    high_psi_full: float = Bounded(10.0, 0, 100)
+    hysteresis: float = Bounded(0.05, 0, 0.5)
+    min_dwell: float = Bounded(5.0, 0, 3600)
+    psi_trigger_stall_us: int = Bounded(50_000, 1, 10_000_000)
+    psi_trigger_window_us: int = Bounded(1_000_000, 500_000, 10_000_000)
+
+
+@dataclass(frozen=True)
+class Kill:
+    enabled: bool = True
+    min_rss: int = Size(32 * 1024**2)
+    min_interval: float = Bounded(0.2, 0, 3600)
+    max_per_minute: int = Bounded(30, 1, 10_000)
+    protect_exe: tuple[str, ...] = ("/usr/sbin/sshd", "/usr/lib/systemd/*")
+    protect_users: tuple[str, ...] = ()
+    prefer_exe: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Protection:
+    raise_candidates: bool = True
+    candidate_oom_score_adj: int = Bounded(500, 1, 1000)
+    lower_databases: bool = True
+    backend_oom_score_adj: int = Bounded(-900, -999, 0)
+
+
+@dataclass(frozen=True)
+class Bpf:
+    enabled: bool | str = "auto"
+
+
+@dataclass(frozen=True)
+class Audit:
+    path: str = "/var/log/dbguard/audit.jsonl"
+
+
+@dataclass(frozen=True)
+class Metrics:
+    listen: str = "127.0.0.1:9633"
+
+
+@dataclass(frozen=True)
+class Config:
+    general: General = field(default_factory=General)
+    databases: tuple[DatabaseConfig, ...] = ()
+    pressure: Pressure = field(default_factory=Pressure)
+    kill: Kill = field(default_factory=Kill)
+    protection: Protection = field(default_factory=Protection)
+    bpf: Bpf = field(default_factory=Bpf)
+    audit: Audit = field(default_factory=Audit)
+    metrics: Metrics = field(default_factory=Metrics)
+    source: str = field(default="", metadata={"internal": True})
+
+
+DB_KINDS = ("postgresql", "mysql")
+_PG_ONLY = {"dsn", "data_directory", "shrink_settings", "shrink_floor", "close_idle_after"}
+_MYSQL_ONLY = {"host", "port", "socket", "user", "buffer_pool_floor", "shrink_caches"}
+
+
+def _type_name(tp: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, "a list of strings")
+
+
+def _coerce(value: Any, tp: Any, f: dataclasses.Field, path: str) -> Any:
+    if f.metadata.get("size"):
+        return parse_size(value, path)
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType):   # bool | str: the "auto" switches
+        if isinstance(value, bool) or value == "auto":
+            return value
+        raise ConfigError(f'{path}: expected true, false or "auto", got {value!r}')
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if tp is bool and not isinstance(value, bool) or tp is not bool and (
+            isinstance(value, bool) or not isinstance(value, tp)):
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    lo, hi = f.metadata.get("lo"), f.metadata.get("hi")
+    if lo is not None and value < lo or hi is not None and value > hi:
+        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(f"{path}: must be {bounds}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        kpath = f"{path}.{key}" if path else key
+        if key not in fields:
+            close = [k for k in fields if k.startswith(key[:3])]
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{kpath}: unknown key{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, kpath)
+        elif key == "databases":
+            if not isinstance(value, list):
+                raise ConfigError(f"{kpath}: expected [[databases]] tables")
+            kwargs[key] = tuple(_database(v, i) for i, v in enumerate(value))
+        else:
+            kwargs[key] = _coerce(value, tp, fields[key], kpath)
+    return cls(**kwargs)
+
+
+def _database(data: Any, index: int) -> DatabaseConfig:
+    path = f"databases[{index}]"
+    db = _build(DatabaseConfig, data, path)
+    if db.kind not in DB_KINDS:
+        raise ConfigError(f"{path}.kind: must be one of {', '.join(DB_KINDS)}, got {db.kind!r}")
+    wrong = (_MYSQL_ONLY if db.kind == "postgresql" else _PG_ONLY) & set(data)
+    if wrong:
+        raise ConfigError(f"{path}.{sorted(wrong)[0]}: not a {db.kind} setting")
+    if db.password_env and db.password_file:
+        raise ConfigError(f"{path}: set password_file or password_env, not both")
+    if db.kind == "postgresql" and re.search(r"(^|\s)password\s*=", db.dsn):
+        raise ConfigError(f"{path}.dsn: holds a password; use password_file or password_env instead")
+    if db.kind == "mysql" and not (db.host or db.socket):
+        raise ConfigError(f"{path}: set host or socket for a mysql database")
+    return dataclasses.replace(db, name=db.name or f"{db.kind}{index}")
+
+
+def _check(cfg: Config) -> None:
+    p = cfg.pressure
+    if not p.warn_usage < p.high_usage < p.critical_usage:
+        raise ConfigError("pressure: warn_usage < high_usage < critical_usage must hold, got "
+                          f"{p.warn_usage}, {p.high_usage}, {p.critical_usage}")
+    if p.psi_trigger_stall_us >= p.psi_trigger_window_us:
+        raise ConfigError("pressure.psi_trigger_stall_us: must be smaller than psi_trigger_window_us")
+    if p.cgroup and not p.cgroup.startswith("/sys/fs/cgroup/"):
+        raise ConfigError(f"pressure.cgroup: must be a directory under /sys/fs/cgroup/, got {p.cgroup!r}")
+    names = [d.name for d in cfg.databases]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise ConfigError(f"databases: duplicate name {sorted(dup)[0]!r}")
+    if cfg.metrics.listen and not re.match(r"^(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}$", cfg.metrics.listen):
+        raise ConfigError(f"metrics.listen: expected HOST:PORT such as 127.0.0.1:9633, got {cfg.metrics.listen!r}")
+
+
+def from_dict(data: dict[str, Any], source: str = "") -> Config:
+    cfg = _build(Config, data, "")
+    _check(cfg)
+    return dataclasses.replace(cfg, source=source)
+
+
+def load(path: str | os.PathLike) -> Config:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(data, str(path))
+
+
+def default() -> Config:
+    return Config()
