@@ -1,0 +1,291 @@
+"""Prometheus metrics and /healthz for the sidecar.
+
+Names and meanings are documented in docs/metrics.md; the alert rules and the Grafana
+dashboard in integrations/prometheus/ use only names defined here (a test checks that).
+
+Figures that describe "now" (level, memory, database caches, shielded processes,
+protection status) are kept as one state object replaced under a lock and rendered by a
+custom collector, so a scrape never sees half of one cycle and half of the next, and a
+database or cgroup that went away simply stops being exported.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import re
+import socket
+import threading
+from collections import Counter as _Tally
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
+
+from . import __version__
+from .errors import DbguardError
+from .model import Action, Level, Role, Snapshot
+
+# `_created` series would double every counter for a timestamp no rule or panel uses.
+disable_created_metrics()
+
+PREFIX = "dbguard"
+MECHANISMS = ("bpf", "lower_scores", "raise_scores", "kill")
+# Roles dbguard keeps out of every kill path; exported with a zero when none is present so
+# dashboards show "0 shielded", not "no data".
+SHIELDED_ROLES = tuple(r for r in Role if r.never_signalled and r is not Role.KERNEL_THREAD)
+
+HealthCheck = Callable[[], "tuple[bool, str]"]
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """("127.0.0.1", 9633) from "127.0.0.1:9633"; IPv6 as "[::1]:9633"."""
+    m = re.match(r"^(?:\[([0-9a-fA-F:]+)\]|([\w.-]+)):(\d{1,5})$", listen)
+    if not m or int(m.group(3)) > 65535:
+        raise DbguardError(f"metrics.listen: expected HOST:PORT such as 127.0.0.1:9633, got {listen!r}")
+    return m.group(1) or m.group(2), int(m.group(3))
+
+
+@dataclass
+class _State:
+    """What the last cycle saw; replaced whole by observe_snapshot()/set_protection()."""
+
+    level: int | None = None
+    ts: float | None = None
+    memory: list[tuple[str, str, float]] = field(default_factory=list)      # (name, cgroup, value)
+    databases: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
+    shielded: dict[str, int] = field(default_factory=dict)
+    protection: dict[str, bool] = field(default_factory=dict)
+
+
+class _StateCollector(Collector):
+    def __init__(self, metrics: "Metrics"):
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        st = self._metrics._state_copy()
+        if st.level is not None:
+            yield _gauge("pressure_level", "Pressure level: 0 ok, 1 warn, 2 high, 3 critical.", st.level)
+            yield _gauge("last_snapshot_timestamp_seconds",
+                         "Unix time of the last complete sense cycle.", st.ts)
+        yield from _families(st.memory, ["cgroup"], _MEMORY_HELP)
+        yield from _families(st.databases, None, _DB_HELP)
+        fam = GaugeMetricFamily(f"{PREFIX}_shielded_processes",
+                                "Processes dbguard never signals and shields from the OOM killer, by role.",
+                                labels=["role"])
+        for role, n in sorted(st.shielded.items()):
+            fam.add_metric([role], n)
+        yield fam
+        fam = GaugeMetricFamily(f"{PREFIX}_protection_active",
+                                "1 when a protection mechanism works here, by mechanism.",
+                                labels=["mechanism"])
+        for mech, on in st.protection.items():
+            fam.add_metric([mech], 1.0 if on else 0.0)
+        yield fam
+
+
+_MEMORY_HELP = {
+    "memory_usage_bytes": "Memory charged to the watched cgroup (the host: MemTotal - MemAvailable).",
+    "memory_limit_bytes": "Memory limit of the watched cgroup (absent when unlimited).",
+    "memory_reclaimable_bytes": "Page cache in the watched cgroup the kernel can drop (inactive file).",
+    "memory_usage_ratio": "Usage that reclaim cannot give back, as a fraction of the limit.",
+    "psi_some_avg10_ratio": "PSI memory 'some': fraction of the last 10 s some task stalled on memory.",
+    "psi_full_avg10_ratio": "PSI memory 'full': fraction of the last 10 s all tasks stalled on memory.",
+}
+_DB_HELP = {
+    "database_up": "1 when the database answered SQL this cycle.",
+    "database_cache_bytes": "Cache size now: shared_buffers / innodb_buffer_pool_size.",
+    "database_cache_configured_bytes": "Cache size the DBA configured.",
+    "database_cache_used_bytes": "Bytes of the cache holding data.",
+    "database_cache_hit_ratio": "Cache hit ratio, 0 to 1 (absent when the database does not report it).",
+    "database_shrink_step": "0: caches as the DBA configured them; higher: shrunk by dbguard.",
+    "database_shrink_steps_max": "Steps this database can be shrunk by (0: nothing to shrink).",
+    "database_sessions": "Sessions seen in the database.",
+}
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+
+
+def _families(rows, labelnames, helps) -> Iterator[GaugeMetricFamily]:
+    by_name: dict[str, GaugeMetricFamily] = {}
+    for name, labels, value in rows:
+        if isinstance(labels, str):
+            labels = {labelnames[0]: labels}
+        fam = by_name.get(name)
+        if fam is None:
+            fam = by_name[name] = GaugeMetricFamily(f"{PREFIX}_{name}", helps[name], labels=list(labels))
+        fam.add_metric(list(labels.values()), value)
+    yield from by_name.values()
+
+
+class Metrics:
+    def __init__(self, listen: str, *, healthy: HealthCheck | None = None):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._healthy = healthy
+        self._lock = threading.Lock()
+        self._state = _State()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+        r = self.registry
+        Gauge(f"{PREFIX}_build_info", "Always 1; labels say which dbguard runs.",
+              ["version", "python"], registry=r).labels(__version__, platform.python_version()).set(1)
+        self._collector_ok = Gauge(f"{PREFIX}_collector_success",
+                                   "1 when the data source answered in the last cycle.", ["source"], registry=r)
+        self._collector_seconds = Gauge(f"{PREFIX}_collector_duration_seconds",
+                                        "Seconds the data source took in the last cycle.", ["source"], registry=r)
+        self._actions = Counter(f"{PREFIX}_actions", "Actions carried out, by kind and outcome (ok, failed, dry_run).",
+                                ["kind", "outcome"], registry=r)
+        self._kernel_events = Counter(f"{PREFIX}_kernel_events",
+                                      "Events seen from the kernel (BPF), by kind.", ["kind"], registry=r)
+        self._oom_kills = Counter(f"{PREFIX}_kernel_oom_kills", "Kernel OOM killer victims seen.", registry=r)
+        self._bpf_kills = Counter(f"{PREFIX}_bpf_kills", "Processes killed in-kernel by the BPF path.", registry=r)
+        self._breaches = Counter(f"{PREFIX}_protection_breaches",
+                                 "A shielded process was hurt anyway (OOM-killed, score changed), by event kind.",
+                                 ["kind"], registry=r)
+        # Zero series up front, so increase() in alerts works from the first breach.
+        self._oom_kills.inc(0)
+        self._bpf_kills.inc(0)
+        self._breaches.labels("oom_kill")
+        r.register(_StateCollector(self))
+
+        if listen:
+            self._serve(*parse_listen(listen))
+
+    # --- what the daemon feeds in -----------------------------------------------------------
+    def observe_collector(self, source: str, ok: bool, seconds: float) -> None:
+        self._collector_ok.labels(source).set(1 if ok else 0)
+        self._collector_seconds.labels(source).set(seconds)
+
+    def observe_snapshot(self, snap: Snapshot, level: Level) -> None:
+        m = snap.memory
+        cg = m.cgroup or "host"
+        memory = [("memory_usage_bytes", cg, m.usage_bytes),
+                  ("memory_reclaimable_bytes", cg, m.reclaimable_bytes),
+                  ("psi_some_avg10_ratio", cg, m.psi_some_avg10 / 100.0),
+                  ("psi_full_avg10_ratio", cg, m.psi_full_avg10 / 100.0)]
+        if m.limit_bytes:
+            memory += [("memory_limit_bytes", cg, m.limit_bytes),
+                       ("memory_usage_ratio", cg, m.pressing_ratio)]
+        dbs = []
+        for db in snap.databases:
+            labels = {"database": db.name, "kind": db.kind}
+            dbs += [("database_up", labels, 1 if db.up else 0),
+                    ("database_shrink_step", labels, db.shrink_step),
+                    ("database_shrink_steps_max", labels, db.shrink_steps_max)]
+            if db.up:   # a stale database's figures are unknown, not zero
+                dbs += [("database_cache_bytes", labels, db.cache_bytes),
+                        ("database_cache_configured_bytes", labels, db.cache_configured_bytes),
+                        ("database_cache_used_bytes", labels, db.cache_used_bytes),
+                        ("database_sessions", labels, len(db.sessions))]
+                if db.hit_ratio is not None:
+                    dbs.append(("database_cache_hit_ratio", labels, db.hit_ratio))
+        tally = _Tally(role.value for role in snap.roles.values())
+        shielded = {role.value: tally.get(role.value, 0) for role in SHIELDED_ROLES}
+        with self._lock:
+            self._state = _State(level=int(level), ts=snap.ts, memory=memory, databases=dbs,
+                                 shielded=shielded, protection=self._state.protection)
+
+    def observe_action(self, action: Action, ok: bool) -> None:
+        outcome = "dry_run" if action.dry_run else ("ok" if ok else "failed")
+        self._actions.labels(action.kind.value, outcome).inc()
+
+    def observe_kernel_event(self, kind: str, *, breach: bool = False) -> None:
+        """kind: "oom_kill" (kernel OOM victim), "bpf_kill", "score_tamper", ..."""
+        self._kernel_events.labels(kind).inc()
+        if kind == "oom_kill":
+            self._oom_kills.inc()
+        elif kind == "bpf_kill":
+            self._bpf_kills.inc()
+        if breach:
+            self._breaches.labels(kind).inc()
+
+    def set_protection(self, *, bpf: bool, lower_scores: bool, raise_scores: bool, kill: bool) -> None:
+        prot = {"bpf": bpf, "lower_scores": lower_scores, "raise_scores": raise_scores, "kill": kill}
+        with self._lock:
+            st = self._state
+            self._state = _State(st.level, st.ts, st.memory, st.databases, st.shielded, prot)
+
+    # --- output ---------------------------------------------------------------------------
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def health(self) -> tuple[bool, dict]:
+        """(ok, body) for /healthz. Without a health callback: ok when any protection works."""
+        prot = self._state_copy().protection
+        if self._healthy is not None:
+            try:
+                ok, detail = self._healthy()
+            except Exception as e:   # a broken check must read as unhealthy, not crash the server
+                ok, detail = False, f"health check failed: {e}"
+        else:
+            ok = any(prot.values())
+            detail = "protection active" if ok else "no protection mechanism active yet"
+        return ok, {"protection_active": bool(ok), "detail": detail, "protection": prot,
+                    "version": __version__}
+
+    @property
+    def address(self) -> tuple[str, int] | None:
+        """(host, port) the HTTP server listens on (the real port when listen gave port 0)."""
+        return self._server.server_address[:2] if self._server else None
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._thread.join(timeout=5)
+            self._server = self._thread = None
+
+    def __enter__(self) -> "Metrics":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- internals ------------------------------------------------------------------------
+    def _state_copy(self) -> _State:
+        with self._lock:
+            return self._state
+
+    def _serve(self, host: str, port: int) -> None:
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._reply(200, CONTENT_TYPE_LATEST, metrics.render())
+                elif path == "/healthz":
+                    ok, body = metrics.health()
+                    self._reply(200 if ok else 503, "application/json", json.dumps(body).encode() + b"\n")
+                else:
+                    self._reply(404, "text/plain", b"dbguard: try /metrics or /healthz\n")
+
+            def _reply(self, status: int, ctype: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args) -> None:   # scrapes every few seconds would flood the log
+                pass
+
+        server_cls = ThreadingHTTPServer
+        if ":" in host:
+            class V6(ThreadingHTTPServer):
+                address_family = socket.AF_INET6
+            server_cls = V6
+        try:
+            self._server = server_cls((host, port), Handler)
+        except OSError as e:
+            raise DbguardError(f"metrics.listen: cannot listen on {host}:{port}: {e.strerror}; "
+                               'choose a free address or set listen = "" to turn metrics off') from None
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="dbguard-metrics", daemon=True)
+        self._thread.start()
