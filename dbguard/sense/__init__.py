@@ -1,0 +1,6 @@
+"""Sense: read what the kernel says about processes and memory. Nothing here changes anything.
+
+procfs    -- processes from /proc (identity, owner, rss, memory cgroup, oom_score_adj)
+pressure  -- memory usage, limit, reclaimable cache and PSI of the watched cgroup or host,
+             and a wait() that wakes on PSI triggers / usage thresholds
+"""
