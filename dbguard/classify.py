@@ -1,0 +1,67 @@
+"""Who is who among the processes: roles by fact (pids the databases reported), never by name.
+
+Pure: takes what sense read (procs) and what the databases said (DbStats), returns a role
+for every pid. A process merely called "postgres" is OTHER; a brand-new backend that
+pg_stat_activity does not list yet is a PG_BACKEND from birth, because it is a child of
+the postmaster.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from .model import DbStats, Proc, Role
+
+INIT_PID = 1
+_SERVER_ROLE = {"postgresql": Role.POSTMASTER, "mysql": Role.MYSQLD}
+_DEFAULT_CHILD_ROLE = {"postgresql": Role.PG_BACKEND}
+
+
+def _database_roles(procs: dict[int, Proc], databases: Iterable[DbStats]) -> dict[int, Role]:
+    servers: dict[int, Role] = {}
+    members: dict[int, Role] = {}
+    for db in databases:
+        server_role = _SERVER_ROLE.get(db.kind)
+        if server_role is None or db.server_pid is None or db.server_pid not in procs:
+            # No server process we can see: without it, no child is known to be the database's.
+            # (mysql SQL roles below still apply: a pid the server reported is a fact.)
+            server_pid = None
+        else:
+            server_pid = db.server_pid
+            servers.setdefault(server_pid, server_role)
+        if server_pid is not None:
+            default = _DEFAULT_CHILD_ROLE.get(db.kind)
+            for pid, proc in procs.items():
+                if proc.ppid != server_pid:
+                    continue
+                reported = db.roles.get(pid)
+                if reported is not None and reported.is_database:
+                    members.setdefault(pid, reported)
+                elif default is not None:
+                    members.setdefault(pid, default)
+        if db.kind == "mysql":
+            for pid, role in db.roles.items():
+                if pid in procs and role.is_database:
+                    members.setdefault(pid, role)
+    # A server pid is a server even if another database lists it as a child.
+    members.update(servers)
+    return members
+
+
+def classify(procs: dict[int, Proc], databases: Iterable[DbStats], self_pid: int) -> dict[int, Role]:
+    """A role for every pid in `procs`."""
+    db_roles = _database_roles(procs, databases)
+    roles: dict[int, Role] = {}
+    for pid, proc in procs.items():
+        if proc.kernel_thread:
+            roles[pid] = Role.KERNEL_THREAD
+        elif pid == self_pid:
+            roles[pid] = Role.DBGUARD
+        elif pid in db_roles:
+            # Before INIT: in a container the postmaster can be pid 1, and it needs the
+            # database's shielding (never signalled either way).
+            roles[pid] = db_roles[pid]
+        elif pid == INIT_PID:
+            roles[pid] = Role.INIT
+        else:
+            roles[pid] = Role.OTHER
+    return roles

@@ -1,0 +1,139 @@
+"""dbguard.classify: roles by fact, on hand-built process tables and random ones (hypothesis)."""
+from __future__ import annotations
+
+from hypothesis import given, settings, strategies as st
+
+from dbguard.classify import classify
+from dbguard.model import DbStats, Proc, Role
+
+
+def proc(pid: int, ppid: int = 1, comm: str = "sh", kernel_thread: bool = False, exe: str = "/bin/sh") -> Proc:
+    return Proc(pid=pid, start_time=100 + pid, ppid=ppid, uid=0, comm=comm, exe=exe, cmdline=comm,
+                rss_bytes=1 << 20, memcg="/", oom_score_adj=0, kernel_thread=kernel_thread)
+
+
+PG_EXE = "/usr/lib/postgresql/15/bin/postgres"
+
+
+def table(*procs: Proc) -> dict[int, Proc]:
+    return {p.pid: p for p in procs}
+
+
+def pg(server_pid: int | None, roles: dict[int, Role] | None = None, up: bool = True) -> DbStats:
+    return DbStats(name="main", kind="postgresql", up=up, server_pid=server_pid, roles=roles or {})
+
+
+def test_fixed_roles_and_postgres_family():
+    procs = table(
+        proc(1, 0, "systemd"),
+        proc(2, 0, "kthreadd", kernel_thread=True),
+        proc(17, 2, "kworker/0:1", kernel_thread=True),
+        proc(500, 1, "python3"),                         # dbguard
+        proc(700, 1, "postgres", exe=PG_EXE),            # postmaster
+        proc(701, 700, "postgres", exe=PG_EXE),          # checkpointer, SQL says auxiliary
+        proc(702, 700, "postgres", exe=PG_EXE),          # client backend, SQL says so
+        proc(703, 700, "postgres", exe=PG_EXE),          # forked a moment ago, not in pg_stat_activity yet
+        proc(800, 702, "sh"),                            # grandchild (COPY ... PROGRAM): not a backend
+        proc(900, 1, "postgres", exe=PG_EXE),            # called postgres, another server nobody configured
+        proc(901, 900, "postgres", exe=PG_EXE),
+    )
+    roles = classify(procs, [pg(700, {701: Role.PG_AUXILIARY, 702: Role.PG_BACKEND})], self_pid=500)
+    assert roles == {
+        1: Role.INIT, 2: Role.KERNEL_THREAD, 17: Role.KERNEL_THREAD, 500: Role.DBGUARD,
+        700: Role.POSTMASTER, 701: Role.PG_AUXILIARY, 702: Role.PG_BACKEND, 703: Role.PG_BACKEND,
+        800: Role.OTHER, 900: Role.OTHER, 901: Role.OTHER,
+    }
+
+
+def test_server_pid_not_running_protects_nobody():
+    procs = table(proc(1, 0), proc(700, 1, "postgres"), proc(701, 700, "postgres"))
+    # server_pid points at a pid that is gone (or reused elsewhere): nothing is the database's
+    roles = classify(procs, [pg(650, {701: Role.PG_BACKEND})], self_pid=999)
+    assert roles[700] == Role.OTHER and roles[701] == Role.OTHER
+
+
+def test_sql_roles_outside_postmaster_children_are_ignored_for_postgresql():
+    procs = table(proc(1, 0), proc(700, 1), proc(750, 1))
+    roles = classify(procs, [pg(700, {750: Role.PG_BACKEND})], self_pid=999)
+    assert roles[750] == Role.OTHER
+
+
+def test_stale_stats_still_protect_by_server_pid():
+    procs = table(proc(1, 0), proc(700, 1), proc(701, 700))
+    roles = classify(procs, [pg(700, up=False)], self_pid=999)
+    assert (roles[700], roles[701]) == (Role.POSTMASTER, Role.PG_BACKEND)
+
+
+def test_mysql_server_and_reported_pids():
+    procs = table(proc(1, 0), proc(300, 1, "mysqld_safe"), proc(301, 300, "mariadbd"), proc(302, 301, "sh"))
+    db = DbStats(name="orders", kind="mysql", up=True, server_pid=301, roles={301: Role.MYSQLD, 4242: Role.MYSQLD})
+    roles = classify(procs, [db], self_pid=999)
+    # A child of mysqld is not a database process unless the server reported it.
+    assert roles == {1: Role.INIT, 300: Role.OTHER, 301: Role.MYSQLD, 302: Role.OTHER}
+
+
+def test_two_databases():
+    procs = table(proc(1, 0), proc(700, 1), proc(701, 700), proc(301, 1, "mariadbd"))
+    mysql = DbStats(name="orders", kind="mysql", up=True, server_pid=301)
+    roles = classify(procs, [pg(700), mysql], self_pid=999)
+    assert (roles[700], roles[701], roles[301]) == (Role.POSTMASTER, Role.PG_BACKEND, Role.MYSQLD)
+
+
+def test_postmaster_as_pid_1_in_a_container():
+    procs = table(proc(1, 0, "postgres"), proc(30, 1, "postgres"), proc(40, 0, "dbguard"))
+    roles = classify(procs, [pg(1)], self_pid=40)
+    assert roles == {1: Role.POSTMASTER, 30: Role.PG_BACKEND, 40: Role.DBGUARD}
+    assert roles[1].never_signalled
+
+
+def test_self_and_kernel_threads_win_over_database_claims():
+    procs = table(proc(1, 0), proc(700, 1), proc(701, 700), proc(2, 0, kernel_thread=True))
+    # Nonsense from SQL (or a pid that got reused) cannot turn dbguard or a kthread into a backend.
+    roles = classify(procs, [pg(700, {701: Role.PG_BACKEND}), pg(2)], self_pid=701)
+    assert roles[701] == Role.DBGUARD and roles[2] == Role.KERNEL_THREAD
+
+
+# --- property test --------------------------------------------------------------------------
+
+PIDS = st.integers(min_value=1, max_value=60)
+DB_ROLES = st.sampled_from([Role.POSTMASTER, Role.PG_AUXILIARY, Role.PG_BACKEND, Role.MYSQLD, Role.OTHER])
+
+
+@st.composite
+def scenarios(draw):
+    pids = draw(st.sets(PIDS, min_size=1, max_size=40))
+    procs = {}
+    for pid in pids:
+        ppid = draw(st.one_of(st.sampled_from(sorted(pids | {0, 2})), PIDS))
+        procs[pid] = proc(pid, ppid, kernel_thread=draw(st.booleans()) and draw(st.booleans()))
+    dbs = draw(st.lists(st.builds(
+        DbStats, name=st.just("db"), kind=st.sampled_from(["postgresql", "mysql"]), up=st.booleans(),
+        server_pid=st.one_of(st.none(), PIDS),
+        roles=st.dictionaries(PIDS, DB_ROLES, max_size=8)), max_size=3))
+    self_pid = draw(st.one_of(st.sampled_from(sorted(pids)), PIDS))
+    return procs, dbs, self_pid
+
+
+@settings(max_examples=400, deadline=None)
+@given(scenarios())
+def test_property_roles(scenario):
+    procs, dbs, self_pid = scenario
+    roles = classify(procs, dbs, self_pid)
+
+    assert set(roles) == set(procs)                                    # exactly one role each
+    servers = {db.server_pid for db in dbs if db.server_pid in procs}
+    mysql_reported = {pid for db in dbs if db.kind == "mysql" for pid in db.roles}
+    for pid, role in roles.items():
+        p = procs[pid]
+        if p.kernel_thread:
+            assert role == Role.KERNEL_THREAD
+        elif pid == self_pid:
+            assert role == Role.DBGUARD
+        if pid == 1 or pid == self_pid or p.kernel_thread:
+            assert role != Role.OTHER
+        if role.is_database:
+            assert pid in servers or p.ppid in servers or pid in mysql_reported, (pid, role)
+        # A child of a running postmaster is never left unshielded.
+        pg_servers = {db.server_pid for db in dbs if db.kind == "postgresql" and db.server_pid in procs}
+        if p.ppid in pg_servers and not p.kernel_thread and pid != self_pid:
+            assert role.is_database
