@@ -1,0 +1,1 @@
+"""In-kernel protection: BPF programs (bpf/) loaded with BCC. See dbguard.kernel.bpf."""

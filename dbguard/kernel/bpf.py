@@ -1,0 +1,277 @@
+"""The in-kernel fast path: compile and attach dbguard's BPF programs with BCC, keep their
+maps in step with the policy, and turn their events into BpfEvents.
+
+Per-tgid maps (protected, candidates) are the primary mechanism. The per-cgroup map is keyed
+by bpf_get_current_cgroup_id(), the cgroup v2 id: on a hybrid host whose memory controller is
+on cgroup v1 it never matches a memory cgroup, so the daemon compiles cgroup policies into
+per-tgid candidate entries there and uses sync_cgroups only on cgroup v2 hosts.
+
+    python -m dbguard.kernel.bpf --print-source   # the C exactly as it is loaded
+    python -m dbguard.kernel.bpf --check          # can BPF be used here, and if not, the fix
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import platform
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import DbguardError
+from . import layout
+from .events import BpfEvent, decode, event_to_audit
+from .layout import INHERIT, INHERITED, SHIELD
+from .source import (TRACEPOINTS, headers_available, kernel_has_ringbuf, program_source,
+                     tracefs, tracepoint_fields)
+from .sync import ProcEntry, diff_plain, diff_protected
+
+__all__ = ["availability", "program_source", "BpfEvent", "BpfGuard", "event_to_audit",
+           "restore_score", "SHIELD", "INHERIT", "INHERITED"]
+
+CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
+DEFAULT_FAIL_STREAK = 3
+OFF_HINT = "or set [bpf] enabled = false to run on the user-space path alone"
+
+
+def _cap_eff() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return int(line.split()[1], 16)
+    return 0
+
+
+def availability() -> tuple[bool, str]:
+    """(usable, one line): cheap checks only, nothing is compiled."""
+    caps = _cap_eff()
+    if not (caps >> CAP_SYS_ADMIN & 1 or (caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1)):
+        return False, ("BPF unavailable: no CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN); "
+                       "run dbguard as root or grant those capabilities")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return False, ("BPF unavailable: the BCC Python module is missing; apt-get install "
+                       "python3-bpfcc and make the venv with --system-site-packages")
+    if headers_available() is None:
+        return False, (f"BPF unavailable: no kernel headers for {platform.release()}; install "
+                       "linux-headers and link /lib/modules/$(uname -r)/build to them "
+                       "(scripts/setup-host.sh does it) or set BCC_KERNEL_SOURCE")
+    if tracefs() is None:
+        return False, ("BPF unavailable: tracefs is not mounted; "
+                       "mount -t tracefs tracefs /sys/kernel/tracing")
+    missing = [f"{c}:{e}" for c, e in TRACEPOINTS if tracepoint_fields(c, e) is None]
+    if missing:
+        return False, (f"BPF unavailable: this kernel lacks tracepoints {', '.join(missing)}; "
+                       f"use a kernel built with them (Linux 5.x+ with CONFIG_MEMCG) {OFF_HINT}")
+    channel = "ring buffer" if kernel_has_ringbuf() else "perf buffer"
+    return True, f"BPF usable: BCC, kernel headers, tracefs and all {len(TRACEPOINTS)} tracepoints present ({channel} events)"
+
+
+@contextmanager
+def _stderr_to(path: str):
+    """BCC prints compiler errors on fd 2; keep them for the one-line error instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
+
+
+def _first_error(text: str) -> str:
+    for line in text.splitlines():
+        if "error" in line.lower():
+            return line.strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _read_score(tgid: int) -> int:
+    try:
+        return int(Path(f"/proc/{tgid}/oom_score_adj").read_text())
+    except (OSError, ValueError):
+        return layout.SCORE_UNKNOWN
+
+
+def _alive(tgid: int) -> bool:
+    return os.path.exists(f"/proc/{tgid}")
+
+
+def restore_score(ev: BpfEvent) -> str:
+    """Put back the oom_score_adj a score_tamper event says was there before. Returns the result."""
+    old = ev.detail.get("old_score_adj")
+    if ev.kind != "score_tamper" or old is None:
+        return "nothing to restore"
+    try:
+        Path(f"/proc/{ev.pid}/oom_score_adj").write_text(str(old))
+    except OSError as e:
+        return f"failed: {e.strerror}"
+    return f"restored to {old}"
+
+
+class BpfGuard:
+    """The loaded programs and their maps. Build with BpfGuard.load(); close() detaches."""
+
+    def __init__(self, bpf, source: str, ringbuf: bool):
+        self._b = bpf
+        self.source = source
+        self.ringbuf = ringbuf
+        self._pending: list[BpfEvent] = []
+        self._protected = bpf["protected"]
+        self._candidates = bpf["candidates"]
+        self._cgroups = bpf["cgroups"]
+        self._policy_map = bpf["policy"]
+        self._counters = bpf["counters"]
+        self._policy = layout.Policy(level=0, enabled=0, dry_run=1, min_level_to_kill=3,
+                                     fail_streak=DEFAULT_FAIL_STREAK, fail_pages=0,
+                                     self_tgid=os.getpid(), n_cgroups=0)
+        self._write_policy()
+        if ringbuf:
+            bpf["events"].open_ring_buffer(self._on_event)
+        else:
+            bpf["events"].open_perf_buffer(lambda cpu, data, size: self._on_event(None, data, size),
+                                          lost_cb=self._on_lost)
+        self._lost = 0
+        self._closed = False
+
+    @classmethod
+    def load(cls, *, max_procs: int = 16384, max_cgroups: int = 1024) -> "BpfGuard":
+        usable, why = availability()
+        if not usable:
+            raise DbguardError(f"{why} ({OFF_HINT})")
+        from bcc import BPF
+        source = program_source(max_procs=max_procs, max_cgroups=max_cgroups)
+        with tempfile.NamedTemporaryFile(prefix="dbguard-bcc-", suffix=".log") as log:
+            try:
+                with _stderr_to(log.name):
+                    bpf = BPF(text=source)
+            except Exception as e:  # BCC raises bare Exception for compile and attach errors
+                detail = _first_error(Path(log.name).read_text(errors="replace")) or str(e).splitlines()[0]
+                raise DbguardError(
+                    f"BPF programs failed to load: {detail}; check the kernel headers BCC uses "
+                    f"(/lib/modules/{platform.release()}/build or BCC_KERNEL_SOURCE) {OFF_HINT}") from None
+        return cls(bpf, source, ringbuf="DBG_RINGBUF 1" in source)
+
+    # --- policy --------------------------------------------------------------------------
+    def _write_policy(self) -> None:
+        self._policy_map[ct.c_int(0)] = self._policy
+
+    def set_policy(self, *, level: int, enabled: bool, dry_run: bool, min_level_to_kill: int = 3,
+                   fail_streak: int = DEFAULT_FAIL_STREAK, fail_pages: int = 0) -> None:
+        """Kill only when level >= min_level_to_kill AND the task's last fail_streak reclaims
+        each freed at most fail_pages pages. Written to the kernel only when it changed."""
+        new = (int(level), int(enabled), int(dry_run), int(min_level_to_kill),
+               max(1, int(fail_streak)), int(fail_pages))
+        p = self._policy
+        if new != (p.level, p.enabled, p.dry_run, p.min_level_to_kill, p.fail_streak, p.fail_pages):
+            (p.level, p.enabled, p.dry_run, p.min_level_to_kill, p.fail_streak, p.fail_pages) = new
+            self._write_policy()
+
+    def sync_processes(self, protected: dict[int, tuple[int, int]], candidates: dict[int, int]) -> None:
+        """protected: tgid -> (flags, tier) with flags from SHIELD | INHERIT; candidates: tgid -> tier.
+        Children the kernel protected at fork stay while they live and their ancestor stays
+        protected: the caller need not list them (see dbguard.kernel.sync)."""
+        current = {k.value: ProcEntry(v.flags, v.tier, v.origin, v.score)
+                   for k, v in self._protected.items()}
+        diff = diff_protected(current, protected, _alive)
+        for tgid in diff.deletes:
+            self._delete(self._protected, ct.c_uint32(tgid))
+        for tgid, e in diff.updates.items():
+            score = _read_score(tgid) if e.score is None else e.score
+            self._protected[ct.c_uint32(tgid)] = layout.Proc(e.flags, e.tier, e.origin, score)
+
+        current_c = {k.value: v.tier for k, v in self._candidates.items()}
+        diff = diff_plain(current_c, {int(k): int(v) for k, v in candidates.items()})
+        for tgid in diff.deletes:
+            self._delete(self._candidates, ct.c_uint32(tgid))
+        for tgid, tier in diff.updates.items():
+            self._candidates[ct.c_uint32(tgid)] = layout.Candidate(tier, 0)
+
+    def sync_cgroups(self, policies: dict[int, tuple[int, int]]) -> None:
+        """cgroup v2 id -> (tier, action ACTION_KILL/ACTION_SHIELD); see the module doc for v1 hosts."""
+        current = {k.value: (v.tier, v.action) for k, v in self._cgroups.items()}
+        diff = diff_plain(current, {int(k): (int(t), int(a)) for k, (t, a) in policies.items()})
+        for cg in diff.deletes:
+            self._delete(self._cgroups, ct.c_uint64(cg))
+        for cg, (tier, action) in diff.updates.items():
+            self._cgroups[ct.c_uint64(cg)] = layout.Cgroup(tier, action)
+        if self._policy.n_cgroups != len(policies):
+            self._policy.n_cgroups = len(policies)
+            self._write_policy()
+
+    @staticmethod
+    def _delete(table, key) -> None:
+        try:
+            del table[key]
+        except KeyError:
+            pass    # the exit hook removed it first
+
+    def protected_tgids(self) -> dict[int, tuple[int, int]]:
+        """tgid -> (flags, tier) as the kernel holds it (INHERITED marks fork-made entries)."""
+        return {k.value: (v.flags, v.tier) for k, v in self._protected.items()}
+
+    def candidate_tgids(self) -> dict[int, int]:
+        return {k.value: v.tier for k, v in self._candidates.items()}
+
+    # --- events and counters -------------------------------------------------------------
+    def _on_event(self, _ctx, data, _size) -> None:
+        raw = ct.cast(data, ct.POINTER(layout.Event)).contents
+        self._pending.append(decode(raw, time.time_ns() - time.monotonic_ns()))
+
+    def _on_lost(self, count: int) -> None:
+        self._lost += count
+
+    def poll(self, timeout_ms: int = 0) -> list[BpfEvent]:
+        if self.ringbuf:
+            self._b.ring_buffer_poll(timeout_ms)
+        else:
+            self._b.perf_buffer_poll(timeout_ms)
+        out, self._pending = self._pending, []
+        return out
+
+    def counters(self) -> dict[str, int]:
+        out = {name: 0 for name in layout.COUNTERS.values()}
+        for idx, name in layout.COUNTERS.items():
+            if idx < layout.NR_COUNTERS:
+                out[name] = int(sum(self._counters[ct.c_int(idx)]))
+        out["events_dropped"] += self._lost
+        out.pop("nr_counters", None)
+        return out
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._b.cleanup()
+
+    def __enter__(self) -> "BpfGuard":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m dbguard.kernel.bpf")
+    g = ap.add_mutually_exclusive_group(required=True)
+    g.add_argument("--print-source", action="store_true", help="print the BPF C exactly as it is loaded")
+    g.add_argument("--check", action="store_true", help="say whether BPF can be used here, and the fix if not")
+    ap.add_argument("--max-procs", type=int, default=16384)
+    ap.add_argument("--max-cgroups", type=int, default=1024)
+    a = ap.parse_args(argv)
+    if a.print_source:
+        sys.stdout.write(program_source(max_procs=a.max_procs, max_cgroups=a.max_cgroups))
+        return 0
+    usable, why = availability()
+    print(why)
+    return 0 if usable else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""Kernel events as dbguard sees them, and as the audit log records them. Pure: no I/O."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import layout
+from ..model import Level
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class BpfEvent:
+    kind: str          # "kill" | "would_kill" | "oom_victim" | "breach" | "score_tamper"
+    pid: int
+    tgid: int
+    comm: str
+    ts_ns: int         # wall clock (epoch) nanoseconds
+    level: int
+    flags: int
+    cgroup_id: int     # cgroup v2 id of the task that was running (allocator / writer)
+    detail: dict[str, Any] = field(default_factory=dict)
+    path: str = "bpf"  # "bpf": dbguard's own program acted; "kernel": the kernel did it
+
+
+def _str(b: bytes) -> str:
+    return b.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+def decode(raw: layout.Event, wall_offset_ns: int) -> BpfEvent:
+    """A BpfEvent from the raw struct; wall_offset_ns = time.time_ns() - time.monotonic_ns()."""
+    kind = layout.EVENT_KINDS.get(raw.kind, f"unknown_{raw.kind}")
+    by = {"by_pid": raw.by_pid, "by_comm": _str(raw.by_comm)}
+    if kind in ("kill", "would_kill"):
+        detail = {"fail_streak": raw.a, "tier": raw.tier,
+                  "by_cgroup_policy": bool(raw.flags & layout.EVF_BY_CGROUP)}
+        if kind == "kill":
+            detail["signal_result"] = raw.c
+        path = "bpf"
+    elif kind in ("oom_victim", "breach"):
+        detail = {"anon_rss_bytes": raw.a * PAGE_SIZE, "file_rss_bytes": raw.b * PAGE_SIZE,
+                  "oom_score_adj": raw.c, "tier": raw.tier,
+                  "protected": bool(raw.flags & layout.SHIELD),
+                  "candidate": bool(raw.flags & layout.EVF_CANDIDATE),
+                  "trigger_pid": raw.by_pid, "trigger_comm": by["by_comm"]}
+        path = "kernel"
+    elif kind == "score_tamper":
+        old = int(raw.a) - 2000
+        detail = {"old_score_adj": None if old == layout.SCORE_UNKNOWN else old,
+                  "new_score_adj": raw.c, **by}
+        path = "kernel"
+    else:
+        detail, path = {"a": raw.a, "b": raw.b, "c": raw.c, **by}, "kernel"
+    return BpfEvent(kind=kind, pid=raw.pid, tgid=raw.tgid, comm=_str(raw.comm),
+                    ts_ns=raw.ts_ns + wall_offset_ns, level=raw.level, flags=raw.flags,
+                    cgroup_id=raw.cgroup_id, detail=detail, path=path)
+
+
+def _level_name(level: int) -> str:
+    try:
+        return Level(level).name.lower()
+    except ValueError:
+        return str(level)
+
+
+def event_to_audit(ev: BpfEvent) -> dict[str, Any]:
+    """The audit-log record for a kernel event (keys: ts, action, target, reason, level, result, path)."""
+    d = ev.detail
+    target = f"{ev.comm} (pid {ev.pid})"
+    if ev.kind in ("kill", "would_kill"):
+        via = "cgroup policy" if d.get("by_cgroup_policy") else "candidate"
+        reason = (f"allocating while reclaim failed {d.get('fail_streak')} times in a row "
+                  f"at level {_level_name(ev.level)} ({via}, tier {d.get('tier')})")
+        if ev.kind == "would_kill":
+            action, result = "kill", "dry_run: would have sent SIGKILL in kernel"
+        else:
+            action = "kill"
+            rc = d.get("signal_result", 0)
+            result = "killed (SIGKILL in kernel)" if rc == 0 else f"failed: bpf_send_signal returned {rc}"
+    elif ev.kind in ("oom_victim", "breach"):
+        action = "kernel_oom_kill"
+        mib = (d.get("anon_rss_bytes", 0) + d.get("file_rss_bytes", 0)) / 2**20
+        reason = (f"kernel OOM killer chose it (rss {mib:.0f} MiB, oom_score_adj {d.get('oom_score_adj')}) "
+                  f"while {d.get('trigger_comm')} (pid {d.get('trigger_pid')}) allocated")
+        if ev.kind == "breach":
+            result = "breach: a protected process was killed by the kernel"
+        else:
+            result = "killed by the kernel" + (" (a kill candidate)" if d.get("candidate") else "")
+    elif ev.kind == "score_tamper":
+        action = "oom_score_adj_changed"
+        reason = (f"oom_score_adj of a protected process raised from {d.get('old_score_adj')} to "
+                  f"{d.get('new_score_adj')} by {d.get('by_comm')} (pid {d.get('by_pid')})")
+        result = "tamper: shield lowered"
+    else:
+        action, reason, result = ev.kind, "unknown BPF event", "unknown"
+    return {"ts": ev.ts_ns / 1e9, "action": action, "target": target, "reason": reason,
+            "level": _level_name(ev.level), "result": result, "path": ev.path,
+            "pid": ev.pid, "detail": dict(d)}

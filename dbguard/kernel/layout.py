@@ -1,0 +1,80 @@
+"""The one Python mirror of bpf/dbguard.h: its constants (parsed from the header, so they
+cannot drift) and its structs as ctypes (checked against BCC's own view in the e2e tests)."""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import re
+from pathlib import Path
+
+BPF_DIR = Path(os.environ.get("DBGUARD_BPF_DIR") or Path(__file__).resolve().parents[2] / "bpf")
+HEADER = BPF_DIR / "dbguard.h"
+# Concatenated in this order after the header: maps first, then one file per concern.
+SOURCES = ("maps.c", "fork.c", "reclaim.c", "oom.c")
+
+_DEFINE = re.compile(r"^#define\s+(DBG_\w+)\s+\(?(-?(?:0x[0-9a-fA-F]+|\d+))\)?", re.M)
+
+
+def _constants() -> dict[str, int]:
+    return {name: int(val, 0) for name, val in _DEFINE.findall(HEADER.read_text())}
+
+
+C = _constants()
+
+SHIELD = C["DBG_SHIELD"]
+INHERIT = C["DBG_INHERIT"]
+INHERITED = C["DBG_INHERITED"]
+EVF_CANDIDATE = C["DBG_EVF_CANDIDATE"]
+EVF_BY_CGROUP = C["DBG_EVF_BY_CGROUP"]
+ACTION_NONE = C["DBG_ACTION_NONE"]
+ACTION_KILL = C["DBG_ACTION_KILL"]
+ACTION_SHIELD = C["DBG_ACTION_SHIELD"]
+SCORE_UNKNOWN = C["DBG_SCORE_UNKNOWN"]
+
+EVENT_KINDS = {
+    C["DBG_EV_KILL"]: "kill",
+    C["DBG_EV_WOULD_KILL"]: "would_kill",
+    C["DBG_EV_OOM_VICTIM"]: "oom_victim",
+    C["DBG_EV_BREACH"]: "breach",
+    C["DBG_EV_SCORE_TAMPER"]: "score_tamper",
+}
+
+# counters[] index -> metric-friendly name
+COUNTERS = {v: k[len("DBG_CTR_"):].lower() for k, v in C.items() if k.startswith("DBG_CTR_")}
+NR_COUNTERS = C["DBG_NR_COUNTERS"]
+
+
+class Proc(ct.Structure):
+    _fields_ = [("flags", ct.c_uint32), ("tier", ct.c_uint32),
+                ("origin", ct.c_uint32), ("score", ct.c_int32)]
+
+
+class Candidate(ct.Structure):
+    _fields_ = [("tier", ct.c_uint32), ("weight", ct.c_uint32)]
+
+
+class Cgroup(ct.Structure):
+    _fields_ = [("tier", ct.c_uint32), ("action", ct.c_uint32)]
+
+
+class Policy(ct.Structure):
+    _fields_ = [("level", ct.c_uint32), ("enabled", ct.c_uint32), ("dry_run", ct.c_uint32),
+                ("min_level_to_kill", ct.c_uint32), ("fail_streak", ct.c_uint32),
+                ("fail_pages", ct.c_uint32), ("self_tgid", ct.c_uint32), ("n_cgroups", ct.c_uint32)]
+
+
+class Streak(ct.Structure):
+    _fields_ = [("fails", ct.c_uint32), ("reported", ct.c_uint32), ("last_fail_ns", ct.c_uint64)]
+
+
+class Event(ct.Structure):
+    _fields_ = [("ts_ns", ct.c_uint64), ("cgroup_id", ct.c_uint64), ("a", ct.c_uint64),
+                ("b", ct.c_uint64), ("kind", ct.c_uint32), ("pid", ct.c_uint32),
+                ("tgid", ct.c_uint32), ("level", ct.c_uint32), ("flags", ct.c_uint32),
+                ("tier", ct.c_uint32), ("by_pid", ct.c_uint32), ("c", ct.c_int32),
+                ("comm", ct.c_char * 16), ("by_comm", ct.c_char * 16)]
+
+
+# map name in the C source -> the ctypes struct of its values
+MAP_VALUES = {"protected": Proc, "candidates": Candidate, "cgroups": Cgroup,
+              "policy": Policy, "streaks": Streak}
