@@ -1,0 +1,333 @@
+"""Memory pressure of the watched cgroup (v1 or v2) or of the host, and a way to wait for it.
+
+read() takes one MemoryReading: usage, limit, reclaimable page cache, PSI avg10.
+wait() blocks until the kernel says something happened (a PSI trigger, or for cgroup v1
+a usage threshold crossed) or the timeout passes, so the loop reacts at once without
+polling fast. Where triggers cannot be had, wait() sleeps and `trigger_error` says why.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import time
+
+from ..errors import DbguardError
+from ..model import MemoryReading
+
+PROC_PSI_MEMORY = "/proc/pressure/memory"
+MEMINFO = "/proc/meminfo"
+UNLIMITED = 1 << 62            # v1 reports "no limit" as a page-rounded 2^63-1
+UNPRIVILEGED_WINDOW_US = 2_000_000
+
+
+# --- pure parsers (tests/unit/test_pressure_parse.py) ----------------------------------------
+
+def parse_psi(text: str) -> dict[str, dict[str, float]]:
+    """/proc/pressure/memory or memory.pressure -> {"some": {"avg10": .., "total": ..}, "full": {..}}."""
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        kind, _, rest = line.partition(" ")
+        if not rest:
+            continue
+        values = {}
+        for item in rest.split():
+            key, _, value = item.partition("=")
+            values[key] = float(value)
+        out[kind] = values
+    return out
+
+
+def psi_avg10(text: str) -> tuple[float, float]:
+    """(some avg10, full avg10) in percent; a kernel without a "full" line reports 0 for it."""
+    psi = parse_psi(text)
+    return psi.get("some", {}).get("avg10", 0.0), psi.get("full", {}).get("avg10", 0.0)
+
+
+def parse_flat_keyed(text: str) -> dict[str, int]:
+    """memory.stat (v1 and v2): "key value" per line."""
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
+
+
+def parse_meminfo(text: str) -> dict[str, int]:
+    """/proc/meminfo in bytes ("MemTotal:  24684544 kB" -> 25276973056)."""
+    out = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            out[key] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
+    return out
+
+
+def parse_limit(text: str, mem_total: int) -> int | None:
+    """A cgroup limit in bytes, or None when it does not limit anything ("max", 2^63, >= RAM)."""
+    text = text.strip()
+    if text == "max":
+        return None
+    value = int(text)
+    if value >= UNLIMITED or value >= mem_total:
+        return None
+    return value
+
+
+def reclaimable_from_stat(stat: dict[str, int], version: int) -> int:
+    """Page cache the kernel can drop without I/O stalls: the inactive file list.
+
+    Active file pages are reclaimable too, but only after they age; counting them would
+    call a cgroup safe that is about to thrash.
+    """
+    if version == 1:
+        return stat.get("total_inactive_file", stat.get("inactive_file", 0))
+    return stat.get("inactive_file", 0)
+
+
+def trigger_line(stall_us: int, window_us: int) -> bytes:
+    return f"some {stall_us} {window_us}".encode() + b"\0"
+
+
+def unprivileged_window(window_us: int) -> int:
+    """Without CAP_SYS_RESOURCE the kernel takes only windows in whole multiples of 2 s."""
+    return -(-window_us // UNPRIVILEGED_WINDOW_US) * UNPRIVILEGED_WINDOW_US
+
+
+# --- I/O ----------------------------------------------------------------------------------------
+
+def _read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _missing(cgroup_dir: str) -> DbguardError:
+    return DbguardError(f"pressure.cgroup: {cgroup_dir} does not exist; "
+                        "set it to the database's memory cgroup directory")
+
+
+def cgroup_version(cgroup_dir: str) -> int:
+    """1 or 2 for a memory cgroup directory, 0 for the host ("")."""
+    if not cgroup_dir:
+        return 0
+    if not os.path.isdir(cgroup_dir):
+        raise _missing(cgroup_dir)
+    if os.path.exists(os.path.join(cgroup_dir, "memory.usage_in_bytes")):
+        return 1
+    if os.path.exists(os.path.join(cgroup_dir, "cgroup.controllers")):
+        if os.path.exists(os.path.join(cgroup_dir, "memory.stat")):
+            return 2
+        raise DbguardError(f"pressure.cgroup: {cgroup_dir} is a cgroup v2 directory without the memory "
+                           "controller; enable it in the parent's cgroup.subtree_control or give the "
+                           "v1 directory under /sys/fs/cgroup/memory")
+    raise DbguardError(f"pressure.cgroup: {cgroup_dir} is not a memory cgroup directory; "
+                       "set it to a directory under /sys/fs/cgroup/memory (v1) or /sys/fs/cgroup (v2)")
+
+
+class PressureMonitor:
+    """Reads and waits on one memory cgroup (cgroup_dir) or on the host (None or "")."""
+
+    def __init__(self, cgroup_dir: str | None, *, trigger_stall_us: int, trigger_window_us: int):
+        self.cgroup_dir = (cgroup_dir or "").rstrip("/")
+        self.version = cgroup_version(self.cgroup_dir)
+        self._mem_total = parse_meminfo(_read_text(MEMINFO))["MemTotal"]
+        v2_psi = os.path.join(self.cgroup_dir, "memory.pressure")
+        self.psi_path = v2_psi if self.version == 2 and os.path.exists(v2_psi) else PROC_PSI_MEMORY
+        self.trigger_active = False
+        self.trigger_error = ""
+        self.trigger_note = ""          # e.g. the window was rounded up for an unprivileged trigger
+        self.trigger_spec = ""          # what the kernel accepted: "some <stall_us> <window_us>"
+        self.usage_threshold: int | None = None
+        self._poll = select.poll()
+        self._psi_fd: int | None = None
+        self._event_fd: int | None = None
+        self._usage_fd: int | None = None
+        self.read()                     # fail now, with one line, if the files cannot be read
+        self._open_trigger(trigger_stall_us, trigger_window_us)
+
+    # --- reading -------------------------------------------------------------------------------
+    def _cg(self, name: str) -> str:
+        path = os.path.join(self.cgroup_dir, name)
+        try:
+            return _read_text(path)
+        except FileNotFoundError:
+            if not os.path.isdir(self.cgroup_dir):
+                raise _missing(self.cgroup_dir) from None
+            raise DbguardError(f"pressure.cgroup: {path} is missing; "
+                               "is this a memory cgroup directory?") from None
+        except PermissionError:
+            raise DbguardError(f"pressure.cgroup: cannot read {path}: permission denied; "
+                               "run dbguard as root") from None
+
+    def _psi(self) -> tuple[float, float]:
+        try:
+            return psi_avg10(_read_text(self.psi_path))
+        except OSError:
+            # No PSI (kernel without CONFIG_PSI, or booted psi=0): usage marks still work.
+            return 0.0, 0.0
+
+    def read(self) -> MemoryReading:
+        some, full = self._psi()
+        if self.version == 0:
+            usage, limit, reclaimable = self._host_usage()
+        elif self.version == 1:
+            usage = int(self._cg("memory.usage_in_bytes"))
+            stat = parse_flat_keyed(self._cg("memory.stat"))
+            # The limit that binds may be an ancestor's: v1 sums it up as hierarchical_memory_limit.
+            raw = stat.get("hierarchical_memory_limit")
+            limit = parse_limit(str(raw) if raw is not None else self._cg("memory.limit_in_bytes"),
+                                self._mem_total)
+            reclaimable = reclaimable_from_stat(stat, 1)
+        else:
+            if not os.path.exists(os.path.join(self.cgroup_dir, "memory.current")):
+                usage, limit, reclaimable = self._host_usage()     # the v2 root: the host
+            else:
+                usage = int(self._cg("memory.current"))
+                limit = self._v2_limit()
+                reclaimable = reclaimable_from_stat(parse_flat_keyed(self._cg("memory.stat")), 2)
+        return MemoryReading(cgroup=self.cgroup_dir, cgroup_version=self.version, usage_bytes=usage,
+                             limit_bytes=limit, psi_some_avg10=some, psi_full_avg10=full,
+                             reclaimable_bytes=reclaimable)
+
+    def _host_usage(self) -> tuple[int, int, int]:
+        info = parse_meminfo(_read_text(MEMINFO))
+        # MemAvailable already leaves out what reclaim can give back, so nothing more is
+        # reclaimable on top of this usage (counting it twice would hide real pressure).
+        return info["MemTotal"] - info["MemAvailable"], info["MemTotal"], 0
+
+    def _v2_limit(self) -> int | None:
+        """The tightest memory.max of the cgroup and its ancestors: v2 has no hierarchical sum."""
+        limits = []
+        d = self.cgroup_dir
+        while os.path.exists(os.path.join(d, "memory.max")):
+            limit = parse_limit(_read_text(os.path.join(d, "memory.max")), self._mem_total)
+            if limit is not None:
+                limits.append(limit)
+            d = os.path.dirname(d)
+        return min(limits) if limits else None
+
+    # --- waking up -----------------------------------------------------------------------------
+    def _open_trigger(self, stall_us: int, window_us: int) -> None:
+        try:
+            fd = os.open(self.psi_path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            self.trigger_error = (f"cannot open {self.psi_path}: {e.strerror}; "
+                                  "PSI needs CONFIG_PSI and the psi=1 boot option")
+            return
+        if stall_us > window_us:
+            os.close(fd)
+            self.trigger_error = (f"PSI trigger stall {stall_us} us exceeds its window {window_us} us; "
+                                  "lower pressure.psi_trigger_stall_us")
+            return
+        windows = [window_us]
+        if window_us % UNPRIVILEGED_WINDOW_US:
+            windows.append(unprivileged_window(window_us))
+        for window in windows:
+            try:
+                os.write(fd, trigger_line(stall_us, window))
+            except OSError as e:
+                if e.errno == errno.EINVAL and window != windows[-1]:
+                    continue
+                os.close(fd)
+                self.trigger_error = (f"kernel refused PSI trigger 'some {stall_us} {window}' on "
+                                      f"{self.psi_path}: {e.strerror}")
+                if e.errno == errno.EINVAL:
+                    self.trigger_error += "; without CAP_SYS_RESOURCE the window must be a multiple of 2 s"
+                return
+            if window != window_us:
+                self.trigger_note = (f"PSI trigger window raised from {window_us} to {window} us: "
+                                     "without CAP_SYS_RESOURCE the kernel takes only multiples of 2 s")
+            self.trigger_spec = f"some {stall_us} {window}"
+            break
+        self._psi_fd = fd
+        self._poll.register(fd, select.POLLPRI)
+        self.trigger_active = True
+
+    def set_usage_threshold(self, threshold_bytes: int | None) -> bool:
+        """Wake wait() when usage crosses `threshold_bytes` (either way). cgroup v1 only.
+
+        Returns whether the kernel watches it; None or 0 removes the threshold.
+        """
+        self._drop_threshold()
+        if not threshold_bytes:
+            return False
+        if self.version != 1:
+            return False   # v2 has no usage thresholds; its PSI trigger is per cgroup instead
+        try:
+            if self._usage_fd is None:
+                self._usage_fd = os.open(os.path.join(self.cgroup_dir, "memory.usage_in_bytes"),
+                                         os.O_RDONLY | os.O_CLOEXEC)
+            efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        except OSError as e:
+            self.trigger_error = f"usage threshold on {self.cgroup_dir}: {e.strerror}"
+            return False
+        try:
+            with open(os.path.join(self.cgroup_dir, "cgroup.event_control"), "w") as f:
+                f.write(f"{efd} {self._usage_fd} {int(threshold_bytes)}")
+        except OSError as e:
+            os.close(efd)
+            self.trigger_error = (f"usage threshold on {self.cgroup_dir}: cgroup.event_control refused: "
+                                  f"{e.strerror}")
+            return False
+        self._event_fd = efd
+        self._poll.register(efd, select.POLLIN)
+        self.usage_threshold = int(threshold_bytes)
+        return True
+
+    def _drop_threshold(self) -> None:
+        if self._event_fd is not None:
+            self._poll.unregister(self._event_fd)
+            os.close(self._event_fd)   # closing the eventfd is what unregisters it in the kernel
+            self._event_fd = None
+        self.usage_threshold = None
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a PSI trigger fires or usage crosses the threshold (True), or `timeout` s pass."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            if self._psi_fd is None and self._event_fd is None:
+                time.sleep(remaining)
+                return False
+            fired = False
+            for fd, events in self._poll.poll(max(1, int(remaining * 1000))):
+                if fd == self._event_fd:
+                    try:
+                        os.eventfd_read(fd)   # reset the counter, or poll() stays readable
+                    except BlockingIOError:
+                        pass
+                    fired = True
+                elif fd == self._psi_fd:
+                    if events & (select.POLLERR | select.POLLNVAL):
+                        # The watched cgroup went away under the trigger.
+                        self._close_trigger(f"PSI trigger on {self.psi_path} broke (cgroup removed?)")
+                    elif events & select.POLLPRI:
+                        fired = True
+            if fired:
+                return True
+
+    def _close_trigger(self, why: str) -> None:
+        if self._psi_fd is not None:
+            self._poll.unregister(self._psi_fd)
+            os.close(self._psi_fd)
+            self._psi_fd = None
+        self.trigger_active = False
+        if why:
+            self.trigger_error = why
+
+    def close(self) -> None:
+        self._close_trigger("")
+        self._drop_threshold()
+        if self._usage_fd is not None:
+            os.close(self._usage_fd)
+            self._usage_fd = None
+
+    def __enter__(self) -> "PressureMonitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
