@@ -75,10 +75,12 @@ class ScenarioResult:
     tps_under_pressure: float | None  # mean of the -P 1 progress lines after the hogs started
     hogs: int
     hogs_killed: list[int]            # indexes of hogs that ended by SIGKILL
+    hog_pids: list[int]
     hog_exit_codes: list[int | None]
     oom_kills: int                    # kernel OOM kills in the cgroup (memory.oom_control / memory.events)
     oom_victims: list[str]            # "pid 123 (postgres)", from /dev/kmsg and the server log
-    postgres_deaths: list[str]        # PostgreSQL processes that died while the hogs ran
+    postgres_pids: list[int]          # PostgreSQL processes in the cgroup when the hogs started
+    postgres_deaths: list[str]        # those that died while pgbench ran
     limit_reached_at: float | None    # seconds after hog start the cgroup first hit its limit
     first_kill_at: float | None       # seconds after hog start of the first hog or database death
     time_to_first_kill: float | None  # first kill minus limit reached, seconds
@@ -206,9 +208,11 @@ class Watcher(threading.Thread):
 
     POLL = 0.002
 
-    def __init__(self, cg: MemoryCgroup, t0: float):
+    def __init__(self, cg: MemoryCgroup, t0: float, kills_until: float):
         super().__init__(name="scenario-watcher", daemon=True)
-        self.cg, self.t0 = cg, t0
+        # After `kills_until` (pgbench's -T end) backends exit because their client is done:
+        # deaths are still noted, but no longer count as kills.
+        self.cg, self.t0, self.kills_until = cg, t0, kills_until
         self.timeline: list[Event] = []
         self.limit_reached: float | None = None
         self.first_kill: float | None = None
@@ -268,8 +272,12 @@ class Watcher(threading.Thread):
                 kind, label = self._fds[fd]
                 if kind == "death":
                     self._ep.unregister(fd)
+                    now = time.monotonic()
+                    if now >= self.kills_until:
+                        self.note(f"{label} exited after pgbench's run")
+                        continue
                     with self._lock:
-                        self.deaths[label] = time.monotonic() - self.t0
+                        self.deaths[label] = now - self.t0
                     self._kill(f"{label} died")
                 else:
                     with contextlib.suppress(BlockingIOError):
@@ -510,9 +518,10 @@ def run_pg_scenario(guard: str | Guard = "none", *,
             time.sleep(warmup)
 
             t0 = time.monotonic()
-            watcher = Watcher(cg, t0)
+            watcher = Watcher(cg, t0, kills_until=t_bench + duration)
             watcher.note("pgbench started", at=t_bench)
-            for pid, title in _postgres_pids(cg, exclude={pgbench.pid}).items():
+            pg_pids = _postgres_pids(cg, exclude={pgbench.pid})
+            for pid, title in pg_pids.items():
                 watcher.watch_process(pid, "postmaster" if pid == postmaster else f"postgres pid {pid} ({title})")
             watcher.start()
             watcher.note(f"starting {hogs} hogs of {hog_size // MiB} MiB (usage {cg.usage() // MiB} MiB)")
@@ -564,8 +573,10 @@ def run_pg_scenario(guard: str | Guard = "none", *,
                 hogs=hogs,
                 hogs_killed=[i for i, rc in enumerate(hog_exits) if rc == -signal.SIGKILL],
                 hog_exit_codes=hog_exits,
+                hog_pids=[p.pid for p in hog_procs],
                 oom_kills=cg.oom_kills(),
                 oom_victims=victims,
+                postgres_pids=sorted(pg_pids),
                 postgres_deaths=[lbl for lbl in watcher.deaths if not lbl.startswith("hog ")],
                 limit_reached_at=limit_at,
                 first_kill_at=first_kill,
