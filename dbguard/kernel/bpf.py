@@ -123,19 +123,19 @@ class BpfGuard:
         self.source = source
         self.ringbuf = ringbuf
         self._pending: list[BpfEvent] = []
-        self._protected = bpf["protected"]
-        self._candidates = bpf["candidates"]
-        self._cgroups = bpf["cgroups"]
-        self._policy_map = bpf["policy"]
-        self._counters = bpf["counters"]
+        self._protected = bpf[b"protected"]
+        self._candidates = bpf[b"candidates"]
+        self._cgroups = bpf[b"cgroups"]
+        self._policy_map = bpf[b"policy"]
+        self._counters = bpf[b"counters"]
         self._policy = layout.Policy(level=0, enabled=0, dry_run=1, min_level_to_kill=3,
                                      fail_streak=DEFAULT_FAIL_STREAK, fail_pages=0,
                                      self_tgid=os.getpid(), n_cgroups=0)
         self._write_policy()
         if ringbuf:
-            bpf["events"].open_ring_buffer(self._on_event)
+            bpf[b"events"].open_ring_buffer(self._on_event)
         else:
-            bpf["events"].open_perf_buffer(lambda cpu, data, size: self._on_event(None, data, size),
+            bpf[b"events"].open_perf_buffer(lambda cpu, data, size: self._on_event(None, data, size),
                                           lost_cb=self._on_lost)
         self._lost = 0
         self._closed = False

@@ -1,0 +1,403 @@
+"""The in-kernel policy on the real kernel: fork inheritance, reclaim-time kills, OOM audit.
+
+Needs root, BCC and kernel headers (`make setup`); without them every test here FAILS with
+the reason and the fix, it never skips. Memory pressure only inside lab.cgroup.MemoryCgroup.
+"""
+from __future__ import annotations
+
+import ctypes as ct
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from dbguard.errors import DbguardError
+from dbguard.kernel import layout
+from dbguard.kernel.bpf import (INHERIT, INHERITED, SHIELD, BpfGuard, availability,
+                                event_to_audit, program_source, restore_score)
+from lab.cgroup import MemoryCgroup
+
+pytestmark = [pytest.mark.bpf, pytest.mark.root, pytest.mark.e2e]
+
+MiB = 1024**2
+WAIT = 60.0          # bound on waiting for the kernel, not an assertion about speed
+PY = sys.executable
+
+# Touches every page of fresh anonymous mappings until it is killed; argv[1]: seconds to
+# pause after each 8 MiB once past argv[2] MiB (a slower hog keeps its cgroup at the limit longer).
+HOG = r"""
+import mmap, sys, time
+pause = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
+after = int(sys.argv[2]) if len(sys.argv) > 2 else 0
+sys.stdin.readline()
+keep = []
+while True:
+    m = mmap.mmap(-1, 8 << 20)
+    for i in range(0, 8 << 20, 4096):
+        m[i] = 1
+    keep.append(m)
+    if pause and len(keep) * 8 >= after:
+        time.sleep(pause)
+"""
+
+# Holds some memory, then keeps allocating and freeing 4 MiB: it reclaims under pressure too.
+ALLOCATOR = r"""
+import mmap, sys
+hold = []
+for _ in range(int(sys.argv[1])):
+    m = mmap.mmap(-1, 1 << 20)
+    for i in range(0, 1 << 20, 4096):
+        m[i] = 1
+    hold.append(m)
+print("ready", flush=True)
+while True:
+    m = mmap.mmap(-1, 4 << 20)
+    for i in range(0, 4 << 20, 4096):
+        m[i] = 2
+    m.close()
+"""
+
+
+@pytest.fixture(scope="module")
+def guard():
+    usable, why = availability()
+    if not usable:
+        pytest.fail(f"BPF tests need BPF here: {why}")
+    try:
+        g = BpfGuard.load()
+    except DbguardError as e:
+        pytest.fail(f"BPF tests could not load the programs: {e}")
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+@pytest.fixture
+def bpf(guard):
+    """The module's guard, with policy and maps reset around each test."""
+    def reset():
+        guard.set_policy(level=0, enabled=False, dry_run=False)
+        guard.sync_processes({}, {})
+        guard.sync_cgroups({})
+        guard.poll(0)
+    reset()
+    try:
+        yield guard
+    finally:
+        reset()
+
+
+class Procs:
+    """Test subprocesses, all killed and reaped at the end whatever happens."""
+
+    def __init__(self):
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, code: str, *args: str, cg: MemoryCgroup | None = None) -> subprocess.Popen:
+        p = subprocess.Popen([PY, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             text=True, preexec_fn=cg.preexec() if cg else None)
+        self.procs.append(p)
+        return p
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            for f in (p.stdin, p.stdout):
+                try:
+                    f.close()
+                except (OSError, BrokenPipeError):
+                    pass
+
+
+@pytest.fixture
+def procs():
+    ps = Procs()
+    try:
+        yield ps
+    finally:
+        ps.close()
+
+
+def wait_events(g: BpfGuard, want, bound: float = WAIT) -> list:
+    """Poll until want(events) is true or the bound passes; returns every event seen."""
+    seen = []
+    deadline = time.monotonic() + bound
+    while time.monotonic() < deadline:
+        seen += g.poll(100)
+        if want(seen):
+            break
+    return seen
+
+
+def wait_exit(p: subprocess.Popen, bound: float = WAIT) -> int | None:
+    try:
+        return p.wait(bound)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+# --- layout and source ------------------------------------------------------------------------
+
+def test_python_structs_match_what_bcc_compiled(guard):
+    for name, struct in layout.MAP_VALUES.items():
+        leaf = guard._b[name.encode()].Leaf
+        assert ct.sizeof(leaf) == ct.sizeof(struct), name
+        assert [f[0] for f in leaf._fields_] == [f[0] for f in struct._fields_], name
+
+
+def test_print_source_is_what_is_loaded(guard):
+    out = subprocess.run([PY, "-m", "dbguard.kernel.bpf", "--print-source"], capture_output=True,
+                         text=True, check=True).stdout
+    assert out == program_source() == guard.source
+    assert '#include "dbguard.h"' not in out and "struct dbg_event {" in out
+    assert "#define DBG_MAX_PROCS 16384" in out
+
+
+# --- fork inheritance -------------------------------------------------------------------------
+
+FORKER = r"""
+import os, sys, threading
+n = int(sys.argv[1])
+gate = threading.Event()
+threads = [threading.Thread(target=gate.wait) for _ in range(4)]
+for t in threads:
+    t.start()
+print("threads", *[t.native_id for t in threads], flush=True)
+sys.stdin.readline()
+r, w = os.pipe()
+pids = []
+for _ in range(n):
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    pids.append(pid)
+os.close(r)
+print("children", *pids, flush=True)
+sys.stdin.readline()
+os.close(w)
+for pid in pids:
+    os.waitpid(pid, 0)
+gate.set()
+print("reaped", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_fork_inheritance_1000_children(bpf, procs):
+    parent = procs.start(FORKER, "1000")
+    threads = [int(x) for x in parent.stdout.readline().split()[1:]]
+    bpf.sync_processes({parent.pid: (SHIELD | INHERIT, 1)}, {})
+    before = bpf.counters()
+    parent.stdin.write("fork\n"); parent.stdin.flush()
+    children = [int(x) for x in parent.stdout.readline().split()[1:]]
+    assert len(children) == 1000
+
+    held = bpf.protected_tgids()
+    missing = [c for c in children if c not in held]
+    assert not missing, f"{len(missing)} children not protected at birth, e.g. {missing[:5]}"
+    assert all(held[c] == (SHIELD | INHERIT | INHERITED, 1) for c in children)
+    assert not set(threads) & set(held), "threads are not processes: no entries for them"
+    assert bpf.counters()["fork_inherited"] - before["fork_inherited"] >= 1000
+
+    # A sync that lists only the parent keeps the kernel's entries while the children live.
+    bpf.sync_processes({parent.pid: (SHIELD | INHERIT, 1)}, {})
+    held = bpf.protected_tgids()
+    assert all(c in held for c in children)
+
+    parent.stdin.write("exit\n"); parent.stdin.flush()
+    assert parent.stdout.readline().strip() == "reaped"
+    held = bpf.protected_tgids()
+    left = [c for c in children if c in held]
+    assert not left, f"{len(left)} exited children still in the map, e.g. {left[:5]}"
+    assert parent.pid in held
+    assert bpf.counters()["exit_removed"] - before["exit_removed"] >= 1000
+
+
+def test_inherited_entries_go_when_their_ancestor_is_unprotected(bpf, procs):
+    parent = procs.start(FORKER, "3")
+    parent.stdout.readline()
+    bpf.sync_processes({parent.pid: (SHIELD | INHERIT, 2)}, {})
+    parent.stdin.write("fork\n"); parent.stdin.flush()
+    children = [int(x) for x in parent.stdout.readline().split()[1:]]
+    assert all(c in bpf.protected_tgids() for c in children)
+    bpf.sync_processes({}, {})
+    held = bpf.protected_tgids()
+    assert not set(children) & set(held) and parent.pid not in held
+
+
+# --- reclaim-time kill ------------------------------------------------------------------------
+
+def _hog_and_protected(bpf, procs, cg, *, dry_run: bool):
+    protected = procs.start(ALLOCATOR, "48", cg=cg)
+    assert protected.stdout.readline().strip() == "ready"
+    hog = procs.start(HOG, "0.02", "160", cg=cg)
+    bpf.sync_processes({protected.pid: (SHIELD, 0)}, {hog.pid: 1})
+    bpf.set_policy(level=3, enabled=True, dry_run=dry_run, min_level_to_kill=3, fail_streak=3)
+    hog.stdin.write("go\n"); hog.stdin.flush()
+    return protected, hog
+
+
+def test_reclaim_kill_hits_candidate_and_spares_protected(bpf, procs):
+    with MemoryCgroup(256 * MiB) as cg:
+        before = bpf.counters()
+        protected, hog = _hog_and_protected(bpf, procs, cg, dry_run=False)
+        events = wait_events(bpf, lambda evs: any(e.kind == "kill" and e.tgid == hog.pid for e in evs))
+        rc = wait_exit(hog)
+        kills = [e for e in events if e.kind == "kill" and e.tgid == hog.pid]
+        assert kills, f"no BPF kill event for the hog; events: {events}, counters: {bpf.counters()}"
+        ev = kills[0]
+        assert rc == -9, f"hog exit {rc}, expected SIGKILL"
+        assert ev.path == "bpf" and ev.detail["signal_result"] == 0
+        assert ev.detail["fail_streak"] >= 3 and ev.level == 3 and ev.flags & layout.EVF_CANDIDATE
+        assert protected.poll() is None, "the protected process died"
+        assert not [e for e in events if e.tgid == protected.pid]
+        after = bpf.counters()
+        assert after["kills"] > before["kills"]
+        assert after["reclaim_protected"] > before["reclaim_protected"], \
+            "the protected process should have met reclaim too"
+        rec = event_to_audit(ev)
+        assert rec["path"] == "bpf" and rec["action"] == "kill" and str(hog.pid) in rec["target"]
+
+
+def test_reclaim_dry_run_kills_nobody_and_says_what_it_would_do(bpf, procs):
+    with MemoryCgroup(256 * MiB) as cg:
+        before = bpf.counters()
+        protected, hog = _hog_and_protected(bpf, procs, cg, dry_run=True)
+        events = wait_events(bpf, lambda evs: any(e.kind == "would_kill" and e.tgid == hog.pid for e in evs))
+        would = [e for e in events if e.kind == "would_kill" and e.tgid == hog.pid]
+        assert would, f"no would_kill event; events: {events}, counters: {bpf.counters()}"
+        rec = event_to_audit(would[0])
+        assert rec["result"].startswith("dry_run") and rec["path"] == "bpf"
+        assert "reclaim failed" in rec["reason"]
+        # Whatever ends the hog now is the kernel's OOM killer, never dbguard's program.
+        hog.kill(); hog.wait()
+        events += bpf.poll(100)
+        assert not [e for e in events if e.kind == "kill"]
+        assert bpf.counters()["kills"] == before["kills"]
+        assert protected.poll() is None
+
+
+def test_page_cache_full_cgroup_sees_no_kill(bpf, procs):
+    """Reclaim that succeeds is normal: a cgroup full of page cache never triggers a kill."""
+    with tempfile.NamedTemporaryFile(dir="/var/tmp", prefix="dbguard-cache-") as f:
+        block = os.urandom(MiB)
+        for _ in range(384):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)   # read it back from disk, in the cgroup
+        reader_code = ("import sys\nsys.stdin.readline()\n"
+                       "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+                       "    while f.read(1 << 20): pass\n"
+                       "print('done', flush=True)\n")
+        with MemoryCgroup(128 * MiB) as cg:
+            idle = procs.start("import sys; sys.stdin.readline()", cg=cg)
+            reader = procs.start(reader_code, f.name, cg=cg)
+            bpf.sync_processes({}, {idle.pid: 1, reader.pid: 1})
+            bpf.set_policy(level=3, enabled=True, dry_run=False, min_level_to_kill=3, fail_streak=3)
+            before = bpf.counters()
+            reader.stdin.write("go\n"); reader.stdin.flush()
+            assert reader.stdout.readline().strip() == "done"
+            assert wait_exit(reader) == 0
+            events = bpf.poll(100)
+            after = bpf.counters()
+            assert after["reclaim_begin"] > before["reclaim_begin"], "the cgroup never reclaimed: test proves nothing"
+            assert after["kills"] == before["kills"] and after["would_kills"] == before["would_kills"]
+            assert not [e for e in events if e.tgid in (idle.pid, reader.pid)]
+            assert idle.poll() is None
+
+
+# --- kernel OOM audit -------------------------------------------------------------------------
+
+def test_kernel_oom_kill_is_audited_with_the_victim(bpf, procs):
+    with MemoryCgroup(128 * MiB) as cg:
+        hog = procs.start(HOG, cg=cg)
+        hog.stdin.write("go\n"); hog.stdin.flush()
+        events = wait_events(bpf, lambda evs: any(e.kind == "oom_victim" and e.pid == hog.pid for e in evs))
+        assert wait_exit(hog) == -9
+        victims = [e for e in events if e.kind == "oom_victim" and e.pid == hog.pid]
+        assert victims, f"no oom_victim event for the hog; events: {events}"
+        assert cg.oom_kills() >= 1
+        rec = event_to_audit(victims[0])
+        assert rec["path"] == "kernel" and rec["action"] == "kernel_oom_kill"
+        assert f"pid {hog.pid}" in rec["target"] and victims[0].comm in rec["target"]
+        assert rec["result"] == "killed by the kernel"
+        assert victims[0].detail["anon_rss_bytes"] > 0   # the kernel reads its per-cpu rss counters roughly
+
+
+def test_kernel_oom_kill_of_a_protected_process_is_a_breach(bpf, procs):
+    with MemoryCgroup(128 * MiB) as cg:
+        hog = procs.start(HOG, cg=cg)
+        bpf.sync_processes({hog.pid: (SHIELD, 0)}, {})
+        hog.stdin.write("go\n"); hog.stdin.flush()
+        events = wait_events(bpf, lambda evs: any(e.pid == hog.pid for e in evs))
+        assert wait_exit(hog) == -9
+        ev = [e for e in events if e.pid == hog.pid]
+        assert ev and ev[0].kind == "breach", events
+        assert event_to_audit(ev[0])["result"].startswith("breach")
+
+
+# --- shield tampering -------------------------------------------------------------------------
+
+def test_raised_score_of_protected_process_is_reported_and_restored(bpf, procs):
+    victim = procs.start("import sys; sys.stdin.readline()")
+    bpf.sync_processes({victim.pid: (SHIELD, 0)}, {})
+    start = int(open(f"/proc/{victim.pid}/oom_score_adj").read())
+    subprocess.run(["sh", "-c", f"echo {start + 700} > /proc/{victim.pid}/oom_score_adj"], check=True)
+    events = wait_events(bpf, lambda evs: any(e.kind == "score_tamper" and e.pid == victim.pid for e in evs))
+    ev = [e for e in events if e.kind == "score_tamper" and e.pid == victim.pid]
+    assert ev, events
+    d = ev[0].detail
+    assert (d["old_score_adj"], d["new_score_adj"], d["by_comm"]) == (start, start + 700, "sh")
+    assert ev[0].path == "kernel" and "sh" in event_to_audit(ev[0])["reason"]
+    assert restore_score(ev[0]) == f"restored to {start}"
+    assert int(open(f"/proc/{victim.pid}/oom_score_adj").read()) == start
+    # dbguard's own restore is not tampering.
+    assert not [e for e in bpf.poll(100) if e.kind == "score_tamper" and e.pid == victim.pid]
+
+
+# --- map sync ---------------------------------------------------------------------------------
+
+def test_sync_diffs_candidates_and_cgroups(bpf, procs):
+    a = procs.start("import sys; sys.stdin.readline()")
+    b = procs.start("import sys; sys.stdin.readline()")
+    bpf.sync_processes({a.pid: (SHIELD, 1)}, {b.pid: 2})
+    assert bpf.protected_tgids() == {a.pid: (SHIELD, 1)}
+    assert bpf.candidate_tgids() == {b.pid: 2}
+    bpf.sync_processes({a.pid: (SHIELD | INHERIT, 3)}, {})
+    assert bpf.protected_tgids() == {a.pid: (SHIELD | INHERIT, 3)}
+    assert bpf.candidate_tgids() == {}
+    bpf.sync_cgroups({12345: (1, layout.ACTION_KILL)})
+    assert {k.value: (v.tier, v.action) for k, v in bpf._cgroups.items()} == {12345: (1, layout.ACTION_KILL)}
+    assert bpf._policy_map[ct.c_int(0)].n_cgroups == 1
+
+
+# --- fallback ---------------------------------------------------------------------------------
+
+def test_without_bcc_the_reason_and_fix_are_one_line():
+    code = ("import sys; sys.modules['bcc'] = None\n"
+            "from dbguard.kernel.bpf import availability, BpfGuard\n"
+            "from dbguard.errors import DbguardError\n"
+            "print(availability())\n"
+            "try:\n    BpfGuard.load()\nexcept DbguardError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True).stdout
+    lines = out.splitlines()
+    assert lines[0].startswith("(False,") and "python3-bpfcc" in lines[0]
+    assert lines[1].startswith("ERR BPF unavailable") and "enabled = false" in lines[1] and len(lines) == 2
+
+
+def test_without_privilege_the_reason_names_capabilities():
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                          "--inh-caps=-all", "--bounding-set=-all",
+                          PY, "-m", "dbguard.kernel.bpf", "--check"],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 1, out
+    assert out.stdout.strip().startswith("BPF unavailable: no CAP_BPF") and not out.stderr
