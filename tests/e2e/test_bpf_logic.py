@@ -1,0 +1,98 @@
+"""Pure logic of the BPF loader: map diffs, event decoding and audit records. No root needed."""
+from __future__ import annotations
+
+import pytest
+
+from dbguard.kernel import layout
+from dbguard.kernel.events import BpfEvent, decode, event_to_audit
+from dbguard.kernel.source import kernel_has_ringbuf
+from dbguard.kernel.sync import ProcEntry, diff_plain, diff_protected
+
+S, I, H = layout.SHIELD, layout.INHERIT, layout.INHERITED
+
+
+def alive(_tgid):
+    return True
+
+
+def test_header_constants_are_parsed():
+    assert (S, I, H) == (1, 2, 4)
+    assert layout.EVENT_KINDS[1] == "kill" and layout.COUNTERS[0] == "fork_inherited"
+    assert layout.SCORE_UNKNOWN == -1001
+
+
+def test_new_protected_entry_is_its_own_origin_and_unchanged_ones_are_not_rewritten():
+    cur = {10: ProcEntry(S, 1, 10, 0)}
+    d = diff_protected(cur, {10: (S, 1), 20: (S | I, 2)}, alive)
+    assert d.updates == {20: ProcEntry(S | I, 2, 20, None)} and d.deletes == []
+
+
+def test_inherited_entries_survive_a_sync_that_does_not_list_them():
+    cur = {10: ProcEntry(S | I, 1, 10, 0), 11: ProcEntry(S | I | H, 1, 10, 0)}
+    d = diff_protected(cur, {10: (S | I, 1)}, alive)
+    assert d.updates == {} and d.deletes == []
+
+
+def test_inherited_entries_go_with_their_origin_or_their_process():
+    cur = {10: ProcEntry(S | I, 1, 10, 0), 11: ProcEntry(S | I | H, 1, 10, 0),
+           12: ProcEntry(S | H, 1, 10, 0)}
+    assert sorted(diff_protected(cur, {}, alive).deletes) == [10, 11, 12]
+    d = diff_protected(cur, {10: (S | I, 1)}, lambda t: t != 12)
+    assert d.deletes == [12]
+
+
+def test_listing_an_inherited_entry_keeps_it_kernel_owned():
+    cur = {11: ProcEntry(S | I | H, 1, 10, 5)}
+    d = diff_protected(cur, {10: (S | I, 1), 11: (S, 3)}, alive)
+    assert d.updates[11] == ProcEntry(S | H, 3, 10, 5)
+
+
+def test_plain_diff():
+    d = diff_plain({1: 1, 2: 2, 3: 3}, {1: 1, 2: 5, 4: 4})
+    assert d.updates == {2: 5, 4: 4} and d.deletes == [3]
+
+
+def _raw(**kw) -> layout.Event:
+    ev = layout.Event()
+    for k, v in kw.items():
+        setattr(ev, k, v)
+    return ev
+
+
+def test_decode_kill_and_audit_record():
+    raw = _raw(kind=1, pid=42, tgid=42, level=3, flags=layout.EVF_CANDIDATE, tier=2, a=5, c=0,
+               comm=b"hog", ts_ns=1_000, by_pid=42)
+    ev = decode(raw, wall_offset_ns=1_700_000_000_000_000_000)
+    assert ev.kind == "kill" and ev.path == "bpf" and ev.comm == "hog"
+    assert ev.ts_ns == 1_700_000_000_000_001_000
+    assert ev.detail == {"fail_streak": 5, "tier": 2, "by_cgroup_policy": False, "signal_result": 0}
+    rec = event_to_audit(ev)
+    assert set(rec) >= {"ts", "action", "target", "reason", "level", "result", "path"}
+    assert rec == {**rec, "action": "kill", "target": "hog (pid 42)", "level": "critical",
+                   "result": "killed (SIGKILL in kernel)", "path": "bpf"}
+    assert "5 times" in rec["reason"]
+
+
+def test_decode_would_kill_breach_and_tamper():
+    would = decode(_raw(kind=2, pid=7, tgid=7, a=3, comm=b"x"), 0)
+    assert event_to_audit(would)["result"].startswith("dry_run")
+    breach = decode(_raw(kind=4, pid=9, tgid=9, flags=S, a=256, b=0, c=0, comm=b"postgres",
+                         by_pid=5, by_comm=b"hog"), 0)
+    rec = event_to_audit(breach)
+    assert breach.path == "kernel" and rec["result"].startswith("breach") and "hog (pid 5)" in rec["reason"]
+    tamper = decode(_raw(kind=5, pid=9, tgid=9, a=2000 + 0, c=700, comm=b"postgres",
+                         by_pid=77, by_comm=b"sh"), 0)
+    assert tamper.detail == {"old_score_adj": 0, "new_score_adj": 700, "by_pid": 77, "by_comm": "sh"}
+    unknown = decode(_raw(kind=5, a=2000 + layout.SCORE_UNKNOWN, c=1), 0)
+    assert unknown.detail["old_score_adj"] is None
+
+
+def test_ringbuf_needs_5_8():
+    assert kernel_has_ringbuf("5.8.0") and kernel_has_ringbuf("6.18.44-fc")
+    assert not kernel_has_ringbuf("5.4.0-100-generic") and not kernel_has_ringbuf("4.19.0")
+
+
+def test_bpf_event_is_frozen():
+    ev = BpfEvent("kill", 1, 1, "x", 0, 0, 0, 0, {}, "bpf")
+    with pytest.raises(AttributeError):
+        ev.pid = 2
