@@ -1,0 +1,114 @@
+"""integrations/kubernetes: manifests validated offline against the Kubernetes schemas, plus the
+properties the design asks of them (capabilities not privileged, mounts, config sources)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dbguard import config
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "integrations" / "kubernetes"
+MANIFESTS = sorted(K8S.glob("*.yaml"))
+# Oldest Kubernetes the manifests claim to work on, and the newest the validator knows.
+VERSIONS = ("1.30.0", "1.37.0")
+
+
+def validator() -> str:
+    path = shutil.which("kubernetes-validate", path=str(Path(sys.executable).parent)) \
+        or shutil.which("kubernetes-validate")
+    if not path:
+        pytest.fail("kubernetes-validate is missing: run `bash scripts/setup-integrations.sh` "
+                    "(pip package kubernetes-validate into .venv)")
+    return path
+
+
+def docs(name: str) -> dict[str, dict]:
+    return {d["kind"]: d for d in yaml.safe_load_all((K8S / name).read_text()) if d}
+
+
+def pod_spec(name: str) -> dict:
+    d = docs(name)
+    return (d.get("DaemonSet") or d["StatefulSet"])["spec"]["template"]["spec"]
+
+
+def container(spec: dict, name: str = "dbguard") -> dict:
+    return next(c for c in spec["containers"] if c["name"] == name)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_manifests_pass_strict_schema_validation(version):
+    assert [p.name for p in MANIFESTS] == ["daemonset.yaml", "postgres-sidecar.yaml"]
+    r = subprocess.run([validator(), "--strict", "-k", version, *map(str, MANIFESTS)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("passed for resource") == 8, r.stdout
+
+
+def test_validation_rejects_a_broken_manifest(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    ds = docs("daemonset.yaml")["DaemonSet"]
+    ds["spec"]["template"]["spec"]["hostPid"] = True          # misspelt field
+    broken.write_text(yaml.safe_dump(ds))
+    r = subprocess.run([validator(), "--strict", "-k", VERSIONS[0], str(broken)],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "hostPid" in r.stdout + r.stderr
+
+
+def test_daemonset_uses_capabilities_not_privileged():
+    spec = pod_spec("daemonset.yaml")
+    assert spec["hostPID"] is True
+    sc = container(spec)["securityContext"]
+    assert sc["privileged"] is False and sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    added = set(sc["capabilities"]["add"])
+    assert {"BPF", "PERFMON", "KILL", "SYS_RESOURCE", "SYS_PTRACE"} <= added
+    assert "SYS_ADMIN" not in added
+
+
+def test_daemonset_mounts_what_bcc_and_cgroups_need():
+    spec = pod_spec("daemonset.yaml")
+    host = {v["name"]: v["hostPath"]["path"] for v in spec["volumes"] if "hostPath" in v}
+    mounts = {m["mountPath"]: m for m in container(spec)["volumeMounts"]}
+    for path in ("/sys/fs/bpf", "/sys/fs/cgroup", "/lib/modules", "/usr/src"):
+        assert path in mounts and host[mounts[path]["name"]] == path, path
+    assert "/sys/kernel/tracing" in mounts or "/sys/kernel/debug" in mounts
+    for path in ("/lib/modules", "/usr/src", "/sys/kernel/tracing"):
+        assert mounts[path].get("readOnly") is True, f"{path} should be read-only"
+    assert not mounts["/sys/fs/cgroup"].get("readOnly"), "cgroup protections are written"
+
+
+def test_sidecar_shares_the_process_namespace_and_takes_config_and_dsn_from_the_cluster():
+    d = docs("postgres-sidecar.yaml")
+    spec = pod_spec("postgres-sidecar.yaml")
+    assert spec["shareProcessNamespace"] is True
+    assert {c["name"] for c in spec["containers"]} == {"postgres", "dbguard"}
+    dbg = container(spec)
+    assert dbg["securityContext"]["privileged"] is False
+    config_volume = next(v for v in spec["volumes"] if v["name"] == "config")
+    assert config_volume["configMap"]["name"] == d["ConfigMap"]["metadata"]["name"]
+    secret_refs = [e["secretRef"]["name"] for e in dbg.get("envFrom", []) if "secretRef" in e]
+    secrets = [doc for doc in yaml.safe_load_all((K8S / "postgres-sidecar.yaml").read_text())
+               if doc["kind"] == "Secret"]
+    dsn_secret = next(s for s in secrets if s["metadata"]["name"] in secret_refs)
+    cfg = config.from_dict(tomllib.loads(d["ConfigMap"]["data"]["dbguard.toml"]))
+    assert cfg.databases[0].password_env in dsn_secret["stringData"]
+    assert {"PGHOST", "PGUSER"} <= set(dsn_secret["stringData"])
+    assert "password" not in cfg.databases[0].dsn
+
+
+@pytest.mark.parametrize("name", ["daemonset.yaml", "postgres-sidecar.yaml"])
+def test_configmap_toml_is_a_valid_dbguard_config(name):
+    cm = docs(name)["ConfigMap"]
+    cfg = config.from_dict(tomllib.loads(cm["data"]["dbguard.toml"]))
+    port = cfg.metrics.listen.rsplit(":", 1)[1]
+    probe = container(pod_spec(name))["livenessProbe"]["httpGet"]
+    assert probe["path"] == "/healthz"
+    ports = {p["name"]: p["containerPort"] for p in container(pod_spec(name))["ports"]}
+    assert ports[probe["port"]] == int(port)
