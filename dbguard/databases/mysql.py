@@ -39,6 +39,7 @@ from .base import Database, Outcome
 
 MiB = 1024**2
 RESIZE_TIMEOUT = 120.0          # seconds a single buffer pool resize may take before it is aborted
+AUTO_SHRINK_HOLDOFF = 60.0      # no growing back for this long after MariaDB shrank the pool itself
 
 # Runtime caches dbguard may scale down with `shrink_caches`, with the lowest value it uses.
 CACHE_MINIMUMS: dict[str, int] = {
@@ -72,20 +73,21 @@ def step_target(configured: int, floor: int, steps: int, step: int, unit: int) -
 
     Rounded up to the server's resize unit so the server never rounds it below the floor.
     """
-    if steps <= 0 or configured <= floor or step <= 0:
+    if step <= 0 or not shrink_steps_max(configured, floor, steps, unit):
         return configured
     step = min(step, steps)
     raw = configured - (configured - floor) * step / steps
     return min(configured, max(round_up(math.ceil(raw), unit), round_up(floor, unit)))
 
 
-def shrink_steps_max(configured: int, floor: int, steps: int) -> int:
-    return steps if steps > 0 and configured > floor else 0
+def shrink_steps_max(configured: int, floor: int, steps: int, unit: int = 1) -> int:
+    """0 when there is nothing to shrink: the floor, in the server's units, is not below the pool."""
+    return steps if steps > 0 and configured > round_up(floor, unit) else 0
 
 
 def step_of(current: int, configured: int, floor: int, steps: int, unit: int) -> int:
     """Which step a pool of `current` bytes is at: the deepest step whose target it does not exceed."""
-    top = shrink_steps_max(configured, floor, steps)
+    top = shrink_steps_max(configured, floor, steps, unit)
     for s in range(top, 0, -1):
         if current <= step_target(configured, floor, steps, s, unit):
             return s
@@ -228,6 +230,9 @@ class MySQL(Database):
         self._resize: _Resize | None = None
         self._worker: threading.Thread | None = None
         self._baseline: int | None = None      # largest pool seen without our change: the DBA's size
+        self._last_size: int | None = None     # pool size after our last look or resize
+        self._auto_shrunk_at: float | None = None
+        self.auto_shrink_holdoff = AUTO_SHRINK_HOLDOFF
 
     # --- connections ---------------------------------------------------------------------
     @property
@@ -367,9 +372,9 @@ class MySQL(Database):
         cur.execute("SELECT CONNECTION_ID()")
         own_id = cur.fetchone()[0]
 
-        size = int(v["innodb_buffer_pool_size"])
+        size = self._observe(int(v["innodb_buffer_pool_size"]))
         configured = self._configured(size)
-        steps_max = shrink_steps_max(configured, self.cfg.buffer_pool_floor, self.cfg.shrink_steps)
+        steps_max = shrink_steps_max(configured, self.cfg.buffer_pool_floor, self.cfg.shrink_steps, srv.unit)
         step = step_of(size, configured, self.cfg.buffer_pool_floor, self.cfg.shrink_steps, srv.unit)
 
         pid, pid_error = self._server_pid(v["pid_file"], v["datadir"], v["basedir"])
@@ -396,6 +401,7 @@ class MySQL(Database):
             "server_rss_bytes": rss,
             "buffer_pool_floor": self.cfg.buffer_pool_floor,
             "auto_shrink_min": self._auto_shrink_min(configured),
+            "auto_shrunk_seconds_ago": self._auto_shrink_recent(),
             "missing_grants": missing_grants(srv.grants, srv.mariadb),
             "caches": {c: int(v[c]) for c in self.cfg.shrink_caches if c in v},
         }
@@ -414,6 +420,20 @@ class MySQL(Database):
             cache_used_bytes=pages_data * srv.page_size,
             hit_ratio=(1 - reads / requests) if requests else None,
             shrink_step=step, shrink_steps_max=steps_max, extra=extra)
+
+    def _observe(self, size: int) -> int:
+        """Notice MariaDB shrinking the pool by itself (innodb_buffer_pool_size_auto_min)."""
+        if self._last_size is not None and size < self._last_size and self._auto_shrink_min(size + 1) is not None:
+            self._auto_shrunk_at = time.monotonic()
+        self._last_size = size
+        return size
+
+    def _auto_shrink_recent(self) -> float | None:
+        """Seconds since MariaDB last shrank the pool itself, while within the hold-off."""
+        if self._auto_shrunk_at is None:
+            return None
+        ago = time.monotonic() - self._auto_shrunk_at
+        return ago if ago < self.auto_shrink_holdoff else None
 
     def _configured(self, size: int) -> int:
         """The DBA's size: saved originals while dbguard has it changed, else the largest seen."""
@@ -504,10 +524,10 @@ class MySQL(Database):
     def _set_step(self, conn, step: int) -> Outcome:
         srv = self._server
         v = _variables(conn, ("innodb_buffer_pool_size", *self.cfg.shrink_caches))
-        size = int(v["innodb_buffer_pool_size"])
+        size = self._observe(int(v["innodb_buffer_pool_size"]))
         configured = self._configured(size)
         floor, steps = self.cfg.buffer_pool_floor, self.cfg.shrink_steps
-        top = shrink_steps_max(configured, floor, steps)
+        top = shrink_steps_max(configured, floor, steps, srv.unit)
         step = max(0, min(step, top))
         now_step = step_of(size, configured, floor, steps, srv.unit)
         if self._resize_running(_status(conn, "Innodb_buffer_pool_resize%")):
@@ -519,14 +539,21 @@ class MySQL(Database):
             step = now_step - 1       # grow back one step per call, so the server refills gradually
         target = step_target(configured, floor, steps, step, srv.unit)
         saved = self.originals.load()
-        if step > 0 and saved is None:
+        if (step > 0 or size < configured) and saved is None:
+            # Before the first change, and as soon as the pool is found smaller than the DBA's size.
             self.originals.save({"innodb_buffer_pool_size": configured,
                                  "caches": {c: int(v[c]) for c in self.cfg.shrink_caches},
                                  "server": srv.version, "saved_at": time.time()})
             saved = self.originals.load()
+        ago = self._auto_shrink_recent()
+        if target > size and step < now_step and ago is not None:
+            return Outcome(True, f"MariaDB shrank the buffer pool itself {ago:.0f}s ago "
+                                 f"(innodb_buffer_pool_size_auto_min); not growing it back before "
+                                 f"{self.auto_shrink_holdoff:.0f}s without that")
         notes = self._set_caches(conn, saved, step, top)
-        if step > now_step and target >= size:
-            # MariaDB's own pressure shrinking already went lower: raising it would fight it.
+        if step >= now_step and target > size:
+            # Smaller than this step already (MariaDB's own pressure shrinking): growing happens
+            # only when a lower step is asked for.
             detail = (f"buffer pool already {_mib(size)} <= step {step} ({_mib(target)}); left as is")
             return Outcome(True, self._finish(step, size, configured, detail, notes))
         if target == size:
@@ -609,6 +636,7 @@ class MySQL(Database):
                 self._wait_background_resize(cur, r.started + RESIZE_TIMEOUT)
             cur.execute("SELECT @@GLOBAL.innodb_buffer_pool_size")
             r.size_after = int(cur.fetchone()[0])
+            self._last_size = r.size_after
             r.rss_after = _proc_rss(pid) if pid else None
         except Exception as e:
             r.error = self._explain(e, "resize the buffer pool")

@@ -1,0 +1,350 @@
+"""MySQL/MariaDB adapter against a real MariaDB the suite starts (own datadir, socket, port).
+
+Needs root (the server runs as the `mysql` OS user, dbguard reads /proc of that process)
+and the mariadb-server package; without them the tests fail saying so.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pymysql
+import pytest
+from hypothesis import given, strategies as st
+
+from dbguard.config import DatabaseConfig
+from dbguard.databases.mysql import (
+    Grants, MySQL, cache_target, missing_grants, round_up, step_of, step_target)
+from dbguard.errors import ConfigError
+from dbguard.model import Role
+from lab.mariadb import MariaDB
+
+MiB = 1024**2
+POOL = 160 * MiB
+FLOOR = 32 * MiB
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.db
+
+
+def _require_host() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("needs root: the test MariaDB runs as the mysql user and dbguard reads its /proc entries")
+    if not shutil.which("mariadb-install-db") or not os.path.exists("/usr/sbin/mariadbd"):
+        pytest.fail("needs MariaDB: apt-get install mariadb-server (or run `make setup`)")
+
+
+# --- pure logic (no server) ----------------------------------------------------------------
+@given(configured=st.integers(1, 64 * 1024) .map(lambda m: m * MiB),
+       floor=st.integers(1, 64 * 1024).map(lambda m: m * MiB + 12345),
+       steps=st.integers(1, 16), unit=st.sampled_from([1, MiB, 128 * MiB, 8 * 128 * MiB]))
+def test_step_targets_never_go_below_floor_and_shrink_monotonically(configured, floor, steps, unit):
+    targets = [step_target(configured, floor, steps, s, unit) for s in range(steps + 1)]
+    assert targets[0] == configured
+    if configured > round_up(floor, unit):
+        assert all(t >= floor for t in targets)
+        assert all(a >= b for a, b in zip(targets, targets[1:]))
+        assert all(t % unit == 0 or t == configured for t in targets[1:])
+        assert step_target(configured, floor, steps, steps + 3, unit) == targets[-1]
+        # Reading a size back gives a step at least as deep as the one that produced it.
+        for s, t in enumerate(targets):
+            assert step_of(t, configured, floor, steps, unit) >= s
+    else:
+        assert targets == [configured] * (steps + 1)
+
+
+def test_cache_target_halves_and_stops_at_minimum():
+    assert [cache_target(400, 64, 3, s) for s in range(5)] == [400, 200, 100, 64, 64]
+    assert cache_target(32, 64, 3, 2) == 32
+
+
+def test_grants_parse_mariadb_and_mysql_forms():
+    g = Grants.parse(["GRANT PROCESS, SUPER ON *.* TO `dbguard`@`localhost` IDENTIFIED BY PASSWORD '*X'",
+                      "GRANT SELECT ON `performance_schema`.* TO `dbguard`@`localhost`"])
+    assert missing_grants(g, mariadb=True) == []          # SUPER also allows KILL on MariaDB
+    g = Grants.parse(["GRANT PROCESS ON *.* TO `dbguard`@`localhost`"])
+    assert missing_grants(g, mariadb=True) == ["resize the buffer pool: SUPER",
+                                               "kill other users' statements: CONNECTION ADMIN or SUPER"]
+    g = Grants.parse(["GRANT PROCESS ON *.* TO `dbguard`@`%`",
+                      "GRANT CONNECTION_ADMIN ON *.* TO `dbguard`@`%`"])
+    assert missing_grants(g, mariadb=False) == ["resize the buffer pool: SYSTEM_VARIABLES_ADMIN or SUPER"]
+    assert missing_grants(Grants.parse(["GRANT ALL PRIVILEGES ON *.* TO `root`@`localhost`"]), False) == []
+
+
+def test_unknown_cache_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="shrink_caches: 'query_cache_typo' is not supported"):
+        MySQL(DatabaseConfig(kind="mysql", name="m", socket="/x", shrink_caches=("query_cache_typo",)), str(tmp_path))
+
+
+# --- against a real server -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server():
+    _require_host()
+    with MariaDB(settings={"innodb_buffer_pool_size": "160M", "max_allowed_packet": "64M",
+                           "performance_schema": "ON",
+                           "performance_schema_instrument": "'memory/%=COUNTED'"}) as db:
+        db.sql("CREATE DATABASE w")
+        db.sql("CREATE TABLE w.t (id INT PRIMARY KEY AUTO_INCREMENT, pad CHAR(255)) ENGINE=InnoDB")
+        db.sql("INSERT INTO w.t (pad) SELECT REPEAT('x', 255) FROM w.seq_1_to_700000")   # more pages than the pool holds
+        db.create_user("dbguard", "s3cret", ["PROCESS", "SUPER", "CONNECTION ADMIN"], host="localhost")
+        db.create_user("weak", "weak", ["PROCESS"], host="localhost")
+        db.create_user("app", "app", [], host="localhost")
+        yield db
+
+
+def _config(db: MariaDB, tmp_path: Path, user="dbguard", password="s3cret", **kw) -> DatabaseConfig:
+    pw = tmp_path / f"{user}.password"
+    pw.write_text(password + "\n")
+    pw.chmod(0o600)
+    base = dict(kind="mysql", name="orders", socket=db.socket, user=user, password_file=str(pw),
+                buffer_pool_floor=FLOOR, shrink_steps=3, connect_timeout=2.0, statement_timeout=2.0)
+    return DatabaseConfig(**{**base, **kw})
+
+
+@pytest.fixture
+def guard(server, tmp_path):
+    state = tmp_path / "state"
+    adapters: list[MySQL] = []
+
+    def make(**kw) -> MySQL:
+        a = MySQL(_config(server, tmp_path, **kw), str(state))
+        adapters.append(a)
+        return a
+    yield make
+    for a in adapters:
+        a.close()
+    server.sql("SET GLOBAL innodb_buffer_pool_size = %s", (POOL,))   # next test starts at the DBA's size
+    server.sql("SET GLOBAL table_open_cache = 400")
+
+
+def _pool(db: MariaDB) -> int:
+    return int(db.value("SELECT @@GLOBAL.innodb_buffer_pool_size"))
+
+
+def test_stats_read(server, guard):
+    app = pymysql.connect(**server.connect_kwargs("app", "app"), autocommit=True)
+    try:
+        app.cursor().execute("SET @big = REPEAT('x', 30 * 1024 * 1024)")   # a session holding ~30 MiB
+        app_id = app.thread_id()
+        server.sql("SELECT COUNT(*) FROM w.t WHERE pad LIKE 'y%'")        # pages into the pool
+        s = guard().collect()
+    finally:
+        app.close()
+    assert s.up, s.error
+    assert s.kind == "mysql" and s.server_pid == server.pid()
+    assert s.roles == {server.pid(): Role.MYSQLD}
+    assert s.data_directory.rstrip("/") == str(server.datadir)
+    assert s.cache_bytes == POOL and s.cache_configured_bytes == POOL
+    assert s.shrink_step == 0 and s.shrink_steps_max == 3
+    assert 0 < s.cache_used_bytes <= POOL
+    assert s.cache_used_bytes == s.extra["pages_data"] * 16384
+    assert 0 < s.hit_ratio <= 1
+    assert s.extra["pages_total"] > s.extra["pages_free"] >= 0
+    assert s.extra["server_rss_bytes"] > s.cache_used_bytes
+    assert s.extra["memory_global_total"] > POOL          # performance_schema is on in this server
+    assert s.extra["resize_mode"] == "session (1 MiB)" and s.extra["missing_grants"] == []
+    assert s.extra["auto_shrink_min"] is None
+    app_session = {x.pid: x for x in s.sessions}[app_id]
+    assert app_session.kind == "connection" and app_session.user == "app"
+    assert app_session.memory_bytes >= 30 * MiB
+    assert max(s.sessions, key=lambda x: x.memory_bytes).pid == app_id
+
+
+def test_shrink_to_floor_in_steps_and_never_below(server, guard, tmp_path):
+    g = guard()
+    server.sql("SELECT COUNT(*) FROM w.t WHERE pad LIKE 'y%'")
+    rss_before = g.collect().extra["server_rss_bytes"]
+    sizes = []
+    for step in (1, 2, 3):
+        out = g.set_shrink_step(step)
+        assert out.ok, out.detail
+        s = g.collect()
+        sizes.append(_pool(server))
+        assert s.shrink_step == step and s.cache_bytes == sizes[-1]
+        assert s.cache_configured_bytes == POOL            # from the originals file while shrunk
+        assert sizes[-1] % MiB == 0
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 3
+    assert sizes[-1] == FLOOR
+    assert g.originals.load()["innodb_buffer_pool_size"] == POOL
+    # The server's memory fell, not only the variable.
+    assert g.collect().extra["server_rss_bytes"] < rss_before
+    # Asked for more than the floor allows: stays at the floor.
+    out = g.set_shrink_step(10)
+    assert out.ok, out.detail
+    assert _pool(server) == FLOOR
+
+
+def test_floor_that_is_not_a_resize_unit_is_rounded_up(server, guard):
+    g = guard(buffer_pool_floor=50 * MiB + 1)
+    assert g.set_shrink_step(3).ok
+    assert _pool(server) == 51 * MiB
+
+
+def test_grow_back_gradually_to_configured_size(server, guard):
+    g = guard(shrink_caches=("table_open_cache",))
+    assert g.set_shrink_step(3).ok
+    assert _pool(server) == FLOOR and int(server.value("SELECT @@table_open_cache")) == 64
+    seen = []
+    for _ in range(5):
+        out = g.set_shrink_step(0)
+        assert out.ok, out.detail
+        seen.append(_pool(server))
+    assert seen[:3] == sorted(seen[:3]) and len(set(seen[:3])) == 3   # one step per call
+    assert seen[-1] == POOL
+    assert int(server.value("SELECT @@table_open_cache")) == 400
+    assert g.originals.load() is None
+    assert g.collect().shrink_step == 0
+
+
+def test_originals_survive_a_killed_dbguard(server, guard, tmp_path):
+    """A dbguard SIGKILLed with the pool shrunk: the next one puts the DBA's size back."""
+    cfg = _config(server, tmp_path)
+    state = tmp_path / "state"
+    code = (
+        "import sys, time\n"
+        "from dbguard.config import DatabaseConfig\n"
+        "from dbguard.databases.mysql import MySQL\n"
+        f"m = MySQL(DatabaseConfig(**{cfg.__dict__!r}), {str(state)!r})\n"
+        "o = m.set_shrink_step(3)\n"
+        "print(o.ok, o.detail, flush=True)\n"
+        "time.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.startswith("True"), line
+    finally:
+        p.kill()           # our own child process, not a database
+        p.wait()
+        p.stdout.close()
+    assert _pool(server) == FLOOR
+    g = guard()
+    s = g.collect()
+    assert s.cache_configured_bytes == POOL and s.shrink_step == 3
+    assert g.recover().ok
+    for _ in range(3):
+        g.set_shrink_step(0)
+    assert _pool(server) == POOL and g.originals.load() is None
+
+
+def test_missing_privilege_is_named(server, guard):
+    g = guard(user="weak", password="weak")
+    s = g.collect()
+    assert s.up, s.error
+    assert "resize the buffer pool: SUPER" in s.extra["missing_grants"]
+    out = g.set_shrink_step(1)
+    assert not out.ok
+    assert "dbguard needs SUPER to resize the buffer pool: GRANT SUPER ON *.* TO 'weak'" in out.detail
+    assert "\n" not in out.detail
+    assert _pool(server) == POOL
+    victim = pymysql.connect(**server.connect_kwargs("app", "app"))
+    try:
+        out = g.terminate(victim.thread_id())
+        assert not out.ok
+        assert "CONNECTION ADMIN or SUPER to kill other users' statements" in out.detail
+    finally:
+        victim.close()
+
+
+def test_server_down_and_bad_password_are_one_line(server, guard, tmp_path):
+    g = guard(socket=str(tmp_path / "nothing.sock"))
+    s = g.collect()
+    assert not s.up and "cannot reach the server" in s.error and "is it running" in s.error
+    assert "\n" not in s.error
+    out = g.set_shrink_step(1)
+    assert not out.ok and "cannot reach the server" in out.detail
+    assert not g.cancel(5).ok
+    s = guard(password="wrong").collect()
+    assert not s.up and "login refused for user 'dbguard'" in s.error and "password_file" in s.error
+    os.environ.pop("DBGUARD_TEST_UNSET", None)
+    s = guard(password_file="", password_env="DBGUARD_TEST_UNSET").collect()
+    assert not s.up and "DBGUARD_TEST_UNSET is not set" in s.error
+
+
+def test_password_from_environment(server, guard, monkeypatch):
+    monkeypatch.setenv("DBGUARD_TEST_MYSQL_PW", "s3cret")
+    s = guard(password_file="", password_env="DBGUARD_TEST_MYSQL_PW").collect()
+    assert s.up, s.error
+
+
+def test_restart_picks_up_the_new_pid(server, guard):
+    g = guard()
+    first = g.collect()
+    assert first.server_pid == server.pid()
+    old = server.pid()
+    server.restart()
+    s = g.collect()
+    assert s.up, s.error
+    assert s.server_pid == server.pid() != old
+    assert s.roles == {server.pid(): Role.MYSQLD}
+
+
+def test_cancel_then_terminate_a_runaway_session(server, guard):
+    g = guard()
+    app = pymysql.connect(**server.connect_kwargs("app", "app"), autocommit=True)
+    result: dict = {}
+
+    def run():
+        try:
+            with app.cursor() as cur:
+                cur.execute("SELECT SLEEP(60)")
+                result["sleep"] = cur.fetchone()[0]
+        except Exception as e:      # recorded, asserted below
+            result["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        app_id = app.thread_id()
+        deadline = time.monotonic() + 30
+        while not any(x.pid == app_id and x.state == "active" for x in g.collect().sessions):
+            assert time.monotonic() < deadline, "the test session never showed up as active"
+            time.sleep(0.05)
+        mysqld = server.pid()
+        out = g.cancel(app_id)
+        assert out.ok, out.detail
+        t.join(30)
+        assert not t.is_alive()
+        assert result["error"].args[0] == 1317   # ER_QUERY_INTERRUPTED: the statement, not the session
+        assert app_id in {x.pid for x in g.collect().sessions}
+        out = g.terminate(app_id)
+        assert out.ok, out.detail
+        assert app_id not in {x.pid for x in g.collect().sessions}
+        assert server.pid() == mysqld and server.running()
+        assert not g.terminate(app_id).ok      # gone
+    finally:
+        t.join(30)
+        app.close()
+
+
+def test_coexists_with_mariadb_auto_shrink(tmp_path):
+    """innodb_buffer_pool_size_auto_min on: MariaDB may shrink the pool itself; dbguard must
+    not raise it back under pressure, and grows it back once asked at level ok."""
+    _require_host()
+    with MariaDB(settings={"innodb_buffer_pool_size": "160M",
+                           "innodb_buffer_pool_size_auto_min": "32M"}) as db:
+        db.create_user("dbguard", "s3cret", ["PROCESS", "SUPER", "CONNECTION ADMIN"], host="localhost")
+        g = MySQL(_config(db, tmp_path), str(tmp_path / "state"))
+        try:
+            s = g.collect()
+            assert s.extra["auto_shrink_min"] == 32 * MiB
+            db.sql("SET GLOBAL innodb_buffer_pool_size = %s", (60 * MiB,))   # as MariaDB's own shrink would
+            s = g.collect()
+            assert s.cache_configured_bytes == POOL and s.shrink_step == 2
+            assert s.extra["auto_shrunk_seconds_ago"] is not None
+            out = g.set_shrink_step(1)                    # growing now would fight MariaDB: held off
+            assert out.ok and "not growing it back" in out.detail, out.detail
+            assert _pool(db) == 60 * MiB
+            out = g.set_shrink_step(2)                    # already below step 2's 75 MiB: left as is
+            assert out.ok and "left as is" in out.detail, out.detail
+            assert _pool(db) == 60 * MiB
+            assert g.originals.load()["innodb_buffer_pool_size"] == POOL
+            g.auto_shrink_holdoff = 0                     # as if a minute passed without MariaDB shrinking
+            for _ in range(3):
+                assert g.set_shrink_step(0).ok
+            assert _pool(db) == POOL and g.originals.load() is None
+        finally:
+            g.close()
