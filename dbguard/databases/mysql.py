@@ -35,6 +35,7 @@ from ..config import DatabaseConfig
 from ..errors import ConfigError, DbguardError
 from ..model import DbSession, DbStats, Role
 from ..originals import Originals
+from ..sense.procfs import read_proc
 from .base import Database, Outcome
 
 MiB = 1024**2
@@ -139,35 +140,28 @@ def missing_grants(grants: Grants, mariadb: bool) -> list[str]:
 
 # --- /proc facts about the server process ------------------------------------------------------
 def _proc_rss(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    proc = read_proc(pid)
+    return proc.rss_bytes if proc else None
 
 
 def verify_server_pid(pid: int, datadir: str, basedir: str, peer_pid: int | None) -> str:
     """'' when `pid` is the server these facts describe, else why not (one line)."""
     if peer_pid is not None and peer_pid != pid:
         return f"pid file says {pid} but the socket peer is {peer_pid}"
+    proc = read_proc(pid)
+    if proc is None:
+        return f"process {pid} from the pid file does not exist"
     try:
-        st = os.stat(f"/proc/{pid}")
-        exe = os.readlink(f"/proc/{pid}/exe")
         cwd = os.readlink(f"/proc/{pid}/cwd")
         data_uid = os.stat(datadir).st_uid
-    except FileNotFoundError:
-        return f"process {pid} from the pid file does not exist"
     except OSError as e:
-        return f"cannot check process {pid}: {e.strerror}"
+        return f"cannot check process {pid}: {e.strerror} (dbguard must run on the server's host, as root)"
     if os.path.normpath(cwd) != os.path.normpath(datadir):
         return f"process {pid} does not run in the data directory {datadir}"
-    if st.st_uid != data_uid:
+    if proc.uid != data_uid:
         return f"process {pid} is not owned by the owner of {datadir}"
-    if basedir and not exe.startswith(os.path.normpath(basedir).rstrip("/") + "/"):
-        return f"process {pid} runs {exe}, not a server under {basedir}"
+    if basedir and not proc.exe.startswith(os.path.normpath(basedir).rstrip("/") + "/"):
+        return f"process {pid} runs {proc.exe or '(unreadable)'}, not a server under {basedir}"
     return ""
 
 

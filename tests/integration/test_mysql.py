@@ -19,7 +19,7 @@ from hypothesis import given, strategies as st
 
 from dbguard.config import DatabaseConfig
 from dbguard.databases.mysql import (
-    Grants, MySQL, cache_target, missing_grants, round_up, step_of, step_target)
+    Grants, MySQL, cache_target, missing_grants, round_up, step_of, step_target, verify_server_pid)
 from dbguard.errors import ConfigError
 from dbguard.model import Role
 from lab.mariadb import MariaDB
@@ -153,6 +153,17 @@ def test_stats_read(server, guard):
     assert app_session.kind == "connection" and app_session.user == "app"
     assert app_session.memory_bytes >= 30 * MiB
     assert max(s.sessions, key=lambda x: x.memory_bytes).pid == app_id
+
+
+def test_server_identity_is_checked_by_fact(server):
+    datadir, pid = str(server.datadir), server.pid()
+    assert verify_server_pid(pid, datadir, "/usr", peer_pid=pid) == ""
+    assert verify_server_pid(pid, datadir, "/usr", peer_pid=None) == ""
+    assert "socket peer" in verify_server_pid(pid, datadir, "/usr", peer_pid=os.getpid())
+    # Some other process (this test) named in a pid file is not the server.
+    assert "does not run in the data directory" in verify_server_pid(os.getpid(), datadir, "/usr", None)
+    assert "not a server under /opt" in verify_server_pid(pid, datadir, "/opt", None)
+    assert "does not exist" in verify_server_pid(2**22 + 7, datadir, "/usr", None)
 
 
 def test_shrink_to_floor_in_steps_and_never_below(server, guard, tmp_path):
