@@ -96,6 +96,33 @@ def unprivileged_window(window_us: int) -> int:
     return -(-window_us // UNPRIVILEGED_WINDOW_US) * UNPRIVILEGED_WINDOW_US
 
 
+def psi_some_total(text: str) -> int | None:
+    """Cumulative "some" stall in microseconds, or None when the text has no "some" line."""
+    total = parse_psi(text).get("some", {}).get("total")
+    return None if total is None else int(total)
+
+
+def trigger_is_genuine(samples: list[tuple[float, int]], now: float, total_us: int,
+                       stall_us: int, horizon: float) -> bool:
+    """Whether a PSI trigger event is backed by at least `stall_us` of stall lately.
+
+    `samples` are (monotonic time, some total) taken before, oldest first. The reference is
+    the newest sample at least `horizon` seconds old (so it predates the kernel's window),
+    or the oldest one we have. Measured on Linux 6.18: a fresh unprivileged trigger starts
+    its window from the wrong aggregator's total and fires on the first few microseconds
+    of stall (500 ms threshold, 2.3 ms of stall); this check drops such events.
+    """
+    if not samples:
+        return True
+    ref = samples[0][1]
+    for t, total in samples:
+        if t <= now - horizon:
+            ref = total
+        else:
+            break
+    return total_us - ref >= stall_us
+
+
 # --- I/O ----------------------------------------------------------------------------------------
 
 def _read_text(path: str) -> str:
@@ -140,6 +167,10 @@ class PressureMonitor:
         self.trigger_note = ""          # e.g. the window was rounded up for an unprivileged trigger
         self.trigger_spec = ""          # what the kernel accepted: "some <stall_us> <window_us>"
         self.usage_threshold: int | None = None
+        self.spurious_triggers = 0      # trigger events without the stall behind them (see trigger_is_genuine)
+        self._stall_us = trigger_stall_us
+        self._horizon = 0.0
+        self._samples: list[tuple[float, int]] = []
         self._poll = select.poll()
         self._psi_fd: int | None = None
         self._event_fd: int | None = None
@@ -240,10 +271,27 @@ class PressureMonitor:
                 self.trigger_note = (f"PSI trigger window raised from {window_us} to {window} us: "
                                      "without CAP_SYS_RESOURCE the kernel takes only multiples of 2 s")
             self.trigger_spec = f"some {stall_us} {window}"
+            # Two windows (the kernel carries part of the last one over) plus its 2 s averaging tick.
+            self._horizon = 2 * window / 1e6 + 2.0
             break
         self._psi_fd = fd
         self._poll.register(fd, select.POLLPRI)
         self.trigger_active = True
+        self._sample(time.monotonic())
+
+    def _sample(self, now: float) -> int | None:
+        """Record the PSI some total; keep what trigger_is_genuine may need and no more."""
+        try:
+            total = psi_some_total(_read_text(self.psi_path))
+        except OSError:
+            return None
+        if total is None:
+            return None
+        self._samples.append((now, total))
+        old = [i for i, (t, _) in enumerate(self._samples) if t <= now - self._horizon]
+        if len(old) > 1:
+            del self._samples[:old[-1]]
+        return total
 
     def set_usage_threshold(self, threshold_bytes: int | None) -> bool:
         """Wake wait() when usage crosses `threshold_bytes` (either way). cgroup v1 only.
@@ -286,6 +334,8 @@ class PressureMonitor:
     def wait(self, timeout: float) -> bool:
         """Block until a PSI trigger fires or usage crosses the threshold (True), or `timeout` s pass."""
         deadline = time.monotonic() + timeout
+        if self._psi_fd is not None:
+            self._sample(time.monotonic())
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -306,9 +356,17 @@ class PressureMonitor:
                         # The watched cgroup went away under the trigger.
                         self._close_trigger(f"PSI trigger on {self.psi_path} broke (cgroup removed?)")
                     elif events & select.POLLPRI:
-                        fired = True
+                        fired |= self._genuine(time.monotonic())
             if fired:
                 return True
+
+    def _genuine(self, now: float) -> bool:
+        samples = list(self._samples)
+        total = self._sample(now)
+        if total is None or trigger_is_genuine(samples, now, total, self._stall_us, self._horizon):
+            return True
+        self.spurious_triggers += 1
+        return False
 
     def _close_trigger(self, why: str) -> None:
         if self._psi_fd is not None:

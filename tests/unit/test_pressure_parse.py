@@ -87,3 +87,23 @@ def test_trigger_line_and_unprivileged_window():
     assert p.unprivileged_window(2_000_000) == 2_000_000
     assert p.unprivileged_window(2_500_000) == 4_000_000
     assert p.unprivileged_window(10_000_000) == 10_000_000
+
+
+def test_psi_some_total():
+    assert p.psi_some_total(PSI) == 3367353
+    assert p.psi_some_total("") is None
+
+
+def test_trigger_is_genuine():
+    stall = 50_000
+    # Samples every second; horizon 6 s.
+    samples = [(100.0 + i, 1_000_000 + i * 1_000) for i in range(10)]     # 1 ms of stall per second
+    now = 110.0
+    # Reference: the newest sample at least 6 s old (t=104, total 1_004_000).
+    assert not p.trigger_is_genuine(samples, now, 1_010_000, stall, 6.0)    # 6 ms: the kernel bug
+    assert p.trigger_is_genuine(samples, now, 1_054_000, stall, 6.0)        # exactly the threshold
+    # Younger than the horizon: the oldest sample (the trigger's creation) is the reference.
+    assert p.trigger_is_genuine(samples[:3], 102.5, 1_051_000, stall, 6.0)
+    assert not p.trigger_is_genuine(samples[:3], 102.5, 1_049_000, stall, 6.0)
+    # Nothing to compare with: believe the kernel.
+    assert p.trigger_is_genuine([], now, 0, stall, 6.0)
