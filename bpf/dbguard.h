@@ -8,13 +8,15 @@
 #ifndef DBGUARD_H
 #define DBGUARD_H
 
-/* protected[tgid].flags */
+/* procs[tgid].flags */
 #define DBG_SHIELD     0x1   /* never killed by dbguard; a kernel OOM kill of it is a breach */
 #define DBG_INHERIT    0x2   /* children (new processes, not threads) are protected at birth */
 #define DBG_INHERITED  0x4   /* entry made by the kernel at fork; removed at exit, not by a sync */
+#define DBG_CANDIDATE  0x8   /* may be killed in kernel; SHIELD wins when both are set */
 /* extra bits only in dbg_event.flags */
 #define DBG_EVF_CANDIDATE 0x100  /* the process was a kill candidate */
 #define DBG_EVF_BY_CGROUP 0x200  /* matched through the per-cgroup policy */
+#define DBG_EVF_KILLED    0x400  /* dbguard's program had already killed it (oom: the kernel reaps a dying task) */
 
 /* cgroups[id].action */
 #define DBG_ACTION_NONE   0
@@ -46,21 +48,26 @@
 
 #define DBG_SCORE_UNKNOWN (-1001)   /* dbg_proc.score before any value was seen */
 
-struct dbg_proc {          /* protected[tgid] */
+/* procs[tgid]: protected processes and kill candidates in one map, so every hook needs
+ * one lookup and an exit one delete. The failed-reclaim streak lives here too: only a
+ * candidate can be killed, so only a candidate's streak is worth counting. */
+struct dbg_proc {
     u32 flags;
-    u32 tier;
+    u32 tier;              /* protection tier */
+    u32 cand_tier;         /* candidate tier (kill order), with DBG_CANDIDATE */
     u32 origin;            /* the tgid the sidecar protected (itself, or the inherited-from ancestor) */
     s32 score;             /* last oom_score_adj seen, to tell a lowered shield from a restore */
+    u32 fails;             /* consecutive failed reclaims (kernel-owned) */
+    u32 reported;          /* an event was sent for this streak (kernel-owned) */
+    u32 pad;
 };
 
-struct dbg_candidate {     /* candidates[tgid] */
-    u32 tier;
-    u32 weight;
-};
-
-struct dbg_cgroup {        /* cgroups[cgroup v2 id] */
+/* cgroups[cgroup v2 id]: per-cgroup policy with its own streak (multi-tenant v2 hosts). */
+struct dbg_cgroup {
     u32 tier;
     u32 action;
+    u32 fails;
+    u32 reported;
 };
 
 struct dbg_policy {        /* policy[0], written by the sidecar every cycle it changes */
@@ -74,17 +81,11 @@ struct dbg_policy {        /* policy[0], written by the sidecar every cycle it c
     u32 n_cgroups;         /* entries in cgroups: 0 skips that lookup */
 };
 
-struct dbg_streak {        /* streaks[tgid] */
-    u32 fails;
-    u32 reported;          /* an event was sent for this streak: do not repeat it */
-    u64 last_fail_ns;
-};
-
 struct dbg_event {
     u64 ts_ns;             /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
     u64 cgroup_id;         /* cgroup v2 id of the current task */
     u64 a;                 /* kill: failed-reclaim streak;  oom: anon_rss pages;  tamper: old score + 2000 */
-    u64 b;                 /* kill: last_fail_ns;           oom: file+shmem rss pages */
+    u64 b;                 /* oom: file+shmem rss pages */
     u32 kind;
     u32 pid;
     u32 tgid;

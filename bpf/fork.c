@@ -12,17 +12,17 @@ TRACEPOINT_PROBE(task, task_newtask)
     if (args->clone_flags & DBG_CLONE_THREAD)
         return 0;
     u32 parent = bpf_get_current_pid_tgid() >> 32;
-    struct dbg_proc *p = protected.lookup(&parent);
+    struct dbg_proc *p = procs.lookup(&parent);
     if (!p || !(p->flags & DBG_INHERIT))
         return 0;
     struct dbg_proc child = {
-        .flags = p->flags | DBG_INHERITED,
+        .flags = (p->flags & (DBG_SHIELD | DBG_INHERIT)) | DBG_INHERITED,
         .tier = p->tier,
         .origin = p->origin,
         .score = args->oom_score_adj,
     };
     u32 pid = args->pid;
-    if (protected.update(&pid, &child))
+    if (procs.update(&pid, &child))
         dbg_count(DBG_CTR_MAP_FULL);
     else
         dbg_count(DBG_CTR_FORK_INHERITED);
@@ -32,18 +32,17 @@ TRACEPOINT_PROBE(task, task_newtask)
 /* Fires for every exiting thread; the tgid is free for reuse only once the whole group is dead. */
 TRACEPOINT_PROBE(sched, sched_process_exit)
 {
-    u64 id = bpf_get_current_pid_tgid();
 #ifdef DBG_HAVE_GROUP_DEAD
     if (!args->group_dead)
         return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
 #else
+    u64 id = bpf_get_current_pid_tgid();
     if ((u32)id != (u32)(id >> 32))
         return 0;
-#endif
     u32 tgid = id >> 32;
-    if (protected.delete(&tgid) == 0)
+#endif
+    if (procs.delete(&tgid) == 0)
         dbg_count(DBG_CTR_EXIT_REMOVED);
-    candidates.delete(&tgid);
-    streaks.delete(&tgid);
     return 0;
 }

@@ -2,10 +2,8 @@
  * Hash maps are no-prealloc: most slots stay empty, so they cost only their buckets. */
 #include "dbguard.h"
 
-BPF_F_TABLE("hash", u32, struct dbg_proc, protected, DBG_MAX_PROCS, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", u32, struct dbg_candidate, candidates, DBG_MAX_PROCS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", u32, struct dbg_proc, procs, DBG_MAX_PROCS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", u64, struct dbg_cgroup, cgroups, DBG_MAX_CGROUPS, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", u32, struct dbg_streak, streaks, DBG_MAX_STREAKS, BPF_F_NO_PREALLOC);
 BPF_ARRAY(policy, struct dbg_policy, 1);
 BPF_PERCPU_ARRAY(counters, u64, DBG_NR_COUNTERS);
 #ifdef DBG_RINGBUF

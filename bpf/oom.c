@@ -7,13 +7,16 @@ TRACEPOINT_PROBE(oom, mark_victim)
     struct dbg_event ev = {};
     ev.pid = pid;
     ev.tgid = pid;     /* the OOM killer picks a process; its tid is the tgid unless the leader had exited */
-    struct dbg_proc *p = protected.lookup(&pid);
+    struct dbg_policy *pol = dbg_policy();
+    struct dbg_proc *p = procs.lookup(&pid);
     if (p) {
         ev.flags = p->flags;
         ev.tier = p->tier;
+        if (p->flags & DBG_CANDIDATE)
+            ev.flags |= DBG_EVF_CANDIDATE;
+        if (p->reported && !(p->flags & DBG_SHIELD) && pol && !pol->dry_run)
+            ev.flags |= DBG_EVF_KILLED;
     }
-    if (candidates.lookup(&pid))
-        ev.flags |= DBG_EVF_CANDIDATE;
     if (p && (p->flags & DBG_SHIELD)) {
         ev.kind = DBG_EV_BREACH;
         dbg_count(DBG_CTR_BREACHES);
@@ -21,7 +24,6 @@ TRACEPOINT_PROBE(oom, mark_victim)
         ev.kind = DBG_EV_OOM_VICTIM;
         dbg_count(DBG_CTR_OOM_VICTIMS);
     }
-    struct dbg_policy *pol = dbg_policy();
     if (pol)
         ev.level = pol->level;
     TP_DATA_LOC_READ_STR(ev.comm, comm, sizeof(ev.comm));
@@ -41,8 +43,8 @@ TRACEPOINT_PROBE(oom, mark_victim)
 TRACEPOINT_PROBE(oom, oom_score_adj_update)
 {
     u32 pid = args->pid;
-    struct dbg_proc *p = protected.lookup(&pid);
-    if (!p)
+    struct dbg_proc *p = procs.lookup(&pid);
+    if (!p || !(p->flags & DBG_SHIELD))
         return 0;
     s32 old = p->score, now = args->oom_score_adj;
     p->score = now;

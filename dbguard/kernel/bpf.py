@@ -23,13 +23,14 @@ from pathlib import Path
 from ..errors import DbguardError
 from . import layout
 from .events import BpfEvent, decode, event_to_audit
-from .layout import INHERIT, INHERITED, SHIELD
+from .layout import ACTION_KILL, ACTION_SHIELD, CANDIDATE, INHERIT, INHERITED, SHIELD
 from .source import (TRACEPOINTS, headers_available, kernel_has_ringbuf, program_source,
                      tracefs, tracepoint_fields)
-from .sync import ProcEntry, diff_plain, diff_protected
+from .sync import ProcEntry, diff_plain, diff_procs
 
 __all__ = ["availability", "program_source", "BpfEvent", "BpfGuard", "event_to_audit",
-           "restore_score", "SHIELD", "INHERIT", "INHERITED"]
+           "restore_score", "SHIELD", "INHERIT", "INHERITED", "CANDIDATE",
+           "ACTION_KILL", "ACTION_SHIELD"]
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 DEFAULT_FAIL_STREAK = 3
@@ -123,8 +124,7 @@ class BpfGuard:
         self.source = source
         self.ringbuf = ringbuf
         self._pending: list[BpfEvent] = []
-        self._protected = bpf[b"protected"]
-        self._candidates = bpf[b"candidates"]
+        self._procs = bpf[b"procs"]
         self._cgroups = bpf[b"cgroups"]
         self._policy_map = bpf[b"policy"]
         self._counters = bpf[b"counters"]
@@ -176,22 +176,19 @@ class BpfGuard:
     def sync_processes(self, protected: dict[int, tuple[int, int]], candidates: dict[int, int]) -> None:
         """protected: tgid -> (flags, tier) with flags from SHIELD | INHERIT; candidates: tgid -> tier.
         Children the kernel protected at fork stay while they live and their ancestor stays
-        protected: the caller need not list them (see dbguard.kernel.sync)."""
-        current = {k.value: ProcEntry(v.flags, v.tier, v.origin, v.score)
-                   for k, v in self._protected.items()}
-        diff = diff_protected(current, protected, _alive)
+        protected: the caller need not list them (see dbguard.kernel.sync). A tgid in both is
+        protected: SHIELD wins in the kernel."""
+        raw = {k.value: (v.flags, v.tier, v.cand_tier, v.origin, v.score, v.fails, v.reported)
+               for k, v in self._procs.items()}
+        current = {t: ProcEntry(*r[:5]) for t, r in raw.items()}
+        diff = diff_procs(current, protected, candidates, _alive)
         for tgid in diff.deletes:
-            self._delete(self._protected, ct.c_uint32(tgid))
+            self._delete(self._procs, ct.c_uint32(tgid))
         for tgid, e in diff.updates.items():
             score = _read_score(tgid) if e.score is None else e.score
-            self._protected[ct.c_uint32(tgid)] = layout.Proc(e.flags, e.tier, e.origin, score)
-
-        current_c = {k.value: v.tier for k, v in self._candidates.items()}
-        diff = diff_plain(current_c, {int(k): int(v) for k, v in candidates.items()})
-        for tgid in diff.deletes:
-            self._delete(self._candidates, ct.c_uint32(tgid))
-        for tgid, tier in diff.updates.items():
-            self._candidates[ct.c_uint32(tgid)] = layout.Candidate(tier, 0)
+            fails, reported = raw[tgid][5:] if tgid in raw else (0, 0)
+            self._procs[ct.c_uint32(tgid)] = layout.Proc(e.flags, e.tier, e.cand_tier, e.origin,
+                                                         score, fails, reported, 0)
 
     def sync_cgroups(self, policies: dict[int, tuple[int, int]]) -> None:
         """cgroup v2 id -> (tier, action ACTION_KILL/ACTION_SHIELD); see the module doc for v1 hosts."""
@@ -200,7 +197,7 @@ class BpfGuard:
         for cg in diff.deletes:
             self._delete(self._cgroups, ct.c_uint64(cg))
         for cg, (tier, action) in diff.updates.items():
-            self._cgroups[ct.c_uint64(cg)] = layout.Cgroup(tier, action)
+            self._cgroups[ct.c_uint64(cg)] = layout.Cgroup(tier, action, 0, 0)
         if self._policy.n_cgroups != len(policies):
             self._policy.n_cgroups = len(policies)
             self._write_policy()
@@ -214,10 +211,14 @@ class BpfGuard:
 
     def protected_tgids(self) -> dict[int, tuple[int, int]]:
         """tgid -> (flags, tier) as the kernel holds it (INHERITED marks fork-made entries)."""
-        return {k.value: (v.flags, v.tier) for k, v in self._protected.items()}
+        mask = SHIELD | INHERIT | INHERITED
+        return {k.value: (v.flags & mask, v.tier) for k, v in self._procs.items() if v.flags & mask}
 
     def candidate_tgids(self) -> dict[int, int]:
-        return {k.value: v.tier for k, v in self._candidates.items()}
+        return {k.value: v.cand_tier for k, v in self._procs.items() if v.flags & CANDIDATE}
+
+    def cgroup_policies(self) -> dict[int, tuple[int, int]]:
+        return {k.value: (v.tier, v.action) for k, v in self._cgroups.items()}
 
     # --- events and counters -------------------------------------------------------------
     def _on_event(self, _ctx, data, _size) -> None:

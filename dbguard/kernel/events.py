@@ -44,6 +44,7 @@ def decode(raw: layout.Event, wall_offset_ns: int) -> BpfEvent:
                   "oom_score_adj": raw.c, "tier": raw.tier,
                   "protected": bool(raw.flags & layout.SHIELD),
                   "candidate": bool(raw.flags & layout.EVF_CANDIDATE),
+                  "killed_by_dbguard": bool(raw.flags & layout.EVF_KILLED),
                   "trigger_pid": raw.by_pid, "trigger_comm": by["by_comm"]}
         path = "kernel"
     elif kind == "score_tamper":
@@ -88,6 +89,8 @@ def event_to_audit(ev: BpfEvent) -> dict[str, Any]:
             result = "breach: a protected process was killed by the kernel"
         else:
             result = "killed by the kernel" + (" (a kill candidate)" if d.get("candidate") else "")
+            if d.get("killed_by_dbguard"):
+                result = "reaped by the kernel after dbguard's in-kernel kill"
     elif ev.kind == "score_tamper":
         action = "oom_score_adj_changed"
         reason = (f"oom_score_adj of a protected process raised from {d.get('old_score_adj')} to "

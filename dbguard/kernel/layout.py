@@ -24,6 +24,8 @@ C = _constants()
 SHIELD = C["DBG_SHIELD"]
 INHERIT = C["DBG_INHERIT"]
 INHERITED = C["DBG_INHERITED"]
+CANDIDATE = C["DBG_CANDIDATE"]
+EVF_KILLED = C["DBG_EVF_KILLED"]
 EVF_CANDIDATE = C["DBG_EVF_CANDIDATE"]
 EVF_BY_CGROUP = C["DBG_EVF_BY_CGROUP"]
 ACTION_NONE = C["DBG_ACTION_NONE"]
@@ -45,26 +47,20 @@ NR_COUNTERS = C["DBG_NR_COUNTERS"]
 
 
 class Proc(ct.Structure):
-    _fields_ = [("flags", ct.c_uint32), ("tier", ct.c_uint32),
-                ("origin", ct.c_uint32), ("score", ct.c_int32)]
-
-
-class Candidate(ct.Structure):
-    _fields_ = [("tier", ct.c_uint32), ("weight", ct.c_uint32)]
+    _fields_ = [("flags", ct.c_uint32), ("tier", ct.c_uint32), ("cand_tier", ct.c_uint32),
+                ("origin", ct.c_uint32), ("score", ct.c_int32), ("fails", ct.c_uint32),
+                ("reported", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
 class Cgroup(ct.Structure):
-    _fields_ = [("tier", ct.c_uint32), ("action", ct.c_uint32)]
+    _fields_ = [("tier", ct.c_uint32), ("action", ct.c_uint32),
+                ("fails", ct.c_uint32), ("reported", ct.c_uint32)]
 
 
 class Policy(ct.Structure):
     _fields_ = [("level", ct.c_uint32), ("enabled", ct.c_uint32), ("dry_run", ct.c_uint32),
                 ("min_level_to_kill", ct.c_uint32), ("fail_streak", ct.c_uint32),
                 ("fail_pages", ct.c_uint32), ("self_tgid", ct.c_uint32), ("n_cgroups", ct.c_uint32)]
-
-
-class Streak(ct.Structure):
-    _fields_ = [("fails", ct.c_uint32), ("reported", ct.c_uint32), ("last_fail_ns", ct.c_uint64)]
 
 
 class Event(ct.Structure):
@@ -76,5 +72,4 @@ class Event(ct.Structure):
 
 
 # map name in the C source -> the ctypes struct of its values
-MAP_VALUES = {"protected": Proc, "candidates": Candidate, "cgroups": Cgroup,
-              "policy": Policy, "streaks": Streak}
+MAP_VALUES = {"procs": Proc, "cgroups": Cgroup, "policy": Policy}

@@ -25,7 +25,7 @@ TRACEPOINTS = (
     ("oom", "oom_score_adj_update"),
 )
 
-DEFAULT_SIZES = {"max_procs": 16384, "max_cgroups": 1024, "max_streaks": 1024, "event_pages": 8}
+DEFAULT_SIZES = {"max_procs": 16384, "max_cgroups": 1024, "event_pages": 8}
 
 
 def tracefs() -> Path | None:
@@ -69,7 +69,7 @@ def _pow2_pages(n: int) -> int:
 
 
 def program_source(**sizes: int) -> str:
-    """The C exactly as BpfGuard.load compiles it. Sizes: max_procs, max_cgroups, max_streaks, event_pages."""
+    """The C exactly as BpfGuard.load compiles it. Sizes: max_procs, max_cgroups, event_pages."""
     unknown = set(sizes) - set(DEFAULT_SIZES)
     if unknown:
         raise TypeError(f"unknown sizes: {', '.join(sorted(unknown))}")
@@ -77,7 +77,6 @@ def program_source(**sizes: int) -> str:
     defines = {
         "DBG_MAX_PROCS": max(1, int(s["max_procs"])),
         "DBG_MAX_CGROUPS": max(1, int(s["max_cgroups"])),
-        "DBG_MAX_STREAKS": max(1, int(s["max_streaks"])),
         "DBG_EVENT_PAGES": _pow2_pages(s["event_pages"]),   # ring buffers need a power of two
         **feature_defines(),
     }

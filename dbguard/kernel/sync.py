@@ -2,21 +2,25 @@
 
 Maps are diffed, never rewritten: only new, changed and gone entries are touched.
 
-Protected entries the kernel added at fork (flag INHERITED) belong to the kernel: a sync
-leaves them while their process lives and the ancestor they were inherited from (their
-`origin`) is still protected, whether or not the caller lists them. The caller therefore
-need not know about children at all; the exit hook removes them when they die.
+One map (procs) holds protected processes and kill candidates. Protected entries the
+kernel added at fork (flag INHERITED) belong to the kernel: a sync leaves them while their
+process lives and the ancestor they were inherited from (their `origin`) is still
+protected, whether or not the caller lists them. The caller therefore need not know about
+children at all; the exit hook removes them when they die.
 """
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from .layout import INHERITED
+from .layout import CANDIDATE, INHERIT, INHERITED, SHIELD
+
+PROTECTION = SHIELD | INHERIT
 
 
 class ProcEntry(NamedTuple):
     flags: int
     tier: int
+    cand_tier: int
     origin: int
     score: int | None     # None: read it from /proc when writing
 
@@ -26,27 +30,43 @@ class Diff(NamedTuple):
     deletes: list
 
 
-def diff_protected(current: dict[int, ProcEntry], wanted: dict[int, tuple[int, int]],
-                   alive: Callable[[int], bool]) -> Diff:
+def _protection(tgid: int, cur: ProcEntry | None, protected: dict[int, tuple[int, int]],
+                alive: Callable[[int], bool]) -> tuple[int, int, int]:
+    """(flags, tier, origin) of the protected part of an entry; flags 0: not protected."""
+    inherited = cur.flags & INHERITED if cur else 0
+    if tgid in protected:
+        flags, tier = protected[tgid]
+        flags &= PROTECTION
+        if flags:
+            return flags | inherited, tier, cur.origin if inherited else tgid
+    if inherited and cur.origin in protected and alive(tgid):
+        return cur.flags & (PROTECTION | INHERITED), cur.tier, cur.origin
+    return 0, 0, tgid
+
+
+def diff_procs(current: dict[int, ProcEntry], protected: dict[int, tuple[int, int]],
+               candidates: dict[int, int], alive: Callable[[int], bool]) -> Diff:
     updates: dict[int, ProcEntry] = {}
-    for tgid, (flags, tier) in wanted.items():
-        flags &= ~INHERITED
+    deletes: list[int] = []
+    for tgid in set(current) | set(protected) | set(candidates):
         cur = current.get(tgid)
-        if cur is None:
-            updates[tgid] = ProcEntry(flags, tier, tgid, None)
+        flags, tier, origin = _protection(tgid, cur, protected, alive)
+        cand_tier = 0
+        if tgid in candidates:
+            flags |= CANDIDATE
+            cand_tier = int(candidates[tgid])
+        if not flags:
+            if cur is not None:
+                deletes.append(tgid)
             continue
-        inherited = cur.flags & INHERITED
-        want = ProcEntry(flags | inherited, tier, cur.origin if inherited else tgid, cur.score)
+        want = ProcEntry(flags, tier, cand_tier, origin, cur.score if cur else None)
         if want != cur:
             updates[tgid] = want
-    deletes = [tgid for tgid, cur in current.items()
-               if tgid not in wanted
-               and (not cur.flags & INHERITED or cur.origin not in wanted or not alive(tgid))]
-    return Diff(updates, deletes)
+    return Diff(updates, sorted(deletes))
 
 
 def diff_plain(current: dict, wanted: dict) -> Diff:
-    """Maps whose entries belong to the sidecar alone (candidates, cgroup policies)."""
+    """Maps whose entries belong to the sidecar alone (cgroup policies)."""
     updates = {k: v for k, v in wanted.items() if current.get(k) != v}
     deletes = [k for k in current if k not in wanted]
     return Diff(updates, deletes)

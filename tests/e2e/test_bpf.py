@@ -375,8 +375,13 @@ def test_sync_diffs_candidates_and_cgroups(bpf, procs):
     bpf.sync_processes({a.pid: (SHIELD | INHERIT, 3)}, {})
     assert bpf.protected_tgids() == {a.pid: (SHIELD | INHERIT, 3)}
     assert bpf.candidate_tgids() == {}
+    bpf.sync_processes({a.pid: (SHIELD, 1)}, {a.pid: 4, b.pid: 2})
+    assert bpf.protected_tgids() == {a.pid: (SHIELD, 1)}
+    assert bpf.candidate_tgids() == {a.pid: 4, b.pid: 2}
+    bpf.sync_processes({}, {})
+    assert bpf.protected_tgids() == {} and bpf.candidate_tgids() == {}
     bpf.sync_cgroups({12345: (1, layout.ACTION_KILL)})
-    assert {k.value: (v.tier, v.action) for k, v in bpf._cgroups.items()} == {12345: (1, layout.ACTION_KILL)}
+    assert bpf.cgroup_policies() == {12345: (1, layout.ACTION_KILL)}
     assert bpf._policy_map[ct.c_int(0)].n_cgroups == 1
 
 

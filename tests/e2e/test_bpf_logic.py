@@ -6,9 +6,9 @@ import pytest
 from dbguard.kernel import layout
 from dbguard.kernel.events import BpfEvent, decode, event_to_audit
 from dbguard.kernel.source import kernel_has_ringbuf
-from dbguard.kernel.sync import ProcEntry, diff_plain, diff_protected
+from dbguard.kernel.sync import ProcEntry, diff_plain, diff_procs
 
-S, I, H = layout.SHIELD, layout.INHERIT, layout.INHERITED
+S, I, H, C = layout.SHIELD, layout.INHERIT, layout.INHERITED, layout.CANDIDATE
 
 
 def alive(_tgid):
@@ -16,35 +16,46 @@ def alive(_tgid):
 
 
 def test_header_constants_are_parsed():
-    assert (S, I, H) == (1, 2, 4)
+    assert (S, I, H, C) == (1, 2, 4, 8)
     assert layout.EVENT_KINDS[1] == "kill" and layout.COUNTERS[0] == "fork_inherited"
     assert layout.SCORE_UNKNOWN == -1001
 
 
+def E(flags, tier, origin, score=0, cand_tier=0):
+    return ProcEntry(flags, tier, cand_tier, origin, score)
+
+
 def test_new_protected_entry_is_its_own_origin_and_unchanged_ones_are_not_rewritten():
-    cur = {10: ProcEntry(S, 1, 10, 0)}
-    d = diff_protected(cur, {10: (S, 1), 20: (S | I, 2)}, alive)
-    assert d.updates == {20: ProcEntry(S | I, 2, 20, None)} and d.deletes == []
+    cur = {10: E(S, 1, 10)}
+    d = diff_procs(cur, {10: (S, 1), 20: (S | I, 2)}, {}, alive)
+    assert d.updates == {20: ProcEntry(S | I, 2, 0, 20, None)} and d.deletes == []
 
 
 def test_inherited_entries_survive_a_sync_that_does_not_list_them():
-    cur = {10: ProcEntry(S | I, 1, 10, 0), 11: ProcEntry(S | I | H, 1, 10, 0)}
-    d = diff_protected(cur, {10: (S | I, 1)}, alive)
+    cur = {10: E(S | I, 1, 10), 11: E(S | I | H, 1, 10)}
+    d = diff_procs(cur, {10: (S | I, 1)}, {}, alive)
     assert d.updates == {} and d.deletes == []
 
 
 def test_inherited_entries_go_with_their_origin_or_their_process():
-    cur = {10: ProcEntry(S | I, 1, 10, 0), 11: ProcEntry(S | I | H, 1, 10, 0),
-           12: ProcEntry(S | H, 1, 10, 0)}
-    assert sorted(diff_protected(cur, {}, alive).deletes) == [10, 11, 12]
-    d = diff_protected(cur, {10: (S | I, 1)}, lambda t: t != 12)
-    assert d.deletes == [12]
+    cur = {10: E(S | I, 1, 10), 11: E(S | I | H, 1, 10), 12: E(S | H, 1, 10)}
+    assert diff_procs(cur, {}, {}, alive).deletes == [10, 11, 12]
+    d = diff_procs(cur, {10: (S | I, 1)}, {}, lambda t: t != 12)
+    assert d.deletes == [12] and d.updates == {}
 
 
 def test_listing_an_inherited_entry_keeps_it_kernel_owned():
-    cur = {11: ProcEntry(S | I | H, 1, 10, 5)}
-    d = diff_protected(cur, {10: (S | I, 1), 11: (S, 3)}, alive)
-    assert d.updates[11] == ProcEntry(S | H, 3, 10, 5)
+    cur = {11: E(S | I | H, 1, 10, score=5)}
+    d = diff_procs(cur, {10: (S | I, 1), 11: (S, 3)}, {}, alive)
+    assert d.updates[11] == E(S | H, 3, 10, score=5)
+
+
+def test_candidates_share_the_map_and_protection_is_kept_beside_them():
+    cur = {10: E(S, 1, 10), 30: E(C, 0, 30, cand_tier=2)}
+    d = diff_procs(cur, {10: (S, 1)}, {10: 4, 40: 1}, alive)
+    assert d.updates == {10: E(S | C, 1, 10, cand_tier=4), 40: ProcEntry(C, 0, 1, 40, None)}
+    assert d.deletes == [30]
+    assert diff_procs({30: E(C, 0, 30, cand_tier=2)}, {}, {30: 2}, alive) == ({}, [])
 
 
 def test_plain_diff():
