@@ -43,32 +43,41 @@ static __always_inline int dbg_reclaim_begin(void *ctx)
     if (!pol)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u32 *fails, *reported, tier, evflags;
     struct dbg_proc *p = procs.lookup(&tgid);
     if (p) {
         if (p->flags & DBG_SHIELD) {
             dbg_count(DBG_CTR_RECLAIM_PROTECTED);
             return 0;
         }
-        if (!(p->flags & DBG_CANDIDATE) || !dbg_gate(pol, p->fails, p->reported))
+        if (!(p->flags & DBG_CANDIDATE))
             return 0;
-        p->reported = 1;
-        dbg_kill(ctx, pol, p->cand_tier, DBG_EVF_CANDIDATE, p->fails);
-        return 0;
+        fails = &p->fails;
+        reported = &p->reported;
+        tier = p->cand_tier;
+        evflags = DBG_EVF_CANDIDATE;
+    } else {
+        if (!pol->n_cgroups)
+            return 0;
+        u64 cg = bpf_get_current_cgroup_id();
+        struct dbg_cgroup *c = cgroups.lookup(&cg);
+        if (!c)
+            return 0;
+        if (c->action == DBG_ACTION_SHIELD) {
+            dbg_count(DBG_CTR_RECLAIM_PROTECTED);
+            return 0;
+        }
+        if (c->action != DBG_ACTION_KILL)
+            return 0;
+        fails = &c->fails;
+        reported = &c->reported;
+        tier = c->tier;
+        evflags = DBG_EVF_CANDIDATE | DBG_EVF_BY_CGROUP;
     }
-    if (!pol->n_cgroups)
+    if (!dbg_gate(pol, *fails, *reported))
         return 0;
-    u64 cg = bpf_get_current_cgroup_id();
-    struct dbg_cgroup *c = cgroups.lookup(&cg);
-    if (!c)
-        return 0;
-    if (c->action == DBG_ACTION_SHIELD) {
-        dbg_count(DBG_CTR_RECLAIM_PROTECTED);
-        return 0;
-    }
-    if (c->action != DBG_ACTION_KILL || !dbg_gate(pol, c->fails, c->reported))
-        return 0;
-    c->reported = 1;
-    dbg_kill(ctx, pol, c->tier, DBG_EVF_CANDIDATE | DBG_EVF_BY_CGROUP, c->fails);
+    *reported = 1;
+    dbg_kill(ctx, pol, tier, evflags, *fails);
     return 0;
 }
 
@@ -108,12 +117,13 @@ static __always_inline int dbg_reclaim_end(unsigned long nr_reclaimed)
     return 0;
 }
 
-TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_begin)
-{
-    return dbg_reclaim_begin(args);
-}
+/* The direct-reclaim programs only jump to the memcg ones (same context layout for what
+ * they read): one copy of the policy in JIT code. dbguard.kernel.bpf fills reclaim_jump. */
+BPF_PROG_ARRAY(reclaim_jump, 2);
+#define DBG_JUMP_BEGIN 0
+#define DBG_JUMP_END   1
 
-TRACEPOINT_PROBE(vmscan, mm_vmscan_direct_reclaim_begin)
+TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_begin)
 {
     return dbg_reclaim_begin(args);
 }
@@ -123,7 +133,14 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_end)
     return dbg_reclaim_end(args->nr_reclaimed);
 }
 
+TRACEPOINT_PROBE(vmscan, mm_vmscan_direct_reclaim_begin)
+{
+    reclaim_jump.call(args, DBG_JUMP_BEGIN);
+    return 0;
+}
+
 TRACEPOINT_PROBE(vmscan, mm_vmscan_direct_reclaim_end)
 {
-    return dbg_reclaim_end(args->nr_reclaimed);
+    reclaim_jump.call(args, DBG_JUMP_END);
+    return 0;
 }

@@ -132,6 +132,10 @@ class BpfGuard:
                                      fail_streak=DEFAULT_FAIL_STREAK, fail_pages=0,
                                      self_tgid=os.getpid(), n_cgroups=0)
         self._write_policy()
+        jump = bpf[b"reclaim_jump"]
+        for slot, prog in ((0, b"tracepoint__vmscan__mm_vmscan_memcg_reclaim_begin"),
+                           (1, b"tracepoint__vmscan__mm_vmscan_memcg_reclaim_end")):
+            jump[ct.c_int(slot)] = ct.c_int(bpf.funcs[prog].fd)
         if ringbuf:
             bpf[b"events"].open_ring_buffer(self._on_event)
         else:
