@@ -23,9 +23,12 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 _GONE = (FileNotFoundError, ProcessLookupError, ValueError, IndexError)
 
 
-def _read(path: str, size: int = 65536) -> bytes:
+_O_READ = os.O_RDONLY | os.O_CLOEXEC
+
+
+def _read(path: str, size: int = 65536, dir_fd: int | None = None) -> bytes:
     """One read() call: /proc files made in one go (stat, status, cgroup) come whole in it."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    fd = os.open(path, _O_READ, dir_fd=dir_fd)
     try:
         return os.read(fd, size)
     finally:
@@ -92,9 +95,21 @@ def parse_cmdline(data: bytes) -> str:
 
 def read_proc(pid: int, root: str = "/proc") -> Proc | None:
     """One process, or None when it does not exist (any more)."""
-    base = f"{root}/{pid}/"
     try:
-        comm, f = parse_stat(_read(base + "stat"))
+        # Every file is read through one handle on /proc/PID: if the process exits and its
+        # pid is reused meanwhile, the reads fail instead of mixing two processes' facts.
+        dir_fd = os.open(f"{root}/{pid}", _O_READ | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        return _read_proc_at(pid, dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_proc_at(pid: int, d: int) -> Proc | None:
+    try:
+        comm, f = parse_stat(_read("stat", dir_fd=d))
         ppid = int(f[_PPID])
         start_time = int(f[_STARTTIME])
         pf_kthread = bool(int(f[_FLAGS]) & PF_KTHREAD)
@@ -105,16 +120,16 @@ def read_proc(pid: int, root: str = "/proc") -> Proc | None:
             # No user memory, no exe, no cmdline, root cgroup: nothing more worth a read.
             return Proc(pid=pid, start_time=start_time, ppid=ppid, uid=0, comm=comm, exe="",
                         cmdline="", rss_bytes=0, memcg="/", oom_score_adj=0, kernel_thread=True)
-        uid, vm_rss, _ = parse_status(_read(base + "status"))
+        uid, vm_rss, _ = parse_status(_read("status", dir_fd=d))
         # Zombies and exiting processes have no VmRSS; stat's rss field is the same count in pages.
         rss = vm_rss if vm_rss is not None else int(f[_RSS]) * PAGE_SIZE
-        memcg, _ = parse_memcg(_read(base + "cgroup"))
-        oom_score_adj = int(_read(base + "oom_score_adj"))
-        cmdline = parse_cmdline(_read(base + "cmdline", 4 * CMDLINE_MAX))
+        memcg, _ = parse_memcg(_read("cgroup", dir_fd=d))
+        oom_score_adj = int(_read("oom_score_adj", dir_fd=d))
+        cmdline = parse_cmdline(_read("cmdline", 4 * CMDLINE_MAX, dir_fd=d))
     except _GONE:
         return None
     try:
-        exe = os.readlink(base + "exe")
+        exe = os.readlink("exe", dir_fd=d)
     except OSError:  # gone, or not ours to see
         exe = ""
     return Proc(pid=pid, start_time=start_time, ppid=ppid, uid=uid, comm=comm, exe=exe,
