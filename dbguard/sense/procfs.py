@@ -49,21 +49,24 @@ def parse_stat(data: bytes) -> tuple[str, list[bytes]]:
 _STATE, _PPID, _FLAGS, _STARTTIME, _RSS = 0, 1, 6, 19, 21
 
 
+def _status_field(data: bytes, key: bytes) -> int | None:
+    """First number after "\nKey:" in status text (found, not split: this runs per process)."""
+    at = data.find(key)
+    if at < 0:
+        return None
+    end = data.find(b"\n", at + 1)
+    return int(data[at + len(key):end if end >= 0 else None].split(None, 1)[0])
+
+
 def parse_status(data: bytes) -> tuple[int, int | None, int | None]:
     """(real uid, VmRSS bytes or None, RssAnon bytes or None) from /proc/PID/status."""
-    uid = -1
-    vm_rss = rss_anon = None
-    for line in data.splitlines():
-        if line.startswith(b"Uid:"):
-            uid = int(line.split()[1])
-        elif line.startswith(b"VmRSS:"):
-            vm_rss = int(line.split()[1]) * 1024
-        elif line.startswith(b"RssAnon:"):
-            rss_anon = int(line.split()[1]) * 1024
-            break  # comes after Uid and VmRSS
-    if uid < 0:
+    uid = _status_field(data, b"\nUid:")
+    if uid is None:
         raise ValueError("status without Uid")
-    return uid, vm_rss, rss_anon
+    vm_rss = _status_field(data, b"\nVmRSS:")
+    rss_anon = _status_field(data, b"\nRssAnon:")
+    return (uid, None if vm_rss is None else vm_rss * 1024,
+            None if rss_anon is None else rss_anon * 1024)
 
 
 def parse_memcg(data: bytes | str) -> tuple[str, int]:
