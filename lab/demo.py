@@ -6,6 +6,7 @@ hogs in one 1000 MB memory cgroup. Takes a minute or two; needs root and a memor
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     start = time.monotonic()
+    # `kill` / a CI timeout: clean up as for Ctrl-C (the scenario's finally blocks do the work)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def say(msg: str) -> None:
         print(f"[{time.monotonic() - start:5.1f}s] {msg}", flush=True)

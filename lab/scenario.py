@@ -590,12 +590,17 @@ def run_pg_scenario(guard: str | Guard = "none", *,
             f"{result.crash_recoveries}, hogs killed {len(result.hogs_killed)}")
         return result
     finally:
-        if watcher is not None and watcher.is_alive():
-            watcher.stop()
-        if pgbench is not None and pgbench.poll() is None:
-            pgbench.kill()
-            pgbench.wait()
-        _stop_procs(hog_procs)
+        # Each step on its own: one failing must not leave the others' leftovers behind.
+        # (The cluster and the cgroup are closed by the ExitStack above, guard first.)
+        with contextlib.suppress(Exception):
+            if watcher is not None and watcher.is_alive():
+                watcher.stop()
+        with contextlib.suppress(Exception):
+            if pgbench is not None and pgbench.poll() is None:
+                pgbench.kill()
+                pgbench.wait()
+        with contextlib.suppress(Exception):
+            _stop_procs(hog_procs)
         kmsg.close()
         shutil.rmtree(workdir, ignore_errors=True)
 
