@@ -359,6 +359,12 @@ def read_audit(path: Path) -> list[dict]:
     return records
 
 
+def audit_names(rec: dict, pid: int) -> bool:
+    """Whether an audit record is about process `pid` (its pid field, or "comm (pid N)" target)."""
+    target = str(rec.get("target", ""))
+    return rec.get("pid") == pid or re.search(rf"\bpid {pid}\b", target) is not None
+
+
 def _tail(path: Path, n: int = 1) -> str:
     try:
         lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
