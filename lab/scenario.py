@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
 from dbguard.errors import DbguardError
+from dbguard.sense.procfs import read_proc
 from lab import hog
 from lab.cgroup import MemoryCgroup, own_memory_cgroup
 
@@ -444,18 +445,13 @@ def require_lab() -> None:
             raise DbguardError(f"{tool} not found: install postgresql-contrib (apt-get install postgresql)")
 
 
-def _postgres_pids(cg: MemoryCgroup, exclude: set[int]) -> dict[int, str]:
-    """PostgreSQL processes in the cgroup, with their process titles ("postgres: checkpointer")."""
+def _postgres_pids(cg: MemoryCgroup, postmaster: int) -> dict[int, str]:
+    """The postmaster and its children in the cgroup (by parentage, not by name), with titles."""
     out = {}
     for pid in cg.pids():
-        if pid in exclude:
-            continue
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
-        except OSError:
-            continue
-        if title.startswith("postgres") or "/postgres" in title.split(" ")[0]:
-            out[pid] = title
+        proc = read_proc(pid)
+        if proc is not None and postmaster in (proc.pid, proc.ppid):
+            out[pid] = proc.cmdline
     return out
 
 
@@ -526,7 +522,7 @@ def run_pg_scenario(guard: str | Guard = "none", *,
             t0 = time.monotonic()
             watcher = Watcher(cg, t0, kills_until=t_bench + duration)
             watcher.note("pgbench started", at=t_bench)
-            pg_pids = _postgres_pids(cg, exclude={pgbench.pid})
+            pg_pids = _postgres_pids(cg, postmaster)
             for pid, title in pg_pids.items():
                 watcher.watch_process(pid, "postmaster" if pid == postmaster else f"postgres pid {pid} ({title})")
             watcher.start()
