@@ -141,18 +141,19 @@ def test_stats_read(server, guard):
     assert s.data_directory.rstrip("/") == str(server.datadir)
     assert s.cache_bytes == POOL and s.cache_configured_bytes == POOL
     assert s.shrink_step == 0 and s.shrink_steps_max == 3
-    assert 0 < s.cache_used_bytes <= POOL
+    assert 0 < s.cache_used_bytes <= POOL, s
     assert s.cache_used_bytes == s.extra["pages_data"] * 16384
-    assert 0 < s.hit_ratio <= 1
+    assert 0 < s.hit_ratio <= 1, s
     assert s.extra["pages_total"] > s.extra["pages_free"] >= 0
-    assert s.extra["server_rss_bytes"] > s.cache_used_bytes
-    assert s.extra["memory_global_total"] > POOL          # performance_schema is on in this server
+    assert s.extra["server_rss_bytes"] > s.cache_used_bytes, s
+    assert s.extra["memory_global_total"] > POOL, s
     assert s.extra["resize_mode"] == "session (1 MiB)" and s.extra["missing_grants"] == []
     assert s.extra["auto_shrink_min"] is None
+    assert app_id in {x.pid for x in s.sessions}, s.sessions
     app_session = {x.pid: x for x in s.sessions}[app_id]
     assert app_session.kind == "connection" and app_session.user == "app"
-    assert app_session.memory_bytes >= 30 * MiB
-    assert max(s.sessions, key=lambda x: x.memory_bytes).pid == app_id
+    assert app_session.memory_bytes >= 30 * MiB, s.sessions
+    assert max(s.sessions, key=lambda x: x.memory_bytes).pid == app_id, s.sessions
 
 
 def test_server_identity_is_checked_by_fact(server):
@@ -359,3 +360,23 @@ def test_coexists_with_mariadb_auto_shrink(tmp_path):
             assert _pool(db) == POOL and g.originals.load() is None
         finally:
             g.close()
+
+
+def test_server_restarted_while_shrunk_needs_no_growing(server, guard):
+    """A restart reads my.cnf again (SET GLOBAL, never SET PERSIST): the originals file just goes."""
+    g = guard()
+    assert g.set_shrink_step(3).ok and _pool(server) == FLOOR
+    server.restart()
+    assert _pool(server) == POOL
+    s = g.collect()
+    assert s.up and s.shrink_step == 0 and s.cache_configured_bytes == POOL
+    assert g.recover().ok
+    assert g.originals.load() is None
+
+
+def test_no_shrink_steps_means_nothing_to_shrink(server, guard):
+    g = guard(shrink_steps=0)
+    s = g.collect()
+    assert s.shrink_steps_max == 0
+    assert g.set_shrink_step(2).ok
+    assert _pool(server) == POOL and g.originals.load() is None
