@@ -34,17 +34,16 @@
 #define DBG_CTR_FORK_INHERITED     0
 #define DBG_CTR_MAP_FULL           1
 #define DBG_CTR_EXIT_REMOVED       2
-#define DBG_CTR_RECLAIM_BEGIN      3
-#define DBG_CTR_RECLAIM_PROTECTED  4
-#define DBG_CTR_RECLAIM_FAILED     5
-#define DBG_CTR_KILLS              6
-#define DBG_CTR_WOULD_KILLS        7
-#define DBG_CTR_KILL_ERRORS        8
-#define DBG_CTR_OOM_VICTIMS        9
-#define DBG_CTR_BREACHES          10
-#define DBG_CTR_SCORE_TAMPERS     11
-#define DBG_CTR_EVENTS_DROPPED    12
-#define DBG_NR_COUNTERS           13
+#define DBG_CTR_RECLAIM_PROTECTED  3
+#define DBG_CTR_RECLAIM_FAILED     4   /* failed reclaims of kill candidates (and kill cgroups) */
+#define DBG_CTR_KILLS              5
+#define DBG_CTR_WOULD_KILLS        6
+#define DBG_CTR_KILL_ERRORS        7
+#define DBG_CTR_OOM_VICTIMS        8
+#define DBG_CTR_BREACHES           9
+#define DBG_CTR_SCORE_TAMPERS      10
+#define DBG_CTR_EVENTS_DROPPED     11
+#define DBG_NR_COUNTERS            12
 
 #define DBG_SCORE_UNKNOWN (-1001)   /* dbg_proc.score before any value was seen */
 

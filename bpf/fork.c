@@ -42,7 +42,9 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;
     u32 tgid = id >> 32;
 #endif
-    if (procs.delete(&tgid) == 0)
+    /* A lockless lookup first: most exits are of processes dbguard does not track, and a
+     * delete takes the bucket lock even for a key that is not there. */
+    if (procs.lookup(&tgid) && procs.delete(&tgid) == 0)
         dbg_count(DBG_CTR_EXIT_REMOVED);
     return 0;
 }

@@ -38,18 +38,19 @@ static __always_inline void dbg_kill(void *ctx, struct dbg_policy *pol, u32 tier
 
 static __always_inline int dbg_reclaim_begin(void *ctx)
 {
-    dbg_count(DBG_CTR_RECLAIM_BEGIN);
-    struct dbg_policy *pol = dbg_policy();
-    if (!pol)
-        return 0;
+    /* Reclaim evicts caches: every cache line touched here is likely a miss, so the
+     * common cases (untracked, protected) touch as few as possible. */
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u32 *fails, *reported, tier, evflags;
     struct dbg_proc *p = procs.lookup(&tgid);
+    if (p && (p->flags & DBG_SHIELD)) {
+        dbg_count(DBG_CTR_RECLAIM_PROTECTED);
+        return 0;
+    }
+    struct dbg_policy *pol = dbg_policy();
+    if (!pol)
+        return 0;
     if (p) {
-        if (p->flags & DBG_SHIELD) {
-            dbg_count(DBG_CTR_RECLAIM_PROTECTED);
-            return 0;
-        }
         if (!(p->flags & DBG_CANDIDATE))
             return 0;
         fails = &p->fails;
@@ -81,39 +82,39 @@ static __always_inline int dbg_reclaim_begin(void *ctx)
     return 0;
 }
 
+static __always_inline void dbg_streak(struct dbg_policy *pol, unsigned long nr_reclaimed,
+                                       u32 *fails, u32 *reported)
+{
+    if (nr_reclaimed <= pol->fail_pages) {
+        __sync_fetch_and_add(fails, 1);
+        dbg_count(DBG_CTR_RECLAIM_FAILED);
+    } else if (*fails) {
+        *fails = 0;
+        *reported = 0;
+    }
+}
+
+/* Streaks are kept only where a kill could follow: kill candidates, and cgroups whose
+ * policy says kill. Untracked tasks cost one hash-bucket read. */
 static __always_inline int dbg_reclaim_end(unsigned long nr_reclaimed)
 {
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct dbg_proc *p = procs.lookup(&tgid);
+    if (p && !(p->flags & DBG_CANDIDATE))
+        return 0;
     struct dbg_policy *pol = dbg_policy();
     if (!pol)
         return 0;
-    int failed = nr_reclaimed <= pol->fail_pages;
-    if (failed)
-        dbg_count(DBG_CTR_RECLAIM_FAILED);
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct dbg_proc *p = procs.lookup(&tgid);
     if (p) {
-        if (!(p->flags & DBG_CANDIDATE))
-            return 0;
-        if (failed) {
-            __sync_fetch_and_add(&p->fails, 1);
-        } else if (p->fails) {
-            p->fails = 0;
-            p->reported = 0;
-        }
+        dbg_streak(pol, nr_reclaimed, &p->fails, &p->reported);
         return 0;
     }
     if (!pol->n_cgroups)
         return 0;
     u64 cg = bpf_get_current_cgroup_id();
     struct dbg_cgroup *c = cgroups.lookup(&cg);
-    if (!c || c->action != DBG_ACTION_KILL)
-        return 0;
-    if (failed) {
-        __sync_fetch_and_add(&c->fails, 1);
-    } else if (c->fails) {
-        c->fails = 0;
-        c->reported = 0;
-    }
+    if (c && c->action == DBG_ACTION_KILL)
+        dbg_streak(pol, nr_reclaimed, &c->fails, &c->reported);
     return 0;
 }
 
