@@ -55,7 +55,8 @@ class _State:
 
     level: int | None = None
     ts: float | None = None
-    memory: list[tuple[str, str, float]] = field(default_factory=list)      # (name, cgroup, value)
+    # (metric name without prefix, labels, value)
+    memory: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
     databases: list[tuple[str, dict[str, str], float]] = field(default_factory=list)
     shielded: dict[str, int] = field(default_factory=dict)
     protection: dict[str, bool] = field(default_factory=dict)
@@ -71,8 +72,8 @@ class _StateCollector(Collector):
             yield _gauge("pressure_level", "Pressure level: 0 ok, 1 warn, 2 high, 3 critical.", st.level)
             yield _gauge("last_snapshot_timestamp_seconds",
                          "Unix time of the last complete sense cycle.", st.ts)
-        yield from _families(st.memory, ["cgroup"], _MEMORY_HELP)
-        yield from _families(st.databases, None, _DB_HELP)
+        yield from _families(st.memory, _MEMORY_HELP)
+        yield from _families(st.databases, _DB_HELP)
         fam = GaugeMetricFamily(f"{PREFIX}_shielded_processes",
                                 "Processes dbguard never signals and shields from the OOM killer, by role.",
                                 labels=["role"])
@@ -111,11 +112,9 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
 
-def _families(rows, labelnames, helps) -> Iterator[GaugeMetricFamily]:
+def _families(rows, helps: dict[str, str]) -> Iterator[GaugeMetricFamily]:
     by_name: dict[str, GaugeMetricFamily] = {}
     for name, labels, value in rows:
-        if isinstance(labels, str):
-            labels = {labelnames[0]: labels}
         fam = by_name.get(name)
         if fam is None:
             fam = by_name[name] = GaugeMetricFamily(f"{PREFIX}_{name}", helps[name], labels=list(labels))
@@ -164,7 +163,7 @@ class Metrics:
 
     def observe_snapshot(self, snap: Snapshot, level: Level) -> None:
         m = snap.memory
-        cg = m.cgroup or "host"
+        cg = {"cgroup": m.cgroup or "host"}
         memory = [("memory_usage_bytes", cg, m.usage_bytes),
                   ("memory_reclaimable_bytes", cg, m.reclaimable_bytes),
                   ("psi_some_avg10_ratio", cg, m.psi_some_avg10 / 100.0),
