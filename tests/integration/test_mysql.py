@@ -341,7 +341,14 @@ def test_coexists_with_mariadb_auto_shrink(tmp_path):
         db.create_user("dbguard", "s3cret", ["PROCESS", "SUPER", "CONNECTION ADMIN"], host="localhost")
         g = MySQL(_config(db, tmp_path), str(tmp_path / "state"))
         try:
-            s = g.collect()
+            app = db.connect()
+            try:   # performance_schema is off here: memory per session from PROCESSLIST.MEMORY_USED
+                app.cursor().execute("SET @big = REPEAT('x', 8 * 1024 * 1024)")
+                s = g.collect()
+                assert {x.pid: x for x in s.sessions}[app.thread_id()].memory_bytes >= 8 * MiB, s.sessions
+                assert "memory_global_total" not in s.extra
+            finally:
+                app.close()
             assert s.extra["auto_shrink_min"] == 32 * MiB
             db.sql("SET GLOBAL innodb_buffer_pool_size = %s", (60 * MiB,))   # as MariaDB's own shrink would
             s = g.collect()
