@@ -417,7 +417,9 @@ class MySQL(Database):
 
     def _observe(self, size: int) -> int:
         """Notice MariaDB shrinking the pool by itself (innodb_buffer_pool_size_auto_min)."""
-        if self._last_size is not None and size < self._last_size and self._auto_shrink_min(size + 1) is not None:
+        ours = self._resize is not None and size == self._resize.target   # our worker may not have noted it yet
+        if (self._last_size is not None and size < self._last_size and not ours
+                and self._auto_shrink_min(size + 1) is not None):
             self._auto_shrunk_at = time.monotonic()
         self._last_size = size
         return size
