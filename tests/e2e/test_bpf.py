@@ -39,7 +39,8 @@ while True:
 """
 
 # Holds argv[1] MiB, reads the file argv[2] through the page cache (so its own cgroup hits
-# the limit and it meets reclaim), then keeps allocating and freeing 1 MiB a millisecond.
+# the limit and it meets reclaim), then keeps allocating and freeing 1 MiB every 50 ms (slowly,
+# so that when the cgroup runs out it is the hog whose reclaim fails, not this one).
 ALLOCATOR = r"""
 import mmap, sys, time
 hold = []
@@ -57,7 +58,7 @@ while True:
     for i in range(0, 1 << 20, 4096):
         m[i] = 2
     m.close()
-    time.sleep(0.001)
+    time.sleep(0.05)
 """
 
 
