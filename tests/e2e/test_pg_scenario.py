@@ -12,11 +12,15 @@ import json
 import pytest
 
 from dbguard.errors import DbguardError
-from lab.scenario import ScenarioResult, audit_names, require_lab, run_pg_scenario, server_log_victims
-
-pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.db]
+from lab.scenario import (ScenarioResult, audit_names, count_crash_recoveries, kmsg_oom_victims, parse_pgbench,
+                          require_lab, run_pg_scenario, server_log_victims)
 
 AUDIT_KEYS = {"ts", "action", "target", "reason", "level", "result"}
+
+
+def scenario(test):
+    """Marks the end-to-end runs (root, memory cgroups, a PostgreSQL they start)."""
+    return pytest.mark.e2e(pytest.mark.root(pytest.mark.db(test)))
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +35,7 @@ def _story(r: ScenarioResult) -> str:
     return "\nwhat happened:\n" + r.summary()
 
 
+@scenario
 def test_without_guard_kernel_kills_postgres_and_crash_recovery_follows(lab):
     r = run_pg_scenario("none", duration=40)
     story = _story(r)
@@ -48,6 +53,7 @@ def test_without_guard_kernel_kills_postgres_and_crash_recovery_follows(lab):
         print("note: PostgreSQL came back after crash recovery this time" + story)
 
 
+@scenario
 def test_with_dbguard_postgres_survives_and_hogs_are_killed(lab):
     r = run_pg_scenario("dbguard", duration=45)
     story = _story(r) + "\naudit:\n" + "\n".join(json.dumps(a) for a in r.audit)
@@ -74,3 +80,63 @@ def test_with_dbguard_postgres_survives_and_hogs_are_killed(lab):
         assert not any(audit_names(rec, pid) for pid in r.postgres_pids), \
             f"a kill targeted a PostgreSQL process: {rec}" + story
 
+
+
+# --- the scenario's parsers, on output captured from the real tools (no root needed) ---------
+
+PGBENCH_OK = """\
+pgbench (15.20 (Debian 15.20-0+deb12u1))
+transaction type: <builtin: select only>
+number of transactions actually processed: 82988
+number of failed transactions: 0 (0.000%)
+latency average = 0.071 ms
+tps = 27695.605974 (without initial connection time)
+"""
+PGBENCH_PROGRESS = """\
+progress: 1.0 s, 24082.8 tps, lat 0.082 ms stddev 0.069, 0 failed
+progress: 2.0 s, 29280.9 tps, lat 0.067 ms stddev 0.038, 0 failed
+"""
+PGBENCH_ABORTS = """\
+progress: 1.0 s, 24082.8 tps, lat 0.082 ms stddev 0.069, 0 failed
+pgbench: error: client 5 aborted in command 1 (SQL) of script 0; perhaps the backend died while processing
+pgbench: error: client 2 aborted in command 1 (SQL) of script 0; perhaps the backend died while processing
+pgbench: error: Run was aborted; the above results are incomplete.
+"""
+SERVER_LOG_CRASH = """\
+2026-11-28 05:10:14.402 UTC [11831] LOG:  server process (PID 11846) was terminated by signal 9: Killed
+2026-11-28 05:10:14.464 UTC [11831] LOG:  all server processes terminated; reinitializing
+2026-11-28 05:10:14.636 UTC [11861] LOG:  database system was not properly shut down; automatic recovery in progress
+2026-11-28 05:10:15.536 UTC [11831] LOG:  startup process (PID 11861) was terminated by signal 9: Killed
+2026-11-28 05:10:15.537 UTC [11831] LOG:  shutting down due to startup process failure
+"""
+
+
+def test_parse_pgbench_clean_run():
+    s = parse_pgbench(PGBENCH_OK, PGBENCH_PROGRESS)
+    assert (s.transactions_ok, s.transactions_failed, s.sessions_lost) == (82988, 0, 0)
+    assert s.tps == pytest.approx(27695.605974)
+    assert s.progress == [(1.0, 24082.8), (2.0, 29280.9)]
+
+
+def test_parse_pgbench_aborted_clients_count_as_lost_sessions_and_failures():
+    s = parse_pgbench("", PGBENCH_ABORTS)
+    assert s.sessions_lost == 2
+    assert s.transactions_failed == 2
+    assert len(s.errors) == 3
+
+
+def test_crash_recovery_and_victims_from_server_log():
+    assert count_crash_recoveries(SERVER_LOG_CRASH) == 3
+    assert server_log_victims(SERVER_LOG_CRASH) == [11846, 11861]
+    assert count_crash_recoveries("LOG:  database system is ready to accept connections\n") == 0
+
+
+def test_kmsg_victims_only_from_the_scenario_cgroup():
+    lines = [
+        "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,oom_memcg=/a/t1,"
+        "task_memcg=/a/t1,task=postgres,pid=6632,uid=101",
+        "Memory cgroup out of memory: Killed process 6632 (postgres) total-vm:623044kB",
+        "oom-kill:constraint=CONSTRAINT_MEMCG,nodemask=(null),cpuset=/,mems_allowed=0,oom_memcg=/a/t10,"
+        "task_memcg=/a/t10,task=python,pid=7,uid=0",
+    ]
+    assert kmsg_oom_victims(lines, "/a/t1") == [(6632, "postgres")]
