@@ -246,6 +246,19 @@ class PostgreSQL(Database):
             self._conn = self._open()
         return self._conn
 
+    def _on_connection(self, work):
+        """work(conn) on the persistent connection; once more on a new one if the old one was lost
+        (a restarted server ends our session: that is no reason to report it down)."""
+        reused = self._conn is not None and not self._conn.closed and not self._conn.broken
+        conn = self._connection()
+        try:
+            return work(conn)
+        except psycopg.OperationalError:
+            if not (reused and conn.broken):
+                raise
+            self._drop()
+            return work(self._connection())
+
     @staticmethod
     def _one_line(e: BaseException) -> str:
         return " ".join(str(e).split()) or type(e).__name__
@@ -282,7 +295,7 @@ class PostgreSQL(Database):
     def collect(self) -> DbStats:
         with self._lock:
             try:
-                return self._collect()
+                return self._on_connection(self._collect)
             except DbguardError as e:
                 return self._down(str(e))
             except psycopg.Error as e:
@@ -297,8 +310,7 @@ class PostgreSQL(Database):
                        roles={pid: Role.POSTMASTER} if pid else {},
                        shrink_step=self._current_step())
 
-    def _collect(self) -> DbStats:
-        conn = self._connection()
+    def _collect(self, conn: psycopg.Connection) -> DbStats:
         query = _COLLECT_SQL + (_BUFFERCACHE_SQL if self._has_buffercache else "")
         names = ["shared_buffers", *self.cfg.shrink_settings]
         with conn.cursor() as cur:
@@ -347,7 +359,7 @@ class PostgreSQL(Database):
     def set_shrink_step(self, step: int) -> Outcome:
         with self._lock:
             try:
-                return self._set_step(max(0, step))
+                return self._on_connection(lambda conn: self._set_step(conn, max(0, step)))
             except DbguardError as e:
                 return Outcome(False, str(e))
             except psycopg.Error as e:
@@ -417,11 +429,10 @@ class PostgreSQL(Database):
             o = originals[name]
             self._alter(cur, name, o["value"] if o["auto_conf"] else None)
 
-    def _set_step(self, step: int) -> Outcome:
+    def _set_step(self, conn: psycopg.Connection, step: int) -> Outcome:
         saved = self._saved()
         if step == 0 and saved is None:
             return Outcome(True, "settings are as configured")
-        conn = self._connection()
         user = conn.info.user
         with conn.cursor() as cur:
             missing = self._missing_privilege(cur)
@@ -480,20 +491,7 @@ class PostgreSQL(Database):
     def _signal_backend(self, pid: int, function: str, done: str) -> Outcome:
         with self._lock:
             try:
-                conn = self._connection()
-                with conn.cursor() as cur:
-                    # Only a session of this server, and never our own.
-                    cur.execute("SELECT backend_type, pid = pg_backend_pid() FROM pg_stat_activity WHERE pid = %s",
-                                [pid])
-                    row = cur.fetchone()
-                    if row is None:
-                        return Outcome(False, f"pid {pid} is not a backend of {self._where}")
-                    backend_type, is_self = row
-                    if is_self or role_of(backend_type or "") is not Role.PG_BACKEND:
-                        return Outcome(False, f"pid {pid} is a {backend_type or 'server process'}, not a session; "
-                                              "left alone")
-                    cur.execute(sql.SQL("SELECT {}(%s)").format(sql.Identifier(function)), [pid])
-                    ok = cur.fetchone()[0]
+                return self._on_connection(lambda conn: self._signal_on(conn, pid, function, done))
             except DbguardError as e:
                 return Outcome(False, str(e))
             except psycopg.errors.InsufficientPrivilege:
@@ -502,6 +500,19 @@ class PostgreSQL(Database):
                                       "sessions without being superuser)")
             except psycopg.Error as e:
                 return Outcome(False, self._sql_failed(e))
-            if not ok:
-                return Outcome(False, f"{function}({pid}) returned false: the session is gone")
-            return Outcome(True, f"{done} {backend_type} {pid}")
+
+    def _signal_on(self, conn: psycopg.Connection, pid: int, function: str, done: str) -> Outcome:
+        with conn.cursor() as cur:
+            # Only a session of this server, and never our own.
+            cur.execute("SELECT backend_type, pid = pg_backend_pid() FROM pg_stat_activity WHERE pid = %s", [pid])
+            row = cur.fetchone()
+            if row is None:
+                return Outcome(False, f"pid {pid} is not a backend of {self._where}")
+            backend_type, is_self = row
+            if is_self or role_of(backend_type or "") is not Role.PG_BACKEND:
+                return Outcome(False, f"pid {pid} is a {backend_type or 'server process'}, not a session; left alone")
+            cur.execute(sql.SQL("SELECT {}(%s)").format(sql.Identifier(function)), [pid])
+            ok = cur.fetchone()[0]
+        if not ok:
+            return Outcome(False, f"{function}({pid}) returned false: the session is gone")
+        return Outcome(True, f"{done} {backend_type} {pid}")

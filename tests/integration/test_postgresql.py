@@ -1,0 +1,353 @@
+"""The PostgreSQL adapter against a real throwaway PostgreSQL 15 the test starts (lab.pgcluster)."""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dbguard.config import DatabaseConfig
+from dbguard.databases.postgresql import PostgreSQL
+from dbguard.model import Role
+
+pytestmark = pytest.mark.db
+
+MiB = 1024**2
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _require_server_prereqs() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("needs root: lab.pgcluster runs initdb/pg_ctl as the postgres OS user (run the tests as root)")
+    if not (PG_BIN / "initdb").exists():
+        pytest.fail(f"PostgreSQL 15 server binaries missing in {PG_BIN}: apt-get install postgresql-15")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    _require_server_prereqs()
+    from lab.pgcluster import PgCluster
+    # work_mem comes from postgresql.conf; maintenance_work_mem is set by ALTER SYSTEM below,
+    # so both ways a DBA configures a setting are covered.
+    with PgCluster(settings={"shared_buffers": "64MB", "work_mem": "8MB"}) as c:
+        c.psql("ALTER SYSTEM SET maintenance_work_mem = '64MB'")
+        c.psql("SELECT pg_reload_conf()")
+        wait_for(lambda: c.psql("SHOW maintenance_work_mem"), "64MB")
+        yield c
+
+
+def wait_for(read, expected, timeout: float = 20.0):
+    """Poll until read() == expected (reloads and signals are asynchronous); fail with the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if value == expected:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"expected {expected!r}, still {value!r} after {timeout}s")
+        time.sleep(0.05)
+
+
+def make_cfg(dsn: str, **kw) -> DatabaseConfig:
+    base = dict(kind="postgresql", name="t", dsn=dsn, shrink_floor=2 * MiB, shrink_steps=5,
+                connect_timeout=2.0, statement_timeout=2.0)
+    base.update(kw)
+    return DatabaseConfig(**base)
+
+
+@pytest.fixture
+def adapter(cluster, tmp_path):
+    db = PostgreSQL(make_cfg(cluster.dsn), str(tmp_path))
+    yield db
+    db.set_shrink_step(0)      # never leave the shared cluster shrunk for the next test
+    db.close()
+
+
+def auto_conf(cluster) -> str:
+    return Path(cluster.data_dir, "postgresql.auto.conf").read_text()
+
+
+def pids_of(cluster, backend_type: str) -> list[int]:
+    out = cluster.psql(f"SELECT pid FROM pg_stat_activity WHERE backend_type = '{backend_type}'")
+    return [int(x) for x in out.split()]
+
+
+# --- collect ---------------------------------------------------------------------------------
+def test_collect_reports_server_roles_and_cache(cluster, adapter):
+    stats = adapter.collect()
+    assert stats.up, stats.error
+    assert stats.server_pid == cluster.postmaster_pid()
+    assert os.path.realpath(stats.data_directory) == os.path.realpath(cluster.data_dir)
+    assert stats.roles[stats.server_pid] is Role.POSTMASTER
+    for aux in ("checkpointer", "walwriter", "background writer"):
+        pids = pids_of(cluster, aux)
+        assert pids, f"no {aux} in pg_stat_activity"
+        assert all(stats.roles.get(p) is Role.PG_AUXILIARY for p in pids), (aux, stats.roles)
+    assert stats.cache_bytes == stats.cache_configured_bytes == 64 * MiB
+    assert stats.cache_used_bytes == 0 and "pg_buffercache" in stats.extra["cache_used"]
+    assert stats.hit_ratio is not None and 0.0 <= stats.hit_ratio <= 1.0
+    assert stats.extra["settings"] == {"work_mem": "8MB", "maintenance_work_mem": "64MB"}
+    assert stats.extra["backends"]["checkpointer"] == 1
+    # 8MB -> 2MB floor takes 2 halvings, 64MB takes 5: the deeper one, capped at shrink_steps.
+    assert stats.shrink_steps_max == 5 and stats.shrink_step == 0
+
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        conn.execute("SELECT repeat('x', 1000)")
+        stats = adapter.collect()
+    assert stats.roles.get(pid) is Role.PG_BACKEND
+    session = next(s for s in stats.sessions if s.pid == pid)
+    assert session.kind == "client backend" and session.user == "postgres"
+    assert session.query == "SELECT repeat('x', 1000)" and session.state == "idle"
+    assert session.memory_bytes > 0      # RssAnon of a live backend
+    # dbguard's own connection is a backend, but never a session to act on.
+    assert all(s.pid != adapter._conn.info.backend_pid for s in stats.sessions)
+
+
+def test_collect_truncates_long_queries(cluster, adapter):
+    with psycopg.connect(cluster.dsn, autocommit=True) as conn:
+        pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+        conn.execute("SELECT '" + "y" * 500 + "'")
+        stats = adapter.collect()
+    assert len(next(s for s in stats.sessions if s.pid == pid).query) == 200
+
+
+def test_cache_used_with_pg_buffercache(cluster, tmp_path):
+    cluster.psql("CREATE EXTENSION IF NOT EXISTS pg_buffercache")
+    try:
+        db = PostgreSQL(make_cfg(cluster.dsn), str(tmp_path))
+        stats = db.collect()
+        db.close()
+        expected = int(cluster.psql("SELECT count(*) * current_setting('block_size')::int FROM pg_buffercache "
+                                    "WHERE relfilenode IS NOT NULL"))
+        assert stats.up, stats.error
+        assert "cache_used" not in stats.extra
+        # Buffers only fill up between the two reads, never empty (no restart in between).
+        assert 0 < stats.cache_used_bytes <= expected <= stats.cache_bytes
+    finally:
+        cluster.psql("DROP EXTENSION pg_buffercache")
+
+
+# --- shrinking -------------------------------------------------------------------------------
+def show(cluster, name: str) -> str:
+    return cluster.psql(f"SHOW {name}")
+
+
+def test_shrink_halves_respects_floor_and_restores_exactly(cluster, adapter, tmp_path):
+    before_auto = auto_conf(cluster)
+    out = adapter.set_shrink_step(1)
+    assert out.ok, out.detail
+    wait_for(lambda: (show(cluster, "work_mem"), show(cluster, "maintenance_work_mem")), ("4MB", "32MB"))
+    state = adapter.originals.load()
+    assert state["step"] == 1
+    assert state["settings"]["work_mem"] == {"value": "8MB", "bytes": 8 * MiB, "auto_conf": False}
+    assert state["settings"]["maintenance_work_mem"] == {"value": "64MB", "bytes": 64 * MiB, "auto_conf": True}
+    assert adapter.collect().shrink_step == 1
+
+    out = adapter.set_shrink_step(3)     # work_mem would be 1MB: held at the 2MB floor
+    assert out.ok, out.detail
+    wait_for(lambda: (show(cluster, "work_mem"), show(cluster, "maintenance_work_mem")), ("2MB", "8MB"))
+    assert adapter.originals.load()["settings"]["work_mem"]["bytes"] == 8 * MiB   # originals kept, not the shrunk
+
+    out = adapter.set_shrink_step(99)    # clamped to shrink_steps_max
+    assert out.ok and "step 5" in out.detail, out.detail
+    wait_for(lambda: (show(cluster, "work_mem"), show(cluster, "maintenance_work_mem")), ("2MB", "2MB"))
+
+    out = adapter.set_shrink_step(0)
+    assert out.ok, out.detail
+    wait_for(lambda: (show(cluster, "work_mem"), show(cluster, "maintenance_work_mem")), ("8MB", "64MB"))
+    # Exactly as before: the DBA's ALTER SYSTEM line is back, work_mem is again from postgresql.conf.
+    assert auto_conf(cluster) == before_auto
+    src = cluster.psql("SELECT name || '=' || sourcefile FROM pg_settings "
+                       "WHERE name IN ('work_mem', 'maintenance_work_mem') ORDER BY name").split()
+    # (lab.pgcluster writes the cluster's settings into dbguard-lab.conf, included from postgresql.conf)
+    assert src[0].endswith("/postgresql.auto.conf") and src[1].endswith("/dbguard-lab.conf"), src
+    assert adapter.originals.load() is None
+    assert adapter.set_shrink_step(0).ok       # idempotent
+
+
+def test_recover_after_crash_mid_shrink(cluster, tmp_path):
+    before_auto = auto_conf(cluster)
+    first = PostgreSQL(make_cfg(cluster.dsn), str(tmp_path))
+    assert first.set_shrink_step(2).ok
+    first.close()                              # dbguard "dies" with the settings shrunk
+    wait_for(lambda: show(cluster, "work_mem"), "2MB")
+
+    second = PostgreSQL(make_cfg(cluster.dsn), str(tmp_path))
+    try:
+        assert second.collect().shrink_step == 2
+        out = second.recover()
+        assert out.ok, out.detail
+        wait_for(lambda: (show(cluster, "work_mem"), show(cluster, "maintenance_work_mem")), ("8MB", "64MB"))
+        assert auto_conf(cluster) == before_auto
+        assert second.originals.load() is None
+        assert second.collect().shrink_step == 0
+        assert second.recover().ok              # nothing left to do
+    finally:
+        second.set_shrink_step(0)
+        second.close()
+
+
+def test_shrink_refused_without_privilege(cluster, tmp_path):
+    cluster.psql("DROP ROLE IF EXISTS weakling; CREATE ROLE weakling LOGIN")
+    before_auto = auto_conf(cluster)
+    db = PostgreSQL(make_cfg(cluster.dsn_for("weakling")), str(tmp_path))
+    try:
+        assert db.collect().up
+        out = db.set_shrink_step(1)
+        assert not out.ok
+        assert "permission denied for ALTER SYSTEM" in out.detail
+        assert "GRANT ALTER SYSTEM ON PARAMETER work_mem TO weakling" in out.detail
+        assert "\n" not in out.detail
+        assert auto_conf(cluster) == before_auto
+        assert (show(cluster, "work_mem"), show(cluster, "maintenance_work_mem")) == ("8MB", "64MB")
+        assert db.originals.load() is None
+    finally:
+        db.close()
+        cluster.psql("DROP ROLE weakling")
+
+
+def test_shrink_with_parameter_grants_but_hidden_sourcefile_refuses(cluster, tmp_path):
+    # Without pg_read_all_settings we cannot tell ALTER SYSTEM from postgresql.conf: refuse, change nothing.
+    cluster.psql("DROP ROLE IF EXISTS granted; CREATE ROLE granted LOGIN; "
+                 "GRANT ALTER SYSTEM ON PARAMETER work_mem, maintenance_work_mem TO granted; "
+                 "GRANT EXECUTE ON FUNCTION pg_reload_conf() TO granted")
+    before_auto = auto_conf(cluster)
+    db = PostgreSQL(make_cfg(cluster.dsn_for("granted")), str(tmp_path))
+    try:
+        out = db.set_shrink_step(1)
+        assert not out.ok and "GRANT pg_read_all_settings TO granted" in out.detail, out.detail
+        assert auto_conf(cluster) == before_auto and db.originals.load() is None
+
+        cluster.psql("GRANT pg_read_all_settings TO granted")
+        out = db.set_shrink_step(1)
+        assert out.ok, out.detail
+        wait_for(lambda: show(cluster, "work_mem"), "4MB")
+        assert db.set_shrink_step(0).ok
+        wait_for(lambda: show(cluster, "work_mem"), "8MB")
+        assert auto_conf(cluster) == before_auto
+    finally:
+        db.set_shrink_step(0)
+        db.close()
+        cluster.psql("REVOKE ALTER SYSTEM ON PARAMETER work_mem, maintenance_work_mem FROM granted; "
+                     "DROP OWNED BY granted; DROP ROLE granted")
+
+
+# --- sessions --------------------------------------------------------------------------------
+class SleepingSession:
+    """A client connection running pg_sleep in a thread; records how the statement ended."""
+
+    def __init__(self, dsn: str):
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.pid = self.conn.info.backend_pid
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.conn.execute("SELECT pg_sleep(60)")
+        except BaseException as e:      # noqa: BLE001 - recorded for the test to inspect
+            self.error = e
+
+    def close(self) -> None:
+        self.conn.close()
+        self.thread.join(5)
+
+
+def active(cluster, pid: int) -> str:
+    return cluster.psql(f"SELECT state || ':' || query FROM pg_stat_activity WHERE pid = {pid}")
+
+
+def test_cancel_ends_query_session_survives(cluster, adapter):
+    s = SleepingSession(cluster.dsn)
+    try:
+        wait_for(lambda: active(cluster, s.pid), "active:SELECT pg_sleep(60)")
+        out = adapter.cancel(s.pid)
+        assert out.ok, out.detail
+        s.thread.join(20)
+        assert not s.thread.is_alive()
+        assert isinstance(s.error, psycopg.errors.QueryCanceled), s.error
+        assert s.conn.execute("SELECT 1").fetchone() == (1,)      # the session lives on
+    finally:
+        s.close()
+
+
+def test_terminate_ends_session_without_crash(cluster, adapter):
+    s = SleepingSession(cluster.dsn)
+    try:
+        wait_for(lambda: active(cluster, s.pid), "active:SELECT pg_sleep(60)")
+        out = adapter.terminate(s.pid)
+        assert out.ok, out.detail
+        s.thread.join(20)
+        assert isinstance(s.error, psycopg.OperationalError), s.error
+        wait_for(lambda: active(cluster, s.pid), "")
+    finally:
+        s.close()
+    assert "terminated by signal" not in cluster.log()
+    assert "terminating connection due to administrator command" in cluster.log()
+
+
+def test_cancel_refuses_what_is_not_a_session(cluster, adapter):
+    checkpointer = pids_of(cluster, "checkpointer")[0]
+    out = adapter.cancel(checkpointer)
+    assert not out.ok and "checkpointer" in out.detail
+    out = adapter.terminate(cluster.postmaster_pid())
+    assert not out.ok and "not a backend" in out.detail
+    out = adapter.terminate(os.getpid())
+    assert not out.ok and "not a backend" in out.detail
+    assert cluster.is_up()
+
+
+# --- failures --------------------------------------------------------------------------------
+def test_stopped_server_is_down_with_one_line_error(tmp_path):
+    """Decision: server_pid is the live postmaster from postmaster.pid, else None (never a stale pid)."""
+    _require_server_prereqs()
+    from lab.pgcluster import PgCluster
+    with PgCluster() as c:
+        db = PostgreSQL(make_cfg(c.dsn), str(tmp_path))
+        try:
+            up = db.collect()
+            assert up.up and up.server_pid == c.postmaster_pid()
+            c.stop()
+            down = db.collect()
+            assert not down.up
+            assert "\n" not in down.error
+            assert down.error == (f"cannot connect to host={c.socket_dir} port={c.port}: connection refused; "
+                                  "is PostgreSQL running?")
+            assert down.server_pid is None and down.roles == {}
+            # A pid file left behind whose pid is some other live process: still not a server pid.
+            Path(c.data_dir, "postmaster.pid").write_text(f"{os.getpid()}\n{c.data_dir}\n0\n{c.port}\n")
+            assert db.collect().server_pid is None
+            os.unlink(Path(c.data_dir, "postmaster.pid"))
+            c.start()
+            again = db.collect()     # reconnects by itself
+            assert again.up and again.server_pid == c.postmaster_pid(), again.error
+        finally:
+            db.close()
+
+
+def test_wrong_password_one_line_without_password(cluster, tmp_path, monkeypatch):
+    cluster.psql("DROP ROLE IF EXISTS pwuser; CREATE ROLE pwuser LOGIN PASSWORD 'right-Secret-1'")
+    try:
+        monkeypatch.setenv("DBGUARD_TEST_PW", "wrong-Secret-9")
+        # data_directory from the config: the adapter never got in, yet knows the postmaster.
+        db = PostgreSQL(make_cfg(cluster.tcp_dsn_for("pwuser"), password_env="DBGUARD_TEST_PW",
+                                 data_directory=cluster.data_dir), str(tmp_path))
+        stats = db.collect()
+        assert not stats.up
+        assert stats.error == (f'cannot connect to host=127.0.0.1 port={cluster.port}: password authentication '
+                               'failed for user "pwuser"; check password_file / password_env')
+        assert "wrong-Secret-9" not in stats.error
+        assert stats.server_pid == cluster.postmaster_pid()     # known from the pid file, SQL or not
+        outcome = db.set_shrink_step(1)
+        assert not outcome.ok and "password authentication failed" in outcome.detail
+        monkeypatch.setenv("DBGUARD_TEST_PW", "right-Secret-1")
+        assert db.collect().up
+        db.close()
+    finally:
+        cluster.psql("DROP ROLE pwuser")
