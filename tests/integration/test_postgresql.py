@@ -94,6 +94,9 @@ def test_collect_reports_server_roles_and_cache(cluster, adapter):
     assert stats.extra["backends"]["checkpointer"] == 1
     # 8MB -> 2MB floor takes 2 halvings, 64MB takes 5: the deeper one, capped at shrink_steps.
     assert stats.shrink_steps_max == 5 and stats.shrink_step == 0
+    own = adapter._conn.execute("SELECT current_setting('statement_timeout'), "
+                                "current_setting('application_name')").fetchone()
+    assert own == ("2s", "dbguard")
 
     with psycopg.connect(cluster.dsn, autocommit=True) as conn:
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
