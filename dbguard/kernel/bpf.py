@@ -154,7 +154,7 @@ class BpfGuard:
         with tempfile.NamedTemporaryFile(prefix="dbguard-bcc-", suffix=".log") as log:
             try:
                 with _stderr_to(log.name):
-                    bpf = BPF(text=source)
+                    bpf = BPF(text=source.encode())
             except Exception as e:  # BCC raises bare Exception for compile and attach errors
                 detail = _first_error(Path(log.name).read_text(errors="replace")) or str(e).splitlines()[0]
                 raise DbguardError(
