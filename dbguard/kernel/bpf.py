@@ -28,7 +28,7 @@ from .source import (TRACEPOINTS, headers_available, kernel_has_ringbuf, program
                      tracefs, tracepoint_fields)
 from .sync import ProcEntry, diff_plain, diff_procs
 
-__all__ = ["availability", "program_source", "BpfEvent", "BpfGuard", "event_to_audit",
+__all__ = ["availability", "protections", "program_source", "BpfEvent", "BpfGuard", "event_to_audit",
            "restore_score", "SHIELD", "INHERIT", "INHERITED", "CANDIDATE",
            "ACTION_KILL", "ACTION_SHIELD"]
 
@@ -68,6 +68,21 @@ def availability() -> tuple[bool, str]:
                        f"use a kernel built with them (Linux 5.x+ with CONFIG_MEMCG) {OFF_HINT}")
     channel = "ring buffer" if kernel_has_ringbuf() else "perf buffer"
     return True, f"BPF usable: BCC, kernel headers, tracefs and all {len(TRACEPOINTS)} tracepoints present ({channel} events)"
+
+
+# What the BPF path adds, for `dbguard check` (user-space protections are reported elsewhere).
+PROTECTIONS = (
+    ("bpf_fork_inheritance", "children of protected processes are protected at birth, in the kernel"),
+    ("bpf_reclaim_kill", "an allocating kill candidate is killed in the kernel when reclaim keeps failing"),
+    ("bpf_oom_audit", "every kernel OOM kill is audited; a protected victim is reported as a breach"),
+    ("bpf_score_tamper", "a raised oom_score_adj on a protected process is reported and can be restored"),
+)
+
+
+def protections() -> list[tuple[str, bool, str]]:
+    """(name, active, what it does or why not) for each BPF protection on this host; no compile."""
+    usable, why = availability()
+    return [(name, usable, what if usable else why) for name, what in PROTECTIONS]
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import pytest
 from dbguard.errors import DbguardError
 from dbguard.kernel import layout
 from dbguard.kernel.bpf import (INHERIT, INHERITED, SHIELD, BpfGuard, availability,
-                                event_to_audit, program_source, restore_score)
+                                event_to_audit, program_source, protections, restore_score)
 from lab.cgroup import MemoryCgroup
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root, pytest.mark.e2e]
@@ -166,6 +166,25 @@ def test_print_source_is_what_is_loaded(guard):
     assert out == program_source() == guard.source
     assert '#include "dbguard.h"' not in out and "struct dbg_event {" in out
     assert "#define DBG_MAX_PROCS 16384" in out
+
+
+def test_direct_reclaim_programs_jump_to_the_memcg_ones(guard):
+    def prog_id(fd: int) -> int:
+        for line in open(f"/proc/self/fdinfo/{fd}"):
+            if line.startswith("prog_id:"):
+                return int(line.split()[1])
+        raise AssertionError("no prog_id in fdinfo")
+    funcs = guard._b.funcs
+    jump = guard._b[b"reclaim_jump"]
+    for slot, target in ((0, b"tracepoint__vmscan__mm_vmscan_memcg_reclaim_begin"),
+                         (1, b"tracepoint__vmscan__mm_vmscan_memcg_reclaim_end")):
+        assert jump[ct.c_int(slot)].value == prog_id(funcs[target].fd)
+
+
+def test_protections_report_names_each_bpf_protection():
+    rows = protections()
+    assert [r[0] for r in rows] == ["bpf_fork_inheritance", "bpf_reclaim_kill", "bpf_oom_audit", "bpf_score_tamper"]
+    assert all(active for _, active, _ in rows), rows
 
 
 # --- fork inheritance -------------------------------------------------------------------------
