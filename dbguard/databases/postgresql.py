@@ -169,7 +169,8 @@ def postmaster_pid(data_directory: str) -> int | None:
 _COLLECT_SQL = """
 SELECT
   (SELECT coalesce(json_agg(json_build_array(pid, backend_type, state, usename, left(query, %(qmax)s),
-            extract(epoch FROM now() - coalesce(query_start, state_change, backend_start)),
+            extract(epoch FROM now() - coalesce(CASE WHEN state = 'active' THEN query_start
+                                                      ELSE state_change END, backend_start)),
             pid = pg_backend_pid())), '[]'::json)
      FROM pg_stat_activity WHERE pid IS NOT NULL),
   (SELECT json_object_agg(name, json_build_array(setting, unit, sourcefile))
@@ -291,11 +292,21 @@ class PostgreSQL(Database):
 
     # --- state file ------------------------------------------------------------------------
     def _saved(self) -> dict[str, Any] | None:
-        return self.originals.load()
+        try:
+            saved = self.originals.load()
+            if saved is not None:
+                int(saved["step"]), dict(saved["settings"])
+            return saved
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise DbguardError(f"{self.originals.path}: unreadable state file ({type(e).__name__}); put the "
+                               f"settings {', '.join(self.cfg.shrink_settings)} back by hand, then remove it") from None
 
     def _current_step(self) -> int:
-        saved = self._saved()
-        return int(saved.get("step", 0)) if saved else 0
+        try:
+            saved = self._saved()
+        except DbguardError:
+            return 0
+        return int(saved["step"]) if saved else 0
 
     # --- collect ---------------------------------------------------------------------------
     def collect(self) -> DbStats:
@@ -317,10 +328,9 @@ class PostgreSQL(Database):
                        shrink_step=self._current_step())
 
     def _collect(self, conn: psycopg.Connection) -> DbStats:
-        query = _COLLECT_SQL
         names = ["shared_buffers", *self.cfg.shrink_settings]
         with conn.cursor() as cur:
-            cur.execute(query, {"qmax": QUERY_MAX, "names": names})
+            cur.execute(_COLLECT_SQL, {"qmax": QUERY_MAX, "names": names})
             row = cur.fetchone()
         activity, settings, hit_ratio = row[0], row[1] or {}, row[2]
         used_buffers = self._sample_buffercache(conn)
@@ -343,13 +353,15 @@ class PostgreSQL(Database):
 
         sb = settings.get("shared_buffers")
         shared_buffers = setting_bytes(sb[0], sb[1]) if sb else 0
-        current = {n: size_literal(b) for n in self.cfg.shrink_settings if n in settings
+        current = {n: b for n in self.cfg.shrink_settings if n in settings
                    for b in [setting_bytes(settings[n][0], settings[n][1])] if b is not None}
-        saved = self._saved()
-        originals = ({n: v["bytes"] for n, v in saved["settings"].items()} if saved else
-                     {n: b for n in self.cfg.shrink_settings if n in settings
-                      for b in [setting_bytes(settings[n][0], settings[n][1])] if b is not None})
-        extra: dict[str, Any] = {"settings": current, "backends": counts}
+        extra: dict[str, Any] = {"settings": {n: size_literal(b) for n, b in current.items()}, "backends": counts}
+        try:
+            saved = self._saved()
+        except DbguardError as e:       # the stats are still good; say what is wrong with the file
+            saved, extra["state_error"] = None, str(e)
+        # Steps count from the DBA's values: the saved originals while shrunk, else the current ones.
+        originals = {n: v["bytes"] for n, v in saved["settings"].items()} if saved else current
         if used_buffers is None:
             extra["cache_used"] = self._used_buffers_note
         return DbStats(
@@ -357,7 +369,7 @@ class PostgreSQL(Database):
             data_directory=self._data_directory, roles=roles, sessions=tuple(sessions),
             cache_bytes=shared_buffers or 0, cache_configured_bytes=shared_buffers or 0,
             cache_used_bytes=(used_buffers or 0) * self._block_size,
-            hit_ratio=hit_ratio, shrink_step=int(saved.get("step", 0)) if saved else 0,
+            hit_ratio=hit_ratio, shrink_step=int(saved["step"]) if saved else 0,
             shrink_steps_max=shrink_steps_max(originals, self.cfg.shrink_floor, self.cfg.shrink_steps),
             extra=extra)
 

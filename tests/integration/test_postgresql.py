@@ -354,3 +354,44 @@ def test_wrong_password_one_line_without_password(cluster, tmp_path, monkeypatch
         db.close()
     finally:
         cluster.psql("DROP ROLE pwuser")
+
+
+def test_corrupt_state_file_is_reported_not_raised(cluster, tmp_path):
+    db = PostgreSQL(make_cfg(cluster.dsn), str(tmp_path))
+    try:
+        db.originals.path.write_text("{not json")
+        stats = db.collect()
+        assert stats.up and "unreadable state file" in stats.extra["state_error"]
+        out = db.set_shrink_step(1)
+        assert not out.ok and str(db.originals.path) in out.detail and "\n" not in out.detail
+        assert (show(cluster, "work_mem"), show(cluster, "maintenance_work_mem")) == ("8MB", "64MB")
+    finally:
+        db.originals.clear()
+        db.close()
+
+
+# --- pure logic ------------------------------------------------------------------------------
+def test_size_arithmetic():
+    from dbguard.databases.postgresql import (setting_bytes, shrink_steps_max, shrunk_bytes, size_literal,
+                                              steps_to_floor, unit_bytes)
+    assert unit_bytes("8kB") == 8192 and unit_bytes("kB") == 1024 and unit_bytes("ms") is None
+    assert setting_bytes("16384", "8kB") == 128 * MiB and setting_bytes("-1", "kB") is None
+    assert size_literal(4 * MiB) == "4MB" and size_literal(1536 * 1024) == "1536kB"
+    assert [shrunk_bytes(8 * MiB, 2 * MiB, s) for s in range(4)] == [8 * MiB, 4 * MiB, 2 * MiB, 2 * MiB]
+    assert shrunk_bytes(MiB, 2 * MiB, 3) == MiB          # below the floor already: never raised
+    assert steps_to_floor(64 * MiB, 2 * MiB) == 5 and steps_to_floor(MiB, 2 * MiB) == 0
+    assert shrink_steps_max({"a": 8 * MiB, "b": 64 * MiB}, 2 * MiB, 3) == 3
+    assert shrink_steps_max({"a": MiB}, 2 * MiB, 3) == 0
+
+
+def test_connect_error_lines():
+    from dbguard.databases.postgresql import connect_error_line
+    refused = ('connection failed: connection to server on socket "/x/.s.PGSQL.5432" failed: No such file or '
+               'directory\n\tIs the server running locally and accepting connections on that socket?')
+    assert connect_error_line(refused, "host=/x port=5432", None) == \
+        "cannot connect to host=/x port=5432: connection refused; is PostgreSQL running?"
+    pw = ('connection failed: connection to server at "127.0.0.1", port 5 failed: FATAL:  password '
+          'authentication failed for user "u"')
+    assert connect_error_line(pw, "h", "s3cret") == \
+        'cannot connect to h: password authentication failed for user "u"; check password_file / password_env'
+    assert "s3cret" not in connect_error_line("weird s3cret echo", "h", "s3cret")
