@@ -192,6 +192,7 @@ class PostgreSQL(Database):
         self.name = cfg.name
         self.originals = Originals(state_dir, cfg.name)
         self._conn: psycopg.Connection | None = None
+        self._stuck: tuple[threading.Thread, float] | None = None    # a worker the server never answered
         self._lock = threading.Lock()
         self._data_directory = cfg.data_directory
         self._has_buffercache = False
@@ -253,7 +254,47 @@ class PostgreSQL(Database):
             self._conn = self._open()
         return self._conn
 
+    @property
+    def call_budget(self) -> float:
+        """Longest one call may block: connecting (retries included) is bounded by about
+        2 x connect_timeout, and a statement by statement_timeout, but only while the server
+        answers at all; a stopped server or a silent network is cut off here."""
+        return max(2 * self.cfg.connect_timeout, self.cfg.statement_timeout) + 0.5
+
     def _on_connection(self, work):
+        """work(conn) in a worker thread, waited for at most call_budget seconds.
+
+        psycopg waits for the server without a client-side limit, and statement_timeout is
+        enforced by the server: neither helps when the server stops answering. The worker
+        that did not come back keeps the connection it holds (it is closed when it ends); the
+        next calls use a new one, and fail at once while the stuck worker is still waiting.
+        """
+        stuck = self._stuck
+        if stuck is not None and stuck[0].is_alive():
+            raise DbguardError(f"{self._where}: no answer for {time.monotonic() - stuck[1]:.0f}s to an earlier "
+                               "statement; is the server stopped, hung or unreachable?")
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            try:
+                result["value"] = self._retry_once(work)
+            except BaseException as e:      # noqa: BLE001 - handed to the caller's thread
+                result["error"] = e
+
+        worker = threading.Thread(target=run, name=f"dbguard-pg-{self.name}", daemon=True)
+        worker.start()
+        worker.join(self.call_budget)
+        if worker.is_alive():
+            self._stuck = (worker, time.monotonic())
+            self._conn = None                # the worker's now; never shared with it again
+            raise DbguardError(f"{self._where}: no answer within {self.call_budget:.1f}s; "
+                               "is the server stopped, hung or unreachable?")
+        self._stuck = None
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
+    def _retry_once(self, work):
         """work(conn) on the persistent connection; once more on a new one if the old one was lost
         (a restarted server ends our session: that is no reason to report it down)."""
         reused = self._conn is not None and not self._conn.closed and not self._conn.broken
@@ -261,7 +302,7 @@ class PostgreSQL(Database):
         try:
             return work(conn)
         except psycopg.OperationalError:
-            if not (reused and conn.broken):
+            if not (reused and conn.broken) or self._stuck is not None:
                 raise
             self._drop()
             return work(self._connection())

@@ -395,3 +395,29 @@ def test_connect_error_lines():
     assert connect_error_line(pw, "h", "s3cret") == \
         'cannot connect to h: password authentication failed for user "u"; check password_file / password_env'
     assert "s3cret" not in connect_error_line("weird s3cret echo", "h", "s3cret")
+
+
+def test_hung_server_does_not_stall_collect(cluster, tmp_path):
+    """A backend that stops answering (here: our own throwaway backend paused with SIGSTOP by the
+    test harness, as a hung server or a silent network would be) must not hang the caller."""
+    import signal
+    db = PostgreSQL(make_cfg(cluster.dsn, connect_timeout=1.0, statement_timeout=1.0), str(tmp_path))
+    assert db.collect().up
+    backend = db._conn.info.backend_pid
+    result: dict = {}
+    caller = threading.Thread(target=lambda: result.update(first=db.collect(), second=db.collect()), daemon=True)
+    os.kill(backend, signal.SIGSTOP)
+    try:
+        caller.start()
+        caller.join(60)         # a hang detector only: the adapter's own budget here is 2.5 s
+        assert not caller.is_alive(), "collect() blocked on a server that does not answer"
+    finally:
+        os.kill(backend, signal.SIGCONT)
+    first, second = result["first"], result["second"]
+    assert not first.up and "no answer within 2.5s" in first.error, first.error
+    assert first.server_pid == cluster.postmaster_pid()
+    assert not second.up and "to an earlier statement" in second.error, second.error
+    wait_for(lambda: db._stuck is None or not db._stuck[0].is_alive(), True)
+    again = db.collect()
+    assert again.up, again.error
+    db.close()
