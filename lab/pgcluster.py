@@ -39,11 +39,18 @@ def _conf_value(value: str) -> str:
 class PgCluster:
     def __init__(self, port: int | None = None, settings: dict[str, str] | None = None,
                  cgroup: "MemoryCgroup | None" = None, base_dir: str | None = None):
+        if os.geteuid() != 0:
+            raise RuntimeError("PgCluster needs root: initdb and the server run as the postgres OS user")
+        if not (PG_BIN / "initdb").exists():
+            raise RuntimeError(f"PostgreSQL 15 server binaries missing in {PG_BIN}: apt-get install postgresql-15")
+        try:
+            self._pw = pwd.getpwnam(OS_USER)
+        except KeyError:
+            raise RuntimeError(f"no {OS_USER} OS user: apt-get install postgresql-15 creates it") from None
         self._auto_port = port is None
         self.port = port if port is not None else free_port()
         self.settings = dict(settings or {})
         self.cgroup = cgroup
-        self._pw = pwd.getpwnam(OS_USER)
         self.base_dir = tempfile.mkdtemp(prefix="dbguard-pg-", dir=base_dir or "/tmp")
         os.chown(self.base_dir, self._pw.pw_uid, self._pw.pw_gid)
         os.chmod(self.base_dir, 0o755)
