@@ -263,8 +263,8 @@ class MySQL(Database):
             if not (e.args and e.args[0] in CONNECTION_LOST):
                 raise
             self._drop()
-            if not reused:
-                raise
+            if not reused or "timed out" in str(e):
+                raise         # a server that does not answer gets no second wait
             return fn(self._main())
 
     def _main(self) -> pymysql.connections.Connection:
@@ -403,6 +403,10 @@ class MySQL(Database):
             extra["memory_global_total"] = self._memory_global_total(conn)
         if pid_error:
             extra["server_pid_error"] = pid_error
+        try:
+            self._saved()
+        except DbguardError as e:
+            extra["state_error"] = str(e)
         if self._resize is not None:
             extra["last_resize"] = self._resize.summary()
         return DbStats(
@@ -431,9 +435,24 @@ class MySQL(Database):
         ago = time.monotonic() - self._auto_shrunk_at
         return ago if ago < self.auto_shrink_holdoff else None
 
+    def _saved(self) -> dict[str, Any] | None:
+        """The originals file, checked; a damaged one is one line telling the DBA what to do."""
+        try:
+            saved = self.originals.load()
+            if saved is not None:
+                int(saved["innodb_buffer_pool_size"]), dict(saved.get("caches", {}))
+            return saved
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise DbguardError(
+                f"{self.originals.path}: unreadable state file ({type(e).__name__}); set innodb_buffer_pool_size "
+                "back to the configured size by hand (SET GLOBAL), then remove the file") from None
+
     def _configured(self, size: int) -> int:
         """The DBA's size: saved originals while dbguard has it changed, else the largest seen."""
-        saved = self.originals.load()
+        try:
+            saved = self._saved()
+        except DbguardError:
+            saved = None      # collect() reports it; set_shrink_step() refuses to act on it
         if saved and "innodb_buffer_pool_size" in saved:
             return int(saved["innodb_buffer_pool_size"])
         if self._baseline is None or size > self._baseline or self._auto_shrink_min(size) is None:
@@ -534,7 +553,7 @@ class MySQL(Database):
         if step < now_step - 1:
             step = now_step - 1       # grow back one step per call, so the server refills gradually
         target = step_target(configured, floor, steps, step, srv.unit)
-        saved = self.originals.load()
+        saved = self._saved()
         if (step > 0 or size < configured) and saved is None:
             # Before the first change, and as soon as the pool is found smaller than the DBA's size.
             self.originals.save({"innodb_buffer_pool_size": configured,
@@ -689,8 +708,11 @@ class MySQL(Database):
 
         Later steps follow from the policy at level ok (collect() reports shrink_step > 0).
         """
-        if self.originals.load() is None:
-            return Outcome(True, "nothing to restore")
+        try:
+            if self._saved() is None:
+                return Outcome(True, "nothing to restore")
+        except DbguardError as e:
+            return Outcome(False, str(e))
         return self.set_shrink_step(0)
 
 

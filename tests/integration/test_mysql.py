@@ -387,3 +387,34 @@ def test_no_shrink_steps_means_nothing_to_shrink(server, guard):
     assert s.shrink_steps_max == 0
     assert g.set_shrink_step(2).ok
     assert _pool(server) == POOL and g.originals.load() is None
+
+
+def test_damaged_state_file_is_one_line_and_blocks_changes(server, guard):
+    g = guard()
+    g.originals.path.parent.mkdir(parents=True, exist_ok=True)
+    g.originals.path.write_text("{not json")
+    s = g.collect()
+    assert s.up and "unreadable state file" in s.extra["state_error"]
+    out = g.set_shrink_step(1)
+    assert not out.ok and "unreadable state file" in out.detail and "\n" not in out.detail
+    assert _pool(server) == POOL
+    assert not g.recover().ok
+
+
+def test_server_that_does_not_answer_is_reported_down(tmp_path):
+    """A listener that accepts and never speaks (a hung server, a silent network)."""
+    import socket as sk
+    silent = sk.socket(sk.AF_INET, sk.SOCK_STREAM)
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        cfg = DatabaseConfig(kind="mysql", name="hung", host="127.0.0.1", port=silent.getsockname()[1],
+                             user="dbguard", connect_timeout=0.5, statement_timeout=0.5)
+        g = MySQL(cfg, str(tmp_path))
+        s = g.collect()
+        assert not s.up and "cannot reach the server at 127.0.0.1" in s.error, s.error
+        out = g.set_shrink_step(1)
+        assert not out.ok and "cannot reach the server" in out.detail
+        g.close()
+    finally:
+        silent.close()
