@@ -414,6 +414,7 @@ def dbguard_guard(env: ScenarioEnv, *, ready_timeout: float = 10.0, settle: floa
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        env.log(f"dbguard stopped (exit {proc.returncode}); last output: {_tail(out, 3) or 'none'}")
 
 
 @contextlib.contextmanager
