@@ -214,7 +214,7 @@ class MariaDB:
     def create_user(self, name: str, password: str, grants: tuple[str, ...] | list[str],
                     host: str = "%") -> None:
         """A user with exactly `grants` (global privileges, e.g. ["PROCESS", "CONNECTION ADMIN"])."""
-        self.sql(f"CREATE OR REPLACE USER %s@%s IDENTIFIED BY %s", (name, host, password))
+        self.sql("CREATE OR REPLACE USER %s@%s IDENTIFIED BY %s", (name, host, password))
         if grants:
             self.sql(f"GRANT {', '.join(grants)} ON *.* TO %s@%s", (name, host))
         # performance_schema and sys are read through SELECT on them, not a global privilege.
