@@ -63,23 +63,29 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"[{time.monotonic() - start:5.1f}s] {msg}", flush=True)
 
+    results: list[ScenarioResult] = []
+    failed = ""
     try:
         require_lab()
-        results = []
         for guard in [args.only] if args.only else ["none", "dbguard"]:
             say(f"--- scenario with guard: {guard}")
             results.append(run_pg_scenario(guard, duration=args.duration, log=say))
             if args.verbose:
                 print(results[-1].summary(), flush=True)
     except DbguardError as e:
-        print(f"demo: {e}", file=sys.stderr)
-        return 2
+        failed = str(e)
+        if not results:
+            print(f"demo: {failed}", file=sys.stderr)
+            return 2
     except KeyboardInterrupt:
         print("\ndemo: interrupted; everything it started has been stopped and removed", file=sys.stderr)
         return 130
     print()
     print(table(results))
     print("\n(time to first kill: from the cgroup first hitting its 1000 MB limit after the hogs start)")
+    if failed:       # the control ran, the guarded run could not: show what we have, then why
+        print(f"demo: the run with dbguard did not complete: {failed}", file=sys.stderr)
+        return 2
     return 0
 
 
