@@ -82,12 +82,14 @@ class Run:
 def applied(tmp_path_factory):
     """The role applied twice; yields (run, first result, second result)."""
     run = Run(tmp_path_factory.mktemp("ansible-role"))
-    first = run.playbook()
-    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
-    second = run.playbook()
-    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
-    yield run, first, second
-    shutil.rmtree(run.base, ignore_errors=True)
+    try:
+        first = run.playbook()
+        assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-2000:]
+        second = run.playbook()
+        assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-2000:]
+        yield run, first, second
+    finally:
+        shutil.rmtree(run.base, ignore_errors=True)
 
 
 def mode(path: Path) -> int:
