@@ -88,6 +88,10 @@ class ScenarioResult:
     timeline: list[Event]
     audit: list[dict]                 # the guard's audit records (JSON lines), when it wrote any
     pgbench_errors: list[str]
+    # For timelines and throughput ratios (benchmarks/): pgbench -P 1 lines as (seconds since
+    # hog start, tps), and time.monotonic() at hog start, to place other samples on that axis.
+    tps_progress: list[tuple[float, float]] = field(default_factory=list)
+    hogs_started_monotonic: float | None = None
 
     def summary(self) -> str:
         lines = [f"guard={self.guard}: survived={self.database_survived} crash_recoveries={self.crash_recoveries} "
@@ -329,7 +333,8 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)       # a JSON string is a valid TOML basic string
 
 
-def dbguard_config(env: ScenarioEnv) -> str:
+def dbguard_config(env: ScenarioEnv, extra: str = "") -> str:
+    """The scenario's config; `extra` is TOML appended as is (tables not already above)."""
     dsn = env.cluster.dsn
     return "\n".join([
         "[general]",
@@ -345,7 +350,7 @@ def dbguard_config(env: ScenarioEnv) -> str:
         "[metrics]",
         'listen = ""',
         "",
-    ])
+    ]) + extra
 
 
 def read_audit(path: Path) -> list[dict]:
@@ -376,7 +381,7 @@ def _tail(path: Path, n: int = 1) -> str:
 
 @contextlib.contextmanager
 def dbguard_guard(env: ScenarioEnv, *, ready_timeout: float = 10.0, settle: float = 1.0,
-                  extra_args: tuple[str, ...] = ()) -> Iterator[None]:
+                  extra_args: tuple[str, ...] = (), extra_config: str = "") -> Iterator[None]:
     """`dbguard run --config FILE` outside the cgroup, until the block ends.
 
     Ready when its first audit record appears; a dbguard with nothing to do yet (no kill
@@ -384,7 +389,7 @@ def dbguard_guard(env: ScenarioEnv, *, ready_timeout: float = 10.0, settle: floa
     `ready_timeout` seconds counts as ready too.
     """
     cfg = env.workdir / "dbguard.toml"
-    cfg.write_text(dbguard_config(env))
+    cfg.write_text(dbguard_config(env, extra_config))
     out = env.workdir / "dbguard.out"
     cmd = [sys.executable, "-c", "import sys; from dbguard.cli import main; sys.exit(main())",
            "run", "--config", str(cfg), *extra_args]
@@ -593,6 +598,8 @@ def run_pg_scenario(guard: str | Guard = "none", *,
                 timeline=watcher.timeline,
                 audit=read_audit(audit_path),
                 pgbench_errors=bench.errors[:10],
+                tps_progress=[(t - hog_start_in_bench, tps) for t, tps in bench.progress],
+                hogs_started_monotonic=t0,
             )
         say(f"[{guard_name}] done: survived={result.database_survived}, crash recoveries "
             f"{result.crash_recoveries}, hogs killed {len(result.hogs_killed)}")

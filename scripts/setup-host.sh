@@ -7,6 +7,7 @@ need_pkgs=(
   python3 python3-venv python3-bpfcc bpftool linux-headers-amd64
   postgresql postgresql-contrib mariadb-server mariadb-client
   earlyoom util-linux procps
+  python3-matplotlib   # benchmarks/ plots; the venv sees system site-packages
 )
 
 missing=()
