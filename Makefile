@@ -18,9 +18,10 @@ host:
 	@bash scripts/setup-host.sh
 
 # The distribution's python3 with system site-packages: BCC (python3-bpfcc) is not on PyPI.
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml scripts/setup-integrations.sh
 	@test -x $(PY) || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	@$(PY) -m pip install -q -e '.[test]'
+	@bash scripts/setup-integrations.sh
 	@touch $@
 
 venv: $(VENV)/.installed

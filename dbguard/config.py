@@ -112,7 +112,7 @@ class Pressure:
     hysteresis: float = Bounded(0.05, 0, 0.5)
     min_dwell: float = Bounded(5.0, 0, 3600)
     psi_trigger_stall_us: int = Bounded(50_000, 1, 10_000_000)
-    psi_trigger_window_us: int = Bounded(1_000_000, 500_000, 10_000_000)
+    psi_trigger_window_us: int = Bounded(2_000_000, 500_000, 10_000_000)
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,11 @@ class Protection:
 @dataclass(frozen=True)
 class Bpf:
     enabled: bool | str = "auto"
+    max_procs: int = Bounded(16384, 64, 1_000_000)
+    max_cgroups: int = Bounded(1024, 1, 100_000)
+    min_level_to_kill: int = Bounded(3, 1, 3)
+    fail_streak: int = Bounded(3, 1, 1000)
+    fail_pages: int = Bounded(0, 0, 1_000_000)
 
 
 @dataclass(frozen=True)

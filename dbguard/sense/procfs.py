@@ -159,6 +159,14 @@ def start_time(pid: int, root: str = "/proc") -> int | None:
         return None
 
 
+def start_time_at(dir_fd: int) -> int | None:
+    """Start time of the process whose /proc/PID directory `dir_fd` holds open (None: gone)."""
+    try:
+        return int(parse_stat(_read("stat", dir_fd=dir_fd))[1][_STARTTIME])
+    except _GONE:
+        return None
+
+
 def same_process(key: ProcKey, root: str = "/proc") -> bool:
     """True while `key.pid` is still the process we saw (not a newcomer that reused the pid)."""
     return start_time(key.pid, root) == key.start_time

@@ -1,0 +1,1 @@
+"""Act: carry out a Plan, safely. Every kill and score write is PID-reuse safe."""

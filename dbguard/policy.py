@@ -1,0 +1,324 @@
+"""Decide: from one Snapshot, the pressure level and the actions that answer it.
+
+Pure: no I/O and no clock of its own (time comes in the snapshot), so every rule here is
+unit-tested without root, a kernel or a database, and `dbguard explain` shows exactly
+what `dbguard run` would do. The only state is what graduated answers need to remember
+across cycles: when a level was last justified (hysteresis, dwell), when each database's
+caches last moved, which sessions were already cancelled, and when the last kills were.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections import deque
+from dataclasses import dataclass, field, replace
+
+from .config import Config, DatabaseConfig, Pressure
+from .model import (Action, ActionKind, DbSession, DbStats, Level, MemoryReading, Plan, Proc, ProcKey,
+                    Role, Snapshot)
+
+MiB = 1024 * 1024
+# The same key is not planned for a second kill this soon: its memory may take a moment to
+# show as freed, and in dry-run the process is (rightly) still there.
+KILL_REPEAT_AFTER = 10.0
+# Scores: a postmaster and its auxiliaries must never be chosen while anything else is left.
+SERVER_OOM_SCORE_ADJ = -1000
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.0f}%"
+
+
+def level_of(m: MemoryReading, p: Pressure, margin: float = 0.0) -> tuple[Level, str]:
+    """The level the reading justifies, with marks lowered by `margin` (hysteresis), and why.
+
+    On cgroup v1 PSI is host-wide: it may raise the watched cgroup to warn (shrinking
+    caches is cheap), but only the cgroup's own figures may justify killing in it.
+    """
+    r = m.pressing_ratio
+    own_psi = m.cgroup_version != 1
+    psi_margin = margin * 100
+    where = "of the limit" if m.cgroup else "of RAM"
+    if m.limit_bytes and r >= p.critical_usage - margin:
+        return Level.CRITICAL, f"unreclaimable usage {_pct(r)} {where} >= critical mark {_pct(p.critical_usage)}"
+    if m.limit_bytes and r >= p.high_usage - margin:
+        return Level.HIGH, f"unreclaimable usage {_pct(r)} {where} >= high mark {_pct(p.high_usage)}"
+    if own_psi and p.high_psi_full > 0 and m.psi_full_avg10 >= p.high_psi_full - psi_margin:
+        return Level.HIGH, f"PSI full avg10 {m.psi_full_avg10:.1f}% >= high mark {p.high_psi_full:g}%"
+    if m.limit_bytes and r >= p.warn_usage - margin:
+        return Level.WARN, f"unreclaimable usage {_pct(r)} {where} >= warn mark {_pct(p.warn_usage)}"
+    if p.warn_psi_some > 0 and m.psi_some_avg10 >= p.warn_psi_some - psi_margin:
+        scope = "" if own_psi else " (host-wide)"
+        return Level.WARN, f"PSI some avg10 {m.psi_some_avg10:.1f}%{scope} >= warn mark {p.warn_psi_some:g}%"
+    return Level.OK, f"unreclaimable usage {_pct(r)} {where}, PSI some {m.psi_some_avg10:.1f}%"
+
+
+@dataclass
+class LevelTracker:
+    """Enter a level at once; leave it only below its marks minus hysteresis, after min_dwell."""
+
+    pressure: Pressure
+    level: Level = Level.OK
+    justified_at: float = float("-inf")   # last time the reading justified the current level
+
+    def update(self, m: MemoryReading, now: float) -> tuple[Level, str]:
+        raw, why = level_of(m, self.pressure)
+        if raw >= self.level:
+            self.level, self.justified_at = raw, now
+            return raw, why
+        held, held_why = level_of(m, self.pressure, margin=self.pressure.hysteresis)
+        if held >= self.level:
+            self.justified_at = now
+            return self.level, f"{held_why} (within hysteresis)"
+        waited = now - self.justified_at
+        if waited < self.pressure.min_dwell:
+            return self.level, f"{why}; holding {self.level.name.lower()} for {self.pressure.min_dwell - waited:.1f}s more"
+        self.level, self.justified_at = held, now
+        return held, why
+
+    def next_mark_bytes(self, m: MemoryReading) -> int | None:
+        """Usage at which the next level up starts (wake the loop there), None at the top."""
+        if not m.limit_bytes:
+            return None
+        marks = {Level.OK: self.pressure.warn_usage, Level.WARN: self.pressure.high_usage,
+                 Level.HIGH: self.pressure.critical_usage}
+        mark = marks.get(self.level)
+        return None if mark is None else int(mark * m.limit_bytes) + m.reclaimable_bytes
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one process is to the kill path, and why."""
+
+    protected: bool          # never a kill candidate, shielded where possible
+    candidate: bool          # may be killed when the level allows
+    preferred: bool = False  # killed before ordinary candidates
+    why: str = ""
+
+
+@dataclass
+class Policy:
+    cfg: Config
+    dry_run: bool = False
+    can_lower_scores: bool = False
+    protected_uids: frozenset[int] = frozenset()
+    watched_memcg: str | None = None     # "/a/b" relative memcg path; None: every process (host)
+    levels: LevelTracker = field(init=False)
+    _cache_moved_at: dict[str, float] = field(default_factory=dict)
+    _cancelled: dict[tuple[str, int], float] = field(default_factory=dict)
+    _terminated: set[tuple[str, int]] = field(default_factory=set)
+    _kill_times: deque = field(default_factory=lambda: deque(maxlen=10_000))
+    _killed: dict[ProcKey, float] = field(default_factory=dict)
+    _scored: dict[ProcKey, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.levels = LevelTracker(self.cfg.pressure)
+
+    @property
+    def db_configs(self) -> dict[str, DatabaseConfig]:
+        return {d.name: d for d in self.cfg.databases}
+
+    # --- who is who --------------------------------------------------------------------
+    def in_watched(self, proc: Proc) -> bool:
+        w = self.watched_memcg
+        if w is None or w in ("", "/"):
+            return True
+        return proc.memcg == w or proc.memcg.startswith(w.rstrip("/") + "/")
+
+    def verdict(self, proc: Proc, role: Role, self_pid: int) -> Verdict:
+        if proc.kernel_thread or role is Role.KERNEL_THREAD:
+            return Verdict(True, False, why="kernel thread")
+        if proc.pid == 1 or role is Role.INIT:
+            return Verdict(True, False, why="PID 1")
+        if proc.pid == self_pid or role is Role.DBGUARD:
+            return Verdict(True, False, why="dbguard itself")
+        if role.is_database:
+            return Verdict(True, False, why=f"database process ({role.value}): ended only by SQL, never a signal")
+        k = self.cfg.kill
+        if proc.exe and any(fnmatch.fnmatchcase(proc.exe, g) for g in k.protect_exe):
+            return Verdict(True, False, why=f"kill.protect_exe matches {proc.exe}")
+        if proc.uid in self.protected_uids:
+            return Verdict(True, False, why=f"kill.protect_users has uid {proc.uid}")
+        if not proc.exe:
+            # Unreadable or just forked: not known well enough to be killed.
+            return Verdict(False, False, why="executable unknown (exiting or just forked)")
+        if not self.in_watched(proc):
+            return Verdict(False, False, why="outside the watched memory cgroup")
+        preferred = any(fnmatch.fnmatchcase(proc.exe, g) for g in k.prefer_exe)
+        if proc.rss_bytes < k.min_rss:
+            return Verdict(False, False, preferred,
+                           f"rss {proc.rss_bytes // MiB} MiB below kill.min_rss {k.min_rss // MiB} MiB")
+        return Verdict(False, True, preferred,
+                       ("kill.prefer_exe: killed first; " if preferred else "") +
+                       f"rss {proc.rss_bytes // MiB} MiB in the watched cgroup")
+
+    def candidates(self, snap: Snapshot) -> list[Proc]:
+        """Kill candidates in kill order: preferred first, then the largest."""
+        out = [(v.preferred, p) for p in snap.procs.values()
+               for v in [self.verdict(p, snap.roles.get(p.pid, Role.OTHER), snap.self_pid)] if v.candidate]
+        out.sort(key=lambda t: (not t[0], -t[1].rss_bytes, t[1].pid))
+        return [p for _, p in out]
+
+    # --- deciding ----------------------------------------------------------------------
+    def decide(self, snap: Snapshot) -> Plan:
+        level, why = self.levels.update(snap.memory, snap.ts)
+        actions = (self._scores(snap) + self._caches(snap, level) + self._idle_sessions(snap, level)
+                   + self._runaway(snap, level) + self._kills(snap, level))
+        if self.dry_run:
+            actions = [_dry(a) for a in actions]
+        self._forget(snap)
+        return Plan(level, why, tuple(actions))
+
+    def _act(self, kind: ActionKind, reason: str, **kw) -> Action:
+        return Action(kind=kind, reason=reason, **kw)
+
+    def _scores(self, snap: Snapshot) -> list[Action]:
+        prot = self.cfg.protection
+        out = []
+        for pid, proc in snap.procs.items():
+            role = snap.roles.get(pid, Role.OTHER)
+            want, why = None, ""
+            if role.is_database and prot.lower_databases and self.can_lower_scores:
+                server = role in (Role.POSTMASTER, Role.PG_AUXILIARY)
+                want = SERVER_OOM_SCORE_ADJ if server else prot.backend_oom_score_adj
+                why = (f"shield {role.value}: the kernel OOM killer must choose anything else first"
+                       if server else f"shield {role.value}, yet leave the kernel a way out")
+                if proc.oom_score_adj <= want:
+                    continue
+            elif role is Role.OTHER and prot.raise_candidates:
+                v = self.verdict(proc, role, snap.self_pid)
+                want = prot.candidate_oom_score_adj
+                if not v.candidate or proc.oom_score_adj >= want:
+                    continue
+                why = f"kill candidate ({v.why}): the kernel OOM killer should choose it before the database"
+            if want is None or self._scored.get(proc.key) == want:
+                continue
+            self._scored[proc.key] = want
+            out.append(self._act(ActionKind.SET_OOM_SCORE_ADJ, why, pid=pid, start_time=proc.start_time,
+                                 target=_proc_name(proc), value=want))
+        return out
+
+    def _caches(self, snap: Snapshot, level: Level) -> list[Action]:
+        out = []
+        dwell = self.cfg.pressure.min_dwell
+        for db in snap.databases:
+            if not db.up or db.shrink_steps_max == 0 and db.shrink_step == 0:
+                continue
+            since = snap.ts - self._cache_moved_at.get(db.name, float("-inf"))
+            target = f"{db.kind} {db.name}"
+            # Above warn, pressure is climbing: one step per cycle is not too fast.
+            if level >= Level.WARN and db.shrink_step < db.shrink_steps_max and (
+                    level >= Level.HIGH or since >= dwell):
+                self._cache_moved_at[db.name] = snap.ts
+                out.append(self._act(ActionKind.SHRINK_CACHE,
+                                     f"level {level.name.lower()}: shrink caches to step "
+                                     f"{db.shrink_step + 1} of {db.shrink_steps_max}",
+                                     target=target, database=db.name, value=db.shrink_step + 1))
+            elif level == Level.OK and db.shrink_step > 0 and since >= dwell:
+                self._cache_moved_at[db.name] = snap.ts
+                out.append(self._act(ActionKind.RESTORE_CACHE,
+                                     f"pressure has passed for {dwell:g}s: grow caches back to step "
+                                     f"{db.shrink_step - 1} (0 = as configured)",
+                                     target=target, database=db.name, value=db.shrink_step - 1))
+        return out
+
+    def _idle_sessions(self, snap: Snapshot, level: Level) -> list[Action]:
+        if level < Level.WARN:
+            return []
+        out = []
+        for db in snap.databases:
+            dc = self.db_configs.get(db.name)
+            if not db.up or dc is None or dc.close_idle_after <= 0:
+                continue
+            for s in db.sessions:
+                if s.state == "idle" and s.age_seconds >= dc.close_idle_after and \
+                        (db.name, s.pid) not in self._terminated:
+                    self._terminated.add((db.name, s.pid))
+                    out.append(self._act(ActionKind.TERMINATE_SESSION,
+                                         f"level {level.name.lower()}: idle for {s.age_seconds:.0f}s "
+                                         f"(close_idle_after {dc.close_idle_after:g}s)",
+                                         pid=s.pid, target=_session_name(db, s), database=db.name))
+        return out
+
+    def _runaway(self, snap: Snapshot, level: Level) -> list[Action]:
+        if level < Level.HIGH:
+            return []
+        out = []
+        for db in snap.databases:
+            dc = self.db_configs.get(db.name)
+            if not db.up or dc is None:
+                continue
+            active = [s for s in db.sessions if s.state != "idle" and s.memory_bytes >= dc.runaway_min_bytes
+                      and (db.name, s.pid) not in self._terminated]
+            if not active:
+                continue
+            s = max(active, key=lambda s: s.memory_bytes)
+            key = (db.name, s.pid)
+            held = f"holds {s.memory_bytes // MiB} MiB, the most of any session (runaway_min_bytes " \
+                   f"{dc.runaway_min_bytes // MiB} MiB)"
+            if key not in self._cancelled:
+                self._cancelled[key] = snap.ts
+                out.append(self._act(ActionKind.CANCEL_QUERY, f"level {level.name.lower()}: session {held}",
+                                     pid=s.pid, target=_session_name(db, s), database=db.name))
+            elif snap.ts - self._cancelled[key] >= dc.terminate_after:
+                self._terminated.add(key)
+                out.append(self._act(ActionKind.TERMINATE_SESSION,
+                                     f"level {level.name.lower()}: still running {dc.terminate_after:g}s after "
+                                     f"cancel and {held}", pid=s.pid, target=_session_name(db, s),
+                                     database=db.name))
+        return out
+
+    def _kills(self, snap: Snapshot, level: Level) -> list[Action]:
+        k = self.cfg.kill
+        m = snap.memory
+        if level < Level.HIGH or not k.enabled or not m.limit_bytes:
+            return []
+        now = snap.ts
+        if self._kill_times and now - self._kill_times[-1] < k.min_interval:
+            return []
+        recent = sum(1 for t in self._kill_times if now - t < 60)
+        # Kill enough to get back under the high mark (minus hysteresis), not just one:
+        # with fast hogs, one kill per cycle loses the race.
+        goal = self.cfg.pressure.high_usage - self.cfg.pressure.hysteresis
+        excess = m.usage_bytes - m.reclaimable_bytes - goal * m.limit_bytes
+        out = []
+        for proc in self.candidates(snap):
+            if excess <= 0 and out or recent >= k.max_per_minute:
+                break
+            if now - self._killed.get(proc.key, float("-inf")) < KILL_REPEAT_AFTER:
+                continue
+            self._killed[proc.key] = now
+            recent += 1
+            excess -= proc.rss_bytes
+            v = self.verdict(proc, Role.OTHER, snap.self_pid)
+            out.append(self._act(ActionKind.KILL,
+                                 f"level {level.name.lower()}: largest kill candidate ({v.why}); usage must "
+                                 f"fall below {_pct(goal)} of the limit",
+                                 pid=proc.pid, start_time=proc.start_time, target=_proc_name(proc)))
+        if out:
+            self._kill_times.append(now)
+        return out
+
+    def _forget(self, snap: Snapshot) -> None:
+        """Drop memories of processes and sessions that are gone (pids get reused)."""
+        live = {p.key for p in snap.procs.values()}
+        for d in (self._scored, self._killed):
+            for key in [key for key in d if key not in live]:
+                del d[key]
+        sessions = {(db.name, s.pid) for db in snap.databases if db.up for s in db.sessions}
+        up = {db.name for db in snap.databases if db.up}
+        for key in [key for key in self._cancelled if key[0] in up and key not in sessions]:
+            del self._cancelled[key]
+        self._terminated &= sessions | {k for k in self._terminated if k[0] not in up}
+
+
+def _dry(a: Action) -> Action:
+    return replace(a, dry_run=True)
+
+
+def _proc_name(p: Proc) -> str:
+    return f"{p.comm} (pid {p.pid}, rss {p.rss_bytes // MiB} MiB)"
+
+
+def _session_name(db: DbStats, s: DbSession) -> str:
+    what = "backend" if db.kind == "postgresql" else "connection"
+    return f"{db.kind} {db.name} {what} {s.pid} ({s.user or '?'}, {s.memory_bytes // MiB} MiB)"
