@@ -62,7 +62,7 @@ class OtherSessions:
         conn = self.conns[i]
         while not self._stop.is_set():
             try:
-                conn.execute("SELECT count(*) FROM small WHERE id % %s = 0", (i + 2,)).fetchone()
+                conn.execute("SELECT count(*) FROM small WHERE id %% %s = 0", (i + 2,)).fetchone()
                 self.queries[i] += 1
             except psycopg.Error as e:
                 self.errors.append(f"session {i}: {type(e).__name__}: {e}".splitlines()[0])

@@ -1,0 +1,215 @@
+"""The pure policy: levels, hysteresis, graduated answers, kill choice and rate limits."""
+from __future__ import annotations
+
+import dataclasses
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dbguard import config
+from dbguard.model import (ActionKind, DbSession, DbStats, Level, MemoryReading, Proc, Role, Snapshot)
+from dbguard.policy import LevelTracker, Policy, level_of
+
+MiB = 1024 * 1024
+LIMIT = 1000 * MiB
+CG = "/lab"
+
+
+def reading(used_mib: float, *, reclaimable_mib: float = 0, some: float = 0.0, full: float = 0.0,
+            version: int = 1) -> MemoryReading:
+    return MemoryReading(cgroup="/sys/fs/cgroup/memory/lab", cgroup_version=version,
+                         usage_bytes=int(used_mib * MiB), limit_bytes=LIMIT, psi_some_avg10=some,
+                         psi_full_avg10=full, reclaimable_bytes=int(reclaimable_mib * MiB))
+
+
+def proc(pid: int, rss_mib: int, *, comm: str = "hog", exe: str = "/usr/bin/python3", ppid: int = 100,
+         memcg: str = CG, adj: int = 0, start: int | None = None, uid: int = 1000) -> Proc:
+    return Proc(pid=pid, start_time=start if start is not None else pid * 10, ppid=ppid, uid=uid, comm=comm,
+                exe=exe, cmdline=comm, rss_bytes=rss_mib * MiB, memcg=memcg, oom_score_adj=adj)
+
+
+def pg(step: int = 0, steps: int = 3, sessions: tuple[DbSession, ...] = (), up: bool = True) -> DbStats:
+    return DbStats(name="main", kind="postgresql", up=up, server_pid=500, sessions=sessions,
+                   shrink_step=step, shrink_steps_max=steps, cache_bytes=500 * MiB)
+
+
+def snapshot(ts: float, mem: MemoryReading, procs: list[Proc], dbs: tuple[DbStats, ...] = (),
+             roles: dict[int, Role] | None = None) -> Snapshot:
+    roles = dict(roles or {})
+    for p in procs:
+        roles.setdefault(p.pid, Role.OTHER)
+    return Snapshot(ts=ts, memory=mem, procs={p.pid: p for p in procs}, roles=roles, databases=dbs,
+                    self_pid=999)
+
+
+def policy(**over) -> Policy:
+    data = {"databases": [{"kind": "postgresql", "name": "main", "dsn": "dbname=postgres"}],
+            "pressure": {"min_dwell": 5.0}}
+    for section, values in over.items():
+        data.setdefault(section, {}).update(values)
+    return Policy(config.from_dict(data), watched_memcg=CG)
+
+
+def kinds(plan) -> list[str]:
+    return [a.kind.value for a in plan.actions]
+
+
+# --- levels ---------------------------------------------------------------------------------
+
+def test_levels_follow_the_marks_and_ignore_page_cache():
+    p = config.default().pressure
+    assert level_of(reading(500), p)[0] is Level.OK
+    assert level_of(reading(850), p)[0] is Level.WARN
+    assert level_of(reading(920), p)[0] is Level.HIGH
+    assert level_of(reading(980), p)[0] is Level.CRITICAL
+    # A cgroup at its limit full of inactive page cache is not in trouble.
+    assert level_of(reading(995, reclaimable_mib=600), p)[0] is Level.OK
+
+
+def test_host_wide_psi_on_cgroup_v1_never_justifies_killing():
+    p = config.default().pressure
+    lvl, why = level_of(reading(100, some=50, full=50, version=1), p)
+    assert lvl is Level.WARN and "host-wide" in why
+    assert level_of(reading(100, full=50, version=2), p)[0] is Level.HIGH
+
+
+def test_hysteresis_and_dwell_hold_a_level_then_let_it_go():
+    t = LevelTracker(config.default().pressure)
+    assert t.update(reading(920), 0)[0] is Level.HIGH
+    assert t.update(reading(880), 1)[0] is Level.HIGH, "within hysteresis (0.05) of the high mark"
+    assert t.update(reading(500), 2)[0] is Level.HIGH, "min_dwell (5 s) not passed"
+    assert t.update(reading(500), 6.5)[0] is Level.OK
+    assert t.update(reading(990), 7)[0] is Level.CRITICAL, "up at once"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(min_value=0, max_value=1000), min_size=1, max_size=40))
+def test_the_level_never_falls_below_what_the_reading_justifies(usages):
+    t = LevelTracker(config.default().pressure)
+    p = config.default().pressure
+    for i, u in enumerate(usages):
+        lvl, _ = t.update(reading(u), float(i))
+        assert lvl >= level_of(reading(u), p)[0]
+
+
+# --- graduated answers ---------------------------------------------------------------------
+
+def test_warn_shrinks_caches_one_step_at_a_time_and_ok_grows_them_back_after_dwell():
+    pol = policy()
+    plan = pol.decide(snapshot(0, reading(850), [], (pg(0),)))
+    assert plan.level is Level.WARN
+    shrink = [a for a in plan.actions if a.kind is ActionKind.SHRINK_CACHE]
+    assert [a.value for a in shrink] == [1]
+    assert not any(a.kind is ActionKind.SHRINK_CACHE for a in pol.decide(snapshot(1, reading(850), [], (pg(1),))).actions), \
+        "one step per min_dwell at warn"
+    assert [a.value for a in pol.decide(snapshot(6, reading(850), [], (pg(1),))).actions
+            if a.kind is ActionKind.SHRINK_CACHE] == [2]
+    assert pol.decide(snapshot(8, reading(300), [], (pg(2),))).level is Level.WARN, "dwell"
+    plan = pol.decide(snapshot(12, reading(300), [], (pg(2),)))
+    assert plan.level is Level.OK
+    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.RESTORE_CACHE, 1)]
+    assert not pol.decide(snapshot(14, reading(300), [], (pg(1),))).actions, "one step per min_dwell"
+    plan = pol.decide(snapshot(18, reading(300), [], (pg(1),)))
+    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.RESTORE_CACHE, 0)]
+
+
+def test_never_shrinks_past_the_floor_nor_a_database_that_is_down():
+    pol = policy()
+    assert "shrink_cache" not in kinds(pol.decide(snapshot(0, reading(990), [], (pg(3, 3),))))
+    assert "shrink_cache" not in kinds(pol.decide(snapshot(10, reading(990), [], (pg(0, 3, up=False),))))
+
+
+def test_runaway_session_is_cancelled_then_terminated_by_sql():
+    big = DbSession(pid=777, kind="client backend", state="active", memory_bytes=300 * MiB)
+    small = DbSession(pid=778, kind="client backend", state="active", memory_bytes=10 * MiB)
+    pol = policy()
+    db = pg(3, 3, sessions=(big, small))
+    plan = pol.decide(snapshot(0, reading(920), [], (db,)))
+    assert [(a.kind, a.pid) for a in plan.actions if a.pid] == [(ActionKind.CANCEL_QUERY, 777)]
+    assert not [a for a in pol.decide(snapshot(2, reading(920), [], (db,))).actions if a.pid], "waits terminate_after"
+    plan = pol.decide(snapshot(6, reading(920), [], (db,)))
+    assert [(a.kind, a.pid) for a in plan.actions if a.pid] == [(ActionKind.TERMINATE_SESSION, 777)]
+
+
+def test_idle_sessions_closed_at_warn_only_when_configured():
+    idle = DbSession(pid=40, kind="client backend", state="idle", age_seconds=600)
+    assert "terminate_session" not in kinds(policy().decide(snapshot(0, reading(850), [], (pg(3, 3, (idle,)),))))
+    data = {"databases": [{"kind": "postgresql", "name": "main", "dsn": "", "close_idle_after": 300}]}
+    pol = Policy(config.from_dict(data), watched_memcg=CG)
+    plan = pol.decide(snapshot(0, reading(850), [], (pg(3, 3, (idle,)),)))
+    assert [(a.kind, a.pid) for a in plan.actions] == [(ActionKind.TERMINATE_SESSION, 40)]
+
+
+# --- kills -----------------------------------------------------------------------------------
+
+def test_high_kills_largest_candidates_until_under_the_mark_never_a_database_process():
+    procs = [proc(10, 150), proc(11, 120), proc(12, 40),
+             proc(500, 400, comm="postgres", exe="/usr/lib/postgresql/15/bin/postgres", ppid=1),
+             proc(501, 450, comm="postgres", exe="/usr/lib/postgresql/15/bin/postgres", ppid=500),
+             proc(1, 50, comm="init", ppid=0), proc(999, 60, comm="dbguard")]
+    roles = {500: Role.POSTMASTER, 501: Role.PG_BACKEND, 1: Role.INIT, 999: Role.DBGUARD}
+    pol = policy()
+    plan = pol.decide(snapshot(0, reading(960), procs, (pg(3, 3),), roles))
+    killed = [a.pid for a in plan.actions if a.kind is ActionKind.KILL]
+    # 960 - (0.90 - 0.05) * 1000 = 110 MiB to free: the largest hog is enough.
+    assert killed == [10]
+    plan = pol.decide(snapshot(0.5, reading(995), procs, (pg(3, 3),), roles))
+    assert [a.pid for a in plan.actions if a.kind is ActionKind.KILL] == [11, 12], \
+        "145 MiB to free, 10 was planned already"
+
+
+def test_kill_rate_limits_and_min_rss_and_outside_cgroup():
+    procs = [proc(10, 150), proc(11, 20), proc(12, 300, memcg="/elsewhere")]
+    pol = policy(kill={"min_interval": 1.0, "max_per_minute": 1})
+    assert [a.pid for a in pol.decide(snapshot(0, reading(999), procs)).actions
+            if a.kind is ActionKind.KILL] == [10]
+    procs2 = [proc(13, 200)]
+    assert not [a for a in pol.decide(snapshot(0.5, reading(999), procs2)).actions if a.kind is ActionKind.KILL], \
+        "min_interval"
+    assert not [a for a in pol.decide(snapshot(5, reading(999), procs2)).actions if a.kind is ActionKind.KILL], \
+        "max_per_minute"
+    assert [a.pid for a in pol.decide(snapshot(61, reading(999), procs2)).actions
+            if a.kind is ActionKind.KILL] == [13]
+
+
+def test_prefer_exe_first_protect_exe_never():
+    procs = [proc(10, 300), proc(11, 50, exe="/opt/batch/job"), proc(12, 900, exe="/usr/sbin/sshd")]
+    pol = policy(kill={"prefer_exe": ["/opt/batch/*"]})
+    kills = [a.pid for a in pol.decide(snapshot(0, reading(999), procs)).actions if a.kind is ActionKind.KILL]
+    assert kills[0] == 11 and 12 not in kills
+
+
+def test_unknown_executable_is_never_a_candidate():
+    pol = policy()
+    assert not pol.candidates(snapshot(0, reading(999), [proc(10, 300, exe="")]))
+
+
+def test_dry_run_marks_every_action():
+    pol = Policy(config.from_dict({}), dry_run=True, watched_memcg=CG)
+    plan = pol.decide(snapshot(0, reading(999), [proc(10, 300)]))
+    assert plan.actions and all(a.dry_run for a in plan.actions)
+
+
+def test_scores_raised_once_for_candidates_lowered_for_databases_only_when_permitted():
+    procs = [proc(10, 300), proc(501, 100, comm="postgres", ppid=500, adj=0)]
+    roles = {501: Role.PG_BACKEND}
+    pol = policy()
+    plan = pol.decide(snapshot(0, reading(100), procs, roles=roles))
+    assert [(a.kind, a.pid, a.value) for a in plan.actions] == [(ActionKind.SET_OOM_SCORE_ADJ, 10, 500)]
+    assert not pol.decide(snapshot(1, reading(100), procs, roles=roles)).actions, "asked once"
+    pol = dataclasses.replace(policy(), can_lower_scores=True)
+    plan = pol.decide(snapshot(0, reading(100), procs, roles=roles))
+    assert (ActionKind.SET_OOM_SCORE_ADJ, 501, -900) in [(a.kind, a.pid, a.value) for a in plan.actions]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(2, 60), st.integers(0, 600),
+                          st.sampled_from(list(Role))), min_size=1, max_size=30, unique_by=lambda t: t[0]),
+       st.floats(0, 1100))
+def test_no_plan_ever_kills_a_process_that_must_never_be_signalled(table, used):
+    procs = [proc(pid, rss) for pid, rss, _ in table]
+    roles = {pid: role for pid, _, role in table}
+    plan = policy().decide(snapshot(0, reading(used), procs, roles=roles))
+    for a in plan.actions:
+        if a.kind is ActionKind.KILL:
+            assert not roles[a.pid].never_signalled and a.pid != 999
