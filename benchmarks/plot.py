@@ -1,0 +1,82 @@
+"""Timeline PNGs: one scenario, one panel per contender (its first run).
+
+Memory use of the cgroup, host memory PSI (some avg10), pgbench tps, and a red line at each
+kill or ended query: people would rather look than read.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .report import ORDER, PRESSURE_SCENARIOS
+
+
+def _first_runs(data: dict, scenario: str) -> list[dict]:
+    firsts: dict[str, dict] = {}
+    for r in data.get("runs", []):
+        if r.get("scenario") == scenario and not r.get("error") and r.get("samples"):
+            firsts.setdefault(r["contender"], r)
+    return [firsts[c] for c in ORDER if c in firsts] + [r for c, r in firsts.items() if c not in ORDER]
+
+
+def _kill_times(run: dict) -> list[float]:
+    out = []
+    for t, what in run.get("timeline", []):
+        if ("died" in what or "OOM kill" in what or "runaway query ended" in what) and "after pgbench" not in what:
+            out.append(t)
+    return out
+
+
+def timeline(data: dict, scenario: str, path: Path) -> bool:
+    runs = _first_runs(data, scenario)
+    if not runs:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.3 * len(runs) + 0.6), sharex=True, squeeze=False)
+    for ax, run in zip(axes[:, 0], runs):
+        s = run["samples"]
+        t = [x["t"] for x in s]
+        ax.plot(t, [x["usage_mib"] for x in s], color="tab:blue", lw=1.2, label="cgroup memory (MiB)")
+        ax.set_ylabel("MiB", color="tab:blue")
+        ax.set_ylim(0, max(1100, max((x["usage_mib"] for x in s), default=0) * 1.1))
+        ax2 = ax.twinx()
+        prog = run.get("tps_progress", [])
+        ax2.plot([p[0] for p in prog], [p[1] for p in prog], color="tab:green", lw=1.0, label="pgbench tps")
+        ax2.set_ylabel("tps", color="tab:green")
+        ax2.set_ylim(bottom=0)
+        ax3 = ax.twinx()
+        ax3.spines["right"].set_position(("outward", 48))
+        ax3.plot(t, [x["psi_some"] for x in s], color="tab:orange", lw=0.9, ls="--", label="PSI some avg10 (%)")
+        ax3.set_ylim(0, 100)
+        ax3.set_ylabel("PSI %", color="tab:orange")
+        for k in _kill_times(run):
+            ax.axvline(k, color="red", lw=0.8, alpha=0.7)
+        verdict = ("database survived" if run.get("db_survived") else "database DOWN") + \
+            f", {run.get('crash_recoveries', 0)} crash recoveries, {run.get('sessions_lost', 0)} sessions lost"
+        ax.set_title(f"{run['contender']}: {verdict}", fontsize=9, loc="left")
+        ax.axvline(0, color="grey", lw=0.6, ls=":")
+    axes[-1, 0].set_xlabel("seconds since the load started")
+    handles = []
+    for a in (axes[0, 0], axes[0, 0].figure.axes[1], axes[0, 0].figure.axes[2]):
+        handles += a.get_legend_handles_labels()[0]
+    fig.legend(handles=handles, loc="upper right", fontsize=8, ncol=3)
+    fig.suptitle(f"{scenario}: timeline per contender (red: a kill or an ended query)", fontsize=10, x=0.01,
+                 ha="left")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def write_all(data: dict, out_dir: Path) -> dict[str, str]:
+    """scenario -> file name of its PNG, for those that could be drawn."""
+    done = {}
+    for s in PRESSURE_SCENARIOS:
+        name = f"timeline-{s}.png"
+        if timeline(data, s, out_dir / name):
+            done[s] = name
+    return done

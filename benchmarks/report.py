@@ -1,0 +1,266 @@
+"""benchmarks/RESULTS.md (and the timeline PNGs) from the raw results dict."""
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from .stats import count_true, fmt_spread, markdown_table, ms, spread
+
+ORDER = ("none", "pg-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
+PRESSURE_SCENARIOS = ("moderate-hogs", "fast-hog", "runaway")
+TITLES = {
+    "moderate-hogs": "1. Many moderate hogs (PostgreSQL + six 150 MB hogs, 1000 MB cgroup)",
+    "fast-hog": "2. One fast hog (one process allocating 3000 MB in 64 MB steps without pause, 1000 MB cgroup)",
+    "runaway": "3. Runaway query (work_mem=2GB sort at ~30 MB/s, 500 MB cgroup, pgbench -S -c 4 beside it)",
+    "fork-storm": "4. Fork storm (the postmaster forks a backend per connection; 300 opened at once)",
+}
+
+
+def _group(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    g: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in runs:
+        g[(r["scenario"], r["contender"])].append(r)
+    return g
+
+
+def _contenders(groups, scenario: str) -> list[str]:
+    present = {c for (s, c) in groups if s == scenario}
+    return [c for c in ORDER if c in present] + sorted(present - set(ORDER))
+
+
+def _ok(runs: list[dict]) -> list[dict]:
+    return [r for r in runs if not r.get("error")]
+
+
+def _survived(runs: list[dict]) -> str:
+    yes, n = count_true(r.get("db_survived") for r in runs)
+    return f"{yes}/{n}" if n else "–"
+
+
+def _killed(runs: list[dict], scenario: str) -> str:
+    """What ended, as median counts: hogs (or the runaway) vs database processes."""
+    if scenario == "runaway":
+        outcomes = defaultdict(int)
+        for r in runs:
+            outcomes[r.get("runaway_outcome", "?")] += 1
+        txt = ", ".join(f"{k} ×{v}" if len(runs) > 1 else k for k, v in outcomes.items())
+    else:
+        txt = f"hogs {fmt_spread(r.get('hogs_killed') for r in runs)} of {runs[0].get('hogs', '?')}"
+    db = fmt_spread(r.get("db_processes_killed") for r in runs)
+    return f"{txt}; database processes {db}"
+
+
+def _pressure_rows(groups, scenario: str, *, full: bool) -> list[list[str]]:
+    rows = []
+    for c in _contenders(groups, scenario):
+        all_runs = groups[(scenario, c)]
+        runs = _ok(all_runs)
+        if not runs:
+            rows.append([c, f"failed ({all_runs[0].get('error', '?')[:80]})"] + ["–"] * (8 if full else 5))
+            continue
+        row = [c, _survived(runs),
+               fmt_spread(r.get("crash_recoveries") for r in runs),
+               fmt_spread(r.get("sessions_lost") for r in runs),
+               fmt_spread((r.get("tps_ratio") for r in runs), "{:.2f}"),
+               fmt_spread((ms(r.get("time_to_first_kill")) for r in runs), "{:.0f}", " ms"),
+               _killed(runs, scenario)]
+        if full:
+            row[4:4] = [fmt_spread(r.get("tx_failed") for r in runs)]
+            row += [fmt_spread(r.get("kernel_oom_kills") for r in runs),
+                    fmt_spread(r.get("guard_kills") for r in runs),
+                    f"{len(runs)}" + (f" (+{len(all_runs) - len(runs)} failed)" if len(all_runs) > len(runs) else "")]
+        rows.append(row)
+    return rows
+
+
+PRESSURE_HEADER_SHORT = ["contender", "database survived", "crash recoveries", "sessions lost",
+                         "throughput vs baseline", "limit → first kill", "what was ended"]
+PRESSURE_HEADER_FULL = ["contender", "database survived", "crash recoveries", "sessions lost", "failed transactions",
+                        "throughput vs baseline", "limit → first kill", "what was ended", "kernel OOM kills",
+                        "guard actions that ended something", "runs"]
+
+
+def _fork_rows(groups) -> list[list[str]]:
+    rows = []
+    base = spread(r.get("connections_per_s") for r in _ok(groups.get(("fork-storm", "none"), [])))
+    for c in _contenders(groups, "fork-storm"):
+        runs = _ok(groups[("fork-storm", c)])
+        if not runs:
+            rows.append([c, "failed", "–", "–", "–"])
+            continue
+        rate = spread(r.get("connections_per_s") for r in runs)
+        rel = f"{rate.median / base.median:.2f}" if rate and base and base.median else "–"
+
+        def cov(key: str) -> str:
+            vals = [r["coverage"].get(key) for r in runs if r.get("coverage")]
+            held = runs[0].get("coverage", {}).get("held", "?")
+            s = spread(vals)
+            return "–" if s is None else f"{s.fmt()} of {held}"
+        protected = cov("bpf_at_birth") if any("bpf_at_birth" in r.get("coverage", {}) for r in runs) else \
+            cov("lowered_score_at_birth")
+        later = cov("bpf_after_1_5s") if any("bpf_after_1_5s" in r.get("coverage", {}) for r in runs) else \
+            cov("lowered_score_after_1_5s")
+        rows.append([c, rate.fmt() if rate else "–", rel, protected, later])
+    return rows
+
+
+FORK_HEADER = ["contender", "connections/s (fork+exit each)", "vs none", "children protected at birth",
+               "after 1.5 s"]
+
+
+def _cost_rows(data: dict) -> list[list[str]]:
+    rows = []
+    groups = _group(data.get("runs", []))
+    for c in ("dbguard-user", "dbguard-bpf"):
+        runs = [r for s in PRESSURE_SCENARIOS for r in _ok(groups.get((s, c), []))]
+        cost = data.get("cost", {}).get(c, {})
+        if not runs and not cost:
+            continue
+        rows.append([
+            c,
+            fmt_spread((r.get("cpu_idle_pct") for r in cost.get("runs", [])), "{:.1f}", " %")
+            if cost else fmt_spread((r.get("guard_cpu_idle_pct") for r in runs), "{:.1f}", " %"),
+            fmt_spread((r.get("guard_cpu_pressure_pct") for r in runs), "{:.1f}", " %"),
+            fmt_spread((r.get("rss_steady_mib") for r in cost.get("runs", [])), "{:.0f}", " MiB"),
+            fmt_spread((r.get("rss_peak_mib") for r in cost.get("runs", [])), "{:.0f}", " MiB"),
+            fmt_spread((ms(r.get("startup_s")) for r in cost.get("runs", [])), "{:.0f}", " ms"),
+        ])
+    return rows
+
+
+COST_HEADER = ["dbguard", "CPU idle (1 core = 100 %)", "CPU under pressure", "RSS steady",
+               "RSS peak (VmHWM; BCC compile)", "startup to \"protecting\""]
+
+
+def _notes(groups, scenario: str) -> list[str]:
+    out = []
+    for c in _contenders(groups, scenario):
+        seen = []
+        for r in groups[(scenario, c)]:
+            for n in r.get("notes", []):
+                key = n.split(":")[0] if c == "earlyoom" else n
+                if key not in [s.split(":")[0] if c == "earlyoom" else s for s in seen]:
+                    seen.append(n)
+        out += [f"- {c}: {n}" for n in seen[:3]]
+    return out
+
+
+def summary(data: dict) -> str:
+    groups = _group(data.get("runs", []))
+    parts = []
+    rows = []
+    for s in PRESSURE_SCENARIOS:
+        for row in _pressure_rows(groups, s, full=False):
+            rows.append([s] + row)
+    if rows:
+        parts.append(markdown_table(["scenario"] + PRESSURE_HEADER_SHORT, rows))
+    if any(s == "fork-storm" for s, _ in groups):
+        parts.append(markdown_table(FORK_HEADER, _fork_rows(groups)))
+    cost = _cost_rows(data)
+    if cost:
+        parts.append(markdown_table(COST_HEADER, cost))
+    return "\n\n".join(parts)
+
+
+def _scale_section(sc: dict) -> str:
+    rows = []
+    for r in sc.get("rows", []):
+        rows.append([r["case"], r["processes"], f"{r['wall_ms']['median']:.0f} ms ({r['wall_ms']['lo']:.0f}-{r['wall_ms']['hi']:.0f})",
+                     f"{r['cpu_ms']['median']:.0f} ms", r.get("detail", "")])
+    return markdown_table(["case", "processes seen", "one cycle, wall (median, range)", "CPU", "what the cycle did"], rows)
+
+
+def write(data: dict, path: Path, plot_dir: Path) -> None:
+    from . import plot
+    images = plot.write_all(data, plot_dir)
+    groups = _group(data.get("runs", []))
+    m = data.get("machine", {})
+    o = data.get("options", {})
+    lines = [
+        "# Benchmarks: dbguard against the kernel default, PostgreSQL's documented setup and earlyoom",
+        "",
+        f"- Date: {data.get('date', '?')}; git {data.get('git', '?')}; took {data.get('seconds', '?')} s",
+        f"- Command (as root, after `make setup`): `{data.get('command', 'python -m benchmarks.run')}`"
+        + ("" if data.get("command", "").startswith("python -m benchmarks.run --report") else ""),
+        f"- Machine: Linux {m.get('kernel', '?')}, {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
+        f"{m.get('memory', '?')} RAM, swap {m.get('swap', '?')}; {m.get('postgresql', '?')}; {m.get('earlyoom', '?')}; "
+        f"load average at start {' '.join(m.get('loadavg_start', []))} (a VM shared with other engineers' test runs)",
+        f"- Runs: {o.get('repeats', '?')} per contender and scenario"
+        + (" (--quick: shorter loads)" if o.get("quick") else "")
+        + "; contenders interleaved (A B C A B C …); figures are median (min-max)."
+        + (f" Merged with results from {data['merged_from']}." if data.get("merged_from") else ""),
+        "- Raw figures: [results.json](results.json). The in-kernel programs' per-call cost: [bpf/RESULTS.md](bpf/RESULTS.md).",
+        "",
+        "## Summary",
+        "",
+        summary(data) or "(no runs)",
+        "",
+        "Throughput vs baseline: pgbench's transactions per second over the pressure window (seconds "
+        "with no progress line, e.g. after a crash, count as zero) divided by the same run's rate in "
+        "the seconds before the load started. Limit → first kill: from the cgroup first hitting its "
+        "limit (cgroup v1 usage event / failcnt) to the first process death (pidfd) or, in the runaway "
+        "scenario, the runaway query ending by SQL.",
+        "",
+        "## Contenders",
+        "",
+    ]
+    from .contenders import all_contenders
+    for c in all_contenders().values():
+        lines.append(f"- **{c.name}**: {c.what}")
+    lines += [
+        "",
+        "What could not be applied here, as the runs reported it:",
+        "",
+        "- pg-documented: this host has no CAP_SYS_RESOURCE, so the kernel refuses to lower any "
+        "oom_score_adj below 0. The postmaster stays at 0 like every other process; the children's "
+        "reset to 0 (PG_OOM_ADJUST_FILE) is then a no-op. On this host it behaves as the kernel default, "
+        "and it is measured anyway so that the table says so from a run, not from an assumption. "
+        "`vm.overcommit_memory=2`, the docs' other advice, was not applied: it is host-wide (other "
+        "users share this machine) and does not bound a memory cgroup anyway.",
+        "- earlyoom: it reads MemAvailable and SwapFree of the whole host; a memory cgroup at its "
+        "limit leaves the host's 24 GiB almost untouched, so it never reaches its 10 % threshold and "
+        "never acts. Its own output (lowest MemAvailable seen) is in the per-scenario notes below.",
+        "",
+    ]
+    for s in PRESSURE_SCENARIOS:
+        if not any(k[0] == s for k in groups):
+            continue
+        lines += [f"## {TITLES[s]}", "", markdown_table(PRESSURE_HEADER_FULL, _pressure_rows(groups, s, full=True)), ""]
+        tps = []
+        for c in _contenders(groups, s):
+            runs = _ok(groups[(s, c)])
+            if runs:
+                tps.append([c, fmt_spread(r.get("baseline_tps") for r in runs),
+                            fmt_spread(r.get("pressure_tps") for r in runs),
+                            fmt_spread((r.get("limit_reached_at") for r in runs), "{:.2f}", " s")])
+        lines += [markdown_table(["contender", "baseline tps", "tps under pressure", "limit reached after load start"], tps), ""]
+        notes = _notes(groups, s)
+        if notes:
+            lines += ["Notes from the runs:", ""] + notes + [""]
+        if s in images:
+            lines += [f"![{s} timeline]({images[s]})", "",
+                      "One run per contender (the first round): cgroup memory use, host PSI memory "
+                      "some avg10, pgbench tps; red lines are kills or ended queries.", ""]
+    if any(k[0] == "fork-storm" for k in groups):
+        lines += [f"## {TITLES['fork-storm']}", "", markdown_table(FORK_HEADER, _fork_rows(groups)), "",
+                  "Connections/s: 4 threads connect, run SELECT 1 and disconnect for the storm's length; each "
+                  "connection is one fork and one exit of a postmaster child. Protected at birth: of 300 "
+                  "backends opened at once, how many the contender's mechanism covered right after the last "
+                  "connect — for dbguard-bpf, entries with a protection flag in its BPF `procs` map (read "
+                  "with bpftool), for the others an oom_score_adj lowered below 0 (the only protection they "
+                  "have; refused on this host). dbguard's user-space path protects backends by classifying "
+                  "them each cycle (never signalled; candidates' scores raised instead), which leaves no "
+                  "per-process mark to count here.", ""]
+        notes = _notes(groups, "fork-storm")
+        if notes:
+            lines += ["Notes from the runs:", ""] + notes + [""]
+    if data.get("scale"):
+        sc = data["scale"]
+        lines += ["## Scale: one sidecar cycle", "", sc.get("method", ""), "", _scale_section(sc), ""]
+    if data.get("cost"):
+        lines += ["## dbguard's own cost", "", data["cost"].get("method", ""), "",
+                  markdown_table(COST_HEADER, _cost_rows(data)), ""]
+    lines += ["## Reproduce", "", "```", "sudo make bench                                   # = python -m benchmarks.run",
+              "sudo .venv/bin/python -m benchmarks.run --help", "sudo .venv/bin/python -m benchmarks.run --quick",
+              "sudo .venv/bin/python -m benchmarks.bpf.run --write   # BPF per-call cost", "```", ""]
+    path.write_text("\n".join(lines))
