@@ -51,7 +51,11 @@ def cmd_check_config(a: argparse.Namespace) -> int:
     cfg = config_mod.load(a.file)
     for dc in cfg.databases:
         dc.password()           # a missing password file or variable is a config error too
-    print(f"{a.file}: ok ({len(cfg.databases)} database(s){', dry run' if cfg.general.dry_run else ''})")
+    for w in cfg.warnings:
+        print(f"{a.file}: warning: {w}", file=sys.stderr)
+    rules = len(cfg.policy.rules)
+    print(f"{a.file}: ok ({len(cfg.databases)} database(s)"
+          f"{f', {rules} policy rule(s)' if rules else ''}{', dry run' if cfg.general.dry_run else ''})")
     return 0
 
 
@@ -64,14 +68,19 @@ def cmd_explain(a: argparse.Namespace) -> int:
     from .model import Role
     out = explain(_config(a.config))
     snap, plan, policy = out["snapshot"], out["plan"], out["policy"]
+    order = {p.pid: i for i, p in enumerate(policy.candidates(snap), 1)}
+    kernel = policy.kernel_view(snap)
     rows = []
     for pid, proc in sorted(snap.procs.items()):
         role = snap.roles.get(pid, Role.OTHER)
         v = policy.verdict(proc, role, snap.self_pid)
         rows.append({"pid": pid, "comm": proc.comm, "role": role.value, "rss_bytes": proc.rss_bytes,
-                     "oom_score_adj": proc.oom_score_adj, "memcg": proc.memcg,
+                     "oom_score_adj": proc.oom_score_adj, "memcg": proc.memcg, "exe": proc.exe,
                      "verdict": "protected" if v.protected else "candidate" if v.candidate else "left alone",
-                     "preferred": v.preferred, "why": v.why})
+                     "preferred": v.preferred, "why": v.why, "rule": v.rule, "rule_index": v.rule_index,
+                     "action": v.action, "tier": v.tier, "weight": v.weight, "kill_order": order.get(pid),
+                     "kernel": "shield" if pid in kernel.protected else
+                               "candidate" if pid in kernel.candidates else "none"})
     if a.pid is not None:
         rows = [r for r in rows if r["pid"] == a.pid]
         if not rows:
@@ -95,7 +104,16 @@ def cmd_explain(a: argparse.Namespace) -> int:
         r = rows[0]
         print(f"pid {r['pid']} ({r['comm']}): {r['verdict']}{' (preferred)' if r['preferred'] else ''} - {r['why']}")
         print(f"  role {r['role']}, rss {_mib(r['rss_bytes'])}, oom_score_adj {r['oom_score_adj']}, "
-              f"memory cgroup {r['memcg']}")
+              f"memory cgroup {r['memcg']}, exe {r['exe'] or '?'}")
+        print(f"  decided by {r['rule']}: action {r['action'] or 'none'}, tier {r['tier']} "
+              f"(kill order of tiers: {' < '.join(policy.rules.tiers)})")
+        if r["kill_order"]:
+            print(f"  kill order now: {r['kill_order']} of {len(order)} candidate(s)")
+        print("  in the kernel (BPF maps): " + {
+            "shield": "shielded (never killed there; a kernel OOM kill of it is reported as a breach)",
+            "candidate": "kill candidate (killed as it allocates once reclaim keeps failing at the kill level)",
+            "none": "not listed" + (" (a later tier: listed once the earlier candidates are gone)"
+                                    if r["kill_order"] else "")}[r["kernel"]])
         mine = [x for x in plan.actions if x.pid == a.pid]
         for x in mine:
             print(f"  now: {x.kind.value}: {x.reason}")
@@ -114,10 +132,13 @@ def cmd_explain(a: argparse.Namespace) -> int:
         print("databases: none configured or found")
     shown = [r for r in rows if r["role"] not in ("kernel_thread",) and
              (r["verdict"] != "left alone" or r["rss_bytes"] >= 16 * 2**20)]
-    print(f"processes ({len(shown)} shown of {len(rows)}: protected, candidates, and others over 16 MiB):")
-    for r in sorted(shown, key=lambda r: (r["verdict"], -r["rss_bytes"])):
+    print(f"processes ({len(shown)} shown of {len(rows)}: protected, candidates, and others over 16 MiB; "
+          f"tiers {' < '.join(policy.rules.tiers)}; #N = kill order, K = in-kernel candidate):")
+    for r in sorted(shown, key=lambda r: (r["verdict"], r["kill_order"] or 0, -r["rss_bytes"])):
+        pos = f"#{r['kill_order']}" if r["kill_order"] else ""
+        k = "K" if r["kernel"] == "candidate" else ""
         print(f"  {r['pid']:>7} {r['comm'][:15]:<15} {_mib(r['rss_bytes']):>9} adj {r['oom_score_adj']:>5} "
-              f"{r['verdict']:<10} {r['why']}")
+              f"{r['verdict']:<10} {pos:>4}{k:1} {r['tier'][:10]:<10} {r['rule']}: {r['why']}")
     print("plan:" if plan.actions else "plan: nothing to do at this level")
     for x in plan.actions:
         print(f"  {x.kind.value} {x.target}: {x.reason}")

@@ -145,6 +145,30 @@ class Bpf:
 
 
 @dataclass(frozen=True)
+class RuleConfig:
+    """One [[policy.rules]] table; matching and its meaning live in dbguard.rules."""
+
+    name: str = ""
+    # match: every field given must hold; a list matches when any of its items does
+    role: tuple[str, ...] = ()
+    cgroup: tuple[str, ...] = ()
+    exe: tuple[str, ...] = ()
+    user: tuple[str, ...] = ()
+    rss_above: str = ""          # a size ("2GiB") or a multiple of a named threshold ("2x kill.min_rss")
+    # outcome
+    action: str = "default"
+    weight: int = Bounded(1, 1, 1000)
+    tier: str = ""
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    tiers: tuple[str, ...] = ("default",)   # kill order: processes of the first tier die first
+    default_tier: str = ""                  # tier of processes no rule gives one; "": the first
+    rules: tuple[RuleConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class Audit:
     path: str = "/var/log/dbguard/audit.jsonl"
 
@@ -162,9 +186,12 @@ class Config:
     kill: Kill = field(default_factory=Kill)
     protection: Protection = field(default_factory=Protection)
     bpf: Bpf = field(default_factory=Bpf)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     audit: Audit = field(default_factory=Audit)
     metrics: Metrics = field(default_factory=Metrics)
     source: str = field(default="", metadata={"internal": True})
+    # Problems that do not stop dbguard (a rule that can never match): shown by check-config and at start.
+    warnings: tuple[str, ...] = field(default=(), metadata={"internal": True})
 
 
 DB_KINDS = ("postgresql", "mysql")
@@ -220,6 +247,10 @@ def _build(cls: type, data: Any, path: str) -> Any:
             if not isinstance(value, list):
                 raise ConfigError(f"{kpath}: expected [[databases]] tables")
             kwargs[key] = tuple(_database(v, i) for i, v in enumerate(value))
+        elif cls is PolicyConfig and key == "rules":
+            if not isinstance(value, list):
+                raise ConfigError(f"{kpath}: expected [[policy.rules]] tables")
+            kwargs[key] = tuple(_rule(v, f"{kpath}[{i}]") for i, v in enumerate(value))
         else:
             kwargs[key] = _coerce(value, tp, fields[key], kpath)
     return cls(**kwargs)
@@ -242,6 +273,28 @@ def _database(data: Any, index: int) -> DatabaseConfig:
     return dataclasses.replace(db, name=db.name or f"{db.kind}{index}")
 
 
+_RULE_LISTS = ("role", "cgroup", "exe", "user")
+
+
+def _rule(data: Any, path: str) -> RuleConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a table, got {data!r}")
+    data = dict(data)
+    for key in _RULE_LISTS:           # one item or a list: `exe = "/usr/bin/*"` reads naturally
+        if isinstance(data.get(key), str):
+            data[key] = [data[key]]
+    if "rss_above" in data:
+        value = data["rss_above"]
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f'{path}.rss_above: expected a size such as "2GiB" or a multiple such as '
+                              f'"2x kill.min_rss", got {value!r}')
+        data["rss_above"] = str(value)
+    rule = _build(RuleConfig, data, path)
+    if "weight" in data and rule.action != "prefer":
+        raise ConfigError(f"{path}.weight: only a prefer rule has a weight (action is {rule.action!r})")
+    return rule
+
+
 def _check(cfg: Config) -> None:
     p = cfg.pressure
     if not p.warn_usage < p.high_usage < p.critical_usage:
@@ -260,9 +313,11 @@ def _check(cfg: Config) -> None:
 
 
 def from_dict(data: dict[str, Any], source: str = "") -> Config:
+    from .rules import validate        # the rules' meaning lives there; it imports this module
     cfg = _build(Config, data, "")
     _check(cfg)
-    return dataclasses.replace(cfg, source=source)
+    warnings = validate(cfg.policy)
+    return dataclasses.replace(cfg, source=source, warnings=tuple(warnings))
 
 
 def load(path: str | os.PathLike) -> Config:

@@ -24,7 +24,7 @@ from .config import Config, DatabaseConfig
 from .databases.base import Database
 from .errors import ConfigError, DbguardError
 from .metrics import Metrics
-from .model import Level, Plan, Role, Snapshot
+from .model import Level, Plan, Snapshot
 from .policy import Policy
 from .sense.pressure import PressureMonitor
 from .sense.procfs import CGROUP_ROOT, own_memcg_dir, read_procs
@@ -72,6 +72,20 @@ def resolve_users(names: tuple[str, ...]) -> frozenset[int]:
         except KeyError:
             raise ConfigError(f"kill.protect_users: no user named {name!r} on this host") from None
     return frozenset(uids)
+
+
+def resolve_rule_users(cfg: Config) -> dict[str, int]:
+    """User names in [[policy.rules]] -> uid; a name unknown here fails at start, in one line."""
+    uids = {}
+    for i, rule in enumerate(cfg.policy.rules):
+        for name in rule.user:
+            if name.isdigit() or name in uids:
+                continue
+            try:
+                uids[name] = pwd.getpwnam(name).pw_uid
+            except KeyError:
+                raise ConfigError(f"policy.rules[{i}].user: no user named {name!r} on this host") from None
+    return uids
 
 
 def relative_memcg(cgroup_dir: str) -> str | None:
@@ -168,7 +182,7 @@ def make_policy(cfg: Config, sensor: Sensor, dry_run: bool) -> Policy:
     full = dataclasses.replace(cfg, databases=sensor.db_configs)
     return Policy(full, dry_run=dry_run, can_lower_scores=has_capability(CAP_SYS_RESOURCE),
                   protected_uids=resolve_users(cfg.kill.protect_users),
-                  watched_memcg=relative_memcg(sensor.cgroup))
+                  watched_memcg=relative_memcg(sensor.cgroup), rule_uids=resolve_rule_users(cfg))
 
 
 class Daemon:
@@ -189,6 +203,9 @@ class Daemon:
     def open(self) -> None:
         cfg = self.cfg
         resolve_users(cfg.kill.protect_users)       # a bad user name fails before anything starts
+        resolve_rule_users(cfg)
+        for w in cfg.warnings:
+            log.warning("config: %s", w)
         self.audit = AuditLog(cfg.audit.path)
         self.sensor = Sensor(cfg)
         if not self.sensor.databases:
@@ -272,13 +289,13 @@ class Daemon:
             return
         from .kernel.bpf import INHERIT, SHIELD, event_to_audit, restore_score
         b = self.cfg.bpf
-        protected = {}
-        for pid, role in snap.roles.items():
-            if role in (Role.POSTMASTER, Role.MYSQLD):
-                protected[pid] = (SHIELD | INHERIT, 0)
-            elif role.is_database or role is Role.DBGUARD:
-                protected[pid] = (SHIELD, 0)
-        candidates = {p.pid: 0 for p in self.policy.candidates(snap)}
+        # One decision, two enforcers: the maps are compiled from the same verdicts the
+        # user-space kill path uses (per tgid, also for cgroup rules: on cgroup v1 the
+        # kernel's per-cgroup map never matches a memory cgroup; see dbguard.kernel.bpf).
+        view = self.policy.kernel_view(snap)
+        protected = {pid: (SHIELD | INHERIT if inherit else SHIELD, tier)
+                     for pid, (inherit, tier) in view.protected.items()}
+        candidates = view.candidates
         try:
             self.bpf.set_policy(level=int(level), enabled=self.cfg.kill.enabled, dry_run=self.dry_run,
                                 min_level_to_kill=b.min_level_to_kill, fail_streak=b.fail_streak,
@@ -341,6 +358,7 @@ class Daemon:
         try:
             new = config_mod.load(self.cfg.source)
             resolve_users(new.kill.protect_users)
+            resolve_rule_users(new)
         except DbguardError as e:
             log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
             return

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from .config import Config, DatabaseConfig, Pressure
 from .model import (Action, ActionKind, DbSession, DbStats, Level, MemoryReading, Plan, Proc, ProcKey,
                     Role, Snapshot)
+from .rules import RuleSet
 
 MiB = 1024 * 1024
 # The same key is not planned for a second kill this soon: its memory may take a moment to
@@ -91,8 +92,38 @@ class Verdict:
 
     protected: bool          # never a kill candidate, shielded where possible
     candidate: bool          # may be killed when the level allows
-    preferred: bool = False  # killed before ordinary candidates
+    preferred: bool = False  # killed before ordinary candidates of its tier
     why: str = ""
+    rule: str = ""           # what decided: 'rules[2] "batch"', "built-in: database", "default", ...
+    rule_index: int | None = None   # the [[policy.rules]] index, when a user rule decided
+    action: str = ""         # protect | prefer | kill | default | "" (left alone)
+    tier: str = ""
+    tier_rank: int = 0       # position of `tier` in policy.tiers: lower dies first
+    weight: int = 0          # prefer weight: higher dies first within a tier
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        """Kill order of a candidate (with -rss and pid after it): kill rules first, then by
+        tier, then by prefer weight."""
+        return (0 if self.action == "kill" else 1, self.tier_rank, -self.weight)
+
+    @property
+    def band(self) -> tuple[int, int, int]:
+        """Candidates with the same band are equal to the kernel (see Policy.kernel_view)."""
+        return self.order
+
+
+@dataclass(frozen=True)
+class KernelView:
+    """What the BPF maps must hold for the user-space decision: tgid -> (inherit, tier rank)
+    for protected processes, tgid -> tier rank for in-kernel kill candidates."""
+
+    protected: dict[int, tuple[bool, int]]
+    candidates: dict[int, int]
+
+
+# Servers fork the database's processes: their children are protected in the kernel at birth.
+_INHERITING = (Role.POSTMASTER, Role.MYSQLD)
 
 
 @dataclass
@@ -102,7 +133,10 @@ class Policy:
     can_lower_scores: bool = False
     protected_uids: frozenset[int] = frozenset()
     watched_memcg: str | None = None     # "/a/b" relative memcg path; None: every process (host)
+    rule_uids: dict[str, int] = field(default_factory=dict)   # [[policy.rules]] user names -> uid
+    limit_bytes: int | None = None       # the watched limit, for "Nx limit" rules; set from snapshots
     levels: LevelTracker = field(init=False)
+    rules: RuleSet = field(init=False)
     _cache_moved_at: dict[str, float] = field(default_factory=dict)
     _cancelled: dict[tuple[str, int], float] = field(default_factory=dict)
     _terminated: set[tuple[str, int]] = field(default_factory=set)
@@ -112,6 +146,7 @@ class Policy:
 
     def __post_init__(self) -> None:
         self.levels = LevelTracker(self.cfg.pressure)
+        self.rules = RuleSet(self.cfg.policy, self.rule_uids)
 
     @property
     def db_configs(self) -> dict[str, DatabaseConfig]:
@@ -124,42 +159,114 @@ class Policy:
             return True
         return proc.memcg == w or proc.memcg.startswith(w.rstrip("/") + "/")
 
+    def thresholds(self) -> dict[str, int | None]:
+        """The named thresholds a rule's rss_above can take a multiple of (dbguard.rules.THRESHOLDS)."""
+        return {"kill.min_rss": self.cfg.kill.min_rss, "limit": self.limit_bytes}
+
     def verdict(self, proc: Proc, role: Role, self_pid: int) -> Verdict:
+        """THE place where who may be killed is decided: user space, BPF maps and explain read it.
+
+        Order: safety (never negotiable), database processes by fact (a user rule may only
+        protect them too), [kill] protect_exe/protect_users, then [[policy.rules]] first
+        match, then [kill] prefer_exe, then the default (a candidate by size)."""
+        rules = self.rules
+        default_tier = rules.default_tier
+
+        def protect(why: str, rule: str, tier: str = "", index: int | None = None) -> Verdict:
+            tier = tier or default_tier
+            return Verdict(True, False, why=why, rule=rule, rule_index=index, action="protect",
+                           tier=tier, tier_rank=rules.rank(tier))
+
         if proc.kernel_thread or role is Role.KERNEL_THREAD:
-            return Verdict(True, False, why="kernel thread")
+            return protect("kernel thread", "built-in: safety")
         if proc.pid == 1 or role is Role.INIT:
-            return Verdict(True, False, why="PID 1")
+            return protect("PID 1", "built-in: safety")
         if proc.pid == self_pid or role is Role.DBGUARD:
-            return Verdict(True, False, why="dbguard itself")
+            return protect("dbguard itself", "built-in: safety")
+        named = self.thresholds()
+        r = rules.first_match(proc, role, named)
         if role.is_database:
-            return Verdict(True, False, why=f"database process ({role.value}): ended only by SQL, never a signal")
+            why = f"database process ({role.value}): ended only by SQL, never a signal"
+            if r is not None and r.action == "protect":
+                return protect(f"{why}; {r.label} protects it too ({r.conditions(named)})",
+                               f"built-in: database + {r.label}", r.tier, r.index)
+            if r is not None:
+                why += f"; {r.label} would {r.action} it, but database processes are always protected"
+            return protect(why, "built-in: database")
         k = self.cfg.kill
         if proc.exe and any(fnmatch.fnmatchcase(proc.exe, g) for g in k.protect_exe):
-            return Verdict(True, False, why=f"kill.protect_exe matches {proc.exe}")
+            return protect(f"kill.protect_exe matches {proc.exe}", "kill.protect_exe")
         if proc.uid in self.protected_uids:
-            return Verdict(True, False, why=f"kill.protect_users has uid {proc.uid}")
+            return protect(f"kill.protect_users has uid {proc.uid}", "kill.protect_users")
+        if r is not None and r.action == "protect":
+            return protect(f"{r.label} protects it ({r.conditions(named)})", r.label, r.tier, r.index)
+        if r is not None:
+            rule, index, action, tier, weight = r.label, r.index, r.action, r.tier, r.weight
+            said = f"{r.label}: {r.conditions(named)} -> {action}" + (f" (weight {weight})" if weight else "")
+        elif proc.exe and any(fnmatch.fnmatchcase(proc.exe, g) for g in k.prefer_exe):
+            rule, index, action, tier, weight = "kill.prefer_exe", None, "prefer", "", 1
+            said = "kill.prefer_exe: killed first in its tier"
+        else:
+            rule, index, action, tier, weight = "default", None, "default", "", 0
+            said = ""
+        tier = tier or default_tier
+        left = dict(rule=rule, rule_index=index, tier=tier, tier_rank=rules.rank(tier))
         if not proc.exe:
             # Unreadable or just forked: not known well enough to be killed.
-            return Verdict(False, False, why="executable unknown (exiting or just forked)")
+            return Verdict(False, False, why="executable unknown (exiting or just forked)", **left)
         if not self.in_watched(proc):
-            return Verdict(False, False, why="outside the watched memory cgroup")
-        preferred = any(fnmatch.fnmatchcase(proc.exe, g) for g in k.prefer_exe)
-        if proc.rss_bytes < k.min_rss:
-            return Verdict(False, False, preferred,
-                           f"rss {proc.rss_bytes // MiB} MiB below kill.min_rss {k.min_rss // MiB} MiB")
-        return Verdict(False, True, preferred,
-                       ("kill.prefer_exe: killed first; " if preferred else "") +
-                       f"rss {proc.rss_bytes // MiB} MiB in the watched cgroup")
+            return Verdict(False, False, why="; ".join(filter(None, [said, "outside the watched memory cgroup"])),
+                           **left)
+        preferred = action == "prefer"
+        rss = f"rss {proc.rss_bytes // MiB} MiB"
+        if action != "kill" and proc.rss_bytes < k.min_rss:
+            return Verdict(False, False, preferred, "; ".join(filter(None, [
+                said, f"{rss} below kill.min_rss {k.min_rss // MiB} MiB"])), **left)
+        return Verdict(False, True, preferred, "; ".join(filter(None, [said, f"{rss} in the watched cgroup"])),
+                       action=action, weight=weight, **left)
+
+    def ranked(self, snap: Snapshot) -> list[tuple[Proc, Verdict]]:
+        """Kill candidates with their verdicts in kill order: `kill` rules first, then tier
+        ascending, then prefer weight, then the largest."""
+        self.limit_bytes = snap.memory.limit_bytes
+        out = [(p, v) for p in snap.procs.values()
+               for v in [self.verdict(p, snap.roles.get(p.pid, Role.OTHER), snap.self_pid)] if v.candidate]
+        out.sort(key=lambda t: (*t[1].order, -t[0].rss_bytes, t[0].pid))
+        return out
 
     def candidates(self, snap: Snapshot) -> list[Proc]:
-        """Kill candidates in kill order: preferred first, then the largest."""
-        out = [(v.preferred, p) for p in snap.procs.values()
-               for v in [self.verdict(p, snap.roles.get(p.pid, Role.OTHER), snap.self_pid)] if v.candidate]
-        out.sort(key=lambda t: (not t[0], -t[1].rss_bytes, t[1].pid))
-        return [p for _, p in out]
+        """Kill candidates in kill order (see ranked)."""
+        return [p for p, _ in self.ranked(snap)]
+
+    def kernel_view(self, snap: Snapshot) -> KernelView:
+        """The BPF maps' share of the decision, so the kernel never disagrees with user space.
+
+        The in-kernel path kills whichever candidate is allocating when reclaim keeps
+        failing: it cannot order victims. So it is told only about the candidates user
+        space would kill next: every `kill`-rule match, plus the first band (same tier,
+        same prefer weight) of the kill order. When that band is gone, the next sync
+        lists the next one. Every protected process (but kernel threads) is shielded."""
+        protected = {}
+        for pid, proc in snap.procs.items():
+            role = snap.roles.get(pid, Role.OTHER)
+            if proc.kernel_thread or role is Role.KERNEL_THREAD:
+                continue
+            v = self.verdict(proc, role, snap.self_pid)
+            if v.protected:
+                protected[pid] = (role in _INHERITING, v.tier_rank)
+        candidates = {}
+        band = None
+        for p, v in self.ranked(snap):
+            if v.action != "kill":
+                band = band or v.band
+                if v.band != band:
+                    break
+            candidates[p.pid] = v.tier_rank
+        return KernelView(protected, candidates)
 
     # --- deciding ----------------------------------------------------------------------
     def decide(self, snap: Snapshot) -> Plan:
+        self.limit_bytes = snap.memory.limit_bytes
         level, why = self.levels.update(snap.memory, snap.ts)
         actions = (self._scores(snap) + self._caches(snap, level) + self._idle_sessions(snap, level)
                    + self._runaway(snap, level) + self._kills(snap, level))
@@ -281,17 +388,20 @@ class Policy:
         goal = self.cfg.pressure.high_usage - self.cfg.pressure.hysteresis
         excess = m.usage_bytes - m.reclaimable_bytes - goal * m.limit_bytes
         out = []
-        for proc in self.candidates(snap):
-            if excess <= 0 and out or recent >= k.max_per_minute:
+        for proc, v in self.ranked(snap):
+            # A `kill` rule's processes all go once kills are allowed; the rest only until
+            # usage is back under the goal.
+            if excess <= 0 and out and v.action != "kill" or recent >= k.max_per_minute:
                 break
             if now - self._killed.get(proc.key, float("-inf")) < KILL_REPEAT_AFTER:
                 continue
             self._killed[proc.key] = now
             recent += 1
             excess -= proc.rss_bytes
-            v = self.verdict(proc, Role.OTHER, snap.self_pid)
+            first = "kill rule match" if v.action == "kill" else \
+                f"next kill candidate (tier {v.tier})" if len(self.rules.tiers) > 1 else "largest kill candidate"
             out.append(self._act(ActionKind.KILL,
-                                 f"level {level.name.lower()}: largest kill candidate ({v.why}); usage must "
+                                 f"level {level.name.lower()}: {first} ({v.why}); usage must "
                                  f"fall below {_pct(goal)} of the limit",
                                  pid=proc.pid, start_time=proc.start_time, target=_proc_name(proc)))
         if out:

@@ -1,0 +1,254 @@
+"""Custom OOM policies: the [[policy.rules]] a DBA or platform team writes, and what they mean.
+
+Pure: rules are matched against facts dbguard already has (Proc, its Role, named
+thresholds), so `dbguard explain`, the user-space kill path and the BPF maps all read the
+same answer from `dbguard.policy.Policy.verdict`, which consults `RuleSet.first_match`.
+
+Semantics, in one place (docs/policies.md says the same for operators):
+- Rules are tried in order; the first rule whose every given condition holds decides the
+  process's action and tier. A condition given as a list holds when any item does.
+- Conditions: role (dbguard.model.Role values), cgroup (glob on the memory cgroup path as
+  in /proc/PID/cgroup), exe (glob on the executable path), user (name or uid), rss_above
+  (a size, or a multiple of a named threshold: "2x kill.min_rss", "0.25x limit").
+- Actions: protect (never a candidate, shielded in the kernel), prefer (a candidate killed
+  before the others of its tier, higher weight first), kill (killed as soon as the level
+  allows kills, before anything else and whatever the tier), default (a candidate by size).
+- Tiers: `policy.tiers` lists them in kill order; lower tiers are emptied first.
+- Globs are fnmatch globs: `*` also crosses `/`, so "/batch.slice/*" covers the whole subtree.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping
+
+from .errors import ConfigError
+from .model import Proc, Role
+
+if TYPE_CHECKING:
+    from .config import PolicyConfig, RuleConfig
+
+ACTIONS = ("protect", "prefer", "kill", "default")
+ROLE_NAMES = tuple(r.value for r in Role)
+# Named thresholds a rule can take a multiple of. "limit" is the watched memory cgroup's
+# limit (a rule using it never matches while there is none, e.g. when watching the host).
+THRESHOLDS = ("kill.min_rss", "limit")
+_MULTIPLE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[x*]\s*([a-z_.]+)\s*$")
+_TIER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """rss_above: a fixed size, or `factor` times the named threshold `name`."""
+
+    text: str
+    size: int | None = None
+    factor: float = 0.0
+    name: str = ""
+
+    def resolve(self, named: Mapping[str, int | None]) -> int | None:
+        if self.size is not None:
+            return self.size
+        base = named.get(self.name)
+        return None if base is None else int(self.factor * base)
+
+
+def parse_threshold(text: str, path: str) -> Threshold:
+    from .config import parse_size
+    m = _MULTIPLE.match(text)
+    if m:
+        if m.group(2) not in THRESHOLDS:
+            raise ConfigError(f"{path}: unknown threshold {m.group(2)!r}; use one of {', '.join(THRESHOLDS)} "
+                              f'(e.g. "2x kill.min_rss")')
+        return Threshold(text.strip(), factor=float(m.group(1)), name=m.group(2))
+    try:
+        return Threshold(text.strip(), size=parse_size(text, path))
+    except ConfigError:
+        raise ConfigError(f'{path}: expected a size such as "2GiB" or a multiple such as "2x kill.min_rss", '
+                          f"got {text!r}") from None
+
+
+def compile_glob(pattern: str, path: str) -> re.Pattern:
+    """fnmatch silently takes an unclosed `[` literally; a typo there would never match, so refuse it."""
+    if not pattern:
+        raise ConfigError(f"{path}: empty pattern; leave the key out to match anything")
+    i, n = 0, len(pattern)
+    while i < n:
+        if pattern[i] == "[":
+            j = i + 1
+            if j < n and pattern[j] == "!":
+                j += 1
+            if j < n and pattern[j] == "]":    # a ']' first in a set is a member
+                j += 1
+            j = pattern.find("]", j)
+            if j < 0:
+                raise ConfigError(f"{path}: bad glob {pattern!r}: '[' without a closing ']' "
+                                  "(write [[] for a literal '[')")
+            i = j
+        i += 1
+    return re.compile(fnmatch.translate(pattern))
+
+
+@dataclass(frozen=True)
+class Rule:
+    index: int                        # position in [[policy.rules]], 0-based as in error paths
+    name: str
+    roles: frozenset[str]
+    cgroup: tuple[re.Pattern, ...]
+    exe: tuple[re.Pattern, ...]
+    users: frozenset[int] | None      # None: any user
+    rss_above: Threshold | None
+    action: str
+    weight: int                       # prefer only; 0 otherwise
+    tier: str                         # "" : the default tier
+    source: "RuleConfig"
+
+    @property
+    def label(self) -> str:
+        return f'rules[{self.index}]' + (f' "{self.name}"' if self.name else "")
+
+    def matches(self, proc: Proc, role: Role, named: Mapping[str, int | None]) -> bool:
+        if self.roles and role.value not in self.roles:
+            return False
+        if self.users is not None and proc.uid not in self.users:
+            return False
+        if self.cgroup and not any(g.match(proc.memcg) for g in self.cgroup):
+            return False
+        if self.exe and not any(g.match(proc.exe) for g in self.exe):
+            return False
+        if self.rss_above is not None:
+            limit = self.rss_above.resolve(named)
+            if limit is None or proc.rss_bytes <= limit:
+                return False
+        return True
+
+    def conditions(self, named: Mapping[str, int | None] | None = None) -> str:
+        """The rule's conditions in words, for explain."""
+        s = self.source
+        parts = [f"{k} {'|'.join(getattr(s, k))}" for k in ("role", "cgroup", "exe", "user") if getattr(s, k)]
+        if self.rss_above is not None:
+            limit = self.rss_above.resolve(named or {})
+            at = "" if self.rss_above.size is not None else \
+                f" (= {limit // MiB} MiB)" if limit is not None else " (no such threshold now)"
+            parts.append(f"rss > {self.rss_above.text}{at}")
+        return ", ".join(parts) or "every process"
+
+
+class RuleSet:
+    """The compiled [[policy.rules]] plus the tier order."""
+
+    def __init__(self, cfg: "PolicyConfig", uids: Mapping[str, int] | None = None):
+        uids = uids or {}
+        self.tiers = cfg.tiers
+        self.default_tier = cfg.default_tier or cfg.tiers[0]
+        self._rank = {t: i for i, t in enumerate(cfg.tiers)}
+        self.rules = tuple(_compile(r, i, uids) for i, r in enumerate(cfg.rules))
+
+    def rank(self, tier: str) -> int:
+        return self._rank.get(tier or self.default_tier, self._rank[self.default_tier])
+
+    def first_match(self, proc: Proc, role: Role, named: Mapping[str, int | None]) -> Rule | None:
+        for r in self.rules:
+            if r.matches(proc, role, named):
+                return r
+        return None
+
+
+def _user_ids(names: tuple[str, ...], uids: Mapping[str, int]) -> frozenset[int] | None:
+    if not names:
+        return None
+    # An unresolved name matches nobody; the daemon refuses to start with one (resolve_rule_users).
+    return frozenset(int(n) if n.isdigit() else uids[n] for n in names if n.isdigit() or n in uids)
+
+
+def _compile(r: "RuleConfig", index: int, uids: Mapping[str, int]) -> Rule:
+    path = f"policy.rules[{index}]"
+    return Rule(index=index, name=r.name, roles=frozenset(r.role),
+                cgroup=tuple(compile_glob(g, f"{path}.cgroup") for g in r.cgroup if g != "*"),
+                exe=tuple(compile_glob(g, f"{path}.exe") for g in r.exe if g != "*"),
+                users=_user_ids(r.user, uids),
+                rss_above=parse_threshold(r.rss_above, f"{path}.rss_above") if r.rss_above else None,
+                action=r.action, weight=r.weight if r.action == "prefer" else 0, tier=r.tier, source=r)
+
+
+# --- validation (config time: no host facts, so user names are checked at start) ---------------
+
+def validate(cfg: "PolicyConfig") -> list[str]:
+    """Raise ConfigError (one line, key path) for a bad [policy]; return warnings."""
+    if not cfg.tiers:
+        raise ConfigError('policy.tiers: give at least one tier, e.g. tiers = ["default"]')
+    for t in cfg.tiers:
+        if not _TIER_NAME.match(t):
+            raise ConfigError(f"policy.tiers: {t!r} is not a tier name (letters, digits, '.', '_', '-')")
+    dup = [t for t in cfg.tiers if cfg.tiers.count(t) > 1]
+    if dup:
+        raise ConfigError(f"policy.tiers: {dup[0]!r} is listed twice")
+    tiers = ", ".join(cfg.tiers)
+    if cfg.default_tier and cfg.default_tier not in cfg.tiers:
+        raise ConfigError(f"policy.default_tier: unknown tier {cfg.default_tier!r}; policy.tiers has {tiers}")
+    names: dict[str, int] = {}
+    for i, r in enumerate(cfg.rules):
+        path = f"policy.rules[{i}]"
+        if r.action not in ACTIONS:
+            raise ConfigError(f"{path}.action: must be one of {', '.join(ACTIONS)}, got {r.action!r}")
+        if r.tier and r.tier not in cfg.tiers:
+            raise ConfigError(f"{path}.tier: unknown tier {r.tier!r}; policy.tiers has {tiers}")
+        for role in r.role:
+            if role not in ROLE_NAMES:
+                raise ConfigError(f"{path}.role: unknown role {role!r}; roles are {', '.join(ROLE_NAMES)}")
+            if Role(role).never_signalled and r.action != "protect":
+                raise ConfigError(
+                    f"{path}: role {role} is always protected (built-in rule); action {r.action!r} cannot "
+                    "apply to it: use action = \"protect\" or leave that role out")
+        for u in r.user:
+            if not u:
+                raise ConfigError(f"{path}.user: empty user name")
+        if r.name:
+            if r.name in names:
+                raise ConfigError(f"{path}.name: {r.name!r} is also the name of policy.rules[{names[r.name]}]")
+            names[r.name] = i
+        _compile(r, i, {})                 # globs and rss_above
+    return _shadowed(cfg.rules)
+
+
+def _conditions(r: "RuleConfig") -> dict[str, object]:
+    """The rule's effective conditions ("*" globs hold for everything, so they are no condition)."""
+    out: dict[str, object] = {}
+    for key in ("role", "cgroup", "exe", "user"):
+        items = frozenset(getattr(r, key))
+        if items and "*" not in items:
+            out[key] = items
+    if r.rss_above:
+        out["rss_above"] = parse_threshold(r.rss_above, "rss_above")
+    return out
+
+
+def _covers(early: dict[str, object], late: dict[str, object]) -> bool:
+    """Whether every process `late` matches is matched by `early` too (checked conservatively)."""
+    for key, want in early.items():
+        have = late.get(key)
+        if have is None:
+            return False
+        if key == "rss_above":
+            if want == have:
+                continue
+            if want.size is None or have.size is None or want.size > have.size:
+                return False
+        elif not have <= want:     # late's alternatives are a subset of early's
+            return False
+    return True
+
+
+def _shadowed(rules: tuple["RuleConfig", ...]) -> list[str]:
+    warnings = []
+    conds = [_conditions(r) for r in rules]
+    for i in range(len(rules)):
+        for j in range(i):
+            if _covers(conds[j], conds[i]):
+                what = "matches every process" if not conds[j] else "matches every process this one does"
+                warnings.append(f"policy.rules[{i}]: can never match: policy.rules[{j}] before it {what}; "
+                                "move it up or remove it")
+                break
+    return warnings
