@@ -165,9 +165,11 @@ def _user_ids(names: tuple[str, ...], uids: Mapping[str, int]) -> frozenset[int]
 
 def _compile(r: "RuleConfig", index: int, uids: Mapping[str, int]) -> Rule:
     path = f"policy.rules[{index}]"
+    cgroup = tuple(compile_glob(g, f"{path}.cgroup") for g in r.cgroup)
+    exe = tuple(compile_glob(g, f"{path}.exe") for g in r.exe)
     return Rule(index=index, name=r.name, roles=frozenset(r.role),
-                cgroup=tuple(compile_glob(g, f"{path}.cgroup") for g in r.cgroup if g != "*"),
-                exe=tuple(compile_glob(g, f"{path}.exe") for g in r.exe if g != "*"),
+                # a list holding "*" holds for every process: no condition at all
+                cgroup=() if "*" in r.cgroup else cgroup, exe=() if "*" in r.exe else exe,
                 users=_user_ids(r.user, uids),
                 rss_above=parse_threshold(r.rss_above, f"{path}.rss_above") if r.rss_above else None,
                 action=r.action, weight=r.weight if r.action == "prefer" else 0, tier=r.tier, source=r)
