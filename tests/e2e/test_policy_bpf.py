@@ -1,0 +1,221 @@
+"""[[policy.rules]] reach the kernel: the BPF maps say what user space decided, for every process.
+
+Real BPF (BpfGuard loaded with BCC), real processes in memory cgroups made under our own,
+a real /proc snapshot, and the daemon's own sync (`Daemon._sync_bpf`). The policy mixes a
+protect rule, a size rule (kill), a prefer rule, cgroup tier rules and the default. For
+every process of the host, the user-space verdict is compared with the maps:
+protected <-> SHIELD entry with its tier; in-kernel candidate <-> CANDIDATE entry with its
+tier; anything else <-> no entry. As the lower band empties, the next one is listed.
+
+Needs root, BCC and kernel headers (`make setup`); fails with the reason otherwise.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from dbguard import config
+from dbguard.audit import AuditLog
+from dbguard.classify import classify
+from dbguard.daemon import Daemon, relative_memcg
+from dbguard.errors import DbguardError
+from dbguard.kernel.bpf import CANDIDATE, INHERITED, SHIELD, BpfGuard, availability
+from dbguard.metrics import Metrics
+from dbguard.model import Level, MemoryReading, Role, Snapshot
+from dbguard.policy import Policy
+from dbguard.sense.procfs import read_procs
+from lab import hog
+from lab.cgroup import MemoryCgroup
+
+pytestmark = [pytest.mark.bpf, pytest.mark.root, pytest.mark.e2e]
+
+MiB = 1024**2
+TIERS = ["free", "standard", "premium"]
+
+
+def policy_toml(cg: str) -> dict:
+    return {
+        "kill": {"min_rss": "16MiB", "protect_exe": []},
+        "policy": {
+            "tiers": TIERS,
+            "default_tier": "standard",
+            "rules": [
+                {"name": "vip", "cgroup": f"{cg}/premium/*", "action": "protect", "tier": "premium"},
+                {"name": "too-big", "rss_above": "6x kill.min_rss", "action": "kill"},
+                {"name": "batch", "cgroup": f"{cg}/free/batch*", "action": "prefer", "weight": 5, "tier": "free"},
+                {"name": "free", "cgroup": f"{cg}/free/*", "tier": "free"},
+                {"name": "standard", "cgroup": f"{cg}/standard/*", "tier": "standard"},
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def guard():
+    usable, why = availability()
+    if not usable:
+        pytest.fail(f"the policy/BPF agreement test needs BPF here: {why}")
+    try:
+        g = BpfGuard.load()
+    except DbguardError as e:
+        pytest.fail(f"the policy/BPF agreement test could not load the programs: {e}")
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+class Tenants:
+    """A memory cgroup with sub-groups and hogs of known sizes in them."""
+
+    def __init__(self, cg: MemoryCgroup):
+        self.cg = cg
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def group(self, rel: str) -> Path:
+        path = self.cg.path / rel
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def spawn(self, name: str, rel: str, mib: int) -> subprocess.Popen:
+        procs_file = self.group(rel) / "cgroup.procs"
+
+        def join() -> None:
+            procs_file.write_text("0")
+        p = hog.spawn(mib * MiB, 8 * MiB, 0, 600, preexec_fn=join, stdout=subprocess.PIPE)
+        self.procs[name] = p
+        return p
+
+    def ready(self) -> None:
+        for name, p in self.procs.items():
+            for line in p.stdout:
+                if b"holding" in line:
+                    break
+            else:
+                raise AssertionError(f"hog {name} exited before holding its memory ({p.wait()})")
+
+    def stop(self, name: str) -> None:
+        p = self.procs.pop(name)
+        p.kill()
+        p.wait()
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            p.kill()
+            p.wait()
+        subdirs = [Path(d) for d, _, _ in os.walk(self.cg.path, topdown=False) if Path(d) != self.cg.path]
+        for d in subdirs:
+            for _ in range(100):
+                try:
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.05)
+
+
+def _alive(pid: int, start_time: int) -> bool:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]) == start_time
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def test_maps_hold_the_user_space_decision_for_every_process(guard, tmp_path):
+    with MemoryCgroup(2048 * MiB) as cg:
+        t = Tenants(cg)
+        try:
+            pids = {
+                "vip": t.spawn("vip", "premium/a", 40).pid,
+                "big": t.spawn("big", "standard/b", 150).pid,       # size rule: kill, whatever the tier
+                "batch": t.spawn("batch", "free/batch1", 30).pid,   # prefer, weight 5, tier free
+                "free1": t.spawn("free1", "free/t1", 40).pid,
+                "free2": t.spawn("free2", "free/t2", 24).pid,
+                "std": t.spawn("std", "standard/a", 60).pid,
+                "tiny": t.spawn("tiny", "standard/c", 1).pid,       # below kill.min_rss: left alone
+            }
+            t.ready()
+            cfg = config.from_dict(policy_toml(cg.relpath))
+            pol = Policy(cfg, watched_memcg=cg.relpath)
+            daemon = Daemon(cfg)
+            daemon.bpf, daemon.policy = guard, pol
+            daemon.audit = AuditLog(str(tmp_path / "audit.jsonl"))
+            daemon.metrics = Metrics("")
+            reading = MemoryReading(cgroup=str(cg.path), cgroup_version=cg.version, usage_bytes=cg.usage(),
+                                    limit_bytes=cg.limit_bytes, psi_some_avg10=0.0, psi_full_avg10=0.0)
+            assert relative_memcg(str(cg.path)) == cg.relpath
+
+            def sync_and_compare() -> dict[int, str]:
+                procs = read_procs()
+                snap = Snapshot(ts=time.time(), memory=reading, procs=procs,
+                                roles=classify(procs, [], os.getpid()), databases=(), self_pid=os.getpid())
+                daemon._sync_bpf(snap, Level.OK)        # level OK: nothing may be killed meanwhile
+                protected, candidates = guard.protected_tgids(), guard.candidate_tgids()
+                view = pol.kernel_view(snap)
+                got: dict[int, str] = {}
+                compared = 0
+                for pid, proc in snap.procs.items():
+                    role = snap.roles[pid]
+                    v = pol.verdict(proc, role, snap.self_pid)
+                    if not _alive(pid, proc.start_time):
+                        continue          # gone since the snapshot: the exit hook removed it
+                    compared += 1
+                    if proc.kernel_thread:
+                        assert pid not in protected and pid not in candidates
+                        continue
+                    if v.protected:
+                        flags, tier = protected.get(pid, (0, None))
+                        assert flags & SHIELD and tier == v.tier_rank, (pid, proc.comm, v, flags, tier)
+                        assert pid not in candidates
+                        got[pid] = f"shield:{v.tier}"
+                    elif pid in view.candidates:
+                        assert v.candidate
+                        assert candidates.get(pid) == v.tier_rank, (pid, proc.comm, v)
+                        assert pid not in protected
+                        got[pid] = f"candidate:{v.tier}"
+                    else:
+                        # Not listed: left alone, or a candidate of a later band. Inherited
+                        # entries (children of a protected parent) belong to the kernel.
+                        flags = protected.get(pid, (0, 0))[0]
+                        assert pid not in candidates and (pid not in protected or flags & INHERITED), \
+                            (pid, proc.comm, v)
+                        got[pid] = "candidate-later" if v.candidate else "none"
+                # and nothing in the maps that user space did not put there
+                raw = {k.value: v.flags for k, v in guard._procs.items()}
+                for pid, flags in raw.items():
+                    if flags & CANDIDATE:
+                        assert pid in view.candidates
+                    elif not flags & INHERITED and pid in snap.procs:
+                        assert pid in view.protected
+                assert compared > 20, "the host's whole process table is compared"
+                return got
+
+            def mine(got: dict[int, str]) -> dict[str, str]:
+                return {name: got.get(pid, "gone") for name, pid in pids.items() if pid in got}
+
+            got = sync_and_compare()
+            assert mine(got) == {
+                "vip": "shield:premium", "big": "candidate:standard", "batch": "candidate:free",
+                "free1": "candidate-later", "free2": "candidate-later", "std": "candidate-later", "tiny": "none"}
+            assert got[os.getpid()] == "shield:standard", "dbguard itself is shielded"
+            assert got.get(1, "").startswith("shield"), "PID 1 is shielded"
+
+            # the prefer band gone: the free tier is next; then the standard tier
+            t.stop("batch")
+            got = sync_and_compare()
+            assert mine(got) == {
+                "vip": "shield:premium", "big": "candidate:standard", "free1": "candidate:free",
+                "free2": "candidate:free", "std": "candidate-later", "tiny": "none"}
+            t.stop("free1")
+            t.stop("free2")
+            t.stop("big")
+            got = sync_and_compare()
+            assert mine(got) == {"vip": "shield:premium", "std": "candidate:standard", "tiny": "none"}
+        finally:
+            t.close()
+            guard.sync_processes({}, {})
