@@ -133,6 +133,11 @@ def cmd_explain(a: argparse.Namespace) -> int:
               f"{d.shrink_step}/{d.shrink_steps_max}; {len(d.sessions)} session(s)")
     if not snap.databases:
         print("databases: none configured or found")
+    by_role: dict[str, list[int]] = {}
+    for r in rows:
+        by_role.setdefault(r["role"], []).append(r["rss_bytes"])
+    print("memory by process class (RSS; shared buffers count in every process that touched them): " + ", ".join(
+        f"{role} {len(v)} procs {_mib(sum(v))}" for role, v in sorted(by_role.items()) if role != "kernel_thread"))
     shown = [r for r in rows if r["role"] not in ("kernel_thread",) and
              (r["verdict"] != "left alone" or r["rss_bytes"] >= 16 * 2**20)]
     print(f"processes ({len(shown)} shown of {len(rows)}: protected, candidates, and others over 16 MiB; "

@@ -25,7 +25,7 @@ from .databases.base import Database
 from .errors import ConfigError, DbguardError
 from .metrics import Metrics
 from .model import Level, Plan, Snapshot
-from .policy import Policy
+from .policy import Policy, level_of
 from .sense.pressure import PressureMonitor
 from .sense.procfs import CGROUP_ROOT, own_memcg_dir, read_procs
 
@@ -220,7 +220,8 @@ class Daemon:
         self.metrics = Metrics(cfg.metrics.listen, healthy=self.health)
         self.sensor.observe_collector = self.metrics.observe_collector
         self._open_bpf()
-        self.executor = Executor(self.sensor.databases, self.audit, self.metrics.observe_action)
+        self.executor = Executor(self.sensor.databases, self.audit, self.metrics.observe_action,
+                                 still_pressed=self._relieved)
         self.memory_note = lock_memory() if cfg.general.lock_memory else "memory not locked (general.lock_memory)"
         self.metrics.set_protection(bpf=self.bpf is not None, lower_scores=self.policy.can_lower_scores
                                     and cfg.protection.lower_databases,
@@ -251,6 +252,11 @@ class Daemon:
             out = db.recover()
             if not out.ok or out.detail and "nothing" not in out.detail.lower():
                 log.info("recover %s: %s", name, out.detail)
+
+    def _relieved(self) -> str | None:
+        """None while a kill is still justified (high level, marks minus hysteresis), else why not."""
+        level, why = level_of(self.sensor.pressure.read(), self.cfg.pressure, margin=self.cfg.pressure.hysteresis)
+        return None if level >= Level.HIGH else why
 
     def describe(self) -> str:
         dbs = ", ".join(f"{dc.kind} {dc.name}" for dc in self.sensor.db_configs) or "no database yet"

@@ -47,10 +47,14 @@ def refusal(a: Action, snap: Snapshot) -> str | None:
 
 class Executor:
     def __init__(self, databases: dict[str, Database], audit: AuditLog,
-                 observe: Callable[[Action, bool], None] | None = None):
+                 observe: Callable[[Action, bool], None] | None = None,
+                 still_pressed: Callable[[], str | None] | None = None):
         self.databases = databases
         self.audit = audit
         self.observe = observe or (lambda a, ok: None)
+        # Read right before each kill: None while the kill is still needed, else why not.
+        # The memory a previous kill of the same round released may already be enough.
+        self.still_pressed = still_pressed or (lambda: None)
 
     def execute(self, plan: Plan, snap: Snapshot) -> list[dict]:
         return [self.one(a, plan.level, snap) for a in plan.actions]
@@ -65,6 +69,12 @@ class Executor:
             rec = self.audit.action(a, level, "dry_run: not carried out", True)
             self.observe(a, True)
             return rec
+        if a.kind is ActionKind.KILL:
+            relieved = self.still_pressed()
+            if relieved is not None:
+                rec = self.audit.action(a, level, f"skipped: pressure fell before the kill ({relieved})", True)
+                self.observe(a, True)
+                return rec
         log.debug("carrying out %s on %s", a.kind.value, a.target)
         try:
             ok, result = self._carry_out(a)
