@@ -36,7 +36,9 @@ def timeline(data: dict, scenario: str, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
+    tps_max = max((tps for r in runs for _, tps in r.get("tps_progress", [])), default=1) * 1.1
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.3 * len(runs) + 0.6), sharex=True, squeeze=False)
+    first_row = None
     for ax, run in zip(axes[:, 0], runs):
         s = run["samples"]
         t = [x["t"] for x in s]
@@ -47,7 +49,7 @@ def timeline(data: dict, scenario: str, path: Path) -> bool:
         prog = run.get("tps_progress", [])
         ax2.plot([p[0] for p in prog], [p[1] for p in prog], color="tab:green", lw=1.0, label="pgbench tps")
         ax2.set_ylabel("tps", color="tab:green")
-        ax2.set_ylim(bottom=0)
+        ax2.set_ylim(0, tps_max)          # one scale for all panels: compare by eye
         ax3 = ax.twinx()
         ax3.spines["right"].set_position(("outward", 48))
         ax3.plot(t, [x["psi_some"] for x in s], color="tab:orange", lw=0.9, ls="--", label="PSI some avg10 (%)")
@@ -59,9 +61,10 @@ def timeline(data: dict, scenario: str, path: Path) -> bool:
             f", {run.get('crash_recoveries', 0)} crash recoveries, {run.get('sessions_lost', 0)} sessions lost"
         ax.set_title(f"{run['contender']}: {verdict}", fontsize=9, loc="left")
         ax.axvline(0, color="grey", lw=0.6, ls=":")
+        first_row = first_row or (ax, ax2, ax3)
     axes[-1, 0].set_xlabel("seconds since the load started")
     handles = []
-    for a in (axes[0, 0], axes[0, 0].figure.axes[1], axes[0, 0].figure.axes[2]):
+    for a in first_row:
         handles += a.get_legend_handles_labels()[0]
     fig.legend(handles=handles, loc="upper right", fontsize=8, ncol=3)
     fig.suptitle(f"{scenario}: timeline per contender (red: a kill or an ended query)", fontsize=10, x=0.01,
