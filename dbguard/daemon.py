@@ -24,7 +24,7 @@ from .config import Config, DatabaseConfig
 from .databases.base import Database
 from .errors import ConfigError, DbguardError
 from .metrics import Metrics
-from .model import Level, Plan, Snapshot
+from .model import ActionKind, Level, Plan, Snapshot
 from .policy import Policy, level_of
 from .sense.pressure import PressureMonitor
 from .sense.procfs import CGROUP_ROOT, own_memcg_dir, read_procs
@@ -285,7 +285,9 @@ class Daemon:
                               "usage_bytes": m.usage_bytes, "limit_bytes": m.limit_bytes,
                               "reclaimable_bytes": m.reclaimable_bytes, "psi_some_avg10": m.psi_some_avg10})
             self.level = plan.level
-        self.executor.execute(plan, snap)
+        for action, rec in zip(plan.actions, self.executor.execute(plan, snap)):
+            if action.kind is ActionKind.KILL and str(rec.get("result", "")).startswith("skipped"):
+                self.policy.kill_not_done(action)   # it may be next again: the tier order holds
         self._sync_bpf(snap, plan.level)
         self.metrics.observe_snapshot(snap, plan.level)
         return snap, plan

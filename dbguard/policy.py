@@ -388,12 +388,17 @@ class Policy:
         goal = self.cfg.pressure.high_usage - self.cfg.pressure.hysteresis
         excess = m.usage_bytes - m.reclaimable_bytes - goal * m.limit_bytes
         out = []
+        held = None          # the band of a candidate killed a moment ago and not gone yet
         for proc, v in self.ranked(snap):
             # A `kill` rule's processes all go once kills are allowed; the rest only until
             # usage is back under the goal.
             if excess <= 0 and out and v.action != "kill" or recent >= k.max_per_minute:
                 break
+            if held is not None and v.band != held:
+                break        # never reach past a tier whose kill is still under way
             if now - self._killed.get(proc.key, float("-inf")) < KILL_REPEAT_AFTER:
+                if v.action != "kill":
+                    held = v.band
                 continue
             self._killed[proc.key] = now
             recent += 1
@@ -407,6 +412,12 @@ class Policy:
         if out:
             self._kill_times.append(now)
         return out
+
+    def kill_not_done(self, a: Action) -> None:
+        """The executor skipped a planned kill (pressure fell first): the process is a
+        candidate like any other again, so the next kill in its tier is not passed over."""
+        if a.pid is not None and a.start_time is not None:
+            self._killed.pop(ProcKey(a.pid, a.start_time), None)
 
     def _forget(self, snap: Snapshot) -> None:
         """Drop memories of processes and sessions that are gone (pids get reused)."""

@@ -401,3 +401,20 @@ def test_first_match_semantics_hold_for_random_rule_lists(rules, procs):
 def test_ruleset_rank_and_default_tier():
     rs = RuleSet(config.from_dict({"policy": {"tiers": ["a", "b"], "default_tier": "b"}}).policy)
     assert rs.default_tier == "b" and rs.rank("") == 1 and rs.rank("a") == 0
+
+
+def test_a_kill_under_way_holds_later_tiers_a_skipped_one_does_not():
+    pol = make(TENANTS, tiers=["free", "standard", "premium"])
+    procs = [proc(21, 300, memcg="/lab/standard/a"), proc(22, 60, memcg="/lab/free/a"),
+             proc(23, 50, memcg="/lab/free/b")]
+    kills = [a for a in pol.decide(snapshot(procs, used_mib=960)).actions if a.kind is ActionKind.KILL]
+    assert [a.pid for a in kills] == [22, 23]
+    # 22 and 23 still listed half a second later (dying), usage still high: the standard
+    # tier waits for them rather than lose a process out of order
+    later = [a for a in pol.decide(snapshot(procs, used_mib=990, ts=0.5)).actions if a.kind is ActionKind.KILL]
+    assert later == []
+    # the executor skipped them (pressure fell first): they are the next candidates again
+    for a in kills:
+        pol.kill_not_done(a)
+    again = [a.pid for a in pol.decide(snapshot(procs, used_mib=990, ts=1.0)).actions if a.kind is ActionKind.KILL]
+    assert again == [22, 23, 21], "free first; 140 MiB over, so the standard one too, after them"
