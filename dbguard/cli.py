@@ -146,7 +146,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
         pos = f"#{r['kill_order']}" if r["kill_order"] else ""
         k = "K" if r["kernel"] == "candidate" else ""
         print(f"  {r['pid']:>7} {r['comm'][:15]:<15} {_mib(r['rss_bytes']):>9} adj {r['oom_score_adj']:>5} "
-              f"{r['verdict']:<10} {pos:>4}{k:1} {r['tier'][:10]:<10} {r['rule']}: {r['why']}")
+              f"{r['verdict']:<10} {pos:>4}{k:1} {r['tier'][:10]:<10} "
+              f"{'' if r['why'].startswith(r['rule']) else r['rule'] + ': '}{r['why']}")
     print("plan:" if plan.actions else "plan: nothing to do at this level")
     for x in plan.actions:
         print(f"  {x.kind.value} {x.target}: {x.reason}")
