@@ -162,6 +162,31 @@ def _notes(groups, scenario: str) -> list[str]:
     return out
 
 
+def observations(data: dict) -> list[str]:
+    """Facts computed from the runs that the tables do not show at a glance."""
+    groups = _group(data.get("runs", []))
+    out = []
+    for s in PRESSURE_SCENARIOS:
+        runs = _ok(groups.get((s, "dbguard-bpf"), []))
+        if runs:
+            ends = [guard_ends(r.get("guard_actions", [])) for r in runs]
+            bpf, user = sum(e[1] for e in ends), sum(e[0] for e in ends)
+            critical = sum(1 for r in runs if any(a.get("level") == "critical" for a in r.get("guard_actions", [])))
+            out.append(f"{s}, dbguard-bpf: {bpf} in-kernel (BPF) kill(s) and {user} user-space kill(s) over "
+                       f"{len(runs)} run(s); the level reached critical (the BPF program's minimum to kill, "
+                       f"[bpf] min_level_to_kill = 3) in {critical} of them")
+        early = []
+        for c in ("dbguard-user", "dbguard-bpf"):
+            for r in _ok(groups.get((s, c), [])):
+                early += [a for a in r.get("guard_actions", []) if a.get("t", 0) < 0
+                          and a.get("action") == "shrink_cache"]
+        if early:
+            out.append(f"{s}: dbguard shrank PostgreSQL's caches {len(early)} time(s) before any load started "
+                       "(the cgroup is full of page cache from the data set load; the shrink is undone once "
+                       "the level returns to ok)")
+    return out
+
+
 def summary(data: dict) -> str:
     groups = _group(data.get("runs", []))
     parts = []
@@ -221,6 +246,8 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
         "limit is reached within ~0.1 s of the load's start, and this figure is in effect the time "
         "from the load's start to the first kill.",
         "",
+        *(["Observations from the runs:", ""] + [f"- {o}" for o in observations(data)] + [""]
+          if observations(data) else []),
         "## Contenders",
         "",
     ]
@@ -246,6 +273,12 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
         if not any(k[0] == s for k in groups):
             continue
         lines += [f"## {TITLES[s]}", "", markdown_table(PRESSURE_HEADER_FULL, _pressure_rows(groups, s, full=True)), ""]
+        if s == "fast-hog" and m.get("hog_alloc_gib_s"):
+            lines += [f"The hog fills memory at {m['hog_alloc_gib_s']} GiB/s when no limit is near (measured "
+                      "in the same run, on the shared machine). At the limit its page faults must first "
+                      "reclaim the cgroup's page cache (the data set's), so usage sits at the limit for "
+                      "seconds before the kernel's OOM kill (see results.json samples): the hog's "
+                      "allocation is throttled by reclaim, not by its own speed.", ""]
         tps = []
         for c in _contenders(groups, s):
             runs = _ok(groups[(s, c)])

@@ -147,6 +147,13 @@ def run_scenarios(a: argparse.Namespace, say, data: dict) -> None:
         say(f"leaving out dbguard-user and dbguard-bpf: {missing}", always=True)
         chosen = [c for c in chosen if not contenders[c].is_dbguard]
     params = QUICK if a.quick else DEFAULTS
+    if "fast-hog" in a.scenarios:
+        from .scenarios import hog_alloc_rate
+        try:
+            data["machine"]["hog_alloc_gib_s"] = round(hog_alloc_rate(), 2)
+            say(f"fast hog allocates {data['machine']['hog_alloc_gib_s']} GiB/s with no limit near", always=True)
+        except Exception as e:
+            say(f"could not measure the fast hog's allocation rate: {e}", always=True)
     for scen in a.scenarios:
         p = params[scen]
         runs = data.setdefault("runs", [])

@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -55,6 +56,23 @@ QUICK = {
 
 
 # --- shared pieces ---------------------------------------------------------------------------
+
+def baseline_window(p: Params) -> tuple[float, float]:
+    """The last seconds before the load: pgbench's first seconds (connecting, caches warming)
+    run at a fraction of its steady rate and would flatter every ratio."""
+    return -min(4.0, p.warmup - 2.0), 0.0
+
+
+def hog_alloc_rate(total: int = 2048 * MiB) -> float:
+    """GiB/s at which the fast hog's allocator (lab.hog.grow, 64 MiB steps, no pause) fills
+    memory when no limit is near: what it asks of the cgroup in the fast-hog scenario."""
+    code = ("import time, sys; from lab.hog import grow; t = time.perf_counter(); "
+            f"c = grow({total}, {64 * MiB}, 0); print(time.perf_counter() - t)")
+    with MemoryCgroup(total + 1024 * MiB) as cg:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             preexec_fn=cg.preexec(), cwd=Path(__file__).resolve().parent.parent)
+    return (total / 1024**3) / float(out.stdout.strip())
+
 
 def _audit_summary(audit: list[dict], wall_t0: float) -> list[dict]:
     """The guard's actions (not start/stop/level bookkeeping), time relative to the load start."""
@@ -102,7 +120,7 @@ def _pg_scenario(name: str, c: Contender, p: Params, log: Log, **kw) -> dict:
     r = run_pg_scenario(sampled(c, sink), duration=p.duration, warmup=p.warmup, log=log, **kw)
     t0 = r.hogs_started_monotonic or 0.0
     window = p.duration - p.warmup
-    base = windowed_tps(r.tps_progress, -p.warmup + 2, 0.0)       # skip connection set-up
+    base = windowed_tps(r.tps_progress, *baseline_window(p))
     under = windowed_tps(r.tps_progress, 0.0, window)
     actions = _audit_summary(r.audit, t0 + wall_minus_mono)
     db_deaths = r.postgres_deaths
@@ -240,7 +258,7 @@ def runaway(c: Contender, p: Params, log: Log) -> dict:
             bench = parse_pgbench(out or "", err or "")
             progress = [(t - (t0 - t_bench), tps) for t, tps in bench.progress]
             window = p.duration - p.warmup
-            base = windowed_tps(progress, -p.warmup + 2, 0.0)
+            base = windowed_tps(progress, *baseline_window(p))
             under = windowed_tps(progress, 0.0, window)
             actions = _audit_summary(read_audit(env.audit_path), t0 + wall_minus_mono)
             victims = [f"pid {pid} ({comm})" for pid, comm in kmsg_oom_victims(kmsg.read(), cg.relpath)]
