@@ -143,6 +143,8 @@ class Policy:
     _kill_times: deque = field(default_factory=lambda: deque(maxlen=10_000))
     _killed: dict[ProcKey, float] = field(default_factory=dict)
     _scored: dict[ProcKey, int] = field(default_factory=dict)
+    _memo_snap: Snapshot | None = field(default=None, repr=False)
+    _memo: dict[int, Verdict] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.levels = LevelTracker(self.cfg.pressure)
@@ -225,12 +227,21 @@ class Policy:
         return Verdict(False, True, preferred, "; ".join(filter(None, [said, f"{rss} in the watched cgroup"])),
                        action=action, weight=weight, **left)
 
+    def verdicts(self, snap: Snapshot) -> dict[int, Verdict]:
+        """Every process's verdict, computed once per snapshot (scores, kills, the BPF maps
+        and explain all ask within one cycle)."""
+        if self._memo_snap is not snap:
+            self.limit_bytes = snap.memory.limit_bytes
+            self._memo = {pid: self.verdict(p, snap.roles.get(pid, Role.OTHER), snap.self_pid)
+                          for pid, p in snap.procs.items()}
+            self._memo_snap = snap
+        return self._memo
+
     def ranked(self, snap: Snapshot) -> list[tuple[Proc, Verdict]]:
         """Kill candidates with their verdicts in kill order: `kill` rules first, then tier
         ascending, then prefer weight, then the largest."""
-        self.limit_bytes = snap.memory.limit_bytes
-        out = [(p, v) for p in snap.procs.values()
-               for v in [self.verdict(p, snap.roles.get(p.pid, Role.OTHER), snap.self_pid)] if v.candidate]
+        verdicts = self.verdicts(snap)
+        out = [(p, verdicts[pid]) for pid, p in snap.procs.items() if verdicts[pid].candidate]
         out.sort(key=lambda t: (*t[1].order, -t[0].rss_bytes, t[0].pid))
         return out
 
@@ -247,11 +258,12 @@ class Policy:
         same prefer weight) of the kill order. When that band is gone, the next sync
         lists the next one. Every protected process (but kernel threads) is shielded."""
         protected = {}
+        verdicts = self.verdicts(snap)
         for pid, proc in snap.procs.items():
             role = snap.roles.get(pid, Role.OTHER)
             if proc.kernel_thread or role is Role.KERNEL_THREAD:
                 continue
-            v = self.verdict(proc, role, snap.self_pid)
+            v = verdicts[pid]
             if v.protected:
                 protected[pid] = (role in _INHERITING, v.tier_rank)
         candidates = {}
@@ -292,7 +304,7 @@ class Policy:
                 if proc.oom_score_adj <= want:
                     continue
             elif role is Role.OTHER and prot.raise_candidates:
-                v = self.verdict(proc, role, snap.self_pid)
+                v = self.verdicts(snap)[pid]
                 want = prot.candidate_oom_score_adj
                 if not v.candidate or proc.oom_score_adj >= want:
                     continue
