@@ -376,25 +376,16 @@ def fork_storm(c: Contender, p: Params, log: Log) -> dict:
             stack.enter_context(sampled(c, sink)(env))
             dsn = cluster.dsn
 
-            # Phase 1: connect, one query, disconnect, from 4 threads: each is a fork and an exit.
-            stop_at = time.monotonic() + p.duration
-            counts = [0] * 4
-            errors: list[str] = []
-
-            def churn(i: int) -> None:
-                while time.monotonic() < stop_at:
-                    try:
-                        with psycopg.connect(dsn, autocommit=True) as conn:
-                            conn.execute("SELECT 1")
-                        counts[i] += 1
-                    except psycopg.Error as e:
-                        errors.append(str(e).splitlines()[0])
-                        return
+            # Phase 1: pgbench -C opens a new connection for every transaction (one SELECT): each
+            # is a fork and an exit of a postmaster child, from a C client fast enough to load it.
+            cluster.pgbench_init(1)
             t_start = time.monotonic()
-            with ThreadPoolExecutor(4) as ex:
-                list(ex.map(churn, range(4)))
+            bench = cluster.pgbench("-C", "-S", "-c", "4", "-j", "2", "-T", str(p.duration), "--no-vacuum")
+            out, err = bench.communicate(timeout=p.duration + 60)
             elapsed = time.monotonic() - t_start
-            churned = sum(counts)
+            parsed = parse_pgbench(out or "", err or "")
+            churned = parsed.transactions_ok
+            errors = parsed.errors
 
             # Phase 2: HELD backends born at once; which are protected right away and 1.5 s later.
             t_open = time.monotonic()
@@ -416,7 +407,7 @@ def fork_storm(c: Contender, p: Params, log: Log) -> dict:
             pm_score = _score(cluster.postmaster_pid())
             return {
                 "connections": churned,
-                "connections_per_s": churned / elapsed if elapsed else None,
+                "connections_per_s": churned / p.duration,
                 "connect_errors": errors[:5],
                 "coverage": coverage,
                 "postmaster_oom_score_adj": pm_score,

@@ -19,7 +19,7 @@ class Spread:
     def fmt(self, fmt: str = "{:.0f}", unit: str = "") -> str:
         """"12 ms (10-15)" for several runs, "12 ms" for one."""
         mid = fmt.format(self.median) + unit
-        if self.n < 2 or self.lo == self.hi:
+        if self.n < 2 or fmt.format(self.lo) == fmt.format(self.hi):
             return mid
         return f"{mid} ({fmt.format(self.lo)}-{fmt.format(self.hi)})"
 
