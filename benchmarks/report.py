@@ -222,8 +222,8 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
         "# Benchmarks: dbguard against the kernel default, PostgreSQL's documented setup and earlyoom",
         "",
         f"- Date: {data.get('date', '?')}; git {data.get('git', '?')}; took {data.get('seconds', '?')} s",
-        f"- Command (as root, after `make setup`): `{data.get('command', 'python -m benchmarks.run')}`"
-        + ("" if data.get("command", "").startswith("python -m benchmarks.run --report") else ""),
+        f"- Command (as root): `{data.get('command', 'python -m benchmarks.run')}`"
+        + (" (what `make bench` runs)" if data.get("command", "").strip() == "python -m benchmarks.run" else ""),
         f"- Machine: Linux {m.get('kernel', '?')}, {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
         f"{m.get('memory', '?')} RAM, swap {m.get('swap', '?')}; {m.get('postgresql', '?')}; {m.get('earlyoom', '?')}; "
         f"load average at start {' '.join(m.get('loadavg_start', []))} (a VM shared with other engineers' test runs)",
@@ -296,8 +296,10 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                       "some avg10, pgbench tps; red lines are kills or ended queries.", ""]
     if any(k[0] == "fork-storm" for k in groups):
         lines += [f"## {TITLES['fork-storm']}", "", markdown_table(FORK_HEADER, _fork_rows(groups)), "",
-                  "Connections/s: 4 threads connect, run SELECT 1 and disconnect for the storm's length; each "
-                  "connection is one fork and one exit of a postmaster child. Protected at birth: of 300 "
+                  "Connections/s: `pgbench -C -S -c 4` (a new connection for every one-SELECT transaction) "
+                  "for the storm's length; each connection is one fork and one exit of a postmaster child, "
+                  "so the rate is bounded by backend start-up on 2 cores, and what a guard adds to a fork "
+                  "shows as a lower rate. Protected at birth: of 300 "
                   "backends opened at once, how many the contender's mechanism covered right after the last "
                   "connect — for dbguard-bpf, entries with a protection flag in its BPF `procs` map (read "
                   "with bpftool), for the others an oom_score_adj lowered below 0 (the only protection they "
@@ -310,6 +312,11 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
     if data.get("scale"):
         sc = data["scale"]
         lines += ["## Scale: one sidecar cycle", "", sc.get("method", ""), "", _scale_section(sc), ""]
+        slow = [r for r in sc.get("rows", []) if r["wall_ms"]["median"] > 1000]
+        for r in slow:
+            lines += [f"With {r['processes']:,} processes one cycle takes {r['wall_ms']['median']:.0f} ms: longer "
+                      "than the default 1 s interval (general.interval), so on such a host the loop runs "
+                      "back to back and reacts a cycle later than on a small one.", ""]
     if data.get("cost"):
         lines += ["## dbguard's own cost", "", data["cost"].get("method", ""), "",
                   markdown_table(COST_HEADER, _cost_rows(data)), ""]
