@@ -155,8 +155,7 @@ def _notes(groups, scenario: str) -> list[str]:
         seen = []
         for r in groups[(scenario, c)]:
             for n in r.get("notes", []):
-                key = n.split(":")[0] if c == "earlyoom" else n
-                if key not in [s.split(":")[0] if c == "earlyoom" else s for s in seen]:
+                if n.split(":")[0] not in [s.split(":")[0] for s in seen]:   # one per kind of note
                     seen.append(n)
         out += [f"- {c}: {n}" for n in seen[:3]]
     return out
@@ -299,7 +298,10 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                   "Connections/s: `pgbench -C -S -c 4` (a new connection for every one-SELECT transaction) "
                   "for the storm's length; each connection is one fork and one exit of a postmaster child, "
                   "so the rate is bounded by backend start-up on 2 cores, and what a guard adds to a fork "
-                  "shows as a lower rate. Protected at birth: of 300 "
+                  "shows as a lower rate. On this shared VM the rate moves by about ±10 % between "
+                  "contenders that add nothing to a fork (earlyoom, pg-documented): read 'vs none' with "
+                  "that in mind; the BPF fork hooks' own cost per call is measured directly in "
+                  "[bpf/RESULTS.md](bpf/RESULTS.md). Protected at birth: of 300 "
                   "backends opened at once, how many the contender's mechanism covered right after the last "
                   "connect — for dbguard-bpf, entries with a protection flag in its BPF `procs` map (read "
                   "with bpftool), for the others an oom_score_adj lowered below 0 (the only protection they "
