@@ -1,7 +1,7 @@
 """dbguard against the kernel default, PostgreSQL's documented setup and earlyoom, side by side.
 
-    sudo .venv/bin/python -m benchmarks.run                 # everything (make bench), ~40 min
-    sudo .venv/bin/python -m benchmarks.run --quick         # one round, shorter loads, ~15 min
+    sudo .venv/bin/python -m benchmarks.run                 # everything (make bench): 31 min measured here
+    sudo .venv/bin/python -m benchmarks.run --quick         # one round, shorter loads, ~12 min
     sudo .venv/bin/python -m benchmarks.run --scenarios runaway --contenders none,dbguard-user -r 5
     .venv/bin/python -m benchmarks.run --report-only        # re-render RESULTS.md from results.json
 
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("-x", "--extras", type=_csv(EXTRAS, "extra"), default=list(EXTRAS), metavar="LIST",
                     help="scale,cost, or '' for none (default: both)")
     ap.add_argument("--quick", action="store_true",
-                    help="one round, shorter loads, scale with 1,000 processes only: a smoke run (~15 min)")
+                    help="one round, shorter loads, scale with 1,000 processes only: a smoke run (~12 min)")
     ap.add_argument("--bpf-bench", action="store_true",
                     help="also run python -m benchmarks.bpf.run --write (the BPF programs' per-call cost)")
     ap.add_argument("--merge", action="store_true",
