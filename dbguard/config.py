@@ -56,6 +56,7 @@ class General:
     dry_run: bool = False
     state_dir: str = "/var/lib/dbguard"
     lock_memory: bool = True
+    discover: bool = True
 
 
 @dataclass(frozen=True)

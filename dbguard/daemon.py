@@ -106,8 +106,9 @@ class Sensor:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.self_pid = os.getpid()
-        self.discovered = not cfg.databases
-        self.db_configs: tuple[DatabaseConfig, ...] = cfg.databases or self._discover()
+        self.discovered = not cfg.databases and cfg.general.discover
+        self.db_configs: tuple[DatabaseConfig, ...] = cfg.databases or (
+            self._discover() if self.discovered else ())
         os.makedirs(cfg.general.state_dir, mode=0o700, exist_ok=True)
         self.databases: dict[str, Database] = {}
         for dc in self.db_configs:

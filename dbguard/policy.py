@@ -399,12 +399,15 @@ class Policy:
         # with fast hogs, one kill per cycle loses the race.
         goal = self.cfg.pressure.high_usage - self.cfg.pressure.hysteresis
         excess = m.usage_bytes - m.reclaimable_bytes - goal * m.limit_bytes
+        # The cgroup's own PSI full justifies one kill even under the usage goal (thrashing);
+        # a level merely held by hysteresis or dwell does not.
+        thrashing = m.cgroup_version != 1 and 0 < self.cfg.pressure.high_psi_full <= m.psi_full_avg10
         out = []
         held = None          # the band of a candidate killed a moment ago and not gone yet
         for proc, v in self.ranked(snap):
             # A `kill` rule's processes all go once kills are allowed; the rest only until
             # usage is back under the goal.
-            if excess <= 0 and out and v.action != "kill" or recent >= k.max_per_minute:
+            if excess <= 0 and (out or not thrashing) and v.action != "kill" or recent >= k.max_per_minute:
                 break
             if held is not None and v.band != held:
                 break        # never reach past a tier whose kill is still under way

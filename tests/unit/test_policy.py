@@ -213,3 +213,12 @@ def test_no_plan_ever_kills_a_process_that_must_never_be_signalled(table, used):
     for a in plan.actions:
         if a.kind is ActionKind.KILL:
             assert not roles[a.pid].never_signalled and a.pid != 999
+
+
+def test_a_level_held_by_dwell_kills_nothing_under_the_goal():
+    pol = policy()
+    procs = [proc(10, 150), proc(11, 120)]
+    assert [a.pid for a in pol.decide(snapshot(0, reading(920), procs)).actions if a.kind is ActionKind.KILL] == [10]
+    plan = pol.decide(snapshot(1, reading(700), [procs[1]]))
+    assert plan.level is Level.HIGH, "held for min_dwell"
+    assert not [a for a in plan.actions if a.kind is ActionKind.KILL], "usage is under the goal already"
