@@ -73,15 +73,18 @@ def cmd_explain(a: argparse.Namespace) -> int:
     snap, plan, policy = out["snapshot"], out["plan"], out["policy"]
     order = {p.pid: i for i, p in enumerate(policy.candidates(snap), 1)}
     kernel = policy.kernel_view(snap)
+    verdicts = policy.verdicts(snap)     # the plan's own verdicts: PSS is not read a second time
     rows = []
     for pid, proc in sorted(snap.procs.items()):
         role = snap.roles.get(pid, Role.OTHER)
-        v = policy.verdict(proc, role, snap.self_pid)
+        v = verdicts[pid]
         rows.append({"pid": pid, "comm": proc.comm, "role": role.value, "rss_bytes": proc.rss_bytes,
-                     "oom_score_adj": proc.oom_score_adj, "memcg": proc.memcg, "exe": proc.exe,
+                     "pss_bytes": v.pss_bytes, "oom_score_adj": proc.oom_score_adj, "memcg": proc.memcg,
+                     "exe": proc.exe,
                      "verdict": "protected" if v.protected else "candidate" if v.candidate else "left alone",
                      "preferred": v.preferred, "why": v.why, "rule": v.rule, "rule_index": v.rule_index,
-                     "action": v.action, "tier": v.tier, "weight": v.weight, "kill_order": order.get(pid),
+                     "action": v.action, "tier": v.tier, "tier_source": v.tier_source, "weight": v.weight,
+                     "kill_order": order.get(pid),
                      "kernel": "shield" if pid in kernel.protected else
                                "candidate" if pid in kernel.candidates else "none"})
     if a.pid is not None:
@@ -106,9 +109,11 @@ def cmd_explain(a: argparse.Namespace) -> int:
     if a.pid is not None:
         r = rows[0]
         print(f"pid {r['pid']} ({r['comm']}): {r['verdict']}{' (preferred)' if r['preferred'] else ''} - {r['why']}")
-        print(f"  role {r['role']}, rss {_mib(r['rss_bytes'])}, oom_score_adj {r['oom_score_adj']}, "
+        pss = "" if r["pss_bytes"] is None else f", pss {_mib(r['pss_bytes'])}"
+        print(f"  role {r['role']}, rss {_mib(r['rss_bytes'])}{pss}, oom_score_adj {r['oom_score_adj']}, "
               f"memory cgroup {r['memcg']}, exe {r['exe'] or '?'}")
-        print(f"  decided by {r['rule']}: action {r['action'] or 'none'}, tier {r['tier']} "
+        given = "" if r["tier_source"] == r["rule"] else f" from {r['tier_source']}"
+        print(f"  decided by {r['rule']}: action {r['action'] or 'none'}, tier {r['tier']}{given} "
               f"(kill order of tiers: {' < '.join(policy.rules.tiers)})")
         if r["kill_order"]:
             print(f"  kill order now: {r['kill_order']} of {len(order)} candidate(s)")

@@ -6,6 +6,7 @@ error is one line that names the key path, e.g. `pressure.warn_usage: must be be
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import tomllib
@@ -156,6 +157,8 @@ class RuleConfig:
     exe: tuple[str, ...] = ()
     user: tuple[str, ...] = ()
     rss_above: str = ""          # a size ("2GiB") or a multiple of a named threshold ("2x kill.min_rss")
+    pss_above: str = ""          # the same forms, on PSS (/proc/PID/smaps_rollup), read only when reached
+    in_tier: tuple[str, ...] = ()  # the tier policy.cgroup_tiers (or default_tier) gives the process
     # outcome
     action: str = "default"
     weight: int = Bounded(1, 1, 1000)
@@ -166,6 +169,9 @@ class RuleConfig:
 class PolicyConfig:
     tiers: tuple[str, ...] = ("default",)   # kill order: processes of the first tier die first
     default_tier: str = ""                  # tier of processes no rule gives one; "": the first
+    # memory cgroup glob -> tier, in file order (the first glob that matches wins); a process
+    # no glob matches is in default_tier. A rule's own `tier` overrides it.
+    cgroup_tiers: tuple[tuple[str, str], ...] = ()
     rules: tuple[RuleConfig, ...] = ()
 
 
@@ -252,6 +258,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
             if not isinstance(value, list):
                 raise ConfigError(f"{kpath}: expected [[policy.rules]] tables")
             kwargs[key] = tuple(_rule(v, f"{kpath}[{i}]") for i, v in enumerate(value))
+        elif cls is PolicyConfig and key == "cgroup_tiers":
+            kwargs[key] = _cgroup_tiers(value, kpath)
         else:
             kwargs[key] = _coerce(value, tp, fields[key], kpath)
     return cls(**kwargs)
@@ -274,7 +282,24 @@ def _database(data: Any, index: int) -> DatabaseConfig:
     return dataclasses.replace(db, name=db.name or f"{db.kind}{index}")
 
 
-_RULE_LISTS = ("role", "cgroup", "exe", "user")
+_RULE_LISTS = ("role", "cgroup", "exe", "user", "in_tier")
+_RULE_SIZES = ("rss_above", "pss_above")
+
+
+def _cgroup_tiers(value: Any, path: str) -> tuple[tuple[str, str], ...]:
+    """[policy.cgroup_tiers] "glob" = "tier": kept in file order (tomllib keeps a table's order)."""
+    if not isinstance(value, dict):
+        raise ConfigError(f'{path}: expected a table of "cgroup glob" = "tier", e.g. '
+                          f'"/tenants/free/*" = "free", got {value!r}')
+    for glob, tier in value.items():
+        if not isinstance(tier, str):
+            raise ConfigError(f"{path}.{toml_key(glob)}: expected a tier name, got {tier!r}")
+    return tuple(value.items())
+
+
+def toml_key(key: str) -> str:
+    """A key as it is written in TOML: bare when it can be, else quoted ("/tenants/free/*")."""
+    return key if re.match(r"^[A-Za-z0-9_-]+$", key) else json.dumps(key)
 
 
 def _rule(data: Any, path: str) -> RuleConfig:
@@ -284,12 +309,14 @@ def _rule(data: Any, path: str) -> RuleConfig:
     for key in _RULE_LISTS:           # one item or a list: `exe = "/usr/bin/*"` reads naturally
         if isinstance(data.get(key), str):
             data[key] = [data[key]]
-    if "rss_above" in data:
-        value = data["rss_above"]
+    for key in _RULE_SIZES:
+        if key not in data:
+            continue
+        value = data[key]
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ConfigError(f'{path}.rss_above: expected a size such as "2GiB" or a multiple such as '
+            raise ConfigError(f'{path}.{key}: expected a size such as "2GiB" or a multiple such as '
                               f'"2x kill.min_rss", got {value!r}')
-        data["rss_above"] = str(value)
+        data[key] = str(value)
     rule = _build(RuleConfig, data, path)
     if "weight" in data and rule.action != "prefer":
         raise ConfigError(f"{path}.weight: only a prefer rule has a weight (action is {rule.action!r})")

@@ -27,7 +27,7 @@ from .metrics import Metrics
 from .model import ActionKind, Level, Plan, Snapshot
 from .policy import Policy, level_of
 from .sense.pressure import PressureMonitor
-from .sense.procfs import CGROUP_ROOT, own_memcg_dir, read_procs
+from .sense.procfs import CGROUP_ROOT, own_memcg_dir, read_procs, read_pss
 
 log = logging.getLogger("dbguard")
 
@@ -183,7 +183,8 @@ def make_policy(cfg: Config, sensor: Sensor, dry_run: bool) -> Policy:
     full = dataclasses.replace(cfg, databases=sensor.db_configs)
     return Policy(full, dry_run=dry_run, can_lower_scores=has_capability(CAP_SYS_RESOURCE),
                   protected_uids=resolve_users(cfg.kill.protect_users),
-                  watched_memcg=relative_memcg(sensor.cgroup), rule_uids=resolve_rule_users(cfg))
+                  watched_memcg=relative_memcg(sensor.cgroup), rule_uids=resolve_rule_users(cfg),
+                  pss_reader=read_pss)
 
 
 class Daemon:

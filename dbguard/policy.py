@@ -2,20 +2,25 @@
 
 Pure: no I/O and no clock of its own (time comes in the snapshot), so every rule here is
 unit-tested without root, a kernel or a database, and `dbguard explain` shows exactly
-what `dbguard run` would do. The only state is what graduated answers need to remember
-across cycles: when a level was last justified (hysteresis, dwell), when each database's
-caches last moved, which sessions were already cancelled, and when the last kills were.
+what `dbguard run` would do. The one fact too costly to sample for every process, PSS,
+comes from a reader the daemon gives (`pss_reader`), asked only for processes that reach
+a pss_above rule (dbguard.rules.Lazy says why). The only state is what graduated answers
+need to remember across cycles: when a level was last justified (hysteresis, dwell), when
+each database's caches last moved, which sessions were already cancelled, and when the
+last kills were.
 """
 from __future__ import annotations
 
 import fnmatch
 from collections import deque
 from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Callable
 
 from .config import Config, DatabaseConfig, Pressure
 from .model import (Action, ActionKind, DbSession, DbStats, Level, MemoryReading, Plan, Proc, ProcKey,
                     Role, Snapshot)
-from .rules import RuleSet
+from .rules import Lazy, RuleSet
 
 MiB = 1024 * 1024
 # The same key is not planned for a second kill this soon: its memory may take a moment to
@@ -100,6 +105,8 @@ class Verdict:
     tier: str = ""
     tier_rank: int = 0       # position of `tier` in policy.tiers: lower dies first
     weight: int = 0          # prefer weight: higher dies first within a tier
+    tier_source: str = ""    # what gave the tier: a rule, 'policy.cgroup_tiers."/x/*"', policy.default_tier
+    pss_bytes: int | None = None   # PSS, when a pss_above rule needed it and it could be read
 
     @property
     def order(self) -> tuple[int, int, int]:
@@ -135,6 +142,9 @@ class Policy:
     watched_memcg: str | None = None     # "/a/b" relative memcg path; None: every process (host)
     rule_uids: dict[str, int] = field(default_factory=dict)   # [[policy.rules]] user names -> uid
     limit_bytes: int | None = None       # the watched limit, for "Nx limit" rules; set from snapshots
+    # PSS in bytes of a process, None when unreadable (gone, not ours): I/O, so given by the
+    # daemon (dbguard.sense.procfs.read_pss). Without one, pss_above conditions never hold.
+    pss_reader: Callable[[Proc], int | None] | None = None
     levels: LevelTracker = field(init=False)
     rules: RuleSet = field(init=False)
     _cache_moved_at: dict[str, float] = field(default_factory=dict)
@@ -172,12 +182,25 @@ class Policy:
         protect them too), [kill] protect_exe/protect_users, then [[policy.rules]] first
         match, then [kill] prefer_exe, then the default (a candidate by size)."""
         rules = self.rules
-        default_tier = rules.default_tier
+        # The tier before any rule (policy.cgroup_tiers, else default_tier): what `in_tier`
+        # conditions test, and the tier of every process whose deciding rule gives none.
+        base_tier, base_source = rules.tier_of(proc)
+        pss = Lazy(partial(self.pss_reader, proc) if self.pss_reader is not None else None)
+
+        def pss_said() -> str:
+            """PSS, where a pss_above rule needed it (explain, audit log)."""
+            if not pss.asked:
+                return ""
+            return "pss unknown (smaps_rollup unreadable)" if pss.value is None else f"pss {pss.value // MiB} MiB"
+
+        def tiered(tier: str, source: str) -> dict:
+            tier, source = (tier, source) if tier else (base_tier, base_source)
+            return dict(tier=tier, tier_rank=rules.rank(tier), tier_source=source, pss_bytes=pss.value)
 
         def protect(why: str, rule: str, tier: str = "", index: int | None = None) -> Verdict:
-            tier = tier or default_tier
+            why = "; ".join(filter(None, [why, pss_said()]))
             return Verdict(True, False, why=why, rule=rule, rule_index=index, action="protect",
-                           tier=tier, tier_rank=rules.rank(tier))
+                           **tiered(tier, rule))
 
         if proc.kernel_thread or role is Role.KERNEL_THREAD:
             return protect("kernel thread", "built-in: safety")
@@ -186,7 +209,7 @@ class Policy:
         if proc.pid == self_pid or role is Role.DBGUARD:
             return protect("dbguard itself", "built-in: safety")
         named = self.thresholds()
-        r = rules.first_match(proc, role, named)
+        r = rules.first_match(proc, role, named, base_tier, pss)
         if role.is_database:
             why = f"database process ({role.value}): ended only by SQL, never a signal"
             if r is not None and r.action == "protect":
@@ -211,16 +234,15 @@ class Policy:
         else:
             rule, index, action, tier, weight = "default", None, "default", "", 0
             said = ""
-        tier = tier or default_tier
-        left = dict(rule=rule, rule_index=index, tier=tier, tier_rank=rules.rank(tier))
+        left = dict(rule=rule, rule_index=index, **tiered(tier, rule))
         if not proc.exe:
             # Unreadable or just forked: not known well enough to be killed.
             return Verdict(False, False, why="executable unknown (exiting or just forked)", **left)
         if not self.in_watched(proc):
-            return Verdict(False, False, why="; ".join(filter(None, [said, "outside the watched memory cgroup"])),
-                           **left)
+            return Verdict(False, False, why="; ".join(filter(None, [said, "outside the watched memory cgroup",
+                                                                      pss_said()])), **left)
         preferred = action == "prefer"
-        rss = f"rss {proc.rss_bytes // MiB} MiB"
+        rss = ", ".join(filter(None, [f"rss {proc.rss_bytes // MiB} MiB", pss_said()]))
         if action != "kill" and proc.rss_bytes < k.min_rss:
             return Verdict(False, False, preferred, "; ".join(filter(None, [
                 said, f"{rss} below kill.min_rss {k.min_rss // MiB} MiB"])), **left)

@@ -4,6 +4,8 @@ Runs every cycle on hosts with thousands of processes, so it reads raw bytes wit
 os.open/os.read (no buffered text files, no subprocesses) and as few files per process
 as it can: stat, status, cgroup, oom_score_adj, cmdline and the exe link. Kernel threads
 need only stat. A process that exits while it is being read is left out without a word.
+PSS (smaps_rollup: a walk over the page tables) is not part of the sample; the policy asks
+read_pss for it, for the few processes a pss_above rule needs it of.
 """
 from __future__ import annotations
 
@@ -67,6 +69,13 @@ def parse_status(data: bytes) -> tuple[int, int | None, int | None]:
     rss_anon = _status_field(data, b"\nRssAnon:")
     return (uid, None if vm_rss is None else vm_rss * 1024,
             None if rss_anon is None else rss_anon * 1024)
+
+
+def parse_pss(data: bytes) -> int | None:
+    """PSS bytes from /proc/PID/smaps_rollup text ("Pss:" in kB), None without that line
+    (a zombie's or a kernel thread's file is empty)."""
+    pss = _status_field(data, b"\nPss:")
+    return None if pss is None else pss * 1024
 
 
 def parse_memcg(data: bytes | str) -> tuple[str, int]:
@@ -150,6 +159,23 @@ def read_procs(root: str = "/proc") -> dict[int, Proc]:
         if proc is not None:
             procs[proc.pid] = proc
     return procs
+
+
+def read_pss(proc: Proc, root: str = "/proc") -> int | None:
+    """PSS in bytes of `proc`, None when it cannot be read: gone, its pid reused by another
+    process since the sample, or not ours to read (smaps_rollup needs ptrace-read access)."""
+    try:
+        d = os.open(f"{root}/{proc.pid}", _O_READ | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        if start_time_at(d) != proc.start_time:
+            return None
+        return parse_pss(_read("smaps_rollup", dir_fd=d))
+    except (OSError, ValueError, IndexError):      # ENOENT/ESRCH: exited; EACCES/EPERM: not ours
+        return None
+    finally:
+        os.close(d)
 
 
 def start_time(pid: int, root: str = "/proc") -> int | None:

@@ -94,6 +94,18 @@ def test_rss_anon():
     assert procfs.rss_anon(12345, FIXTURE) == 0
 
 
+def test_pss_from_smaps_rollup_and_unreadable_is_none():
+    backend = procfs.read_proc(702, FIXTURE)
+    assert procfs.read_pss(backend, FIXTURE) == 310500 * 1024
+    assert procfs.parse_pss(b"0-0 ---p 0 00:00 0 [rollup]\nRss: 8 kB\nPss_Anon: 1 kB\nPss: 5 kB\n") == 5 * 1024
+    assert procfs.read_pss(procfs.read_proc(970, FIXTURE), FIXTURE) is None      # zombie: empty file
+    assert procfs.read_pss(procfs.read_proc(700, FIXTURE), FIXTURE) is None      # no smaps_rollup
+    # the pid now belongs to another process (start time differs): not read
+    from dataclasses import replace
+    assert procfs.read_pss(replace(backend, start_time=2501), FIXTURE) is None
+    assert procfs.read_pss(replace(backend, pid=12345), FIXTURE) is None         # gone
+
+
 @pytest.mark.parametrize("text, expected", [
     ("12:memory:/a/b\n0::/c\n", ("/a/b", 1)),
     ("4:cpu,memory:/x\n", ("/x", 1)),

@@ -41,12 +41,24 @@ def snapshot(procs: list[Proc], roles: dict[int, Role] | None = None, used_mib: 
 
 
 def make(rules: list[dict], *, tiers: list[str] | None = None, uids: dict[str, int] | None = None,
-         kill: dict | None = None, **policy_keys) -> Policy:
+         kill: dict | None = None, pss: "FakePss | None" = None, **policy_keys) -> Policy:
     pol = {"rules": rules, **policy_keys}
     if tiers:
         pol["tiers"] = tiers
     data = {"policy": pol, "kill": {"protect_exe": [], **(kill or {})}}
-    return Policy(config.from_dict(data), watched_memcg=CG, rule_uids=uids or {})
+    return Policy(config.from_dict(data), watched_memcg=CG, rule_uids=uids or {}, pss_reader=pss)
+
+
+class FakePss:
+    """A PSS reader from a table (pid -> MiB; missing: unreadable) that counts its reads."""
+
+    def __init__(self, mib: dict[int, float] | None = None):
+        self.bytes = {pid: int(m * MiB) for pid, m in (mib or {}).items()}
+        self.reads: list[int] = []
+
+    def __call__(self, p: Proc) -> int | None:
+        self.reads.append(p.pid)
+        return self.bytes.get(p.pid)
 
 
 def verdict(pol: Policy, p: Proc, role: Role = Role.OTHER):
@@ -152,6 +164,152 @@ def test_kill_rule_ignores_min_rss_others_do_not():
     assert not verdict(pol, proc(3, 1)).candidate
 
 
+# --- pss_above --------------------------------------------------------------------------------
+
+def test_pss_above_holds_on_pss_and_is_read_only_for_processes_that_reach_it():
+    pss = FakePss({21: 30, 22: 90, 23: 150, 24: 10, 25: 300})
+    pol = make([{"name": "keep", "exe": "/opt/keep", "action": "protect"},
+                {"name": "shared-hog", "pss_above": "2x kill.min_rss", "exe": "/usr/bin/*", "action": "kill"},
+                {"name": "quarter", "pss_above": "0.25x limit", "action": "prefer"}], pss=pss)
+    pol.candidates(snapshot([proc(1000, 1)]))            # the limit (1000 MiB) is known from now on
+    # 21: RSS 200 MiB but PSS 30 MiB (its memory is shared): no pss rule holds, though
+    # an rss_above rule with the same threshold would
+    v = verdict(pol, proc(21, 200))
+    assert v.rule == "default" and v.pss_bytes == 30 * MiB and "rss 200 MiB, pss 30 MiB" in v.why
+    assert pss.reads == [21], "read once for the two pss rules it reached"
+    # 23: PSS above 64 MiB
+    v = verdict(pol, proc(23, 200))
+    assert v.rule == 'rules[1] "shared-hog"' and v.action == "kill" and "pss 150 MiB" in v.why
+    assert "pss > 2x kill.min_rss (= 64 MiB)" in v.why
+    # 25: the first pss rule's exe does not hold (tested before PSS); the second holds (> 250 MiB)
+    assert verdict(pol, proc(25, 400, exe="/opt/x")).rule_index == 2
+    # decided by an earlier rule: never read
+    pss.reads.clear()
+    assert verdict(pol, proc(22, 500, exe="/opt/keep")).protected
+    assert pss.reads == []
+    # RSS not above the threshold: PSS (never above RSS) is not read
+    assert verdict(pol, proc(24, 60)).rule == "default"
+    assert pss.reads == []
+    # unreadable (gone, not ours): no match, and explain says so
+    v = verdict(pol, proc(26, 500))
+    assert v.rule == "default" and v.pss_bytes is None and "pss unknown" in v.why
+
+
+def test_pss_above_without_a_reader_never_holds():
+    pol = make([{"pss_above": "1MiB", "action": "kill"}])
+    assert verdict(pol, proc(21, 500)).rule == "default"
+
+
+def test_pss_is_read_once_per_snapshot_for_kills_scores_and_the_kernel():
+    pss = FakePss({21: 200, 22: 20})
+    pol = make([{"pss_above": "100MiB", "action": "kill"}], pss=pss)
+    snap = snapshot([proc(21, 300), proc(22, 300), proc(23, 10)], used_mib=960)
+    plan = pol.decide(snap)
+    pol.kernel_view(snap)
+    assert sorted(pss.reads) == [21, 22]
+    kills = [a for a in plan.actions if a.kind is ActionKind.KILL]
+    assert kills[0].pid == 21 and "pss 200 MiB" in kills[0].reason
+
+
+# --- tiers given to cgroups, and the in_tier condition ---------------------------------------
+
+def test_cgroup_tiers_first_glob_in_file_order_wins_and_a_rule_tier_overrides():
+    pol = make([{"name": "batch", "cgroup": "/lab/t/std/batch*", "action": "prefer", "tier": "free"}],
+               tiers=["free", "standard", "premium"], default_tier="standard",
+               cgroup_tiers={"/lab/t/vip/*": "premium", "/lab/t/*": "free", "/lab/t/std/*": "standard"})
+    assert pol.cfg.warnings == ('policy.cgroup_tiers."/lab/t/std/*": never applies: policy.cgroup_tiers."/lab/t/*" '
+                                "before it takes every cgroup it matches (the first glob wins); move it up or "
+                                "remove it",)
+    v = verdict(pol, proc(21, 100, memcg="/lab/t/vip/a"))
+    assert (v.tier, v.tier_rank, v.tier_source, v.rule) == ("premium", 2, 'policy.cgroup_tiers."/lab/t/vip/*"',
+                                                           "default")
+    assert verdict(pol, proc(22, 100, memcg="/lab/t/std/a")).tier == "free", "the first glob that matches wins"
+    v = verdict(pol, proc(23, 100, memcg="/lab/other"))
+    assert (v.tier, v.tier_source) == ("standard", "policy.default_tier")
+    v = verdict(pol, proc(24, 100, memcg="/lab/t/std/batch1"))
+    assert (v.tier, v.tier_source, v.preferred) == ("free", 'rules[0] "batch"', True)
+    # built-in protections keep the cgroup's tier (dbguard itself, a database server)
+    assert verdict(pol, proc(SELF, 100, memcg="/lab/t/vip/g")).tier == "premium"
+    v = verdict(pol, proc(25, 100, memcg="/lab/t/vip/pg"), Role.POSTMASTER)
+    assert v.protected and v.tier == "premium"
+
+
+def test_in_tier_tests_the_tier_before_any_rule_not_one_a_rule_gives():
+    pol = make([{"name": "lift", "cgroup": "/lab/a*", "tier": "premium"},
+                {"name": "premium", "in_tier": "premium", "action": "protect"},
+                {"name": "low", "in_tier": ["free", "standard"], "exe": "/opt/*", "action": "prefer"}],
+               tiers=["free", "standard", "premium"], cgroup_tiers={"/lab/p/*": "premium", "/lab/s/*": "standard"})
+    v = verdict(pol, proc(21, 100, memcg="/lab/a"))
+    assert v.rule_index == 0 and v.candidate and v.tier == "premium", "first match: rule 0 decides"
+    v = verdict(pol, proc(22, 100, memcg="/lab/p/x"))
+    assert v.rule_index == 1 and v.protected and v.tier == "premium" and "in_tier premium" in v.why
+    assert verdict(pol, proc(23, 100, memcg="/lab/s/x", exe="/opt/y")).rule_index == 2
+    assert verdict(pol, proc(24, 100, memcg="/lab/x", exe="/opt/y")).rule_index == 2      # default tier: free
+    assert verdict(pol, proc(25, 100, memcg="/lab/p/y", exe="/opt/y")).rule_index == 1
+
+
+def test_multi_tenant_example_with_cgroup_tiers_free_first_then_standard_never_premium():
+    """The issue's example written as cgroup_tiers plus one protect rule on the tier."""
+    pol = make([{"name": "premium", "in_tier": "premium", "action": "protect"}],
+               tiers=["free", "standard", "premium"], default_tier="free",
+               cgroup_tiers={"/lab/premium/*": "premium", "/lab/standard/*": "standard", "/lab/free/*": "free"})
+    assert not pol.cfg.warnings
+    procs = [proc(21, 300, memcg="/lab/standard/a"), proc(22, 60, memcg="/lab/free/a"),
+             proc(23, 500, memcg="/lab/premium/a"), proc(24, 40, memcg="/lab/free/b"),
+             proc(25, 90, memcg="/lab/premium/pg", exe="/usr/lib/postgresql/15/bin/postgres")]
+    snap = snapshot(procs, roles={25: Role.POSTMASTER}, used_mib=960)
+    assert [p.pid for p in pol.candidates(snap)] == [22, 24, 21]
+    view = pol.kernel_view(snap)
+    assert view.candidates == {22: 0, 24: 0}, "the kernel is told about the free tier only"
+    assert view.protected == {23: (False, 2), 25: (True, 2)}, "per-process tier ranks from cgroup_tiers"
+    kills = [a for a in pol.decide(snap).actions if a.kind is ActionKind.KILL]
+    assert [a.pid for a in kills] == [22, 24, 21] and "tier free" in kills[0].reason
+    assert all(a.pid != 23 for a in kills)
+    # the free tier gone: the kernel is told about the standard tier
+    assert pol.kernel_view(snapshot([procs[0], procs[2]])).candidates == {21: 1}
+
+
+def test_a_tier_without_condition_next_to_cgroup_tiers_is_warned_as_probably_in_tier():
+    cfg = config.from_dict({"policy": {"tiers": ["free", "premium"], "cgroup_tiers": {"/t/p/*": "premium"},
+                                       "rules": [{"tier": "premium", "action": "protect"}]}})
+    assert len(cfg.warnings) == 1 and 'write in_tier = "premium"' in cfg.warnings[0]
+    assert cfg.warnings[0].startswith("policy.rules[0]: has no condition")
+    cfg = config.from_dict({"policy": {"tiers": ["free", "premium"],
+                                       "rules": [{"tier": "premium", "action": "protect"}]}})
+    assert not cfg.warnings, "without cgroup_tiers there is no tier to confuse it with"
+
+
+def test_explain_shows_pss_where_a_rule_needed_it_and_where_the_tier_came_from(monkeypatch, tmp_path, capsys):
+    import json
+
+    import dbguard.daemon
+    f = tmp_path / "c.toml"
+    f.write_text('[kill]\nprotect_exe = []\n[policy]\ntiers = ["free", "premium"]\n'
+                 '[policy.cgroup_tiers]\n"/lab/p/*" = "premium"\n'
+                 '[[policy.rules]]\nname = "shared"\npss_above = "100MiB"\naction = "kill"\n')
+    pss = FakePss({21: 40, 22: 150})
+
+    def explain(cfg):
+        pol = Policy(cfg, watched_memcg=CG, pss_reader=pss)
+        snap = snapshot([proc(21, 200, comm="sharer"), proc(22, 200, memcg="/lab/p/x", comm="hog"),
+                         proc(23, 90, comm="small")])
+        return {"snapshot": snap, "plan": pol.decide(snap), "policy": pol, "cgroup": "/sys/fs/cgroup/memory/lab"}
+    monkeypatch.setattr(dbguard.daemon, "explain", explain)
+    assert cli_main(["explain", "-c", str(f)]) == 0
+    out = capsys.readouterr().out
+    assert "rss 200 MiB, pss 40 MiB in the watched cgroup" in out
+    assert 'rules[0] "shared": pss > 100MiB -> kill; rss 200 MiB, pss 150 MiB' in out
+    assert sorted(pss.reads) == [21, 22], "read once for the plan and the listing (23 is too small to match)"
+    assert cli_main(["explain", "-c", str(f), "--pid", "22"]) == 0
+    out = capsys.readouterr().out
+    assert "rss 200 MiB, pss 150 MiB" in out and "tier premium from policy.cgroup_tiers.\"/lab/p/*\"" in out
+    assert cli_main(["explain", "-c", str(f), "--json"]) == 0
+    rows = {r["pid"]: r for r in json.loads(capsys.readouterr().out)["processes"]}
+    assert rows[21]["pss_bytes"] == 40 * MiB and rows[23]["pss_bytes"] is None
+    assert rows[22]["tier_source"] == 'policy.cgroup_tiers."/lab/p/*"' and rows[21]["tier_source"] == \
+        "policy.default_tier"
+
+
 # --- kill order ------------------------------------------------------------------------------
 
 TENANTS = [
@@ -244,11 +402,46 @@ def test_kernel_view_default_policy_is_every_candidate():
     ({"tiers": ["a b"]}, r"^policy.tiers: 'a b' is not a tier name"),
     ({"tiers": ["a"], "default_tier": "b"}, r"^policy.default_tier: unknown tier 'b'"),
     ({"rule": []}, r"^policy.rule: unknown key \(did you mean rules\?\)"),
+    ({"rules": [{"pss_above": "3x memory"}]}, r"^policy.rules\[0\].pss_above: unknown threshold 'memory'"),
+    ({"rules": [{"pss_above": "big"}]}, r"^policy.rules\[0\].pss_above: expected a size"),
+    ({"rules": [{"pss_above": [1]}]}, r"^policy.rules\[0\].pss_above: expected a size"),
+    ({"rules": [{"pss_abov": "1GiB"}]}, r"^policy.rules\[0\].pss_abov: unknown key \(did you mean pss_above\?\)"),
+    ({"rules": [{"in_tier": "gold"}]}, r"^policy.rules\[0\].in_tier: unknown tier 'gold'; policy.tiers has default$"),
+    ({"rules": [{"in_tier": 3}]}, r"^policy.rules\[0\].in_tier: expected a list of strings"),
+    ({"cgroup_tiers": {"/a/*": "gold"}},
+     r'^policy.cgroup_tiers."/a/\*": unknown tier \'gold\'; policy.tiers has default$'),
+    ({"cgroup_tiers": {"/a/[b": "default"}}, r'^policy.cgroup_tiers."/a/\[b": bad glob'),
+    ({"cgroup_tiers": {"": "default"}}, r'^policy.cgroup_tiers."": empty pattern'),
+    ({"cgroup_tiers": {"/a": 3}}, r'^policy.cgroup_tiers."/a": expected a tier name, got 3$'),
+    ({"cgroup_tiers": {"a": ["x"]}}, r"^policy.cgroup_tiers.a: expected a tier name"),
+    ({"cgroup_tiers": ["/a"]}, r"^policy.cgroup_tiers: expected a table"),
+    ({"cgroup_tier": {}}, r"^policy.cgroup_tier: unknown key \(did you mean cgroup_tiers\?\)"),
 ])
 def test_bad_policies_are_one_line_errors_naming_the_key(policy, error):
     with pytest.raises(ConfigError, match=error) as e:
         config.from_dict({"policy": policy})
     assert "\n" not in str(e.value)
+
+
+toml_values = st.one_of(st.booleans(), st.integers(-10, 10**10), st.text(max_size=8),
+                        st.sampled_from(["free", "2GiB", "2x kill.min_rss", "0.5x limit", "/a/*", "[", ""]),
+                        st.lists(st.sampled_from(["free", "premium", "gold", "", "/a/[b", "*"]), max_size=3),
+                        st.dictionaries(st.sampled_from(["/a/*", "*", "/a/[b", "", "x"]),
+                                        st.one_of(st.sampled_from(["free", "premium", "gold"]), st.integers()),
+                                        max_size=3))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.sampled_from(["cgroup_tiers", "default_tier", "tiers"]), toml_values,
+       st.sampled_from(["pss_above", "rss_above", "in_tier", "tier", "cgroup", "action", "pss_abov"]), toml_values)
+def test_new_policy_keys_either_load_or_fail_with_one_line_naming_the_key(key, value, rule_key, rule_value):
+    data = {"policy": {"tiers": ["free", "premium"], key: value, "rules": [{rule_key: rule_value}]}}
+    try:
+        config.from_dict(data)
+    except ConfigError as e:
+        msg = str(e)
+        assert "\n" not in msg
+        assert msg.startswith((f"policy.{key}", f"policy.rules[0].{rule_key}", "policy.rules[0]:")), msg
 
 
 def test_globs_and_thresholds_parse():
@@ -269,12 +462,40 @@ def test_globs_and_thresholds_parse():
     ([{"exe": "/a"}, {"exe": ["/a", "/b"]}], []),
     ([{"exe": "/a"}, {"cgroup": "/a"}], []),
     ([{"exe": "/a"}, {"action": "kill"}, {"exe": "/b"}, {"exe": "/c"}], [2, 3]),
+    ([{"pss_above": "1GiB"}, {"pss_above": "2GiB", "exe": "/x"}], [1]),
+    ([{"pss_above": "2GiB"}, {"pss_above": "1GiB"}], []),
+    ([{"pss_above": "1GiB", "action": "kill"}, {"exe": "/x"}], []),            # not a catch-all
+    ([{"pss_above": "1GiB"}, {"rss_above": "2GiB"}], []),                       # checked conservatively
+    ([{"rss_above": "1GiB"}, {"pss_above": "2GiB"}], []),
+    ([{"in_tier": "a", "action": "protect"}, {"exe": "/x"}], []),               # not a catch-all
+    ([{"in_tier": ["a", "b"]}, {"in_tier": "a", "exe": "/x"}], [1]),
+    ([{"in_tier": "a"}, {"in_tier": ["a", "b"]}], []),
+    ([{"in_tier": ["b", "default", "a"]}, {"exe": "/x"}], [1]),                 # every tier: no condition
 ])
 def test_rules_that_can_never_match_are_warned(rules, shadowed):
-    cfg = config.from_dict({"policy": {"rules": rules}})
+    cfg = config.from_dict({"policy": {"rules": rules, "tiers": ["default", "a", "b"]}})
     got = [int(w.split("[")[1].split("]")[0]) for w in cfg.warnings]
     assert got == shadowed, cfg.warnings
     assert all("can never match" in w for w in cfg.warnings)
+
+
+@pytest.mark.parametrize("cgroup_tiers, never", [
+    ({"/t/*": "a", "/t/free/*": "b"}, ["/t/free/*"]),
+    ({"/t/free/*": "b", "/t/*": "a"}, []),
+    ({"*": "a", "/x": "b", "/y/*": "c"}, ["/x", "/y/*"]),
+    ({"/t/[ab]*": "a", "/t/a/*": "b"}, []),           # conservative: no claim about sets
+    ({"/t*": "a", "/t/x?": "b"}, ["/t/x?"]),
+])
+def test_cgroup_tiers_a_glob_that_never_applies_is_warned(cgroup_tiers, never):
+    cfg = config.from_dict({"policy": {"tiers": ["a", "b", "c"], "cgroup_tiers": cgroup_tiers}})
+    assert [w.split('"')[1] for w in cfg.warnings] == never
+    assert all("never applies" in w for w in cfg.warnings)
+
+
+def test_cgroup_tiers_keep_file_order_from_toml(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[policy]\ntiers = ["a", "b"]\n[policy.cgroup_tiers]\n"/z/*" = "b"\n"/a/*" = "a"\n"/m" = "b"\n')
+    assert config.load(f).policy.cgroup_tiers == (("/z/*", "b"), ("/a/*", "a"), ("/m", "b"))
 
 
 def test_check_config_prints_the_warning_and_passes(tmp_path, capsys):
@@ -311,6 +532,7 @@ EXES = ["/usr/bin/python3", "/usr/sbin/sshd", "/opt/job/run", "/opt/x", "/srv/a"
 GLOBS_CG = ["/lab/*", "/lab/a*", "/lab/a/*", "/lab/batch.slice/*", "/lab/*/t1", "*", "/lab/[ab]*", "/other"]
 GLOBS_EXE = ["/usr/bin/*", "/opt/*", "/usr/sbin/ss?d", "*", "/srv/[!b]", "/opt/job/run"]
 TIERS = ["free", "standard", "premium"]
+SIZES = ["50MiB", "100MiB", "2x kill.min_rss", "0.2x limit"]
 
 
 @st.composite
@@ -323,7 +545,11 @@ def rule(draw):
     if draw(st.integers(0, 3)) == 0:
         r["user"] = draw(st.lists(st.sampled_from(["0", "1000", "alice"]), min_size=1, max_size=2))
     if draw(st.integers(0, 2)) == 0:
-        r["rss_above"] = draw(st.sampled_from(["50MiB", "100MiB", "2x kill.min_rss", "0.2x limit"]))
+        r["rss_above"] = draw(st.sampled_from(SIZES))
+    if draw(st.integers(0, 2)) == 0:
+        r["pss_above"] = draw(st.sampled_from(SIZES))
+    if draw(st.integers(0, 2)) == 0:
+        r["in_tier"] = draw(st.lists(st.sampled_from(TIERS), min_size=1, max_size=3))
     r["action"] = draw(st.sampled_from(["protect", "prefer", "kill", "default"]))
     if r["action"] == "prefer" and draw(st.booleans()):
         r["weight"] = draw(st.integers(1, 9))
@@ -338,14 +564,25 @@ procs_st = st.builds(
     lambda pid, rss, memcg, exe, uid: proc(pid, rss, memcg=memcg, exe=exe, uid=uid),
     st.integers(2, 400), st.integers(0, 300), st.sampled_from(MEMCGS), st.sampled_from(EXES),
     st.sampled_from([0, 1000, 1500]))
+# PSS of a process: a share of its RSS (PSS never exceeds RSS), or unreadable (None)
+pss_share_st = st.one_of(st.none(), st.sampled_from([0.0, 0.3, 0.5, 0.9, 1.0]))
+cgroup_tiers_st = st.dictionaries(st.sampled_from(GLOBS_CG), st.sampled_from(TIERS), max_size=3)
 
 
-def oracle(rules: list[dict], p: Proc, named: dict) -> int | None:
+def oracle(rules: list[dict], p: Proc, named: dict, base_tier: str, pss: int | None) -> tuple[int | None, bool]:
     """An independent reading of the documented semantics: the first rule all of whose
-    conditions hold; a list holds when any item does."""
+    conditions hold; a list holds when any item does. Also whether PSS had to be read: a
+    pss_above rule was reached, every other condition of it held, and RSS was above it."""
     uids = {"alice": 1500}
+    read = False
+
+    def size(text: str) -> int:
+        return {"50MiB": 50 * MiB, "100MiB": 100 * MiB, "2x kill.min_rss": 2 * named["kill.min_rss"],
+                "0.2x limit": int(0.2 * named["limit"])}[text]
     for i, r in enumerate(rules):
         if "role" in r and r["role"] != "other":
+            continue
+        if "in_tier" in r and base_tier not in r["in_tier"]:
             continue
         if "cgroup" in r and not any(fnmatch.fnmatchcase(p.memcg, g) for g in r["cgroup"]):
             continue
@@ -353,35 +590,58 @@ def oracle(rules: list[dict], p: Proc, named: dict) -> int | None:
             continue
         if "user" in r and p.uid not in {int(u) if u.isdigit() else uids[u] for u in r["user"]}:
             continue
-        if "rss_above" in r:
-            t = {"50MiB": 50 * MiB, "100MiB": 100 * MiB, "2x kill.min_rss": 2 * named["kill.min_rss"],
-                 "0.2x limit": int(0.2 * named["limit"])}[r["rss_above"]]
-            if p.rss_bytes <= t:
+        if "rss_above" in r and p.rss_bytes <= size(r["rss_above"]):
+            continue
+        if "pss_above" in r:
+            if p.rss_bytes <= size(r["pss_above"]):
                 continue
-        return i
-    return None
+            read = True
+            if pss is None or pss <= size(r["pss_above"]):
+                continue
+        return i, read
+    return None, read
+
+
+def tier_oracle(cgroup_tiers: dict[str, str], p: Proc) -> str:
+    return next((t for g, t in cgroup_tiers.items() if fnmatch.fnmatchcase(p.memcg, g)), TIERS[0])
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(rule(), max_size=8), st.lists(procs_st, min_size=1, max_size=12, unique_by=lambda p: p.pid))
-def test_first_match_semantics_hold_for_random_rule_lists(rules, procs):
-    pol = make(rules, tiers=TIERS, uids={"alice": 1500})
+@given(st.lists(rule(), max_size=8), st.lists(procs_st, min_size=1, max_size=12, unique_by=lambda p: p.pid),
+       st.data(), cgroup_tiers_st)
+def test_first_match_semantics_hold_for_random_rule_lists(rules, procs, data, cgroup_tiers):
+    shares = {p.pid: data.draw(pss_share_st) for p in procs}
+    pss = FakePss({pid: p.rss_bytes * share / MiB for pid, p in ((p.pid, p) for p in procs)
+                   if (share := shares[pid]) is not None})
+    pol = make(rules, tiers=TIERS, uids={"alice": 1500}, pss=pss, cgroup_tiers=cgroup_tiers)
     snap = snapshot(procs)
     ranked = pol.ranked(snap)
     named = pol.thresholds()
+    # PSS was read once for each process that reached a pss_above rule, and for no other
+    reads, pss.reads = pss.reads, []
+    assert sorted(reads) == sorted(set(reads)), "read at most once per process and snapshot"
+    never = {w.split(":")[0] for w in pol.cfg.warnings if "never applies" in w}
     for p in procs:
         v = verdict(pol, p)
-        want = oracle(rules, p, named)
+        base = tier_oracle(cgroup_tiers, p)
+        want, read = oracle(rules, p, named, base, pss.bytes.get(p.pid))
         assert v.rule_index == want, (p, rules, v)
+        assert (p.pid in reads) == read, (p, rules, reads)
+        assert v.pss_bytes == (pss.bytes.get(p.pid) if read else None)
         if want is not None:
             r = rules[want]
             assert v.protected == (r["action"] == "protect")
-            assert v.tier == r.get("tier", "free")
+            assert v.tier == r.get("tier", base)
             if v.candidate:
                 assert v.action == r["action"]
-        # a warned-about rule never decides anything
+        else:
+            assert v.tier == base
+        assert v.tier_rank == TIERS.index(v.tier)
+        # a warned-about rule never decides anything; a warned-about cgroup_tiers glob never gives a tier
         for w in pol.cfg.warnings:
-            assert f"policy.rules[{v.rule_index}]:" not in w
+            if "can never match" in w:
+                assert f"policy.rules[{v.rule_index}]:" not in w
+        assert v.tier_source not in never
     # the kill order is sorted as documented, and the kernel is told only about its head
     keys = [(0 if v.action == "kill" else 1, v.tier_rank, -v.weight, -p.rss_bytes, p.pid) for p, v in ranked]
     assert keys == sorted(keys)
