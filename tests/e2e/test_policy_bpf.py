@@ -2,7 +2,9 @@
 
 Real BPF (BpfGuard loaded with BCC), real processes in memory cgroups made under our own,
 a real /proc snapshot, and the daemon's own sync (`Daemon._sync_bpf`). The policy mixes a
-protect rule, a size rule (kill), a prefer rule, cgroup tier rules and the default. For
+protect rule, a size rule (kill), a prefer rule, cgroup tier rules and the default; it is
+also written a second way, with the same outcome: tiers given by [policy.cgroup_tiers], a
+protect rule on `in_tier`, and the size rule on PSS (read from the real smaps_rollup). For
 every process of the host, the user-space verdict is compared with the maps:
 protected <-> SHIELD entry with its tier; in-kernel candidate <-> CANDIDATE entry with its
 tier; anything else <-> no entry. As the lower band empties, the next one is listed.
@@ -27,7 +29,7 @@ from dbguard.kernel.bpf import CANDIDATE, INHERITED, SHIELD, BpfGuard, availabil
 from dbguard.metrics import Metrics
 from dbguard.model import Level, MemoryReading, Role, Snapshot
 from dbguard.policy import Policy
-from dbguard.sense.procfs import read_procs
+from dbguard.sense.procfs import read_procs, read_pss
 from lab import hog
 from lab.cgroup import MemoryCgroup
 
@@ -37,7 +39,22 @@ MiB = 1024**2
 TIERS = ["free", "standard", "premium"]
 
 
-def policy_toml(cg: str) -> dict:
+def policy_toml(cg: str, style: str) -> dict:
+    if style == "cgroup_tiers":
+        return {
+            "kill": {"min_rss": "16MiB", "protect_exe": []},
+            "policy": {
+                "tiers": TIERS,
+                "default_tier": "standard",
+                "cgroup_tiers": {f"{cg}/premium/*": "premium", f"{cg}/free/*": "free",
+                                 f"{cg}/standard/*": "standard"},
+                "rules": [
+                    {"name": "vip", "in_tier": "premium", "action": "protect"},
+                    {"name": "too-big", "pss_above": "6x kill.min_rss", "action": "kill"},
+                    {"name": "batch", "cgroup": f"{cg}/free/batch*", "action": "prefer", "weight": 5},
+                ],
+            },
+        }
     return {
         "kill": {"min_rss": "16MiB", "protect_exe": []},
         "policy": {
@@ -126,7 +143,8 @@ def _alive(pid: int, start_time: int) -> bool:
         return False
 
 
-def test_maps_hold_the_user_space_decision_for_every_process(guard, tmp_path):
+@pytest.mark.parametrize("style", ["rules", "cgroup_tiers"])
+def test_maps_hold_the_user_space_decision_for_every_process(guard, tmp_path, style):
     with MemoryCgroup(2048 * MiB) as cg:
         t = Tenants(cg)
         try:
@@ -140,8 +158,9 @@ def test_maps_hold_the_user_space_decision_for_every_process(guard, tmp_path):
                 "tiny": t.spawn("tiny", "standard/c", 1).pid,       # below kill.min_rss: left alone
             }
             t.ready()
-            cfg = config.from_dict(policy_toml(cg.relpath))
-            pol = Policy(cfg, watched_memcg=cg.relpath)
+            cfg = config.from_dict(policy_toml(cg.relpath, style))
+            assert not cfg.warnings
+            pol = Policy(cfg, watched_memcg=cg.relpath, pss_reader=read_pss)
             daemon = Daemon(cfg)
             daemon.bpf, daemon.policy = guard, pol
             daemon.audit = AuditLog(str(tmp_path / "audit.jsonl"))
@@ -160,8 +179,7 @@ def test_maps_hold_the_user_space_decision_for_every_process(guard, tmp_path):
                 got: dict[int, str] = {}
                 compared = 0
                 for pid, proc in snap.procs.items():
-                    role = snap.roles[pid]
-                    v = pol.verdict(proc, role, snap.self_pid)
+                    v = pol.verdicts(snap)[pid]      # what the maps were compiled from (PSS read once)
                     if not _alive(pid, proc.start_time):
                         continue          # gone since the snapshot: the exit hook removed it
                     compared += 1
