@@ -4,16 +4,27 @@ Each server gets its own temp directory (datadir, socket, pid file, my.cnf, erro
 a free TCP port on 127.0.0.1, runs as the `mysql` OS user (mariadbd drops root itself via
 --user, so it can join a memory cgroup before exec), and is removed completely by
 destroy() / the context manager, also when start() fails half-way.
+
+Also here: the read workload the MariaDB scenarios run against it (`load_table`,
+`ReadLoad`: range reads from client processes, counted per second like `pgbench -P 1`).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import pwd
+import random
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +58,8 @@ def free_port() -> int:
 class MariaDB:
     """One throwaway mariadbd. `with MariaDB(settings={...}) as db: db.sql("SELECT 1")`."""
 
+    DBGUARD_USER = "dbguard"
+
     def __init__(self, settings: dict[str, Any] | None = None, cgroup: MemoryCgroup | None = None,
                  start_timeout: float = 60.0):
         self.settings = {**DEFAULT_SETTINGS, **(settings or {})}
@@ -55,6 +68,8 @@ class MariaDB:
         self.dir: Path | None = None
         self.port = 0
         self.proc: subprocess.Popen | None = None
+        self.starts: list[tuple[float, int]] = []     # (time.monotonic() when ready, pid), every start
+        self.dbguard_password: str | None = None      # set by grant_dbguard()
 
     # --- paths -----------------------------------------------------------------------------
     @property
@@ -122,17 +137,34 @@ class MariaDB:
             if self.dir is None:
                 self._create()
             else:
-                self.port = free_port()   # a restart may find the old port taken
-                self._write_cnf()
-            self.proc = subprocess.Popen(
-                [SERVER, f"--defaults-file={self.cnf}", f"--user={OS_USER}"],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                preexec_fn=self.cgroup.preexec() if self.cgroup else None)
-            self._wait_ready()
+                self._new_port()
+            self._spawn()
         except BaseException:
             self.destroy()
             raise
         return self
+
+    def respawn(self) -> int:
+        """Start mariadbd again on the existing datadir, as a supervisor would after a crash
+        (systemd's Restart=): InnoDB runs crash recovery. Unlike start(), a failure removes
+        nothing, so the caller may try again. Returns the new pid."""
+        if self.running():
+            raise RuntimeError("mariadbd is still running")
+        self._new_port()
+        self._spawn()
+        return self.proc.pid
+
+    def _new_port(self) -> None:
+        self.port = free_port()       # a restart may find the old port taken
+        self._write_cnf()
+
+    def _spawn(self) -> None:
+        self.proc = subprocess.Popen(
+            [SERVER, f"--defaults-file={self.cnf}", f"--user={OS_USER}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=self.cgroup.preexec() if self.cgroup else None)
+        self._wait_ready()
+        self.starts.append((time.monotonic(), self.proc.pid))
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -221,3 +253,164 @@ class MariaDB:
         for schema in ("performance_schema", "sys"):
             if self.value("SELECT COUNT(*) FROM information_schema.schemata WHERE schema_name=%s", (schema,)):
                 self.sql(f"GRANT SELECT ON `{schema}`.* TO %s@%s", (name, host))
+
+    def grant_dbguard(self, password: str = "s3cret") -> None:
+        """The dbguard@localhost user with the grants docs/mysql.md lists (DBGUARD_GRANTS)."""
+        self.create_user(self.DBGUARD_USER, password, DBGUARD_GRANTS, host="localhost")
+        self.dbguard_password = password
+
+
+# --- the scenarios' workload -----------------------------------------------------------------
+
+# Grants dbguard needs on MariaDB (docs/mysql.md): see sessions, resize the pool, end sessions.
+DBGUARD_GRANTS = ("PROCESS", "SUPER", "CONNECTION ADMIN")
+RANGE_SQL = "SELECT SUM(LENGTH(pad)) FROM w.t WHERE id BETWEEN %s AND %s"
+_CONNECTION_LOST = {2002, 2003, 2006, 2013, 2055}     # CR_* codes: no server, gone away, lost
+
+
+def load_table(db: MariaDB, rows: int) -> None:
+    """w.t: `rows` rows of id INT PRIMARY KEY, pad CHAR(255): ~310 MiB of InnoDB pages per
+    million rows (measured: 19,700 16-KiB pages)."""
+    db.sql("CREATE DATABASE IF NOT EXISTS w")
+    db.sql("CREATE TABLE w.t (id INT PRIMARY KEY, pad CHAR(255)) ENGINE=InnoDB")
+    db.sql(f"INSERT INTO w.t SELECT seq, REPEAT('x', 255) FROM w.seq_1_to_{int(rows)}")
+
+
+@dataclass
+class LoadSummary:
+    queries_ok: int = 0
+    queries_failed: int = 0            # sent and not answered: an error, or the connection lost mid-query
+    sessions_lost: int = 0             # connections the server dropped (killed, gone away, restarted)
+    reconnects: int = 0                # successful connects after a lost one
+    connect_failures: int = 0          # connect attempts refused while the server was down
+    progress: list[tuple[float, float]] = field(default_factory=list)   # (second's end since start, queries/s)
+    errors: list[str] = field(default_factory=list)                     # first few, "+12.3s: message"
+
+
+def _client(kw: dict, rows: int, span: int, t_start: float, stop: threading.Event, reconnect: bool) -> dict:
+    """One client: range reads until `stop` is set; returns its counts."""
+    per_second: Counter = Counter()
+    res: dict = {"ok": 0, "failed": 0, "lost": 0, "reconnects": 0, "connect_failures": 0, "errors": []}
+    conn = None
+    ever_connected = False
+
+    def err(msg: str) -> None:
+        if len(res["errors"]) < 5:
+            res["errors"].append(f"+{time.monotonic() - t_start:.1f}s: {msg}")
+    while not stop.is_set():
+        if conn is None:
+            try:
+                conn = pymysql.connect(**kw, autocommit=True)
+            except pymysql.err.MySQLError as e:
+                res["connect_failures"] += 1
+                if not ever_connected:
+                    err(f"connect: {e}")
+                if not reconnect and ever_connected:
+                    break
+                stop.wait(0.2)
+                continue
+            res["reconnects"] += ever_connected
+            ever_connected = True
+        lo = random.randint(1, max(1, rows - span))
+        try:
+            with conn.cursor() as cur:
+                cur.execute(RANGE_SQL, (lo, lo + span - 1))
+                cur.fetchall()
+            res["ok"] += 1
+            per_second[int(time.monotonic() - t_start)] += 1
+        except (pymysql.err.MySQLError, OSError) as e:
+            res["failed"] += 1
+            err(str(e))
+            code = e.args[0] if isinstance(e, pymysql.err.MySQLError) and e.args else None
+            if isinstance(e, (pymysql.err.InterfaceError, OSError)) or code in _CONNECTION_LOST:
+                res["lost"] += 1
+                with contextlib.suppress(Exception):
+                    conn.close()
+                conn = None
+                if not reconnect:
+                    break
+                stop.wait(0.2)
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            conn.close()
+    res["per_second"] = {str(k): v for k, v in per_second.items()}
+    return res
+
+
+def _client_main() -> None:
+    """`python -c 'from lab.mariadb import _client_main; _client_main()' JSON`: one client
+    process; it stops at SIGTERM (after its query) and prints its counts as JSON."""
+    args = json.loads(sys.argv[1])
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    res = _client(args["kw"], args["rows"], args["span"], args["t_start"], stop, args["reconnect"])
+    print(json.dumps(res), flush=True)
+
+
+class ReadLoad:
+    """Range reads over w.t (`span` rows from a random id) by `clients` processes started
+    outside the database's cgroup, as pgbench -S is in the PostgreSQL scenarios.
+
+    Each process counts its queries per second since start() (like pgbench -P 1), the
+    queries that failed and the connections it lost. With reconnect=True a client whose
+    connection dropped connects again every 0.2 s and goes on, as an application's pool
+    would: a restarted server then shows in the throughput again. Processes, not threads:
+    the clients must not share one Python interpreter's lock."""
+
+    def __init__(self, db: MariaDB, rows: int, *, clients: int = 4, span: int = 100,
+                 reconnect: bool = True, read_timeout: float = 30.0):
+        self.kw = {**db.connect_kwargs(), "read_timeout": read_timeout, "write_timeout": read_timeout}
+        self.rows, self.clients, self.span, self.reconnect = rows, clients, span, reconnect
+        self.read_timeout = read_timeout
+        self._procs: list[subprocess.Popen] = []
+        self.t_start: float | None = None
+
+    def start(self) -> "ReadLoad":
+        self.t_start = time.monotonic()      # CLOCK_MONOTONIC: the same clock in every process
+        arg = json.dumps({"kw": self.kw, "rows": self.rows, "span": self.span, "t_start": self.t_start,
+                          "reconnect": self.reconnect})
+        repo = str(Path(__file__).resolve().parent.parent)
+        for _ in range(self.clients):
+            self._procs.append(subprocess.Popen(
+                [sys.executable, "-c", "from lab.mariadb import _client_main; _client_main()", arg],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=repo,
+                text=True, start_new_session=True))
+        return self
+
+    def stop(self) -> LoadSummary:
+        """Stop the clients (each finishes its query) and add up what they counted."""
+        for p in self._procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.terminate()        # our own client process: it stops after its query
+        s = LoadSummary()
+        per_second: Counter = Counter()
+        for p in self._procs:
+            try:
+                out, err = p.communicate(timeout=self.read_timeout + 10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                out, err = p.communicate()
+            try:
+                res = json.loads(out.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                s.errors.append(f"client pid {p.pid} reported nothing (exit {p.returncode}): "
+                                f"{(err or '').strip().splitlines()[-1:] }")
+                continue
+            s.queries_ok += res["ok"]
+            s.queries_failed += res["failed"]
+            s.sessions_lost += res["lost"]
+            s.reconnects += res["reconnects"]
+            s.connect_failures += res["connect_failures"]
+            s.errors += res["errors"][: max(0, 10 - len(s.errors))]
+            per_second.update({int(k): v for k, v in res["per_second"].items()})
+        self._procs = []
+        last = max(per_second, default=-1)
+        s.progress = [(float(k + 1), float(per_second.get(k, 0))) for k in range(last + 1)]
+        return s
+
+    def __enter__(self) -> "ReadLoad":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self._procs:
+            self.stop()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -32,7 +31,7 @@ import pytest
 
 from lab import hog
 from lab.cgroup import MemoryCgroup
-from lab.mariadb import MariaDB
+from lab.mariadb import MariaDB, ReadLoad, load_table
 from lab.scenario import audit_names, read_audit
 
 MiB = 1024**2
@@ -54,44 +53,6 @@ def _require() -> None:
         import dbguard.cli  # noqa: F401
     except ImportError as e:
         pytest.fail(f"needs the dbguard daemon (dbguard/cli.py, `dbguard run`): {e}")
-
-
-class Workload:
-    """Range reads from threads outside the cgroup; every error is kept."""
-
-    def __init__(self, db: MariaDB, threads: int = 2):
-        self.db, self.stop_flag, self.errors, self.queries = db, threading.Event(), [], 0
-        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
-
-    def _run(self) -> None:
-        try:
-            conn = self.db.connect(read_timeout=30)
-        except pymysql.err.MySQLError as e:
-            self.errors.append(f"connect: {e}")
-            return
-        try:
-            with conn.cursor() as cur:
-                while not self.stop_flag.is_set():
-                    lo = random.randint(1, ROWS - 500)
-                    try:
-                        cur.execute("SELECT SUM(LENGTH(pad)) FROM w.t WHERE id BETWEEN %s AND %s", (lo, lo + 500))
-                        cur.fetchall()
-                        self.queries += 1
-                    except pymysql.err.MySQLError as e:
-                        self.errors.append(str(e))
-                        return
-        finally:
-            conn.close()
-
-    def __enter__(self) -> "Workload":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_flag.set()
-        for t in self.threads:
-            t.join(30)
 
 
 class Timeline(threading.Thread):
@@ -224,10 +185,8 @@ def test_mariadb_pool_shrinks_before_kills_and_grows_back(tmp_path):
     timeline: Timeline | None = None
     with MemoryCgroup(2048 * MiB) as cg, MariaDB(settings={"innodb_buffer_pool_size": "256M"}, cgroup=cg) as db:
         try:
-            db.sql("CREATE DATABASE w")
-            db.sql("CREATE TABLE w.t (id INT PRIMARY KEY, pad CHAR(255)) ENGINE=InnoDB")
-            db.sql(f"INSERT INTO w.t SELECT seq, REPEAT('x', 255) FROM w.seq_1_to_{ROWS}")
-            db.create_user("dbguard", "s3cret", ["PROCESS", "SUPER", "CONNECTION ADMIN"], host="localhost")
+            load_table(db, ROWS)
+            db.grant_dbguard("s3cret")
             cg.set_limit(LIMIT)
             mysqld = db.pid()
             timeline = Timeline(cg, db)
@@ -235,7 +194,8 @@ def test_mariadb_pool_shrinks_before_kills_and_grows_back(tmp_path):
             timeline.start()
             timeline.note(f"data loaded; limit {LIMIT // MiB} MiB, usage {cg.usage() // MiB} MiB")
 
-            with Workload(db) as work:
+            # Range reads from 2 client processes outside the cgroup; a lost connection ends a client.
+            with ReadLoad(db, ROWS, clients=2, span=500, reconnect=False) as work:
                 out = open(tmp_path / "dbguard.out", "wb")
                 daemon = subprocess.Popen(
                     [sys.executable, "-c", "import sys; from dbguard.cli import main; sys.exit(main())",
@@ -283,7 +243,7 @@ def test_mariadb_pool_shrinks_before_kills_and_grows_back(tmp_path):
                     p.wait()
                 _wait(lambda: _pool(db) == POOL, 120, "the pool back at 256 MiB", diag)
                 time.sleep(1)
-                queries, errors = work.queries, list(work.errors)
+                load = work.stop()
             mysqld_alive = db.running() and db.pid() == mysqld
             oom_kills = cg.oom_kills()
         finally:
@@ -309,7 +269,8 @@ def test_mariadb_pool_shrinks_before_kills_and_grows_back(tmp_path):
 
     assert mysqld_alive, f"mariadbd (pid {mysqld}) died\n{report}"
     assert oom_kills == 0, f"the kernel OOM killer struck {oom_kills} time(s)\n{report}"
-    assert errors == [] and queries > 0, f"workload: {queries} queries, errors {errors[:3]}\n{report}"
+    assert load.queries_ok > 0 and load.queries_failed == 0 and load.sessions_lost == 0 and load.errors == [], \
+        f"workload: {load.queries_ok} queries, {load.queries_failed} failed, errors {load.errors[:3]}\n{report}"
     shrinks, kills = _shrinks(audit), _kills(audit)
     assert shrinks, f"no shrink_cache in the audit log\n{report}"
     assert kills, f"no kill in the audit log\n{report}"
