@@ -8,8 +8,10 @@ PostgreSQL process and the server goes through crash recovery; with one it shoul
     result = run_pg_scenario("dbguard")     # `dbguard run` watching the scenario cgroup
     result = run_pg_scenario(my_guard)      # any contender: env -> context manager
 
-Used by tests/e2e, `make demo` (lab/demo.py) and the benchmarks. Needs root and a memory
-cgroup controller; everything it starts (cluster, cgroup, hogs, guard) is removed in
+Used by tests/e2e, `make demo` (lab/demo.py) and the benchmarks; the pieces every memory
+scenario shares (the hogs, the Watcher, OOM victims, dbguard's config for PostgreSQL or
+MariaDB) are here too, so the MariaDB variant (benchmarks/scenarios.py) uses the same ones.
+Needs root and a memory cgroup controller; everything it starts (cluster, cgroup, hogs, guard) is removed in
 `finally` blocks, also on Ctrl-C.
 """
 from __future__ import annotations
@@ -38,6 +40,18 @@ from lab.cgroup import MemoryCgroup, own_memory_cgroup
 
 MiB = 1024 * 1024
 REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class HogSpec:
+    """The issue's hogs: `count` processes, each growing to `size` in `step`s every `interval`
+    seconds, started `stagger` seconds apart (six of 150 MB in 5 MB steps: ~100 MB/s each)."""
+
+    count: int = 6
+    size: int = 150 * MiB
+    step: int = 5 * MiB
+    interval: float = 0.05
+    stagger: float = 0.3
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -163,6 +177,17 @@ def kmsg_oom_victims(lines: list[str], memcg: str) -> list[tuple[int, str]]:
     return out
 
 
+def cgroup_oom_victims(kmsg_lines: list[str], memcg: str, log_pids: list[int] = (),
+                       log_label: str = "postgres, from the server log") -> list[str]:
+    """"pid 123 (comm)" for each kernel OOM kill in the cgroup, plus processes that only the
+    database's own log names as killed (`log_pids`)."""
+    victims = [f"pid {pid} ({comm})" for pid, comm in kmsg_oom_victims(kmsg_lines, memcg)]
+    for pid in log_pids:
+        if not any(v.startswith(f"pid {pid} ") for v in victims):
+            victims.append(f"pid {pid} ({log_label})")
+    return victims
+
+
 # --- kernel readers --------------------------------------------------------------------------
 
 class Kmsg:
@@ -213,11 +238,11 @@ class Watcher(threading.Thread):
 
     POLL = 0.002
 
-    def __init__(self, cg: MemoryCgroup, t0: float, kills_until: float):
+    def __init__(self, cg: MemoryCgroup, t0: float, kills_until: float, load: str = "pgbench"):
         super().__init__(name="scenario-watcher", daemon=True)
-        # After `kills_until` (pgbench's -T end) backends exit because their client is done:
-        # deaths are still noted, but no longer count as kills.
-        self.cg, self.t0, self.kills_until = cg, t0, kills_until
+        # After `kills_until` (the end of the load, e.g. pgbench's -T) backends exit because their
+        # client is done: deaths are still noted, but no longer count as kills.
+        self.cg, self.t0, self.kills_until, self.load = cg, t0, kills_until, load
         self.timeline: list[Event] = []
         self.limit_reached: float | None = None
         self.first_kill: float | None = None
@@ -279,7 +304,7 @@ class Watcher(threading.Thread):
                     self._ep.unregister(fd)
                     now = time.monotonic()
                     if now >= self.kills_until:
-                        self.note(f"{label} exited after pgbench's run")
+                        self.note(f"{label} exited after {self.load}'s run")
                         continue
                     with self._lock:
                         self.deaths[label] = now - self.t0
@@ -320,10 +345,16 @@ class ScenarioEnv:
     """What a guard gets to protect the scenario: the cgroup, the cluster, a scratch dir."""
 
     cgroup: MemoryCgroup
-    cluster: object            # lab.pgcluster.PgCluster
+    cluster: object            # lab.pgcluster.PgCluster, or lab.mariadb.MariaDB
     workdir: Path
     audit_path: Path
     log: Callable[[str], None]
+
+    @property
+    def kind(self) -> str:
+        """dbguard's database kind: "postgresql", or "mysql" for a MariaDB."""
+        from lab.mariadb import MariaDB
+        return "mysql" if isinstance(self.cluster, MariaDB) else "postgresql"
 
 
 Guard = Callable[[ScenarioEnv], ContextManager[None]]
@@ -333,16 +364,29 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)       # a JSON string is a valid TOML basic string
 
 
+def _database_keys(env: ScenarioEnv) -> list[str]:
+    """The [[databases]] entry's kind and access: the cluster's DSN, or for a MariaDB its socket
+    and the dbguard user (MariaDB.grant_dbguard) with a password file written next to the config."""
+    if env.kind == "postgresql":
+        return ['kind = "postgresql"', f"dsn = {_toml_str(env.cluster.dsn)}"]
+    db = env.cluster
+    if db.dbguard_password is None:
+        raise DbguardError("MariaDB: no dbguard user yet (call MariaDB.grant_dbguard() first)")
+    pw = env.workdir / "mysql.password"
+    pw.write_text(db.dbguard_password + "\n")
+    pw.chmod(0o600)
+    return ['kind = "mysql"', f"socket = {_toml_str(db.socket)}", f"user = {_toml_str(db.DBGUARD_USER)}",
+            f"password_file = {_toml_str(str(pw))}"]
+
+
 def dbguard_config(env: ScenarioEnv, extra: str = "") -> str:
     """The scenario's config; `extra` is TOML appended as is (tables not already above)."""
-    dsn = env.cluster.dsn
     return "\n".join([
         "[general]",
         f"state_dir = {_toml_str(str(env.workdir / 'state'))}",
         "[[databases]]",
         'name = "scenario"',
-        'kind = "postgresql"',
-        f"dsn = {_toml_str(dsn)}",
+        *_database_keys(env),
         "[pressure]",
         f"cgroup = {_toml_str(str(env.cgroup.path))}",
         "[audit]",
@@ -476,17 +520,36 @@ def _stop_procs(procs: list[subprocess.Popen]) -> None:
             p.wait(10)
 
 
+def start_hogs(spec: HogSpec, cg: MemoryCgroup, watcher: Watcher, workdir: Path, hold: float,
+               procs: list[subprocess.Popen]) -> list[subprocess.Popen]:
+    """The hogs in the cgroup, `spec.stagger` s apart, each watched by pidfd ("hog i (pid N)")
+    and appended to `procs` as it starts (the caller's cleanup sees every one); their output
+    goes to workdir/hogI.out. They hold their memory for `hold` s."""
+    for i in range(spec.count):
+        with open(workdir / f"hog{i}.out", "wb") as out:      # the child keeps its own copy
+            p = hog.spawn(spec.size, spec.step, spec.interval, hold=hold, preexec_fn=cg.preexec(), stdout=out)
+        procs.append(p)
+        watcher.watch_process(p.pid, f"hog {i} (pid {p.pid})")
+        time.sleep(spec.stagger)
+    return procs
+
+
+def killed_hogs(exit_codes: list[int | None]) -> list[int]:
+    """Indexes of the hogs that ended by SIGKILL (read before the cleanup kills the rest)."""
+    return [i for i, rc in enumerate(exit_codes) if rc == -signal.SIGKILL]
+
+
 def run_pg_scenario(guard: str | Guard = "none", *,
                     limit: int = 1000 * MiB,
                     load_limit: int = 4096 * MiB,
                     shared_buffers: str = "500MB",
                     scale: int = 30,
                     clients: int = 8,
-                    hogs: int = 6,
-                    hog_size: int = 150 * MiB,
-                    step: int = 5 * MiB,
-                    step_interval: float = 0.05,
-                    hog_stagger: float = 0.3,
+                    hogs: int = HogSpec.count,
+                    hog_size: int = HogSpec.size,
+                    step: int = HogSpec.step,
+                    step_interval: float = HogSpec.interval,
+                    hog_stagger: float = HogSpec.stagger,
                     duration: int = 45,
                     warmup: float = 8.0,
                     audit_dir: str | os.PathLike | None = None,
@@ -538,14 +601,8 @@ def run_pg_scenario(guard: str | Guard = "none", *,
                 watcher.watch_process(pid, "postmaster" if pid == postmaster else f"postgres pid {pid} ({title})")
             watcher.start()
             watcher.note(f"starting {hogs} hogs of {hog_size // MiB} MiB (usage {cg.usage() // MiB} MiB)")
-            for i in range(hogs):
-                out = open(workdir / f"hog{i}.out", "wb")
-                p = hog.spawn(hog_size, step, step_interval, hold=duration + 60,
-                              preexec_fn=cg.preexec(), stdout=out)
-                out.close()
-                hog_procs.append(p)
-                watcher.watch_process(p.pid, f"hog {i} (pid {p.pid})")
-                time.sleep(hog_stagger)
+            start_hogs(HogSpec(hogs, hog_size, step, step_interval, hog_stagger), cg, watcher, workdir,
+                       hold=duration + 60, procs=hog_procs)
             say(f"[{guard_name}] {hogs} hogs started")
 
             try:
@@ -567,10 +624,7 @@ def run_pg_scenario(guard: str | Guard = "none", *,
             hog_start_in_bench = t0 - t_bench
             under = [tps for t, tps in bench.progress if t > hog_start_in_bench]
             limit_at, first_kill = watcher.limit_reached, watcher.first_kill
-            victims = [f"pid {pid} ({comm})" for pid, comm in kmsg_oom_victims(kmsg.read(), cg.relpath)]
-            for pid in server_log_victims(server_log):
-                if not any(v.startswith(f"pid {pid} ") for v in victims):
-                    victims.append(f"pid {pid} (postgres, from the server log)")
+            victims = cgroup_oom_victims(kmsg.read(), cg.relpath, server_log_victims(server_log))
             current = _safe(cluster.postmaster_pid)
             result = ScenarioResult(
                 guard=guard_name,
@@ -584,7 +638,7 @@ def run_pg_scenario(guard: str | Guard = "none", *,
                 tps=bench.tps,
                 tps_under_pressure=sum(under) / len(under) if under else None,
                 hogs=hogs,
-                hogs_killed=[i for i, rc in enumerate(hog_exits) if rc == -signal.SIGKILL],
+                hogs_killed=killed_hogs(hog_exits),
                 hog_exit_codes=hog_exits,
                 hog_pids=[p.pid for p in hog_procs],
                 oom_kills=cg.oom_kills(),
