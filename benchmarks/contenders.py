@@ -7,6 +7,8 @@ what it could not apply on this host into `notes`, so the report says it plainly
     none          the kernel default: nothing but the kernel OOM killer
     pg-documented PostgreSQL's documented Linux setup: postmaster oom_score_adj=-1000,
                   children reset to 0 (PG_OOM_ADJUST_FILE / PG_OOM_ADJUST_VALUE=0)
+    mariadb-documented  what Debian's mariadb.service ships: OOMScoreAdjust=-600 (there as a
+                  commented-out suggestion) and Restart=on-abnormal with RestartSec=5s
     earlyoom      the Debian earlyoom daemon with the settings a DBA would pick
     dbguard-user  `dbguard run` with [bpf] enabled = false
     dbguard-bpf   `dbguard run` with [bpf] enabled = true
@@ -33,7 +35,19 @@ Guard = Callable[[ScenarioEnv], ContextManager[None]]
 # earlyoom as /etc/default/earlyoom suggests it, with the database spared by name: its
 # defaults (-m 10 -s 10: act below 10 % MemAvailable, and swap below 10 %, which holds on a
 # host without swap) plus --avoid, the one knob a DBA would add.
-EARLYOOM_ARGS = ("-r", "1", "--avoid", "(^|/)(postgres|postmaster)$")
+EARLYOOM_AVOID = {"postgresql": "(^|/)(postgres|postmaster)$", "mysql": "(^|/)(mariadbd|mysqld)$"}
+
+
+def earlyoom_args(kind: str) -> tuple[str, ...]:
+    return ("-r", "1", "--avoid", EARLYOOM_AVOID[kind])
+
+
+# Debian 12's /lib/systemd/system/mariadb.service (MariaDB 10.11): "Kernels like killing
+# mariadbd when out of memory because its big. Lets temper that preference a little."
+# followed by "# OOMScoreAdjust=-600" (commented out), and, active, Restart=on-abnormal
+# (a death by signal, e.g. an OOM kill, restarts the server) with RestartSec=5s.
+MARIADB_UNIT_SCORE = -600
+MARIADB_UNIT_RESTART_SEC = 5.0
 
 
 @dataclass
@@ -43,6 +57,7 @@ class Contender:
     guard: Callable[["Contender", ScenarioEnv], ContextManager[None]]
     is_dbguard: bool = False
     bpf: bool = False
+    databases: tuple[str, ...] = ("postgresql", "mysql")   # the scenarios' database kinds it applies to
     notes: list[str] = field(default_factory=list)      # things not applied / not seen, per run
 
     def for_env(self) -> Guard:
@@ -103,6 +118,79 @@ def _pg_documented(c: Contender, env: ScenarioEnv) -> Iterator[None]:
             _write_score(pm, 0)
 
 
+# --- MariaDB as Debian's systemd unit runs it -----------------------------------------------------
+
+class _Supervisor(threading.Thread):
+    """systemd's Restart=on-abnormal for one lab.mariadb.MariaDB: when mariadbd dies by a signal,
+    start it again after RestartSec on the same datadir (in the same cgroup), with the unit's
+    score; an exit with a code is not restarted (on-abnormal). Starts go to db.starts."""
+
+    def __init__(self, c: Contender, env: ScenarioEnv, score_note):
+        super().__init__(name="mariadb-supervisor", daemon=True)
+        self.c, self.db, self.env, self.score_note = c, env.cluster, env, score_note
+        self.halt = threading.Event()
+        self.restarts = 0
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            proc = self.db.proc
+            if proc is None:
+                return
+            try:
+                rc = proc.wait(0.1)
+            except subprocess.TimeoutExpired:
+                continue
+            if rc >= 0:
+                self.c.notes.append(f"Restart=on-abnormal: mariadbd exited with code {rc}: not restarted")
+                return
+            self.env.log(f"mariadbd (pid {proc.pid}) killed by signal {-rc}; restart in "
+                         f"{MARIADB_UNIT_RESTART_SEC:g} s (Restart=on-abnormal)")
+            if self.halt.wait(MARIADB_UNIT_RESTART_SEC):
+                return
+            try:
+                pid = self.db.respawn()
+            except Exception as e:        # it may be killed again while it recovers: try again
+                self.env.log(f"restart failed: {str(e)[:200]}")
+                if self.db.proc is not None and self.db.proc.poll() is None:
+                    return                # running but not answering: leave it, as systemd would
+                continue
+            self.restarts += 1
+            self.score_note(pid)
+            self.env.log(f"mariadbd restarted (pid {pid})")
+
+    def stop(self) -> None:
+        self.halt.set()
+        self.join(self.db.start_timeout + 10)
+
+
+@contextlib.contextmanager
+def _mariadb_documented(c: Contender, env: ScenarioEnv) -> Iterator[None]:
+    # systemd writes OOMScoreAdjust to the service's process before exec, so mariadbd and any
+    # restarted mariadbd carry it; the server is up here, so we write it from outside, once
+    # per start. As root without CAP_SYS_RESOURCE the kernel refuses to lower a score.
+    refused: list[str] = []
+
+    def apply(pid: int) -> None:
+        why = _write_score(pid, MARIADB_UNIT_SCORE)
+        if why:
+            refused.append(why)
+        elif not refused:
+            c.notes.append(f"mariadbd oom_score_adj={MARIADB_UNIT_SCORE} applied")
+    pid = env.cluster.pid()
+    apply(pid)
+    if refused:
+        c.notes.append(f"mariadbd oom_score_adj={MARIADB_UNIT_SCORE} NOT applied: {refused[0]}; "
+                       f"it stays at {_read_score(pid)}")
+    sup = _Supervisor(c, env, apply)
+    sup.start()
+    try:
+        yield
+    finally:
+        sup.stop()
+        c.notes.append(f"Restart=on-abnormal (RestartSec={MARIADB_UNIT_RESTART_SEC:g}s): "
+                       f"{sup.restarts} restart(s) of mariadbd")
+
+
 def _ppid(pid: int) -> int | None:
     try:
         return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
@@ -132,8 +220,9 @@ def _earlyoom(c: Contender, env: ScenarioEnv) -> Iterator[None]:
     if exe is None:
         raise RuntimeError("earlyoom not found: apt-get install earlyoom (scripts/setup-host.sh does it)")
     out = env.workdir / "earlyoom.out"
+    args = earlyoom_args(env.kind)
     with open(out, "wb") as f:
-        proc = subprocess.Popen([exe, *EARLYOOM_ARGS], stdout=f, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([exe, *args], stdout=f, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 5
@@ -153,7 +242,7 @@ def _earlyoom(c: Contender, env: ScenarioEnv) -> Iterator[None]:
         text = out.read_text(errors="replace")
         kills = earlyoom_kills(text)
         low = earlyoom_min_avail(text)
-        c.notes.append(f"earlyoom {' '.join(EARLYOOM_ARGS)}: {len(kills)} kill(s)"
+        c.notes.append(f"earlyoom {' '.join(args)}: {len(kills)} kill(s)"
                        + (f" {kills[:3]}" if kills else "")
                        + (f"; lowest MemAvailable it saw {low[0]} of {low[1]} MiB (it acts below 10 %): "
                           "it reads system-wide memory only, not the memory cgroup" if low else ""))
@@ -174,13 +263,25 @@ def all_contenders() -> dict[str, Contender]:
     return {c.name: c for c in (
         Contender("none", "kernel default: no guard, the kernel OOM killer alone", _none),
         Contender("pg-documented", "PostgreSQL docs: postmaster oom_score_adj=-1000, children reset to 0",
-                  _pg_documented),
-        Contender("earlyoom", f"earlyoom 1.7 {' '.join(EARLYOOM_ARGS)} (defaults -m 10 -s 10)", _earlyoom),
+                  _pg_documented, databases=("postgresql",)),
+        Contender("mariadb-documented", f"Debian's mariadb.service: mariadbd oom_score_adj={MARIADB_UNIT_SCORE} "
+                  "(the unit's commented-out OOMScoreAdjust), Restart=on-abnormal after "
+                  f"RestartSec={MARIADB_UNIT_RESTART_SEC:g}s (active in the unit)", _mariadb_documented,
+                  databases=("mysql",)),
+        Contender("earlyoom", "earlyoom 1.7 -r 1 --avoid (the database server by name: "
+                  + " or ".join(f"`{v}`" for v in EARLYOOM_AVOID.values()) + "; defaults -m 10 -s 10)",
+                  _earlyoom),
         Contender("dbguard-user", "dbguard run, [bpf] enabled = false (user-space path only)",
                   _dbguard(False), is_dbguard=True),
         Contender("dbguard-bpf", "dbguard run, [bpf] enabled = true (user space + in-kernel path)",
                   _dbguard(True), is_dbguard=True, bpf=True),
     )}
+
+
+def for_database(names: list[str], kind: str) -> list[str]:
+    """Those of `names` that apply next to a database of `kind` ("postgresql" or "mysql")."""
+    contenders = all_contenders()
+    return [n for n in names if kind in contenders[n].databases]
 
 
 def dbguard_available() -> str | None:

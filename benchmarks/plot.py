@@ -1,7 +1,8 @@
 """Timeline PNGs: one scenario, one panel per contender (its first run).
 
-Memory use of the cgroup, host memory PSI (some avg10), pgbench tps, and a red line at each
-kill or ended query: people would rather look than read.
+Memory use of the cgroup, host memory PSI (some avg10), pgbench tps (MariaDB: queries/s and
+the buffer pool's size), and a red line at each kill or ended query: people would rather look
+than read.
 """
 from __future__ import annotations
 
@@ -18,10 +19,14 @@ def _first_runs(data: dict, scenario: str) -> list[dict]:
     return [firsts[c] for c in ORDER if c in firsts] + [r for c, r in firsts.items() if c not in ORDER]
 
 
+def _restart_times(run: dict) -> list[float]:
+    return [t for t, what in run.get("timeline", []) if what.startswith("mariadbd restarted")]
+
+
 def _kill_times(run: dict) -> list[float]:
     out = []
     for t, what in run.get("timeline", []):
-        if ("died" in what or "OOM kill" in what or "runaway query ended" in what) and "after pgbench" not in what:
+        if ("died" in what or "OOM kill" in what or "runaway query ended" in what) and "exited after" not in what:
             out.append(t)
     return out
 
@@ -37,18 +42,22 @@ def timeline(data: dict, scenario: str, path: Path) -> bool:
     except ImportError:
         return False
     tps_max = max((tps for r in runs for _, tps in r.get("tps_progress", [])), default=1) * 1.1
+    rate = "queries/s" if any("pool_samples" in r for r in runs) else "pgbench tps"
     fig, axes = plt.subplots(len(runs), 1, figsize=(10, 2.3 * len(runs) + 0.6), sharex=True, squeeze=False)
     first_row = None
     for ax, run in zip(axes[:, 0], runs):
         s = run["samples"]
         t = [x["t"] for x in s]
         ax.plot(t, [x["usage_mib"] for x in s], color="tab:blue", lw=1.2, label="cgroup memory (MiB)")
+        if run.get("pool_samples"):
+            ax.step([x[0] for x in run["pool_samples"]], [x[1] for x in run["pool_samples"]], where="post",
+                    color="tab:purple", lw=1.0, label="buffer pool size (MiB)")
         ax.set_ylabel("MiB", color="tab:blue")
         ax.set_ylim(0, max(1100, max((x["usage_mib"] for x in s), default=0) * 1.1))
         ax2 = ax.twinx()
         prog = run.get("tps_progress", [])
-        ax2.plot([p[0] for p in prog], [p[1] for p in prog], color="tab:green", lw=1.0, label="pgbench tps")
-        ax2.set_ylabel("tps", color="tab:green")
+        ax2.plot([p[0] for p in prog], [p[1] for p in prog], color="tab:green", lw=1.0, label=rate)
+        ax2.set_ylabel(rate.split()[-1], color="tab:green")
         ax2.set_ylim(0, tps_max)          # one scale for all panels: compare by eye
         ax3 = ax.twinx()
         ax3.spines["right"].set_position(("outward", 48))
@@ -57,8 +66,11 @@ def timeline(data: dict, scenario: str, path: Path) -> bool:
         ax3.set_ylabel("PSI %", color="tab:orange")
         for k in _kill_times(run):
             ax.axvline(k, color="red", lw=0.8, alpha=0.7)
+        for k in _restart_times(run):
+            ax.axvline(k, color="tab:green", lw=0.9, ls="--", alpha=0.8)
         verdict = ("database survived" if run.get("db_survived") else "database DOWN") + \
-            f", {run.get('crash_recoveries', 0)} crash recoveries, {run.get('sessions_lost', 0)} sessions lost"
+            f", {run.get('crash_recoveries', 0)} crash recoveries, {run.get('sessions_lost', 0)} sessions lost" + \
+            (f", {run['db_restarts']} restarts" if run.get("db_restarts") else "")
         ax.set_title(f"{run['contender']}: {verdict}", fontsize=9, loc="left")
         ax.axvline(0, color="grey", lw=0.6, ls=":")
         first_row = first_row or (ax, ax2, ax3)

@@ -6,10 +6,12 @@ from pathlib import Path
 
 from .stats import count_true, fmt_spread, markdown_table, ms, spread
 
-ORDER = ("none", "pg-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
-PRESSURE_SCENARIOS = ("moderate-hogs", "fast-hog", "runaway")
+ORDER = ("none", "pg-documented", "mariadb-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
+PRESSURE_SCENARIOS = ("moderate-hogs", "moderate-hogs-mariadb", "fast-hog", "runaway")
 TITLES = {
     "moderate-hogs": "1. Many moderate hogs (PostgreSQL + six 150 MB hogs, 1000 MB cgroup)",
+    "moderate-hogs-mariadb": "1b. Many moderate hogs next to MariaDB (512 MiB buffer pool kept full by range reads, "
+                             "six 150 MB hogs, 1000 MB cgroup)",
     "fast-hog": "2. One fast hog (one process allocating 3000 MB in 64 MB steps without pause, 1000 MB cgroup)",
     "runaway": "3. Runaway query (work_mem=2GB sort at ~30 MB/s, 500 MB cgroup, pgbench -S -c 4 beside it)",
     "fork-storm": "4. Fork storm (the postmaster forks a backend per connection; 300 opened at once)",
@@ -121,6 +123,50 @@ def _fork_rows(groups) -> list[list[str]]:
     return rows
 
 
+def _pool(r: dict) -> str:
+    """"512 → 128 → 512 MiB" (configured → smallest seen → at the end), or the server's fate."""
+    if r.get("pool_configured_mib") is None:
+        return "–"
+    end = f"{r['pool_final_mib']} MiB" if r.get("pool_final_mib") is not None else "server down"
+    return f"{r['pool_configured_mib']} → {r.get('pool_min_mib')} → {end}"
+
+
+def _count_runs(runs: list[dict], pred) -> str:
+    return f"{sum(1 for r in runs if pred(r))}/{len(runs)}"
+
+
+def mariadb_rows(groups, scenario: str) -> list[list[str]]:
+    """What happened to mariadbd and its buffer pool, per contender."""
+    rows = []
+    for c in _contenders(groups, scenario):
+        runs = _ok(groups[(scenario, c)])
+        if not runs:
+            continue
+        pools = sorted({_pool(r) for r in runs})
+        shrunk = [r for r in runs if (r.get("pool_min_mib") or 0) < (r.get("pool_configured_mib") or 0)]
+        rows.append([
+            c,
+            _count_runs(runs, lambda r: r.get("db_processes_killed")),
+            fmt_spread((ms(r.get("first_kill_at")) for r in runs), "{:.0f}", " ms"),
+            fmt_spread(r.get("db_restarts") for r in runs),
+            _count_runs(runs, lambda r: r.get("db_up_at_end")),
+            fmt_spread(r.get("tx_failed") for r in runs),
+            "; ".join(pools) if len(pools) <= 2 else f"{pools[0]} … ({len(pools)} outcomes)",
+            (f"{len(shrunk)}/{len(runs)}; back at the configured size in "
+             + fmt_spread((r.get("pool_back_after_s") for r in shrunk), "{:.0f}", " s")
+             + (f" ({sum(1 for r in shrunk if r.get('pool_back_after_s') is None)} not)"
+                if any(r.get("pool_back_after_s") is None for r in shrunk) else "")) if shrunk else "no",
+            fmt_spread((r.get("usage_at_load_mib") for r in runs), unit=" MiB"),
+        ])
+    return rows
+
+
+MARIADB_HEADER = ["contender", "mariadbd killed (runs)", "hogs' start → first kill", "restarts (supervisor)",
+                  "up at the end",
+                  "client errors (queries failed)", "buffer pool: configured → smallest → final",
+                  "pool shrunk; grown back after the hogs", "cgroup usage when the hogs start"]
+
+
 FORK_HEADER = ["contender", "connections/s (fork+exit each)", "vs none", "children protected at birth",
                "after 1.5 s"]
 
@@ -161,6 +207,41 @@ def _notes(groups, scenario: str) -> list[str]:
     return out
 
 
+def pool_moves(groups, scenario: str) -> list[str]:
+    """How often dbguard resized the buffer pool while hogs were alive (before the benchmark
+    ended them), from its audit records: shrinks, and grows that a later shrink undid."""
+    out = []
+    for c in ("dbguard-user", "dbguard-bpf"):
+        runs = _ok(groups.get((scenario, c), []))
+        if not runs:
+            continue
+        downs, ups, late = [], [], []
+        for r in runs:
+            end = next((t for t, what in r.get("timeline", []) if what.startswith("hogs left ended")), None)
+            acts = [a for a in r.get("guard_actions", []) if end is None or a.get("t", 0) < end]
+            downs.append(sum(1 for a in acts if a.get("action") == "shrink_cache"))
+            ups.append(sum(1 for a in acts if a.get("action") == "restore_cache"))
+            if end is not None:
+                for a in r.get("guard_actions", []):
+                    if a.get("action") == "shrink_cache" and a.get("t", 0) >= end:
+                        before = [x["usage_mib"] for x in r.get("samples", []) if x["t"] <= a["t"]]
+                        late.append((a.get("level"), before[-1] if before else None))
+        line = (f"{scenario}, {c}: while hogs were alive dbguard shrank the buffer pool {fmt_spread(downs)} time(s) "
+                f"and grew it {fmt_spread(ups)} time(s) per run")
+        if sum(ups) and sum(downs) > 3 * len(runs):
+            line += (" (more shrinks than the 3 steps to the floor: after its kills, a one-step grow at level ok "
+                     "pushed usage back over the warn mark while the surviving hogs held their memory, and the "
+                     "pool went back down)")
+        if late:
+            usage = fmt_spread(u for _, u in late)
+            line += (f"; {len(late)} shrink(s) over {len(runs)} run(s) came after the benchmark had ended the hogs, "
+                     f"at {usage} MiB of cgroup usage (warn mark: 800 MiB), at level "
+                     f"{'/'.join(sorted({str(lv) for lv, _ in late}))}: the level entered before was still held "
+                     "(hysteresis, min_dwell), and a cache step is taken at a held level, where a kill is not")
+        out.append(line)
+    return out
+
+
 def observations(data: dict) -> list[str]:
     """Facts computed from the runs that the tables do not show at a glance."""
     groups = _group(data.get("runs", []))
@@ -180,9 +261,11 @@ def observations(data: dict) -> list[str]:
                 early += [a for a in r.get("guard_actions", []) if a.get("t", 0) < 0
                           and a.get("action") == "shrink_cache"]
         if early:
-            out.append(f"{s}: dbguard shrank PostgreSQL's caches {len(early)} time(s) before any load started "
+            out.append(f"{s}: dbguard shrank the database's caches {len(early)} time(s) before any load started "
                        "(the cgroup is full of page cache from the data set load; the shrink is undone once "
                        "the level returns to ok)")
+        if s == "moderate-hogs-mariadb":
+            out += pool_moves(groups, s)
     return out
 
 
@@ -211,6 +294,29 @@ def _scale_section(sc: dict) -> str:
     return markdown_table(["case", "processes seen", "one cycle, wall (median, range)", "CPU", "what the cycle did"], rows)
 
 
+def _provenance_lines(data: dict) -> list[str]:
+    """When and how each scenario was measured: one line for a single run of the harness,
+    one per invocation when results.json merges several (--merge)."""
+    def cmd(c: str) -> str:
+        return f"`{c}`" + (" (what `make bench` runs)" if c.strip() == "python -m benchmarks.run" else "")
+    prov = data.get("provenance") or {}
+    by_call: dict[tuple, list[str]] = defaultdict(list)
+    for scen, p in prov.items():
+        by_call[(p.get("date"), p.get("git"), p.get("command"))].append(scen)
+    if len(by_call) <= 1:
+        return [f"- Date: {data.get('date', '?')}; git {data.get('git', '?')}; took {data.get('seconds', '?')} s",
+                f"- Command (as root): {cmd(data.get('command', 'python -m benchmarks.run'))}"]
+    out = ["- Measured in several invocations (results.json merges them with `--merge`):"]
+    for (date, git, command), scens in sorted(by_call.items(), key=lambda kv: kv[0][0] or ""):
+        secs = [prov[s].get("seconds") for s in scens]
+        took = (f"; took {secs[0]} s" + (" in all" if len(scens) > 1 else "") if len(set(secs)) == 1 and secs[0] else
+                "; took " + ", ".join(f"{s} {prov[s]['seconds']} s" for s in scens if prov[s].get("seconds")))
+        load = prov[scens[0]].get("loadavg_start")
+        out.append(f"  - {', '.join(scens)}: {date}, git {git}, {cmd(command)}{took}"
+                   + (f"; load average at start {' '.join(load)}" if load else ""))
+    return out
+
+
 def write(data: dict, path: Path, plot_dir: Path) -> None:
     from . import plot
     images = plot.write_all(data, plot_dir)
@@ -218,32 +324,32 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
     m = data.get("machine", {})
     o = data.get("options", {})
     lines = [
-        "# Benchmarks: dbguard against the kernel default, PostgreSQL's documented setup and earlyoom",
+        "# Benchmarks: dbguard against the kernel default, the databases' documented setups and earlyoom",
         "",
-        f"- Date: {data.get('date', '?')}; git {data.get('git', '?')}; took {data.get('seconds', '?')} s",
-        f"- Command (as root): `{data.get('command', 'python -m benchmarks.run')}`"
-        + (" (what `make bench` runs)" if data.get("command", "").strip() == "python -m benchmarks.run" else ""),
+        *_provenance_lines(data),
         f"- Machine: Linux {m.get('kernel', '?')}, {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
-        f"{m.get('memory', '?')} RAM, swap {m.get('swap', '?')}; {m.get('postgresql', '?')}; {m.get('earlyoom', '?')}; "
+        f"{m.get('memory', '?')} RAM, swap {m.get('swap', '?')}; {m.get('postgresql', '?')}; "
+        + (f"{m['mariadb']}; " if m.get("mariadb") else "") + f"{m.get('earlyoom', '?')}; "
         f"load average at start {' '.join(m.get('loadavg_start', []))} (a VM shared with other engineers' test runs)",
         f"- Runs: {o.get('repeats', '?')} per contender and scenario"
         + (" (--quick: shorter loads)" if o.get("quick") else "")
-        + "; contenders interleaved (A B C A B C …); figures are median (min-max)."
-        + (f" Merged with results from {data['merged_from']}." if data.get("merged_from") else ""),
+        + "; contenders interleaved (A B C A B C …); figures are median (min-max).",
         "- Raw figures: [results.json](results.json). The in-kernel programs' per-call cost: [bpf/RESULTS.md](bpf/RESULTS.md).",
         "",
         "## Summary",
         "",
         summary(data) or "(no runs)",
         "",
-        "Throughput vs baseline: pgbench's transactions per second over the pressure window (seconds "
-        "with no progress line, e.g. after a crash, count as zero) divided by the same run's rate in "
-        "the seconds before the load started. Limit → first kill: from the cgroup first hitting its "
-        "limit (cgroup v1 usage event / failcnt) to the first process death (pidfd) or, in the runaway "
-        "scenario, the runaway query ending by SQL. The scenarios' cgroups hold their data set in page "
-        "cache, so they sit at the limit before the load starts (as a database's cgroup does): the "
-        "limit is reached within ~0.1 s of the load's start, and this figure is in effect the time "
-        "from the load's start to the first kill.",
+        "Throughput vs baseline: pgbench's transactions per second (MariaDB: range-read queries per "
+        "second) over the pressure window (seconds with no progress line, e.g. after a crash, count as "
+        "zero) divided by the same run's rate in the seconds before the load started. Limit → first "
+        "kill: from the cgroup first hitting its limit (cgroup v1 usage event / failcnt) to the first "
+        "process death (pidfd) or, in the runaway scenario, the runaway query ending by SQL. The "
+        "PostgreSQL scenarios' cgroups hold their data set in page cache, so they sit at the limit "
+        "before the load starts (as a database's cgroup does): the limit is reached within ~0.1 s of "
+        "the load's start, and this figure is in effect the time from the load's start to the first "
+        "kill. InnoDB reads its files with O_DIRECT, so the MariaDB cgroup holds little page cache: "
+        "it reaches its limit only as the hogs grow (~1.5-2.5 s in).",
         "",
         *(["Observations from the runs:", ""] + [f"- {o}" for o in observations(data)] + [""]
           if observations(data) else []),
@@ -263,6 +369,14 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
         "and it is measured anyway so that the table says so from a run, not from an assumption. "
         "`vm.overcommit_memory=2`, the docs' other advice, was not applied: it is host-wide (other "
         "users share this machine) and does not bound a memory cgroup anyway.",
+        "- mariadb-documented: Debian's `mariadb.service` ships `OOMScoreAdjust=-600` commented out "
+        "(\"Kernels like killing mariadbd when out of memory because its big. Lets temper that preference "
+        "a little.\"); a DBA who follows it uncomments it. Writing -600 to mariadbd's oom_score_adj is "
+        "refused here for the same reason as above (EACCES, no CAP_SYS_RESOURCE), so mariadbd stays at 0. "
+        "What the unit does apply, `Restart=on-abnormal` with `RestartSec=5s`, is emulated: when mariadbd "
+        "dies by a signal it is started again 5 s later on the same data directory in the same cgroup "
+        "(lab.mariadb.MariaDB.respawn); the clients reconnect. The rest of the unit (ProtectSystem, "
+        "LimitNOFILE, …) has no bearing on memory.",
         "- earlyoom: it reads MemAvailable and SwapFree of the whole host; a memory cgroup at its "
         "limit leaves the host's 24 GiB almost untouched, so it never reaches its 10 % threshold and "
         "never acts. Its own output (lowest MemAvailable seen) is in the per-scenario notes below.",
@@ -272,6 +386,26 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
         if not any(k[0] == s for k in groups):
             continue
         lines += [f"## {TITLES[s]}", "", markdown_table(PRESSURE_HEADER_FULL, _pressure_rows(groups, s, full=True)), ""]
+        if s == "moderate-hogs-mariadb":
+            lines += [markdown_table(MARIADB_HEADER, mariadb_rows(groups, s)), "",
+                      "MariaDB 10.11, `innodb_buffer_pool_size=512M`, 2,000,000 rows (id INT PRIMARY KEY, "
+                      "pad CHAR(255): ~610 MiB of pages, more than the pool holds, so the pool is full); four "
+                      "client processes outside the cgroup run `SELECT SUM(LENGTH(pad)) FROM w.t WHERE id "
+                      "BETWEEN x AND x+99` from random x (lab.mariadb.ReadLoad), reconnecting every 0.2 s "
+                      "when a connection is lost. Client errors: queries sent and not answered. Crash "
+                      "recoveries: InnoDB's \"Starting crash recovery\" in the error log at a restart (a "
+                      "read-only load leaves nothing to redo, so a restarted server need not run one). The "
+                      "limit: mariadbd holds ~610 MiB at baseline (cgroup usage when the hogs start, above), "
+                      "so 1000 MB leaves it ~390 MB of room without pressure (under dbguard's 80 % warn mark), "
+                      "and the six hogs' 900 MB overrun it by ~500 MB: without a guard the kernel must kill "
+                      "(the none rows show it does). A limit → first kill of \"–\" means the cgroup never "
+                      "reached its limit (the guard made room first); the hogs' start → first kill column "
+                      "above times those runs. dbguard runs with its defaults for the database "
+                      "(`buffer_pool_floor` 128 MiB, `shrink_steps` 3: 512 → 384 → 256 → 128 MiB), as in "
+                      "scenario 1. After the load the benchmark ends the hogs still alive and waits up to "
+                      "60 s for the pool to be back at its configured size (and a supervised server to be "
+                      "up); the final size is read then, before dbguard stops (its SIGTERM puts the DBA's "
+                      "size back).", ""]
         if s == "fast-hog" and m.get("hog_alloc_gib_s"):
             lines += [f"The hog fills memory at {m['hog_alloc_gib_s']} GiB/s when no limit is near (measured "
                       "in the same run, on the shared machine). At the limit its page faults must first "
@@ -285,14 +419,18 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                 tps.append([c, fmt_spread(r.get("baseline_tps") for r in runs),
                             fmt_spread(r.get("pressure_tps") for r in runs),
                             fmt_spread((r.get("limit_reached_at") for r in runs), "{:.2f}", " s")])
-        lines += [markdown_table(["contender", "baseline tps", "tps under pressure", "limit reached after load start"], tps), ""]
+        unit = "queries/s" if s == "moderate-hogs-mariadb" else "tps"
+        lines += [markdown_table(["contender", f"baseline {unit}", f"{unit} under pressure",
+                                  "limit reached after load start"], tps), ""]
         notes = _notes(groups, s)
         if notes:
             lines += ["Notes from the runs:", ""] + notes + [""]
         if s in images:
             lines += [f"![{s} timeline]({images[s]})", "",
                       "One run per contender (the first round): cgroup memory use, host PSI memory "
-                      "some avg10, pgbench tps; red lines are kills or ended queries.", ""]
+                      "some avg10, " + ("range-read queries/s, the buffer pool's size; green dashed lines are "
+                                         "restarts of mariadbd" if s == "moderate-hogs-mariadb" else "pgbench tps")
+                      + "; red lines are kills or ended queries.", ""]
     if any(k[0] == "fork-storm" for k in groups):
         lines += [f"## {TITLES['fork-storm']}", "", markdown_table(FORK_HEADER, _fork_rows(groups)), "",
                   "Connections/s: `pgbench -C -S -c 4` (a new connection for every one-SELECT transaction) "
@@ -324,5 +462,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                   markdown_table(COST_HEADER, _cost_rows(data)), ""]
     lines += ["## Reproduce", "", "```", "sudo make bench                                   # = python -m benchmarks.run",
               "sudo .venv/bin/python -m benchmarks.run --help", "sudo .venv/bin/python -m benchmarks.run --quick",
+              "# one scenario only, the others' results kept (here: MariaDB's)",
+              "sudo .venv/bin/python -m benchmarks.run --scenarios moderate-hogs-mariadb --extras '' --merge",
               "sudo .venv/bin/python -m benchmarks.bpf.run --write   # BPF per-call cost", "```", ""]
     path.write_text("\n".join(lines))

@@ -1,14 +1,17 @@
-"""dbguard against the kernel default, PostgreSQL's documented setup and earlyoom, side by side.
+"""dbguard against the kernel default, the databases' documented setups and earlyoom, side by side.
 
     sudo .venv/bin/python -m benchmarks.run                 # everything (make bench): 31 min measured here
     sudo .venv/bin/python -m benchmarks.run --quick         # one round, shorter loads, ~12 min
     sudo .venv/bin/python -m benchmarks.run --scenarios runaway --contenders none,dbguard-user -r 5
+    sudo .venv/bin/python -m benchmarks.run -s moderate-hogs-mariadb -x '' --merge   # one scenario, others kept
     .venv/bin/python -m benchmarks.run --report-only        # re-render RESULTS.md from results.json
 
 Each scenario runs its contenders interleaved (A B C A B C ...), each run in a fresh memory
-cgroup with a fresh PostgreSQL and data set. Raw figures go to benchmarks/results.json, the
-report to benchmarks/RESULTS.md, timelines to benchmarks/timeline-*.png. The in-kernel
-programs' own cost is benchmarks/bpf (run with --bpf-bench, or alone).
+cgroup with a fresh database (PostgreSQL, or MariaDB for moderate-hogs-mariadb) and data set;
+a contender made for one database (pg-documented, mariadb-documented) runs only next to it.
+Raw figures go to benchmarks/results.json, the report to benchmarks/RESULTS.md, timelines to
+benchmarks/timeline-*.png. The in-kernel programs' own cost is benchmarks/bpf (run with
+--bpf-bench, or alone).
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ from dbguard.errors import DbguardError
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "RESULTS.md"
-CONTENDERS = ("none", "pg-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
-SCENARIO_NAMES = ("moderate-hogs", "fast-hog", "runaway", "fork-storm")
+CONTENDERS = ("none", "pg-documented", "mariadb-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
+SCENARIO_NAMES = ("moderate-hogs", "moderate-hogs-mariadb", "fast-hog", "runaway", "fork-storm")
 EXTRAS = ("scale", "cost")
 
 
@@ -51,12 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="scenarios: " + ", ".join(SCENARIO_NAMES) + "\ncontenders: " + ", ".join(CONTENDERS)
         + "\nextras: scale (one sense+classify cycle with 1,000/10,000 processes and 500 backends), "
-        "cost (dbguard's own CPU, RSS, startup)\n\nNeeds root, a memory cgroup controller, PostgreSQL 15 "
-        "and earlyoom (make setup). Ctrl-C stops and cleans up.")
+        "cost (dbguard's own CPU, RSS, startup)\n\nNeeds root, a memory cgroup controller, PostgreSQL 15, "
+        "MariaDB 10.11 and earlyoom (make setup). Ctrl-C stops and cleans up.")
     ap.add_argument("-s", "--scenarios", type=_csv(SCENARIO_NAMES, "scenario"), default=list(SCENARIO_NAMES),
-                    metavar="LIST", help="comma-separated scenarios (default: all four)")
+                    metavar="LIST", help="comma-separated scenarios (default: all)")
     ap.add_argument("-c", "--contenders", type=_csv(CONTENDERS, "contender"), default=list(CONTENDERS),
-                    metavar="LIST", help="comma-separated contenders (default: all five)")
+                    metavar="LIST", help="comma-separated contenders (default: all; each scenario runs those "
+                    "made for its database)")
     ap.add_argument("-r", "--repeats", type=int, default=None, metavar="N",
                     help="runs per contender and scenario (default 3, with --quick 1)")
     ap.add_argument("-x", "--extras", type=_csv(EXTRAS, "extra"), default=list(EXTRAS), metavar="LIST",
@@ -87,6 +91,8 @@ def machine() -> dict:
             pass
         return "?"
     pg = subprocess.run(["/usr/lib/postgresql/15/bin/postgres", "--version"], capture_output=True, text=True)
+    my = subprocess.run(["/usr/sbin/mariadbd", "--version"], capture_output=True, text=True) \
+        if Path("/usr/sbin/mariadbd").exists() else None
     eo = subprocess.run(["earlyoom", "-v"], capture_output=True, text=True) if _which("earlyoom") else None
     return {
         "kernel": platform.release(),
@@ -95,6 +101,7 @@ def machine() -> dict:
         "memory": first("/proc/meminfo", "MemTotal"),
         "swap": first("/proc/meminfo", "SwapTotal"),
         "postgresql": pg.stdout.strip() or "?",
+        "mariadb": (my.stdout.strip() or "?") if my else "not installed",
         "earlyoom": (eo.stdout or eo.stderr).strip().splitlines()[0] if eo else "not installed",
         "python": platform.python_version(),
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
@@ -132,12 +139,14 @@ def one_line(scenario: str, rec: dict) -> str:
             f"lost={rec.get('sessions_lost')} ratio={rec.get('tps_ratio') or 0:.2f} "
             f"hogs_killed={rec.get('hogs_killed', '-')} db_killed={rec.get('db_processes_killed')} "
             f"first_kill={'-' if ttk is None else f'{ttk * 1000:.0f} ms'}"
-            + (f" runaway={rec['runaway_outcome']}" if "runaway_outcome" in rec else ""))
+            + (f" runaway={rec['runaway_outcome']}" if "runaway_outcome" in rec else "")
+            + (f" restarts={rec['db_restarts']} pool={rec.get('pool_configured_mib')}->{rec.get('pool_min_mib')}"
+               f"->{rec.get('pool_final_mib')} MiB" if "pool_configured_mib" in rec else ""))
 
 
 def run_scenarios(a: argparse.Namespace, say, data: dict) -> None:
-    from .contenders import all_contenders, dbguard_available
-    from .scenarios import DEFAULTS, QUICK, SCENARIOS
+    from .contenders import all_contenders, dbguard_available, for_database
+    from .scenarios import DATABASE, DEFAULTS, QUICK, SCENARIOS
     from .stats import interleave
 
     contenders = all_contenders()
@@ -157,7 +166,9 @@ def run_scenarios(a: argparse.Namespace, say, data: dict) -> None:
     for scen in a.scenarios:
         p = params[scen]
         runs = data.setdefault("runs", [])
-        for rnd, name in interleave(chosen, a.repeats):
+        here = for_database(chosen, DATABASE[scen])
+        started_scen = time.time()
+        for rnd, name in interleave(here, a.repeats):
             c = contenders[name]
             c.notes = []
             say(f"{scen} round {rnd + 1}/{a.repeats}: {name}", always=True)
@@ -174,7 +185,15 @@ def run_scenarios(a: argparse.Namespace, say, data: dict) -> None:
                        params={"duration": p.duration, "warmup": p.warmup})
             runs.append(rec)
             say(f"  -> {one_line(scen, rec)}", always=True)
+            data.setdefault("provenance", {})[scen] = _provenance(data, round(time.time() - started_scen))
             _save(data)
+
+
+def _provenance(data: dict, seconds: int) -> dict:
+    """When, from which commit and with which command a scenario's runs were made (a merged
+    results.json holds scenarios from several invocations)."""
+    return {"date": data["date"], "git": data["git"], "command": data["command"], "seconds": seconds,
+            "loadavg_start": data["machine"].get("loadavg_start")}
 
 
 def _save(data: dict) -> None:
@@ -225,9 +244,16 @@ def main(argv: list[str] | None = None) -> int:
                 or r.get("contender") not in a.contenders]
         data["runs"] = keep
         for k in ("scale", "cost", "bpf_bench"):
-            if k in old:
+            if k in old and k not in a.extras:
                 data[k] = old[k]
         data["merged_from"] = old.get("date")
+        # Where the kept runs came from (results.json files from before provenance: the whole file).
+        prov = old.get("provenance") or {s: _provenance(old, old.get("seconds")) for s in
+                                          dict.fromkeys(r.get("scenario") for r in old.get("runs", []))}
+        data["provenance"] = {s: v for s, v in prov.items() if any(r.get("scenario") == s for r in keep)}
+        for k in ("hog_alloc_gib_s",):
+            if k in old.get("machine", {}) and "fast-hog" not in a.scenarios:
+                data["machine"][k] = old["machine"][k]
     t_all = time.monotonic()
     try:
         run_scenarios(a, say, data)

@@ -36,3 +36,71 @@ def test_interleave_alternates_contenders():
 def test_markdown_table_escapes_pipes():
     out = markdown_table(["x", "y"], [["a|b", 1]])
     assert out.splitlines() == ["| x | y |", "| --- | --- |", "| a\\|b | 1 |"]
+
+
+# --- the report's MariaDB rows, provenance, and which contenders run where ---------------------
+
+def test_contenders_run_only_next_to_their_database():
+    from benchmarks.contenders import for_database
+    from benchmarks.run import CONTENDERS
+    assert for_database(list(CONTENDERS), "mysql") == ["none", "mariadb-documented", "earlyoom", "dbguard-user",
+                                                       "dbguard-bpf"]
+    assert for_database(list(CONTENDERS), "postgresql") == ["none", "pg-documented", "earlyoom", "dbguard-user",
+                                                            "dbguard-bpf"]
+
+
+def _mariadb_run(contender, **kw):
+    run = {"scenario": "moderate-hogs-mariadb", "contender": contender, "db_processes_killed": 0,
+           "first_kill_at": 2.0, "db_restarts": 0, "db_up_at_end": True, "tx_failed": 0,
+           "pool_configured_mib": 512, "pool_min_mib": 512, "pool_final_mib": 512, "pool_back_after_s": 0.0,
+           "usage_at_load_mib": 608}
+    run.update(kw)
+    return run
+
+
+def test_mariadb_rows_say_what_happened_to_the_server_and_its_pool():
+    from benchmarks.report import _group, mariadb_rows
+    runs = [_mariadb_run("none", db_processes_killed=1, db_up_at_end=False, pool_final_mib=None,
+                         pool_back_after_s=None, tx_failed=4, first_kill_at=2.1),
+            _mariadb_run("dbguard-user", pool_min_mib=128, pool_back_after_s=17.6),
+            _mariadb_run("dbguard-user", pool_min_mib=128, pool_back_after_s=None, pool_final_mib=256),
+            _mariadb_run("mariadb-documented", db_processes_killed=4, db_restarts=3, db_up_at_end=True)]
+    rows = {r[0]: r for r in mariadb_rows(_group(runs), "moderate-hogs-mariadb")}
+    assert list(rows) == ["none", "mariadb-documented", "dbguard-user"]          # report order
+    assert rows["none"][1:5] == ["1/1", "2100 ms", "0", "0/1"]
+    assert rows["none"][6] == "512 → 512 → server down" and rows["none"][7] == "no"
+    assert rows["mariadb-documented"][3] == "3" and rows["mariadb-documented"][4] == "1/1"
+    assert rows["dbguard-user"][6] == "512 → 128 → 256 MiB; 512 → 128 → 512 MiB"
+    assert rows["dbguard-user"][7] == "2/2; back at the configured size in 18 s (1 not)"
+
+
+def test_provenance_one_line_per_invocation_when_merged():
+    from benchmarks.report import _provenance_lines
+    single = {"date": "D1", "git": "g1", "command": "python -m benchmarks.run", "seconds": 10}
+    assert _provenance_lines(single)[1] == "- Command (as root): `python -m benchmarks.run` (what `make bench` runs)"
+    merged = dict(single, provenance={
+        "moderate-hogs": {"date": "D1", "git": "g1", "command": "python -m benchmarks.run", "seconds": 100},
+        "fast-hog": {"date": "D1", "git": "g1", "command": "python -m benchmarks.run", "seconds": 100},
+        "moderate-hogs-mariadb": {"date": "D2", "git": "g2", "command": "python -m benchmarks.run -s x --merge",
+                                  "seconds": 900, "loadavg_start": ["1.0", "0.5", "0.2"]}})
+    lines = _provenance_lines(merged)
+    assert len(lines) == 3
+    assert lines[1].startswith("  - moderate-hogs, fast-hog: D1, git g1, `python -m benchmarks.run` (what")
+    assert lines[2] == ("  - moderate-hogs-mariadb: D2, git g2, `python -m benchmarks.run -s x --merge`; took 900 s; "
+                        "load average at start 1.0 0.5 0.2")
+
+
+def test_pool_moves_counts_resizes_while_hogs_lived_and_shrinks_after():
+    from benchmarks.report import _group, pool_moves
+
+    def act(t, action, level="warn"):
+        return {"t": t, "action": action, "level": level}
+    run = _mariadb_run("dbguard-user", timeline=[[23.1, "hogs left ended by the benchmark"]],
+                       samples=[{"t": 23.0, "usage_mib": 830.0}, {"t": 23.5, "usage_mib": 352.0}],
+                       guard_actions=[act(1, "shrink_cache"), act(1.5, "shrink_cache", "high"),
+                                      act(2, "shrink_cache", "high"), act(8, "restore_cache", "ok"),
+                                      act(13, "shrink_cache"), act(23.8, "shrink_cache"),
+                                      act(30, "restore_cache", "ok")])
+    (line,) = pool_moves(_group([run]), "moderate-hogs-mariadb")
+    assert "shrank the buffer pool 4 time(s) and grew it 1 time(s) per run (more shrinks than" in line
+    assert "1 shrink(s) over 1 run(s) came after the benchmark had ended the hogs, at 352 MiB" in line
