@@ -174,8 +174,13 @@ FORK_HEADER = ["contender", "connections/s (fork+exit each)", "vs none", "childr
 def _cost_rows(data: dict) -> list[list[str]]:
     rows = []
     groups = _group(data.get("runs", []))
+    # CPU under pressure from the scenarios measured in the same invocation (same machine) as the
+    # cost extra, when results.json merges several.
+    prov = data.get("provenance") or {}
+    when = prov.get("cost", {}).get("date")
+    scens = [s for s in PRESSURE_SCENARIOS if when is None or prov.get(s, {}).get("date") in (None, when)]
     for c in ("dbguard-user", "dbguard-bpf"):
-        runs = [r for s in PRESSURE_SCENARIOS for r in _ok(groups.get((s, c), []))]
+        runs = [r for s in scens for r in _ok(groups.get((s, c), []))]
         cost = data.get("cost", {}).get(c, {})
         if not runs and not cost:
             continue
@@ -207,6 +212,23 @@ def _notes(groups, scenario: str) -> list[str]:
     return out
 
 
+def rate_by_pool(runs: list[dict], min_seconds: int = 3) -> dict[int, tuple[float, int]]:
+    """pool size (MiB) -> (median queries/s, seconds) over the pressure window's seconds, each
+    second taken at the pool size sampled at its middle; sizes seen for fewer seconds are left out."""
+    per: dict[int, list[float]] = defaultdict(list)
+    for r in runs:
+        pool = r.get("pool_samples") or []
+        prm = r.get("params") or {}
+        window = (prm.get("duration") or 0) - (prm.get("warmup") or 0)
+        for t, q in r.get("tps_progress", []):
+            if not (1 <= t <= window):
+                continue
+            sizes = [b for tt, b in pool if tt <= t - 0.5]
+            if sizes:
+                per[sizes[-1]].append(q)
+    return {size: (spread(qs).median, len(qs)) for size, qs in per.items() if len(qs) >= min_seconds}
+
+
 def pool_moves(groups, scenario: str) -> list[str]:
     """How often dbguard resized the buffer pool while hogs were alive (before the benchmark
     ended them), from its audit records: shrinks, and grows that a later shrink undid."""
@@ -232,6 +254,12 @@ def pool_moves(groups, scenario: str) -> list[str]:
             line += (" (more shrinks than the 3 steps to the floor: after its kills, a one-step grow at level ok "
                      "pushed usage back over the warn mark while the surviving hogs held their memory, and the "
                      "pool went back down)")
+        by_pool = rate_by_pool(runs)
+        if by_pool:
+            line += ("; range reads in the pressure window by the pool size in effect: "
+                     + ", ".join(f"{size} MiB {q:,.0f}/s ({n} s)" for size, (q, n) in sorted(by_pool.items()))
+                     + f" (median queries/s, all runs; baseline at the configured size "
+                     f"{spread(r.get('baseline_tps') for r in runs).median:,.0f}/s)")
         if late:
             usage = fmt_spread(u for _, u in late)
             line += (f"; {len(late)} shrink(s) over {len(runs)} run(s) came after the benchmark had ended the hogs, "
@@ -294,26 +322,51 @@ def _scale_section(sc: dict) -> str:
     return markdown_table(["case", "processes seen", "one cycle, wall (median, range)", "CPU", "what the cycle did"], rows)
 
 
+def machine_text(m: dict) -> str:
+    return (f"Linux {m.get('kernel', '?')}, {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
+            f"{m.get('memory', '?')} RAM, swap {m.get('swap', '?')}; {m.get('postgresql', '?')}; "
+            + (f"{m['mariadb']}; " if m.get("mariadb") else "") + f"{m.get('earlyoom', '?')}")
+
+
+def machine_of(data: dict, name: str) -> dict:
+    """The machine a scenario (or extra) was measured on."""
+    return (data.get("provenance") or {}).get(name, {}).get("machine") or data.get("machine", {})
+
+
 def _provenance_lines(data: dict) -> list[str]:
-    """When and how each scenario was measured: one line for a single run of the harness,
-    one per invocation when results.json merges several (--merge)."""
+    """When, how and where each scenario was measured: the date, command and machine lines for
+    a single run of the harness; one entry per invocation when results.json merges several
+    (--merge), each with its machine when they differ."""
     def cmd(c: str) -> str:
         return f"`{c}`" + (" (what `make bench` runs)" if c.strip() == "python -m benchmarks.run" else "")
+
+    def load(m: dict) -> str:
+        return f"load average at start {' '.join(m.get('loadavg_start') or ['?'])}"
     prov = data.get("provenance") or {}
     by_call: dict[tuple, list[str]] = defaultdict(list)
-    for scen, p in prov.items():
-        by_call[(p.get("date"), p.get("git"), p.get("command"))].append(scen)
+    for name, p in prov.items():
+        by_call[(p.get("date"), p.get("git"), p.get("command"))].append(name)
     if len(by_call) <= 1:
+        m = data.get("machine", {})
         return [f"- Date: {data.get('date', '?')}; git {data.get('git', '?')}; took {data.get('seconds', '?')} s",
-                f"- Command (as root): {cmd(data.get('command', 'python -m benchmarks.run'))}"]
-    out = ["- Measured in several invocations (results.json merges them with `--merge`):"]
-    for (date, git, command), scens in sorted(by_call.items(), key=lambda kv: kv[0][0] or ""):
-        secs = [prov[s].get("seconds") for s in scens]
-        took = (f"; took {secs[0]} s" + (" in all" if len(scens) > 1 else "") if len(set(secs)) == 1 and secs[0] else
-                "; took " + ", ".join(f"{s} {prov[s]['seconds']} s" for s in scens if prov[s].get("seconds")))
-        load = prov[scens[0]].get("loadavg_start")
-        out.append(f"  - {', '.join(scens)}: {date}, git {git}, {cmd(command)}{took}"
-                   + (f"; load average at start {' '.join(load)}" if load else ""))
+                f"- Command (as root): {cmd(data.get('command', 'python -m benchmarks.run'))}",
+                f"- Machine: {machine_text(m)}; {load(m)} (a VM shared with other engineers' test runs)"]
+    machines = {machine_text(p.get("machine", {})) for p in prov.values()}
+    out = ["- Measured in several invocations (results.json merges them with `--merge`), as root:"]
+    for (date, git, command), names in sorted(by_call.items(), key=lambda kv: kv[0][0] or ""):
+        first = prov[names[0]]
+        secs = [prov[n].get("seconds") for n in names]
+        took = (f"; took {secs[0]} s" + (" in all" if len(names) > 1 else "") if len(set(secs)) == 1 and secs[0] else
+                "; took " + ", ".join(f"{n} {prov[n]['seconds']} s" for n in names if prov[n].get("seconds")))
+        m = first.get("machine", {})
+        out.append(f"  - {', '.join(names)}: {date}, git {git}, {cmd(command)}{took}; "
+                   + (f"machine: {machine_text(m)}; " if len(machines) > 1 else "") + load(m))
+    if len(machines) == 1:
+        out.append(f"- Machine: {machines.pop()} (a VM shared with other engineers' test runs)")
+    else:
+        out.append("- Machines: the VM behind this box changed between the invocations (see each above): compare "
+                   "figures across scenarios with that in mind; within one scenario all contenders ran on the "
+                   "same machine, interleaved.")
     return out
 
 
@@ -321,16 +374,11 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
     from . import plot
     images = plot.write_all(data, plot_dir)
     groups = _group(data.get("runs", []))
-    m = data.get("machine", {})
     o = data.get("options", {})
     lines = [
         "# Benchmarks: dbguard against the kernel default, the databases' documented setups and earlyoom",
         "",
         *_provenance_lines(data),
-        f"- Machine: Linux {m.get('kernel', '?')}, {m.get('cores', '?')} cores ({m.get('cpu', '?')}), "
-        f"{m.get('memory', '?')} RAM, swap {m.get('swap', '?')}; {m.get('postgresql', '?')}; "
-        + (f"{m['mariadb']}; " if m.get("mariadb") else "") + f"{m.get('earlyoom', '?')}; "
-        f"load average at start {' '.join(m.get('loadavg_start', []))} (a VM shared with other engineers' test runs)",
         f"- Runs: {o.get('repeats', '?')} per contender and scenario"
         + (" (--quick: shorter loads)" if o.get("quick") else "")
         + "; contenders interleaved (A B C A B C …); figures are median (min-max).",
@@ -393,8 +441,9 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                       "client processes outside the cgroup run `SELECT SUM(LENGTH(pad)) FROM w.t WHERE id "
                       "BETWEEN x AND x+99` from random x (lab.mariadb.ReadLoad), reconnecting every 0.2 s "
                       "when a connection is lost. Client errors: queries sent and not answered. Crash "
-                      "recoveries: InnoDB's \"Starting crash recovery\" in the error log at a restart (a "
-                      "read-only load leaves nothing to redo, so a restarted server need not run one). The "
+                      "recoveries: InnoDB's \"Starting crash recovery\" in the error log at a restart; it runs "
+                      "only when the killed server still had redo past its last checkpoint (from loading the "
+                      "table: the read load writes nothing), so a restarted server may or may not run one. The "
                       "limit: mariadbd holds ~610 MiB at baseline (cgroup usage when the hogs start, above), "
                       "so 1000 MB leaves it ~390 MB of room without pressure (under dbguard's 80 % warn mark), "
                       "and the six hogs' 900 MB overrun it by ~500 MB: without a guard the kernel must kill "
@@ -406,8 +455,8 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                       "60 s for the pool to be back at its configured size (and a supervised server to be "
                       "up); the final size is read then, before dbguard stops (its SIGTERM puts the DBA's "
                       "size back).", ""]
-        if s == "fast-hog" and m.get("hog_alloc_gib_s"):
-            lines += [f"The hog fills memory at {m['hog_alloc_gib_s']} GiB/s when no limit is near (measured "
+        if s == "fast-hog" and machine_of(data, s).get("hog_alloc_gib_s"):
+            lines += [f"The hog fills memory at {machine_of(data, s)['hog_alloc_gib_s']} GiB/s when no limit is near (measured "
                       "in the same run, on the shared machine). At the limit its page faults must first "
                       "reclaim the cgroup's page cache (the data set's), so usage sits at the limit for "
                       "seconds before the kernel's OOM kill (see results.json samples): the hog's "
@@ -458,7 +507,11 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                       "than the default 1 s interval (general.interval), so on such a host the loop runs "
                       "back to back and reacts a cycle later than on a small one.", ""]
     if data.get("cost"):
-        lines += ["## dbguard's own cost", "", data["cost"].get("method", ""), "",
+        prov = data.get("provenance") or {}
+        apart = [s for s in PRESSURE_SCENARIOS if prov.get(s, {}).get("date") not in (None, prov.get("cost", {}).get("date"))]
+        lines += ["## dbguard's own cost", "", data["cost"].get("method", "")
+                  + (f" CPU under pressure leaves out {', '.join(apart)}, measured in another invocation on "
+                     "another machine (its runs' guard_cpu_pressure_pct is in results.json)." if apart else ""), "",
                   markdown_table(COST_HEADER, _cost_rows(data)), ""]
     lines += ["## Reproduce", "", "```", "sudo make bench                                   # = python -m benchmarks.run",
               "sudo .venv/bin/python -m benchmarks.run --help", "sudo .venv/bin/python -m benchmarks.run --quick",

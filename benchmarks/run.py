@@ -1,9 +1,10 @@
 """dbguard against the kernel default, the databases' documented setups and earlyoom, side by side.
 
-    sudo .venv/bin/python -m benchmarks.run                 # everything (make bench): 31 min measured here
-    sudo .venv/bin/python -m benchmarks.run --quick         # one round, shorter loads, ~12 min
+    sudo .venv/bin/python -m benchmarks.run                 # everything (make bench): ~44 min (measured:
+                                                            # 31 min, then 13 for moderate-hogs-mariadb)
+    sudo .venv/bin/python -m benchmarks.run --quick         # one round, shorter loads, ~16 min (estimated)
     sudo .venv/bin/python -m benchmarks.run --scenarios runaway --contenders none,dbguard-user -r 5
-    sudo .venv/bin/python -m benchmarks.run -s moderate-hogs-mariadb -x '' --merge   # one scenario, others kept
+    sudo .venv/bin/python -m benchmarks.run -s moderate-hogs-mariadb -x '' --merge   # 13 min; others kept
     .venv/bin/python -m benchmarks.run --report-only        # re-render RESULTS.md from results.json
 
 Each scenario runs its contenders interleaved (A B C A B C ...), each run in a fresh memory
@@ -66,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("-x", "--extras", type=_csv(EXTRAS, "extra"), default=list(EXTRAS), metavar="LIST",
                     help="scale,cost, or '' for none (default: both)")
     ap.add_argument("--quick", action="store_true",
-                    help="one round, shorter loads, scale with 1,000 processes only: a smoke run (~12 min)")
+                    help="one round, shorter loads, scale with 1,000 processes only: a smoke run (~16 min, estimated)")
     ap.add_argument("--bpf-bench", action="store_true",
                     help="also run python -m benchmarks.bpf.run --write (the BPF programs' per-call cost)")
     ap.add_argument("--merge", action="store_true",
@@ -189,11 +190,12 @@ def run_scenarios(a: argparse.Namespace, say, data: dict) -> None:
             _save(data)
 
 
-def _provenance(data: dict, seconds: int) -> dict:
-    """When, from which commit and with which command a scenario's runs were made (a merged
-    results.json holds scenarios from several invocations)."""
-    return {"date": data["date"], "git": data["git"], "command": data["command"], "seconds": seconds,
-            "loadavg_start": data["machine"].get("loadavg_start")}
+def _provenance(data: dict, seconds: int | None) -> dict:
+    """When, from which commit, with which command and on which machine a scenario's runs (or
+    an extra) were made: a merged results.json holds them from several invocations, and the
+    VM behind this box may differ between them."""
+    return {"date": data.get("date"), "git": data.get("git"), "command": data.get("command"), "seconds": seconds,
+            "machine": data.get("machine", {})}
 
 
 def _save(data: dict) -> None:
@@ -247,25 +249,28 @@ def main(argv: list[str] | None = None) -> int:
             if k in old and k not in a.extras:
                 data[k] = old[k]
         data["merged_from"] = old.get("date")
-        # Where the kept runs came from (results.json files from before provenance: the whole file).
+        # Where the kept runs and extras came from (a results.json from before provenance: the whole file).
         prov = old.get("provenance") or {s: _provenance(old, old.get("seconds")) for s in
-                                          dict.fromkeys(r.get("scenario") for r in old.get("runs", []))}
-        data["provenance"] = {s: v for s, v in prov.items() if any(r.get("scenario") == s for r in keep)}
-        for k in ("hog_alloc_gib_s",):
-            if k in old.get("machine", {}) and "fast-hog" not in a.scenarios:
-                data["machine"][k] = old["machine"][k]
+                                          [*dict.fromkeys(r.get("scenario") for r in old.get("runs", [])),
+                                           *(k for k in EXTRAS if k in old)]}
+        data["provenance"] = {s: v for s, v in prov.items()
+                              if any(r.get("scenario") == s for r in keep) or (s in EXTRAS and s in data)}
     t_all = time.monotonic()
     try:
         run_scenarios(a, say, data)
         if "scale" in a.extras:
             from . import scale
             say("scale: one sense+classify cycle", always=True)
+            t_x = time.time()
             data["scale"] = scale.run(quick=a.quick, log=lambda m: say("  " + m, always=True))
+            data.setdefault("provenance", {})["scale"] = _provenance(data, round(time.time() - t_x))
             _save(data)
         if "cost" in a.extras:
             from . import cost
             say("cost: dbguard's own CPU, RSS and startup", always=True)
+            t_x = time.time()
             data["cost"] = cost.run(quick=a.quick, log=lambda m: say("  " + m, always=True))
+            data.setdefault("provenance", {})["cost"] = _provenance(data, round(time.time() - t_x))
             _save(data)
         if a.bpf_bench:
             say("BPF programs: python -m benchmarks.bpf.run --write", always=True)

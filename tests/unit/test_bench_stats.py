@@ -76,18 +76,29 @@ def test_mariadb_rows_say_what_happened_to_the_server_and_its_pool():
 
 def test_provenance_one_line_per_invocation_when_merged():
     from benchmarks.report import _provenance_lines
-    single = {"date": "D1", "git": "g1", "command": "python -m benchmarks.run", "seconds": 10}
-    assert _provenance_lines(single)[1] == "- Command (as root): `python -m benchmarks.run` (what `make bench` runs)"
+    amd = {"kernel": "6.18-a", "cores": 2, "cpu": "AMD", "loadavg_start": ["5.0", "4.0", "3.0"]}
+    intel = dict(amd, kernel="6.18-b", cpu="Intel", loadavg_start=["1.0", "0.5", "0.2"])
+    single = {"date": "D1", "git": "g1", "command": "python -m benchmarks.run", "seconds": 10, "machine": amd}
+    lines = _provenance_lines(single)
+    assert lines[1] == "- Command (as root): `python -m benchmarks.run` (what `make bench` runs)"
+    assert lines[2].startswith("- Machine: Linux 6.18-a, 2 cores (AMD)") and "load average at start 5.0" in lines[2]
+    first = {"date": "D1", "git": "g1", "command": "python -m benchmarks.run", "seconds": 100, "machine": amd}
     merged = dict(single, provenance={
-        "moderate-hogs": {"date": "D1", "git": "g1", "command": "python -m benchmarks.run", "seconds": 100},
-        "fast-hog": {"date": "D1", "git": "g1", "command": "python -m benchmarks.run", "seconds": 100},
+        "moderate-hogs": first, "fast-hog": first,
         "moderate-hogs-mariadb": {"date": "D2", "git": "g2", "command": "python -m benchmarks.run -s x --merge",
-                                  "seconds": 900, "loadavg_start": ["1.0", "0.5", "0.2"]}})
+                                  "seconds": 900, "machine": intel}})
     lines = _provenance_lines(merged)
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert lines[1].startswith("  - moderate-hogs, fast-hog: D1, git g1, `python -m benchmarks.run` (what")
-    assert lines[2] == ("  - moderate-hogs-mariadb: D2, git g2, `python -m benchmarks.run -s x --merge`; took 900 s; "
-                        "load average at start 1.0 0.5 0.2")
+    assert "took 100 s in all; machine: Linux 6.18-a, 2 cores (AMD)" in lines[1]
+    assert lines[2].startswith("  - moderate-hogs-mariadb: D2, git g2, `python -m benchmarks.run -s x --merge`; "
+                               "took 900 s; machine: Linux 6.18-b, 2 cores (Intel)")
+    assert lines[2].endswith("load average at start 1.0 0.5 0.2")
+    assert lines[3].startswith("- Machines: the VM behind this box changed")
+    same = dict(merged, provenance={**merged["provenance"], "moderate-hogs-mariadb": dict(
+        merged["provenance"]["moderate-hogs-mariadb"], machine=amd)})
+    lines = _provenance_lines(same)
+    assert "machine:" not in lines[2] and lines[3].startswith("- Machine: Linux 6.18-a")
 
 
 def test_pool_moves_counts_resizes_while_hogs_lived_and_shrinks_after():
@@ -104,3 +115,11 @@ def test_pool_moves_counts_resizes_while_hogs_lived_and_shrinks_after():
     (line,) = pool_moves(_group([run]), "moderate-hogs-mariadb")
     assert "shrank the buffer pool 4 time(s) and grew it 1 time(s) per run (more shrinks than" in line
     assert "1 shrink(s) over 1 run(s) came after the benchmark had ended the hogs, at 352 MiB" in line
+
+
+def test_rate_by_pool_takes_each_second_at_the_pool_size_of_its_middle():
+    from benchmarks.report import rate_by_pool
+    run = {"params": {"duration": 10, "warmup": 4}, "pool_samples": [[-5, 512], [2.2, 128], [4.9, 256]],
+           "tps_progress": [[-1, 900], [1, 1000], [2, 1000], [3, 400], [4, 500], [5, 450], [6, 700], [7, 50]]}
+    assert rate_by_pool([run], min_seconds=1) == {512: (1000.0, 2), 128: (450.0, 3), 256: (700.0, 1)}
+    assert rate_by_pool([run]) == {128: (450.0, 3)}
