@@ -123,6 +123,7 @@ class DbStats:
     hit_ratio: float | None = None
     shrink_step: int = 0                  # 0: as the DBA configured; higher: shrunk further
     shrink_steps_max: int = 0             # 0: nothing this database can shrink
+    grow_bytes: int = 0                   # memory the next grow step would add; 0: not known
     extra: dict[str, Any] = field(default_factory=dict)    # kind-specific figures for explain/metrics
 
 

@@ -340,27 +340,40 @@ class Policy:
 
     def _caches(self, snap: Snapshot, level: Level) -> list[Action]:
         out = []
-        dwell = self.cfg.pressure.min_dwell
+        pres = self.cfg.pressure
+        dwell = pres.min_dwell
+        m = snap.memory
+        # A level held only by hysteresis or dwell means the pressure has gone: shrinking
+        # then costs the database its cache for nothing.
+        pressed_now = level_of(m, pres)[0] >= Level.WARN
         for db in snap.databases:
             if not db.up or db.shrink_steps_max == 0 and db.shrink_step == 0:
                 continue
             since = snap.ts - self._cache_moved_at.get(db.name, float("-inf"))
             target = f"{db.kind} {db.name}"
             # Above warn, pressure is climbing: one step per cycle is not too fast.
-            if level >= Level.WARN and db.shrink_step < db.shrink_steps_max and (
+            if level >= Level.WARN and pressed_now and db.shrink_step < db.shrink_steps_max and (
                     level >= Level.HIGH or since >= dwell):
                 self._cache_moved_at[db.name] = snap.ts
                 out.append(self._act(ActionKind.SHRINK_CACHE,
                                      f"level {level.name.lower()}: shrink caches to step "
                                      f"{db.shrink_step + 1} of {db.shrink_steps_max}",
                                      target=target, database=db.name, value=db.shrink_step + 1))
-            elif level == Level.OK and db.shrink_step > 0 and since >= dwell:
+            elif level == Level.OK and db.shrink_step > 0 and since >= dwell and self._room_to_grow(m, db):
                 self._cache_moved_at[db.name] = snap.ts
                 out.append(self._act(ActionKind.RESTORE_CACHE,
                                      f"pressure has passed for {dwell:g}s: grow caches back to step "
                                      f"{db.shrink_step - 1} (0 = as configured)",
                                      target=target, database=db.name, value=db.shrink_step - 1))
         return out
+
+    def _room_to_grow(self, m: MemoryReading, db: DbStats) -> bool:
+        """Growing must not by itself bring back the warn level: that would shrink again (flapping)."""
+        if not m.limit_bytes or not db.grow_bytes:
+            return True
+        pres = self.cfg.pressure
+        after = (m.usage_bytes - m.reclaimable_bytes + db.grow_bytes) / m.limit_bytes
+        return after < pres.warn_usage - pres.hysteresis
 
     def _idle_sessions(self, snap: Snapshot, level: Level) -> list[Action]:
         if level < Level.WARN:

@@ -417,7 +417,9 @@ class MySQL(Database):
             cache_bytes=size, cache_configured_bytes=configured,
             cache_used_bytes=pages_data * srv.page_size,
             hit_ratio=(1 - reads / requests) if requests else None,
-            shrink_step=step, shrink_steps_max=steps_max, extra=extra)
+            shrink_step=step, shrink_steps_max=steps_max, extra=extra,
+            grow_bytes=max(0, step_target(configured, self.cfg.buffer_pool_floor, self.cfg.shrink_steps,
+                                          step - 1, srv.unit) - size) if step else 0)
 
     def _observe(self, size: int) -> int:
         """Notice MariaDB shrinking the pool by itself (innodb_buffer_pool_size_auto_min)."""

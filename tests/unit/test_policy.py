@@ -113,6 +113,28 @@ def test_warn_shrinks_caches_one_step_at_a_time_and_ok_grows_them_back_after_dwe
     assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.RESTORE_CACHE, 0)]
 
 
+def test_a_level_held_only_by_dwell_shrinks_nothing():
+    pol = policy()
+    assert [a.value for a in pol.decide(snapshot(0, reading(850), [], (pg(0),))).actions] == [1]
+    pol.decide(snapshot(3, reading(850), [], (pg(1),)))
+    plan = pol.decide(snapshot(6, reading(350), [], (pg(1),)))
+    assert plan.level is Level.WARN, "held for min_dwell"
+    assert "shrink_cache" not in kinds(plan), "the pressure has gone: a shrink now costs the cache for nothing"
+    assert [a.value for a in pol.decide(snapshot(7, reading(850), [], (pg(1),))).actions] == [2], \
+        "pressure back: shrinking resumes"
+
+
+def test_grows_back_only_when_the_grown_cache_stays_under_the_warn_mark():
+    pol = policy()
+    pool = dataclasses.replace(pg(2), kind="mysql", grow_bytes=128 * MiB)
+    pol.decide(snapshot(0, reading(850), [], (pool,)))
+    # warn 80 % - hysteresis 5 % = 750 MiB: 650 + 128 would cross it and shrink again.
+    plan = pol.decide(snapshot(10, reading(650), [], (pool,)))
+    assert plan.level is Level.OK and "restore_cache" not in kinds(plan)
+    plan = pol.decide(snapshot(11, reading(600), [], (pool,)))
+    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.RESTORE_CACHE, 1)]
+
+
 def test_never_shrinks_past_the_floor_nor_a_database_that_is_down():
     pol = policy()
     assert "shrink_cache" not in kinds(pol.decide(snapshot(0, reading(990), [], (pg(3, 3),))))
