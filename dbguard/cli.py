@@ -104,7 +104,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
                           for d in snap.databases],
             "processes": rows,
             "plan": [{"action": x.kind.value, "target": x.target, "reason": x.reason, "pid": x.pid,
-                      "value": x.value} for x in plan.actions]}, indent=2))
+                      "value": x.value} for x in plan.actions],
+            "held": [{"target": t, "reason": why} for t, why in plan.held]}, indent=2))
         return 0
     if a.pid is not None:
         r = rows[0]
@@ -156,6 +157,8 @@ def cmd_explain(a: argparse.Namespace) -> int:
     print("plan:" if plan.actions else "plan: nothing to do at this level")
     for x in plan.actions:
         print(f"  {x.kind.value} {x.target}: {x.reason}")
+    for target, why in plan.held:
+        print(f"  held back {target}: {why}")
     return 0
 
 

@@ -199,6 +199,7 @@ class Daemon:
         self.audit: AuditLog | None = None
         self.sensor: Sensor | None = None
         self.level = Level.OK
+        self._held: set[str] = set()         # targets whose held-back action was logged
         self._threshold: int | None = None
 
     # --- start ---------------------------------------------------------------------------
@@ -290,6 +291,10 @@ class Daemon:
         for action, rec in zip(plan.actions, self.executor.execute(plan, snap)):
             if action.kind is ActionKind.KILL and str(rec.get("result", "")).startswith("skipped"):
                 self.policy.kill_not_done(action)   # it may be next again: the tier order holds
+        held = dict(plan.held)
+        for target in held.keys() - self._held:          # once when it starts, not every cycle
+            log.info("held back %s: %s", target, held[target])
+        self._held = set(held)
         self._sync_bpf(snap, plan.level)
         self.metrics.observe_snapshot(snap, plan.level)
         return snap, plan

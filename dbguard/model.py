@@ -163,3 +163,4 @@ class Plan:
     level: Level
     level_reason: str
     actions: tuple[Action, ...]
+    held: tuple[tuple[str, str], ...] = ()   # (target, why): what the policy holds back now

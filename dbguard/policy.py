@@ -302,12 +302,13 @@ class Policy:
     def decide(self, snap: Snapshot) -> Plan:
         self.limit_bytes = snap.memory.limit_bytes
         level, why = self.levels.update(snap.memory, snap.ts)
+        self._held: list[tuple[str, str]] = []
         actions = (self._scores(snap) + self._caches(snap, level) + self._idle_sessions(snap, level)
                    + self._runaway(snap, level) + self._kills(snap, level))
         if self.dry_run:
             actions = [_dry(a) for a in actions]
         self._forget(snap)
-        return Plan(level, why, tuple(actions))
+        return Plan(level, why, tuple(actions), tuple(self._held))
 
     def _act(self, kind: ActionKind, reason: str, **kw) -> Action:
         return Action(kind=kind, reason=reason, **kw)
@@ -359,7 +360,12 @@ class Policy:
                                      f"level {level.name.lower()}: shrink caches to step "
                                      f"{db.shrink_step + 1} of {db.shrink_steps_max}",
                                      target=target, database=db.name, value=db.shrink_step + 1))
-            elif level == Level.OK and db.shrink_step > 0 and since >= dwell and self._room_to_grow(m, db):
+            elif level == Level.OK and db.shrink_step > 0 and since >= dwell and not self._room_to_grow(m, db):
+                self._held.append((target, f"caches held at step {db.shrink_step} of {db.shrink_steps_max}: "
+                                  f"growing {db.grow_bytes // MiB} MiB would bring unreclaimable usage to "
+                                  f"{_pct(self._after_grow(m, db))} of the limit, not under "
+                                  f"{_pct(pres.warn_usage - pres.hysteresis)} (warn mark minus hysteresis)"))
+            elif level == Level.OK and db.shrink_step > 0 and since >= dwell:
                 self._cache_moved_at[db.name] = snap.ts
                 out.append(self._act(ActionKind.RESTORE_CACHE,
                                      f"pressure has passed for {dwell:g}s: grow caches back to step "
@@ -371,9 +377,11 @@ class Policy:
         """Growing must not by itself bring back the warn level: that would shrink again (flapping)."""
         if not m.limit_bytes or not db.grow_bytes:
             return True
-        pres = self.cfg.pressure
-        after = (m.usage_bytes - m.reclaimable_bytes + db.grow_bytes) / m.limit_bytes
-        return after < pres.warn_usage - pres.hysteresis
+        return self._after_grow(m, db) < self.cfg.pressure.warn_usage - self.cfg.pressure.hysteresis
+
+    @staticmethod
+    def _after_grow(m: MemoryReading, db: DbStats) -> float:
+        return (m.usage_bytes - m.reclaimable_bytes + db.grow_bytes) / m.limit_bytes
 
     def _idle_sessions(self, snap: Snapshot, level: Level) -> list[Action]:
         if level < Level.WARN:

@@ -203,9 +203,12 @@ def test_grow_back_gradually_to_configured_size(server, guard):
     assert _pool(server) == FLOOR and int(server.value("SELECT @@table_open_cache")) == 64
     seen = []
     for _ in range(5):
+        promised = g.collect().grow_bytes         # what the policy weighs before growing
+        before = _pool(server)
         out = g.set_shrink_step(0)
         assert out.ok, out.detail
         seen.append(_pool(server))
+        assert seen[-1] - before == promised
     assert seen[:3] == sorted(seen[:3]) and len(set(seen[:3])) == 3   # one step per call
     assert seen[-1] == POOL
     assert int(server.value("SELECT @@table_open_cache")) == 400

@@ -131,8 +131,9 @@ def test_grows_back_only_when_the_grown_cache_stays_under_the_warn_mark():
     # warn 80 % - hysteresis 5 % = 750 MiB: 650 + 128 would cross it and shrink again.
     plan = pol.decide(snapshot(10, reading(650), [], (pool,)))
     assert plan.level is Level.OK and "restore_cache" not in kinds(plan)
+    assert [t for t, _ in plan.held] == ["mysql main"] and "would bring unreclaimable usage to 78%" in plan.held[0][1]
     plan = pol.decide(snapshot(11, reading(600), [], (pool,)))
-    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.RESTORE_CACHE, 1)]
+    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.RESTORE_CACHE, 1)] and not plan.held
 
 
 def test_never_shrinks_past_the_floor_nor_a_database_that_is_down():
