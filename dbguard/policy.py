@@ -302,13 +302,13 @@ class Policy:
     def decide(self, snap: Snapshot) -> Plan:
         self.limit_bytes = snap.memory.limit_bytes
         level, why = self.levels.update(snap.memory, snap.ts)
-        self._held: list[tuple[str, str]] = []
-        actions = (self._scores(snap) + self._caches(snap, level) + self._idle_sessions(snap, level)
+        caches, held = self._caches(snap, level)
+        actions = (self._scores(snap) + caches + self._idle_sessions(snap, level)
                    + self._runaway(snap, level) + self._kills(snap, level))
         if self.dry_run:
             actions = [_dry(a) for a in actions]
         self._forget(snap)
-        return Plan(level, why, tuple(actions), tuple(self._held))
+        return Plan(level, why, tuple(actions), tuple(held))
 
     def _act(self, kind: ActionKind, reason: str, **kw) -> Action:
         return Action(kind=kind, reason=reason, **kw)
@@ -339,14 +339,17 @@ class Policy:
                                  target=_proc_name(proc), value=want))
         return out
 
-    def _caches(self, snap: Snapshot, level: Level) -> list[Action]:
-        out = []
+    def _caches(self, snap: Snapshot, level: Level) -> tuple[list[Action], list[tuple[str, str]]]:
+        """Shrink and grow actions, and the grows held back (target, why)."""
+        out, held = [], []
         pres = self.cfg.pressure
         dwell = pres.min_dwell
         m = snap.memory
         # A level held only by hysteresis or dwell means the pressure has gone: shrinking
         # then costs the database its cache for nothing.
         pressed_now = level_of(m, pres)[0] >= Level.WARN
+        # A grow must not by itself bring back the warn level: that would shrink again (flapping).
+        room = pres.warn_usage - pres.hysteresis
         for db in snap.databases:
             if not db.up or db.shrink_steps_max == 0 and db.shrink_step == 0:
                 continue
@@ -360,28 +363,20 @@ class Policy:
                                      f"level {level.name.lower()}: shrink caches to step "
                                      f"{db.shrink_step + 1} of {db.shrink_steps_max}",
                                      target=target, database=db.name, value=db.shrink_step + 1))
-            elif level == Level.OK and db.shrink_step > 0 and since >= dwell and not self._room_to_grow(m, db):
-                self._held.append((target, f"caches held at step {db.shrink_step} of {db.shrink_steps_max}: "
-                                  f"growing {db.grow_bytes // MiB} MiB would bring unreclaimable usage to "
-                                  f"{_pct(self._after_grow(m, db))} of the limit, not under "
-                                  f"{_pct(pres.warn_usage - pres.hysteresis)} (warn mark minus hysteresis)"))
             elif level == Level.OK and db.shrink_step > 0 and since >= dwell:
+                after = m.pressing_ratio + db.grow_bytes / m.limit_bytes if m.limit_bytes else 0.0
+                if db.grow_bytes and after >= room:
+                    held.append((target, f"caches held at step {db.shrink_step} of {db.shrink_steps_max}: "
+                                 f"growing {db.grow_bytes // MiB} MiB would bring unreclaimable usage to "
+                                 f"{_pct(after)} of the limit, not under {_pct(room)} (warn mark minus "
+                                 f"hysteresis)"))
+                    continue
                 self._cache_moved_at[db.name] = snap.ts
                 out.append(self._act(ActionKind.RESTORE_CACHE,
                                      f"pressure has passed for {dwell:g}s: grow caches back to step "
                                      f"{db.shrink_step - 1} (0 = as configured)",
                                      target=target, database=db.name, value=db.shrink_step - 1))
-        return out
-
-    def _room_to_grow(self, m: MemoryReading, db: DbStats) -> bool:
-        """Growing must not by itself bring back the warn level: that would shrink again (flapping)."""
-        if not m.limit_bytes or not db.grow_bytes:
-            return True
-        return self._after_grow(m, db) < self.cfg.pressure.warn_usage - self.cfg.pressure.hysteresis
-
-    @staticmethod
-    def _after_grow(m: MemoryReading, db: DbStats) -> float:
-        return (m.usage_bytes - m.reclaimable_bytes + db.grow_bytes) / m.limit_bytes
+        return out, held
 
     def _idle_sessions(self, snap: Snapshot, level: Level) -> list[Action]:
         if level < Level.WARN:
