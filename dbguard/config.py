@@ -6,7 +6,6 @@ error is one line that names the key path, e.g. `pressure.warn_usage: must be be
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 import tomllib
@@ -17,31 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
-
-_UNITS = {
-    "": 1, "b": 1,
-    "k": 1024, "kb": 1024, "kib": 1024,
-    "m": 1024**2, "mb": 1024**2, "mib": 1024**2,
-    "g": 1024**3, "gb": 1024**3, "gib": 1024**3,
-    "t": 1024**4, "tb": 1024**4, "tib": 1024**4,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
-
-
-def parse_size(value: Any, path: str = "size") -> int:
-    """Bytes from an int or a string such as "512MiB" (kB/MB/GB are binary, as in PostgreSQL)."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{path}: expected a size such as 512MiB, got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{path}: must not be negative")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ConfigError(f"{path}: expected a size such as 512MiB or a number of bytes, got {value!r}")
-
+from .units import parse_size, toml_key
 
 def Size(default: int, **kw) -> Any:
     return field(default=default, metadata={"size": True, **kw})
@@ -297,11 +272,6 @@ def _cgroup_tiers(value: Any, path: str) -> tuple[tuple[str, str], ...]:
     return tuple(value.items())
 
 
-def toml_key(key: str) -> str:
-    """A key as it is written in TOML: bare when it can be, else quoted ("/tenants/free/*")."""
-    return key if re.match(r"^[A-Za-z0-9_-]+$", key) else json.dumps(key)
-
-
 def _rule(data: Any, path: str) -> RuleConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a table, got {data!r}")
@@ -341,7 +311,7 @@ def _check(cfg: Config) -> None:
 
 
 def from_dict(data: dict[str, Any], source: str = "") -> Config:
-    from .rules import validate        # the rules' meaning lives there; it imports this module
+    from .rules import validate        # the rules' meaning lives there (imported here: rules types its arguments with this module)
     cfg = _build(Config, data, "")
     _check(cfg)
     warnings = validate(cfg.policy)

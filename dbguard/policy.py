@@ -172,7 +172,7 @@ class Policy:
         return proc.memcg == w or proc.memcg.startswith(w.rstrip("/") + "/")
 
     def thresholds(self) -> dict[str, int | None]:
-        """The named thresholds a rule's rss_above can take a multiple of (dbguard.rules.THRESHOLDS)."""
+        """The named thresholds a rule's rss_above can take a multiple of (dbguard.units.THRESHOLDS)."""
         return {"kill.min_rss": self.cfg.kill.min_rss, "limit": self.limit_bytes}
 
     def verdict(self, proc: Proc, role: Role, self_pid: int) -> Verdict:

@@ -29,49 +29,15 @@ from typing import TYPE_CHECKING, Callable, Mapping
 
 from .errors import ConfigError
 from .model import Proc, Role
+from .units import Threshold, parse_threshold, toml_key
 
 if TYPE_CHECKING:
     from .config import PolicyConfig, RuleConfig
 
 ACTIONS = ("protect", "prefer", "kill", "default")
 ROLE_NAMES = tuple(r.value for r in Role)
-# Named thresholds a rule can take a multiple of. "limit" is the watched memory cgroup's
-# limit (a rule using it never matches while there is none, e.g. when watching the host).
-THRESHOLDS = ("kill.min_rss", "limit")
-_MULTIPLE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*[x*]\s*([a-z_.]+)\s*$")
 _TIER_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 MiB = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """rss_above: a fixed size, or `factor` times the named threshold `name`."""
-
-    text: str
-    size: int | None = None
-    factor: float = 0.0
-    name: str = ""
-
-    def resolve(self, named: Mapping[str, int | None]) -> int | None:
-        if self.size is not None:
-            return self.size
-        base = named.get(self.name)
-        return None if base is None else int(self.factor * base)
-
-
-def parse_threshold(text: str, path: str) -> Threshold:
-    from .config import parse_size
-    m = _MULTIPLE.match(text)
-    if m:
-        if m.group(2) not in THRESHOLDS:
-            raise ConfigError(f"{path}: unknown threshold {m.group(2)!r}; use one of {', '.join(THRESHOLDS)} "
-                              f'(e.g. "2x kill.min_rss")')
-        return Threshold(text.strip(), factor=float(m.group(1)), name=m.group(2))
-    try:
-        return Threshold(text.strip(), size=parse_size(text, path))
-    except ConfigError:
-        raise ConfigError(f'{path}: expected a size such as "2GiB" or a multiple such as "2x kill.min_rss", '
-                          f"got {text!r}") from None
 
 
 def compile_glob(pattern: str, path: str) -> re.Pattern:
@@ -218,7 +184,6 @@ class RuleSet:
 
 
 def _tier_path(glob: str) -> str:
-    from .config import toml_key
     return f"policy.cgroup_tiers.{toml_key(glob)}"
 
 

@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Callable, IO
 
-from dbguard.config import parse_size
+from dbguard.units import parse_size
 from dbguard.errors import DbguardError
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dbguard import config
+from dbguard import config, units
 from dbguard.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,10 +61,10 @@ def test_bad_values_name_their_key(data, message):
 
 
 def test_sizes_parse_with_units():
-    assert config.parse_size("512MiB") == 512 * 2**20
-    assert config.parse_size("2GB") == 2 * 2**30
-    assert config.parse_size("64kB") == 64 * 1024
-    assert config.parse_size(4096) == 4096
+    assert units.parse_size("512MiB") == 512 * 2**20
+    assert units.parse_size("2GB") == 2 * 2**30
+    assert units.parse_size("64kB") == 64 * 1024
+    assert units.parse_size(4096) == 4096
 
 
 def test_password_never_read_until_asked_and_missing_env_is_one_line(monkeypatch):

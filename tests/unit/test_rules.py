@@ -12,7 +12,8 @@ from dbguard.cli import main as cli_main
 from dbguard.errors import ConfigError
 from dbguard.model import ActionKind, Level, MemoryReading, Proc, Role, Snapshot
 from dbguard.policy import Policy
-from dbguard.rules import RuleSet, compile_glob, parse_threshold
+from dbguard.rules import RuleSet, compile_glob
+from dbguard.units import parse_threshold
 
 MiB = 1024 * 1024
 LIMIT = 1000 * MiB
