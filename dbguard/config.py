@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .rules import validate
 from .units import parse_size, toml_key
 
 def Size(default: int, **kw) -> Any:
@@ -311,7 +312,6 @@ def _check(cfg: Config) -> None:
 
 
 def from_dict(data: dict[str, Any], source: str = "") -> Config:
-    from .rules import validate        # the rules' meaning lives there (imported here: rules types its arguments with this module)
     cfg = _build(Config, data, "")
     _check(cfg)
     warnings = validate(cfg.policy)
