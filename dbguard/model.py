@@ -164,3 +164,63 @@ class Plan:
     level_reason: str
     actions: tuple[Action, ...]
     held: tuple[tuple[str, str], ...] = ()   # (target, why): what the policy holds back now
+
+
+class Status(str, enum.Enum):
+    """How an act ended. The policy learns from it; the audit record says it."""
+
+    DONE = "done"            # carried out
+    DRY_RUN = "dry_run"      # decided and logged, deliberately not carried out
+    SKIPPED = "skipped"      # no longer needed when its turn came (pressure fell, nothing to do)
+    GONE = "gone"            # the target no longer exists (process exited, pid reused, session ended)
+    REFUSED = "refused"      # the safety rules forbid it
+    FAILED = "failed"        # tried, and it did not work
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one act: a Status and one line of detail (never a secret)."""
+
+    status: Status
+    detail: str = ""
+
+    @classmethod
+    def done(cls, detail: str = "") -> "Outcome":
+        return cls(Status.DONE, detail)
+
+    @classmethod
+    def failed(cls, detail: str) -> "Outcome":
+        return cls(Status.FAILED, detail)
+
+    @classmethod
+    def gone(cls, detail: str) -> "Outcome":
+        return cls(Status.GONE, detail)
+
+    @classmethod
+    def refused(cls, detail: str) -> "Outcome":
+        return cls(Status.REFUSED, detail)
+
+    @classmethod
+    def skipped(cls, detail: str) -> "Outcome":
+        return cls(Status.SKIPPED, detail)
+
+    @classmethod
+    def dry_run(cls, detail: str = "not carried out") -> "Outcome":
+        return cls(Status.DRY_RUN, detail)
+
+    @property
+    def carried_out(self) -> bool:
+        return self.status is Status.DONE
+
+    @property
+    def ok(self) -> bool:
+        """Nothing went wrong: carried out, or deliberately or rightly not."""
+        return self.status in (Status.DONE, Status.DRY_RUN, Status.SKIPPED)
+
+    @property
+    def result(self) -> str:
+        """The audit record's `result`: the detail, prefixed by the status unless it was done or
+        the target was gone (those details say it themselves)."""
+        if self.status in (Status.DONE, Status.GONE):
+            return self.detail
+        return f"{self.status.value}: {self.detail}" if self.detail else self.status.value

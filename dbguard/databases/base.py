@@ -7,15 +7,10 @@ Nothing here raises into the main loop; protection must go on without SQL.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 
-from ..model import DbStats
+from ..model import DbStats, Outcome
 
-
-@dataclass(frozen=True)
-class Outcome:
-    ok: bool
-    detail: str = ""          # one line: what happened, or why not
+__all__ = ["Database", "Outcome"]
 
 
 class Database(abc.ABC):

@@ -536,7 +536,7 @@ class MySQL(Database):
             try:
                 return self._with_conn(lambda c: self._set_step(c, step))
             except Exception as e:
-                return Outcome(False, self._explain(e, "resize the buffer pool"))
+                return Outcome.failed(self._explain(e, "resize the buffer pool"))
 
     def _set_step(self, conn, step: int) -> Outcome:
         srv = self._server
@@ -550,7 +550,7 @@ class MySQL(Database):
         if self._resize_running(_status(conn, "Innodb_buffer_pool_resize%")):
             r = self._resize
             since = f" for {time.monotonic() - r.started:.1f}s" if r else ""
-            return Outcome(False, f"mysql {self.name}: a buffer pool resize is in progress{since}; "
+            return Outcome.failed(f"mysql {self.name}: a buffer pool resize is in progress{since}; "
                                   "trying again next cycle")
         if step < now_step - 1:
             step = now_step - 1       # grow back one step per call, so the server refills gradually
@@ -564,7 +564,7 @@ class MySQL(Database):
             saved = self.originals.load()
         ago = self._auto_shrink_recent()
         if target > size and step < now_step and ago is not None:
-            return Outcome(True, f"MariaDB shrank the buffer pool itself {ago:.0f}s ago "
+            return Outcome.done(f"MariaDB shrank the buffer pool itself {ago:.0f}s ago "
                                  f"(innodb_buffer_pool_size_auto_min); not growing it back before "
                                  f"{self.auto_shrink_holdoff:.0f}s without that")
         notes = self._set_caches(conn, saved, step, top)
@@ -572,9 +572,9 @@ class MySQL(Database):
             # Smaller than this step already (MariaDB's own pressure shrinking): growing happens
             # only when a lower step is asked for.
             detail = (f"buffer pool already {_mib(size)} <= step {step} ({_mib(target)}); left as is")
-            return Outcome(True, self._finish(step, size, configured, detail, notes))
+            return Outcome.done(self._finish(step, size, configured, detail, notes))
         if target == size:
-            return Outcome(True, self._finish(step, size, configured,
+            return Outcome.done(self._finish(step, size, configured,
                                               f"buffer pool at {_mib(size)} (step {step}/{top})", notes))
         return self._resize_to(target, size, step, top, configured, notes)
 
@@ -608,15 +608,15 @@ class MySQL(Database):
         verb = "shrink" if target < size else "grow"
         head = f"buffer pool {verb} {_mib(size)} -> {_mib(target)} (step {step}/{top})"
         if not r.done:
-            return Outcome(True, self._note(f"{head} still running after {self.cfg.statement_timeout}s", notes))
+            return Outcome.done(self._note(f"{head} still running after {self.cfg.statement_timeout}s", notes))
         if r.error:
-            return Outcome(False, r.error)
+            return Outcome.failed(r.error)
         return self._verify(r, head, step, configured, notes)
 
     def _verify(self, r: _Resize, head: str, step: int, configured: int, notes: list[str]) -> Outcome:
         """The variable must have moved, and on a shrink the server's memory must have fallen."""
         if r.size_after is None or abs(r.size_after - r.target) >= self._server.unit:   # beyond server rounding
-            return Outcome(False, f"mysql {self.name}: {head}: server reports {_mib(r.size_after or 0)}")
+            return Outcome.failed(f"mysql {self.name}: {head}: server reports {_mib(r.size_after or 0)}")
         rss = ""
         if r.rss_before is not None and r.rss_after is not None:
             fell = r.rss_after < r.rss_before
@@ -624,7 +624,7 @@ class MySQL(Database):
             if r.target < r.rss_before and not fell and "shrink" in head:
                 rss += " (did not fall: the freed pages were not resident)"
         detail = self._finish(step, r.size_after, configured, head + rss, notes)
-        return Outcome(True, detail)
+        return Outcome.done(detail)
 
     @staticmethod
     def _note(head: str, notes: list[str]) -> str:
@@ -691,19 +691,19 @@ class MySQL(Database):
             cur = conn.cursor()
             cur.execute("SELECT CONNECTION_ID()")
             if cur.fetchone()[0] == conn_id:
-                return Outcome(False, f"mysql {self.name}: refusing to kill dbguard's own connection")
+                return Outcome.failed(f"mysql {self.name}: refusing to kill dbguard's own connection")
             cur.execute(f"KILL {what} %s", (int(conn_id),))
-            return Outcome(True, f"KILL {what} {conn_id}")
+            return Outcome.done(f"KILL {what} {conn_id}")
 
         with self._lock:
             try:
                 return self._with_conn(kill)
             except pymysql.err.MySQLError as e:
                 if e.args and e.args[0] == ER_NO_SUCH_THREAD:
-                    return Outcome(False, f"mysql {self.name}: connection {conn_id} is gone")
-                return Outcome(False, self._explain(e, "kill other users' statements"))
+                    return Outcome.failed(f"mysql {self.name}: connection {conn_id} is gone")
+                return Outcome.failed(self._explain(e, "kill other users' statements"))
             except Exception as e:
-                return Outcome(False, self._explain(e, "kill other users' statements"))
+                return Outcome.failed(self._explain(e, "kill other users' statements"))
 
     def recover(self) -> Outcome:
         """At start: if a previous run left the pool shrunk, take the first step back up.
@@ -712,9 +712,9 @@ class MySQL(Database):
         """
         try:
             if self._saved() is None:
-                return Outcome(True, "nothing to restore")
+                return Outcome.done("nothing to restore")
         except DbguardError as e:
-            return Outcome(False, str(e))
+            return Outcome.failed(str(e))
         return self.set_shrink_step(0)
 
 

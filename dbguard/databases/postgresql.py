@@ -438,13 +438,13 @@ class PostgreSQL(Database):
             try:
                 return self._on_connection(lambda conn: self._set_step(conn, max(0, step)))
             except DbguardError as e:
-                return Outcome(False, str(e))
+                return Outcome.failed(str(e))
             except psycopg.Error as e:
-                return Outcome(False, self._sql_failed(e))
+                return Outcome.failed(self._sql_failed(e))
 
     def recover(self) -> Outcome:
         if self._saved() is None:
-            return Outcome(True, "nothing to recover: no settings left changed")
+            return Outcome.done("nothing to recover: no settings left changed")
         return self.set_shrink_step(0)
 
     def _read_originals(self, cur: psycopg.Cursor) -> dict[str, dict[str, Any]]:
@@ -509,23 +509,23 @@ class PostgreSQL(Database):
     def _set_step(self, conn: psycopg.Connection, step: int) -> Outcome:
         saved = self._saved()
         if step == 0 and saved is None:
-            return Outcome(True, "settings are as configured")
+            return Outcome.done("settings are as configured")
         user = conn.info.user
         with conn.cursor() as cur:
             missing = self._missing_privilege(cur)
             if missing:
-                return Outcome(False, missing.replace("{user}", user))
+                return Outcome.failed(missing.replace("{user}", user))
             if step == 0:
                 self._restore(cur, saved["settings"], list(saved["settings"]))
                 cur.execute("SELECT pg_reload_conf()")
                 self.originals.clear()
                 restored = ", ".join(f"{n}={v['value']}" for n, v in saved["settings"].items())
-                return Outcome(True, f"restored {restored}")
+                return Outcome.done(f"restored {restored}")
             originals = saved["settings"] if saved else self._read_originals(cur)
             top = shrink_steps_max({n: o["bytes"] for n, o in originals.items()},
                                    self.cfg.shrink_floor, self.cfg.shrink_steps)
             if top == 0:
-                return Outcome(False, f"nothing to shrink: {', '.join(originals)} already at or below "
+                return Outcome.failed(f"nothing to shrink: {', '.join(originals)} already at or below "
                                       f"shrink_floor, or shrink_steps = 0")
             step = min(step, top)
             # The originals are on disk before the first change: a crash from here on is undone by recover().
@@ -556,7 +556,7 @@ class PostgreSQL(Database):
                 raise
             self.originals.save({"step": step, "settings": originals,
                                  "saved_at": saved["saved_at"] if saved else time.time()})
-            return Outcome(True, f"step {step}: " + ", ".join(f"{n}={v}" for n, v in targets.items()))
+            return Outcome.done(f"step {step}: " + ", ".join(f"{n}={v}" for n, v in targets.items()))
 
     # --- sessions --------------------------------------------------------------------------
     def cancel(self, pid: int) -> Outcome:
@@ -570,13 +570,13 @@ class PostgreSQL(Database):
             try:
                 return self._on_connection(lambda conn: self._signal_on(conn, pid, function, done))
             except DbguardError as e:
-                return Outcome(False, str(e))
+                return Outcome.failed(str(e))
             except psycopg.errors.InsufficientPrivilege:
-                return Outcome(False, f"permission denied for {function}({pid}): GRANT pg_signal_backend TO "
+                return Outcome.failed(f"permission denied for {function}({pid}): GRANT pg_signal_backend TO "
                                       f"{self._conn.info.user if self._conn else 'dbguard'} (cannot end superuser "
                                       "sessions without being superuser)")
             except psycopg.Error as e:
-                return Outcome(False, self._sql_failed(e))
+                return Outcome.failed(self._sql_failed(e))
 
     def _signal_on(self, conn: psycopg.Connection, pid: int, function: str, done: str) -> Outcome:
         with conn.cursor() as cur:
@@ -584,12 +584,12 @@ class PostgreSQL(Database):
             cur.execute("SELECT backend_type, pid = pg_backend_pid() FROM pg_stat_activity WHERE pid = %s", [pid])
             row = cur.fetchone()
             if row is None:
-                return Outcome(False, f"pid {pid} is not a backend of {self._where}")
+                return Outcome.failed(f"pid {pid} is not a backend of {self._where}")
             backend_type, is_self = row
             if is_self or role_of(backend_type or "") is not Role.PG_BACKEND:
-                return Outcome(False, f"pid {pid} is a {backend_type or 'server process'}, not a session; left alone")
+                return Outcome.failed(f"pid {pid} is a {backend_type or 'server process'}, not a session; left alone")
             cur.execute(sql.SQL("SELECT {}(%s)").format(sql.Identifier(function)), [pid])
             ok = cur.fetchone()[0]
         if not ok:
-            return Outcome(False, f"{function}({pid}) returned false: the session is gone")
-        return Outcome(True, f"{done} {backend_type} {pid}")
+            return Outcome.failed(f"{function}({pid}) returned false: the session is gone")
+        return Outcome.done(f"{done} {backend_type} {pid}")
