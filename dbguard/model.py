@@ -124,6 +124,9 @@ class DbStats:
     shrink_step: int = 0                  # 0: as the DBA configured; higher: shrunk further
     shrink_steps_max: int = 0             # 0: nothing this database can shrink
     grow_bytes: int = 0                   # memory the next grow step would add; 0: not known
+    resize_in_progress: bool = False      # a cache resize is still running (server or our worker)
+    self_shrunk_ago: float | None = None  # seconds since the server shrank its own cache (MariaDB's
+                                          # innodb_buffer_pool_size_auto_min), None: not lately
     extra: dict[str, Any] = field(default_factory=dict)    # kind-specific figures for explain/metrics
 
 
