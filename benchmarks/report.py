@@ -242,7 +242,8 @@ def pool_moves(groups, scenario: str) -> list[str]:
             end = next((t for t, what in r.get("timeline", []) if what.startswith("hogs left ended")), None)
             acts = [a for a in r.get("guard_actions", []) if end is None or a.get("t", 0) < end]
             downs.append(sum(1 for a in acts if a.get("action") == "shrink_cache"))
-            ups.append(sum(1 for a in acts if a.get("action") == "restore_cache"))
+            # "restore_cache" was a grow step's name in results recorded before grow_cache existed
+            ups.append(sum(1 for a in acts if a.get("action") in ("grow_cache", "restore_cache")))
             if end is not None:
                 for a in r.get("guard_actions", []):
                     if a.get("action") == "shrink_cache" and a.get("t", 0) >= end:

@@ -85,7 +85,10 @@ def _pg_backends(n: int, log) -> list[dict]:
     import psycopg
 
     from dbguard import config
-    from dbguard.daemon import Sensor, make_policy
+    from dbguard.assess import assess
+    from dbguard.daemon import build_policy
+    from dbguard.policy import PolicyState
+    from dbguard.sensor import Sensor
     from lab.pgcluster import PgCluster
 
     rows = []
@@ -109,14 +112,14 @@ def _pg_backends(n: int, log) -> list[dict]:
                 sensor.open_pressure(stats)
                 rows.append(_row(f"{n} PostgreSQL backends", lambda: _cycle(stats),
                                  "read_procs + classify (roles by parentage of the postmaster)"))
-                policy = make_policy(cfg, sensor, True)
+                policy, state = build_policy(cfg, sensor, True), PolicyState()
 
                 def full():
                     snap = sensor.snapshot()
-                    policy.decide(snap)
+                    policy.decide(snap, assess(snap.memory, cfg.pressure, state.levels, snap.ts), state)
                     return len(snap.procs)
                 rows.append(_row(f"{n} PostgreSQL backends, whole cycle", full,
-                                 "Sensor.snapshot (pressure, /proc, SQL collect, classify) + Policy.decide"))
+                                 "Sensor.snapshot (pressure, /proc, SQL collect, classify) + assess + Policy.decide"))
             finally:
                 sensor.close()
         finally:

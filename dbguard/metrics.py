@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from . import __version__
 from .errors import DbguardError
-from .model import Action, Level, Role, Snapshot
+from .model import Action, Level, Outcome, Role, Snapshot
 
 # `_created` series would double every counter for a timestamp no rule or panel uses.
 disable_created_metrics()
@@ -92,7 +92,7 @@ _MEMORY_HELP = {
     "memory_usage_bytes": "Memory charged to the watched cgroup (the host: MemTotal - MemAvailable).",
     "memory_limit_bytes": "Memory limit of the watched cgroup (absent when unlimited).",
     "memory_reclaimable_bytes": "Page cache in the watched cgroup the kernel can drop (inactive file).",
-    "memory_usage_ratio": "Usage that reclaim cannot give back, as a fraction of the limit.",
+    "memory_unreclaimable_ratio": "Usage that reclaim cannot give back, as a fraction of the limit.",
     "psi_some_avg10_ratio": "PSI memory 'some': fraction of the last 10 s some task stalled on memory.",
     "psi_full_avg10_ratio": "PSI memory 'full': fraction of the last 10 s all tasks stalled on memory.",
 }
@@ -138,7 +138,7 @@ class Metrics:
                                    "1 when the data source answered in the last cycle.", ["source"], registry=r)
         self._collector_seconds = Gauge(f"{PREFIX}_collector_duration_seconds",
                                         "Seconds the data source took in the last cycle.", ["source"], registry=r)
-        self._actions = Counter(f"{PREFIX}_actions", "Actions carried out, by kind and outcome (ok, failed, dry_run).",
+        self._actions = Counter(f"{PREFIX}_actions", "Actions decided, by kind and outcome (done, dry_run, skipped, gone, refused, failed).",
                                 ["kind", "outcome"], registry=r)
         self._kernel_events = Counter(f"{PREFIX}_kernel_events",
                                       "Events seen from the kernel (BPF), by kind.", ["kind"], registry=r)
@@ -170,7 +170,7 @@ class Metrics:
                   ("psi_full_avg10_ratio", cg, m.psi_full_avg10 / 100.0)]
         if m.limit_bytes:
             memory += [("memory_limit_bytes", cg, m.limit_bytes),
-                       ("memory_usage_ratio", cg, m.pressing_ratio)]
+                       ("memory_unreclaimable_ratio", cg, m.unreclaimable_ratio)]
         dbs = []
         for db in snap.databases:
             labels = {"database": db.name, "kind": db.kind}
@@ -190,9 +190,8 @@ class Metrics:
             self._state = _State(level=int(level), ts=snap.ts, memory=memory, databases=dbs,
                                  shielded=shielded, protection=self._state.protection)
 
-    def observe_action(self, action: Action, ok: bool) -> None:
-        outcome = "dry_run" if action.dry_run else ("ok" if ok else "failed")
-        self._actions.labels(action.kind.value, outcome).inc()
+    def observe_action(self, action: Action, outcome: Outcome) -> None:
+        self._actions.labels(action.kind.value, outcome.status.value).inc()
 
     def observe_kernel_event(self, kind: str, *, breach: bool = False) -> None:
         """kind: "oom_kill" (kernel OOM victim), "bpf_kill", "score_tamper", ..."""

@@ -87,8 +87,9 @@ class MemoryReading:
         return self.usage_bytes / self.limit_bytes
 
     @property
-    def pressing_ratio(self) -> float:
-        """Usage that reclaim cannot give back: a cgroup full of page cache is not in trouble."""
+    def unreclaimable_ratio(self) -> float:
+        """Usage that reclaim cannot give back, over the limit: what the levels are judged on
+        (a cgroup full of page cache is not in trouble)."""
         if not self.limit_bytes:
             return 0.0
         return max(0, self.usage_bytes - self.reclaimable_bytes) / self.limit_bytes
@@ -145,8 +146,9 @@ class ActionKind(str, enum.Enum):
     KILL = "kill"
     CANCEL_QUERY = "cancel_query"
     TERMINATE_SESSION = "terminate_session"
-    SHRINK_CACHE = "shrink_cache"
-    RESTORE_CACHE = "restore_cache"
+    SHRINK_CACHE = "shrink_cache"      # one step smaller
+    GROW_CACHE = "grow_cache"          # one step back toward the DBA's size
+    RESTORE_CACHE = "restore_cache"    # back to the DBA's size at stop
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class Plan:
     level: Level
     level_reason: str
     actions: tuple[Action, ...]
-    held: tuple[tuple[str, str], ...] = ()   # (target, why): what the policy holds back now
+    deferred: tuple[tuple[str, str], ...] = ()   # (target, why): answers the policy puts off now
 
 
 class Status(str, enum.Enum):

@@ -11,7 +11,8 @@ from typing import Callable
 
 from ..audit import AuditLog
 from ..databases.base import Database
-from ..model import Action, ActionKind, Level, Plan, ProcKey, Role, Snapshot
+from ..assess import Assessment
+from ..model import Action, ActionKind, Level, Outcome, Plan, ProcKey, Role, Snapshot
 from ..sense.procfs import read_proc
 from . import process
 
@@ -46,60 +47,68 @@ def refusal(a: Action, snap: Snapshot) -> str | None:
 
 
 class Executor:
+    """Carries out actions and says how each ended; the caller learns from the Outcomes."""
+
     def __init__(self, databases: dict[str, Database], audit: AuditLog,
-                 observe: Callable[[Action, bool], None] | None = None,
-                 still_pressed: Callable[[], str | None] | None = None):
+                 observe: Callable[[Action, Outcome], None] | None = None,
+                 recheck: Callable[[], Assessment] | None = None):
         self.databases = databases
         self.audit = audit
-        self.observe = observe or (lambda a, ok: None)
-        # Read right before each kill: None while the kill is still needed, else why not.
-        # The memory a previous kill of the same round released may already be enough.
-        self.still_pressed = still_pressed or (lambda: None)
+        self.observe = observe or (lambda a, outcome: None)
+        # A fresh judgment right before each kill: the memory a previous kill of the same
+        # round released may already be enough.
+        self.recheck = recheck
 
-    def execute(self, plan: Plan, snap: Snapshot) -> list[dict]:
-        return [self.one(a, plan.level, snap) for a in plan.actions]
+    def execute(self, plan: Plan, snap: Snapshot) -> list[tuple[Action, Outcome]]:
+        return [(a, self.one(a, plan.level, snap)) for a in plan.actions]
 
-    def one(self, a: Action, level: Level, snap: Snapshot) -> dict:
+    def one(self, a: Action, level: Level, snap: Snapshot) -> Outcome:
+        outcome = self._outcome(a, snap)
+        self.audit.action(a, level, outcome.result, outcome.ok, outcome=outcome.status.value)
+        self.observe(a, outcome)
+        return outcome
+
+    def _outcome(self, a: Action, snap: Snapshot) -> Outcome:
         why_not = refusal(a, snap)
         if why_not is not None:
-            rec = self.audit.action(a, level, f"refused: {why_not}", False)
-            self.observe(a, False)
-            return rec
+            return Outcome.refused(why_not)
         if a.dry_run:
-            rec = self.audit.action(a, level, "dry_run: not carried out", True)
-            self.observe(a, True)
-            return rec
-        if a.kind is ActionKind.KILL:
-            relieved = self.still_pressed()
-            if relieved is not None:
-                rec = self.audit.action(a, level, f"skipped: pressure fell before the kill ({relieved})", True)
-                self.observe(a, True)
-                return rec
+            return Outcome.dry_run()
+        if a.kind is ActionKind.KILL and self.recheck is not None:
+            fresh = self.recheck()
+            if not fresh.kill_justified:
+                return Outcome.skipped(f"pressure fell before the kill ({fresh.why})")
         log.debug("carrying out %s on %s", a.kind.value, a.target)
         try:
-            ok, result = self._carry_out(a)
+            return self._carry_out(a)
         except process.Refused as e:
-            ok, result = False, f"refused: {e}"
+            return Outcome.refused(str(e))
         except OSError as e:
-            ok, result = False, f"failed: {e.strerror or e}"
-        rec = self.audit.action(a, level, result, ok)
-        self.observe(a, ok)
-        return rec
+            return Outcome.failed(e.strerror or str(e))
 
-    def _carry_out(self, a: Action) -> tuple[bool, str]:
+    def _carry_out(self, a: Action) -> Outcome:
         if a.kind is ActionKind.KILL:
-            result = process.kill(ProcKey(a.pid, a.start_time))
-            return result.startswith("killed"), result
+            return process.kill(ProcKey(a.pid, a.start_time))
         if a.kind is ActionKind.SET_OOM_SCORE_ADJ:
-            result = process.set_oom_score_adj(ProcKey(a.pid, a.start_time), a.value)
-            return result.startswith("oom_score_adj set"), result
+            return process.set_oom_score_adj(ProcKey(a.pid, a.start_time), a.value)
         db = self.databases.get(a.database or "")
         if db is None:
-            return False, f"failed: no database named {a.database!r}"
+            return Outcome.failed(f"no database named {a.database!r}")
         if a.kind is ActionKind.CANCEL_QUERY:
-            out = db.cancel(a.pid)
-        elif a.kind is ActionKind.TERMINATE_SESSION:
-            out = db.terminate(a.pid)
-        else:       # SHRINK_CACHE, RESTORE_CACHE
-            out = db.set_shrink_step(a.value)
-        return out.ok, out.detail if out.ok else f"failed: {out.detail}"
+            return db.cancel(a.pid)
+        if a.kind is ActionKind.TERMINATE_SESSION:
+            return db.terminate(a.pid)
+        return db.set_shrink_step(a.value)      # SHRINK_CACHE, GROW_CACHE, RESTORE_CACHE
+
+    def restore_score(self, pid: int, value: int, why: str, level: Level, snap: Snapshot) -> Outcome:
+        """Put back a shielded process's oom_score_adj that someone raised (a BPF tamper event),
+        through the same checks and pidfd-safe write as every other score."""
+        proc = snap.procs.get(pid)
+        if proc is None:
+            outcome = Outcome.gone(f"pid {pid} not in this cycle's process table; score left as it is")
+            a = Action(ActionKind.SET_OOM_SCORE_ADJ, why, pid=pid, target=f"pid {pid}", value=value)
+            self.audit.action(a, level, outcome.result, outcome.ok, outcome=outcome.status.value)
+            return outcome
+        a = Action(ActionKind.SET_OOM_SCORE_ADJ, why, pid=pid, start_time=proc.start_time,
+                   target=f"{proc.comm} (pid {pid})", value=value)
+        return self.one(a, level, snap)

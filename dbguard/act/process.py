@@ -11,7 +11,7 @@ import errno
 import os
 import signal
 
-from ..model import ProcKey
+from ..model import Outcome, ProcKey
 from ..sense.procfs import start_time_at
 
 # process_mrelease(2) has the same number on every architecture (generic syscall table).
@@ -35,54 +35,54 @@ def release_memory(pidfd: int) -> bool:
     return _libc.syscall(SYS_PROCESS_MRELEASE, pidfd, 0) == 0
 
 
-def kill(key: ProcKey) -> str:
-    """SIGKILL the process `key` names, then release its memory. Returns the result in words."""
+def kill(key: ProcKey) -> Outcome:
+    """SIGKILL the process `key` names, then release its memory."""
     check_killable(key.pid)
     try:
         pidfd = os.pidfd_open(key.pid)
     except ProcessLookupError:
-        return "gone before the kill"
+        return Outcome.gone("gone before the kill")
     try:
         dir_fd = os.open(f"/proc/{key.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         os.close(pidfd)
-        return "gone before the kill"
+        return Outcome.gone("gone before the kill")
     try:
         if start_time_at(dir_fd) != key.start_time:
-            return "not killed: the pid now belongs to another process"
+            return Outcome.gone("not killed: the pid now belongs to another process")
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
-            return "exited before the kill"
+            return Outcome.gone("exited before the kill")
         released = release_memory(pidfd)
-        return "killed (SIGKILL via pidfd" + ("; memory released at once)" if released else ")")
+        return Outcome.done("killed (SIGKILL via pidfd" + ("; memory released at once)" if released else ")"))
     finally:
         os.close(dir_fd)
         os.close(pidfd)
 
 
-def set_oom_score_adj(key: ProcKey, value: int) -> str:
+def set_oom_score_adj(key: ProcKey, value: int) -> Outcome:
     try:
         dir_fd = os.open(f"/proc/{key.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
-        return "gone"
+        return Outcome.gone("gone")
     try:
         if start_time_at(dir_fd) != key.start_time:
-            return "not changed: the pid now belongs to another process"
+            return Outcome.gone("not changed: the pid now belongs to another process")
         try:
             fd = os.open("oom_score_adj", os.O_WRONLY | os.O_CLOEXEC, dir_fd=dir_fd)
         except FileNotFoundError:
-            return "gone"
+            return Outcome.gone("gone")
         try:
             os.write(fd, str(value).encode())
         except OSError as e:
             if e.errno == errno.EACCES and value < 0:
-                raise Refused("the kernel refused to lower oom_score_adj: dbguard lacks CAP_SYS_RESOURCE") from None
+                return Outcome.refused("the kernel refused to lower oom_score_adj: dbguard lacks CAP_SYS_RESOURCE")
             if e.errno == errno.ESRCH:
-                return "gone"
+                return Outcome.gone("gone")
             raise
         finally:
             os.close(fd)
-        return f"oom_score_adj set to {value}"
+        return Outcome.done(f"oom_score_adj set to {value}")
     finally:
         os.close(dir_fd)

@@ -29,7 +29,7 @@ from .source import (TRACEPOINTS, headers_available, kernel_has_ringbuf, program
 from .sync import ProcEntry, diff_plain, diff_procs
 
 __all__ = ["availability", "protections", "program_source", "BpfEvent", "BpfGuard", "event_to_audit",
-           "restore_score", "SHIELD", "INHERIT", "INHERITED", "CANDIDATE",
+           "SHIELD", "INHERIT", "INHERITED", "CANDIDATE",
            "ACTION_KILL", "ACTION_SHIELD"]
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -117,18 +117,6 @@ def _read_score(tgid: int) -> int:
 
 def _alive(tgid: int) -> bool:
     return os.path.exists(f"/proc/{tgid}")
-
-
-def restore_score(ev: BpfEvent) -> str:
-    """Put back the oom_score_adj a score_tamper event says was there before. Returns the result."""
-    old = ev.detail.get("old_score_adj")
-    if ev.kind != "score_tamper" or old is None:
-        return "nothing to restore"
-    try:
-        Path(f"/proc/{ev.pid}/oom_score_adj").write_text(str(old))
-    except OSError as e:
-        return f"failed: {e.strerror}"
-    return f"restored to {old}"
 
 
 class BpfGuard:

@@ -175,6 +175,7 @@ class PressureMonitor:
         self._psi_fd: int | None = None
         self._event_fd: int | None = None
         self._usage_fd: int | None = None
+        self._wake_fd: int | None = None
         self.read()                     # fail now, with one line, if the files cannot be read
         self._open_trigger(trigger_stall_us, trigger_window_us)
 
@@ -331,8 +332,14 @@ class PressureMonitor:
             self._event_fd = None
         self.usage_threshold = None
 
+    def add_wake_fd(self, fd: int) -> None:
+        """Also wake wait() when `fd` becomes readable (the daemon's signal pipe); the owner drains it."""
+        self._wake_fd = fd
+        self._poll.register(fd, select.POLLIN)
+
     def wait(self, timeout: float) -> bool:
-        """Block until a PSI trigger fires or usage crosses the threshold (True), or `timeout` s pass."""
+        """Block until a PSI trigger fires, usage crosses the threshold or the wake fd is
+        readable (True), or `timeout` s pass."""
         deadline = time.monotonic() + timeout
         if self._psi_fd is not None:
             self._sample(time.monotonic())
@@ -340,12 +347,14 @@ class PressureMonitor:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return False
-            if self._psi_fd is None and self._event_fd is None:
+            if self._psi_fd is None and self._event_fd is None and self._wake_fd is None:
                 time.sleep(remaining)
                 return False
             fired = False
             for fd, events in self._poll.poll(max(1, int(remaining * 1000))):
-                if fd == self._event_fd:
+                if fd == self._wake_fd:
+                    fired = True
+                elif fd == self._event_fd:
                     try:
                         os.eventfd_read(fd)   # reset the counter, or poll() stays readable
                     except BlockingIOError:

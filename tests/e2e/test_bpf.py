@@ -6,6 +6,7 @@ the reason and the fix, it never skips. Memory pressure only inside lab.cgroup.M
 from __future__ import annotations
 
 import ctypes as ct
+import json
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import pytest
 from dbguard.errors import DbguardError
 from dbguard.kernel import layout
 from dbguard.kernel.bpf import (INHERIT, INHERITED, SHIELD, BpfGuard, availability,
-                                event_to_audit, program_source, protections, restore_score)
+                                event_to_audit, program_source, protections)
 from lab.cgroup import MemoryCgroup
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root, pytest.mark.e2e]
@@ -395,7 +396,13 @@ def test_kernel_oom_kill_of_a_protected_process_is_a_breach(bpf, procs):
 
 # --- shield tampering -------------------------------------------------------------------------
 
-def test_raised_score_of_protected_process_is_reported_and_restored(bpf, procs):
+def test_raised_score_of_protected_process_is_reported_and_restored(bpf, procs, tmp_path):
+    from dbguard.act.executor import Executor
+    from dbguard.audit import AuditLog
+    from dbguard.classify import classify
+    from dbguard.model import Level, MemoryReading, Snapshot
+    from dbguard.sense.procfs import read_procs
+
     victim = procs.start("import sys; sys.stdin.readline()")
     bpf.sync_processes({victim.pid: (SHIELD, 0)}, {})
     start = int(open(f"/proc/{victim.pid}/oom_score_adj").read())
@@ -406,8 +413,16 @@ def test_raised_score_of_protected_process_is_reported_and_restored(bpf, procs):
     d = ev[0].detail
     assert (d["old_score_adj"], d["new_score_adj"], d["by_comm"]) == (start, start + 700, "sh")
     assert ev[0].path == "kernel" and "sh" in event_to_audit(ev[0])["reason"]
-    assert restore_score(ev[0]) == f"restored to {start}"
+    # Put back through act/, like every other change to the host: pidfd-safe, audited.
+    table = read_procs()
+    snap = Snapshot(ts=time.time(), memory=MemoryReading("", 0, 0, None, 0.0, 0.0), procs=table,
+                    roles=classify(table, [], os.getpid()), databases=(), self_pid=os.getpid())
+    audit = AuditLog(str(tmp_path / "audit.jsonl"))
+    out = Executor({}, audit).restore_score(victim.pid, d["old_score_adj"], "restore the shield", Level.OK, snap)
+    assert out.carried_out and out.detail == f"oom_score_adj set to {start}", out
     assert int(open(f"/proc/{victim.pid}/oom_score_adj").read()) == start
+    rec = json.loads((tmp_path / "audit.jsonl").read_text().splitlines()[-1])
+    assert (rec["action"], rec["pid"], rec["value"], rec["outcome"]) == ("set_oom_score_adj", victim.pid, start, "done")
     # dbguard's own restore is not tampering.
     assert not [e for e in bpf.poll(100) if e.kind == "score_tamper" and e.pid == victim.pid]
 

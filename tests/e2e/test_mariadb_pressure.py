@@ -277,6 +277,6 @@ def test_mariadb_pool_shrinks_before_kills_and_grows_back(tmp_path):
     assert min(float(r["ts"]) for r in shrinks) < min(float(r["ts"]) for r in kills), report
     assert not any(audit_names(r, mysqld) for r in kills), f"a kill names mariadbd\n{report}"
     assert any(audit_names(r, p.pid) for r in kills for p in hogs), f"no kill names a hog\n{report}"
-    assert any(r.get("action") == "restore_cache" for r in audit), report
+    assert any(r.get("action") == "grow_cache" for r in audit), report
     pools = [p for _, p in timeline.pools]
     assert min(pools) >= FLOOR and pools[-1] == POOL, report

@@ -23,7 +23,8 @@ import pytest
 from dbguard import config
 from dbguard.audit import AuditLog
 from dbguard.classify import classify
-from dbguard.daemon import Daemon, relative_memcg
+from dbguard.daemon import Daemon
+from dbguard.sensor import relative_memcg
 from dbguard.errors import DbguardError
 from dbguard.kernel.bpf import CANDIDATE, INHERITED, SHIELD, BpfGuard, availability
 from dbguard.metrics import Metrics

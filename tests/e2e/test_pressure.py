@@ -120,7 +120,7 @@ def test_read_tracks_usage_and_limit_as_a_hog_grows(cgroup, procs):
         assert full.limit_bytes == LIMIT
         assert full.usage_ratio > 0.6
         # Anonymous memory is not reclaimable without swap: it all presses.
-        assert full.pressing_ratio > 0.55
+        assert full.unreclaimable_ratio > 0.55
         assert abs(full.usage_bytes - cgroup.usage()) < 8 * MiB   # the hog holds still now
 
         cgroup.set_limit(180 * MiB)
@@ -140,7 +140,7 @@ def test_page_cache_counts_as_reclaimable(cgroup, workdir):
         assert after.reclaimable_bytes - before.reclaimable_bytes >= 90 * MiB
         # Half the limit in use, yet nearly none of it presses.
         assert after.usage_ratio > 0.45
-        assert after.pressing_ratio < 0.1
+        assert after.unreclaimable_ratio < 0.1
 
 
 def test_host_reading():

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dbguard.errors import DbguardError
 from dbguard.metrics import Metrics
-from dbguard.model import (Action, ActionKind, DbSession, DbStats, Level, MemoryReading, Proc, Role,
+from dbguard.model import (Action, ActionKind, DbSession, DbStats, Level, MemoryReading, Outcome, Proc, Role,
                            Snapshot)
 
 MiB = 1024**2
@@ -44,9 +44,9 @@ def feed_everything(m: Metrics) -> None:
         m.observe_collector(source, source != "bpf", 0.004)
     m.observe_snapshot(make_snapshot(), Level.HIGH)
     for kind in ActionKind:
-        m.observe_action(Action(kind=kind, reason="test", pid=40), True)
-    m.observe_action(Action(kind=ActionKind.KILL, reason="test", pid=41), False)
-    m.observe_action(Action(kind=ActionKind.KILL, reason="test", pid=41, dry_run=True), True)
+        m.observe_action(Action(kind=kind, reason="test", pid=40), Outcome.done())
+    m.observe_action(Action(kind=ActionKind.KILL, reason="test", pid=41), Outcome.failed("EPERM"))
+    m.observe_action(Action(kind=ActionKind.KILL, reason="test", pid=41, dry_run=True), Outcome.dry_run())
     m.observe_kernel_event("oom_kill")
     m.observe_kernel_event("oom_kill", breach=True)
     m.observe_kernel_event("bpf_kill")
@@ -94,7 +94,7 @@ def test_scrape_over_http_has_every_family_with_fed_values(served):
     assert s[("dbguard_pressure_level", ())] == 2
     assert s[("dbguard_memory_usage_bytes", cg)] == 900 * MiB
     assert s[("dbguard_memory_limit_bytes", cg)] == 1000 * MiB
-    assert s[("dbguard_memory_usage_ratio", cg)] == pytest.approx(0.8)      # page cache does not count
+    assert s[("dbguard_memory_unreclaimable_ratio", cg)] == pytest.approx(0.8)      # page cache does not count
     assert s[("dbguard_psi_some_avg10_ratio", cg)] == pytest.approx(0.125)  # percent -> ratio
     assert s[("dbguard_psi_full_avg10_ratio", cg)] == pytest.approx(0.03)
     assert s[("dbguard_database_cache_bytes", pg)] == 500 * MiB
@@ -111,10 +111,10 @@ def test_scrape_over_http_has_every_family_with_fed_values(served):
     assert s[("dbguard_collector_success", (("source", "bpf"),))] == 0
     assert s[("dbguard_collector_success", (("source", "database:main"),))] == 1
     assert s[("dbguard_collector_duration_seconds", (("source", "procfs"),))] == pytest.approx(0.004)
-    assert s[("dbguard_actions_total", (("kind", "kill"), ("outcome", "ok")))] == 1
+    assert s[("dbguard_actions_total", (("kind", "kill"), ("outcome", "done")))] == 1
     assert s[("dbguard_actions_total", (("kind", "kill"), ("outcome", "failed")))] == 1
     assert s[("dbguard_actions_total", (("kind", "kill"), ("outcome", "dry_run")))] == 1
-    assert s[("dbguard_actions_total", (("kind", "shrink_cache"), ("outcome", "ok")))] == 1
+    assert s[("dbguard_actions_total", (("kind", "shrink_cache"), ("outcome", "done")))] == 1
     assert s[("dbguard_kernel_oom_kills_total", ())] == 2
     assert s[("dbguard_bpf_kills_total", ())] == 1
     assert s[("dbguard_protection_breaches_total", (("kind", "oom_kill"),))] == 1

@@ -98,7 +98,7 @@ def test_pss_is_read_from_smaps_rollup_and_a_pss_rule_tells_shared_from_private(
         cfg = config.from_dict({"kill": {"protect_exe": []},
                                 "policy": {"rules": [{"name": "big", "action": "kill", **rule}]}})
         pol = Policy(cfg, watched_memcg=None, pss_reader=reader)
-        verdicts = {pid: pol.verdict(p, Role.OTHER, os.getpid()) for pid, p in procs.items()}
+        verdicts = {pid: pol.judge.verdict(p, Role.OTHER, os.getpid()) for pid, p in procs.items()}
         for pid, v in verdicts.items():      # explain shows PSS where it was needed
             assert ("pss" in v.why) == (pid in reads) == (v.pss_bytes is not None), (pid, v)
         return {pid: v.rule_index for pid, v in verdicts.items()}
@@ -120,7 +120,7 @@ def test_pss_is_read_from_smaps_rollup_and_a_pss_rule_tells_shared_from_private(
     assert read_pss(stale) is None
     cfg = config.from_dict({"kill": {"protect_exe": []},
                             "policy": {"rules": [{"pss_above": "80MiB", "action": "kill"}]}})
-    v = Policy(cfg, pss_reader=read_pss).verdict(stale, Role.OTHER, os.getpid())
+    v = Policy(cfg, pss_reader=read_pss).judge.verdict(stale, Role.OTHER, os.getpid())
     assert v.rule_index is None and "pss unknown" in v.why
 
 

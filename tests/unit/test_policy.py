@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from dbguard import config
 from dbguard.model import (ActionKind, DbSession, DbStats, Level, MemoryReading, Proc, Role, Snapshot)
-from dbguard.policy import LevelTracker, Policy, level_of
+from dbguard.assess import LevelState, assess, judge
+from dbguard.policy import Policy
+from policy_driver import Driven
 
 MiB = 1024 * 1024
 LIMIT = 1000 * MiB
@@ -42,12 +44,12 @@ def snapshot(ts: float, mem: MemoryReading, procs: list[Proc], dbs: tuple[DbStat
                     self_pid=999)
 
 
-def policy(**over) -> Policy:
+def policy(**over) -> Driven:
     data = {"databases": [{"kind": "postgresql", "name": "main", "dsn": "dbname=postgres"}],
             "pressure": {"min_dwell": 5.0}}
     for section, values in over.items():
         data.setdefault(section, {}).update(values)
-    return Policy(config.from_dict(data), watched_memcg=CG)
+    return Driven(Policy(config.from_dict(data), watched_memcg=CG))
 
 
 def kinds(plan) -> list[str]:
@@ -58,38 +60,38 @@ def kinds(plan) -> list[str]:
 
 def test_levels_follow_the_marks_and_ignore_page_cache():
     p = config.default().pressure
-    assert level_of(reading(500), p)[0] is Level.OK
-    assert level_of(reading(850), p)[0] is Level.WARN
-    assert level_of(reading(920), p)[0] is Level.HIGH
-    assert level_of(reading(980), p)[0] is Level.CRITICAL
+    assert judge(reading(500), p)[0] is Level.OK
+    assert judge(reading(850), p)[0] is Level.WARN
+    assert judge(reading(920), p)[0] is Level.HIGH
+    assert judge(reading(980), p)[0] is Level.CRITICAL
     # A cgroup at its limit full of inactive page cache is not in trouble.
-    assert level_of(reading(995, reclaimable_mib=600), p)[0] is Level.OK
+    assert judge(reading(995, reclaimable_mib=600), p)[0] is Level.OK
 
 
 def test_host_wide_psi_on_cgroup_v1_never_justifies_killing():
     p = config.default().pressure
-    lvl, why = level_of(reading(100, some=50, full=50, version=1), p)
+    lvl, why = judge(reading(100, some=50, full=50, version=1), p)
     assert lvl is Level.WARN and "host-wide" in why
-    assert level_of(reading(100, full=50, version=2), p)[0] is Level.HIGH
+    assert judge(reading(100, full=50, version=2), p)[0] is Level.HIGH
 
 
 def test_hysteresis_and_dwell_hold_a_level_then_let_it_go():
-    t = LevelTracker(config.default().pressure)
-    assert t.update(reading(920), 0)[0] is Level.HIGH
-    assert t.update(reading(880), 1)[0] is Level.HIGH, "within hysteresis (0.05) of the high mark"
-    assert t.update(reading(500), 2)[0] is Level.HIGH, "min_dwell (5 s) not passed"
-    assert t.update(reading(500), 6.5)[0] is Level.OK
-    assert t.update(reading(990), 7)[0] is Level.CRITICAL, "up at once"
+    p, t = config.default().pressure, LevelState()
+    assert assess(reading(920), p, t, 0).level is Level.HIGH
+    assert assess(reading(880), p, t, 1).level is Level.HIGH, "within hysteresis (0.05) of the high mark"
+    assert assess(reading(500), p, t, 2).level is Level.HIGH, "min_dwell (5 s) not passed"
+    assert assess(reading(500), p, t, 6.5).level is Level.OK
+    assert assess(reading(990), p, t, 7).level is Level.CRITICAL, "up at once"
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.floats(min_value=0, max_value=1000), min_size=1, max_size=40))
 def test_the_level_never_falls_below_what_the_reading_justifies(usages):
-    t = LevelTracker(config.default().pressure)
+    t = LevelState()
     p = config.default().pressure
     for i, u in enumerate(usages):
-        lvl, _ = t.update(reading(u), float(i))
-        assert lvl >= level_of(reading(u), p)[0]
+        a = assess(reading(u), p, t, float(i))
+        assert a.level >= judge(reading(u), p)[0] and a.level == t.level
 
 
 # --- graduated answers ---------------------------------------------------------------------
@@ -107,10 +109,10 @@ def test_warn_shrinks_caches_one_step_at_a_time_and_ok_grows_them_back_after_dwe
     assert pol.decide(snapshot(8, reading(300), [], (pg(2),))).level is Level.WARN, "dwell"
     plan = pol.decide(snapshot(12, reading(300), [], (pg(2),)))
     assert plan.level is Level.OK
-    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.RESTORE_CACHE, 1)]
+    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.GROW_CACHE, 1)]
     assert not pol.decide(snapshot(14, reading(300), [], (pg(1),))).actions, "one step per min_dwell"
     plan = pol.decide(snapshot(18, reading(300), [], (pg(1),)))
-    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.RESTORE_CACHE, 0)]
+    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.GROW_CACHE, 0)]
 
 
 def test_a_level_held_only_by_dwell_shrinks_nothing():
@@ -130,10 +132,10 @@ def test_grows_back_only_when_the_grown_cache_stays_under_the_warn_mark():
     pol.decide(snapshot(0, reading(850), [], (pool,)))
     # warn 80 % - hysteresis 5 % = 750 MiB: 650 + 128 would cross it and shrink again.
     plan = pol.decide(snapshot(10, reading(650), [], (pool,)))
-    assert plan.level is Level.OK and "restore_cache" not in kinds(plan)
-    assert [t for t, _ in plan.held] == ["mysql main"] and "would bring unreclaimable usage to 78%" in plan.held[0][1]
+    assert plan.level is Level.OK and "grow_cache" not in kinds(plan)
+    assert [t for t, _ in plan.deferred] == ["mysql main"] and "would bring unreclaimable usage to 78%" in plan.deferred[0][1]
     plan = pol.decide(snapshot(11, reading(600), [], (pool,)))
-    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.RESTORE_CACHE, 1)] and not plan.held
+    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.GROW_CACHE, 1)] and not plan.deferred
 
 
 def test_never_shrinks_past_the_floor_nor_a_database_that_is_down():
@@ -158,7 +160,7 @@ def test_idle_sessions_closed_at_warn_only_when_configured():
     idle = DbSession(pid=40, kind="client backend", state="idle", age_seconds=600)
     assert "terminate_session" not in kinds(policy().decide(snapshot(0, reading(850), [], (pg(3, 3, (idle,)),))))
     data = {"databases": [{"kind": "postgresql", "name": "main", "dsn": "", "close_idle_after": 300}]}
-    pol = Policy(config.from_dict(data), watched_memcg=CG)
+    pol = Driven(Policy(config.from_dict(data), watched_memcg=CG))
     plan = pol.decide(snapshot(0, reading(850), [], (pg(3, 3, (idle,)),)))
     assert [(a.kind, a.pid) for a in plan.actions] == [(ActionKind.TERMINATE_SESSION, 40)]
 
@@ -208,7 +210,7 @@ def test_unknown_executable_is_never_a_candidate():
 
 
 def test_dry_run_marks_every_action():
-    pol = Policy(config.from_dict({}), dry_run=True, watched_memcg=CG)
+    pol = Driven(Policy(config.from_dict({}), dry_run=True, watched_memcg=CG))
     plan = pol.decide(snapshot(0, reading(999), [proc(10, 300)]))
     assert plan.actions and all(a.dry_run for a in plan.actions)
 
@@ -220,7 +222,7 @@ def test_scores_raised_once_for_candidates_lowered_for_databases_only_when_permi
     plan = pol.decide(snapshot(0, reading(100), procs, roles=roles))
     assert [(a.kind, a.pid, a.value) for a in plan.actions] == [(ActionKind.SET_OOM_SCORE_ADJ, 10, 500)]
     assert not pol.decide(snapshot(1, reading(100), procs, roles=roles)).actions, "asked once"
-    pol = dataclasses.replace(policy(), can_lower_scores=True)
+    pol = Driven(dataclasses.replace(policy().policy, can_lower_scores=True))
     plan = pol.decide(snapshot(0, reading(100), procs, roles=roles))
     assert (ActionKind.SET_OOM_SCORE_ADJ, 501, -900) in [(a.kind, a.pid, a.value) for a in plan.actions]
 

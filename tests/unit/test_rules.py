@@ -12,6 +12,7 @@ from dbguard.cli import main as cli_main
 from dbguard.errors import ConfigError
 from dbguard.model import ActionKind, Level, MemoryReading, Proc, Role, Snapshot
 from dbguard.policy import Policy
+from policy_driver import Driven
 from dbguard.rules import RuleSet, compile_glob
 from dbguard.units import parse_threshold
 
@@ -42,12 +43,12 @@ def snapshot(procs: list[Proc], roles: dict[int, Role] | None = None, used_mib: 
 
 
 def make(rules: list[dict], *, tiers: list[str] | None = None, uids: dict[str, int] | None = None,
-         kill: dict | None = None, pss: "FakePss | None" = None, **policy_keys) -> Policy:
+         kill: dict | None = None, pss: "FakePss | None" = None, **policy_keys) -> Driven:
     pol = {"rules": rules, **policy_keys}
     if tiers:
         pol["tiers"] = tiers
     data = {"policy": pol, "kill": {"protect_exe": [], **(kill or {})}}
-    return Policy(config.from_dict(data), watched_memcg=CG, rule_uids=uids or {}, pss_reader=pss)
+    return Driven(Policy(config.from_dict(data), watched_memcg=CG, rule_uids=uids or {}, pss_reader=pss))
 
 
 class FakePss:
@@ -62,7 +63,7 @@ class FakePss:
         return self.bytes.get(p.pid)
 
 
-def verdict(pol: Policy, p: Proc, role: Role = Role.OTHER):
+def verdict(pol: Driven, p: Proc, role: Role = Role.OTHER):
     return pol.verdict(p, role, SELF)
 
 
@@ -283,7 +284,7 @@ def test_a_tier_without_condition_next_to_cgroup_tiers_is_warned_as_probably_in_
 def test_explain_shows_pss_where_a_rule_needed_it_and_where_the_tier_came_from(monkeypatch, tmp_path, capsys):
     import json
 
-    import dbguard.daemon
+    import dbguard.explain
     f = tmp_path / "c.toml"
     f.write_text('[kill]\nprotect_exe = []\n[policy]\ntiers = ["free", "premium"]\n'
                  '[policy.cgroup_tiers]\n"/lab/p/*" = "premium"\n'
@@ -291,11 +292,11 @@ def test_explain_shows_pss_where_a_rule_needed_it_and_where_the_tier_came_from(m
     pss = FakePss({21: 40, 22: 150})
 
     def explain(cfg):
-        pol = Policy(cfg, watched_memcg=CG, pss_reader=pss)
+        pol = Driven(Policy(cfg, watched_memcg=CG, pss_reader=pss))
         snap = snapshot([proc(21, 200, comm="sharer"), proc(22, 200, memcg="/lab/p/x", comm="hog"),
                          proc(23, 90, comm="small")])
         return {"snapshot": snap, "plan": pol.decide(snap), "policy": pol, "cgroup": "/sys/fs/cgroup/memory/lab"}
-    monkeypatch.setattr(dbguard.daemon, "explain", explain)
+    monkeypatch.setattr(dbguard.explain, "explain", explain)
     assert cli_main(["explain", "-c", str(f)]) == 0
     out = capsys.readouterr().out
     assert "rss 200 MiB, pss 40 MiB in the watched cgroup" in out
@@ -652,8 +653,8 @@ def test_first_match_semantics_hold_for_random_rule_lists(rules, procs, data, cg
             assert view.candidates[p.pid] == v.tier_rank
     non_kill = [(p, v) for p, v in ranked if v.action != "kill"]
     if non_kill:
-        head = non_kill[0][1].band
-        assert {p.pid for p, v in non_kill if v.band == head} == set(view.candidates) - {
+        head = non_kill[0][1].order
+        assert {p.pid for p, v in non_kill if v.order == head} == set(view.candidates) - {
             p.pid for p, v in ranked if v.action == "kill"}
     assert not set(view.candidates) & set(view.protected)
     assert set(view.protected) == {p.pid for p in procs if verdict(pol, p).protected}

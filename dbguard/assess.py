@@ -1,0 +1,118 @@
+"""The one pressure judgment: from one MemoryReading, how pressed the watched scope is.
+
+Everything that asks "how bad is it?" reads an Assessment made here: the policy (which
+answers to take), the re-check right before each kill (a fresh reading, judged the same
+way), the level metric and the audit record of a level change. Pure, but for the level's
+memory (LevelState), which the daemon owns and hands in.
+
+Levels are entered at once and left only below their marks minus the hysteresis, after
+min_dwell seconds; a level merely held that way is not pressure "now" (`pressed`), so no
+cache is shrunk and nothing is killed for it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import Pressure
+from .model import Level, MemoryReading
+
+
+def _pct(x: float) -> str:
+    return f"{x * 100:.0f}%"
+
+
+def judge(m: MemoryReading, p: Pressure, margin: float = 0.0) -> tuple[Level, str]:
+    """The level one reading justifies, with every mark lowered by `margin` (hysteresis), and why.
+
+    On cgroup v1 PSI is host-wide: it may raise the watched cgroup to warn (shrinking caches
+    is cheap), but only the cgroup's own figures may justify killing in it.
+    """
+    r = m.unreclaimable_ratio
+    own_psi = m.cgroup_version != 1
+    psi_margin = margin * 100          # the same hysteresis, in PSI percentage points
+    where = "of the limit" if m.cgroup else "of RAM"
+    if m.limit_bytes and r >= p.critical_usage - margin:
+        return Level.CRITICAL, f"unreclaimable usage {_pct(r)} {where} >= critical mark {_pct(p.critical_usage)}"
+    if m.limit_bytes and r >= p.high_usage - margin:
+        return Level.HIGH, f"unreclaimable usage {_pct(r)} {where} >= high mark {_pct(p.high_usage)}"
+    if own_psi and p.high_psi_full > 0 and m.psi_full_avg10 >= p.high_psi_full - psi_margin:
+        return Level.HIGH, f"PSI full avg10 {m.psi_full_avg10:.1f}% >= high mark {p.high_psi_full:g}%"
+    if m.limit_bytes and r >= p.warn_usage - margin:
+        return Level.WARN, f"unreclaimable usage {_pct(r)} {where} >= warn mark {_pct(p.warn_usage)}"
+    if p.warn_psi_some > 0 and m.psi_some_avg10 >= p.warn_psi_some - psi_margin:
+        scope = "" if own_psi else " (host-wide)"
+        return Level.WARN, f"PSI some avg10 {m.psi_some_avg10:.1f}%{scope} >= warn mark {p.warn_psi_some:g}%"
+    return Level.OK, f"unreclaimable usage {_pct(r)} {where}, PSI some {m.psi_some_avg10:.1f}%"
+
+
+@dataclass
+class LevelState:
+    """The level's memory across readings: which level holds, and when a reading last justified it."""
+
+    level: Level = Level.OK
+    justified_at: float = float("-inf")
+
+
+@dataclass(frozen=True)
+class Assessment:
+    """How pressed the watched scope is, judged once per reading."""
+
+    reading: MemoryReading
+    level: Level             # the level answered: entered at once, left after hysteresis and dwell
+    why: str
+    now: Level               # what this reading alone justifies (no hysteresis, no dwell)
+    sustained: Level         # what it justifies with the marks lowered by the hysteresis
+    excess_bytes: int        # unreclaimable usage above the kill goal (high mark minus hysteresis)
+    goal: float              # that goal, as a fraction of the limit
+    thrashing: bool          # the scope's own PSI full at or above the high mark (never on v1)
+
+    @property
+    def pressed(self) -> bool:
+        """Pressure is there in this reading, not only held by hysteresis or dwell."""
+        return self.now >= Level.WARN
+
+    @property
+    def kill_justified(self) -> bool:
+        """Whether a kill is still called for: the right-before-the-kill re-check asks this."""
+        return self.sustained >= Level.HIGH
+
+
+def _derived(m: MemoryReading, p: Pressure) -> dict:
+    goal = p.high_usage - p.hysteresis
+    excess = int(m.usage_bytes - m.reclaimable_bytes - goal * m.limit_bytes) if m.limit_bytes else 0
+    thrashing = m.cgroup_version != 1 and 0 < p.high_psi_full <= m.psi_full_avg10
+    return dict(excess_bytes=excess, goal=goal, thrashing=thrashing)
+
+
+def recheck(m: MemoryReading, p: Pressure) -> Assessment:
+    """A reading judged without the level's memory: for the re-check right before an act."""
+    now, why = judge(m, p)
+    sustained, held_why = judge(m, p, margin=p.hysteresis)
+    return Assessment(m, sustained, held_why, now, sustained, **_derived(m, p))
+
+
+def assess(m: MemoryReading, p: Pressure, state: LevelState, ts: float) -> Assessment:
+    """The cycle's judgment of `m`; moves `state` (the level entered, held or left)."""
+    now, why = judge(m, p)
+    sustained, held_why = judge(m, p, margin=p.hysteresis)
+    if now >= state.level:
+        state.level, state.justified_at = now, ts
+        level = now
+    elif sustained >= state.level:
+        state.justified_at = ts
+        level, why = state.level, f"{held_why} (within hysteresis)"
+    elif ts - state.justified_at < p.min_dwell:
+        level = state.level
+        why = f"{why}; holding {level.name.lower()} for {p.min_dwell - (ts - state.justified_at):.1f}s more"
+    else:
+        state.level, state.justified_at = sustained, ts
+        level = sustained
+    return Assessment(m, level, why, now, sustained, **_derived(m, p))
+
+
+def next_mark_bytes(m: MemoryReading, level: Level, p: Pressure) -> int | None:
+    """Usage at which the level above `level` starts (the loop wakes there); None at the top."""
+    if not m.limit_bytes:
+        return None
+    mark = {Level.OK: p.warn_usage, Level.WARN: p.high_usage, Level.HIGH: p.critical_usage}.get(level)
+    return None if mark is None else int(mark * m.limit_bytes) + m.reclaimable_bytes

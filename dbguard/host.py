@@ -1,0 +1,89 @@
+"""Facts about the host dbguard runs on that decide what it can do: capabilities, users,
+locked memory, and telling systemd how it is doing."""
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+import socket
+
+from .config import Config
+from .errors import ConfigError
+
+CAP_SYS_RESOURCE = 24
+MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+
+
+def cap_eff(status_path: str = "/proc/self/status") -> int:
+    """The effective capability set, as the bit mask in /proc/self/status."""
+    with open(status_path) as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def has_capability(bit: int) -> bool:
+    return bool(cap_eff() >> bit & 1)
+
+
+def lock_memory() -> str:
+    """mlockall so dbguard never waits on reclaim itself; ONFAULT locks only pages it touches."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+        return f"memory not locked: mlockall failed ({os.strerror(ctypes.get_errno())}); needs CAP_IPC_LOCK"
+    return "memory locked (mlockall, on fault)"
+
+
+def resolve_users(names: tuple[str, ...]) -> frozenset[int]:
+    uids = set()
+    for name in names:
+        try:
+            uids.add(pwd.getpwnam(name).pw_uid)
+        except KeyError:
+            raise ConfigError(f"kill.protect_users: no user named {name!r} on this host") from None
+    return frozenset(uids)
+
+
+def resolve_rule_users(cfg: Config) -> dict[str, int]:
+    """User names in [[policy.rules]] -> uid; a name unknown here fails at start, in one line."""
+    uids = {}
+    for i, rule in enumerate(cfg.policy.rules):
+        for name in rule.user:
+            if name.isdigit() or name in uids:
+                continue
+            try:
+                uids[name] = pwd.getpwnam(name).pw_uid
+            except KeyError:
+                raise ConfigError(f"policy.rules[{i}].user: no user named {name!r} on this host") from None
+    return uids
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify, WatchdogSec) how we are: "READY=1", "WATCHDOG=1", "STOPPING=1".
+
+    A no-op outside systemd. Never raises: a notification that cannot be sent must not stop
+    protection (systemd then restarts a unit whose watchdog starves, which is the point)."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.sendto(state.encode(), addr)
+        return True
+    except OSError:
+        return False
+
+
+def watchdog_interval() -> float | None:
+    """Half the unit's WatchdogSec in seconds (how often to feed it), None when not watched."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 2e6
+    except ValueError:
+        return None

@@ -1,0 +1,86 @@
+"""Decide: from one Snapshot and its Assessment, the actions that answer the pressure.
+
+Pure: no I/O and no clock of its own (time comes in the snapshot), so every rule here is
+unit-tested without root, a kernel or a database, and `dbguard explain` shows exactly what
+`dbguard run` would do. What the answers must remember across cycles lives in a
+PolicyState the daemon owns and hands in (see state.py), so a new configuration never
+wipes it. The policy learns from every act's Outcome (`learn`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from ..assess import Assessment
+from ..config import Config, DatabaseConfig
+from ..model import Action, ActionKind, Outcome, Plan, Proc, ProcKey, Snapshot, Status
+from .caches import caches
+from .kills import kills
+from .scores import scores
+from .sessions import idle_sessions, runaway
+from .state import PolicyState
+from .verdicts import Judge, KernelView, Verdict
+
+__all__ = ["Policy", "PolicyState", "Verdict", "KernelView"]
+
+
+@dataclass
+class Policy:
+    """The configuration and the host's facts the answers depend on; the memory is elsewhere."""
+
+    cfg: Config
+    dry_run: bool = False
+    can_lower_scores: bool = False
+    protected_uids: frozenset[int] = frozenset()
+    watched_memcg: str | None = None     # "/a/b" relative memcg path; None: every process (host)
+    rule_uids: dict[str, int] = field(default_factory=dict)
+    pss_reader: Callable[[Proc], int | None] | None = None
+    judge: Judge = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.judge = Judge(self.cfg, self.protected_uids, self.watched_memcg, self.rule_uids, self.pss_reader)
+
+    @property
+    def rules(self):
+        return self.judge.rules
+
+    @property
+    def db_configs(self) -> dict[str, DatabaseConfig]:
+        return {d.name: d for d in self.cfg.databases}
+
+    # --- who is who (explain and the kernel maps read these too) -------------------------
+    def verdicts(self, snap: Snapshot) -> dict[int, Verdict]:
+        return self.judge.verdicts(snap)
+
+    def ranked(self, snap: Snapshot) -> list[tuple[Proc, Verdict]]:
+        return self.judge.ranked(snap)
+
+    def candidates(self, snap: Snapshot) -> list[Proc]:
+        """Kill candidates in kill order."""
+        return [p for p, _ in self.judge.ranked(snap)]
+
+    def kernel_view(self, snap: Snapshot) -> KernelView:
+        return self.judge.kernel_view(snap)
+
+    # --- deciding --------------------------------------------------------------------------
+    def decide(self, snap: Snapshot, a: Assessment, state: PolicyState) -> Plan:
+        cfg = self.cfg
+        shrink_grow, deferred = caches(snap, a, state, cfg.pressure)
+        actions = (scores(snap, self.verdicts(snap), state, cfg.protection, self.can_lower_scores)
+                   + shrink_grow
+                   + idle_sessions(snap, a.level, state, self.db_configs)
+                   + runaway(snap, a.level, state, self.db_configs)
+                   + kills(snap, a, self.ranked(snap), state, cfg.kill, len(self.rules.tiers) > 1))
+        if self.dry_run:
+            actions = [replace(x, dry_run=True) for x in actions]
+        state.forget(snap)
+        return Plan(a.level, a.why, tuple(actions), tuple(deferred))
+
+    @staticmethod
+    def learn(state: PolicyState, action: Action, outcome: Outcome) -> None:
+        """What the policy takes from an act's outcome."""
+        if action.kind is ActionKind.KILL and outcome.status is Status.SKIPPED \
+                and action.pid is not None and action.start_time is not None:
+            # Not needed after all (pressure fell first): a candidate like any other again,
+            # so the next kill in its tier is not passed over.
+            state.killed.pop(ProcKey(action.pid, action.start_time), None)

@@ -1,0 +1,39 @@
+"""oom_score_adj layers: shield database processes where the kernel lets us lower scores,
+and everywhere raise the kill candidates' scores so the kernel's own choice falls on them."""
+from __future__ import annotations
+
+from ..config import Protection
+from ..model import Action, ActionKind, Role, Snapshot
+from .state import PolicyState
+from .targets import proc_name
+from .verdicts import Verdict
+
+# A postmaster and its auxiliaries must never be chosen while anything else is left.
+SERVER_OOM_SCORE_ADJ = -1000
+
+
+def scores(snap: Snapshot, verdicts: dict[int, Verdict], state: PolicyState, prot: Protection,
+           can_lower: bool) -> list[Action]:
+    out = []
+    for pid, proc in snap.procs.items():
+        role = snap.roles.get(pid, Role.OTHER)
+        want, why = None, ""
+        if role.is_database and prot.lower_databases and can_lower:
+            server = role in (Role.POSTMASTER, Role.PG_AUXILIARY)
+            want = SERVER_OOM_SCORE_ADJ if server else prot.backend_oom_score_adj
+            why = (f"shield {role.value}: the kernel OOM killer must choose anything else first"
+                   if server else f"shield {role.value}, yet leave the kernel a way out")
+            if proc.oom_score_adj <= want:
+                continue
+        elif role is Role.OTHER and prot.raise_candidates:
+            v = verdicts[pid]
+            want = prot.candidate_oom_score_adj
+            if not v.candidate or proc.oom_score_adj >= want:
+                continue
+            why = f"kill candidate ({v.why}): the kernel OOM killer should choose it before the database"
+        if want is None or state.scored.get(proc.key) == want:
+            continue
+        state.scored[proc.key] = want
+        out.append(Action(ActionKind.SET_OOM_SCORE_ADJ, why, pid=pid, start_time=proc.start_time,
+                          target=proc_name(proc), value=want))
+    return out

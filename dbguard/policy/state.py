@@ -1,0 +1,38 @@
+"""What the graduated answers remember from one cycle to the next.
+
+Owned by the daemon and handed to the policy each cycle: a SIGHUP or a newly discovered
+database gives the policy a new configuration, never a new memory, so a reload cannot
+reset the kill rate, a session's cancel→terminate escalation, the caches' dwell or the level.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..assess import LevelState
+from ..model import ProcKey, Snapshot
+
+SessionKey = tuple[str, int]      # (database name, session pid / connection id)
+
+
+@dataclass
+class PolicyState:
+    levels: LevelState = field(default_factory=LevelState)
+    cache_moved_at: dict[str, float] = field(default_factory=dict)      # database -> last shrink/grow
+    cancelled: dict[SessionKey, float] = field(default_factory=dict)    # session -> when cancelled
+    terminated: set[SessionKey] = field(default_factory=set)
+    kill_times: deque = field(default_factory=lambda: deque(maxlen=10_000))   # one per kill round
+    killed: dict[ProcKey, float] = field(default_factory=dict)          # planned kills, by identity
+    scored: dict[ProcKey, int] = field(default_factory=dict)            # oom_score_adj we set
+
+    def forget(self, snap: Snapshot) -> None:
+        """Drop memories of processes and sessions that are gone (pids get reused)."""
+        live = {p.key for p in snap.procs.values()}
+        for d in (self.scored, self.killed):
+            for key in [key for key in d if key not in live]:
+                del d[key]
+        sessions = {(db.name, s.pid) for db in snap.databases if db.up for s in db.sessions}
+        up = {db.name for db in snap.databases if db.up}
+        for key in [key for key in self.cancelled if key[0] in up and key not in sessions]:
+            del self.cancelled[key]
+        self.terminated &= sessions | {k for k in self.terminated if k[0] not in up}

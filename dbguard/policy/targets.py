@@ -1,0 +1,24 @@
+"""How actions name what they act on, in the audit log and in explain."""
+from __future__ import annotations
+
+from ..model import DbSession, DbStats, Proc
+
+MiB = 1024 * 1024
+SESSION_NOUN = {"postgresql": "backend", "mysql": "connection"}
+
+
+def pct(x: float) -> str:
+    return f"{x * 100:.0f}%"
+
+
+def proc_name(p: Proc) -> str:
+    return f"{p.comm} (pid {p.pid}, rss {p.rss_bytes // MiB} MiB)"
+
+
+def db_name(db: DbStats) -> str:
+    return f"{db.kind} {db.name}"
+
+
+def session_name(db: DbStats, s: DbSession) -> str:
+    what = SESSION_NOUN.get(db.kind, "session")
+    return f"{db.kind} {db.name} {what} {s.pid} ({s.user or '?'}, {s.memory_bytes // MiB} MiB)"

@@ -1,0 +1,198 @@
+"""Who may be killed, and in what order: THE place where that is decided.
+
+User space (scores, kills), the BPF maps and `dbguard explain` all read the same Verdicts,
+computed once per snapshot. Pure: the one fact too costly to sample for every process,
+PSS, comes from a reader the daemon gives (`pss_reader`), asked only for processes that
+reach a pss_above rule (dbguard.rules.Lazy says why).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable
+
+from ..config import Config
+from ..model import Proc, Role, Snapshot
+from ..rules import Lazy, RuleSet
+
+MiB = 1024 * 1024
+# Servers fork the database's processes: their children are protected in the kernel at birth.
+INHERITING = (Role.POSTMASTER, Role.MYSQLD)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What one process is to the kill path, and why."""
+
+    protected: bool          # never a kill candidate, shielded where possible
+    candidate: bool          # may be killed when the level allows
+    preferred: bool = False  # killed before ordinary candidates of its tier
+    why: str = ""
+    rule: str = ""           # what decided: 'rules[2] "batch"', "built-in: database", "default", ...
+    rule_index: int | None = None   # the [[policy.rules]] index, when a user rule decided
+    action: str = ""         # protect | prefer | kill | default | "" (left alone)
+    tier: str = ""
+    tier_rank: int = 0       # position of `tier` in policy.tiers: lower dies first
+    weight: int = 0          # prefer weight: higher dies first within a tier
+    tier_source: str = ""    # what gave the tier: a rule, 'policy.cgroup_tiers."/x/*"', policy.default_tier
+    pss_bytes: int | None = None   # PSS, when a pss_above rule needed it and it could be read
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        """Kill order of a candidate (with -rss and pid after it): kill rules first, then by
+        tier, then by prefer weight. Candidates of equal order are equal to the kernel."""
+        return (0 if self.action == "kill" else 1, self.tier_rank, -self.weight)
+
+
+@dataclass(frozen=True)
+class KernelView:
+    """What the BPF maps must hold for the user-space decision: tgid -> (inherit, tier rank)
+    for protected processes, tgid -> tier rank for in-kernel kill candidates."""
+
+    protected: dict[int, tuple[bool, int]]
+    candidates: dict[int, int]
+
+
+@dataclass
+class Judge:
+    """The verdict rules, with the host facts they need."""
+
+    cfg: Config
+    protected_uids: frozenset[int] = frozenset()
+    watched_memcg: str | None = None     # "/a/b" relative memcg path; None: every process (host)
+    rule_uids: dict[str, int] = field(default_factory=dict)   # [[policy.rules]] user names -> uid
+    # PSS in bytes of a process, None when unreadable (gone, not ours): I/O, so given by the
+    # daemon (dbguard.sense.procfs.read_pss). Without one, pss_above conditions never hold.
+    pss_reader: Callable[[Proc], int | None] | None = None
+    rules: RuleSet = field(init=False)
+    _memo_snap: Snapshot | None = field(default=None, repr=False)
+    _memo: dict[int, Verdict] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self.rules = RuleSet(self.cfg.policy, self.rule_uids)
+
+    def in_watched(self, proc: Proc) -> bool:
+        w = self.watched_memcg
+        if w is None or w in ("", "/"):
+            return True
+        return proc.memcg == w or proc.memcg.startswith(w.rstrip("/") + "/")
+
+    def verdict(self, proc: Proc, role: Role, self_pid: int, limit: int | None = None) -> Verdict:
+        """THE place where who may be killed is decided: user space, BPF maps and explain read it.
+
+        Order: safety (never negotiable), database processes by fact (a user rule may only
+        protect them too), [kill] protect_exe/protect_users, then [[policy.rules]] first
+        match, then [kill] prefer_exe, then the default (a candidate by size)."""
+        rules = self.rules
+        # The tier before any rule (policy.cgroup_tiers, else default_tier): what `in_tier`
+        # conditions test, and the tier of every process whose deciding rule gives none.
+        base_tier, base_source = rules.tier_of(proc)
+        pss = Lazy(partial(self.pss_reader, proc) if self.pss_reader is not None else None)
+
+        def pss_said() -> str:
+            """PSS, where a pss_above rule needed it (explain, audit log)."""
+            if not pss.asked:
+                return ""
+            return "pss unknown (smaps_rollup unreadable)" if pss.value is None else f"pss {pss.value // MiB} MiB"
+
+        def tiered(tier: str, source: str) -> dict:
+            tier, source = (tier, source) if tier else (base_tier, base_source)
+            return dict(tier=tier, tier_rank=rules.rank(tier), tier_source=source, pss_bytes=pss.value)
+
+        def protect(why: str, rule: str, tier: str = "", index: int | None = None) -> Verdict:
+            why = "; ".join(filter(None, [why, pss_said()]))
+            return Verdict(True, False, why=why, rule=rule, rule_index=index, action="protect",
+                           **tiered(tier, rule))
+
+        if proc.kernel_thread or role is Role.KERNEL_THREAD:
+            return protect("kernel thread", "built-in: safety")
+        if proc.pid == 1 or role is Role.INIT:
+            return protect("PID 1", "built-in: safety")
+        if proc.pid == self_pid or role is Role.DBGUARD:
+            return protect("dbguard itself", "built-in: safety")
+        named = {"kill.min_rss": self.cfg.kill.min_rss, "limit": limit}   # units.THRESHOLDS
+        r = rules.first_match(proc, role, named, base_tier, pss)
+        if role.is_database:
+            why = f"database process ({role.value}): ended only by SQL, never a signal"
+            if r is not None and r.action == "protect":
+                return protect(f"{why}; {r.label} protects it too ({r.conditions(named)})",
+                               f"built-in: database + {r.label}", r.tier, r.index)
+            if r is not None:
+                why += f"; {r.label} would {r.action} it, but database processes are always protected"
+            return protect(why, "built-in: database")
+        k = self.cfg.kill
+        if proc.exe and any(fnmatch.fnmatchcase(proc.exe, g) for g in k.protect_exe):
+            return protect(f"kill.protect_exe matches {proc.exe}", "kill.protect_exe")
+        if proc.uid in self.protected_uids:
+            return protect(f"kill.protect_users has uid {proc.uid}", "kill.protect_users")
+        if r is not None and r.action == "protect":
+            return protect(f"{r.label} protects it ({r.conditions(named)})", r.label, r.tier, r.index)
+        if r is not None:
+            rule, index, action, tier, weight = r.label, r.index, r.action, r.tier, r.weight
+            said = f"{r.label}: {r.conditions(named)} -> {action}" + (f" (weight {weight})" if weight else "")
+        elif proc.exe and any(fnmatch.fnmatchcase(proc.exe, g) for g in k.prefer_exe):
+            rule, index, action, tier, weight = "kill.prefer_exe", None, "prefer", "", 1
+            said = "kill.prefer_exe: killed first in its tier"
+        else:
+            rule, index, action, tier, weight = "default", None, "default", "", 0
+            said = ""
+        left = dict(rule=rule, rule_index=index, **tiered(tier, rule))
+        if not proc.exe:
+            # Unreadable or just forked: not known well enough to be killed.
+            return Verdict(False, False, why="executable unknown (exiting or just forked)", **left)
+        if not self.in_watched(proc):
+            return Verdict(False, False, why="; ".join(filter(None, [said, "outside the watched memory cgroup",
+                                                                      pss_said()])), **left)
+        preferred = action == "prefer"
+        rss = ", ".join(filter(None, [f"rss {proc.rss_bytes // MiB} MiB", pss_said()]))
+        if action != "kill" and proc.rss_bytes < k.min_rss:
+            return Verdict(False, False, preferred, "; ".join(filter(None, [
+                said, f"{rss} below kill.min_rss {k.min_rss // MiB} MiB"])), **left)
+        return Verdict(False, True, preferred, "; ".join(filter(None, [said, f"{rss} in the watched cgroup"])),
+                       action=action, weight=weight, **left)
+
+    def verdicts(self, snap: Snapshot) -> dict[int, Verdict]:
+        """Every process's verdict, computed once per snapshot (scores, kills, the BPF maps
+        and explain all ask within one cycle)."""
+        if self._memo_snap is not snap:
+            limit = snap.memory.limit_bytes
+            self._memo = {pid: self.verdict(p, snap.roles.get(pid, Role.OTHER), snap.self_pid, limit)
+                          for pid, p in snap.procs.items()}
+            self._memo_snap = snap
+        return self._memo
+
+    def ranked(self, snap: Snapshot) -> list[tuple[Proc, Verdict]]:
+        """Kill candidates with their verdicts in kill order: `kill` rules first, then tier
+        ascending, then prefer weight, then the largest."""
+        verdicts = self.verdicts(snap)
+        out = [(p, verdicts[pid]) for pid, p in snap.procs.items() if verdicts[pid].candidate]
+        out.sort(key=lambda t: (*t[1].order, -t[0].rss_bytes, t[0].pid))
+        return out
+
+    def kernel_view(self, snap: Snapshot) -> KernelView:
+        """The BPF maps' share of the decision, so the kernel never disagrees with user space.
+
+        The in-kernel path kills whichever candidate is allocating when reclaim keeps
+        failing: it cannot order victims. So it is told only about the candidates user
+        space would kill next: every `kill`-rule match, plus the first band (same tier,
+        same prefer weight) of the kill order. When that band is gone, the next sync
+        lists the next one. Every protected process (but kernel threads) is shielded."""
+        protected = {}
+        verdicts = self.verdicts(snap)
+        for pid, proc in snap.procs.items():
+            role = snap.roles.get(pid, Role.OTHER)
+            if proc.kernel_thread or role is Role.KERNEL_THREAD:
+                continue
+            v = verdicts[pid]
+            if v.protected:
+                protected[pid] = (role in INHERITING, v.tier_rank)
+        candidates = {}
+        band = None
+        for p, v in self.ranked(snap):
+            if v.action != "kill":
+                band = band or v.order
+                if v.order != band:
+                    break
+            candidates[p.pid] = v.tier_rank
+        return KernelView(protected, candidates)

@@ -1,0 +1,121 @@
+"""Sense: databases, the watched memory scope and the process table, read into one Snapshot.
+
+What `run` and `explain` both read from. Reading never changes anything, and nothing here
+may stall the loop: every database call is bounded, a database that stops answering is
+reported and the snapshot goes on without its SQL facts.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from .classify import classify
+from .config import Config, DatabaseConfig
+from .databases.base import Database
+from .model import Snapshot
+from .sense.pressure import PressureMonitor
+from .sense.procfs import CGROUP_ROOT, own_memcg_dir, read_procs
+
+log = logging.getLogger("dbguard")
+
+REDISCOVER_EVERY = 30.0
+
+
+def make_database(cfg: DatabaseConfig, state_dir: str) -> Database:
+    if cfg.kind == "postgresql":
+        from .databases.postgresql import PostgreSQL
+        return PostgreSQL(cfg, state_dir)
+    from .databases.mysql import MySQL
+    return MySQL(cfg, state_dir)
+
+
+def relative_memcg(cgroup_dir: str) -> str | None:
+    """The /proc/PID/cgroup form of a cgroup directory; None for the host (every process)."""
+    if not cgroup_dir:
+        return None
+    for base in (f"{CGROUP_ROOT}/memory", f"{CGROUP_ROOT}/unified", CGROUP_ROOT):
+        if cgroup_dir == base:
+            return None
+        if cgroup_dir.startswith(base + "/"):
+            return cgroup_dir[len(base):]
+    return None
+
+
+class Sensor:
+    """Databases plus the pressure monitor: what `run` and `explain` both read from."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.self_pid = os.getpid()
+        self.discovered = not cfg.databases and cfg.general.discover
+        self.db_configs: tuple[DatabaseConfig, ...] = cfg.databases or (
+            self._discover() if self.discovered else ())
+        os.makedirs(cfg.general.state_dir, mode=0o700, exist_ok=True)
+        self.databases: dict[str, Database] = {}
+        for dc in self.db_configs:
+            self.databases[dc.name] = make_database(dc, cfg.general.state_dir)
+        self._discovered_at = time.monotonic()
+        self.pressure: PressureMonitor | None = None
+        self.cgroup = ""
+        self.observe_collector = lambda source, ok, seconds: None
+
+    def _discover(self) -> tuple[DatabaseConfig, ...]:
+        from .databases.discover import discover_postgresql
+        found = tuple(discover_postgresql())
+        for dc in found:
+            log.info("discovered PostgreSQL %s (%s)", dc.name, dc.dsn)
+        return found
+
+    def rediscover(self) -> list[str]:
+        """With no [[databases]]: pick up PostgreSQL servers that started since. Names added."""
+        if not self.discovered or time.monotonic() - self._discovered_at < REDISCOVER_EVERY:
+            return []
+        self._discovered_at = time.monotonic()
+        added = []
+        for dc in self._discover():
+            if dc.name not in self.databases:
+                self.databases[dc.name] = make_database(dc, self.cfg.general.state_dir)
+                self.db_configs += (dc,)
+                added.append(dc.name)
+        return added
+
+    def open_pressure(self, stats: list) -> None:
+        p = self.cfg.pressure
+        cgroup = p.cgroup
+        if not cgroup:
+            server = next((s.server_pid for s in stats if s.server_pid), None)
+            cgroup = own_memcg_dir(server) if server else ""
+            if relative_memcg(cgroup) is None:
+                cgroup = ""        # the root cgroup: watch the host
+        self.cgroup = cgroup.rstrip("/")
+        self.pressure = PressureMonitor(self.cgroup or None, trigger_stall_us=p.psi_trigger_stall_us,
+                                        trigger_window_us=p.psi_trigger_window_us)
+
+    def collect(self) -> list:
+        stats = []
+        for db in list(self.databases.values()):
+            t0 = time.monotonic()
+            s = db.collect()
+            self.observe_collector(f"{db.kind}:{db.name}", s.up, time.monotonic() - t0)
+            stats.append(s)
+        return stats
+
+    def snapshot(self) -> Snapshot:
+        reading = self.pressure.read()
+        t0 = time.monotonic()
+        procs = read_procs()
+        self.observe_collector("procfs", True, time.monotonic() - t0)
+        stats = self.collect()
+        roles = classify(procs, stats, self.self_pid)
+        return Snapshot(ts=time.time(), memory=reading, procs=procs, roles=roles, databases=tuple(stats),
+                        self_pid=self.self_pid)
+
+    def close(self) -> None:
+        for db in self.databases.values():
+            try:
+                db.close()
+            except Exception as e:   # closing must not hide the reason we stop
+                log.warning("closing %s: %s", db.name, e)
+        if self.pressure is not None:
+            self.pressure.close()
