@@ -25,7 +25,7 @@ from .errors import DbguardError
 from .host import (CAP_SYS_RESOURCE, has_capability, lock_memory, resolve_rule_users, resolve_users, sd_notify,
                    watchdog_interval)
 from .metrics import Metrics
-from .model import ActionKind, Level, Snapshot
+from .model import ActionKind, Level, Plan, Snapshot
 from .policy import Policy, PolicyState
 from .sensor import REDISCOVER_EVERY, Sensor, relative_memcg
 from .sense.procfs import read_pss
@@ -146,7 +146,7 @@ class Daemon:
         return True, "protection active: " + self.describe()
 
     # --- the loop ------------------------------------------------------------------------
-    def cycle(self) -> tuple[Snapshot, Assessment]:
+    def cycle(self) -> tuple[Snapshot, Assessment, Plan]:
         for name in self.sensor.rediscover():
             log.info("now protecting PostgreSQL %s", name)
             self.policy = build_policy(self.cfg, self.sensor, self.dry_run)
@@ -166,7 +166,7 @@ class Daemon:
         self._sync_bpf(snap, a.level)
         self.metrics.observe_snapshot(snap, a.level)
         self._cycle_done_at = time.monotonic()
-        return snap, a
+        return snap, a, plan
 
     def _audit_level(self, before: Level, a: Assessment) -> None:
         m = a.reading
@@ -244,7 +244,7 @@ class Daemon:
         while not self.stopping:
             if self.reload_requested:
                 self.reload()
-            _, a = self.cycle()
+            _, a, _ = self.cycle()
             sd_notify("WATCHDOG=1")
             if self.stopping:
                 break
