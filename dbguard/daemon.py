@@ -25,7 +25,7 @@ from .errors import DbguardError
 from .host import (CAP_SYS_RESOURCE, has_capability, lock_memory, resolve_rule_users, resolve_users, sd_notify,
                    watchdog_interval)
 from .metrics import Metrics
-from .model import ActionKind, Level, Plan, Snapshot
+from .model import Action, ActionKind, Level, Outcome, Plan, Snapshot
 from .policy import Policy, PolicyState
 from .sensor import REDISCOVER_EVERY, Sensor, relative_memcg
 from .sense.procfs import read_pss
@@ -61,6 +61,7 @@ class Daemon:
         self.metrics: Metrics | None = None
         self.audit: AuditLog | None = None
         self.sensor: Sensor | None = None
+        self.executor: Executor | None = None
         self._deferred: set[str] = set()      # targets whose deferred answer was logged
         self._threshold: int | None = None
         self._cycle_done_at: float | None = None
@@ -120,10 +121,8 @@ class Daemon:
 
     def _recover(self) -> None:
         """Settings a previous run left changed (it was killed half-way) are put back now."""
-        for name, db in self.sensor.databases.items():
-            out = db.recover()
-            if not out.ok or out.carried_out:
-                log.info("recover %s: %s", name, out.result)
+        for name in self.sensor.databases:
+            self.executor.recover(name, self.level)
 
     def _recheck(self) -> Assessment:
         return recheck(self.sensor.pressure.read(), self.cfg.pressure)
@@ -208,7 +207,9 @@ class Daemon:
 
     def _wait(self, a: Assessment) -> None:
         interval = self.cfg.general.interval
-        if self.level > Level.OK:
+        if a.pressed:
+            # Pressure now (not a level merely held by dwell): look often. Kernel events (PSI,
+            # usage thresholds) wake the wait at once either way.
             interval = min(interval, PRESSED_INTERVAL)
         watchdog = watchdog_interval()
         if watchdog is not None:
@@ -292,7 +293,7 @@ class Daemon:
     # --- stop ----------------------------------------------------------------------------
     def close(self) -> None:
         self.stopping = True
-        if self.sensor is not None and not self.dry_run:
+        if self.executor is not None and not self.dry_run:
             self._restore_caches()
         if self.bpf is not None:
             self.bpf.close()
@@ -306,29 +307,22 @@ class Daemon:
             self.sensor.close()
 
     def _restore_caches(self) -> None:
-        """Put the DBA's settings back one step at a time (a buffer pool refills gradually);
-        every attempt, and every database that cannot be reached, is logged and audited."""
+        """Put the DBA's settings back one step at a time (a buffer pool refills gradually),
+        through act/ like every change; a database that cannot be reached is said so too."""
         deadline = time.monotonic() + RESTORE_ON_STOP_SECONDS
         for name, db in self.sensor.databases.items():
             while True:
                 s = db.collect()
                 if s.shrink_step == 0:
                     break
-                target = f"{db.kind} {name}"
+                a = Action(ActionKind.RESTORE_CACHE, "dbguard stopping: put the DBA's settings back",
+                           target=f"{db.kind} {name}", database=name, value=s.shrink_step - 1)
                 if not s.up or time.monotonic() >= deadline:
                     why = f"database unreachable ({s.error})" if not s.up else \
                         f"out of time ({RESTORE_ON_STOP_SECONDS:g}s) at step {s.shrink_step}"
-                    self._audit_restore(target, name, False, f"not restored: {why}; the originals stay in "
-                                        f"{self.cfg.general.state_dir} and are put back at the next start")
+                    self.executor.record(a, self.level, Outcome.failed(
+                        f"not restored: {why}; the originals stay in {self.cfg.general.state_dir} and are put "
+                        "back at the next start"))
                     break
-                out = db.set_shrink_step(s.shrink_step - 1)
-                self._audit_restore(target, name, out.ok, out.result)
-                if not out.ok:
+                if not self.executor.one(a, self.level).ok:
                     break
-
-    def _audit_restore(self, target: str, name: str, ok: bool, result: str) -> None:
-        (log.info if ok else log.warning)("restore %s at stop: %s", target, result)
-        if self.audit is not None:
-            self.audit.write({"action": ActionKind.RESTORE_CACHE.value, "target": target, "database": name,
-                              "level": self.level.name.lower(), "reason": "dbguard stopping: put the DBA's "
-                              "settings back", "result": result, "ok": ok})

@@ -12,17 +12,19 @@ from typing import Callable
 from ..audit import AuditLog
 from ..databases.base import Database
 from ..assess import Assessment
-from ..model import Action, ActionKind, Level, Outcome, Plan, ProcKey, Role, Snapshot
+from ..model import Action, ActionKind, Level, Outcome, Plan, ProcKey, Role, Snapshot, Status
 from ..sense.procfs import read_proc
 from . import process
 
 log = logging.getLogger("dbguard")
 
 
-def refusal(a: Action, snap: Snapshot) -> str | None:
+def refusal(a: Action, snap: Snapshot | None) -> str | None:
     """Why `a` must not be carried out, or None. Pure but for the fresh read of the target."""
     if a.kind not in (ActionKind.KILL, ActionKind.SET_OOM_SCORE_ADJ):
         return None
+    if snap is None:
+        return "a process action needs the snapshot it was decided on"
     if a.pid is None or a.start_time is None:
         return "no process identity (pid and start time) given"
     role = snap.roles.get(a.pid, Role.OTHER)
@@ -62,13 +64,27 @@ class Executor:
     def execute(self, plan: Plan, snap: Snapshot) -> list[tuple[Action, Outcome]]:
         return [(a, self.one(a, plan.level, snap)) for a in plan.actions]
 
-    def one(self, a: Action, level: Level, snap: Snapshot) -> Outcome:
-        outcome = self._outcome(a, snap)
+    def one(self, a: Action, level: Level, snap: Snapshot | None = None) -> Outcome:
+        """Carry out `a` (a process action needs the snapshot it was decided on)."""
+        return self.record(a, level, self._outcome(a, snap))
+
+    def record(self, a: Action, level: Level, outcome: Outcome) -> Outcome:
+        """The audit record and the metric of an act, from its outcome."""
         self.audit.action(a, level, outcome.result, outcome.ok, outcome=outcome.status.value)
         self.observe(a, outcome)
         return outcome
 
-    def _outcome(self, a: Action, snap: Snapshot) -> Outcome:
+    def recover(self, name: str, level: Level) -> Outcome:
+        """At start: put back settings a previous run left changed (it was killed half-way)."""
+        a = Action(ActionKind.RESTORE_CACHE, "left changed by a previous run of dbguard", database=name,
+                   target=f"database {name}")
+        db = self.databases.get(name)
+        outcome = Outcome.failed(f"no database named {name!r}") if db is None else db.recover()
+        if outcome.status is Status.SKIPPED:
+            return outcome          # nothing was left changed: nothing to say
+        return self.record(a, level, outcome)
+
+    def _outcome(self, a: Action, snap: Snapshot | None) -> Outcome:
         why_not = refusal(a, snap)
         if why_not is not None:
             return Outcome.refused(why_not)
@@ -105,10 +121,9 @@ class Executor:
         through the same checks and pidfd-safe write as every other score."""
         proc = snap.procs.get(pid)
         if proc is None:
-            outcome = Outcome.gone(f"pid {pid} not in this cycle's process table; score left as it is")
             a = Action(ActionKind.SET_OOM_SCORE_ADJ, why, pid=pid, target=f"pid {pid}", value=value)
-            self.audit.action(a, level, outcome.result, outcome.ok, outcome=outcome.status.value)
-            return outcome
+            return self.record(a, level, Outcome.gone(f"pid {pid} not in this cycle's process table; "
+                                                      "score left as it is"))
         a = Action(ActionKind.SET_OOM_SCORE_ADJ, why, pid=pid, start_time=proc.start_time,
                    target=f"{proc.comm} (pid {pid})", value=value)
         return self.one(a, level, snap)

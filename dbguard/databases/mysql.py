@@ -712,7 +712,7 @@ class MySQL(Database):
         """
         try:
             if self._saved() is None:
-                return Outcome.done("nothing to restore")
+                return Outcome.skipped("nothing to restore")
         except DbguardError as e:
             return Outcome.failed(str(e))
         return self.set_shrink_step(0)

@@ -444,7 +444,7 @@ class PostgreSQL(Database):
 
     def recover(self) -> Outcome:
         if self._saved() is None:
-            return Outcome.done("nothing to recover: no settings left changed")
+            return Outcome.skipped("nothing to recover: no settings left changed")
         return self.set_shrink_step(0)
 
     def _read_originals(self, cur: psycopg.Cursor) -> dict[str, dict[str, Any]]:
