@@ -214,7 +214,9 @@ class Daemon:
         watchdog = watchdog_interval()
         if watchdog is not None:
             interval = min(interval, watchdog)
-        mark = next_mark_bytes(a.reading, self.level, self.cfg.pressure)
+        # Wake at the next mark above what the reading justifies now (not above a level only
+        # held by dwell): pressure coming back is seen at once.
+        mark = next_mark_bytes(a.reading, a.now, self.cfg.pressure)
         if mark != self._threshold:
             self.sensor.pressure.set_usage_threshold(mark)
             self._threshold = mark
