@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import DbguardError
+from ..host import cap_eff
 from . import layout
 from .events import BpfEvent, decode, event_to_audit
 from .layout import ACTION_KILL, ACTION_SHIELD, CANDIDATE, INHERIT, INHERITED, SHIELD
@@ -37,16 +38,9 @@ DEFAULT_FAIL_STREAK = 3
 OFF_HINT = "or set [bpf] enabled = false to run on the user-space path alone"
 
 
-def _cap_eff() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("CapEff:"):
-            return int(line.split()[1], 16)
-    return 0
-
-
 def availability() -> tuple[bool, str]:
     """(usable, one line): cheap checks only, nothing is compiled."""
-    caps = _cap_eff()
+    caps = cap_eff()
     if not (caps >> CAP_SYS_ADMIN & 1 or (caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1)):
         return False, ("BPF unavailable: no CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN); "
                        "run dbguard as root or grant those capabilities")
