@@ -16,6 +16,9 @@ from dataclasses import dataclass
 from .config import Pressure
 from .model import Level, MemoryReading
 
+# A scope this close to its limit (page cache included) is being reclaimed on every charge.
+AT_LIMIT = 0.98
+
 
 def _pct(x: float) -> str:
     return f"{x * 100:.0f}%"
@@ -37,12 +40,23 @@ def judge(m: MemoryReading, p: Pressure, margin: float = 0.0) -> tuple[Level, st
         return Level.HIGH, f"unreclaimable usage {_pct(r)} {where} >= high mark {_pct(p.high_usage)}"
     if own_psi and p.high_psi_full > 0 and m.psi_full_avg10 >= p.high_psi_full - psi_margin:
         return Level.HIGH, f"PSI full avg10 {m.psi_full_avg10:.1f}% >= high mark {p.high_psi_full:g}%"
+    if _stalled_at_limit(m, p, margin):
+        return Level.HIGH, (f"at the limit ({_pct(m.usage_ratio)} with page cache) and IO pressure some "
+                            f"{m.io_some_avg10:.1f}% >= high mark {p.high_io_some:g}%: its page cache is "
+                            "waiting to be written, not free to reclaim")
     if m.limit_bytes and r >= p.warn_usage - margin:
         return Level.WARN, f"unreclaimable usage {_pct(r)} {where} >= warn mark {_pct(p.warn_usage)}"
     if p.warn_psi_some > 0 and m.psi_some_avg10 >= p.warn_psi_some - psi_margin:
         scope = "" if own_psi else " (host-wide)"
         return Level.WARN, f"PSI some avg10 {m.psi_some_avg10:.1f}%{scope} >= warn mark {p.warn_psi_some:g}%"
     return Level.OK, f"unreclaimable usage {_pct(r)} {where}, PSI some {m.psi_some_avg10:.1f}%"
+
+
+def _stalled_at_limit(m: MemoryReading, p: Pressure, margin: float = 0.0) -> bool:
+    """The kernel's own verdict where the page-cache arithmetic can be wrong: a scope at its
+    limit whose tasks stall on IO is reclaiming pages that must be written first."""
+    return bool(m.limit_bytes) and p.high_io_some > 0 and m.usage_ratio >= AT_LIMIT - margin \
+        and m.io_some_avg10 >= p.high_io_some - margin * 100
 
 
 @dataclass
@@ -64,7 +78,8 @@ class Assessment:
     sustained: Level         # what it justifies with the marks lowered by the hysteresis
     excess_bytes: int        # unreclaimable usage above the kill goal (high mark minus hysteresis)
     goal: float              # that goal, as a fraction of the limit
-    thrashing: bool          # the scope's own PSI full at or above the high mark (never on v1)
+    thrashing: bool          # the scope's own PSI full at or above the high mark (never on v1), or
+                             # stalled on IO at its limit: one answer is due even under the goal
 
     @property
     def pressed(self) -> bool:
@@ -80,7 +95,7 @@ class Assessment:
 def _derived(m: MemoryReading, p: Pressure) -> dict:
     goal = p.high_usage - p.hysteresis
     excess = int(m.usage_bytes - m.reclaimable_bytes - goal * m.limit_bytes) if m.limit_bytes else 0
-    thrashing = m.cgroup_version != 1 and 0 < p.high_psi_full <= m.psi_full_avg10
+    thrashing = m.cgroup_version != 1 and 0 < p.high_psi_full <= m.psi_full_avg10 or _stalled_at_limit(m, p)
     return dict(excess_bytes=excess, goal=goal, thrashing=thrashing)
 
 

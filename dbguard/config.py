@@ -87,6 +87,7 @@ class Pressure:
     critical_usage: float = Bounded(0.96, 0.05, 1.0)
     warn_psi_some: float = Bounded(10.0, 0, 100)
     high_psi_full: float = Bounded(10.0, 0, 100)
+    high_io_some: float = Bounded(20.0, 0, 100)
     hysteresis: float = Bounded(0.05, 0, 0.5)
     min_dwell: float = Bounded(5.0, 0, 3600)
     psi_trigger_stall_us: int = Bounded(50_000, 1, 10_000_000)

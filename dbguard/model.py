@@ -78,7 +78,8 @@ class MemoryReading:
     limit_bytes: int | None    # None: unlimited
     psi_some_avg10: float      # percent
     psi_full_avg10: float      # percent
-    reclaimable_bytes: int = 0 # page cache the kernel can drop (inactive_file)
+    reclaimable_bytes: int = 0 # page cache the kernel can drop now (inactive_file not dirty nor under writeback)
+    io_some_avg10: float = 0.0 # IO pressure, percent (the scope's own on v2, else host-wide)
 
     @property
     def usage_ratio(self) -> float:
@@ -103,7 +104,9 @@ class DbSession:
     user: str = ""
     query: str = ""
     age_seconds: float = 0.0   # time since the current query (or state) started
-    memory_bytes: int = 0      # best estimate of what the session holds
+    memory_bytes: int = 0      # best estimate of the private memory the session holds (never shared buffers)
+    client: bool = True        # a client's session; False: replication, autovacuum, background workers,
+                               # binlog dump, the server's own threads: never ended by dbguard
 
 
 @dataclass(frozen=True)

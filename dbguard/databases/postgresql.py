@@ -388,7 +388,7 @@ class PostgreSQL(Database):
             if role is Role.PG_BACKEND and not is_self:
                 sessions.append(DbSession(pid=pid, kind=backend_type, state=state or "", user=user or "",
                                           query=text or "", age_seconds=float(age or 0.0),
-                                          memory_bytes=rss_anon(pid)))
+                                          memory_bytes=rss_anon(pid), client=backend_type == "client backend"))
         if server_pid:
             roles[server_pid] = Role.POSTMASTER
 

@@ -17,7 +17,7 @@ from ..model import Action, ActionKind, Outcome, Plan, Proc, ProcKey, Snapshot, 
 from .caches import caches
 from .kills import kills
 from .scores import scores
-from .sessions import idle_sessions, runaway
+from .sessions import end_sessions, idle_sessions
 from .state import PolicyState
 from .verdicts import Judge, KernelView, Verdict
 
@@ -69,12 +69,33 @@ class Policy:
         actions = (scores(snap, self.verdicts(snap), state, cfg.protection, self.can_lower_scores)
                    + shrink_grow
                    + idle_sessions(snap, a.level, state, self.db_configs)
-                   + runaway(snap, a.level, state, self.db_configs)
-                   + kills(snap, a, self.ranked(snap), state, cfg.kill, len(self.rules.tiers) > 1))
+                   + self._relief(snap, a, state))
         if self.dry_run:
             actions = [replace(x, dry_run=True) for x in actions]
         state.forget(snap)
         return Plan(a.level, a.why, tuple(actions), tuple(deferred))
+
+    def _relief(self, snap: Snapshot, a: Assessment, state: PolicyState) -> list[Action]:
+        """Ending sessions and killing hogs share one excess over the goal. Whoever holds more
+        of the memory is answered first: the database's own sessions when they hold more than
+        the kill candidates (the database is its own hog), else the hogs; the other answer
+        covers what is left."""
+        ranked = self.ranked(snap)
+        hogs = sum(p.rss_bytes for p, _ in ranked)
+        held = sum(s.memory_bytes for db in snap.databases if db.up for s in db.sessions
+                   if s.client and s.state != "idle")
+        tiered = len(self.rules.tiers) > 1
+
+        def sessions(excess: int, answered: bool):
+            return end_sessions(snap, a, state, self.db_configs, self.cfg.kill, excess, answered)
+
+        def hogs_(excess: int, answered: bool):
+            return kills(snap, a, ranked, state, self.cfg.kill, tiered, excess, answered)
+
+        first, second = (sessions, hogs_) if held > hogs else (hogs_, sessions)
+        done, freed = first(a.excess_bytes, False)
+        more, _ = second(a.excess_bytes - freed, bool(done))
+        return done + more
 
     @staticmethod
     def learn(state: PolicyState, action: Action, outcome: Outcome) -> None:

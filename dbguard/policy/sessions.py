@@ -2,7 +2,8 @@
 by SQL only (cancel first, terminate if it is still there after terminate_after)."""
 from __future__ import annotations
 
-from ..config import DatabaseConfig
+from ..assess import Assessment
+from ..config import DatabaseConfig, Kill
 from ..model import Action, ActionKind, Level, Snapshot
 from .state import PolicyState
 from .targets import MiB, session_name
@@ -28,29 +29,56 @@ def idle_sessions(snap: Snapshot, level: Level, state: PolicyState,
     return out
 
 
-def runaway(snap: Snapshot, level: Level, state: PolicyState, configs: dict[str, DatabaseConfig]) -> list[Action]:
-    if level < Level.HIGH:
-        return []
-    out = []
-    for db in snap.databases:
-        dc = configs.get(db.name)
-        if not db.up or dc is None:
-            continue
-        active = [s for s in db.sessions if s.state != "idle" and s.memory_bytes >= dc.runaway_min_bytes
-                  and (db.name, s.pid) not in state.terminated]
-        if not active:
-            continue
-        s = max(active, key=lambda s: s.memory_bytes)
+def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dict[str, DatabaseConfig],
+                 k: Kill, excess: int, answered: bool = False) -> tuple[list[Action], int]:
+    """At high: the database as its own hog. Cancel the largest active client sessions until the
+    memory they hold covers `excess` (the part of the excess over the goal these sessions are
+    answered for), all in this cycle; terminate those still running terminate_after seconds
+    after their cancel. Never a system session. Returns the actions and the bytes they free.
+
+    Rate limits are the kill's (kill.min_interval between rounds, kill.max_per_minute), counted
+    apart from kills. `answered`: another answer already acted this cycle (a thrashing scope
+    justifies one answer under the goal, not one of each).
+    """
+    if a.level < Level.HIGH:
+        return [], 0
+    out: list[Action] = []
+    freed = 0
+    now = snap.ts
+    open_sessions = [(db, s, configs[db.name]) for db in snap.databases if db.up and db.name in configs
+                     for s in db.sessions if s.client and s.state != "idle"]
+    for db, s, dc in open_sessions:          # escalation: a cancel that did not end the statement
         key = (db.name, s.pid)
-        holds = f"holds {s.memory_bytes // MiB} MiB, the most of any session (runaway_min_bytes " \
-                f"{dc.runaway_min_bytes // MiB} MiB)"
-        if key not in state.cancelled:
-            state.cancelled[key] = snap.ts
-            out.append(Action(ActionKind.CANCEL_QUERY, f"level {level.name.lower()}: session {holds}",
-                              pid=s.pid, target=session_name(db, s), database=db.name))
-        elif snap.ts - state.cancelled[key] >= dc.terminate_after:
+        if key in state.cancelled and key not in state.terminated and now - state.cancelled[key] >= dc.terminate_after:
             state.terminated.add(key)
+            freed += s.memory_bytes
             out.append(Action(ActionKind.TERMINATE_SESSION,
-                              f"level {level.name.lower()}: still running {dc.terminate_after:g}s after "
-                              f"cancel and {holds}", pid=s.pid, target=session_name(db, s), database=db.name))
-    return out
+                              f"level {a.level.name.lower()}: still running {dc.terminate_after:g}s after its cancel, "
+                              f"{_holding(s)}", pid=s.pid, target=session_name(db, s), database=db.name))
+    times = state.session_end_times
+    if times and now - times[-1] < k.min_interval:
+        return out, freed
+    recent = sum(1 for t in times if now - t < 60)
+    fresh = sorted((t for t in open_sessions if (t[0].name, t[1].pid) not in state.cancelled
+                    and t[1].memory_bytes >= t[2].runaway_min_bytes), key=lambda t: -t[1].memory_bytes)
+    cancelled = 0
+    for db, s, dc in fresh:
+        if excess - freed <= 0 and (out or answered or not a.thrashing) or recent >= k.max_per_minute:
+            break
+        state.cancelled[(db.name, s.pid)] = now
+        freed += s.memory_bytes
+        recent += 1
+        cancelled += 1
+        out.append(Action(ActionKind.CANCEL_QUERY,
+                          f"level {a.level.name.lower()}: {_holding(s)}; the largest active session "
+                          f"(runaway_min_bytes {dc.runaway_min_bytes // MiB} MiB)",
+                          pid=s.pid, target=session_name(db, s), database=db.name))
+    if cancelled:
+        times.append(now)
+    return out, freed
+
+
+def _holding(s) -> str:
+    """What the audit record says of a session: its memory and how long its statement runs,
+    never the statement's text."""
+    return f"holds {s.memory_bytes // MiB} MiB, statement running {s.age_seconds:.0f}s"

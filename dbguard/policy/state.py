@@ -22,6 +22,7 @@ class PolicyState:
     cancelled: dict[SessionKey, float] = field(default_factory=dict)    # session -> when cancelled
     terminated: set[SessionKey] = field(default_factory=set)
     kill_times: deque = field(default_factory=lambda: deque(maxlen=10_000))   # one per kill round
+    session_end_times: deque = field(default_factory=lambda: deque(maxlen=10_000))   # one per cancel round
     killed: dict[ProcKey, float] = field(default_factory=dict)          # planned kills, by identity
     scored: dict[ProcKey, int] = field(default_factory=dict)            # oom_score_adj we set
 

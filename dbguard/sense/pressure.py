@@ -16,6 +16,7 @@ from ..errors import DbguardError
 from ..model import MemoryReading
 
 PROC_PSI_MEMORY = "/proc/pressure/memory"
+PROC_PSI_IO = "/proc/pressure/io"
 MEMINFO = "/proc/meminfo"
 UNLIMITED = 1 << 62            # v1 reports "no limit" as a page-rounded 2^63-1
 UNPRIVILEGED_WINDOW_US = 2_000_000
@@ -77,14 +78,24 @@ def parse_limit(text: str, mem_total: int) -> int | None:
 
 
 def reclaimable_from_stat(stat: dict[str, int], version: int) -> int:
-    """Page cache the kernel can drop without I/O stalls: the inactive file list.
+    """Page cache the kernel can drop without I/O stalls: the inactive file list, less the
+    pages that are dirty or under writeback.
 
-    Active file pages are reclaimable too, but only after they age; counting them would
-    call a cgroup safe that is about to thrash.
+    Active file pages are reclaimable too, but only after they age; counting them would call
+    a cgroup safe that is about to thrash. Dirty and writeback pages must be written first:
+    a hog cannot wait for that (a database's sort or hash spilling to temporary files fills
+    the cgroup with exactly such pages), and the stall they cause shows as IO pressure, not
+    memory pressure. Dirty pages may sit on either LRU list; taking them all off the inactive
+    one errs on the side of seeing pressure.
     """
     if version == 1:
-        return stat.get("total_inactive_file", stat.get("inactive_file", 0))
-    return stat.get("inactive_file", 0)
+        inactive = stat.get("total_inactive_file", stat.get("inactive_file", 0))
+        unwritten = stat.get("total_dirty", stat.get("dirty", 0)) + stat.get("total_writeback",
+                                                                               stat.get("writeback", 0))
+    else:
+        inactive = stat.get("inactive_file", 0)
+        unwritten = stat.get("file_dirty", 0) + stat.get("file_writeback", 0)
+    return max(0, inactive - unwritten)
 
 
 def trigger_line(stall_us: int, window_us: int) -> bytes:
@@ -162,6 +173,8 @@ class PressureMonitor:
         self._mem_total = parse_meminfo(_read_text(MEMINFO))["MemTotal"]
         v2_psi = os.path.join(self.cgroup_dir, "memory.pressure")
         self.psi_path = v2_psi if self.version == 2 and os.path.exists(v2_psi) else PROC_PSI_MEMORY
+        v2_io = os.path.join(self.cgroup_dir, "io.pressure")
+        self.io_psi_path = v2_io if self.version == 2 and os.path.exists(v2_io) else PROC_PSI_IO
         self.trigger_active = False
         self.trigger_error = ""
         self.trigger_note = ""          # e.g. the window was rounded up for an unprivileged trigger
@@ -200,6 +213,12 @@ class PressureMonitor:
             # No PSI (kernel without CONFIG_PSI, or booted psi=0): usage marks still work.
             return 0.0, 0.0
 
+    def _io_some(self) -> float:
+        try:
+            return psi_avg10(_read_text(self.io_psi_path))[0]
+        except OSError:
+            return 0.0
+
     def read(self) -> MemoryReading:
         some, full = self._psi()
         if self.version == 0:
@@ -221,7 +240,7 @@ class PressureMonitor:
                 reclaimable = reclaimable_from_stat(parse_flat_keyed(self._cg("memory.stat")), 2)
         return MemoryReading(cgroup=self.cgroup_dir, cgroup_version=self.version, usage_bytes=usage,
                              limit_bytes=limit, psi_some_avg10=some, psi_full_avg10=full,
-                             reclaimable_bytes=reclaimable)
+                             reclaimable_bytes=reclaimable, io_some_avg10=self._io_some())
 
     def _host_usage(self) -> tuple[int, int, int]:
         info = parse_meminfo(_read_text(MEMINFO))

@@ -107,3 +107,15 @@ def test_trigger_is_genuine():
     assert not p.trigger_is_genuine(samples[:3], 102.5, 1_049_000, stall, 6.0)
     # Nothing to compare with: believe the kernel.
     assert p.trigger_is_genuine([], now, 0, stall, 6.0)
+
+
+def test_dirty_and_writeback_pages_are_not_reclaimable():
+    # memory.stat as a cgroup shows it while a sort spills to temporary files: 692 MiB of
+    # inactive file pages, of which 500 MiB dirty and 100 MiB under writeback.
+    MiB = 1024 * 1024
+    v1 = {"total_inactive_file": 692 * MiB, "total_dirty": 500 * MiB, "total_writeback": 100 * MiB}
+    assert p.reclaimable_from_stat(v1, 1) == 92 * MiB
+    v2 = {"inactive_file": 692 * MiB, "file_dirty": 500 * MiB, "file_writeback": 100 * MiB}
+    assert p.reclaimable_from_stat(v2, 2) == 92 * MiB
+    # Dirty pages on the active list as well: never below zero.
+    assert p.reclaimable_from_stat({"total_inactive_file": 10, "total_dirty": 50}, 1) == 0
