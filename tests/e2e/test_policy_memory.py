@@ -1,5 +1,5 @@
 """The policy's memory outlives a new configuration: a SIGHUP reload and a newly discovered
-database swap the config, never the kill rate or a session's cancel→terminate escalation.
+database swap the config, never the kill or cancel rate or a session's cancel→terminate escalation.
 
 The real daemon object runs its real cycle (sense a real memory cgroup holding real hogs, a
 real PostgreSQL, decide, act) in dry-run, so nothing is killed or cancelled and the pressure
@@ -9,6 +9,8 @@ would be cancelled a second time instead of terminated.
 """
 from __future__ import annotations
 
+import os
+import sys
 import threading
 import time
 from pathlib import Path
@@ -29,11 +31,11 @@ LIMIT = 500 * MiB
 HOG = 110 * MiB           # four of them (plus their interpreters) hold ~94 % of the limit: level high
 
 
-def _toml(tmp: Path, cg: MemoryCgroup, databases: str, **kill) -> str:
+def _toml(tmp: Path, cg: MemoryCgroup, databases: str, protect: str = "", **kill) -> str:
     extra = "".join(f"{k} = {v}\n" for k, v in kill.items())
     return (f'[general]\ndry_run = true\nstate_dir = "{tmp}/state"\nlock_memory = false\n'
             f'[pressure]\ncgroup = "{cg.path}"\nmin_dwell = 0.0\n'
-            f'[kill]\nprotect_exe = []\nmin_interval = 0.0\nmax_per_minute = 1\n{extra}'
+            f'[kill]\nprotect_exe = [{protect}]\nmin_interval = 0.0\nmax_per_minute = 1\n{extra}'
             f'[bpf]\nenabled = false\n[metrics]\nlisten = ""\n[audit]\npath = "{tmp}/audit.jsonl"\n'
             + databases)
 
@@ -63,49 +65,63 @@ def _cycle(d: Daemon):
     return a, plan
 
 
-def test_kill_rate_and_escalation_survive_sighup(tmp_path):
+def test_cancel_rate_and_escalation_survive_sighup(tmp_path):
+    """The database as its own hog: the hogs here are protected (kill.protect_exe), so the
+    pressure is answered by ending sessions. One cancel a minute (max_per_minute = 1): the
+    first cycle cancels one of the two running statements; after the reload, the cancelled
+    one escalates to terminate and the other is still not cancelled."""
+    python = os.path.realpath(sys.executable)
     with MemoryCgroup(LIMIT) as cg, PgCluster() as cluster:
         db = (f'[[databases]]\nkind = "postgresql"\nname = "main"\ndsn = "{cluster.dsn}"\n'
               f'runaway_min_bytes = "1"\nterminate_after = 1.0\n')
         cfg_path = tmp_path / "dbguard.toml"
-        cfg_path.write_text(_toml(tmp_path, cg, db))
-        session = psycopg.connect(cluster.dsn, autocommit=True)
-
-        def sleep() -> None:
-            try:
-                session.execute("SELECT pg_sleep(120)")
-            except psycopg.Error:
-                pass          # cancelled at the end of the test
-
-        sleeper = threading.Thread(target=sleep, daemon=True)
-        sleeper.start()
+        cfg_path.write_text(_toml(tmp_path, cg, db, protect=f'"{python}"'))
+        sleepers = [_Sleeper(cluster.dsn) for _ in range(2)]
         hogs = _hogs(cg, 4)
         d = Daemon(config.load(cfg_path))
         try:
             d.open()
             a, plan = _cycle(d)
             assert a.level.name in ("HIGH", "CRITICAL"), a.why
-            first_kills = _kills(plan.actions)
-            assert len(first_kills) == 1, f"max_per_minute = 1 allows one kill: {plan.actions}"
-            cancels = [x for x in plan.actions if x.kind.value == "cancel_query"]
-            assert len(cancels) == 1, plan.actions
+            assert _kills(plan.actions) == [], "the hogs are protected"
+            cancels = [x.pid for x in plan.actions if x.kind.value == "cancel_query"]
+            assert len(cancels) == 1 and cancels[0] in {s.pid for s in sleepers}, plan.actions
             # SIGHUP with a changed threshold: the new config applies, the memory stays.
-            cfg_path.write_text(_toml(tmp_path, cg, db, min_rss='"16MiB"'))
+            cfg_path.write_text(_toml(tmp_path, cg, db, protect=f'"{python}"', min_rss='"16MiB"'))
             d.reload()
             assert d.cfg.kill.min_rss == 16 * MiB, "the reload took effect"
             time.sleep(1.2)                       # past terminate_after
             a, plan = _cycle(d)
             assert a.level.name in ("HIGH", "CRITICAL"), a.why
-            assert _kills(plan.actions) == [], f"the kill rate (1 a minute) survives the reload: {plan.actions}"
             ended = [(x.kind.value, x.pid) for x in plan.actions if x.kind.value.endswith(("_query", "_session"))]
-            assert ended == [("terminate_session", cancels[0].pid)], \
-                f"the cancelled session escalates to terminate, not a second cancel: {plan.actions}"
+            assert ended == [("terminate_session", cancels[0])], \
+                f"escalation to terminate, no second cancel (rate and memory survive the reload): {plan.actions}"
         finally:
             d.close()
             _stop(hogs)
-            session.cancel()
-            sleeper.join(10)
-            session.close()
+            for s in sleepers:
+                s.close()
+
+
+class _Sleeper:
+    """A client session running a long statement (pg_sleep), ended at close()."""
+
+    def __init__(self, dsn: str):
+        self.conn = psycopg.connect(dsn, autocommit=True)
+        self.pid = self.conn.info.backend_pid
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.conn.execute("SELECT pg_sleep(120)")
+        except psycopg.Error:
+            pass          # cancelled at the end of the test
+
+    def close(self) -> None:
+        self.conn.cancel()
+        self.thread.join(10)
+        self.conn.close()
 
 
 def test_kill_rate_and_level_survive_a_newly_discovered_database(tmp_path, monkeypatch):
