@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import re
 import shutil
 import signal
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
+from lab.procs import CLK_TCK, cpu_ticks, find_by_cmdline, oom_score_adj, ppid, set_oom_score_adj, status_kib
 from lab.scenario import ScenarioEnv, dbguard_guard
 
 Guard = Callable[[ScenarioEnv], ContextManager[None]]
@@ -77,20 +77,10 @@ def _none(c: Contender, env: ScenarioEnv) -> Iterator[None]:
 
 def _write_score(pid: int, value: int) -> str | None:
     """None when written, else why not (one line)."""
-    try:
-        Path(f"/proc/{pid}/oom_score_adj").write_text(str(value))
-        return None
-    except PermissionError:
+    why = set_oom_score_adj(pid, value)
+    if why and why.startswith("EACCES"):
         return "EACCES (lowering needs CAP_SYS_RESOURCE, which this host lacks)"
-    except OSError as e:
-        return e.strerror or str(e)
-
-
-def _read_score(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/oom_score_adj").read_text())
-    except (OSError, ValueError):
-        return None
+    return why
 
 
 @contextlib.contextmanager
@@ -103,10 +93,10 @@ def _pg_documented(c: Contender, env: ScenarioEnv) -> Iterator[None]:
     pm = env.cluster.postmaster_pid()
     why = _write_score(pm, -1000)
     if why:
-        c.notes.append(f"postmaster oom_score_adj=-1000 NOT applied: {why}; it stays at {_read_score(pm)}")
+        c.notes.append(f"postmaster oom_score_adj=-1000 NOT applied: {why}; it stays at {oom_score_adj(pm)}")
     else:
         c.notes.append("postmaster oom_score_adj=-1000 applied")
-    children = [p for p in env.cgroup.pids() if _ppid(p) == pm]
+    children = [p for p in env.cgroup.pids() if ppid(p) == pm]
     failed = [p for p in children if _write_score(p, 0)]
     c.notes.append(f"children reset to oom_score_adj=0: {len(children) - len(failed)} of {len(children)} "
                    "(new children inherit the postmaster's score"
@@ -180,7 +170,7 @@ def _mariadb_documented(c: Contender, env: ScenarioEnv) -> Iterator[None]:
     apply(pid)
     if refused:
         c.notes.append(f"mariadbd oom_score_adj={MARIADB_UNIT_SCORE} NOT applied: {refused[0]}; "
-                       f"it stays at {_read_score(pid)}")
+                       f"it stays at {oom_score_adj(pid)}")
     sup = _Supervisor(c, env, apply)
     sup.start()
     try:
@@ -189,13 +179,6 @@ def _mariadb_documented(c: Contender, env: ScenarioEnv) -> Iterator[None]:
         sup.stop()
         c.notes.append(f"Restart=on-abnormal (RestartSec={MARIADB_UNIT_RESTART_SEC:g}s): "
                        f"{sup.restarts} restart(s) of mariadbd")
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 # --- earlyoom ----------------------------------------------------------------------------------
@@ -253,9 +236,8 @@ def _earlyoom(c: Contender, env: ScenarioEnv) -> Iterator[None]:
 def _dbguard(bpf: bool):
     @contextlib.contextmanager
     def guard(c: Contender, env: ScenarioEnv) -> Iterator[None]:
-        extra = f"[bpf]\nenabled = {'true' if bpf else 'false'}\n"
-        with dbguard_guard(env, extra_config=extra):
-            yield
+        with dbguard_guard(env, extra_config={"bpf": {"enabled": bpf}}) as run:
+            yield run
     return guard
 
 
@@ -294,27 +276,6 @@ def dbguard_available() -> str | None:
 
 # --- sampling: memory, pressure, the guard's own cost ------------------------------------------
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_ticks(pid: int) -> int | None:
-    try:
-        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return int(f[11]) + int(f[12])        # utime + stime
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _status_kib(pid: int, key: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def host_psi() -> tuple[float, float]:
     """(some avg10, full avg10) of /proc/pressure/memory: host-wide, but on this machine the
     only memory pressure is the scenario's cgroup, so it is that cgroup's stall."""
@@ -328,17 +289,6 @@ def host_psi() -> tuple[float, float]:
             else:
                 full = avg10
     return some, full
-
-
-def find_guard_pid(marker: str) -> int | None:
-    """The process whose command line names `marker` (the guard's config or work dir)."""
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if marker in Path(f"/proc/{name}/cmdline").read_bytes().decode(errors="replace"):
-                return int(name)
-    return None
 
 
 class Sampler(threading.Thread):
@@ -359,12 +309,12 @@ class Sampler(threading.Thread):
                 some, full = host_psi()
                 s = {"t": t, "usage": self.env.cgroup.usage(), "psi_some": some, "psi_full": full}
                 if self.marker and self.guard_pid is None:
-                    self.guard_pid = find_guard_pid(self.marker)
+                    self.guard_pid = find_by_cmdline(self.marker)
                 if self.guard_pid:
-                    ticks = _cpu_ticks(self.guard_pid)
+                    ticks = cpu_ticks(self.guard_pid)
                     s["guard_cpu_s"] = None if ticks is None else ticks / CLK_TCK
-                    s["guard_rss_kib"] = _status_kib(self.guard_pid, "VmRSS")
-                    hwm = _status_kib(self.guard_pid, "VmHWM")
+                    s["guard_rss_kib"] = status_kib(self.guard_pid, "VmRSS")
+                    hwm = status_kib(self.guard_pid, "VmHWM")
                     if hwm:
                         self.guard_hwm_kib = hwm
                 self.samples.append(s)

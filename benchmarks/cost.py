@@ -9,18 +9,14 @@ compile. CPU under pressure comes from the scenario runs (sampled the same way).
 """
 from __future__ import annotations
 
-import contextlib
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from lab.cgroup import MemoryCgroup
-from lab.scenario import REPO, ScenarioEnv, dbguard_config, read_audit
-
-from .contenders import CLK_TCK, _cpu_ticks, _status_kib
+from lab.launcher import DbguardRun
+from lab.procs import CLK_TCK, cpu_ticks, status_kib
+from lab.scenario import ScenarioEnv, dbguard_config
 
 MiB = 1024 * 1024
 
@@ -31,41 +27,18 @@ def one(bpf: bool, idle: float, log) -> dict:
             tempfile.TemporaryDirectory(prefix="dbguard-bench-cost-") as tmp:
         work = Path(tmp)
         env = ScenarioEnv(cg, cluster, work, work / "audit.jsonl", log)
-        cfg = work / "dbguard.toml"
-        cfg.write_text(dbguard_config(env, f"[bpf]\nenabled = {'true' if bpf else 'false'}\n"))
-        out = open(work / "dbguard.out", "wb")
-        t_spawn = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-c", "import sys; from dbguard.cli import main; sys.exit(main())",
-                                 "run", "--config", str(cfg)], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=REPO, start_new_session=True)
-        try:
-            startup = None
-            while time.monotonic() - t_spawn < 60 and proc.poll() is None:
-                if any(r.get("action") == "start" for r in read_audit(env.audit_path)):
-                    startup = time.monotonic() - t_spawn
-                    break
-                time.sleep(0.01)
-            if startup is None:
-                raise RuntimeError(f"dbguard run did not start: {(work / 'dbguard.out').read_text()[-300:]}")
+        with DbguardRun(work, dbguard_config(env, {"bpf": {"enabled": bpf}})) as run:
+            startup = run.wait_protecting(poll=0.01)
             time.sleep(2.0)         # first cycles done
-            t1, c1 = time.monotonic(), _cpu_ticks(proc.pid)
+            t1, c1 = time.monotonic(), cpu_ticks(run.pid)
             time.sleep(idle)
-            t2, c2 = time.monotonic(), _cpu_ticks(proc.pid)
-            rec = {"startup_s": startup,
-                   "cpu_idle_pct": 100.0 * (c2 - c1) / CLK_TCK / (t2 - t1) if c1 is not None and c2 is not None else None,
-                   "rss_steady_mib": (_status_kib(proc.pid, "VmRSS") or 0) / 1024,
-                   "rss_peak_mib": (_status_kib(proc.pid, "VmHWM") or 0) / 1024,
-                   "idle_window_s": round(t2 - t1, 1)}
-        finally:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(15)
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
-            out.close()
-    return rec
+            t2, c2 = time.monotonic(), cpu_ticks(run.pid)
+            return {"startup_s": startup,
+                    "cpu_idle_pct": 100.0 * (c2 - c1) / CLK_TCK / (t2 - t1) if c1 is not None and c2 is not None
+                    else None,
+                    "rss_steady_mib": (status_kib(run.pid, "VmRSS") or 0) / 1024,
+                    "rss_peak_mib": (status_kib(run.pid, "VmHWM") or 0) / 1024,
+                    "idle_window_s": round(t2 - t1, 1)}
 
 
 def run(quick: bool = False, log=print) -> dict:

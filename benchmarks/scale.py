@@ -144,5 +144,5 @@ def run(quick: bool = False, log=print) -> dict:
                      "cpu_ms": {"median": 0, "lo": 0, "hi": 0}, "detail": f"failed: {e}"[:200]})
     return {"method": __doc__.split("\n\n", 1)[1].replace("\n", " ").strip()
             + f" Median of {ROUNDS} cycles in one process (wall, and CPU from time.process_time); "
-            "range in brackets. Run while other engineers' tests shared the 2 cores.",
+            f"range in brackets. {os.cpu_count()} cores; the host's load average at the start is in the provenance.",
             "rows": rows}

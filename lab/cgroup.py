@@ -57,24 +57,27 @@ class MemoryCgroup:
         self.remove()
 
     def remove(self, timeout: float = 10.0) -> None:
-        """Kill what is left inside, then rmdir. Never leaves a cgroup behind if it can help it."""
+        """Kill what is left inside (sub-groups too), then rmdir bottom-up. Never leaves a
+        cgroup behind if it can help it."""
         if not self.path.exists():
             return
         deadline = time.monotonic() + timeout
-        while True:
-            pids = self.pids()
-            for pid in pids:
+        for d in [Path(d) for d, _, _ in os.walk(self.path, topdown=False)]:
+            while True:
+                for pid in _pids(d):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
                 try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+                    d.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
 
     # --- control ---------------------------------------------------------------------------
     @property
@@ -97,14 +100,26 @@ class MemoryCgroup:
         (self.path / "cgroup.procs").write_text(str(pid))
 
     def pids(self) -> list[int]:
-        try:
-            return [int(x) for x in (self.path / "cgroup.procs").read_text().split()]
-        except FileNotFoundError:
-            return []
+        return _pids(self.path)
 
     def usage(self) -> int:
         name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
         return int((self.path / name).read_text())
+
+    def limit_hits(self) -> int:
+        """How often a charge hit the limit (each one a reclaim): memory.failcnt on v1, the
+        "max" count of memory.events on v2."""
+        if self.version == 1:
+            return int((self.path / "memory.failcnt").read_text())
+        return self._events().get("max", 0)
+
+    def peak(self) -> int:
+        """The highest usage since the cgroup was made."""
+        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
+        return int((self.path / name).read_text())
+
+    def _events(self) -> dict[str, int]:
+        return {k: int(v) for k, v in (line.split() for line in (self.path / "memory.events").read_text().splitlines())}
 
     def oom_kills(self) -> int:
         """Kernel OOM kills inside this cgroup so far."""
@@ -114,17 +129,27 @@ class MemoryCgroup:
                 if k == "oom_kill":
                     return int(v)
             return 0
-        for line in (self.path / "memory.events").read_text().splitlines():
-            k, _, v = line.partition(" ")
-            if k == "oom_kill":
-                return int(v)
-        return 0
+        return self._events().get("oom_kill", 0)
 
-    def preexec(self):
-        """For subprocess.Popen(preexec_fn=...): the child joins this cgroup before exec."""
-        procs = str(self.path / "cgroup.procs")
+    def subgroup(self, rel: str) -> Path:
+        """A sub-group (e.g. "free/a"), made if missing; remove() takes it away with the rest."""
+        path = self.path / rel
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def preexec(self, rel: str | None = None):
+        """For subprocess.Popen(preexec_fn=...): the child joins this cgroup (or its sub-group
+        `rel`) before exec."""
+        procs = str((self.subgroup(rel) if rel else self.path) / "cgroup.procs")
 
         def join() -> None:
             with open(procs, "w") as f:
                 f.write("0")
         return join
+
+
+def _pids(cgroup_dir: Path) -> list[int]:
+    try:
+        return [int(x) for x in (cgroup_dir / "cgroup.procs").read_text().split()]
+    except FileNotFoundError:
+        return []

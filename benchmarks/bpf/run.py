@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from dbguard.kernel.bpf import INHERIT, SHIELD, BpfGuard
+from lab import hog
 from lab.cgroup import MemoryCgroup
 
 MiB = 1024**2
@@ -36,25 +37,6 @@ for _ in range(n):
     if pid == 0:
         os._exit(0)
     os.waitpid(pid, 0)
-"""
-
-HOG = r"""
-import mmap
-keep = []
-while True:
-    m = mmap.mmap(-1, 8 << 20)
-    for i in range(0, 8 << 20, 4096):
-        m[i] = 1
-    keep.append(m)
-"""
-
-READER = r"""
-import os, sys
-for _ in range(2):
-    with open(sys.argv[1], 'rb', buffering=0) as f:
-        while f.read(1 << 20):
-            pass
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 """
 
 
@@ -131,8 +113,8 @@ def cache_storm(g: BpfGuard, cache_file: str) -> None:
         fd = os.open(cache_file, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
-        r = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()\n" + READER, cache_file],
-                             stdin=subprocess.PIPE, preexec_fn=cg.preexec())
+        r = hog.spawn(0, MiB, 0, 0, preexec_fn=cg.preexec(), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                      options=("--gate", "--read", cache_file, "--passes", "2", "--drop-cache"))
         g.sync_processes({}, {r.pid: 1})
         g.set_policy(level=3, enabled=True, dry_run=False)
         r.stdin.write(b"go\n"); r.stdin.close()
@@ -144,17 +126,17 @@ def cache_storm(g: BpfGuard, cache_file: str) -> None:
 def hog_storm(g: BpfGuard) -> None:
     """An anonymous hog (candidate) in a 128 MiB cgroup until the BPF program kills it."""
     with MemoryCgroup(128 * MiB) as cg:
-        hog = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.readline()\n" + HOG],
-                               stdin=subprocess.PIPE, preexec_fn=cg.preexec())
-        g.sync_processes({}, {hog.pid: 1})
+        h = hog.spawn(hog.UNLIMITED, 8 * MiB, 0, 0, preexec_fn=cg.preexec(), stdin=subprocess.PIPE,
+                      stdout=subprocess.DEVNULL, options=("--gate",))
+        g.sync_processes({}, {h.pid: 1})
         g.set_policy(level=3, enabled=True, dry_run=False)
-        hog.stdin.write(b"go\n"); hog.stdin.close()
+        h.stdin.write(b"go\n"); h.stdin.close()
         try:
-            hog.wait(60)
+            h.wait(60)
         finally:
-            if hog.poll() is None:
-                hog.kill()
-                hog.wait()
+            if h.poll() is None:
+                h.kill()
+                h.wait()
         g.set_policy(level=0, enabled=False, dry_run=False)
         g.sync_processes({}, {})
         g.poll(0)

@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from dbguard.errors import DbguardError
 from dbguard.kernel import layout
-from dbguard.kernel.bpf import (INHERIT, INHERITED, SHIELD, BpfGuard, availability,
-                                event_to_audit, program_source, protections)
+from dbguard.kernel.bpf import (INHERIT, INHERITED, SHIELD, BpfGuard, event_to_audit,
+                                program_source, protections)
 from lab.cgroup import MemoryCgroup
+from lab.hog import UNLIMITED, spawn, wait_holding
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root, pytest.mark.e2e]
 
@@ -27,111 +27,39 @@ MiB = 1024**2
 WAIT = 60.0          # bound on waiting for the kernel, not an assertion about speed
 PY = sys.executable
 
-# Touches every page of fresh anonymous mappings until it is killed.
-HOG = r"""
-import mmap, sys
-sys.stdin.readline()
-keep = []
-while True:
-    m = mmap.mmap(-1, 8 << 20)
-    for i in range(0, 8 << 20, 4096):
-        m[i] = 1
-    keep.append(m)
-"""
-
-# Holds argv[1] MiB, reads the file argv[2] through the page cache (so its own cgroup hits
-# the limit and it meets reclaim), then keeps allocating and freeing 1 MiB every 50 ms (slowly,
-# so that when the cgroup runs out it is the hog whose reclaim fails, not this one).
-ALLOCATOR = r"""
-import mmap, sys, time
-hold = []
-for _ in range(int(sys.argv[1])):
-    m = mmap.mmap(-1, 1 << 20)
-    for i in range(0, 1 << 20, 4096):
-        m[i] = 1
-    hold.append(m)
-with open(sys.argv[2], "rb", buffering=0) as f:
-    while f.read(1 << 20):
-        pass
-print("ready", flush=True)
-while True:
-    m = mmap.mmap(-1, 1 << 20)
-    for i in range(0, 1 << 20, 4096):
-        m[i] = 2
-    m.close()
-    time.sleep(0.05)
-"""
-
-
-@pytest.fixture(scope="module")
-def guard():
-    usable, why = availability()
-    if not usable:
-        pytest.fail(f"BPF tests need BPF here: {why}")
-    try:
-        g = BpfGuard.load()
-    except DbguardError as e:
-        pytest.fail(f"BPF tests could not load the programs: {e}")
-    try:
-        yield g
-    finally:
-        g.close()
-
 
 @pytest.fixture
-def bpf(guard):
+def bpf(bpf_guard):
     """The module's guard, with policy and maps reset around each test."""
     def reset():
-        guard.set_policy(level=0, enabled=False, dry_run=False)
-        guard.sync_processes({}, {})
-        guard.sync_cgroups({})
-        guard.poll(0)
+        bpf_guard.set_policy(level=0, enabled=False, dry_run=False)
+        bpf_guard.sync_processes({}, {})
+        bpf_guard.sync_cgroups({})
+        bpf_guard.poll(0)
     reset()
     try:
-        yield guard
+        yield bpf_guard
     finally:
         reset()
 
 
-class Procs:
-    """Test subprocesses, all killed and reaped at the end whatever happens."""
-
-    def __init__(self):
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, code: str, *args: str, cg: MemoryCgroup | None = None) -> subprocess.Popen:
-        p = subprocess.Popen([PY, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             text=True, preexec_fn=cg.preexec() if cg else None)
-        self.procs.append(p)
-        return p
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            for f in (p.stdin, p.stdout):
-                try:
-                    f.close()
-                except (OSError, BrokenPipeError):
-                    pass
+def run_code(procs, code: str, *args: str, cg: MemoryCgroup | None = None) -> subprocess.Popen:
+    """A test process running `code` (stdin and stdout piped, text), reaped by `procs`."""
+    return procs.start([PY, "-c", code, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                       preexec_fn=cg.preexec() if cg else None)
 
 
-@pytest.fixture
-def procs():
-    ps = Procs()
-    try:
-        yield ps
-    finally:
-        ps.close()
+def start_hog(procs, cg: MemoryCgroup, *options: str, total: int = UNLIMITED, step: int = 8 * MiB,
+              hold: float = 600, gate: bool = True) -> subprocess.Popen:
+    """lab.hog in `cg`; by default it waits for a line on stdin (go()), then takes fresh
+    anonymous memory in 8 MiB steps, touching every page, until it is killed."""
+    return procs.add(spawn(total, step, 0, hold, preexec_fn=cg.preexec(), stdout=subprocess.PIPE,
+                           stdin=subprocess.PIPE, options=(("--gate",) if gate else ()) + options))
 
 
-def limit_hits(cg: MemoryCgroup) -> int:
-    """How often the cgroup's charges hit the limit (each one a reclaim)."""
-    if cg.version == 1:
-        return int((cg.path / "memory.failcnt").read_text())
-    events = dict(line.split() for line in (cg.path / "memory.events").read_text().splitlines())
-    return int(events["max"])
+def go(p: subprocess.Popen) -> None:
+    p.stdin.write(b"go\n")
+    p.stdin.flush()
 
 
 def wait_events(g: BpfGuard, want, bound: float = WAIT) -> list:
@@ -154,29 +82,29 @@ def wait_exit(p: subprocess.Popen, bound: float = WAIT) -> int | None:
 
 # --- layout and source ------------------------------------------------------------------------
 
-def test_python_structs_match_what_bcc_compiled(guard):
+def test_python_structs_match_what_bcc_compiled(bpf_guard):
     for name, struct in layout.MAP_VALUES.items():
-        leaf = guard._b[name.encode()].Leaf
+        leaf = bpf_guard._b[name.encode()].Leaf
         assert ct.sizeof(leaf) == ct.sizeof(struct), name
         assert [f[0] for f in leaf._fields_] == [f[0] for f in struct._fields_], name
 
 
-def test_print_source_is_what_is_loaded(guard):
+def test_print_source_is_what_is_loaded(bpf_guard):
     out = subprocess.run([PY, "-m", "dbguard.kernel.bpf", "--print-source"], capture_output=True,
                          text=True, check=True).stdout
-    assert out == program_source() == guard.source
+    assert out == program_source() == bpf_guard.source
     assert '#include "dbguard.h"' not in out and "struct dbg_event {" in out
     assert "#define DBG_MAX_PROCS 16384" in out
 
 
-def test_direct_reclaim_programs_jump_to_the_memcg_ones(guard):
+def test_direct_reclaim_programs_jump_to_the_memcg_ones(bpf_guard):
     def prog_id(fd: int) -> int:
         for line in open(f"/proc/self/fdinfo/{fd}"):
             if line.startswith("prog_id:"):
                 return int(line.split()[1])
         raise AssertionError("no prog_id in fdinfo")
-    funcs = guard._b.funcs
-    jump = guard._b[b"reclaim_jump"]
+    funcs = bpf_guard._b.funcs
+    jump = bpf_guard._b[b"reclaim_jump"]
     for slot, target in ((0, b"tracepoint__vmscan__mm_vmscan_memcg_reclaim_begin"),
                          (1, b"tracepoint__vmscan__mm_vmscan_memcg_reclaim_end")):
         assert jump[ct.c_int(slot)].value == prog_id(funcs[target].fd)
@@ -221,7 +149,7 @@ sys.stdin.readline()
 
 
 def test_fork_inheritance_1000_children(bpf, procs):
-    parent = procs.start(FORKER, "1000")
+    parent = run_code(procs, FORKER, "1000")
     threads = [int(x) for x in parent.stdout.readline().split()[1:]]
     bpf.sync_processes({parent.pid: (SHIELD | INHERIT, 1)}, {})
     before = bpf.counters()
@@ -251,7 +179,7 @@ def test_fork_inheritance_1000_children(bpf, procs):
 
 
 def test_inherited_entries_go_when_their_ancestor_is_unprotected(bpf, procs):
-    parent = procs.start(FORKER, "3")
+    parent = run_code(procs, FORKER, "3")
     parent.stdout.readline()
     bpf.sync_processes({parent.pid: (SHIELD | INHERIT, 2)}, {})
     parent.stdin.write("fork\n"); parent.stdin.flush()
@@ -287,18 +215,22 @@ def drop_cache(path: str) -> None:
 def _hog_and_protected(bpf, procs, cg, big_file, *, dry_run: bool):
     """A protected allocator that has met reclaim, and a candidate hog about to start."""
     drop_cache(big_file)
-    protected = procs.start(ALLOCATOR, "48", big_file, cg=cg)
+    # Holds 48 MiB, reads the file through the page cache (so its cgroup hits the limit and it
+    # meets reclaim), then maps and frees 1 MiB every 50 ms (slowly, so that when the cgroup runs
+    # out it is the hog whose reclaim fails, not this one).
+    protected = start_hog(procs, cg, "--read", big_file, "--churn", "1M", "--churn-interval", "0.05",
+                          total=48 * MiB, step=MiB, gate=False)
     bpf.sync_processes({protected.pid: (SHIELD, 0)}, {})
     before = bpf.counters()["reclaim_protected"]
-    assert protected.stdout.readline().strip() == "ready"
+    wait_holding(protected, "the protected allocator")
     assert bpf.counters()["reclaim_protected"] > before, "the protected process never met reclaim"
-    hog = procs.start(HOG, cg=cg)
+    hog = start_hog(procs, cg)
     # As the daemon does: the kernel's own choice, should it come first, falls on the candidate.
     with open(f"/proc/{hog.pid}/oom_score_adj", "w") as f:
         f.write("1000")
     bpf.sync_processes({protected.pid: (SHIELD, 0)}, {hog.pid: 1})
     bpf.set_policy(level=3, enabled=True, dry_run=dry_run, min_level_to_kill=3, fail_streak=3)
-    hog.stdin.write("go\n"); hog.stdin.flush()
+    go(hog)
     return protected, hog
 
 
@@ -343,22 +275,18 @@ def test_reclaim_dry_run_kills_nobody_and_says_what_it_would_do(bpf, procs, big_
 def test_page_cache_full_cgroup_sees_no_kill(bpf, procs, big_file):
     """Reclaim that succeeds is normal: a cgroup full of page cache never triggers a kill."""
     drop_cache(big_file)     # read it back from disk, charged to the test cgroup
-    reader_code = ("import sys\nsys.stdin.readline()\n"
-                   "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
-                   "    while f.read(1 << 20): pass\n"
-                   "print('done', flush=True)\n")
     with MemoryCgroup(128 * MiB) as cg:
-        idle = procs.start("import sys; sys.stdin.readline()", cg=cg)
-        reader = procs.start(reader_code, big_file, cg=cg)
+        idle = run_code(procs, "import sys; sys.stdin.readline()", cg=cg)
+        reader = start_hog(procs, cg, "--read", big_file, total=0, hold=0)   # page cache only
         bpf.sync_processes({}, {idle.pid: 1, reader.pid: 1})
         bpf.set_policy(level=3, enabled=True, dry_run=False, min_level_to_kill=3, fail_streak=3)
         before = bpf.counters()
-        reader.stdin.write("go\n"); reader.stdin.flush()
-        assert reader.stdout.readline().strip() == "done"
+        go(reader)
+        wait_holding(reader, "the reader")
         assert wait_exit(reader) == 0
         events = bpf.poll(100)
         after = bpf.counters()
-        assert limit_hits(cg) > 0, "the cgroup never hit its limit: the test proves nothing"
+        assert cg.limit_hits() > 0, "the cgroup never hit its limit: the test proves nothing"
         assert after["kills"] == before["kills"] and after["would_kills"] == before["would_kills"]
         assert not [e for e in events if e.tgid in (idle.pid, reader.pid)]
         assert idle.poll() is None
@@ -368,8 +296,8 @@ def test_page_cache_full_cgroup_sees_no_kill(bpf, procs, big_file):
 
 def test_kernel_oom_kill_is_audited_with_the_victim(bpf, procs):
     with MemoryCgroup(128 * MiB) as cg:
-        hog = procs.start(HOG, cg=cg)
-        hog.stdin.write("go\n"); hog.stdin.flush()
+        hog = start_hog(procs, cg)
+        go(hog)
         events = wait_events(bpf, lambda evs: any(e.kind == "oom_victim" and e.pid == hog.pid for e in evs))
         assert wait_exit(hog) == -9
         victims = [e for e in events if e.kind == "oom_victim" and e.pid == hog.pid]
@@ -384,9 +312,9 @@ def test_kernel_oom_kill_is_audited_with_the_victim(bpf, procs):
 
 def test_kernel_oom_kill_of_a_protected_process_is_a_breach(bpf, procs):
     with MemoryCgroup(128 * MiB) as cg:
-        hog = procs.start(HOG, cg=cg)
+        hog = start_hog(procs, cg)
         bpf.sync_processes({hog.pid: (SHIELD, 0)}, {})
-        hog.stdin.write("go\n"); hog.stdin.flush()
+        go(hog)
         events = wait_events(bpf, lambda evs: any(e.pid == hog.pid for e in evs))
         assert wait_exit(hog) == -9
         ev = [e for e in events if e.pid == hog.pid]
@@ -403,7 +331,7 @@ def test_raised_score_of_protected_process_is_reported_and_restored(bpf, procs, 
     from dbguard.model import Level, MemoryReading, Snapshot
     from dbguard.sense.procfs import read_procs
 
-    victim = procs.start("import sys; sys.stdin.readline()")
+    victim = run_code(procs, "import sys; sys.stdin.readline()")
     bpf.sync_processes({victim.pid: (SHIELD, 0)}, {})
     start = int(open(f"/proc/{victim.pid}/oom_score_adj").read())
     subprocess.run(["sh", "-c", f"echo {start + 700} > /proc/{victim.pid}/oom_score_adj"], check=True)
@@ -430,8 +358,8 @@ def test_raised_score_of_protected_process_is_reported_and_restored(bpf, procs, 
 # --- map sync ---------------------------------------------------------------------------------
 
 def test_sync_diffs_candidates_and_cgroups(bpf, procs):
-    a = procs.start("import sys; sys.stdin.readline()")
-    b = procs.start("import sys; sys.stdin.readline()")
+    a = run_code(procs, "import sys; sys.stdin.readline()")
+    b = run_code(procs, "import sys; sys.stdin.readline()")
     bpf.sync_processes({a.pid: (SHIELD, 1)}, {b.pid: 2})
     assert bpf.protected_tgids() == {a.pid: (SHIELD, 1)}
     assert bpf.candidate_tgids() == {b.pid: 2}

@@ -16,12 +16,8 @@ The timeline is printed (pytest -s shows it; it is in the failure report otherwi
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import signal
+import contextlib
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -29,30 +25,20 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from dbguard.errors import DbguardError
 from lab import hog
 from lab.cgroup import MemoryCgroup
+from lab.launcher import DbguardRun, audit_names, audit_records, base_config
 from lab.mariadb import MariaDB, ReadLoad, load_table
-from lab.scenario import audit_names, read_audit
+from lab.procs import alive, rss
 
 MiB = 1024**2
 POOL = 256 * MiB
 FLOOR = 64 * MiB
 LIMIT = 600 * MiB
 ROWS = 1_000_000            # ~330 MiB of pages: more than the pool holds
-REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = [pytest.mark.e2e, pytest.mark.db, pytest.mark.root]
-
-
-def _require() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("needs root: memory cgroups, a MariaDB running as the mysql user, dbguard kills")
-    if not shutil.which("mariadb-install-db") or not os.path.exists("/usr/sbin/mariadbd"):
-        pytest.fail("needs MariaDB: apt-get install mariadb-server (or run `make setup`)")
-    try:
-        import dbguard.cli  # noqa: F401
-    except ImportError as e:
-        pytest.fail(f"needs the dbguard daemon (dbguard/cli.py, `dbguard run`): {e}")
 
 
 class Timeline(threading.Thread):
@@ -92,7 +78,7 @@ class Timeline(threading.Thread):
                     self.note(f"kernel OOM kill in the cgroup (total {oom})")
                     last_oom = oom
                 for pid, label in list(self.watched.items()):
-                    if not os.path.exists(f"/proc/{pid}") or _is_zombie(pid):
+                    if not alive(pid):
                         self.note(f"{label} gone (cgroup usage {usage // MiB} MiB)")
                         del self.watched[pid]
         finally:
@@ -110,22 +96,6 @@ class Timeline(threading.Thread):
         return "\n".join(f"{t:+8.2f}s  {what}" for t, what in sorted(rows, key=lambda x: x[0]))
 
 
-def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
-
-
-def _rss(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
 def _wait(cond, timeout: float, what: str, diag) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
@@ -134,33 +104,15 @@ def _wait(cond, timeout: float, what: str, diag) -> None:
         time.sleep(0.1)
 
 
-def _config(cg: MemoryCgroup, db: MariaDB, work: Path) -> Path:
+def _config(cg: MemoryCgroup, db: MariaDB, work: Path) -> dict:
     pw = work / "mysql.password"
     pw.write_text("s3cret\n")
     pw.chmod(0o600)
-    cfg = work / "dbguard.toml"
-    q = json.dumps      # a JSON string is a valid TOML basic string
-    cfg.write_text("\n".join([
-        "[general]",
-        "interval = 0.2",
-        f"state_dir = {q(str(work / 'state'))}",
-        "[[databases]]",
-        'name = "e2e"',
-        'kind = "mysql"',
-        f"socket = {q(db.socket)}",
-        'user = "dbguard"',
-        f"password_file = {q(str(pw))}",
-        f"buffer_pool_floor = {FLOOR}",
-        "shrink_steps = 3",
-        "[pressure]",
-        f"cgroup = {q(str(cg.path))}",
-        "min_dwell = 2.0",
-        "[audit]",
-        f"path = {q(str(work / 'audit.jsonl'))}",
-        "[metrics]",
-        'listen = ""',
-        "",
-    ]))
+    cfg = base_config(work, cg.path)
+    cfg["general"]["interval"] = 0.2
+    cfg["databases"] = [{"name": "e2e", "kind": "mysql", "socket": db.socket, "user": "dbguard",
+                         "password_file": str(pw), "buffer_pool_floor": FLOOR, "shrink_steps": 3}]
+    cfg["pressure"]["min_dwell"] = 2.0
     return cfg
 
 
@@ -177,11 +129,10 @@ def _shrinks(audit: list[dict]) -> list[dict]:
     return [r for r in audit if r.get("action") == "shrink_cache"]
 
 
-def test_mariadb_pool_shrinks_before_kills_and_grows_back(tmp_path):
-    _require()
+def test_mariadb_pool_shrinks_before_kills_and_grows_back(tmp_path, mariadb_host, procs):
     audit_path = tmp_path / "audit.jsonl"
     hogs: list[subprocess.Popen] = []
-    daemon: subprocess.Popen | None = None
+    daemon: DbguardRun | None = None
     timeline: Timeline | None = None
     with MemoryCgroup(2048 * MiB) as cg, MariaDB(settings={"innodb_buffer_pool_size": "256M"}, cgroup=cg) as db:
         try:
@@ -196,40 +147,31 @@ def test_mariadb_pool_shrinks_before_kills_and_grows_back(tmp_path):
 
             # Range reads from 2 client processes outside the cgroup; a lost connection ends a client.
             with ReadLoad(db, ROWS, clients=2, span=500, reconnect=False) as work:
-                out = open(tmp_path / "dbguard.out", "wb")
-                daemon = subprocess.Popen(
-                    [sys.executable, "-c", "import sys; from dbguard.cli import main; sys.exit(main())",
-                     "run", "--config", str(_config(cg, db, tmp_path))],
-                    stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-                    start_new_session=True)
-                out.close()
+                daemon = DbguardRun(tmp_path, _config(cg, db, tmp_path))
 
                 def diag() -> str:
-                    tail = (tmp_path / "dbguard.out").read_text(errors="replace")[-1500:]
-                    return (f"timeline:\n{timeline.render(read_audit(audit_path))}\n"
-                            f"dbguard exit={daemon.poll()} output tail:\n{tail}")
+                    return (f"timeline:\n{timeline.render(audit_records(audit_path))}\n"
+                            f"dbguard exit={daemon.returncode} output tail:\n{daemon.output(1500)}")
 
-                # Ready: its first audit record, or still running after 10 s (it may log only actions).
-                started = time.monotonic()
-                _wait(lambda: read_audit(audit_path) or daemon.poll() is not None
-                      or time.monotonic() - started > 10, 30, "dbguard start", diag)
-                assert daemon.poll() is None, diag()
+                try:
+                    daemon.wait_protecting(settle=2)
+                except DbguardError as e:
+                    pytest.fail(f"{e}\n{diag()}")
                 timeline.note(f"dbguard running (pid {daemon.pid})")
-                time.sleep(2)
 
                 # 1. A hog that shrinking alone can make room for.
-                a = hog.spawn(160 * MiB, 5 * MiB, 0.15, hold=600, preexec_fn=cg.preexec(),
-                              stdout=subprocess.DEVNULL)
+                a = procs.add(hog.spawn(160 * MiB, 5 * MiB, 0.15, hold=600, preexec_fn=cg.preexec(),
+                                        stdout=subprocess.DEVNULL))
                 hogs.append(a)
                 timeline.watched[a.pid] = f"hog A (pid {a.pid})"
                 timeline.note(f"hog A started (pid {a.pid}, 160 MiB at ~33 MiB/s)")
                 _wait(lambda: _pool(db) < POOL, 30, "a buffer pool shrink", diag)
-                _wait(lambda: _rss(a.pid) >= 155 * MiB or a.poll() is not None, 30, "hog A at full size", diag)
+                _wait(lambda: rss(a.pid) >= 155 * MiB or a.poll() is not None, 30, "hog A at full size", diag)
                 time.sleep(2)
 
                 # 2. A hog too big for shrinking: a kill is needed.
-                b = hog.spawn(300 * MiB, 5 * MiB, 0.1, hold=600, preexec_fn=cg.preexec(),
-                              stdout=subprocess.DEVNULL)
+                b = procs.add(hog.spawn(300 * MiB, 5 * MiB, 0.1, hold=600, preexec_fn=cg.preexec(),
+                                        stdout=subprocess.DEVNULL))
                 hogs.append(b)
                 timeline.watched[b.pid] = f"hog B (pid {b.pid})"
                 timeline.note(f"hog B started (pid {b.pid}, 300 MiB at ~50 MiB/s)")
@@ -247,22 +189,15 @@ def test_mariadb_pool_shrinks_before_kills_and_grows_back(tmp_path):
             mysqld_alive = db.running() and db.pid() == mysqld
             oom_kills = cg.oom_kills()
         finally:
-            if daemon is not None and daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-                try:
-                    daemon.wait(20)
-                except subprocess.TimeoutExpired:
-                    daemon.kill()
-                    daemon.wait()
-            for p in hogs:
-                if p.poll() is None:
-                    p.kill()
-                p.wait()
+            if daemon is not None:
+                with contextlib.suppress(DbguardError):
+                    daemon.stop(20)
+            procs.close()
             if timeline is not None:
                 timeline.done.set()
                 timeline.join(10)
 
-    audit = read_audit(audit_path)
+    audit = audit_records(audit_path)
     report = timeline.render(audit)
     print("\n" + report)
     (tmp_path / "timeline.txt").write_text(report)

@@ -11,9 +11,10 @@ import json
 
 import pytest
 
-from dbguard.errors import DbguardError
-from lab.scenario import (ScenarioResult, audit_names, count_crash_recoveries, kmsg_oom_victims, parse_pgbench,
-                          require_lab, run_pg_scenario, server_log_victims)
+from lab.launcher import audit_names
+from lab.pgoutput import count_crash_recoveries, parse_pgbench, server_log_victims
+from lab.scenario import ScenarioResult, run_pg_scenario
+from lab.watch import kmsg_oom_victims
 
 AUDIT_KEYS = {"ts", "action", "target", "reason", "level", "result"}
 
@@ -23,20 +24,12 @@ def scenario(test):
     return pytest.mark.e2e(pytest.mark.root(pytest.mark.db(test)))
 
 
-@pytest.fixture(scope="module")
-def lab() -> None:
-    try:
-        require_lab()
-    except DbguardError as e:
-        pytest.fail(f"cannot run the memory-pressure scenario here: {e}")
-
-
 def _story(r: ScenarioResult) -> str:
     return "\nwhat happened:\n" + r.summary()
 
 
 @scenario
-def test_without_guard_kernel_kills_postgres_and_crash_recovery_follows(lab):
+def test_without_guard_kernel_kills_postgres_and_crash_recovery_follows(scenario_host):
     r = run_pg_scenario("none", duration=40)
     story = _story(r)
 
@@ -54,7 +47,7 @@ def test_without_guard_kernel_kills_postgres_and_crash_recovery_follows(lab):
 
 
 @scenario
-def test_with_dbguard_postgres_survives_and_hogs_are_killed(lab):
+def test_with_dbguard_postgres_survives_and_hogs_are_killed(scenario_host):
     r = run_pg_scenario("dbguard", duration=45)
     story = _story(r) + "\naudit:\n" + "\n".join(json.dumps(a) for a in r.audit)
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
@@ -24,15 +23,15 @@ from dbguard import config
 from dbguard.audit import AuditLog
 from dbguard.classify import classify
 from dbguard.daemon import Daemon
-from dbguard.sensor import relative_memcg
-from dbguard.errors import DbguardError
-from dbguard.kernel.bpf import CANDIDATE, INHERITED, SHIELD, BpfGuard, availability
+from dbguard.kernel.bpf import CANDIDATE, INHERITED, SHIELD
 from dbguard.metrics import Metrics
 from dbguard.model import Level, MemoryReading, Role, Snapshot
 from dbguard.policy import Policy
 from dbguard.sense.procfs import read_procs, read_pss
+from dbguard.sensor import relative_memcg
 from lab import hog
 from lab.cgroup import MemoryCgroup
+from lab.procs import Processes, start_time
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root, pytest.mark.e2e]
 
@@ -72,82 +71,38 @@ def policy_toml(cg: str, style: str) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def guard():
-    usable, why = availability()
-    if not usable:
-        pytest.fail(f"the policy/BPF agreement test needs BPF here: {why}")
-    try:
-        g = BpfGuard.load()
-    except DbguardError as e:
-        pytest.fail(f"the policy/BPF agreement test could not load the programs: {e}")
-    try:
-        yield g
-    finally:
-        g.close()
-
-
 class Tenants:
-    """A memory cgroup with sub-groups and hogs of known sizes in them."""
+    """Hogs of known sizes in sub-groups of a memory cgroup (which takes them away at its end)."""
 
-    def __init__(self, cg: MemoryCgroup):
-        self.cg = cg
+    def __init__(self, cg: MemoryCgroup, procs: Processes):
+        self.cg, self.all = cg, procs
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def group(self, rel: str) -> Path:
-        path = self.cg.path / rel
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-
     def spawn(self, name: str, rel: str, mib: int) -> subprocess.Popen:
-        procs_file = self.group(rel) / "cgroup.procs"
-
-        def join() -> None:
-            procs_file.write_text("0")
-        p = hog.spawn(mib * MiB, 8 * MiB, 0, 600, preexec_fn=join, stdout=subprocess.PIPE)
+        p = self.all.add(hog.spawn(mib * MiB, 8 * MiB, 0, 600, preexec_fn=self.cg.preexec(rel),
+                                   stdout=subprocess.PIPE))
         self.procs[name] = p
         return p
 
     def ready(self) -> None:
         for name, p in self.procs.items():
-            for line in p.stdout:
-                if b"holding" in line:
-                    break
-            else:
-                raise AssertionError(f"hog {name} exited before holding its memory ({p.wait()})")
+            hog.wait_holding(p, f"hog {name}")
 
     def stop(self, name: str) -> None:
         p = self.procs.pop(name)
         p.kill()
         p.wait()
 
-    def close(self) -> None:
-        for p in self.procs.values():
-            p.kill()
-            p.wait()
-        subdirs = [Path(d) for d, _, _ in os.walk(self.cg.path, topdown=False) if Path(d) != self.cg.path]
-        for d in subdirs:
-            for _ in range(100):
-                try:
-                    d.rmdir()
-                    break
-                except FileNotFoundError:
-                    break
-                except OSError:
-                    time.sleep(0.05)
 
-
-def _alive(pid: int, start_time: int) -> bool:
-    try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]) == start_time
-    except (OSError, IndexError, ValueError):
-        return False
+def _alive(pid: int, started: int) -> bool:
+    return start_time(pid) == started
 
 
 @pytest.mark.parametrize("style", ["rules", "cgroup_tiers"])
-def test_maps_hold_the_user_space_decision_for_every_process(guard, tmp_path, style):
+def test_maps_hold_the_user_space_decision_for_every_process(bpf_guard, procs, tmp_path, style):
+    guard = bpf_guard
     with MemoryCgroup(2048 * MiB) as cg:
-        t = Tenants(cg)
+        t = Tenants(cg, procs)
         try:
             pids = {
                 "vip": t.spawn("vip", "premium/a", 40).pid,
@@ -236,5 +191,5 @@ def test_maps_hold_the_user_space_decision_for_every_process(guard, tmp_path, st
             got = sync_and_compare()
             assert mine(got) == {"vip": "shield:premium", "std": "candidate:standard", "tiny": "none"}
         finally:
-            t.close()
+            procs.close()
             guard.sync_processes({}, {})

@@ -17,6 +17,7 @@ from dbguard.errors import DbguardError
 from dbguard.sense.pressure import PROC_PSI_MEMORY, PressureMonitor
 from lab import hog
 from lab.cgroup import MemoryCgroup
+from lab.procs import Processes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root]
 
@@ -30,18 +31,8 @@ READERS = 4          # concurrent re-readers of a file that does not fit the cgr
 
 
 @pytest.fixture
-def cgroup() -> Iterator[MemoryCgroup]:
-    if os.geteuid() != 0:
-        pytest.fail("needs root: memory cgroups and cgroup.event_control are root's")
-    try:
-        cg = MemoryCgroup(LIMIT)
-        cg.__enter__()
-    except (OSError, RuntimeError) as e:
-        pytest.fail(f"cannot make a test memory cgroup (needs root and a memory cgroup controller): {e}")
-    try:
-        yield cg
-    finally:
-        cg.remove()
+def cgroup(make_cgroup) -> MemoryCgroup:
+    return make_cgroup(LIMIT)
 
 
 @pytest.fixture
@@ -51,22 +42,8 @@ def workdir() -> Iterator[str]:
         yield d
 
 
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen]]:
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-        if p.stdout:
-            p.stdout.close()
-
-
-def start_hog(cg: MemoryCgroup, procs: list, total_mib: int) -> subprocess.Popen:
-    p = hog.spawn(total_mib * MiB, 10 * MiB, 0, 300, preexec_fn=cg.preexec(), stdout=subprocess.PIPE)
-    procs.append(p)
-    return p
+def start_hog(cg: MemoryCgroup, procs: Processes, total_mib: int) -> subprocess.Popen:
+    return procs.add(hog.spawn(total_mib * MiB, 10 * MiB, 0, 300, preexec_fn=cg.preexec(), stdout=subprocess.PIPE))
 
 
 def hog_until(p: subprocess.Popen, marker: str) -> None:
@@ -89,14 +66,6 @@ def wait_quiet(mon: PressureMonitor, attempts: int = 10) -> None:
         if not mon.wait(3.0):
             return
     pytest.fail("host memory stalls elsewhere kept firing the PSI trigger; rerun on a quieter host")
-
-
-def failcnt(cg: MemoryCgroup) -> int:
-    name = "memory.failcnt" if cg.version == 1 else "memory.events"
-    text = (cg.path / name).read_text()
-    if cg.version == 1:
-        return int(text)
-    return int(dict(line.split() for line in text.splitlines())["max"])
 
 
 # --- read() ------------------------------------------------------------------------------------
@@ -170,10 +139,10 @@ def test_a_few_ms_of_stall_do_not_fire_a_500ms_trigger(cgroup, workdir, procs):
     with PressureMonitor(str(cgroup.path), trigger_stall_us=500_000, trigger_window_us=2_000_000) as mon:
         assert mon.trigger_active, mon.trigger_error
         write_file_in(cgroup, os.path.join(workdir, "data"), 150)
-        limit_hits = failcnt(cgroup)
+        limit_hits = cgroup.limit_hits()
         h = start_hog(cgroup, procs, 80)     # pushes ~30 MiB of clean cache out: brief reclaim
         hog_until(h, "holding")
-        assert failcnt(cgroup) > limit_hits, "the hog never made the cgroup reclaim"
+        assert cgroup.limit_hits() > limit_hits, "the hog never made the cgroup reclaim"
         assert mon.wait(6.0) is False
 
 
@@ -190,15 +159,15 @@ def test_psi_trigger_wakes_wait_when_the_cgroup_thrashes(cgroup, workdir, procs)
         assert mon.psi_path == expected_psi
         wait_quiet(mon)
 
-        limit_hits = failcnt(cgroup)
+        limit_hits = cgroup.limit_hits()
         # Re-read a 150 MiB file through ~50 MiB of cache: every read reclaims, pages refault.
         # Several readers at once: one alone stalls the host's PSI by a margin that varies with
         # the host's disk (measured 12-51 s to a 50 ms/1 s trigger here, once over 60 s).
         for _ in range(READERS):
-            procs.append(subprocess.Popen(["bash", "-c", f"while :; do cat {data} >/dev/null; done"],
-                                          preexec_fn=cgroup.preexec(), stdin=subprocess.DEVNULL))
+            procs.start(["bash", "-c", f"while :; do cat {data} >/dev/null; done"],
+                        preexec_fn=cgroup.preexec(), stdin=subprocess.DEVNULL)
         assert mon.wait(60.0) is True
-        assert failcnt(cgroup) > limit_hits, "the cgroup never hit its limit: the stimulus did not work"
+        assert cgroup.limit_hits() > limit_hits, "the cgroup never hit its limit: the stimulus did not work"
 
         # The readings see it too, once the kernel's 2 s averaging has caught up.
         for _ in range(30):

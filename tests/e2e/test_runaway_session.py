@@ -18,9 +18,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dbguard.errors import DbguardError
 from lab.cgroup import MemoryCgroup
-from lab.scenario import ScenarioEnv, audit_names, count_crash_recoveries, dbguard_guard, require_lab
+from lab.launcher import audit_names
+from lab.pgoutput import count_crash_recoveries
+from lab.scenario import ScenarioEnv, dbguard_guard
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.db]
 
@@ -32,19 +33,6 @@ RUNAWAY_SQL = ("SELECT count(*) FROM (SELECT g, repeat(md5(g::text), 100) AS m "
                "WHERE g % 100 <> 0 OR pg_sleep(0.01) IS NOT NULL ORDER BY m) s")
 ENDED_BY_SQL = ("canceling statement due to user request",            # pg_cancel_backend
                 "terminating connection due to administrator command")  # pg_terminate_backend
-
-
-@pytest.fixture(scope="module")
-def lab() -> None:
-    try:
-        require_lab()
-    except DbguardError as e:
-        pytest.fail(f"cannot run the runaway-session test here: {e}")
-
-
-def _peak_usage(cg: MemoryCgroup) -> int:
-    name = "memory.max_usage_in_bytes" if cg.version == 1 else "memory.peak"
-    return int((cg.path / name).read_text())
 
 
 class OtherSessions:
@@ -93,7 +81,7 @@ class OtherSessions:
             c.close()
 
 
-def test_runaway_session_is_ended_by_sql_without_crash_recovery(lab):
+def test_runaway_session_is_ended_by_sql_without_crash_recovery(scenario_host):
     from lab.pgcluster import PgCluster
 
     with contextlib.ExitStack() as stack:
@@ -118,7 +106,7 @@ def test_runaway_session_is_ended_by_sql_without_crash_recovery(lab):
             runaway.execute(RUNAWAY_SQL)
         pids_after = others.stop()
 
-        peak = _peak_usage(cg)
+        peak = cg.peak()
         server_log = cluster.log()
         up = cluster.is_up()
         try:

@@ -74,10 +74,10 @@ def test_parsers():
     assert parse_postmaster_pid("12\n/d\n0\n5432\n")["socket"] == ""
 
 
-def test_real_cluster_is_discovered_and_usable(tmp_path):
-    if os.geteuid() != 0:
-        pytest.fail("needs root: lab.pgcluster runs initdb/pg_ctl as the postgres OS user, and reading "
-                    "/proc/PID/cwd of the postgres user's processes needs root")
+@pytest.mark.db
+def test_real_cluster_is_discovered_and_usable(tmp_path, postgresql_host):
+    # (root: lab.pgcluster runs the server as the postgres OS user, and reading /proc/PID/cwd
+    # of its processes needs root too)
     from lab.pgcluster import PgCluster
     with PgCluster() as c:
         mine = [d for d in discover_postgresql() if os.path.realpath(d.data_directory) == os.path.realpath(c.data_dir)]

@@ -6,7 +6,6 @@ and the mariadb-server package; without them the tests fail saying so.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -30,13 +29,6 @@ FLOOR = 32 * MiB
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.db
-
-
-def _require_host() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("needs root: the test MariaDB runs as the mysql user and dbguard reads its /proc entries")
-    if not shutil.which("mariadb-install-db") or not os.path.exists("/usr/sbin/mariadbd"):
-        pytest.fail("needs MariaDB: apt-get install mariadb-server (or run `make setup`)")
 
 
 # --- pure logic (no server) ----------------------------------------------------------------
@@ -83,8 +75,7 @@ def test_unknown_cache_is_a_config_error(tmp_path):
 
 # --- against a real server -----------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server():
-    _require_host()
+def server(mariadb_host):
     with MariaDB(settings={"innodb_buffer_pool_size": "160M", "max_allowed_packet": "64M",
                            "performance_schema": "ON",
                            "performance_schema_instrument": "'memory/%=COUNTED'"}) as db:
@@ -335,10 +326,9 @@ def test_cancel_then_terminate_a_runaway_session(server, guard):
         app.close()
 
 
-def test_coexists_with_mariadb_auto_shrink(tmp_path):
+def test_coexists_with_mariadb_auto_shrink(tmp_path, mariadb_host):
     """innodb_buffer_pool_size_auto_min on: MariaDB may shrink the pool itself; dbguard must
     not raise it back under pressure, and grows it back once asked at level ok."""
-    _require_host()
     with MariaDB(settings={"innodb_buffer_pool_size": "160M",
                            "innodb_buffer_pool_size_auto_min": "32M"}) as db:
         db.create_user("dbguard", "s3cret", ["PROCESS", "SUPER", "CONNECTION ADMIN"], host="localhost")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -17,19 +16,10 @@ from dbguard.model import Role
 pytestmark = pytest.mark.db
 
 MiB = 1024**2
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _require_server_prereqs() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("needs root: lab.pgcluster runs initdb/pg_ctl as the postgres OS user (run the tests as root)")
-    if not (PG_BIN / "initdb").exists():
-        pytest.fail(f"PostgreSQL 15 server binaries missing in {PG_BIN}: apt-get install postgresql-15")
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    _require_server_prereqs()
+def cluster(postgresql_host):
     from lab.pgcluster import PgCluster
     # work_mem comes from postgresql.conf; maintenance_work_mem is set by ALTER SYSTEM below,
     # so both ways a DBA configures a setting are covered.
@@ -307,9 +297,8 @@ def test_cancel_refuses_what_is_not_a_session(cluster, adapter):
 
 
 # --- failures --------------------------------------------------------------------------------
-def test_stopped_server_is_down_with_one_line_error(tmp_path):
+def test_stopped_server_is_down_with_one_line_error(tmp_path, postgresql_host):
     """Decision: server_pid is the live postmaster from postmaster.pid, else None (never a stale pid)."""
-    _require_server_prereqs()
     from lab.pgcluster import PgCluster
     with PgCluster() as c:
         db = PostgreSQL(make_cfg(c.dsn), str(tmp_path))

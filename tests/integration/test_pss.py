@@ -11,6 +11,7 @@ does not match.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,40 +22,24 @@ from dbguard import config
 from dbguard.model import Role
 from dbguard.policy import Policy
 from dbguard.sense.procfs import read_proc, read_pss
+from lab import hog
 
 MiB = 1024 * 1024
 SIZE = 96 * MiB
 REPO = Path(__file__).resolve().parents[2]
 
-# Touch every page, then (shared) fork and read every page again so both processes map the
-# same pages; each says "ready PID" and waits for stdin to close.
-CHILD = """
-import mmap, os, sys
-size, mode = int(sys.argv[1]), sys.argv[2]
-page = mmap.PAGESIZE
-if mode == "shared":
-    mem = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
-    for i in range(0, size, page):
-        mem[i] = 1
-    os.fork()
-    # fork does not copy the page tables of a shared mapping: the child maps them on access
-    sum(mem[i] for i in range(0, size, page))
-else:
-    mem = bytearray(size)
-    mem[::page] = b"\\x01" * len(range(0, size, page))
-os.write(1, f"ready {os.getpid()}\\n".encode())     # one write: parent and child do not interleave
-sys.stdin.read()
-"""
-
 
 def start(mode: str, n: int) -> tuple[subprocess.Popen, list[int]]:
-    p = subprocess.Popen([sys.executable, "-c", CHILD, str(SIZE), mode], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, text=True)
+    """lab.hog holding SIZE until its stdin closes: private memory, or (shared) a MAP_SHARED
+    mapping it touches, then forks; the child maps the same pages. Each process's pid from
+    its "holding" line."""
+    shared = ("--shared", "--fork") if mode == "shared" else ()
+    p = hog.spawn(SIZE, SIZE, 0, 0, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                  options=("--hold-stdin", *shared))
     pids = []
     for _ in range(n):
-        line = p.stdout.readline()
-        assert line.startswith("ready "), f"{mode} child did not get ready: {line!r} (exit {p.poll()})"
-        pids.append(int(line.split()[1]))
+        line = hog.wait_holding(p, f"{mode} hog")
+        pids.append(int(re.search(r"\(pid (\d+)", line).group(1)))
     return p, pids
 
 

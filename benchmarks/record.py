@@ -1,0 +1,92 @@
+"""What every benchmark scenario records, in one shape: the parameters of a run, the guard's
+actions from its audit log, the sampler's series and the guard's own cost, and the figures
+every pressure scenario reports (pressure_record)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from .contenders import Sampler, guard_cpu_pct
+from .stats import ratio, windowed_tps
+
+MiB = 1024 * 1024
+Log = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Params:
+    duration: int          # pgbench -T (or the storm's length)
+    warmup: float          # load-free seconds at the start: the no-pressure baseline
+
+
+def baseline_window(p: Params) -> tuple[float, float]:
+    """The last seconds before the load: pgbench's first seconds (connecting, caches warming)
+    run at a fraction of its steady rate and would flatter every ratio."""
+    return -min(4.0, p.warmup - 2.0), 0.0
+
+
+def audit_summary(audit: list[dict], wall_t0: float) -> list[dict]:
+    """The guard's actions (not start/stop/level bookkeeping), time relative to the load start."""
+    skip = {"start", "stop", "reload"}
+    out = []
+    for rec in audit:
+        if rec.get("action") in skip:
+            continue
+        out.append({"t": round(float(rec.get("ts", wall_t0)) - wall_t0, 3), "action": rec.get("action"),
+                    "target": rec.get("target"), "path": rec.get("path"), "result": rec.get("result"),
+                    "level": rec.get("level")})
+    return out
+
+
+def sampled_series(sampler: Sampler | None, t0: float) -> list[dict]:
+    if sampler is None:
+        return []
+    return [{"t": round(s["t"] - t0, 3), "usage_mib": round(s["usage"] / MiB, 1), "psi_some": s["psi_some"],
+             "psi_full": s["psi_full"], **({"guard_cpu_s": s["guard_cpu_s"]} if "guard_cpu_s" in s else {})}
+            for s in sampler.samples]
+
+
+def guard_cost(sink: dict, t0: float, window: float) -> dict:
+    sampler: Sampler | None = sink.get("sampler")
+    if sampler is None or sampler.guard_pid is None:
+        return {}
+    ready = sink.get("guard_ready", t0)
+    rss = [s.get("guard_rss_kib") for s in sampler.samples if s.get("guard_rss_kib")]
+    return {"guard_cpu_idle_pct": guard_cpu_pct(sampler.samples, ready, t0),
+            "guard_cpu_pressure_pct": guard_cpu_pct(sampler.samples, t0, t0 + window),
+            "guard_rss_mib": round(max(rss) / 1024, 1) if rss else None,
+            "guard_peak_rss_mib": round(sampler.guard_hwm_kib / 1024, 1) if sampler.guard_hwm_kib else None}
+
+
+def kill_actions(guard_actions: list[dict]) -> list[dict]:
+    return [a for a in guard_actions if "kill" in str(a["action"]) or a["action"] in
+            ("cancel_query", "terminate_session")]
+
+
+def pressure_record(p: Params, sink: dict, t0: float, wall_minus_mono: float, *,
+                    progress: list[tuple[float, float]], audit: list[dict], timeline: list,
+                    limit_at: float | None, first_kill: float | None, db_deaths: list[str], **facts) -> dict:
+    """The figures every pressure scenario reports, from what it saw: `progress` is the
+    workload's (seconds since the load started, transactions/s), `timeline` the Watcher's
+    events; `facts` (survival, sessions, victims, ...) go in as they are."""
+    window = p.duration - p.warmup
+    base = windowed_tps(progress, *baseline_window(p))
+    under = windowed_tps(progress, 0.0, window)
+    actions = audit_summary(audit, t0 + wall_minus_mono)
+    return {
+        **facts,
+        "baseline_tps": base,
+        "pressure_tps": under,
+        "tps_ratio": ratio(under, base),
+        "limit_reached_at": limit_at,
+        "first_kill_at": first_kill,
+        "time_to_first_kill": (first_kill - limit_at) if first_kill is not None and limit_at is not None else None,
+        "db_processes_killed": len(db_deaths),
+        "db_deaths": db_deaths[:10],
+        "guard_kills": len(kill_actions(actions)),
+        "guard_actions": actions[:200],
+        "timeline": [[round(e.t, 3), e.what] for e in timeline],
+        "tps_progress": [[round(t, 2), tps] for t, tps in progress],
+        "samples": sampled_series(sink.get("sampler"), t0),
+        **guard_cost(sink, t0, window),
+    }
