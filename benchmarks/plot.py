@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .report import ORDER, PRESSURE_SCENARIOS
+from .tables import ORDER, PRESSURE_SCENARIOS
 
 
 def _first_runs(data: dict, scenario: str) -> list[dict]:

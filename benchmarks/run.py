@@ -6,6 +6,7 @@
     sudo .venv/bin/python -m benchmarks.run --scenarios runaway --contenders none,dbguard-user -r 5
     sudo .venv/bin/python -m benchmarks.run -s moderate-hogs-mariadb -x '' --merge   # 13 min; others kept
     .venv/bin/python -m benchmarks.run --report-only        # re-render RESULTS.md from results.json
+                                                            # (= python -m benchmarks.report)
 
 Each scenario runs its contenders interleaved (A B C A B C ...), each run in a fresh memory
 cgroup with a fresh database (PostgreSQL, or MariaDB for moderate-hogs-mariadb) and data set;
@@ -19,8 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -30,6 +29,8 @@ import traceback
 from pathlib import Path
 
 from dbguard.errors import DbguardError
+
+from .machine import machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
@@ -80,38 +81,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if a.repeats < 1:
         ap.error("--repeats: must be at least 1")
     return a
-
-
-def machine() -> dict:
-    def first(path: str, key: str) -> str:
-        try:
-            for line in Path(path).read_text().splitlines():
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return "?"
-    pg = subprocess.run(["/usr/lib/postgresql/15/bin/postgres", "--version"], capture_output=True, text=True)
-    my = subprocess.run(["/usr/sbin/mariadbd", "--version"], capture_output=True, text=True) \
-        if Path("/usr/sbin/mariadbd").exists() else None
-    eo = subprocess.run(["earlyoom", "-v"], capture_output=True, text=True) if _which("earlyoom") else None
-    return {
-        "kernel": platform.release(),
-        "cpu": first("/proc/cpuinfo", "model name"),
-        "cores": os.cpu_count(),
-        "memory": first("/proc/meminfo", "MemTotal"),
-        "swap": first("/proc/meminfo", "SwapTotal"),
-        "postgresql": pg.stdout.strip() or "?",
-        "mariadb": (my.stdout.strip() or "?") if my else "not installed",
-        "earlyoom": (eo.stdout or eo.stderr).strip().splitlines()[0] if eo else "not installed",
-        "python": platform.python_version(),
-        "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
-    }
-
-
-def _which(name: str) -> bool:
-    import shutil
-    return shutil.which(name) is not None
 
 
 def _git_rev() -> str:
@@ -210,14 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import report
 
     if a.report_only:
-        try:
-            data = json.loads(RESULTS_JSON.read_text())
-        except (OSError, ValueError) as e:
-            print(f"benchmarks: cannot read {RESULTS_JSON}: {e}; run the benchmarks first", file=sys.stderr)
-            return 2
-        report.write(data, RESULTS_MD, HERE)
-        print(f"wrote {RESULTS_MD}")
-        return 0
+        return report.main()
 
     from lab.scenario import require_lab
     try:

@@ -59,13 +59,13 @@ def _mariadb_run(contender, **kw):
 
 
 def test_mariadb_rows_say_what_happened_to_the_server_and_its_pool():
-    from benchmarks.report import _group, mariadb_rows
+    from benchmarks.tables import group, mariadb_rows
     runs = [_mariadb_run("none", db_processes_killed=1, db_up_at_end=False, pool_final_mib=None,
                          pool_back_after_s=None, tx_failed=4, first_kill_at=2.1),
             _mariadb_run("dbguard-user", pool_min_mib=128, pool_back_after_s=17.6),
             _mariadb_run("dbguard-user", pool_min_mib=128, pool_back_after_s=None, pool_final_mib=256),
             _mariadb_run("mariadb-documented", db_processes_killed=4, db_restarts=3, db_up_at_end=True)]
-    rows = {r[0]: r for r in mariadb_rows(_group(runs), "moderate-hogs-mariadb")}
+    rows = {r[0]: r for r in mariadb_rows(group(runs), "moderate-hogs-mariadb")}
     assert list(rows) == ["none", "mariadb-documented", "dbguard-user"]          # report order
     assert rows["none"][1:5] == ["1/1", "2100 ms", "0", "0/1"]
     assert rows["none"][6] == "512 → 512 → server down" and rows["none"][7] == "no"
@@ -94,7 +94,7 @@ def test_provenance_one_line_per_invocation_when_merged():
     assert lines[2].startswith("  - moderate-hogs-mariadb: D2, git g2, `python -m benchmarks.run -s x --merge`; "
                                "took 900 s; machine: Linux 6.18-b, 2 cores (Intel)")
     assert lines[2].endswith("load average at start 1.0 0.5 0.2")
-    assert lines[3].startswith("- Machines: the VM behind this box changed")
+    assert lines[3].startswith("- Machines: the machine behind this box changed")
     same = dict(merged, provenance={**merged["provenance"], "moderate-hogs-mariadb": dict(
         merged["provenance"]["moderate-hogs-mariadb"], machine=amd)})
     lines = _provenance_lines(same)
@@ -102,7 +102,7 @@ def test_provenance_one_line_per_invocation_when_merged():
 
 
 def test_pool_moves_counts_resizes_while_hogs_lived_and_shrinks_after():
-    from benchmarks.report import _group, pool_moves
+    from benchmarks.tables import group, pool_moves
 
     def act(t, action, level="warn"):
         return {"t": t, "action": action, "level": level}
@@ -112,13 +112,13 @@ def test_pool_moves_counts_resizes_while_hogs_lived_and_shrinks_after():
                                       act(2, "shrink_cache", "high"), act(8, "restore_cache", "ok"),
                                       act(13, "shrink_cache"), act(23.8, "shrink_cache"),
                                       act(30, "restore_cache", "ok")])
-    (line,) = pool_moves(_group([run]), "moderate-hogs-mariadb")
+    (line,) = pool_moves(group([run]), "moderate-hogs-mariadb")
     assert "shrank the buffer pool 4 time(s) and grew it 1 time(s) per run (more shrinks than" in line
     assert "1 shrink(s) over 1 run(s) came after the benchmark had ended the hogs, at 352 MiB" in line
 
 
 def test_rate_by_pool_takes_each_second_at_the_pool_size_of_its_middle():
-    from benchmarks.report import rate_by_pool
+    from benchmarks.tables import rate_by_pool
     run = {"params": {"duration": 10, "warmup": 4}, "pool_samples": [[-5, 512], [2.2, 128], [4.9, 256]],
            "tps_progress": [[-1, 900], [1, 1000], [2, 1000], [3, 400], [4, 500], [5, 450], [6, 700], [7, 50]]}
     assert rate_by_pool([run], min_seconds=1) == {512: (1000.0, 2), 128: (450.0, 3), 256: (700.0, 1)}
