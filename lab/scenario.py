@@ -10,7 +10,7 @@ PostgreSQL process and the server goes through crash recovery; with one it shoul
 
 Used by tests/e2e, `make demo` (lab/demo.py) and the benchmarks; the pieces every memory
 scenario shares (the hogs, dbguard's config for PostgreSQL or MariaDB and the guard that runs
-it) are here too, so the MariaDB variant (benchmarks/scenarios.py) uses the same ones; what
+it) are here too, so the MariaDB variant (benchmarks/scenario_mariadb.py) uses the same ones; what
 happened is watched by lab.watch, pgbench's output parsed by lab.pgoutput.
 Needs root and a memory cgroup controller; everything it starts (cluster, cgroup, hogs, guard) is removed in
 `finally` blocks, also on Ctrl-C.
