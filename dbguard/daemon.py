@@ -296,6 +296,7 @@ class Daemon:
     def close(self) -> None:
         self.stopping = True
         if self.executor is not None and not self.dry_run:
+            self._put_back_scores()
             self._restore_caches()
         if self.bpf is not None:
             self.bpf.close()
@@ -307,6 +308,15 @@ class Daemon:
             self.audit.close()
         if self.sensor is not None:
             self.sensor.close()
+
+    def _put_back_scores(self) -> None:
+        try:
+            snap = self.sensor.processes()
+        except Exception as e:      # stopping must go on: say it and leave the scores
+            log.warning("scores not put back at stop: %s", e)
+            return
+        for a in self.policy.on_stop(snap, self.state):
+            self.executor.one(a, self.level, snap)
 
     def _restore_caches(self) -> None:
         """Put the DBA's settings back one step at a time (a buffer pool refills gradually),

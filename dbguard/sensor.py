@@ -13,7 +13,7 @@ import time
 from .classify import classify
 from .config import Config, DatabaseConfig
 from .databases.base import Database
-from .model import Snapshot
+from .model import MemoryReading, Snapshot
 from .sense.pressure import PressureMonitor
 from .sense.procfs import CGROUP_ROOT, own_memcg_dir, read_procs
 
@@ -100,6 +100,14 @@ class Sensor:
             self.observe_collector(f"{db.kind}:{db.name}", s.up, time.monotonic() - t0)
             stats.append(s)
         return stats
+
+    def processes(self) -> Snapshot:
+        """The process table alone (no SQL, no pressure reading): for what is undone at stop."""
+        procs = read_procs()
+        reading = MemoryReading(cgroup=self.cgroup, cgroup_version=0, usage_bytes=0, limit_bytes=None,
+                                psi_some_avg10=0.0, psi_full_avg10=0.0)
+        return Snapshot(ts=time.time(), memory=reading, procs=procs, roles=classify(procs, [], self.self_pid),
+                        databases=(), self_pid=self.self_pid)
 
     def snapshot(self) -> Snapshot:
         reading = self.pressure.read()

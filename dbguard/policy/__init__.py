@@ -16,7 +16,7 @@ from ..config import Config, DatabaseConfig
 from ..model import Action, ActionKind, Outcome, Plan, Proc, ProcKey, Snapshot, Status
 from .caches import caches
 from .kills import kills
-from .scores import scores
+from .scores import put_back, scores
 from .sessions import end_sessions, idle_sessions
 from .state import PolicyState
 from .verdicts import Judge, KernelView, Verdict
@@ -96,6 +96,11 @@ class Policy:
         done, freed = first(a.excess_bytes, False)
         more, _ = second(a.excess_bytes - freed, bool(done))
         return done + more
+
+    def on_stop(self, snap: Snapshot, state: PolicyState) -> list[Action]:
+        """What to undo at stop: the scores dbguard raised (the caches go back by their own path)."""
+        actions = put_back(snap, state)
+        return [replace(x, dry_run=True) for x in actions] if self.dry_run else actions
 
     @staticmethod
     def learn(state: PolicyState, action: Action, outcome: Outcome) -> None:

@@ -31,9 +31,23 @@ def scores(snap: Snapshot, verdicts: dict[int, Verdict], state: PolicyState, pro
             if not v.candidate or proc.oom_score_adj >= want:
                 continue
             why = f"kill candidate ({v.why}): the kernel OOM killer should choose it before the database"
-        if want is None or state.scored.get(proc.key) == want:
+        original, asked = state.scored.get(proc.key, (proc.oom_score_adj, None))
+        if want is None or asked == want:
             continue
-        state.scored[proc.key] = want
+        state.scored[proc.key] = (original, want)
         out.append(Action(ActionKind.SET_OOM_SCORE_ADJ, why, pid=pid, start_time=proc.start_time,
                           target=proc_name(proc), value=want))
+    return out
+
+
+def put_back(snap: Snapshot, state: PolicyState) -> list[Action]:
+    """At stop: the scores dbguard raised, back to what they were, where they are still ours
+    (a process whose score someone else changed since is left as it is)."""
+    out = []
+    for pid, proc in snap.procs.items():
+        original, want = state.scored.get(proc.key, (None, None))
+        if want is None or want <= original or proc.oom_score_adj != want:
+            continue
+        out.append(Action(ActionKind.SET_OOM_SCORE_ADJ, f"dbguard stopping: put back the score it raised to {want}",
+                          pid=pid, start_time=proc.start_time, target=proc_name(proc), value=original))
     return out

@@ -24,7 +24,7 @@ class PolicyState:
     kill_times: deque = field(default_factory=lambda: deque(maxlen=10_000))   # one per kill round
     session_end_times: deque = field(default_factory=lambda: deque(maxlen=10_000))   # one per cancel round
     killed: dict[ProcKey, float] = field(default_factory=dict)          # planned kills, by identity
-    scored: dict[ProcKey, int] = field(default_factory=dict)            # oom_score_adj we set
+    scored: dict[ProcKey, tuple[int, int]] = field(default_factory=dict)  # oom_score_adj: (before us, ours)
 
     def forget(self, snap: Snapshot) -> None:
         """Drop memories of processes and sessions that are gone (pids get reused)."""

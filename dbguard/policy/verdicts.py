@@ -45,6 +45,18 @@ class Verdict:
         return (0 if self.action == "kill" else 1, self.tier_rank, -self.weight)
 
 
+def another_dbguard(proc: Proc) -> bool:
+    """A `dbguard run` of another instance (another sidecar on the node, a second config):
+    `dbguard run ...`, `python -m dbguard run ...` or `python -m dbguard.cli run ...`. Erring
+    this way only ever protects a process."""
+    argv = proc.cmdline.split()
+    for i, arg in enumerate(argv[:-1]):
+        named = arg.rsplit("/", 1)[-1] == "dbguard" or arg in ("dbguard", "dbguard.cli") and i and argv[i - 1] == "-m"
+        if named and argv[i + 1] == "run":
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class KernelView:
     """What the BPF maps must hold for the user-space decision: tgid -> (inherit, tier rank)
@@ -111,6 +123,8 @@ class Judge:
             return protect("PID 1", "built-in: safety")
         if proc.pid == self_pid or role is Role.DBGUARD:
             return protect("dbguard itself", "built-in: safety")
+        if another_dbguard(proc):
+            return protect("another dbguard (its own kill would leave its databases unguarded)", "built-in: safety")
         named = {"kill.min_rss": self.cfg.kill.min_rss, "limit": limit}   # units.THRESHOLDS
         r = rules.first_match(proc, role, named, base_tier, pss)
         if role.is_database:

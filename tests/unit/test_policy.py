@@ -247,3 +247,26 @@ def test_a_level_held_by_dwell_kills_nothing_under_the_goal():
     plan = pol.decide(snapshot(1, reading(700), [procs[1]]))
     assert plan.level is Level.HIGH, "held for min_dwell"
     assert not [a for a in plan.actions if a.kind is ActionKind.KILL], "usage is under the goal already"
+
+
+def test_another_dbguard_is_never_a_candidate():
+    from dbguard.policy.verdicts import another_dbguard
+    others = [proc(60 + i, 300, comm="dbguard") for i in range(3)]
+    others = [dataclasses.replace(p, cmdline=c) for p, c in zip(others, [
+        "/usr/bin/python3 /usr/bin/dbguard run --config /etc/dbguard/b.toml",
+        "/opt/venv/bin/python -m dbguard run", "python3 -m dbguard.cli run -c x.toml"])]
+    assert all(another_dbguard(p) for p in others)
+    assert not another_dbguard(dataclasses.replace(proc(70, 300), cmdline="/usr/bin/dbguard check"))
+    assert not another_dbguard(dataclasses.replace(proc(71, 300), cmdline="python3 hog.py run"))
+    pol = policy()
+    assert not {p.pid for p in pol.candidates(snapshot(0, reading(999), others))}
+
+
+def test_raised_scores_are_put_back_at_stop_where_they_are_still_ours():
+    pol = policy()
+    procs = [proc(80, 300, adj=0), proc(81, 300, adj=100)]
+    plan = pol.decide(snapshot(0, reading(100), procs))
+    assert [(a.pid, a.value) for a in plan.actions] == [(80, 500), (81, 500)]
+    now = [dataclasses.replace(procs[0], oom_score_adj=500), dataclasses.replace(procs[1], oom_score_adj=700)]
+    undo = pol.on_stop(snapshot(1, reading(100), now), pol.state)
+    assert [(a.pid, a.value) for a in undo] == [(80, 0)], "81's score was changed by someone else since: left"
