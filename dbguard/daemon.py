@@ -129,7 +129,7 @@ class Daemon:
 
     def describe(self) -> str:
         dbs = ", ".join(f"{dc.kind} {dc.name}" for dc in self.sensor.db_configs) or "no database yet"
-        where = self.sensor.cgroup or "host memory"
+        where = (self.sensor.cgroup or "host memory") + f" ({self.sensor.scope.why})"
         caps = "can lower database scores" if self.policy.can_lower_scores else \
             "cannot lower database scores (no CAP_SYS_RESOURCE): candidates' scores are raised instead"
         return f"watching {where}; databases: {dbs}; {self.bpf_note}; {caps}"

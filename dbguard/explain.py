@@ -24,7 +24,8 @@ def explain(cfg: Config) -> dict[str, Any]:
         state = PolicyState(levels=LevelState())
         a = assess(snap.memory, cfg.pressure, state.levels, snap.ts)
         plan = policy.decide(snap, a, state)
-        return {"snapshot": snap, "assessment": a, "plan": plan, "policy": policy, "cgroup": sensor.cgroup}
+        return {"snapshot": snap, "assessment": a, "plan": plan, "policy": policy, "cgroup": sensor.cgroup,
+                "scope": sensor.scope}
     finally:
         sensor.close()
 
@@ -58,7 +59,8 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
     m = snap.memory
     if as_json:
         print(json.dumps({
-            "memory": {"cgroup": m.cgroup or "host", "usage_bytes": m.usage_bytes, "limit_bytes": m.limit_bytes,
+            "memory": {"cgroup": m.cgroup or "host", "scope": out["scope"].why if out.get("scope") else "",
+                       "usage_bytes": m.usage_bytes, "limit_bytes": m.limit_bytes,
                        "reclaimable_bytes": m.reclaimable_bytes, "psi_some_avg10": m.psi_some_avg10,
                        "psi_full_avg10": m.psi_full_avg10},
             "level": plan.level.name.lower(), "level_reason": plan.level_reason,
@@ -95,6 +97,8 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
         return 0
     print(f"memory: {m.cgroup or 'host'}: usage {_mib(m.usage_bytes)} of {_mib(m.limit_bytes)}, "
           f"reclaimable {_mib(m.reclaimable_bytes)}, PSI some {m.psi_some_avg10:.1f}% full {m.psi_full_avg10:.1f}%")
+    if out.get("scope"):
+        print(f"scope: {out['scope'].why}")
     print(f"level: {plan.level.name.lower()} - {plan.level_reason}")
     for d in snap.databases:
         state = "up" if d.up else f"DOWN ({d.error})"

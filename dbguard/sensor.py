@@ -15,7 +15,8 @@ from .config import Config, DatabaseConfig
 from .databases.base import Database
 from .model import MemoryReading, Snapshot
 from .sense.pressure import PressureMonitor
-from .sense.procfs import CGROUP_ROOT, own_memcg_dir, read_procs
+from .sense.procfs import CGROUP_ROOT, read_procs
+from .sense.scope import Scope, configured, scope_of
 
 log = logging.getLogger("dbguard")
 
@@ -57,6 +58,7 @@ class Sensor:
             self.databases[dc.name] = make_database(dc, cfg.general.state_dir)
         self._discovered_at = time.monotonic()
         self.pressure: PressureMonitor | None = None
+        self.scope: Scope | None = None
         self.cgroup = ""
         self.observe_collector = lambda source, ok, seconds: None
 
@@ -81,14 +83,16 @@ class Sensor:
         return added
 
     def open_pressure(self, stats: list) -> None:
+        """Watch the scope that can run out: [pressure] cgroup when set, else where the limit
+        that applies to the (first identified) database server really is (sense/scope.py)."""
         p = self.cfg.pressure
-        cgroup = p.cgroup
-        if not cgroup:
+        if p.cgroup:
+            self.scope = configured(p.cgroup)
+        else:
             server = next((s.server_pid for s in stats if s.server_pid), None)
-            cgroup = own_memcg_dir(server) if server else ""
-            if relative_memcg(cgroup) is None:
-                cgroup = ""        # the root cgroup: watch the host
-        self.cgroup = cgroup.rstrip("/")
+            self.scope = scope_of(server) if server else Scope(
+                "", None, "no database server identified yet: watching the host's RAM")
+        self.cgroup = self.scope.cgroup_dir if relative_memcg(self.scope.cgroup_dir) is not None else ""
         self.pressure = PressureMonitor(self.cgroup or None, trigger_stall_us=p.psi_trigger_stall_us,
                                         trigger_window_us=p.psi_trigger_window_us)
 

@@ -1,0 +1,91 @@
+"""The scope that can run out: where the memory limit that applies to a database really is.
+
+On a stock systemd host PostgreSQL runs in `postgresql@15-main.service` with no limit of its
+own: the limit that bites is a parent slice's, or the host's RAM, and the hogs live in sibling
+units. Watching the database's own unlimited cgroup would see "usage 102 MiB of -" forever
+while the kernel OOM-kills the database. So the watched scope is the cgroup, from the
+database's own up to the root, whose limit is the tightest (the first one met going up, when
+several are equal: the smallest subtree holding the limit), or the host when no cgroup up the
+tree is limited. Every process in that scope is a candidate, siblings included.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from ..errors import DbguardError
+from .pressure import MEMINFO, parse_limit, parse_meminfo
+from .procfs import CGROUP_ROOT, memcg_dir, parse_memcg
+
+
+@dataclass(frozen=True)
+class Scope:
+    cgroup_dir: str            # the watched memory cgroup's directory; "" for the host
+    limit_bytes: int | None    # its limit; None for the host (MemTotal is the bound)
+    why: str                   # one line for the start log, explain and check
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _own_limit(cgroup_dir: str, version: int, mem_total: int) -> int | None:
+    """The limit set on this cgroup itself (not inherited), None when it sets none."""
+    name = "memory.limit_in_bytes" if version == 1 else "memory.max"
+    try:
+        return parse_limit(_read(os.path.join(cgroup_dir, name)), mem_total)
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def limit_chain(cgroup_dir: str, version: int, mem_total: int, root: str) -> list[tuple[str, int | None]]:
+    """(directory, own limit) from `cgroup_dir` up to the hierarchy's root, nearest first."""
+    chain = []
+    d = cgroup_dir.rstrip("/")
+    while True:
+        chain.append((d, _own_limit(d, version, mem_total) if d != root else None))
+        if d == root or not d.startswith(root + "/"):
+            return chain
+        d = os.path.dirname(d)
+
+
+def tightest(chain: list[tuple[str, int | None]]) -> tuple[str, int] | None:
+    """The directory holding the smallest limit (nearest wins a tie), None when none is set."""
+    best = None
+    for d, limit in chain:
+        if limit is not None and (best is None or limit < best[1]):
+            best = (d, limit)
+    return best
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def scope_of(pid: int, proc_root: str = "/proc", cgroup_root: str = CGROUP_ROOT) -> Scope:
+    """The scope that can run out for the process `pid` (a database server)."""
+    try:
+        path, version = parse_memcg(_read(f"{proc_root}/{pid}/cgroup"))
+    except (FileNotFoundError, ProcessLookupError):
+        raise DbguardError(f"process {pid} does not exist; cannot find its memory cgroup") from None
+    mem_total = parse_meminfo(_read(MEMINFO))["MemTotal"]
+    if version == 0:
+        return Scope("", None, "no memory cgroup on this host: watching the host's RAM")
+    own = memcg_dir(path, version, cgroup_root)
+    root = memcg_dir("/", version, cgroup_root)
+    found = tightest(limit_chain(own, version, mem_total, root))
+    if found is None:
+        return Scope("", None, f"no memory limit on {own} or any cgroup above it: watching the host's RAM "
+                               f"({_fmt(mem_total)})")
+    d, limit = found
+    if d == own:
+        return Scope(d, limit, f"the database's own memory cgroup holds the limit ({_fmt(limit)})")
+    return Scope(d, limit, f"the tightest limit above the database's cgroup {own} is {_fmt(limit)} on {d}: "
+                           "watching all of it, siblings included")
+
+
+def configured(cgroup_dir: str) -> Scope:
+    """[pressure] cgroup, as the operator set it."""
+    d = cgroup_dir.rstrip("/")
+    return Scope(d, None, f"set by [pressure] cgroup = {d}")

@@ -1,0 +1,77 @@
+"""The scope that can run out, found from fixture cgroup trees (v1 and v2) and /proc files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dbguard.errors import DbguardError
+from dbguard.sense.scope import scope_of
+
+GiB = 1024**3
+UNLIMITED_V1 = "9223372036854771712\n"
+
+
+def tree(tmp: Path, version: int, limits: dict[str, str], pid_cgroup: str) -> tuple[str, str]:
+    """A cgroup root with `limits` (relative dir -> limit file text) and /proc/42/cgroup."""
+    root = tmp / "cg"
+    base = root / "memory" if version == 1 else root
+    if version == 2:
+        root.mkdir()
+        (root / "cgroup.controllers").write_text("cpu memory\n")
+    name = "memory.limit_in_bytes" if version == 1 else "memory.max"
+    for rel, text in limits.items():
+        d = base / rel.strip("/") if rel.strip("/") else base
+        d.mkdir(parents=True, exist_ok=True)
+        (d / name).write_text(text)
+    proc = tmp / "proc" / "42"
+    proc.mkdir(parents=True)
+    line = f"7:memory:{pid_cgroup}\n0::/\n" if version == 1 else f"0::{pid_cgroup}\n"
+    (proc / "cgroup").write_text(line)
+    return str(tmp / "proc"), str(root)
+
+
+def test_the_limit_on_a_parent_slice_is_the_scope_siblings_included(tmp_path):
+    proc, root = tree(tmp_path, 1, {"/": UNLIMITED_V1, "/system.slice": f"{GiB}\n",
+                                    "/system.slice/postgresql@15-main.service": UNLIMITED_V1},
+                      "/system.slice/postgresql@15-main.service")
+    s = scope_of(42, proc, root)
+    assert s.cgroup_dir == f"{root}/memory/system.slice" and s.limit_bytes == GiB
+    assert "siblings included" in s.why
+
+
+def test_the_database_own_limit_when_it_is_the_tightest(tmp_path):
+    proc, root = tree(tmp_path, 1, {"/system.slice": f"{2 * GiB}\n", "/system.slice/pg.service": f"{GiB}\n"},
+                      "/system.slice/pg.service")
+    s = scope_of(42, proc, root)
+    assert s.cgroup_dir == f"{root}/memory/system.slice/pg.service" and s.limit_bytes == GiB
+
+
+def test_equal_limits_the_nearest_wins(tmp_path):
+    proc, root = tree(tmp_path, 2, {"/a": f"{GiB}\n", "/a/b": f"{GiB}\n"}, "/a/b")
+    assert scope_of(42, proc, root).cgroup_dir == f"{root}/a/b"
+
+
+def test_no_limit_anywhere_is_the_host_never_inert(tmp_path):
+    proc, root = tree(tmp_path, 2, {"/user.slice": "max\n", "/user.slice/db.scope": "max\n"},
+                      "/user.slice/db.scope")
+    s = scope_of(42, proc, root)
+    assert s.cgroup_dir == "" and s.limit_bytes is None and "host's RAM" in s.why
+
+
+def test_v2_tightest_up_the_tree(tmp_path):
+    proc, root = tree(tmp_path, 2, {"/kubepods.slice": f"{4 * GiB}\n", "/kubepods.slice/pod": f"{GiB // 2}\n",
+                                    "/kubepods.slice/pod/db": "max\n"}, "/kubepods.slice/pod/db")
+    s = scope_of(42, proc, root)
+    assert s.cgroup_dir == f"{root}/kubepods.slice/pod" and s.limit_bytes == GiB // 2
+
+
+def test_a_limit_at_or_above_ram_limits_nothing(tmp_path):
+    proc, root = tree(tmp_path, 1, {"/big": f"{1 << 50}\n"}, "/big")
+    assert scope_of(42, proc, root).cgroup_dir == ""
+
+
+def test_a_process_that_is_gone_is_one_line(tmp_path):
+    proc, root = tree(tmp_path, 1, {}, "/")
+    with pytest.raises(DbguardError, match="process 43 does not exist"):
+        scope_of(43, proc, root)
