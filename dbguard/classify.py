@@ -9,27 +9,26 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from .databases import registry
 from .model import DbStats, Proc, Role
 
 INIT_PID = 1
-_SERVER_ROLE = {"postgresql": Role.POSTMASTER, "mysql": Role.MYSQLD}
-_DEFAULT_CHILD_ROLE = {"postgresql": Role.PG_BACKEND}
 
 
 def _database_roles(procs: dict[int, Proc], databases: Iterable[DbStats]) -> dict[int, Role]:
     servers: dict[int, Role] = {}
     members: dict[int, Role] = {}
     for db in databases:
-        server_role = _SERVER_ROLE.get(db.kind)
-        if server_role is None or db.server_pid is None or db.server_pid not in procs:
+        kind = registry.find(db.kind)
+        if kind is None or db.server_pid is None or db.server_pid not in procs:
             # No server process we can see: without it, no child is known to be the database's.
-            # (mysql SQL roles below still apply: a pid the server reported is a fact.)
+            # (verified pids below still apply: a pid the adapter checked by fact is a fact.)
             server_pid = None
         else:
             server_pid = db.server_pid
-            servers.setdefault(server_pid, server_role)
+            servers.setdefault(server_pid, kind.server_role)
         if server_pid is not None:
-            default = _DEFAULT_CHILD_ROLE.get(db.kind)
+            default = kind.child_role
             for pid, proc in procs.items():
                 if proc.ppid != server_pid:
                     continue
@@ -38,7 +37,7 @@ def _database_roles(procs: dict[int, Proc], databases: Iterable[DbStats]) -> dic
                     members.setdefault(pid, reported)
                 elif default is not None:
                     members.setdefault(pid, default)
-        if db.kind == "mysql":
+        if kind is not None and kind.reported_pids_verified:
             for pid, role in db.roles.items():
                 if pid in procs and role.is_database:
                     members.setdefault(pid, role)

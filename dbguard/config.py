@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .databases import registry
 from .errors import ConfigError
 from .rules import validate
 from .units import parse_size, toml_key
@@ -178,11 +179,6 @@ class Config:
     warnings: tuple[str, ...] = field(default=(), metadata={"internal": True})
 
 
-DB_KINDS = ("postgresql", "mysql")
-_PG_ONLY = {"dsn", "data_directory", "shrink_settings", "shrink_floor", "close_idle_after"}
-_MYSQL_ONLY = {"host", "port", "socket", "user", "buffer_pool_floor", "shrink_caches"}
-
-
 def _type_name(tp: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
         tp, "a list of strings")
@@ -245,17 +241,13 @@ def _build(cls: type, data: Any, path: str) -> Any:
 def _database(data: Any, index: int) -> DatabaseConfig:
     path = f"databases[{index}]"
     db = _build(DatabaseConfig, data, path)
-    if db.kind not in DB_KINDS:
-        raise ConfigError(f"{path}.kind: must be one of {', '.join(DB_KINDS)}, got {db.kind!r}")
-    wrong = (_MYSQL_ONLY if db.kind == "postgresql" else _PG_ONLY) & set(data)
+    kind = registry.kind(db.kind, f"{path}.kind")
+    wrong = registry.foreign_keys(db.kind) & set(data)
     if wrong:
         raise ConfigError(f"{path}.{sorted(wrong)[0]}: not a {db.kind} setting")
     if db.password_env and db.password_file:
         raise ConfigError(f"{path}: set password_file or password_env, not both")
-    if db.kind == "postgresql" and re.search(r"(^|\s)password\s*=", db.dsn):
-        raise ConfigError(f"{path}.dsn: holds a password; use password_file or password_env instead")
-    if db.kind == "mysql" and not (db.host or db.socket):
-        raise ConfigError(f"{path}: set host or socket for a mysql database")
+    kind.check(db, path)
     return dataclasses.replace(db, name=db.name or f"{db.kind}{index}")
 
 

@@ -1,0 +1,109 @@
+"""The database kinds dbguard knows, each with its own facts, in one place.
+
+A kind declares what the rest of dbguard needs to know about it: the role of its server
+process and of a child of that server, what a session is called, the config keys only it
+accepts (and its own config checks), its adapter and how to find local servers without a
+config. Adding a kind is one package under databases/ and one entry here; classify, config,
+the daemon and the policy read these facts instead of switching on the kind's name.
+
+Importing this module imports no database driver: adapters and discovery are named as
+"module:attribute" and imported on first use.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+from ..errors import ConfigError
+from ..model import Role
+
+if TYPE_CHECKING:
+    from ..config import DatabaseConfig
+    from .base import Database
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str                          # the `kind` in [[databases]]
+    server_role: Role                  # the server process (found by fact, see databases/identity.py)
+    child_role: Role | None            # a child of the server not (yet) reported by SQL; None: no default
+    reported_pids_verified: bool       # True: every pid the adapter reports was checked by fact, so it
+                                       # counts without being a child of the server (MySQL reports only
+                                       # the mysqld pid it verified; PostgreSQL reports every backend,
+                                       # and a backend is believed only as a child of the postmaster)
+    session_noun: str                  # what one session is called in a target: "backend", "connection"
+    config_keys: frozenset[str]        # [[databases]] keys only this kind accepts
+    check: Callable[["DatabaseConfig", str], None]   # its own config rules; raises ConfigError
+    adapter: str                       # "module:Class" implementing databases.base.Database
+    discover: str | None = None        # "module:function" -> [DatabaseConfig] of local servers
+
+
+def _check_postgresql(db: "DatabaseConfig", path: str) -> None:
+    if re.search(r"(^|\s)password\s*=", db.dsn):
+        raise ConfigError(f"{path}.dsn: holds a password; use password_file or password_env instead")
+
+
+def _check_mysql(db: "DatabaseConfig", path: str) -> None:
+    if not (db.host or db.socket):
+        raise ConfigError(f"{path}: set host or socket for a mysql database")
+
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind(name="postgresql", server_role=Role.POSTMASTER, child_role=Role.PG_BACKEND,
+         reported_pids_verified=False, session_noun="backend",
+         config_keys=frozenset({"dsn", "data_directory", "shrink_settings", "shrink_floor", "close_idle_after"}),
+         check=_check_postgresql, adapter="dbguard.databases.postgresql.adapter:PostgreSQL",
+         discover="dbguard.databases.postgresql.discover:discover_postgresql"),
+    # MySQL sessions are threads of mysqld: a child process of the server is not a session.
+    Kind(name="mysql", server_role=Role.MYSQLD, child_role=None,
+         reported_pids_verified=True, session_noun="connection",
+         config_keys=frozenset({"host", "port", "socket", "user", "buffer_pool_floor", "shrink_caches"}),
+         check=_check_mysql, adapter="dbguard.databases.mysql.adapter:MySQL"),
+)}
+
+
+def names() -> tuple[str, ...]:
+    return tuple(KINDS)
+
+
+def find(name: str) -> Kind | None:
+    return KINDS.get(name)
+
+
+def kind(name: str, path: str = "databases.kind") -> Kind:
+    """The kind called `name`; an unknown one is a one-line config error at `path` naming the kinds."""
+    k = KINDS.get(name)
+    if k is None:
+        raise ConfigError(f"{path}: must be one of {', '.join(KINDS)}, got {name!r}")
+    return k
+
+
+def foreign_keys(name: str) -> frozenset[str]:
+    """Config keys some other kind accepts and `name` does not."""
+    own = kind(name).config_keys
+    return frozenset().union(*(k.config_keys for k in KINDS.values())) - own
+
+
+def server_roles() -> frozenset[Role]:
+    return frozenset(k.server_role for k in KINDS.values())
+
+
+def _load(ref: str):
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make(cfg: "DatabaseConfig", state_dir: str) -> "Database":
+    """The adapter for one [[databases]] entry."""
+    return _load(kind(cfg.kind).adapter)(cfg, state_dir)
+
+
+def discover() -> list["DatabaseConfig"]:
+    """Local servers of every kind that can be found without a config, kind by kind."""
+    found: list[DatabaseConfig] = []
+    for k in KINDS.values():
+        if k.discover:
+            found.extend(_load(k.discover)())
+    return found
