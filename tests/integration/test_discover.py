@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from dbguard.config import DatabaseConfig
-from dbguard.databases.discover import (cluster_name, data_dir_from_cmdline, discover_postgresql,
-                                        parse_postmaster_pid)
+from dbguard.databases.postgresql.discover import (cluster_name, data_dir_from_cmdline, discover_postgresql,
+                                                   parse_postmaster_pid)
+from dbguard.databases import registry
 from dbguard.databases.postgresql import PostgreSQL
 from dbguard.model import Role
 
@@ -82,6 +83,7 @@ def test_real_cluster_is_discovered_and_usable(tmp_path, postgresql_host):
     with PgCluster() as c:
         mine = [d for d in discover_postgresql() if os.path.realpath(d.data_directory) == os.path.realpath(c.data_dir)]
         assert len(mine) == 1, discover_postgresql()
+        assert mine[0] in registry.discover()         # what `dbguard run` without a config finds
         cfg = mine[0]
         assert cfg.kind == "postgresql" and cfg.name == c.data_dir
         assert cfg.dsn == f"host={c.socket_dir} port={c.port} dbname=postgres user=postgres"

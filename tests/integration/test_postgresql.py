@@ -11,7 +11,7 @@ import pytest
 
 from dbguard.config import DatabaseConfig
 from dbguard.databases.postgresql import PostgreSQL
-from dbguard.model import Role
+from dbguard.model import Role, Status
 
 pytestmark = pytest.mark.db
 
@@ -84,7 +84,7 @@ def test_collect_reports_server_roles_and_cache(cluster, adapter):
     assert stats.extra["backends"]["checkpointer"] == 1
     # 8MB -> 2MB floor takes 2 halvings, 64MB takes 5: the deeper one, capped at shrink_steps.
     assert stats.shrink_steps_max == 5 and stats.shrink_step == 0
-    own = adapter._conn.execute("SELECT current_setting('statement_timeout'), "
+    own = adapter.link.conn.execute("SELECT current_setting('statement_timeout'), "
                                 "current_setting('application_name')").fetchone()
     assert own == ("2s", "dbguard")
 
@@ -98,7 +98,7 @@ def test_collect_reports_server_roles_and_cache(cluster, adapter):
     assert session.query == "SELECT repeat('x', 1000)" and session.state == "idle"
     assert session.memory_bytes > 0      # RssAnon of a live backend
     # dbguard's own connection is a backend, but never a session to act on.
-    assert all(s.pid != adapter._conn.info.backend_pid for s in stats.sessions)
+    assert all(s.pid != adapter.link.conn.info.backend_pid for s in stats.sessions)
 
 
 def test_collect_truncates_long_queries(cluster, adapter):
@@ -173,13 +173,14 @@ def test_recover_after_crash_mid_shrink(cluster, tmp_path):
     second = PostgreSQL(make_cfg(cluster.dsn), str(tmp_path))
     try:
         assert second.collect().shrink_step == 2
-        out = second.recover()
-        assert out.ok, out.detail
+        out = second.recover()                  # work_mem needs no refill: all of it back at once
+        assert out.carried_out, out.detail
         wait_for(lambda: (show(cluster, "work_mem"), show(cluster, "maintenance_work_mem")), ("8MB", "64MB"))
         assert auto_conf(cluster) == before_auto
         assert second.originals.load() is None
         assert second.collect().shrink_step == 0
-        assert second.recover().ok              # nothing left to do
+        again = second.recover()                # nothing left to do
+        assert again.status is Status.SKIPPED and "nothing to recover" in again.detail, again
     finally:
         second.set_shrink_step(0)
         second.close()
@@ -279,6 +280,8 @@ def test_terminate_ends_session_without_crash(cluster, adapter):
         s.thread.join(20)
         assert isinstance(s.error, psycopg.OperationalError), s.error
         wait_for(lambda: active(cluster, s.pid), "")
+        out = adapter.terminate(s.pid)          # the session ended: gone, not refused
+        assert out.status is Status.GONE and "not a backend" in out.detail, out
     finally:
         s.close()
     assert "terminated by signal" not in cluster.log()
@@ -288,11 +291,13 @@ def test_terminate_ends_session_without_crash(cluster, adapter):
 def test_cancel_refuses_what_is_not_a_session(cluster, adapter):
     checkpointer = pids_of(cluster, "checkpointer")[0]
     out = adapter.cancel(checkpointer)
-    assert not out.ok and "checkpointer" in out.detail
+    assert out.status is Status.REFUSED and "checkpointer" in out.detail
     out = adapter.terminate(cluster.postmaster_pid())
-    assert not out.ok and "not a backend" in out.detail
+    assert out.status is Status.REFUSED and "not a backend" in out.detail
     out = adapter.terminate(os.getpid())
-    assert not out.ok and "not a backend" in out.detail
+    assert out.status is Status.REFUSED and "not a backend" in out.detail
+    out = adapter.terminate(adapter.link.conn.info.backend_pid)     # dbguard's own connection
+    assert out.status is Status.REFUSED and "not a session" in out.detail
     assert cluster.is_up()
 
 
@@ -359,40 +364,13 @@ def test_corrupt_state_file_is_reported_not_raised(cluster, tmp_path):
         db.close()
 
 
-# --- pure logic ------------------------------------------------------------------------------
-def test_size_arithmetic():
-    from dbguard.databases.postgresql import (setting_bytes, shrink_steps_max, shrunk_bytes, size_literal,
-                                              steps_to_floor, unit_bytes)
-    assert unit_bytes("8kB") == 8192 and unit_bytes("kB") == 1024 and unit_bytes("ms") is None
-    assert setting_bytes("16384", "8kB") == 128 * MiB and setting_bytes("-1", "kB") is None
-    assert size_literal(4 * MiB) == "4MB" and size_literal(1536 * 1024) == "1536kB"
-    assert [shrunk_bytes(8 * MiB, 2 * MiB, s) for s in range(4)] == [8 * MiB, 4 * MiB, 2 * MiB, 2 * MiB]
-    assert shrunk_bytes(MiB, 2 * MiB, 3) == MiB          # below the floor already: never raised
-    assert steps_to_floor(64 * MiB, 2 * MiB) == 5 and steps_to_floor(MiB, 2 * MiB) == 0
-    assert shrink_steps_max({"a": 8 * MiB, "b": 64 * MiB}, 2 * MiB, 3) == 3
-    assert shrink_steps_max({"a": MiB}, 2 * MiB, 3) == 0
-
-
-def test_connect_error_lines():
-    from dbguard.databases.postgresql import connect_error_line
-    refused = ('connection failed: connection to server on socket "/x/.s.PGSQL.5432" failed: No such file or '
-               'directory\n\tIs the server running locally and accepting connections on that socket?')
-    assert connect_error_line(refused, "host=/x port=5432", None) == \
-        "cannot connect to host=/x port=5432: connection refused; is PostgreSQL running?"
-    pw = ('connection failed: connection to server at "127.0.0.1", port 5 failed: FATAL:  password '
-          'authentication failed for user "u"')
-    assert connect_error_line(pw, "h", "s3cret") == \
-        'cannot connect to h: password authentication failed for user "u"; check password_file / password_env'
-    assert "s3cret" not in connect_error_line("weird s3cret echo", "h", "s3cret")
-
-
 def test_hung_server_does_not_stall_collect(cluster, tmp_path):
     """A backend that stops answering (here: our own throwaway backend paused with SIGSTOP by the
     test harness, as a hung server or a silent network would be) must not hang the caller."""
     import signal
     db = PostgreSQL(make_cfg(cluster.dsn, connect_timeout=1.0, statement_timeout=1.0), str(tmp_path))
     assert db.collect().up
-    backend = db._conn.info.backend_pid
+    backend = db.link.conn.info.backend_pid
     result: dict = {}
     caller = threading.Thread(target=lambda: result.update(first=db.collect(), second=db.collect()), daemon=True)
     os.kill(backend, signal.SIGSTOP)
@@ -406,7 +384,7 @@ def test_hung_server_does_not_stall_collect(cluster, tmp_path):
     assert not first.up and "no answer within 2.5s" in first.error, first.error
     assert first.server_pid == cluster.postmaster_pid()
     assert not second.up and "to an earlier statement" in second.error, second.error
-    wait_for(lambda: db._stuck is None or not db._stuck[0].is_alive(), True)
+    wait_for(lambda: db.link.stuck_for() is None, True)
     again = db.collect()
     assert again.up, again.error
     db.close()

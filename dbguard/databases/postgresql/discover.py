@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import re
 
-from ..config import DatabaseConfig
+from ...config import DatabaseConfig
+from .. import identity
 
 POSTGRES_EXES = ("postgres", "postmaster")
 # postmaster.pid lines (0-based): pid, data dir, start time, port, socket dir, listen address
@@ -66,17 +67,15 @@ def dsn_for(info: dict[str, str]) -> str:
 
 # --- reading /proc -------------------------------------------------------------------------------
 def _postmaster(proc_root: str, pid: int) -> DatabaseConfig | None:
-    base = f"{proc_root}/{pid}"
     try:
-        exe = os.readlink(f"{base}/exe")
-        with open(f"{base}/cmdline", "rb") as f:
+        proc = identity.inspect(pid, proc_root)
+        with open(f"{proc_root}/{pid}/cmdline", "rb") as f:
             argv = [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
-        cwd = os.readlink(f"{base}/cwd")
-    except OSError:
+    except (OSError, identity.Unreadable):
         return None
-    if os.path.basename(exe.removesuffix(" (deleted)")) not in POSTGRES_EXES:
+    if proc is None or os.path.basename(proc.exe) not in POSTGRES_EXES:
         return None
-    data_dir = data_dir_from_cmdline(argv[1:], cwd)
+    data_dir = data_dir_from_cmdline(argv[1:], proc.cwd)
     try:
         with open(os.path.join(data_dir, "postmaster.pid")) as f:
             info = parse_postmaster_pid(f.read())

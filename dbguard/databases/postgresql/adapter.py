@@ -1,0 +1,133 @@
+"""PostgreSQL behind the Database interface: the modules of this package, composed.
+
+collect() never raises. With SQL down it still reports the postmaster pid from postmaster.pid
+(the data directory is remembered from the last success, or taken from cfg.data_directory),
+but only if that pid is alive and runs in the data directory (identity.py).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import psycopg
+
+from ...config import DatabaseConfig
+from ...errors import DbguardError
+from ...model import DbStats, Outcome
+from ...originals import Originals
+from ...sense.procfs import rss_anon
+from ..base import Database
+from . import sessions
+from .connection import Connection, one_line
+from .identity import postmaster_pid
+from .settings import Settings
+from .stats import COLLECT_SQL, QUERY_MAX, Reading, down_stats, to_stats
+
+# pg_buffercache locks and reads every buffer header: ~11 ms for 500MB of shared_buffers here,
+# growing with the size. Sampled now and then, on its own, so a slow scan costs no cycle its stats.
+_BUFFERCACHE_SQL = "SELECT count(*) FROM pg_buffercache WHERE relfilenode IS NOT NULL"
+BUFFERCACHE_EVERY = 30.0       # seconds between two pg_buffercache scans
+
+
+class PostgreSQL(Database):
+    kind = "postgresql"
+
+    def __init__(self, cfg: DatabaseConfig, state_dir: str):
+        self.cfg = cfg
+        self.name = cfg.name
+        self.link = Connection(cfg)
+        self.originals = Originals(state_dir, cfg.name)
+        self.settings = Settings(cfg, self.originals)
+        self._used_buffers: int | None = None
+        self._used_buffers_at = float("-inf")
+        self._used_buffers_note = ""
+
+    def _attempt(self, work: Callable[[psycopg.Connection], Outcome],
+                 denied: Callable[[], str] | None = None) -> Outcome:
+        """work(conn), bounded; every error becomes a failed Outcome of one line."""
+        try:
+            return self.link.run(work)
+        except DbguardError as e:
+            return Outcome.failed(str(e))
+        except psycopg.errors.InsufficientPrivilege as e:
+            return Outcome.failed(denied() if denied else self.link.failed(e))
+        except psycopg.Error as e:
+            return Outcome.failed(self.link.failed(e))
+
+    # --- collect -------------------------------------------------------------------------------
+    def collect(self) -> DbStats:
+        try:
+            return self.link.run(self._collect)
+        except DbguardError as e:
+            return self._down(str(e))
+        except psycopg.Error as e:
+            return self._down(self.link.failed(e))
+        except Exception as e:          # never into the main loop
+            return self._down(f"{self.link.where}: unexpected {type(e).__name__}: {one_line(e)}")
+
+    def _down(self, error: str) -> DbStats:
+        dd = self.link.data_directory
+        return down_stats(self.name, error, postmaster_pid(dd), dd, self.settings.current_step())
+
+    def _collect(self, conn: psycopg.Connection) -> DbStats:
+        with conn.cursor() as cur:
+            cur.execute(COLLECT_SQL, {"qmax": QUERY_MAX, "names": ["shared_buffers", *self.cfg.shrink_settings]})
+            activity, settings, hit_ratio = cur.fetchone()
+        reading = Reading(activity=activity, settings=settings or {}, hit_ratio=hit_ratio,
+                          used_buffers=self._sample_buffercache(conn), block_size=self.link.block_size)
+        notes: dict[str, str] = {}
+        try:
+            saved = self.settings.saved()
+        except DbguardError as e:       # the stats are still good; say what is wrong with the file
+            saved, notes["state_error"] = None, str(e)
+        if reading.used_buffers is None:
+            notes["cache_used"] = self._used_buffers_note
+        dd = self.link.data_directory
+        return to_stats(self.name, reading, server_pid=postmaster_pid(dd), data_directory=dd,
+                        shrink_settings=self.cfg.shrink_settings, saved=saved, floor=self.cfg.shrink_floor,
+                        steps=self.cfg.shrink_steps, memory_of=rss_anon, notes=notes)
+
+    def _sample_buffercache(self, conn: psycopg.Connection) -> int | None:
+        """Buffers in use, from pg_buffercache at most every BUFFERCACHE_EVERY seconds; None if unknown."""
+        if not self.link.has_buffercache:
+            self._used_buffers_note = ("pg_buffercache not installed (or no EXECUTE on it): "
+                                       "CREATE EXTENSION pg_buffercache to see it")
+            return None
+        now = time.monotonic()
+        if now - self._used_buffers_at >= BUFFERCACHE_EVERY:
+            self._used_buffers_at = now
+            try:
+                with conn.cursor() as cur:
+                    cur.execute(_BUFFERCACHE_SQL)
+                    self._used_buffers = cur.fetchone()[0]
+            except psycopg.errors.QueryCanceled:
+                self._used_buffers = None
+                self._used_buffers_note = "pg_buffercache scan took over statement_timeout"
+        return self._used_buffers
+
+    # --- shrinking -----------------------------------------------------------------------------
+    def set_shrink_step(self, step: int) -> Outcome:
+        return self._attempt(lambda conn: self.settings.set_step(conn, max(0, step), self.link.superuser))
+
+    def recover(self) -> Outcome:
+        """work_mem and friends need no refill: everything a previous run left shrunk goes back at once."""
+        try:
+            if self.settings.saved() is None:
+                return Outcome.skipped("nothing to recover: no settings left changed")
+        except DbguardError as e:
+            return Outcome.failed(str(e))
+        return self.set_shrink_step(0)
+
+    # --- sessions ------------------------------------------------------------------------------
+    def cancel(self, pid: int) -> Outcome:
+        return self._end(pid, sessions.CANCEL)
+
+    def terminate(self, pid: int) -> Outcome:
+        return self._end(pid, sessions.TERMINATE)
+
+    def _end(self, pid: int, how: tuple[str, str]) -> Outcome:
+        return self._attempt(lambda conn: sessions.end(conn, pid, how, self.link.where),
+                             denied=lambda: sessions.permission_denied(how[0], pid, self.link.user))
+
+    def close(self) -> None:
+        self.link.close()
