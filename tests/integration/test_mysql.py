@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pymysql
 import pytest
-from hypothesis import given, strategies as st
 
 from dbguard.config import DatabaseConfig
-from dbguard.databases.mysql import (
-    Grants, MySQL, cache_target, missing_grants, round_up, step_of, step_target, verify_server_pid)
+from dbguard.databases.identity import why_not_server
+from dbguard.databases.mysql import MySQL
 from dbguard.errors import ConfigError
-from dbguard.model import Role
+from dbguard.model import Role, Status
 from lab.mariadb import MariaDB
 
 MiB = 1024**2
@@ -31,43 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.db
 
 
-# --- pure logic (no server) ----------------------------------------------------------------
-@given(configured=st.integers(1, 64 * 1024) .map(lambda m: m * MiB),
-       floor=st.integers(1, 64 * 1024).map(lambda m: m * MiB + 12345),
-       steps=st.integers(1, 16), unit=st.sampled_from([1, MiB, 128 * MiB, 8 * 128 * MiB]))
-def test_step_targets_never_go_below_floor_and_shrink_monotonically(configured, floor, steps, unit):
-    targets = [step_target(configured, floor, steps, s, unit) for s in range(steps + 1)]
-    assert targets[0] == configured
-    if configured > round_up(floor, unit):
-        assert all(t >= floor for t in targets)
-        assert all(a >= b for a, b in zip(targets, targets[1:]))
-        assert all(t % unit == 0 or t == configured for t in targets[1:])
-        assert step_target(configured, floor, steps, steps + 3, unit) == targets[-1]
-        # Reading a size back gives a step at least as deep as the one that produced it.
-        for s, t in enumerate(targets):
-            assert step_of(t, configured, floor, steps, unit) >= s
-    else:
-        assert targets == [configured] * (steps + 1)
-
-
-def test_cache_target_halves_and_stops_at_minimum():
-    assert [cache_target(400, 64, 3, s) for s in range(5)] == [400, 200, 100, 64, 64]
-    assert cache_target(32, 64, 3, 2) == 32
-
-
-def test_grants_parse_mariadb_and_mysql_forms():
-    g = Grants.parse(["GRANT PROCESS, SUPER ON *.* TO `dbguard`@`localhost` IDENTIFIED BY PASSWORD '*X'",
-                      "GRANT SELECT ON `performance_schema`.* TO `dbguard`@`localhost`"])
-    assert missing_grants(g, mariadb=True) == []          # SUPER also allows KILL on MariaDB
-    g = Grants.parse(["GRANT PROCESS ON *.* TO `dbguard`@`localhost`"])
-    assert missing_grants(g, mariadb=True) == ["resize the buffer pool: SUPER",
-                                               "kill other users' statements: CONNECTION ADMIN or SUPER"]
-    g = Grants.parse(["GRANT PROCESS ON *.* TO `dbguard`@`%`",
-                      "GRANT CONNECTION_ADMIN ON *.* TO `dbguard`@`%`"])
-    assert missing_grants(g, mariadb=False) == ["resize the buffer pool: SYSTEM_VARIABLES_ADMIN or SUPER"]
-    assert missing_grants(Grants.parse(["GRANT ALL PRIVILEGES ON *.* TO `root`@`localhost`"]), False) == []
-
-
+# --- no server ------------------------------------------------------------------------------
 def test_unknown_cache_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="shrink_caches: 'query_cache_typo' is not supported"):
         MySQL(DatabaseConfig(kind="mysql", name="m", socket="/x", shrink_caches=("query_cache_typo",)), str(tmp_path))
@@ -149,13 +112,16 @@ def test_stats_read(server, guard):
 
 def test_server_identity_is_checked_by_fact(server):
     datadir, pid = str(server.datadir), server.pid()
-    assert verify_server_pid(pid, datadir, "/usr", peer_pid=pid) == ""
-    assert verify_server_pid(pid, datadir, "/usr", peer_pid=None) == ""
-    assert "socket peer" in verify_server_pid(pid, datadir, "/usr", peer_pid=os.getpid())
+
+    def why(pid: int, basedir: str = "/usr", peer: int | None = None) -> str:
+        return why_not_server(pid, datadir, exe_under=basedir, owner_of_datadir=True, peer_pid=peer)
+    assert why(pid, peer=pid) == ""
+    assert why(pid) == ""
+    assert "socket peer" in why(pid, peer=os.getpid())
     # Some other process (this test) named in a pid file is not the server.
-    assert "does not run in the data directory" in verify_server_pid(os.getpid(), datadir, "/usr", None)
-    assert "not a server under /opt" in verify_server_pid(pid, datadir, "/opt", None)
-    assert "does not exist" in verify_server_pid(2**22 + 7, datadir, "/usr", None)
+    assert "does not run in the data directory" in why(os.getpid())
+    assert "not a server under /opt" in why(pid, "/opt")
+    assert "does not exist" in why(2**22 + 7)
 
 
 def test_shrink_to_floor_in_steps_and_never_below(server, guard, tmp_path):
@@ -193,14 +159,15 @@ def test_grow_back_gradually_to_configured_size(server, guard):
     assert g.set_shrink_step(3).ok
     assert _pool(server) == FLOOR and int(server.value("SELECT @@table_open_cache")) == 64
     seen = []
-    for _ in range(5):
-        promised = g.collect().grow_bytes         # what the policy weighs before growing
+    for _ in range(3):                            # the policy's pacing: one step back per call
+        s = g.collect()
+        promised = s.grow_bytes                   # what the policy weighs before growing
         before = _pool(server)
-        out = g.set_shrink_step(0)
+        out = g.set_shrink_step(s.shrink_step - 1)
         assert out.ok, out.detail
         seen.append(_pool(server))
         assert seen[-1] - before == promised
-    assert seen[:3] == sorted(seen[:3]) and len(set(seen[:3])) == 3   # one step per call
+    assert seen == sorted(seen) and len(set(seen)) == 3
     assert seen[-1] == POOL
     assert int(server.value("SELECT @@table_open_cache")) == 400
     assert g.originals.load() is None
@@ -231,10 +198,13 @@ def test_originals_survive_a_killed_dbguard(server, guard, tmp_path):
     g = guard()
     s = g.collect()
     assert s.cache_configured_bytes == POOL and s.shrink_step == 3
-    assert g.recover().ok
-    for _ in range(3):
-        g.set_shrink_step(0)
+    out = g.recover()                    # reports what is left shrunk; the caller steps it back
+    assert out.carried_out and "left the buffer pool at step 3 of 3" in out.detail, out
+    assert _pool(server) == FLOOR
+    for step in (2, 1, 0):
+        assert g.set_shrink_step(step).ok
     assert _pool(server) == POOL and g.originals.load() is None
+    assert g.recover().status is Status.SKIPPED
 
 
 def test_missing_privilege_is_named(server, guard):
@@ -320,7 +290,8 @@ def test_cancel_then_terminate_a_runaway_session(server, guard):
         assert out.ok, out.detail
         assert app_id not in {x.pid for x in g.collect().sessions}
         assert server.pid() == mysqld and server.running()
-        assert not g.terminate(app_id).ok      # gone
+        out = g.terminate(app_id)
+        assert out.status is Status.GONE and f"connection {app_id} is gone" in out.detail, out
     finally:
         t.join(30)
         app.close()
@@ -343,21 +314,23 @@ def test_coexists_with_mariadb_auto_shrink(tmp_path, mariadb_host):
             finally:
                 app.close()
             assert s.extra["auto_shrink_min"] == 32 * MiB
+            assert g.collect().self_shrunk_ago is None
+            shrunk_at = time.monotonic()
             db.sql("SET GLOBAL innodb_buffer_pool_size = %s", (60 * MiB,))   # as MariaDB's own shrink would
             s = g.collect()
             assert s.cache_configured_bytes == POOL and s.shrink_step == 2
-            assert s.extra["auto_shrunk_seconds_ago"] is not None
-            out = g.set_shrink_step(1)                    # growing now would fight MariaDB: held off
-            assert out.ok and "not growing it back" in out.detail, out.detail
-            assert _pool(db) == 60 * MiB
+            # A fact for the policy, which holds growing off for a while after it (policy.SELF_SHRINK_HOLDOFF).
+            assert s.self_shrunk_ago is not None and 0 <= s.self_shrunk_ago <= time.monotonic() - shrunk_at, s
+            assert "auto_shrunk_seconds_ago" not in s.extra and not s.resize_in_progress
             out = g.set_shrink_step(2)                    # already below step 2's 75 MiB: left as is
             assert out.ok and "left as is" in out.detail, out.detail
             assert _pool(db) == 60 * MiB
             assert g.originals.load()["innodb_buffer_pool_size"] == POOL
-            g.auto_shrink_holdoff = 0                     # as if a minute passed without MariaDB shrinking
-            for _ in range(3):
-                assert g.set_shrink_step(0).ok
+            for step in (1, 0):                           # asked for a step, the adapter does exactly it
+                assert g.set_shrink_step(step).ok
+                assert g.collect().shrink_step == step
             assert _pool(db) == POOL and g.originals.load() is None
+            assert g.collect().self_shrunk_ago >= s.self_shrunk_ago      # our grows are not the server's shrink
         finally:
             g.close()
 
@@ -370,7 +343,8 @@ def test_server_restarted_while_shrunk_needs_no_growing(server, guard):
     assert _pool(server) == POOL
     s = g.collect()
     assert s.up and s.shrink_step == 0 and s.cache_configured_bytes == POOL
-    assert g.recover().ok
+    out = g.recover()
+    assert out.carried_out and "step 0" in out.detail, out
     assert g.originals.load() is None
 
 
