@@ -21,6 +21,7 @@ from .act.executor import Executor
 from .assess import Assessment, assess, next_mark_bytes, recheck
 from .audit import AuditLog
 from .config import Config
+from .databases.base import Database
 from .errors import DbguardError
 from .host import (CAP_SYS_RESOURCE, has_capability, lock_memory, resolve_rule_users, resolve_users, sd_notify,
                    watchdog_interval)
@@ -120,9 +121,12 @@ class Daemon:
             log.warning("%s", self.bpf_note)
 
     def _recover(self) -> None:
-        """Settings a previous run left changed (it was killed half-way) are put back now."""
-        for name in self.sensor.databases:
-            self.executor.recover(name, self.level)
+        """Settings a previous run left changed (it was killed half-way) are put back now: what
+        needs no refill by recover(), the rest one step at a time, as at stop."""
+        deadline = time.monotonic() + RESTORE_ON_STOP_SECONDS
+        for name, db in self.sensor.databases.items():
+            if self.executor.recover(name, self.level).carried_out:
+                self._step_back(name, db, deadline, "left changed by a previous run of dbguard")
 
     def _recheck(self) -> Assessment:
         return recheck(self.sensor.pressure.read(), self.cfg.pressure)
@@ -323,18 +327,21 @@ class Daemon:
         through act/ like every change; a database that cannot be reached is said so too."""
         deadline = time.monotonic() + RESTORE_ON_STOP_SECONDS
         for name, db in self.sensor.databases.items():
-            while True:
-                s = db.collect()
-                if s.shrink_step == 0:
-                    break
-                a = Action(ActionKind.RESTORE_CACHE, "dbguard stopping: put the DBA's settings back",
-                           target=f"{db.kind} {name}", database=name, value=s.shrink_step - 1)
-                if not s.up or time.monotonic() >= deadline:
-                    why = f"database unreachable ({s.error})" if not s.up else \
-                        f"out of time ({RESTORE_ON_STOP_SECONDS:g}s) at step {s.shrink_step}"
-                    self.executor.record(a, self.level, Outcome.failed(
-                        f"not restored: {why}; the originals stay in {self.cfg.general.state_dir} and are put "
-                        "back at the next start"))
-                    break
-                if not self.executor.one(a, self.level).ok:
-                    break
+            self._step_back(name, db, deadline, "dbguard stopping: put the DBA's settings back")
+
+    def _step_back(self, name: str, db: Database, deadline: float, reason: str) -> None:
+        while True:
+            s = db.collect()
+            if s.shrink_step == 0:
+                break
+            a = Action(ActionKind.RESTORE_CACHE, reason, target=f"{db.kind} {name}", database=name,
+                       value=s.shrink_step - 1)
+            if not s.up or time.monotonic() >= deadline:
+                why = f"database unreachable ({s.error})" if not s.up else \
+                    f"out of time ({RESTORE_ON_STOP_SECONDS:g}s) at step {s.shrink_step}"
+                self.executor.record(a, self.level, Outcome.failed(
+                    f"not restored: {why}; the originals stay in {self.cfg.general.state_dir} and are put "
+                    "back at the next start"))
+                break
+            if not self.executor.one(a, self.level).ok:
+                break

@@ -12,6 +12,7 @@ import time
 
 from .classify import classify
 from .config import Config, DatabaseConfig
+from .databases import registry
 from .databases.base import Database
 from .model import MemoryReading, Snapshot
 from .sense.pressure import PressureMonitor
@@ -24,11 +25,7 @@ REDISCOVER_EVERY = 30.0
 
 
 def make_database(cfg: DatabaseConfig, state_dir: str) -> Database:
-    if cfg.kind == "postgresql":
-        from .databases.postgresql import PostgreSQL
-        return PostgreSQL(cfg, state_dir)
-    from .databases.mysql import MySQL
-    return MySQL(cfg, state_dir)
+    return registry.make(cfg, state_dir)
 
 
 def relative_memcg(cgroup_dir: str) -> str | None:
@@ -63,10 +60,9 @@ class Sensor:
         self.observe_collector = lambda source, ok, seconds: None
 
     def _discover(self) -> tuple[DatabaseConfig, ...]:
-        from .databases.discover import discover_postgresql
-        found = tuple(discover_postgresql())
+        found = tuple(registry.discover())
         for dc in found:
-            log.info("discovered PostgreSQL %s (%s)", dc.name, dc.dsn)
+            log.info("discovered %s %s (%s)", dc.kind, dc.name, dc.dsn)
         return found
 
     def rediscover(self) -> list[str]:

@@ -138,6 +138,25 @@ def test_grows_back_only_when_the_grown_cache_stays_under_the_warn_mark():
     assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.GROW_CACHE, 1)] and not plan.deferred
 
 
+def test_no_cache_step_while_a_resize_runs_and_no_grow_soon_after_the_server_shrank_itself():
+    """The adapter reports the facts (resize_in_progress, self_shrunk_ago); the pacing is decided here."""
+    pol = policy()
+    pool = dataclasses.replace(pg(1), kind="mysql", resize_in_progress=True)
+    plan = pol.decide(snapshot(0, reading(850), [], (pool,)))
+    assert plan.level is Level.WARN and "shrink_cache" not in kinds(plan)
+    assert plan.deferred == (("mysql main", "a cache resize is still in progress; the next step waits for it"),)
+    plan = pol.decide(snapshot(1, reading(850), [], (dataclasses.replace(pool, resize_in_progress=False),)))
+    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.SHRINK_CACHE, 2)], "resize over: shrinking goes on"
+
+    pol = policy()
+    shrunk = dataclasses.replace(pg(2), kind="mysql", self_shrunk_ago=59.0)
+    plan = pol.decide(snapshot(10, reading(300), [], (shrunk,)))
+    assert plan.level is Level.OK and "grow_cache" not in kinds(plan)
+    assert "the server shrank its cache itself 59s ago; not growing it back before 60s" in plan.deferred[0][1]
+    plan = pol.decide(snapshot(11, reading(300), [], (dataclasses.replace(shrunk, self_shrunk_ago=60.0),)))
+    assert [(a.kind, a.value) for a in plan.actions] == [(ActionKind.GROW_CACHE, 1)], "one step, after the hold-off"
+
+
 def test_never_shrinks_past_the_floor_nor_a_database_that_is_down():
     pol = policy()
     assert "shrink_cache" not in kinds(pol.decide(snapshot(0, reading(990), [], (pg(3, 3),))))
