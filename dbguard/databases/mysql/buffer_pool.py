@@ -25,10 +25,10 @@ from ...errors import DbguardError
 from ...model import Outcome
 from ...originals import Originals
 from ..bounded import BoundedCaller, Busy, Overdue
-from ..steps import halved, linear_step_of, linear_steps_to_floor, linear_target, shrink_steps_max
+from ..steps import halved, linear_target
 from .connection import Link, limit_statements, status, variables
 from .identity import server_pid, server_rss
-from .stats import Pool, resize_running
+from .stats import Pool, pool_steps, resize_running
 
 MiB = 1024**2
 RESIZE_TIMEOUT = 120.0          # seconds a single buffer pool resize may take before it is aborted
@@ -134,16 +134,15 @@ class BufferPool:
         unit = self.link.facts.unit
         v = variables(conn, ("innodb_buffer_pool_size", *self.cfg.shrink_caches))
         pool = self.look(int(v["innodb_buffer_pool_size"]), status(conn, "Innodb_buffer_pool_resize%"))
-        size, configured, floor, steps = pool.size, pool.configured, pool.floor, pool.steps
-        top = shrink_steps_max(steps, linear_steps_to_floor(configured, floor, steps, unit))
+        size, configured = pool.size, pool.configured
+        now_step, top, _ = pool_steps(pool, unit)
         step = max(0, min(step, top))
-        now_step = linear_step_of(size, configured, floor, steps, unit)
         if pool.resize_in_progress:
             r = self.last_resize
             since = f" for {time.monotonic() - r.started:.1f}s" if r else ""
             return Outcome.failed(f"mysql {self.cfg.name}: a buffer pool resize is in progress{since}; "
                                   "trying again next cycle")
-        target = linear_target(configured, floor, steps, step, unit)
+        target = linear_target(configured, pool.floor, pool.steps, step, unit)
         saved = self.saved()
         if (step > 0 or size < configured) and saved is None:
             # Before the first change, and as soon as the pool is found smaller than the DBA's size.
