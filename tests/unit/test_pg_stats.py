@@ -53,6 +53,7 @@ def test_roles_counts_and_sessions_match_the_server():
                                                               "client backend")
         assert got.age_seconds >= 1.0              # the capture waited a second after opening them
         assert got.memory_bytes == 1000 + int(pid)  # from memory_of, for sessions only
+        assert got.client
 
 
 def test_cache_settings_and_steps():
@@ -74,6 +75,15 @@ def test_while_shrunk_the_steps_count_from_the_saved_originals():
     s = stats(saved=saved, steps=16)
     assert s.shrink_step == 2 and s.shrink_steps_max == 9          # 1 GiB / 2**9 = 2 MiB
     assert s.extra["settings"] == {"work_mem": "8MB", "maintenance_work_mem": "64MB"}   # what the server runs now
+
+
+def test_only_client_backends_are_client_sessions():
+    rows = [[10, "autovacuum worker", "active", "", "autovacuum: VACUUM t", 3.0, False],
+            [11, "walsender", "active", "rep", "", 9.0, False],
+            [12, "client backend", "active", "app", "SELECT 1", 1.0, False]]
+    s = to_stats("main", reading(activity=rows), server_pid=None, data_directory="", shrink_settings=SHRINK,
+                 saved=None, floor=MiB, steps=3, memory_of=lambda pid: 0, notes={})
+    assert {x.pid: x.client for x in s.sessions} == {10: False, 11: False, 12: True}
 
 
 def test_buffercache_and_notes():
