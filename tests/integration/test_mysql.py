@@ -23,7 +23,6 @@ from dbguard.databases.identity import why_not_server
 from dbguard.databases.mysql import MySQL
 from dbguard.errors import ConfigError
 from dbguard.model import Role, Status
-from lab.cgroup import MemoryCgroup
 from lab.mariadb import MariaDB
 
 MiB = 1024**2
@@ -211,7 +210,7 @@ def test_originals_survive_a_killed_dbguard(server, guard, tmp_path):
     assert g.recover().status is Status.SKIPPED
 
 
-def test_a_new_dbguard_grows_a_pool_left_shrunk_back_one_step_at_a_time(server, guard, tmp_path):
+def test_a_new_dbguard_grows_a_pool_left_shrunk_back_one_step_at_a_time(server, guard, tmp_path, make_cgroup):
     """The daemon at start: recover() says what a killed run left shrunk, the daemon steps it back
     through the executor (one audited restore_cache per step), as at stop."""
     g = guard()
@@ -220,19 +219,19 @@ def test_a_new_dbguard_grows_a_pool_left_shrunk_back_one_step_at_a_time(server, 
     cfg = _config(server, tmp_path)
     q = json.dumps
     toml = tmp_path / "dbguard.toml"
-    with MemoryCgroup(4096 * MiB) as cg:
-        toml.write_text("\n".join([
-            "[general]", f"state_dir = {q(str(tmp_path / 'state'))}", "lock_memory = false",
-            "[[databases]]", 'kind = "mysql"', f"name = {q(cfg.name)}", f"socket = {q(cfg.socket)}",
-            f"user = {q(cfg.user)}", f"password_file = {q(cfg.password_file)}", f"buffer_pool_floor = {FLOOR}",
-            "shrink_steps = 3", "[pressure]", f"cgroup = {q(str(cg.path))}", "[bpf]", "enabled = false",
-            "[metrics]", 'listen = ""', "[audit]", f"path = {q(str(tmp_path / 'audit.jsonl'))}", ""]))
-        d = Daemon(config.load(toml))
-        try:
-            d.open()
-            assert _pool(server) == POOL and g.originals.load() is None
-        finally:
-            d.close()
+    cg = make_cgroup(4096 * MiB)
+    toml.write_text("\n".join([
+        "[general]", f"state_dir = {q(str(tmp_path / 'state'))}", "lock_memory = false",
+        "[[databases]]", 'kind = "mysql"', f"name = {q(cfg.name)}", f"socket = {q(cfg.socket)}",
+        f"user = {q(cfg.user)}", f"password_file = {q(cfg.password_file)}", f"buffer_pool_floor = {FLOOR}",
+        "shrink_steps = 3", "[pressure]", f"cgroup = {q(str(cg.path))}", "[bpf]", "enabled = false",
+        "[metrics]", 'listen = ""', "[audit]", f"path = {q(str(tmp_path / 'audit.jsonl'))}", ""]))
+    d = Daemon(config.load(toml))
+    try:
+        d.open()
+        assert _pool(server) == POOL and g.originals.load() is None
+    finally:
+        d.close()
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     restores = [r for r in audit if r["action"] == "restore_cache"]
     assert "left the buffer pool at step 3 of 3" in restores[0]["result"], restores
