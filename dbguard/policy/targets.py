@@ -1,10 +1,10 @@
 """How actions name what they act on, in the audit log and in explain."""
 from __future__ import annotations
 
+from ..databases import registry
 from ..model import DbSession, DbStats, Proc
 
 MiB = 1024 * 1024
-SESSION_NOUN = {"postgresql": "backend", "mysql": "connection"}
 
 
 def pct(x: float) -> str:
@@ -20,5 +20,6 @@ def db_name(db: DbStats) -> str:
 
 
 def session_name(db: DbStats, s: DbSession) -> str:
-    what = SESSION_NOUN.get(db.kind, "session")
+    found = registry.find(db.kind)
+    what = found.session_noun if found else "session"
     return f"{db.kind} {db.name} {what} {s.pid} ({s.user or '?'}, {s.memory_bytes // MiB} MiB)"

@@ -13,12 +13,13 @@ from functools import partial
 from typing import Callable
 
 from ..config import Config
+from ..databases import registry
 from ..model import Proc, Role, Snapshot
 from ..rules import Lazy, RuleSet
 
 MiB = 1024 * 1024
 # Servers fork the database's processes: their children are protected in the kernel at birth.
-INHERITING = (Role.POSTMASTER, Role.MYSQLD)
+INHERITING = registry.server_roles()
 
 
 @dataclass(frozen=True)
