@@ -6,4 +6,11 @@ class DbguardError(Exception):
 
 
 class ConfigError(DbguardError):
-    """The configuration file is invalid; the message names the key."""
+    """The configuration is invalid; each problem is one line that names the key.
+
+    A validation reports every problem it finds at once (`problems`); str() joins them with
+    "; " so a log line (a refused SIGHUP reload) stays one line."""
+
+    def __init__(self, *problems: str):
+        super().__init__("; ".join(problems))
+        self.problems: tuple[str, ...] = problems

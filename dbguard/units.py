@@ -6,11 +6,14 @@ neither needs the other to read a number.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Mapping
 
 from .errors import ConfigError
+from .escape import shown
 
 _UNITS = {
     "": 1, "b": 1,
@@ -20,21 +23,37 @@ _UNITS = {
     "t": 1024**4, "tb": 1024**4, "tib": 1024**4,
 }
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+# No memory is larger; also keeps every size inside the kernel's u64 (BPF maps, cgroup files).
+MAX_BYTES = 1 << 60
+MAX_FACTOR = 1_000_000
 
 
 def parse_size(value: Any, path: str = "size") -> int:
     """Bytes from an int or a string such as "512MiB" (kB/MB/GB are binary, as in PostgreSQL)."""
     if isinstance(value, bool):
         raise ConfigError(f"{path}: expected a size such as 512MiB, got {value!r}")
+    n: int | None = None
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"{path}: must not be negative")
-        return value
-    if isinstance(value, str):
+        n = value
+    elif isinstance(value, str):
         m = _SIZE_RE.match(value)
         if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    raise ConfigError(f"{path}: expected a size such as 512MiB or a number of bytes, got {value!r}")
+            # Exact arithmetic: a float would turn 400 digits into inf and then an OverflowError.
+            n = int(Fraction(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n is None:
+        raise ConfigError(f"{path}: expected a size such as 512MiB or a number of bytes, got {shown(value)}")
+    if n > MAX_BYTES:
+        raise ConfigError(f"{path}: {shown(value)} is larger than any memory (at most 1 EiB)")
+    return n
+
+
+def finite(value: float, path: str) -> float:
+    """TOML has nan and inf; no setting of dbguard means either (nan compares false to every bound)."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{path}: must be a finite number, got {value!r}")
+    return value
 
 
 
@@ -64,14 +83,17 @@ def parse_threshold(text: str, path: str) -> Threshold:
     m = _MULTIPLE.match(text)
     if m:
         if m.group(2) not in THRESHOLDS:
-            raise ConfigError(f"{path}: unknown threshold {m.group(2)!r}; use one of {', '.join(THRESHOLDS)} "
+            raise ConfigError(f"{path}: unknown threshold {shown(m.group(2))}; use one of {', '.join(THRESHOLDS)} "
                               f'(e.g. "2x kill.min_rss")')
-        return Threshold(text.strip(), factor=float(m.group(1)), name=m.group(2))
+        factor = float(m.group(1))
+        if factor > MAX_FACTOR:
+            raise ConfigError(f"{path}: factor {m.group(1)[:20]} is too large (at most {MAX_FACTOR})")
+        return Threshold(text.strip(), factor=factor, name=m.group(2))
     try:
         return Threshold(text.strip(), size=parse_size(text, path))
     except ConfigError:
         raise ConfigError(f'{path}: expected a size such as "2GiB" or a multiple such as "2x kill.min_rss", '
-                          f"got {text!r}") from None
+                          f"got {shown(text)}") from None
 
 
 def toml_key(key: str) -> str:

@@ -12,7 +12,6 @@ Importing this module imports no database driver: adapters and discovery are nam
 from __future__ import annotations
 
 import importlib
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
@@ -41,8 +40,10 @@ class Kind:
 
 
 def _check_postgresql(db: "DatabaseConfig", path: str) -> None:
-    if re.search(r"(^|\s)password\s*=", db.dsn):
-        raise ConfigError(f"{path}.dsn: holds a password; use password_file or password_env instead")
+    from ..validate import parse_dsn     # libpq's own parser: a password in any form, never quoted
+    problems = parse_dsn(db.dsn, f"{path}.dsn")[1]
+    if problems:
+        raise ConfigError(*problems)
 
 
 def _check_mysql(db: "DatabaseConfig", path: str) -> None:

@@ -47,7 +47,7 @@ def test_defaults_are_sane():
     ({"databases": [{"kind": "postgresql", "socket": "/x"}]}, "databases[0].socket: not a postgresql setting"),
     ({"databases": [{"kind": "mysql"}]}, "databases[0]: set host or socket"),
     ({"databases": [{"kind": "mysql", "host": "h", "name": "a"}, {"kind": "mysql", "host": "h", "name": "a"}]},
-     "databases: duplicate name 'a'"),
+     "databases[1].name: 'a' is also the name of databases[0]"),
     ({"pressure": {"cgroup": "/tmp/x"}}, "pressure.cgroup: must be a directory under /sys/fs/cgroup/"),
     ({"metrics": {"listen": "9633"}}, "metrics.listen: expected HOST:PORT"),
     ({"bpf": {"enabled": "maybe"}}, 'bpf.enabled: expected true, false or "auto"'),
