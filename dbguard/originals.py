@@ -1,46 +1,113 @@
 """The DBA's original settings, kept on disk while dbguard has them changed.
 
-Written (atomically, fsync'd) before the first change to a database's settings and
-removed once they are back, so a dbguard killed half-way puts them back at its next start.
-One JSON file per database under the state directory.
+Written (atomically, fsync'd, never through a link) before the first change to a database's
+settings and removed once they are back, so a dbguard killed half-way puts them back at its
+next start. One JSON file per database under the state directory.
+
+A file that does not fit its schema (damaged, hand-edited, a planted link) is moved aside as
+`<file>.damaged-<time>` with one warning saying what to put back by hand; protection goes on
+without it (the database's current settings count as the DBA's from then on).
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import re
 from pathlib import Path
 from typing import Any
 
+from . import fsafe
+from .escape import printable
+
+log = logging.getLogger("dbguard")
+
+# A schema is a type (int: a count or size, never negative; float: any finite number; str;
+# bool), a dict of fixed keys (a key ending in "?" may be missing), or {str: schema}: a map
+# with any keys.
+Schema = Any
+
+
+def schema_problem(value: Any, schema: Schema, where: str = "") -> str | None:
+    """What in `value` does not fit `schema` (the first thing found), None when it fits."""
+    at = where or "top level"
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{at}: expected an object"
+        if set(schema) == {str}:
+            for k, v in value.items():
+                why = schema_problem(v, schema[str], f"{where}.{k}" if where else k)
+                if why:
+                    return why
+            return None
+        keys = {k.rstrip("?"): k.endswith("?") for k in schema}
+        for k, optional in keys.items():
+            if k not in value:
+                if not optional:
+                    return f"{at}: missing {k}"
+                continue
+            why = schema_problem(value[k], schema[k + "?" if optional else k], f"{where}.{k}" if where else k)
+            if why:
+                return why
+        extra = sorted(set(value) - set(keys))
+        return f"{at}: unexpected key {extra[0]}" if extra else None
+    if schema is bool:
+        ok = isinstance(value, bool)
+    elif schema is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    elif schema is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < float("inf")
+    else:
+        ok = isinstance(value, schema)
+    return None if ok else f"{at}: expected {schema.__name__}{' >= 0' if schema is int else ''}, got {value!r}"[:200]
+
 
 class Originals:
-    def __init__(self, state_dir: str | os.PathLike, database: str):
+    def __init__(self, state_dir: str | os.PathLike, database: str, schema: Schema = None, fix: str = ""):
+        """`schema`: what a good file holds; `fix`: what the DBA does by hand when it is damaged."""
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", database)
         self.path = Path(state_dir) / f"originals-{safe}.json"
+        self.schema = schema
+        self.fix = fix
+        self._warned = ""               # a file that cannot be moved aside is reported once
+
 
     def load(self) -> dict[str, Any] | None:
-        """The saved originals, or None when nothing is changed."""
+        """The saved originals, or None when nothing is changed (or the file was damaged)."""
         try:
-            return json.loads(self.path.read_text())
+            values = json.loads(fsafe.read_small(self.path))
         except FileNotFoundError:
             return None
+        except OSError as e:
+            if e.errno == errno.ELOOP:  # a link planted where the file goes
+                return self._damaged("a symbolic link")
+            if str(e) != self._warned:  # not ours to read (explain as a user): not damaged
+                self._warned = str(e)
+                log.warning("%s: cannot read state file: %s", self.path, e.strerror)
+            return None
+        except RecursionError:
+            return self._damaged("JSON nested thousands deep")
+        except ValueError as e:         # not JSON (UnicodeDecodeError is one), not a regular file
+            return self._damaged(f"{type(e).__name__}: {e}"[:200])
+        why = schema_problem(values, self.schema) if self.schema is not None else None
+        return values if why is None else self._damaged(why)
+
+    def _damaged(self, why: str) -> None:
+        try:
+            moved = f"moved aside to {fsafe.move_aside(self.path)}"
+        except OSError as e:
+            moved = f"could not move it aside ({e.strerror}): remove it"
+        if why == self._warned:
+            return None
+        self._warned = why
+        log.warning("%s: damaged state file (%s); %s; %sprotection goes on without it", self.path, printable(why),
+                    moved, f"{self.fix}; " if self.fix else "")
+        return None
 
     def save(self, values: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(values, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
-        dfd = os.open(self.path.parent, os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        fsafe.ensure_dir(str(self.path.parent), "general.state_dir")
+        fsafe.write_atomic(self.path, json.dumps(values, indent=1, sort_keys=True).encode())
 
     def clear(self) -> None:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
+        fsafe.remove(self.path)

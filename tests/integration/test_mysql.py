@@ -389,16 +389,24 @@ def test_no_shrink_steps_means_nothing_to_shrink(server, guard):
     assert _pool(server) == POOL and g.originals.load() is None
 
 
-def test_damaged_state_file_is_one_line_and_blocks_changes(server, guard):
+@pytest.mark.parametrize("content", ['{not json', '{"innodb_buffer_pool_size": "134217728"}',
+                                     '{"innodb_buffer_pool_size": 134217728, "caches": {"table_open_cache": null}}'])
+def test_damaged_state_file_is_moved_aside_and_protection_goes_on(server, guard, caplog, content):
+    """A damaged or hand-edited file is moved aside with one warning; shrinking still works."""
     g = guard()
-    g.originals.path.parent.mkdir(parents=True, exist_ok=True)
-    g.originals.path.write_text("{not json")
-    s = g.collect()
-    assert s.up and "unreadable state file" in s.extra["state_error"]
+    g.originals.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    g.originals.path.write_text(content)
+    with caplog.at_level("WARNING", logger="dbguard"):
+        s = g.collect()
+        assert g.recover().ok                    # nothing left to restore once it is aside
+    assert s.up and s.shrink_step == 0 and "state_error" not in s.extra, s
+    aside = sorted(g.originals.path.parent.glob("originals-orders.json.damaged-*"))
+    assert len(aside) == 1 and aside[0].read_text() == content
+    warnings = [r.getMessage() for r in caplog.records if "damaged state file" in r.getMessage()]
+    assert len(warnings) == 1 and "innodb_buffer_pool_size" in warnings[0], caplog.text
     out = g.set_shrink_step(1)
-    assert not out.ok and "unreadable state file" in out.detail and "\n" not in out.detail
-    assert _pool(server) == POOL
-    assert not g.recover().ok
+    assert out.ok, out.detail
+    assert _pool(server) < POOL and g.originals.load()["innodb_buffer_pool_size"] == POOL
 
 
 def test_server_that_does_not_answer_is_reported_down(tmp_path):

@@ -350,16 +350,29 @@ def test_wrong_password_one_line_without_password(cluster, tmp_path, monkeypatch
         cluster.psql("DROP ROLE pwuser")
 
 
-def test_corrupt_state_file_is_reported_not_raised(cluster, tmp_path):
+@pytest.mark.parametrize("content", ['{not json', '{"step": 1, "settings": {"work_mem": {"bytes": "8MB"}}}',
+                                     '{"step": -1, "saved_at": 0, "settings": {}}'])
+def test_damaged_state_file_is_moved_aside_and_protection_goes_on(cluster, tmp_path, caplog, content):
+    """A corrupt or hand-edited file once stopped the daemon or crashed it at the first shrink
+    (KeyError, TypeError): now it is moved aside with one warning and shrinking works."""
     db = PostgreSQL(make_cfg(cluster.dsn), str(tmp_path))
     try:
-        db.originals.path.write_text("{not json")
-        stats = db.collect()
-        assert stats.up and "unreadable state file" in stats.extra["state_error"]
+        db.originals.path.write_text(content)
+        with caplog.at_level("WARNING", logger="dbguard"):
+            stats = db.collect()
+        assert stats.up and stats.shrink_step == 0 and "state_error" not in stats.extra, stats
+        aside = sorted(tmp_path.glob("originals-t.json.damaged-*"))
+        assert len(aside) == 1 and aside[0].read_text() == content
+        warnings = [r.getMessage() for r in caplog.records if "damaged state file" in r.getMessage()]
+        assert len(warnings) == 1 and "work_mem, maintenance_work_mem" in warnings[0], caplog.text
         out = db.set_shrink_step(1)
-        assert not out.ok and str(db.originals.path) in out.detail and "\n" not in out.detail
-        assert (show(cluster, "work_mem"), show(cluster, "maintenance_work_mem")) == ("8MB", "64MB")
+        assert out.ok, out.detail
+        wait_for(lambda: (show(cluster, "work_mem"), show(cluster, "maintenance_work_mem")), ("4MB", "32MB"))
+        assert db.originals.load()["settings"]["work_mem"]["bytes"] == 8 * MiB
+        assert db.set_shrink_step(0).ok
+        wait_for(lambda: (show(cluster, "work_mem"), show(cluster, "maintenance_work_mem")), ("8MB", "64MB"))
     finally:
+        db.set_shrink_step(0)
         db.originals.clear()
         db.close()
 

@@ -21,6 +21,9 @@ from .identity import server_pid, server_rss
 from .stats import Reading, to_stats
 
 
+_STATE_SCHEMA = {"innodb_buffer_pool_size": int, "caches?": {str: int}, "server?": str, "saved_at?": float}
+
+
 class MySQL(Database):
     kind = "mysql"
 
@@ -31,7 +34,8 @@ class MySQL(Database):
                               f"choose from {', '.join(CACHE_MINIMUMS)}")
         self.cfg = cfg
         self.name = cfg.name
-        self.originals = Originals(state_dir, cfg.name)
+        self.originals = Originals(state_dir, cfg.name, _STATE_SCHEMA, fix=(
+            "check innodb_buffer_pool_size is the configured size (SET GLOBAL)"))
         self.link = Link(cfg)
         self.pool = BufferPool(cfg, self.originals, self.link)
 

@@ -76,16 +76,7 @@ class BufferPool:
 
     # --- what the pool is ----------------------------------------------------------------------
     def saved(self) -> dict[str, Any] | None:
-        """The originals file, checked; a damaged one is one line telling the DBA what to do."""
-        try:
-            saved = self.originals.load()
-            if saved is not None:
-                int(saved["innodb_buffer_pool_size"]), dict(saved.get("caches", {}))
-            return saved
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            raise DbguardError(
-                f"{self.originals.path}: unreadable state file ({type(e).__name__}); set innodb_buffer_pool_size "
-                "back to the configured size by hand (SET GLOBAL), then remove the file") from None
+        return self.originals.load()      # a damaged file is moved aside there, with one warning
 
     def look(self, size: int, server_status: dict[str, str]) -> Pool:
         """The pool now, from its size and the server's resize status."""

@@ -29,6 +29,10 @@ _BUFFERCACHE_SQL = "SELECT count(*) FROM pg_buffercache WHERE relfilenode IS NOT
 BUFFERCACHE_EVERY = 30.0       # seconds between two pg_buffercache scans
 
 
+_STATE_SCHEMA = {"step": int, "saved_at": float,
+                 "settings": {str: {"value": str, "bytes": int, "auto_conf": bool}}}
+
+
 class PostgreSQL(Database):
     kind = "postgresql"
 
@@ -36,7 +40,8 @@ class PostgreSQL(Database):
         self.cfg = cfg
         self.name = cfg.name
         self.link = Connection(cfg)
-        self.originals = Originals(state_dir, cfg.name)
+        self.originals = Originals(state_dir, cfg.name, _STATE_SCHEMA, fix=(
+            f"check {', '.join(cfg.shrink_settings)} (ALTER SYSTEM) are as the DBA set them"))
         self.settings = Settings(cfg, self.originals)
         self._used_buffers: int | None = None
         self._used_buffers_at = float("-inf")

@@ -17,6 +17,7 @@ from psycopg import sql
 
 from ...config import DatabaseConfig
 from ...errors import DbguardError
+from ...validate import parse_dsn
 from ..bounded import BoundedCaller, Busy, Overdue
 
 T = TypeVar("T")
@@ -68,10 +69,9 @@ class Connection:
 
     def __init__(self, cfg: DatabaseConfig):
         self.cfg = cfg
-        try:
-            info = psycopg.conninfo.conninfo_to_dict(cfg.dsn)
-        except psycopg.ProgrammingError as e:
-            raise DbguardError(f"databases.{cfg.name}.dsn: not a valid libpq connection string: {e}") from None
+        info, problems = parse_dsn(cfg.dsn, f"databases.{cfg.name}.dsn")   # libpq's errors quote the DSN
+        if info is None:
+            raise DbguardError(problems[0])
         self.where = f"host={info.get('host', '/var/run/postgresql')} port={info.get('port', 5432)}"
         self.data_directory = cfg.data_directory    # from SHOW data_directory once connected
         self.superuser = False
