@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import json
 import platform
-import re
-import socket
 import threading
 from collections import Counter as _Tally
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
@@ -25,9 +22,11 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
-from . import __version__
+from . import __version__, validate
+from .escape import shown
 from .errors import DbguardError
 from .model import Action, Level, Outcome, Role, Snapshot
+from .serve import HttpServer
 
 # `_created` series would double every counter for a timestamp no rule or panel uses.
 disable_created_metrics()
@@ -43,10 +42,10 @@ HealthCheck = Callable[[], "tuple[bool, str]"]
 
 def parse_listen(listen: str) -> tuple[str, int]:
     """("127.0.0.1", 9633) from "127.0.0.1:9633"; IPv6 as "[::1]:9633"."""
-    m = re.match(r"^(?:\[([0-9a-fA-F:]+)\]|([\w.-]+)):(\d{1,5})$", listen)
-    if not m or int(m.group(3)) > 65535:
-        raise DbguardError(f"metrics.listen: expected HOST:PORT such as 127.0.0.1:9633, got {listen!r}")
-    return m.group(1) or m.group(2), int(m.group(3))
+    parsed = validate.parse_listen(listen)
+    if parsed is None:
+        raise DbguardError(f"metrics.listen: expected HOST:PORT such as 127.0.0.1:9633, got {shown(listen)}")
+    return parsed
 
 
 @dataclass
@@ -128,8 +127,7 @@ class Metrics:
         self._healthy = healthy
         self._lock = threading.Lock()
         self._state = _State()
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: HttpServer | None = None
 
         r = self.registry
         Gauge(f"{PREFIX}_build_info", "Always 1; labels say which dbguard runs.",
@@ -147,6 +145,9 @@ class Metrics:
         self._breaches = Counter(f"{PREFIX}_protection_breaches",
                                  "A shielded process was hurt anyway (OOM-killed, score changed), by event kind.",
                                  ["kind"], registry=r)
+        self._audit_errors = Counter(f"{PREFIX}_audit_write_errors",
+                                     "Audit records that could not be written (the record is lost; protection "
+                                     "goes on), by error (ENOSPC, EFBIG, ...).", ["error"], registry=r)
         # Zero series up front, so increase() in alerts works from the first breach.
         self._oom_kills.inc(0)
         self._bpf_kills.inc(0)
@@ -190,6 +191,10 @@ class Metrics:
             self._state = _State(level=int(level), ts=snap.ts, memory=memory, databases=dbs,
                                  shielded=shielded, protection=self._state.protection)
 
+    def observe_audit_error(self, kind: str) -> None:
+        """AuditLog's on_error: one audit record lost to a write error of this kind."""
+        self._audit_errors.labels(kind).inc()
+
     def observe_action(self, action: Action, outcome: Outcome) -> None:
         self._actions.labels(action.kind.value, outcome.status.value).inc()
 
@@ -230,14 +235,12 @@ class Metrics:
     @property
     def address(self) -> tuple[str, int] | None:
         """(host, port) the HTTP server listens on (the real port when listen gave port 0)."""
-        return self._server.server_address[:2] if self._server else None
+        return self._server.address if self._server else None
 
     def close(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=5)
-            self._server = self._thread = None
+            self._server.close()
+            self._server = None
 
     def __enter__(self) -> "Metrics":
         return self
@@ -250,40 +253,17 @@ class Metrics:
         with self._lock:
             return self._state
 
+    def _page(self, path: str) -> tuple[int, str, bytes]:
+        if path == "/metrics":
+            return 200, CONTENT_TYPE_LATEST, self.render()
+        if path == "/healthz":
+            ok, body = self.health()
+            return 200 if ok else 503, "application/json", json.dumps(body).encode() + b"\n"
+        return 404, "text/plain", b"dbguard: try /metrics or /healthz\n"
+
     def _serve(self, host: str, port: int) -> None:
-        metrics = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                if path == "/metrics":
-                    self._reply(200, CONTENT_TYPE_LATEST, metrics.render())
-                elif path == "/healthz":
-                    ok, body = metrics.health()
-                    self._reply(200 if ok else 503, "application/json", json.dumps(body).encode() + b"\n")
-                else:
-                    self._reply(404, "text/plain", b"dbguard: try /metrics or /healthz\n")
-
-            def _reply(self, status: int, ctype: str, body: bytes) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args) -> None:   # scrapes every few seconds would flood the log
-                pass
-
-        server_cls = ThreadingHTTPServer
-        if ":" in host:
-            class V6(ThreadingHTTPServer):
-                address_family = socket.AF_INET6
-            server_cls = V6
         try:
-            self._server = server_cls((host, port), Handler)
+            self._server = HttpServer(host, port, self._page)
         except OSError as e:
             raise DbguardError(f"metrics.listen: cannot listen on {host}:{port}: {e.strerror}; "
                                'choose a free address or set listen = "" to turn metrics off') from None
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="dbguard-metrics", daemon=True)
-        self._thread.start()

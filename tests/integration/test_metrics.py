@@ -202,3 +202,79 @@ def test_close_frees_the_port():
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind((host, port))   # would raise EADDRINUSE if the server still held it
+
+
+def test_audit_write_errors_are_counted_by_kind(served):
+    m, base = served
+    m.observe_audit_error("ENOSPC")
+    m.observe_audit_error("ENOSPC")
+    m.observe_audit_error("EFBIG")
+    s = samples(get(base + "/metrics")[2])
+    assert s[("dbguard_audit_write_errors_total", (("error", "ENOSPC"),))] == 2
+    assert s[("dbguard_audit_write_errors_total", (("error", "EFBIG"),))] == 1
+
+
+def _threads() -> int:
+    import os
+    return len(os.listdir("/proc/self/task"))
+
+
+def test_idle_connections_neither_grow_threads_nor_block_a_scrape(served):
+    """Was: a thread per connection, no timeout. Here 500 silent connections (and 50 that
+    send half a request) are held open while scrapes are served."""
+    m, base = served
+    feed_everything(m)
+    before = _threads()
+    idle = []
+    try:
+        for i in range(550):
+            s = socket.create_connection(m.address, timeout=5)
+            if i % 11 == 0:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")    # and never the blank line
+            idle.append(s)
+        import time
+        t0 = time.monotonic()
+        status, _, text = get(base + "/metrics")
+        assert status == 200 and "dbguard_pressure_level 2.0" in text
+        assert get(base + "/healthz")[0] in (200, 503)
+        assert time.monotonic() - t0 < 5
+        assert _threads() <= before, f"threads grew from {before} to {_threads()}"
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_bad_requests_get_a_status_not_a_hang(served):
+    m, _ = served
+    for request, status in ((b"POST /metrics HTTP/1.1\r\n\r\n", b"405"), (b"nonsense\r\n\r\n", b"405"),
+                            (b"GET /" + b"x" * 9000, b"431"), (b"HEAD /metrics HTTP/1.0\r\n\r\n", b"200")):
+        with socket.create_connection(m.address, timeout=5) as s:
+            s.sendall(request)
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+        assert reply.split(b" ", 2)[1] == status, reply[:200]
+        if request.startswith(b"HEAD"):
+            assert reply.endswith(b"\r\n\r\n"), "HEAD has no body"
+
+
+def test_idle_connections_are_closed_after_the_timeout():
+    from dbguard.serve import HttpServer
+    server = HttpServer("127.0.0.1", 0, lambda path: (200, "text/plain", b"ok\n"), idle_timeout=0.5,
+                        max_connections=4)
+    try:
+        conns = [socket.create_connection(server.address, timeout=5) for _ in range(6)]
+        # past max_connections the longest idle are closed for the newcomers: 2 of the 6 at once
+        import time
+        time.sleep(0.3)
+        for c in conns:
+            c.settimeout(3)
+        closed = [c.recv(1) == b"" for c in conns]      # EOF once the server drops them (timeout 0.5 s)
+        assert all(closed)
+        with socket.create_connection(server.address, timeout=5) as c:
+            c.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert c.recv(100).startswith(b"HTTP/1.1 200 OK")
+    finally:
+        for c in conns:
+            c.close()
+        server.close()
