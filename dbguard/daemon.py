@@ -91,6 +91,7 @@ class Daemon:
         self.sensor.open_pressure(stats)
         self.policy = build_policy(cfg, self.sensor, self.dry_run)
         self.metrics = Metrics(cfg.metrics.listen, healthy=self.health)
+        self.audit.on_error = self.metrics.observe_audit_error
         self.sensor.observe_collector = self.metrics.observe_collector
         self._open_bpf()
         self.executor = Executor(self.sensor.databases, self.audit, self.metrics.observe_action,
