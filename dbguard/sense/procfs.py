@@ -132,21 +132,82 @@ def _read_proc_at(pid: int, d: int) -> Proc | None:
             # No user memory, no exe, no cmdline, root cgroup: nothing more worth a read.
             return Proc(pid=pid, start_time=start_time, ppid=ppid, uid=0, comm=comm, exe="",
                         cmdline="", rss_bytes=0, memcg="/", oom_score_adj=0, kernel_thread=True)
-        uid, vm_rss, _ = parse_status(_read("status", dir_fd=d))
-        # Zombies and exiting processes have no VmRSS; stat's rss field is the same count in pages.
-        rss = vm_rss if vm_rss is not None else int(f[_RSS]) * PAGE_SIZE
-        memcg, _ = parse_memcg(_read("cgroup", dir_fd=d))
+        status = _read("status", dir_fd=d)
+        uid, vm_rss, _ = parse_status(status)
         oom_score_adj = int(_read("oom_score_adj", dir_fd=d))
-        cmdline = parse_cmdline(_read("cmdline", 4 * CMDLINE_MAX, dir_fd=d))
     except _GONE:
         return None
+    # The memory, command line and executable belong to the address space, which any live
+    # thread shows; the leader's own files go empty once its thread exits (pthread_exit).
+    live = _live_thread(d, pid) if vm_rss is None else None
+    t = live[0] if live else None
     try:
-        exe = os.readlink("exe", dir_fd=d)
-    except OSError:  # gone, or not ours to see
-        exe = ""
+        if t is not None:
+            vm_rss = parse_status(_read("status", dir_fd=t))[1]
+        # Zombies and exiting processes have no VmRSS; stat's rss field is the same count in pages.
+        rss = vm_rss if vm_rss is not None else int(f[_RSS]) * PAGE_SIZE
+        at = d if t is None else t
+        memcg, _ = parse_memcg(_read("cgroup", dir_fd=at))
+        cmdline = parse_cmdline(_read("cmdline", 4 * CMDLINE_MAX, dir_fd=at))
+        exe = read_exe(at)
+    except _GONE:
+        return None
+    finally:
+        if t is not None:
+            os.close(t)
     return Proc(pid=pid, start_time=start_time, ppid=ppid, uid=uid, comm=comm, exe=exe,
                 cmdline=cmdline, rss_bytes=rss, memcg=memcg, oom_score_adj=oom_score_adj,
                 kernel_thread=kernel_thread)
+
+
+def _live_thread(d: int, pid: int) -> tuple[int, int] | None:
+    """(dir fd on /proc/PID/task/TID, TID) of a thread that still has the process's memory,
+    when the leader (pid) has exited and others live on; None when there is none."""
+    try:
+        tasks = os.open("task", _O_READ | os.O_DIRECTORY, dir_fd=d)
+    except OSError:
+        return None
+    try:
+        for name in os.listdir(tasks):
+            if name == str(pid) or not name.isdigit():
+                continue
+            try:
+                t = os.open(name, _O_READ | os.O_DIRECTORY, dir_fd=tasks)
+            except OSError:
+                continue
+            try:
+                if parse_status(_read("status", dir_fd=t))[1] is not None:
+                    return t, int(name)
+            except (OSError, ValueError, IndexError):
+                pass
+            os.close(t)
+        return None
+    finally:
+        os.close(tasks)
+
+
+DELETED = " (deleted)"
+
+
+def read_exe(d: int) -> str:
+    """The executable of the process (or thread) whose /proc directory `d` holds open, as
+    the path it was started from: a binary replaced on disk since (a package upgrade) reads
+    "PATH (deleted)" in /proc and is given as PATH, so rules about PATH still hold for it.
+    "" when gone or not ours to see."""
+    try:
+        exe = os.readlink("exe", dir_fd=d)
+    except OSError:
+        return ""
+    if exe.endswith(DELETED):
+        try:
+            running = os.stat("exe", dir_fd=d)
+            on_disk = os.stat(exe)
+            literal = (running.st_dev, running.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+        except OSError:
+            literal = False
+        if not literal:       # not a file really named "... (deleted)"
+            exe = exe[:-len(DELETED)]
+    return exe
 
 
 def read_procs(root: str = "/proc") -> dict[int, Proc]:
@@ -171,11 +232,31 @@ def read_pss(proc: Proc, root: str = "/proc") -> int | None:
     try:
         if start_time_at(d) != proc.start_time:
             return None
-        return parse_pss(_read("smaps_rollup", dir_fd=d))
+        try:
+            return parse_pss(_read("smaps_rollup", dir_fd=d))
+        except ProcessLookupError:  # the leader has exited; a live thread shows the memory
+            return _thread_pss(d, proc.pid, root)
     except (OSError, ValueError, IndexError):      # ENOENT/ESRCH: exited; EACCES/EPERM: not ours
         return None
     finally:
         os.close(d)
+
+
+def _thread_pss(d: int, pid: int, root: str) -> int | None:
+    """PSS through a live thread: task/TID has no smaps_rollup, /proc/TID (not listed, there
+    all the same) has, checked to be a thread of `pid` through the handle it is read by."""
+    t = _live_thread(d, pid)
+    if t is None:
+        return None
+    tid = t[1]
+    os.close(t[0])
+    td = os.open(f"{root}/{tid}", _O_READ | os.O_DIRECTORY)
+    try:
+        if _status_field(_read("status", dir_fd=td), b"\nTgid:") != pid:
+            return None
+        return parse_pss(_read("smaps_rollup", dir_fd=td))
+    finally:
+        os.close(td)
 
 
 def start_time(pid: int, root: str = "/proc") -> int | None:
@@ -201,9 +282,21 @@ def same_process(key: ProcKey, root: str = "/proc") -> bool:
 def rss_anon(pid: int, root: str = "/proc") -> int:
     """Anonymous resident memory in bytes: what killing the process gives back for sure. 0 if gone."""
     try:
-        _, _, anon = parse_status(_read(f"{root}/{pid}/status"))
+        d = os.open(f"{root}/{pid}", _O_READ | os.O_DIRECTORY)
+    except OSError:
+        return 0
+    try:
+        _, _, anon = parse_status(_read("status", dir_fd=d))
+        live = _live_thread(d, pid) if anon is None else None
+        if live is not None:        # the leader has exited: a live thread shows the memory
+            try:
+                anon = parse_status(_read("status", dir_fd=live[0]))[2]
+            finally:
+                os.close(live[0])
     except _GONE:
         return 0
+    finally:
+        os.close(d)
     return anon or 0
 
 
