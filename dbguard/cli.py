@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import select
+import signal
 import sys
 import traceback
 
-from . import __version__
+from . import __version__, escape
 from . import config as config_mod
 from .errors import DbguardError
+from .escape import printable
+from .escape import say as _say
 
 log = logging.getLogger("dbguard")
 
@@ -25,12 +30,15 @@ examples:
   dbguard bpf-source                                the BPF C exactly as it is loaded
 
 The config format is documented in config.example.toml; the audit log is JSON lines.
-Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 a problem you can fix (the message says how).
+Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 a problem you can fix (the message says how),
+3 `dbguard check` found a protection off.
 """
+CHECK_OFF = 3
 
 
 def _config(path: str | None):
-    return config_mod.load(path) if path else config_mod.default()
+    # Without a file the defaults still meet this host's checks (state and audit directories).
+    return config_mod.load(path) if path else config_mod.from_dict({}, host=True)
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -47,17 +55,13 @@ def cmd_run(a: argparse.Namespace) -> int:
 
 
 def cmd_check_config(a: argparse.Namespace) -> int:
+    # The validator `run` and SIGHUP use: every problem at once, each one line (exit 2 in main).
     cfg = config_mod.load(a.file)
-    for dc in cfg.databases:
-        # A missing password file is a config error; an env variable is only set where the
-        # service runs (systemd Environment=), so it is checked at connect time instead.
-        if dc.password_file:
-            dc.password()
     for w in cfg.warnings:
-        print(f"{a.file}: warning: {w}", file=sys.stderr)
+        print(printable(f"{a.file}: warning: {w}"), file=sys.stderr)
     rules = len(cfg.policy.rules)
-    print(f"{a.file}: ok ({len(cfg.databases)} database(s)"
-          f"{f', {rules} policy rule(s)' if rules else ''}{', dry run' if cfg.general.dry_run else ''})")
+    _say(f"{a.file}: ok ({len(cfg.databases)} database(s)"
+         f"{f', {rules} policy rule(s)' if rules else ''}{', dry run' if cfg.general.dry_run else ''})")
     return 0
 
 
@@ -70,13 +74,10 @@ def cmd_check(a: argparse.Namespace) -> int:
     from .host import CAP_SYS_RESOURCE, has_capability
     from .kernel.bpf import protections
     cfg = _config(a.config)
-    lines = []
-    ok_all = True
+    found: list[tuple[str, bool, str]] = []
 
     def report(name: str, active: bool, detail: str) -> None:
-        nonlocal ok_all
-        ok_all &= active
-        lines.append(f"{'on ' if active else 'OFF'}  {name:<22} {detail}")
+        found.append((name, bool(active), detail))
 
     report("pidfd_kill", hasattr(os, "pidfd_open"), "kills go through a pidfd, so a reused pid is never hit")
     root = os.geteuid() == 0
@@ -92,8 +93,14 @@ def cmd_check(a: argparse.Namespace) -> int:
     report("psi", psi, "PSI wakes the loop at once" if psi else "no /proc/pressure/memory: boot with psi=1")
     for name, active, detail in protections():
         report(name, active, detail)
-    print("\n".join(lines))
-    return 0
+    all_on = all(active for _, active, _ in found)
+    if a.json:
+        print(json.dumps({"all_active": all_on, "protections": [
+            {"name": name, "active": active, "detail": detail} for name, active, detail in found]}, indent=2))
+    else:
+        for name, active, detail in found:
+            _say(f"{'on ' if active else 'OFF'}  {name:<22} {detail}")
+    return 0 if all_on else CHECK_OFF
 
 
 def cmd_bpf_source(a: argparse.Namespace) -> int:
@@ -139,8 +146,10 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_explain)
 
     p = sub.add_parser("check", help="report which protections work on this host", description=(
-        "List each protection mechanism, whether it is active on this host, and if not, why and the fix."))
+        "List each protection mechanism, whether it is active on this host, and if not, why and the fix. "
+        f"Exit 0 when every one is on, {CHECK_OFF} when one is off."))
     p.add_argument("--config", "-c", metavar="FILE", help=cfg_help)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("bpf-source", help="print the BPF C exactly as it is loaded", description=(
@@ -150,23 +159,47 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _stdout_gone() -> bool:
+    """True when the reader of our stdout went away (`dbguard explain | head -1`)."""
+    p = select.poll()
+    p.register(sys.stdout.fileno(), select.POLLOUT)
+    return any(ev & select.POLLERR for _, ev in p.poll(0))
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s dbguard %(levelname)s %(message)s")
+    escape.install()
+    # Over a file-size limit (RLIMIT_FSIZE) a write fails with EFBIG, which the audit log
+    # survives, instead of SIGXFSZ ending dbguard.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        return a.fn(a)
+        code = a.fn(a)
+        sys.stdout.flush()          # here, so a closed pipe is seen here and not at exit
+        return code
     except DbguardError as e:
-        print(f"dbguard: {e}", file=sys.stderr)
+        for line in getattr(e, "problems", None) or (str(e),):
+            print(f"dbguard: {printable(line)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        if not _stdout_gone():
+            return _internal_error(sys.exc_info()[1])
+        # The reader has what it wanted; say nothing, as a program killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except Exception as e:
-        if os.environ.get("DBGUARD_DEBUG"):
-            traceback.print_exc()
-        print(f"dbguard: internal error: {type(e).__name__}: {e} (set DBGUARD_DEBUG=1 for the traceback; "
-              "please report it)", file=sys.stderr)
-        return 1
+        return _internal_error(e)
+
+
+def _internal_error(e: BaseException) -> int:
+    if os.environ.get("DBGUARD_DEBUG"):
+        traceback.print_exception(e)
+    print(f"dbguard: internal error: {type(e).__name__}: {printable(e)} (set DBGUARD_DEBUG=1 for the traceback; "
+          "please report it)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

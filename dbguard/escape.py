@@ -43,6 +43,11 @@ def printable(text: Any) -> str:
     return "".join(out)
 
 
+def say(line: str) -> None:
+    """Print one line of human output (explain, check) with what came from the host escaped."""
+    print(printable(line))
+
+
 _short = reprlib.Repr()
 _short.maxlevel = 3
 _short.maxstring = 60

@@ -9,6 +9,7 @@ from .assess import LevelState, assess
 from .config import Config
 from .daemon import build_policy
 from .errors import DbguardError
+from .escape import say
 from .model import Role
 from .policy import PolicyState
 from .sensor import Sensor
@@ -75,58 +76,58 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
         return 0
     if only_pid is not None:
         r = rows[0]
-        print(f"pid {r['pid']} ({r['comm']}): {r['verdict']}{' (preferred)' if r['preferred'] else ''} - {r['why']}")
+        say(f"pid {r['pid']} ({r['comm']}): {r['verdict']}{' (preferred)' if r['preferred'] else ''} - {r['why']}")
         pss = "" if r["pss_bytes"] is None else f", pss {_mib(r['pss_bytes'])}"
-        print(f"  role {r['role']}, rss {_mib(r['rss_bytes'])}{pss}, oom_score_adj {r['oom_score_adj']}, "
+        say(f"  role {r['role']}, rss {_mib(r['rss_bytes'])}{pss}, oom_score_adj {r['oom_score_adj']}, "
               f"memory cgroup {r['memcg']}, exe {r['exe'] or '?'}")
         given = "" if r["tier_source"] == r["rule"] else f" from {r['tier_source']}"
-        print(f"  decided by {r['rule']}: action {r['action'] or 'none'}, tier {r['tier']}{given} "
+        say(f"  decided by {r['rule']}: action {r['action'] or 'none'}, tier {r['tier']}{given} "
               f"(kill order of tiers: {' < '.join(policy.rules.tiers)})")
         if r["kill_order"]:
-            print(f"  kill order now: {r['kill_order']} of {len(order)} candidate(s)")
-        print("  in the kernel (BPF maps): " + {
+            say(f"  kill order now: {r['kill_order']} of {len(order)} candidate(s)")
+        say("  in the kernel (BPF maps): " + {
             "shield": "shielded (never killed there; a kernel OOM kill of it is reported as a breach)",
             "candidate": "kill candidate (killed as it allocates once reclaim keeps failing at the kill level)",
             "none": "not listed" + (" (a later tier: listed once the earlier candidates are gone)"
                                     if r["kill_order"] else "")}[r["kernel"]])
         mine = [x for x in plan.actions if x.pid == only_pid]
         for x in mine:
-            print(f"  now: {x.kind.value}: {x.reason}")
+            say(f"  now: {x.kind.value}: {x.reason}")
         if not mine:
-            print(f"  now (level {plan.level.name.lower()}): nothing would be done to it")
+            say(f"  now (level {plan.level.name.lower()}): nothing would be done to it")
         return 0
-    print(f"memory: {m.cgroup or 'host'}: usage {_mib(m.usage_bytes)} of {_mib(m.limit_bytes)}, "
+    say(f"memory: {m.cgroup or 'host'}: usage {_mib(m.usage_bytes)} of {_mib(m.limit_bytes)}, "
           f"reclaimable {_mib(m.reclaimable_bytes)}, PSI some {m.psi_some_avg10:.1f}% full {m.psi_full_avg10:.1f}%")
     if out.get("scope"):
-        print(f"scope: {out['scope'].why}")
-    print(f"level: {plan.level.name.lower()} - {plan.level_reason}")
+        say(f"scope: {out['scope'].why}")
+    say(f"level: {plan.level.name.lower()} - {plan.level_reason}")
     for d in snap.databases:
         state = "up" if d.up else f"DOWN ({d.error})"
-        print(f"database {d.name} ({d.kind}): {state}; server pid {d.server_pid}; cache {_mib(d.cache_bytes)}"
+        say(f"database {d.name} ({d.kind}): {state}; server pid {d.server_pid}; cache {_mib(d.cache_bytes)}"
               f"; hit ratio {'-' if d.hit_ratio is None else f'{d.hit_ratio:.3f}'}; shrink step "
               f"{d.shrink_step}/{d.shrink_steps_max}; {len(d.sessions)} session(s)")
     if not snap.databases:
-        print("databases: none configured or found")
+        say("databases: none configured or found")
     by_role: dict[str, list[int]] = {}
     for r in rows:
         by_role.setdefault(r["role"], []).append(r["rss_bytes"])
-    print("memory by process class (RSS; shared buffers count in every process that touched them): " + ", ".join(
+    say("memory by process class (RSS; shared buffers count in every process that touched them): " + ", ".join(
         f"{role} {len(v)} procs {_mib(sum(v))}" for role, v in sorted(by_role.items()) if role != "kernel_thread"))
     shown = [r for r in rows if r["role"] not in ("kernel_thread",) and
              (r["verdict"] != "left alone" or r["rss_bytes"] >= 16 * 2**20)]
-    print(f"processes ({len(shown)} shown of {len(rows)}: protected, candidates, and others over 16 MiB; "
+    say(f"processes ({len(shown)} shown of {len(rows)}: protected, candidates, and others over 16 MiB; "
           f"tiers {' < '.join(policy.rules.tiers)}; #N = kill order, K = in-kernel candidate):")
     for r in sorted(shown, key=lambda r: (r["verdict"], r["kill_order"] or 0, -r["rss_bytes"])):
         pos = f"#{r['kill_order']}" if r["kill_order"] else ""
         k = "K" if r["kernel"] == "candidate" else ""
-        print(f"  {r['pid']:>7} {r['comm'][:15]:<15} {_mib(r['rss_bytes']):>9} adj {r['oom_score_adj']:>5} "
+        say(f"  {r['pid']:>7} {r['comm'][:15]:<15} {_mib(r['rss_bytes']):>9} adj {r['oom_score_adj']:>5} "
               f"{r['verdict']:<10} {pos:>4}{k:1} {r['tier'][:10]:<10} "
               f"{'' if r['why'].startswith(r['rule']) else r['rule'] + ': '}{r['why']}")
-    print("plan:" if plan.actions else "plan: nothing to do at this level")
+    say("plan:" if plan.actions else "plan: nothing to do at this level")
     for x in plan.actions:
-        print(f"  {x.kind.value} {x.target}: {x.reason}")
+        say(f"  {x.kind.value} {x.target}: {x.reason}")
     for target, why in plan.deferred:
-        print(f"  put off {target}: {why}")
+        say(f"  put off {target}: {why}")
     return 0
 
 
