@@ -322,7 +322,13 @@ def _rule(data: Any, path: str, problems: list[str]) -> RuleConfig:
                             f'"2x kill.min_rss", got {shown(value)}')
             del data[key]
         else:
-            data[key] = str(value)
+            try:
+                if isinstance(value, int):
+                    parse_size(value, f"{path}.{key}")     # bounds first: str() of 5000 digits fails
+                data[key] = str(value)
+            except ConfigError as e:
+                problems.extend(e.problems)
+                del data[key]
     rule = _build(RuleConfig, data, path, problems)
     if "weight" in data and rule.action != "prefer":
         problems.append(f"{path}.weight: only a prefer rule has a weight (action is {shown(rule.action)})")
@@ -360,6 +366,9 @@ def load(path: str | os.PathLike, *, host: bool = True) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{where}: not valid TOML: {printable(e)}") from None
+    except ValueError:
+        # tomllib's int() of an integer over 4300 digits; no dbguard setting is anywhere near
+        raise ConfigError(f"{where}: not valid TOML for dbguard: an integer thousands of digits long") from None
     except RecursionError:
         # tomllib parses nested arrays and inline tables by recursion; no dbguard key nests.
         raise ConfigError(f"{where}: not valid TOML for dbguard: a value is nested deeper than the TOML "

@@ -9,7 +9,6 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from fractions import Fraction
 from typing import Any, Mapping
 
 from .errors import ConfigError
@@ -39,9 +38,13 @@ def parse_size(value: Any, path: str = "size") -> int:
         n = value
     elif isinstance(value, str):
         m = _SIZE_RE.match(value)
-        if m and m.group(2).lower() in _UNITS:
-            # Exact arithmetic: a float would turn 400 digits into inf and then an OverflowError.
-            n = int(Fraction(m.group(1)) * _UNITS[m.group(2).lower()])
+        if m and m.group(2).lower() in _UNITS and len(m.group(1)) > 40:
+            n = MAX_BYTES + 1       # past any memory (and past int()'s 4300-digit limit)
+        elif m and m.group(2).lower() in _UNITS:
+            # Exact integer arithmetic: a float would turn 400 digits into inf, then OverflowError.
+            whole, _, frac = m.group(1).partition(".")
+            unit = _UNITS[m.group(2).lower()]
+            n = int(whole) * unit + (int(frac) * unit // 10 ** len(frac) if frac else 0)
     if n is None:
         raise ConfigError(f"{path}: expected a size such as 512MiB or a number of bytes, got {shown(value)}")
     if n > MAX_BYTES:

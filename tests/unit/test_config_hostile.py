@@ -39,7 +39,7 @@ def toml_value(v) -> str:
     if isinstance(v, float):
         return "nan" if math.isnan(v) else ("inf" if v > 0 else "-inf") if math.isinf(v) else repr(v)
     if isinstance(v, int):
-        return str(v)
+        return str(v) if v < 10**4000 else "9" * 5000      # str() itself stops at 4300 digits
     if isinstance(v, str):
         return toml_string(v)
     if isinstance(v, Deep):
@@ -80,7 +80,7 @@ dsns = st.sampled_from([
     f"postgresql://u:{SECRET}@h/db", f"dbname='x'password={SECRET}", f"postgresql://u@h/db?password={SECRET}",
     f"postgresql://u:{SECRET}%zz@h/db", f"postgresql://u:{SECRET}@[::1/db", f"host=h {SECRET}",
     f"dbname='{SECRET}", "host=/run/pg port=99999", "host=/run/pg port=5432", "host=h\x00", "service=x"])
-scalars = st.one_of(st.booleans(), st.integers(-2**70, 2**70), st.sampled_from([0, -1, 2**63, -2**63]),
+scalars = st.one_of(st.booleans(), st.integers(-2**70, 2**70), st.sampled_from([0, -1, 2**63, -2**63, 10**5000]),
                     st.floats(), st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -0.0]), hostile_text)
 values = st.one_of(scalars, st.lists(scalars, max_size=3), st.dictionaries(hostile_text, scalars, max_size=2),
                    st.builds(Deep, st.sampled_from([2, 50, 400, 3000, 50_000])))
@@ -142,3 +142,18 @@ def test_check_config_never_crashes_and_names_every_key(doc):
         named = {"general", "pressure", "kill", "protection", "bpf", "audit", "metrics", "databases", "policy",
                  str(f)}
         assert any(key == n or key.startswith(n + ".") or key.startswith(n + "[") for n in named), line
+
+
+@settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", 60)) * 5, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(documents())
+def test_the_validator_in_process_raises_only_config_errors(doc):
+    """The same documents, many more of them, through config.load itself: a ConfigError or a Config."""
+    from dbguard.errors import ConfigError
+    with tempfile.TemporaryDirectory() as d:
+        f = Path(d) / "hostile.toml"
+        f.write_text(toml_document(doc), encoding="utf-8")
+        try:
+            config.load(f)
+        except ConfigError as e:
+            assert e.problems and all("\n" not in p and SECRET not in p for p in e.problems), e.problems

@@ -153,7 +153,11 @@ def test_paths_and_values_run_would_trip_on(data, line):
 
 @pytest.mark.parametrize("data, start, end", [
     ({"kill": {"min_rss": "9" * 400}}, "kill.min_rss: '999", "9' is larger than any memory (at most 1 EiB)"),
+    ({"kill": {"min_rss": "9" * 5000 + "MiB"}}, "kill.min_rss: '999", "B' is larger than any memory (at most 1 EiB)"),
+    ({"kill": {"min_rss": "2" + "0" * 18 + ".5"}}, "kill.min_rss: '2000", "5' is larger than any memory (at most 1 EiB)"),
     ({"general": {"interval": 10**400}}, "general.interval: 1000", "0 is out of range"),
+    ({"kill": {"min_rss": 10**5000}}, "kill.min_rss: (a number too long to show)", "(at most 1 EiB)"),
+    ({"general": {"interval": 10**5000}}, "general.interval: (a number too long to show)", "is out of range"),
     ({"policy": {"rules": [{"rss_above": "9" * 400 + "x kill.min_rss", "action": "kill"}]}},
      "policy.rules[0].rss_above: factor 99999999999999999999 is too large", "(at most 1000000)"),
 ])
@@ -229,6 +233,14 @@ def test_group_writable_state_dir_is_refused(tmp_path):
 def check_config(path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dbguard.cli", "check-config", str(path)], capture_output=True,
                           text=True, cwd=ROOT, timeout=60)
+
+
+def test_an_integer_thousands_of_digits_long_is_one_line(tmp_path):
+    f = tmp_path / "big.toml"
+    f.write_text("[kill]\nmin_rss = " + "9" * 5000 + "\n")
+    r = check_config(f)
+    assert r.returncode == 2 and r.stderr == (f"dbguard: {f}: not valid TOML for dbguard: an integer thousands of "
+                                              "digits long\n"), r.stderr
 
 
 @pytest.mark.parametrize("depth", [300, 600, 5000, 100_000])
