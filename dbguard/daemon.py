@@ -75,8 +75,6 @@ class Daemon:
     # --- start ---------------------------------------------------------------------------
     def open(self) -> None:
         cfg = self.cfg
-        resolve_users(cfg.kill.protect_users)       # a bad user name fails before anything starts
-        resolve_rule_users(cfg)
         for w in cfg.warnings:
             log.warning("config: %s", w)
         self.audit = AuditLog(cfg.audit.path)
@@ -276,8 +274,6 @@ class Daemon:
             return
         try:
             new = config_mod.load(self.cfg.source)
-            resolve_users(new.kill.protect_users)
-            resolve_rule_users(new)
         except DbguardError as e:
             log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
             return

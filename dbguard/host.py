@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import os
-import pwd
 import socket
 
 from .config import Config
-from .errors import ConfigError
+from .validate import uid_of
 
 CAP_SYS_RESOURCE = 24
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
@@ -36,27 +35,14 @@ def lock_memory() -> str:
 
 
 def resolve_users(names: tuple[str, ...]) -> frozenset[int]:
-    uids = set()
-    for name in names:
-        try:
-            uids.add(pwd.getpwnam(name).pw_uid)
-        except KeyError:
-            raise ConfigError(f"kill.protect_users: no user named {name!r} on this host") from None
-    return frozenset(uids)
+    """kill.protect_users as uids (the validator has refused names this host does not know)."""
+    return frozenset(uid for uid in map(uid_of, names) if uid is not None)
 
 
 def resolve_rule_users(cfg: Config) -> dict[str, int]:
-    """User names in [[policy.rules]] -> uid; a name unknown here fails at start, in one line."""
-    uids = {}
-    for i, rule in enumerate(cfg.policy.rules):
-        for name in rule.user:
-            if name.isdigit() or name in uids:
-                continue
-            try:
-                uids[name] = pwd.getpwnam(name).pw_uid
-            except KeyError:
-                raise ConfigError(f"policy.rules[{i}].user: no user named {name!r} on this host") from None
-    return uids
+    """User names in [[policy.rules]] -> uid (the validator has refused unknown ones)."""
+    return {name: uid for rule in cfg.policy.rules for name in rule.user
+            if not name.isdigit() and (uid := uid_of(name)) is not None}
 
 
 def sd_notify(state: str) -> bool:

@@ -190,7 +190,7 @@ def _tier_path(glob: str) -> str:
 def _user_ids(names: tuple[str, ...], uids: Mapping[str, int]) -> frozenset[int] | None:
     if not names:
         return None
-    # An unresolved name matches nobody; the daemon refuses to start with one (resolve_rule_users).
+    # An unresolved name matches nobody; the validator refuses a config with one (validate.uid_of).
     return frozenset(int(n) if n.isdigit() else uids[n] for n in names if n.isdigit() or n in uids)
 
 
