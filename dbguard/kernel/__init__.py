@@ -1,1 +1,1 @@
-"""In-kernel protection: BPF programs (bpf/) loaded with BCC. See dbguard.kernel.bpf."""
+"""In-kernel protection: BPF programs (dbguard/bpf/) loaded with BCC. See dbguard.kernel.bpf."""

@@ -1,4 +1,4 @@
-"""The one Python mirror of bpf/dbguard.h: its constants (parsed from the header, so they
+"""The one Python mirror of dbguard/bpf/dbguard.h: its constants (parsed from the header, so they
 cannot drift) and its structs as ctypes (checked against BCC's own view in the e2e tests)."""
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 import re
 from pathlib import Path
 
-BPF_DIR = Path(os.environ.get("DBGUARD_BPF_DIR") or Path(__file__).resolve().parents[2] / "bpf")
+# Shipped inside the package (wheel and .deb alike); DBGUARD_BPF_DIR points at a working copy.
+BPF_DIR = Path(os.environ.get("DBGUARD_BPF_DIR") or Path(__file__).resolve().parents[1] / "bpf")
 HEADER = BPF_DIR / "dbguard.h"
 # Concatenated in this order after the header: maps first, then one file per concern.
 SOURCES = ("maps.c", "fork.c", "reclaim.c", "oom.c")

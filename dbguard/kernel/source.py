@@ -1,4 +1,4 @@
-"""The BPF C exactly as it is loaded: bpf/dbguard.h inlined, sizes and kernel features defined.
+"""The BPF C exactly as it is loaded: dbguard/bpf/dbguard.h inlined, sizes and kernel features defined.
 
 Features are read from the tracepoint format files, never from kernel struct layouts, so
 one source compiles against whatever headers BCC finds."""
