@@ -31,8 +31,22 @@ def explain(cfg: Config) -> dict[str, Any]:
         sensor.close()
 
 
+TOP_SESSIONS = 5
+
+
 def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.0f} MiB"
+
+
+def top_sessions(d, n: int = TOP_SESSIONS) -> list:
+    """The sessions holding the most (private memory + temporary files), largest first."""
+    return sorted(d.sessions, key=lambda s: -s.held_bytes)[:n]
+
+
+def _session_json(s) -> dict[str, Any]:
+    # Never the statement's text: it may carry literals (names, secrets) explain's reader must not see.
+    return {"pid": s.pid, "kind": s.kind, "state": s.state, "user": s.user, "memory_bytes": s.memory_bytes,
+            "temp_bytes": s.temp_bytes, "running_seconds": round(s.age_seconds, 1), "client": s.client}
 
 
 def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_json: bool = False) -> int:
@@ -67,7 +81,8 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
             "level": plan.level.name.lower(), "level_reason": plan.level_reason,
             "databases": [{"name": d.name, "kind": d.kind, "up": d.up, "error": d.error, "server_pid": d.server_pid,
                            "cache_bytes": d.cache_bytes, "hit_ratio": d.hit_ratio, "shrink_step": d.shrink_step,
-                           "shrink_steps_max": d.shrink_steps_max, "sessions": len(d.sessions)}
+                           "shrink_steps_max": d.shrink_steps_max, "sessions": len(d.sessions),
+                           "top_sessions": [_session_json(x) for x in top_sessions(d)]}
                           for d in snap.databases],
             "processes": rows,
             "plan": [{"action": x.kind.value, "target": x.target, "reason": x.reason, "pid": x.pid,
@@ -106,6 +121,11 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
         say(f"database {d.name} ({d.kind}): {state}; server pid {d.server_pid}; cache {_mib(d.cache_bytes)}"
               f"; hit ratio {'-' if d.hit_ratio is None else f'{d.hit_ratio:.3f}'}; shrink step "
               f"{d.shrink_step}/{d.shrink_steps_max}; {len(d.sessions)} session(s)")
+        for x in top_sessions(d):
+            temp = f" + temp files {_mib(x.temp_bytes)}" if x.temp_bytes else ""
+            say(f"  session {x.pid} {x.kind} ({x.user or '?'}, {x.state or '?'}"
+                f"{'' if x.client else ', system: never ended'}): {_mib(x.memory_bytes)}{temp}, "
+                f"{'statement' if x.state == 'active' else 'state'} since {x.age_seconds:.0f}s")
     if not snap.databases:
         say("databases: none configured or found")
     by_role: dict[str, list[int]] = {}

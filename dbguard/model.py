@@ -105,8 +105,14 @@ class DbSession:
     query: str = ""
     age_seconds: float = 0.0   # time since the current query (or state) started
     memory_bytes: int = 0      # best estimate of the private memory the session holds (never shared buffers)
+    temp_bytes: int = 0        # its open temporary files (PostgreSQL pgsql_tmp): page cache it charges
     client: bool = True        # a client's session; False: replication, autovacuum, background workers,
                                # binlog dump, the server's own threads: never ended by dbguard
+
+    @property
+    def held_bytes(self) -> int:
+        """What ending its statement gives back: private memory and temporary files."""
+        return self.memory_bytes + self.temp_bytes
 
 
 @dataclass(frozen=True)

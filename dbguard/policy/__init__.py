@@ -82,7 +82,7 @@ class Policy:
         covers what is left."""
         ranked = self.ranked(snap)
         hogs = sum(p.rss_bytes for p, _ in ranked)
-        held = sum(s.memory_bytes for db in snap.databases if db.up for s in db.sessions
+        held = sum(s.held_bytes for db in snap.databases if db.up for s in db.sessions
                    if s.client and s.state != "idle")
         tiered = len(self.rules.tiers) > 1
 

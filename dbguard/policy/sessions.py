@@ -51,7 +51,7 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
         key = (db.name, s.pid)
         if key in state.cancelled and key not in state.terminated and now - state.cancelled[key] >= dc.terminate_after:
             state.terminated.add(key)
-            freed += s.memory_bytes
+            freed += s.held_bytes
             out.append(Action(ActionKind.TERMINATE_SESSION,
                               f"level {a.level.name.lower()}: still running {dc.terminate_after:g}s after its cancel, "
                               f"{_holding(s)}", pid=s.pid, target=session_name(db, s), database=db.name))
@@ -60,13 +60,13 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
         return out, freed
     recent = sum(1 for t in times if now - t < 60)
     fresh = sorted((t for t in open_sessions if (t[0].name, t[1].pid) not in state.cancelled
-                    and t[1].memory_bytes >= t[2].runaway_min_bytes), key=lambda t: -t[1].memory_bytes)
+                    and t[1].held_bytes >= t[2].runaway_min_bytes), key=lambda t: -t[1].held_bytes)
     cancelled = 0
     for db, s, dc in fresh:
         if excess - freed <= 0 and (out or answered or not a.thrashing) or recent >= k.max_per_minute:
             break
         state.cancelled[(db.name, s.pid)] = now
-        freed += s.memory_bytes
+        freed += s.held_bytes
         recent += 1
         cancelled += 1
         out.append(Action(ActionKind.CANCEL_QUERY,
@@ -81,4 +81,5 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
 def _holding(s) -> str:
     """What the audit record says of a session: its memory and how long its statement runs,
     never the statement's text."""
-    return f"holds {s.memory_bytes // MiB} MiB, statement running {s.age_seconds:.0f}s"
+    temp = f" + {s.temp_bytes // MiB} MiB of temporary files" if s.temp_bytes else ""
+    return f"holds {s.memory_bytes // MiB} MiB{temp}, statement running {s.age_seconds:.0f}s"

@@ -22,4 +22,4 @@ def db_name(db: DbStats) -> str:
 def session_name(db: DbStats, s: DbSession) -> str:
     found = registry.find(db.kind)
     what = found.session_noun if found else "session"
-    return f"{db.kind} {db.name} {what} {s.pid} ({s.user or '?'}, {s.memory_bytes // MiB} MiB)"
+    return f"{db.kind} {db.name} {what} {s.pid} ({s.user or '?'}, {s.held_bytes // MiB} MiB)"

@@ -1,6 +1,7 @@
 """The PostgreSQL adapter against a real throwaway PostgreSQL 15 the test starts (lab.pgcluster)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -401,3 +402,77 @@ def test_hung_server_does_not_stall_collect(cluster, tmp_path):
     again = db.collect()
     assert again.up, again.error
     db.close()
+
+
+# --- session memory: private memory and temporary files, per session --------------------------
+# Each statement does its memory-hungry part (a sort) first, then sleeps once while reading the
+# sorted rows back, so the sort's memory or its tapes are held while the test looks.
+IN_MEMORY_SORT = ("SELECT count(*) FROM (SELECT g, md5(g::text) AS m FROM generate_series(1, 600000) g "
+                  "ORDER BY m) s WHERE g <> 7 OR pg_sleep(8) IS NOT NULL")
+SPILLING_SORT = ("SELECT count(*) FROM (SELECT g, md5(g::text) AS m FROM generate_series(1, 600000) g "
+                 "ORDER BY m) s WHERE g <> 7 OR pg_sleep(8) IS NOT NULL")
+
+
+def _run_in_background(dsn: str, setup: str, sql: str) -> tuple[threading.Thread, int]:
+    conn = psycopg.connect(dsn, autocommit=True)
+    pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
+    conn.execute(setup)
+
+    def work():
+        with conn, contextlib.suppress(psycopg.errors.QueryCanceled):    # the test cancels it at the end
+            conn.execute(sql)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    return t, pid
+
+
+def test_session_memory_and_temporary_files_are_the_sessions_own(cluster, adapter, tmp_path):
+    mem_t, mem_pid = _run_in_background(cluster.dsn, "SET work_mem = '512MB'", IN_MEMORY_SORT)
+    tmp_t, tmp_pid = _run_in_background(cluster.dsn, "SET work_mem = '1MB'", SPILLING_SORT)
+    try:
+        # The oracle for temporary files is PostgreSQL's own listing (pg_ls_tmpdir, a directory
+        # read), not /proc: wait until the spilling sort's files are there and the other one sleeps.
+        def spilled() -> int:
+            out = cluster.psql(f"SELECT coalesce(sum(size), 0) FROM pg_ls_tmpdir() WHERE name LIKE 'pgsql_tmp{tmp_pid}.%'")
+            return int(out)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+                spilled() > 0 and cluster.psql(f"SELECT wait_event FROM pg_stat_activity WHERE pid IN "
+                                               f"({mem_pid}, {tmp_pid}) AND wait_event = 'PgSleep'").count("PgSleep") == 2):
+            time.sleep(0.2)
+        on_disk = spilled()
+        stats = adapter.collect()
+        sessions = {s.pid: s for s in stats.sessions}
+        cfg = tmp_path / "explain.toml"
+        cfg.write_text(f'[general]\ndiscover = false\nstate_dir = "{tmp_path}/state"\n'
+                       f'[audit]\npath = "{tmp_path}/audit.jsonl"\n[metrics]\nlisten = ""\n'
+                       f'[[databases]]\nkind = "postgresql"\nname = "t"\ndsn = "{cluster.dsn}"\n')
+        import json
+        import subprocess
+        import sys
+        r = subprocess.run([sys.executable, "-m", "dbguard.cli", "explain", "-c", str(cfg), "--json"],
+                           capture_output=True, text=True, timeout=60)
+        text = subprocess.run([sys.executable, "-m", "dbguard.cli", "explain", "-c", str(cfg)],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        for pid in (mem_pid, tmp_pid):
+            cluster.psql(f"SELECT pg_cancel_backend({pid})")
+        mem_t.join(20)
+        tmp_t.join(20)
+    assert on_disk > 4 * MiB, f"the spilling sort wrote only {on_disk} bytes of temporary files"
+    # 600,000 rows, each a 33-byte md5 text, an int and a 24-byte SortTuple, sorted in memory:
+    # over 36 MiB of the backend's own memory (shared buffers are not in it: the sort reads none).
+    assert sessions[mem_pid].memory_bytes > 30 * MiB, sessions[mem_pid]
+    assert sessions[mem_pid].temp_bytes == 0, sessions[mem_pid]
+    # The spilling sort's open files, as the kernel shows them, are the files PostgreSQL lists
+    # for it (the sort is finished: nothing is written any more while it sleeps).
+    assert sessions[tmp_pid].temp_bytes == on_disk, (sessions[tmp_pid], on_disk)
+    assert sessions[tmp_pid].memory_bytes < sessions[mem_pid].memory_bytes
+    assert r.returncode == 0, r.stderr
+    top = next(d for d in json.loads(r.stdout)["databases"] if d["name"] == "t")["top_sessions"]
+    assert [s["pid"] for s in top[:1]] == [mem_pid], top
+    assert {s["pid"]: s["temp_bytes"] for s in top}[tmp_pid] == on_disk, top
+    assert all("query" not in s for s in top)          # never the statement's text
+    assert f"session {mem_pid} client backend" in text.stdout, text.stdout
+    assert "pg_sleep" not in text.stdout

@@ -115,3 +115,12 @@ def test_pure_modules_load_without_the_drivers():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[2])
     assert out.stdout.strip() == "[]", out
+
+
+def test_temporary_files_are_read_for_active_sessions_only():
+    asked = []
+    s = stats(temp_of=lambda pid: asked.append(pid) or 5 * MiB)
+    for x in s.sessions:
+        assert x.temp_bytes == (5 * MiB if x.state == "active" else 0), x
+        assert x.held_bytes == x.memory_bytes + x.temp_bytes
+    assert sorted(asked) == sorted(x.pid for x in s.sessions if x.state == "active")

@@ -141,3 +141,15 @@ def test_the_choice_never_touches_system_sessions_and_covers_the_excess_when_it_
     if cancelled:
         smallest = min(by_pid[p].memory_bytes for p in cancelled)
         assert all(s.memory_bytes <= smallest for s in eligible if s.pid not in cancelled)
+
+
+def test_temporary_files_count_in_what_a_session_holds():
+    # 955 MiB used: 105 MiB over the goal. Session 42 holds 40 MiB of memory and 70 MiB of
+    # open temporary files (110 MiB): it alone covers the excess, though 41 has more memory.
+    s41 = session(41, 90)
+    s42 = DbSession(pid=42, kind="client backend", state="active", user="app", age_seconds=3.0,
+                    memory_bytes=40 * MiB, temp_bytes=70 * MiB)
+    plan = policy().decide(snap(0, reading(955), [s41, s42]))
+    assert ended(plan, "cancel_query") == [42]
+    reason = next(a.reason for a in plan.actions if a.pid == 42)
+    assert "40 MiB + 70 MiB of temporary files" in reason and "ORDER BY" not in reason

@@ -16,6 +16,7 @@ from ...errors import DbguardError
 from ...model import DbStats, Outcome
 from ...originals import Originals
 from ...sense.procfs import rss_anon
+from ...sense.tempfiles import pg_temp_bytes
 from ..base import Database
 from . import sessions
 from .connection import Connection, one_line
@@ -90,7 +91,8 @@ class PostgreSQL(Database):
         dd = self.link.data_directory
         return to_stats(self.name, reading, server_pid=postmaster_pid(dd), data_directory=dd,
                         shrink_settings=self.cfg.shrink_settings, saved=saved, floor=self.cfg.shrink_floor,
-                        steps=self.cfg.shrink_steps, memory_of=rss_anon, notes=notes)
+                        steps=self.cfg.shrink_steps, memory_of=rss_anon, notes=notes,
+                        temp_of=pg_temp_bytes)
 
     def _sample_buffercache(self, conn: psycopg.Connection) -> int | None:
         """Buffers in use, from pg_buffercache at most every BUFFERCACHE_EVERY seconds; None if unknown."""

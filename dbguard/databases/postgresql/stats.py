@@ -96,9 +96,11 @@ class Reading:
 
 def to_stats(name: str, r: Reading, *, server_pid: int | None, data_directory: str,
              shrink_settings: tuple[str, ...], saved: dict[str, Any] | None, floor: int, steps: int,
-             memory_of: Callable[[int], int], notes: dict[str, str]) -> DbStats:
+             memory_of: Callable[[int], int], notes: dict[str, str],
+             temp_of: Callable[[int], int] = lambda pid: 0) -> DbStats:
     """DbStats from one reading. `saved`: the originals file while dbguard has settings shrunk;
-    `memory_of(pid)`: what a session holds; `notes`: one-line remarks for `extra`."""
+    `memory_of(pid)`: the private memory a session holds, `temp_of(pid)`: its open temporary
+    files (read for active sessions only: an idle one has none); `notes`: one-line remarks for `extra`."""
     roles: dict[int, Role] = {}
     sessions = []
     counts: dict[str, int] = {}
@@ -110,6 +112,7 @@ def to_stats(name: str, r: Reading, *, server_pid: int | None, data_directory: s
         if role is Role.PG_BACKEND and not is_self:
             sessions.append(DbSession(pid=pid, kind=backend_type, state=state or "", user=user or "",
                                       query=text or "", age_seconds=float(age or 0.0), memory_bytes=memory_of(pid),
+                                      temp_bytes=temp_of(pid) if state == "active" else 0,
                                       client=backend_type == "client backend"))
     if server_pid:
         roles[server_pid] = Role.POSTMASTER
