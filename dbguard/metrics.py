@@ -17,7 +17,7 @@ from collections import Counter as _Tally
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
@@ -28,8 +28,21 @@ from .errors import DbguardError
 from .model import Action, Level, Outcome, Role, Snapshot
 from .serve import HttpServer
 
-# `_created` series would double every counter for a timestamp no rule or panel uses.
-disable_created_metrics()
+
+def _no_created_series() -> None:
+    """`_created` series would double every counter for a timestamp no rule or panel uses."""
+    try:
+        from prometheus_client import disable_created_metrics
+    except ImportError:
+        # prometheus_client < 0.17 (Debian 12 ships 0.16) has no switch but the flag that its
+        # PROMETHEUS_DISABLE_CREATED_SERIES variable sets at import.
+        import prometheus_client.metrics as metrics_module
+        metrics_module._use_created = False     # type: ignore[attr-defined]
+        return
+    disable_created_metrics()
+
+
+_no_created_series()
 
 PREFIX = "dbguard"
 MECHANISMS = ("bpf", "lower_scores", "raise_scores", "kill")

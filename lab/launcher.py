@@ -103,9 +103,10 @@ def audit_names(rec: dict, pid: int) -> bool:
 # --- the process ---------------------------------------------------------------------------------
 
 class DbguardRun:
-    """One `dbguard run --config workdir/dbguard.toml ARGS...`, started at construction."""
+    """One `dbguard run --config workdir/dbguard.toml ARGS...`, started at construction.
+    `command` replaces this checkout's dbguard with another one's argv (an installed wheel or .deb)."""
 
-    def __init__(self, workdir: Path, config: dict, *args: str):
+    def __init__(self, workdir: Path, config: dict, *args: str, command: list[str] | None = None):
         self.workdir = Path(workdir)
         self.config_path = self.workdir / "dbguard.toml"
         self.out_path = self.workdir / "dbguard.out"
@@ -113,7 +114,8 @@ class DbguardRun:
         self.audit_path = Path(config.get("audit", {}).get("path") or self.workdir / "audit.jsonl")
         with open(self.out_path, "wb") as out:      # the child keeps its own copy of the fd
             self.spawned = time.monotonic()
-            self.proc = subprocess.Popen(dbguard_command("run", "--config", str(self.config_path), *args),
+            argv = [*(command or DBGUARD), "run", "--config", str(self.config_path), *args]
+            self.proc = subprocess.Popen(argv,
                                          stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=REPO, start_new_session=True)
 
