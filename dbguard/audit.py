@@ -78,6 +78,8 @@ class AuditLog:
             rec["pid"] = a.pid
         if a.database is not None:
             rec["database"] = a.database
+        if a.cache is not None:
+            rec["cache"] = a.cache
         if a.value is not None:
             rec["value"] = a.value
         rec.update(extra)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Iterable
 
 from .databases import registry
-from .model import DbStats, Proc, Role
+from .model import CacheStats, DbStats, Proc, Role
 
 INIT_PID = 1
 
@@ -46,9 +46,12 @@ def _database_roles(procs: dict[int, Proc], databases: Iterable[DbStats]) -> dic
     return members
 
 
-def classify(procs: dict[int, Proc], databases: Iterable[DbStats], self_pid: int) -> dict[int, Role]:
-    """A role for every pid in `procs`."""
-    db_roles = _database_roles(procs, databases)
+def classify(procs: dict[int, Proc], databases: Iterable[DbStats], self_pid: int,
+             caches: Iterable[CacheStats] = ()) -> dict[int, Role]:
+    """A role for every pid in `procs`. A cache server is the process listening at its endpoint
+    (found by fact, caches/endpoint.py); a database role wins over it."""
+    db_roles = {c.server_pid: Role.CACHE_SERVER for c in caches if c.server_pid in procs and not c.pooler}
+    db_roles.update(_database_roles(procs, databases))
     roles: dict[int, Role] = {}
     for pid, proc in procs.items():
         if proc.kernel_thread:

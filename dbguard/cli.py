@@ -61,6 +61,8 @@ def cmd_check_config(a: argparse.Namespace) -> int:
         print(printable(f"{a.file}: warning: {w}"), file=sys.stderr)
     rules = len(cfg.policy.rules)
     _say(f"{a.file}: ok ({len(cfg.databases)} database(s)"
+         f"{f', {len(cfg.caches)} cache(s)' if cfg.caches else ''}"
+         f"{f', {len(cfg.poolers)} pooler(s)' if cfg.poolers else ''}"
          f"{f', {rules} policy rule(s)' if rules else ''}{', dry run' if cfg.general.dry_run else ''})")
     return 0
 

@@ -15,18 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from . import rules, validate
+from .caches import registry as caches_registry
 from .databases import registry
 from .errors import ConfigError
 from .escape import has_control, printable, shown
+from .caches.config import CacheConfig, PoolerConfig
+from .schema import Bounded, Size, read_password
 from .units import finite, parse_size, toml_key
-
-def Size(default: int, **kw) -> Any:
-    return field(default=default, metadata={"size": True, **kw})
-
-
-def Bounded(default: Any, lo: float | None = None, hi: float | None = None) -> Any:
-    return field(default=default, metadata={"lo": lo, "hi": hi})
-
 
 @dataclass(frozen=True)
 class General:
@@ -65,19 +60,7 @@ class DatabaseConfig:
 
     def password(self) -> str | None:
         """Read the password at connect time; never stored in the config object or logged."""
-        if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ConfigError(
-                    f"databases.{self.name}.password_env: environment variable {self.password_env} is not set")
-            return value
-        if self.password_file:
-            try:
-                return Path(self.password_file).read_text().splitlines()[0]
-            except (OSError, IndexError) as e:
-                raise ConfigError(f"databases.{self.name}.password_file: cannot read {self.password_file}: "
-                                  f"{getattr(e, 'strerror', None) or 'empty file'}") from None
-        return None
+        return read_password(self.password_env, self.password_file, f"databases.{self.name}")
 
 
 @dataclass(frozen=True)
@@ -151,6 +134,10 @@ class PolicyConfig:
     # no glob matches is in default_tier. A rule's own `tier` overrides it.
     cgroup_tiers: tuple[tuple[str, str], ...] = ()
     rules: tuple[RuleConfig, ...] = ()
+    # From which level application caches ([[caches]]) and poolers ([[poolers]]) are shrunk:
+    # "warn" (with the database's caches, before any kill), "high", "critical" or "never".
+    caches_from: str = "warn"
+    poolers_from: str = "warn"
 
 
 @dataclass(frozen=True)
@@ -167,6 +154,8 @@ class Metrics:
 class Config:
     general: General = field(default_factory=General)
     databases: tuple[DatabaseConfig, ...] = ()
+    caches: tuple[CacheConfig, ...] = ()
+    poolers: tuple[PoolerConfig, ...] = ()
     pressure: Pressure = field(default_factory=Pressure)
     kill: Kill = field(default_factory=Kill)
     protection: Protection = field(default_factory=Protection)
@@ -248,6 +237,11 @@ def _build(cls: type, data: Any, path: str, problems: list[str]) -> Any:
                     raise ConfigError(f"{kpath}: expected [[databases]] tables")
                 built = (_database(v, i, problems) for i, v in enumerate(value))
                 kwargs[key] = tuple(db for db in built if db is not None)
+            elif key in ("caches", "poolers"):
+                if not isinstance(value, list):
+                    raise ConfigError(f"{kpath}: expected [[{key}]] tables")
+                built = (_app_cache(key, v, i, problems) for i, v in enumerate(value))
+                kwargs[key] = tuple(c for c in built if c is not None)
             elif cls is PolicyConfig and key == "rules":
                 if not isinstance(value, list):
                     raise ConfigError(f"{kpath}: expected [[policy.rules]] tables")
@@ -282,6 +276,25 @@ def _database(data: Any, index: int, problems: list[str]) -> DatabaseConfig | No
     except ConfigError as e:
         problems.extend(e.problems)
     return dataclasses.replace(db, name=db.name or f"{db.kind}{index}")
+
+
+def _app_cache(table: str, data: Any, index: int, problems: list[str]) -> CacheConfig | PoolerConfig | None:
+    """A [[caches]] or [[poolers]] entry; None when it cannot describe one (not a table, unknown kind)."""
+    path = f"{table}[{index}]"
+    if not isinstance(data, dict):
+        problems.append(f"{path}: expected a table, got {shown(data)}")
+        return None
+    c = _build(CacheConfig if table == "caches" else PoolerConfig, data, path, problems)
+    try:
+        kind = caches_registry.kind(table, c.kind, f"{path}.kind")
+    except ConfigError as e:
+        problems.extend(e.problems)
+        return None
+    problems.extend(f"{path}.{key}: not a {c.kind} setting" for key in sorted(kind.refused_keys & set(data)))
+    if c.password_env and c.password_file:
+        problems.append(f"{path}: set password_file or password_env, not both")
+    problems.extend(caches_registry.problems(kind, c, path))
+    return dataclasses.replace(c, name=c.name or f"{c.kind}{index}")
 
 
 _RULE_LISTS = ("role", "cgroup", "exe", "user", "in_tier")

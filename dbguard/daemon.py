@@ -20,6 +20,7 @@ from . import config as config_mod
 from .act.executor import Executor
 from .assess import Assessment, assess, next_mark_bytes, recheck
 from .audit import AuditLog
+from .caches.base import AppCache
 from .config import Config
 from .databases.base import Database
 from .errors import DbguardError
@@ -93,7 +94,7 @@ class Daemon:
         self.sensor.observe_collector = self.metrics.observe_collector
         self._open_bpf()
         self.executor = Executor(self.sensor.databases, self.audit, self.metrics.observe_action,
-                                 recheck=self._recheck)
+                                 recheck=self._recheck, caches=self.sensor.caches)
         self.memory_note = lock_memory() if cfg.general.lock_memory else "memory not locked (general.lock_memory)"
         self.metrics.set_protection(bpf=self.bpf is not None, lower_scores=self.policy.can_lower_scores
                                     and cfg.protection.lower_databases,
@@ -126,12 +127,17 @@ class Daemon:
         for name, db in self.sensor.databases.items():
             if self.executor.recover(name, self.level).carried_out:
                 self._step_back(name, db, deadline, "left changed by a previous run of dbguard")
+        for name, cache in self.sensor.caches.items():
+            if self.executor.recover_cache(name, self.level).carried_out:
+                self._step_back(name, cache, deadline, "left changed by a previous run of dbguard")
 
     def _recheck(self) -> Assessment:
         return recheck(self.sensor.pressure.read(), self.cfg.pressure)
 
     def describe(self) -> str:
         dbs = ", ".join(f"{dc.kind} {dc.name}" for dc in self.sensor.db_configs) or "no database yet"
+        if self.sensor.caches:
+            dbs += "; caches and poolers: " + ", ".join(f"{c.kind} {n}" for n, c in self.sensor.caches.items())
         where = (self.sensor.cgroup or "host memory") + f" ({self.sensor.scope.why})"
         caps = "can lower database scores" if self.policy.can_lower_scores else \
             "cannot lower database scores (no CAP_SYS_RESOURCE): candidates' scores are raised instead"
@@ -323,18 +329,20 @@ class Daemon:
         """Put the DBA's settings back one step at a time (a buffer pool refills gradually),
         through act/ like every change; a database that cannot be reached is said so too."""
         deadline = time.monotonic() + RESTORE_ON_STOP_SECONDS
-        for name, db in self.sensor.databases.items():
+        for name, db in [*self.sensor.databases.items(), *self.sensor.caches.items()]:
             self._step_back(name, db, deadline, "dbguard stopping: put the DBA's settings back")
 
-    def _step_back(self, name: str, db: Database, deadline: float, reason: str) -> None:
+    def _step_back(self, name: str, db: Database | AppCache, deadline: float, reason: str) -> None:
+        """Databases, caches and poolers alike: one step at a time (a cache refills gradually)."""
+        cache = isinstance(db, AppCache)
         while True:
             s = db.collect()
             if s.shrink_step == 0:
                 break
-            a = Action(ActionKind.RESTORE_CACHE, reason, target=f"{db.kind} {name}", database=name,
-                       value=s.shrink_step - 1)
+            a = Action(ActionKind.RESTORE_CACHE, reason, target=f"{db.kind} {name}", value=s.shrink_step - 1,
+                       **({"cache": name} if cache else {"database": name}))
             if not s.up or time.monotonic() >= deadline:
-                why = f"database unreachable ({s.error})" if not s.up else \
+                why = f"{'server' if cache else 'database'} unreachable ({s.error})" if not s.up else \
                     f"out of time ({RESTORE_ON_STOP_SECONDS:g}s) at step {s.shrink_step}"
                 self.executor.record(a, self.level, Outcome.failed(
                     f"not restored: {why}; the originals stay in {self.cfg.general.state_dir} and are put "

@@ -34,6 +34,20 @@ def explain(cfg: Config) -> dict[str, Any]:
 TOP_SESSIONS = 5
 
 
+def _cache_line(c) -> str:
+    what = "pooler" if c.pooler else "cache"
+    if not c.up:
+        return f"{what} {c.name} ({c.kind}): DOWN ({c.error}); server pid {c.server_pid}"
+    size = (lambda n: f"{n} connection(s)") if c.unit == "connections" else _mib
+    used = "in use" if c.pooler else "used"
+    line = (f"{what} {c.name} ({c.kind}): up; server pid {c.server_pid}; {used} {size(c.memory)}, limit "
+            f"{size(c.limit)} (configured {size(c.configured)}); shrink step {c.shrink_step}/{c.shrink_steps_max}")
+    if not c.pooler:
+        hits = "-" if c.hit_ratio is None else f"{c.hit_ratio:.3f}"
+        line += f"; evictions {c.evictions}; hit ratio {hits}"
+    return line + (f"; left alone: {c.why_not}" if c.why_not else "")
+
+
 def _mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.0f} MiB"
 
@@ -84,6 +98,11 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
                            "shrink_steps_max": d.shrink_steps_max, "sessions": len(d.sessions),
                            "top_sessions": [_session_json(x) for x in top_sessions(d)]}
                           for d in snap.databases],
+            "caches": [{"name": c.name, "kind": c.kind, "pooler": c.pooler, "up": c.up, "error": c.error,
+                        "server_pid": c.server_pid, "unit": c.unit, "memory": c.memory, "limit": c.limit,
+                        "configured": c.configured, "shrink_step": c.shrink_step,
+                        "shrink_steps_max": c.shrink_steps_max, "evictions": c.evictions,
+                        "hit_ratio": c.hit_ratio, "left_alone": c.why_not} for c in snap.caches],
             "processes": rows,
             "plan": [{"action": x.kind.value, "target": x.target, "reason": x.reason, "pid": x.pid,
                       "value": x.value} for x in plan.actions],
@@ -128,6 +147,8 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
                 f"{'statement' if x.state == 'active' else 'state'} since {x.age_seconds:.0f}s")
     if not snap.databases:
         say("databases: none configured or found")
+    for c in snap.caches:
+        say(_cache_line(c))
     by_role: dict[str, list[int]] = {}
     for r in rows:
         by_role.setdefault(r["role"], []).append(r["rss_bytes"])

@@ -23,6 +23,7 @@ class Role(str, enum.Enum):
     PG_AUXILIARY = "pg_auxiliary"      # checkpointer, walwriter, startup, ...
     PG_BACKEND = "pg_backend"          # client backends and parallel workers
     MYSQLD = "mysqld"
+    CACHE_SERVER = "cache_server"      # a [[caches]] server: shielded while it can give memory back
     DBGUARD = "dbguard"
     INIT = "init"
     KERNEL_THREAD = "kernel_thread"
@@ -141,6 +142,35 @@ class DbStats:
 
 
 @dataclass(frozen=True)
+class CacheStats:
+    """One application cache or pooler this cycle ([[caches]], [[poolers]]). Sizes are bytes for
+    a cache, server connections per pool for a pooler (`unit`)."""
+
+    name: str
+    kind: str                             # "redis", "memcached", "pgbouncer"
+    up: bool
+    error: str = ""                       # one line, when not up
+    pooler: bool = False
+    unit: str = "bytes"                   # what memory/limit/configured count: "bytes" or "connections"
+    server_pid: int | None = None         # the process listening at its endpoint, by fact
+    memory: int = 0                       # used_memory / bytes / server connections in use
+    limit: int = 0                        # maxmemory / limit_maxbytes / default_pool_size now
+    configured: int = 0                   # what its owner configured (the originals while changed)
+    shrink_step: int = 0
+    shrink_steps_max: int = 0             # 0: nothing to shrink (at its floor, or it cannot: `why_not`)
+    grow_bytes: int = 0                   # memory the next grow step may take back
+    why_not: str = ""                     # why it cannot give memory back (noeviction, CONFIG refused)
+    evictions: int = 0
+    hit_ratio: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exhausted(self) -> bool:
+        """Nothing more to give back: down, unable, or at its floor."""
+        return not self.up or bool(self.why_not) or self.shrink_step >= self.shrink_steps_max
+
+
+@dataclass(frozen=True)
 class Snapshot:
     ts: float
     memory: MemoryReading
@@ -148,6 +178,7 @@ class Snapshot:
     roles: dict[int, Role]                # every pid in procs -> role
     databases: tuple[DbStats, ...]
     self_pid: int
+    caches: tuple[CacheStats, ...] = ()   # application caches and poolers
 
 
 class ActionKind(str, enum.Enum):
@@ -168,6 +199,7 @@ class Action:
     start_time: int | None = None          # with pid: the identity the action is meant for
     target: str = ""                       # human description: "hog (rss 150 MiB)", "postgresql main"
     database: str | None = None            # database name for SQL actions
+    cache: str | None = None               # [[caches]]/[[poolers]] name for their resizes
     value: int | None = None               # oom_score_adj value, shrink step, ...
     dry_run: bool = False
 

@@ -10,11 +10,13 @@ import logging
 import os
 import time
 
+from .caches import registry as caches_registry
+from .caches.base import AppCache
 from .classify import classify
 from .config import Config, DatabaseConfig
 from .databases import registry
 from .databases.base import Database
-from .model import MemoryReading, Snapshot
+from .model import CacheStats, MemoryReading, Snapshot
 from .sense.pressure import PressureMonitor
 from .sense.procfs import CGROUP_ROOT, read_procs
 from .sense.scope import Scope, configured, scope_of
@@ -53,6 +55,11 @@ class Sensor:
         self.databases: dict[str, Database] = {}
         for dc in self.db_configs:
             self.databases[dc.name] = make_database(dc, cfg.general.state_dir)
+        # [[caches]] and [[poolers]]: names are unique across both (validate.py)
+        self.caches: dict[str, AppCache] = {c.name: caches_registry.make(c, "caches", cfg.general.state_dir)
+                                            for c in cfg.caches}
+        self.caches.update({c.name: caches_registry.make(c, "poolers", cfg.general.state_dir) for c in cfg.poolers})
+        self._caches_up: dict[str, bool] = {}
         self._discovered_at = time.monotonic()
         self.pressure: PressureMonitor | None = None
         self.scope: Scope | None = None
@@ -69,6 +76,10 @@ class Sensor:
         """With no [[databases]]: pick up PostgreSQL servers that started since. Names added."""
         if not self.discovered or time.monotonic() - self._discovered_at < REDISCOVER_EVERY:
             return []
+        # [[caches]] and [[poolers]]: names are unique across both (validate.py)
+        self.caches: dict[str, AppCache] = {c.name: caches_registry.make(c, "caches", cfg.general.state_dir)
+                                            for c in cfg.caches}
+        self.caches.update({c.name: caches_registry.make(c, "poolers", cfg.general.state_dir) for c in cfg.poolers})
         self._discovered_at = time.monotonic()
         added = []
         for dc in self._discover():
@@ -101,6 +112,21 @@ class Sensor:
             stats.append(s)
         return stats
 
+    def collect_caches(self) -> list[CacheStats]:
+        stats = []
+        for c in list(self.caches.values()):
+            t0 = time.monotonic()
+            s = c.collect()
+            self.observe_collector(f"{c.kind}:{c.name}", s.up, time.monotonic() - t0)
+            if s.up != self._caches_up.get(c.name, True):      # said when it changes, not every cycle
+                if s.up:
+                    log.info("%s %s answers again", c.kind, c.name)
+                else:
+                    log.warning("%s (protection goes on without it)", s.error)
+            self._caches_up[c.name] = s.up
+            stats.append(s)
+        return stats
+
     def processes(self) -> Snapshot:
         """The process table alone (no SQL, no pressure reading): for what is undone at stop."""
         procs = read_procs()
@@ -115,12 +141,13 @@ class Sensor:
         procs = read_procs()
         self.observe_collector("procfs", True, time.monotonic() - t0)
         stats = self.collect()
-        roles = classify(procs, stats, self.self_pid)
+        caches = self.collect_caches()
+        roles = classify(procs, stats, self.self_pid, caches)
         return Snapshot(ts=time.time(), memory=reading, procs=procs, roles=roles, databases=tuple(stats),
-                        self_pid=self.self_pid)
+                        self_pid=self.self_pid, caches=tuple(caches))
 
     def close(self) -> None:
-        for db in self.databases.values():
+        for db in [*self.databases.values(), *self.caches.values()]:
             try:
                 db.close()
             except Exception as e:   # closing must not hide the reason we stop

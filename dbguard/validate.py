@@ -154,7 +154,34 @@ def static_problems(cfg: "Config") -> list[str]:
         if parsed is None or parsed[1] == 0:
             problems.append(f"metrics.listen: expected HOST:PORT with a port from 1 to 65535 such as 127.0.0.1:9633 "
                             f'(or "" for no metrics), got {shown(listen)}')
-    return problems + _database_problems(cfg.databases)
+    levels = ("warn", "high", "critical", "never")
+    for key in ("caches_from", "poolers_from"):
+        value = getattr(cfg.policy, key)
+        if value not in levels:
+            problems.append(f"policy.{key}: must be one of {', '.join(levels)}, got {shown(value)}")
+    return problems + _database_problems(cfg.databases) + _app_cache_problems(cfg)
+
+
+def _app_cache_problems(cfg: "Config") -> list[str]:
+    """[[caches]] and [[poolers]]: names once, each server once, password files as paths."""
+    from .caches import registry
+    problems = []
+    names: dict[str, str] = {}
+    seen: dict[tuple, str] = {}
+    for table in ("caches", "poolers"):
+        for i, c in enumerate(getattr(cfg, table)):
+            key = f"{table}[{i}]"
+            if c.name in names:
+                problems.append(f"{key}.name: {shown(c.name)} is also the name of {names[c.name]}")
+            names.setdefault(c.name, key)
+            if c.password_file:
+                problems += filter(None, [_path_problem(c.password_file, f"{key}.password_file", "file")])
+            e = registry.endpoint(c, table)
+            if e is not None and e.key in seen:
+                problems.append(f"{key}: the same server as {seen[e.key]} ({e}); list each server once")
+            elif e is not None:
+                seen[e.key] = key
+    return problems
 
 
 # --- what only this host can tell --------------------------------------------------------------
@@ -198,6 +225,10 @@ def host_problems(cfg: "Config") -> list[str]:
     for i, db in enumerate(cfg.databases):
         if db.password_file.startswith("/"):
             problems += filter(None, [_password_file_problem(db.password_file, f"databases[{i}].password_file")])
+    for table in ("caches", "poolers"):
+        for i, c in enumerate(getattr(cfg, table)):
+            if c.password_file.startswith("/"):
+                problems += filter(None, [_password_file_problem(c.password_file, f"{table}[{i}].password_file")])
     state_dir = cfg.general.state_dir
     if state_dir.startswith("/"):
         why = fsafe.dir_problem(state_dir)

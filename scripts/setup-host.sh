@@ -7,6 +7,7 @@ need_pkgs=(
   python3 python3-venv python3-bpfcc bpftool linux-headers-amd64
   postgresql postgresql-contrib mariadb-server mariadb-client
   earlyoom util-linux procps
+  redis-server memcached pgbouncer   # the application caches and pooler the suite starts its own instances of
   python3-matplotlib   # benchmarks/ plots; the venv sees system site-packages
   # what the .deb depends on; tests/integration/test_wheel.py runs the wheel on these alone
   python3-psycopg python3-pymysql python3-tenacity python3-prometheus-client

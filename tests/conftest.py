@@ -41,6 +41,13 @@ def mariadb_host() -> None:
 
 
 @pytest.fixture(scope="session")
+def redis_host() -> None:
+    """Root and redis-server, for lab.redis.RedisServer."""
+    from lab.redis import require as redis_required
+    needs(redis_required)
+
+
+@pytest.fixture(scope="session")
 def scenario_host() -> None:
     """What lab.scenario needs: root, memory cgroups, PostgreSQL 15 and pgbench."""
     from lab.scenario import require_lab

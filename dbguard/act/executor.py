@@ -10,6 +10,7 @@ import logging
 from typing import Callable
 
 from ..audit import AuditLog
+from ..caches.base import AppCache
 from ..databases.base import Database
 from ..assess import Assessment
 from ..model import Action, ActionKind, Level, Outcome, Plan, ProcKey, Role, Snapshot, Status
@@ -53,8 +54,9 @@ class Executor:
 
     def __init__(self, databases: dict[str, Database], audit: AuditLog,
                  observe: Callable[[Action, Outcome], None] | None = None,
-                 recheck: Callable[[], Assessment] | None = None):
+                 recheck: Callable[[], Assessment] | None = None, caches: dict[str, AppCache] | None = None):
         self.databases = databases
+        self.caches = caches or {}
         self.audit = audit
         self.observe = observe or (lambda a, outcome: None)
         # A fresh judgment right before each kill: the memory a previous kill of the same
@@ -84,6 +86,14 @@ class Executor:
             return outcome          # nothing was left changed: nothing to say
         return self.record(a, level, outcome)
 
+    def recover_cache(self, name: str, level: Level) -> Outcome:
+        """At start: a cache or pooler limit a previous run left lowered (stepped back by the caller)."""
+        cache = self.caches[name]
+        a = Action(ActionKind.RESTORE_CACHE, "left changed by a previous run of dbguard", cache=name,
+                   target=f"{cache.kind} {name}")
+        outcome = cache.recover()
+        return outcome if outcome.status is Status.SKIPPED else self.record(a, level, outcome)
+
     def _outcome(self, a: Action, snap: Snapshot | None) -> Outcome:
         why_not = refusal(a, snap)
         if why_not is not None:
@@ -107,6 +117,11 @@ class Executor:
             return process.kill(ProcKey(a.pid, a.start_time))
         if a.kind is ActionKind.SET_OOM_SCORE_ADJ:
             return process.set_oom_score_adj(ProcKey(a.pid, a.start_time), a.value)
+        if a.cache is not None:
+            cache = self.caches.get(a.cache)
+            if cache is None:
+                return Outcome.failed(f"no cache or pooler named {a.cache!r}")
+            return cache.set_shrink_step(a.value)      # SHRINK_CACHE, GROW_CACHE, RESTORE_CACHE
         db = self.databases.get(a.database or "")
         if db is None:
             return Outcome.failed(f"no database named {a.database!r}")

@@ -14,6 +14,7 @@ from typing import Callable
 from ..assess import Assessment
 from ..config import Config, DatabaseConfig
 from ..model import Action, ActionKind, Outcome, Plan, Proc, ProcKey, Snapshot, Status
+from .appcaches import app_caches
 from .caches import caches
 from .kills import kills
 from .scores import put_back, scores
@@ -65,9 +66,13 @@ class Policy:
     # --- deciding --------------------------------------------------------------------------
     def decide(self, snap: Snapshot, a: Assessment, state: PolicyState) -> Plan:
         cfg = self.cfg
+        self.judge.level = a.level       # a cache server at its floor is a candidate at critical only
         shrink_grow, deferred = caches(snap, a, state, cfg.pressure)
+        held, hogs = self._shares(snap)
+        app, app_deferred = app_caches(snap, a, state, cfg.pressure, cfg.policy, held > hogs)
+        deferred += app_deferred
         actions = (scores(snap, self.verdicts(snap), state, cfg.protection, self.can_lower_scores)
-                   + shrink_grow
+                   + shrink_grow + app
                    + idle_sessions(snap, a.level, state, self.db_configs)
                    + self._relief(snap, a, state))
         if self.dry_run:
@@ -81,9 +86,7 @@ class Policy:
         the kill candidates (the database is its own hog), else the hogs; the other answer
         covers what is left."""
         ranked = self.ranked(snap)
-        hogs = sum(p.rss_bytes for p, _ in ranked)
-        held = sum(s.held_bytes for db in snap.databases if db.up for s in db.sessions
-                   if s.client and s.state != "idle")
+        held, hogs = self._shares(snap, ranked)
         tiered = len(self.rules.tiers) > 1
 
         def sessions(excess: int, answered: bool):
@@ -96,6 +99,13 @@ class Policy:
         done, freed = first(a.excess_bytes, False)
         more, _ = second(a.excess_bytes - freed, bool(done))
         return done + more
+
+    def _shares(self, snap: Snapshot, ranked: list | None = None) -> tuple[int, int]:
+        """(memory the database's active client sessions hold, memory the kill candidates hold)."""
+        hogs = sum(p.rss_bytes for p, _ in (ranked if ranked is not None else self.ranked(snap)))
+        held = sum(s.held_bytes for db in snap.databases if db.up for s in db.sessions
+                   if s.client and s.state != "idle")
+        return held, hogs
 
     def on_stop(self, snap: Snapshot, state: PolicyState) -> list[Action]:
         """What to undo at stop: the scores dbguard raised (the caches go back by their own path)."""

@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..config import Config
 from ..databases import registry
-from ..model import Proc, Role, Snapshot
+from ..model import CacheStats, Level, Proc, Role, Snapshot
 from ..rules import Lazy, RuleSet
 
 MiB = 1024 * 1024
@@ -44,6 +44,12 @@ class Verdict:
         """Kill order of a candidate (with -rss and pid after it): kill rules first, then by
         tier, then by prefer weight. Candidates of equal order are equal to the kernel."""
         return (0 if self.action == "kill" else 1, self.tier_rank, -self.weight)
+
+
+def _spent(c: CacheStats) -> str:
+    if not c.up:
+        return "it does not answer"
+    return c.why_not or f"at its floor, step {c.shrink_step} of {c.shrink_steps_max}"
 
 
 def another_dbguard(proc: Proc) -> bool:
@@ -79,7 +85,9 @@ class Judge:
     # daemon (dbguard.sense.procfs.read_pss). Without one, pss_above conditions never hold.
     pss_reader: Callable[[Proc], int | None] | None = None
     rules: RuleSet = field(init=False)
+    level: Level = Level.OK              # the level answered now (Policy.decide sets it)
     _memo_snap: Snapshot | None = field(default=None, repr=False)
+    _memo_level: Level = field(default=Level.OK, repr=False)
     _memo: dict[int, Verdict] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -91,7 +99,8 @@ class Judge:
             return True
         return proc.memcg == w or proc.memcg.startswith(w.rstrip("/") + "/")
 
-    def verdict(self, proc: Proc, role: Role, self_pid: int, limit: int | None = None) -> Verdict:
+    def verdict(self, proc: Proc, role: Role, self_pid: int, limit: int | None = None,
+                cache: CacheStats | None = None) -> Verdict:
         """THE place where who may be killed is decided: user space, BPF maps and explain read it.
 
         Order: safety (never negotiable), database processes by fact (a user rule may only
@@ -136,6 +145,14 @@ class Judge:
             if r is not None:
                 why += f"; {r.label} would {r.action} it, but database processes are always protected"
             return protect(why, "built-in: database")
+        if role is Role.CACHE_SERVER and cache is not None:
+            where = f"cache server of {cache.kind} {cache.name}"
+            if not cache.exhausted:
+                return protect(f"{where}: it gives memory back when asked (step {cache.shrink_step} of "
+                               f"{cache.shrink_steps_max}), so it is never killed for it", "built-in: cache")
+            if self.level < Level.CRITICAL:
+                return protect(f"{where}: nothing more to give back ({_spent(cache)}); a candidate only at "
+                               "critical", "built-in: cache")
         k = self.cfg.kill
         if proc.exe and any(fnmatch.fnmatchcase(proc.exe, g) for g in k.protect_exe):
             return protect(f"kill.protect_exe matches {proc.exe}", "kill.protect_exe")
@@ -170,11 +187,13 @@ class Judge:
     def verdicts(self, snap: Snapshot) -> dict[int, Verdict]:
         """Every process's verdict, computed once per snapshot (scores, kills, the BPF maps
         and explain all ask within one cycle)."""
-        if self._memo_snap is not snap:
+        if self._memo_snap is not snap or self._memo_level != self.level:
             limit = snap.memory.limit_bytes
-            self._memo = {pid: self.verdict(p, snap.roles.get(pid, Role.OTHER), snap.self_pid, limit)
+            servers = {c.server_pid: c for c in snap.caches if c.server_pid is not None and not c.pooler}
+            self._memo = {pid: self.verdict(p, snap.roles.get(pid, Role.OTHER), snap.self_pid, limit,
+                                            servers.get(pid))
                           for pid, p in snap.procs.items()}
-            self._memo_snap = snap
+            self._memo_snap, self._memo_level = snap, self.level
         return self._memo
 
     def ranked(self, snap: Snapshot) -> list[tuple[Proc, Verdict]]:

@@ -26,6 +26,12 @@ def test_example_config_loads_and_documents_every_key():
     for f in dataclasses.fields(config.DatabaseConfig):
         if f.name not in ("name",):
             assert f.name in text, f"config.example.toml does not document databases.{f.name}"
+    for table, cls in (("caches", config.CacheConfig), ("poolers", config.PoolerConfig)):
+        body = text.split(f"# [[{table}]]\n")[1]
+        for f in dataclasses.fields(cls):
+            assert f"{f.name} =" in body, f"config.example.toml does not document {table}.{f.name}"
+    for key in ("caches_from", "poolers_from"):
+        assert f"{key} =" in text, f"config.example.toml does not document policy.{key}"
 
 
 def test_defaults_are_sane():
