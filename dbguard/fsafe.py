@@ -160,9 +160,9 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         os.close(dfd)
 
 
-def move_aside(path: str | os.PathLike) -> str:
-    """Rename `path` (a link is renamed itself, never followed) to `path.damaged-<time>`."""
-    base = f"{os.fspath(path)}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+def move_aside(path: str | os.PathLike, tag: str = "damaged") -> str:
+    """Rename `path` (a link is renamed itself, never followed) to `path.<tag>-<time>`."""
+    base = f"{os.fspath(path)}.{tag}-{time.strftime('%Y%m%dT%H%M%S')}"
     new, n = base, 1
     while os.path.lexists(new):
         n += 1

@@ -7,6 +7,14 @@ next start. One JSON file per database under the state directory.
 A file that does not fit its schema (damaged, hand-edited, a planted link) is moved aside as
 `<file>.damaged-<time>` with one warning saying what to put back by hand; protection goes on
 without it (the database's current settings count as the DBA's from then on).
+
+The file is keyed by the server, not only by the config name: it records the identity of the
+server it was written for (PostgreSQL: system_identifier and data directory; MariaDB/MySQL: see
+databases/mysql/identity.py), and a file of another server (a cluster re-created under the same
+name, an endpoint that now leads elsewhere) is never applied: it is moved aside as
+`<file>.other-server-<time>` with one warning. A file without an identity (written before
+dbguard recorded one) is left to the adapter, which applies it only where the values in place
+are the ones dbguard set (databases/held.py); the next save records the identity.
 """
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import fsafe
 from .escape import printable
@@ -63,13 +71,30 @@ def schema_problem(value: Any, schema: Schema, where: str = "") -> str | None:
     return None if ok else f"{at}: expected {schema.__name__}{' >= 0' if schema is int else ''}, got {value!r}"[:200]
 
 
+Identity = dict[str, str]
+
+
+def other_server(saved: Identity | None, live: Identity | None) -> str | None:
+    """Why the server a file was written for is not the live one (first fact that differs), None
+    when they agree on every fact both know, or cannot be compared (one side unknown)."""
+    for key in sorted(set(saved or {}) & set(live or {})):
+        a, b = saved[key], live[key]
+        if a and b and (os.path.normpath(a) if key.endswith("directory") else a) != \
+                (os.path.normpath(b) if key.endswith("directory") else b):
+            return f"{key} {printable(a)} there, {printable(b)} here"
+    return None
+
+
 class Originals:
-    def __init__(self, state_dir: str | os.PathLike, database: str, schema: Schema = None, fix: str = ""):
-        """`schema`: what a good file holds; `fix`: what the DBA does by hand when it is damaged."""
+    def __init__(self, state_dir: str | os.PathLike, database: str, schema: Schema = None, fix: str = "",
+                 server: Callable[[], Identity | None] = lambda: None):
+        """`schema`: what a good file holds; `fix`: what the DBA does by hand when it is damaged;
+        `server()`: the live server's identity, None while it is not known."""
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", database)
         self.path = Path(state_dir) / f"originals-{safe}.json"
-        self.schema = schema
+        self.schema = {**schema, "server?": {str: str}} if isinstance(schema, dict) else schema
         self.fix = fix
+        self.server = server
         self._warned = ""               # a file that cannot be moved aside is reported once
 
 
@@ -91,7 +116,21 @@ class Originals:
         except ValueError as e:         # not JSON (UnicodeDecodeError is one), not a regular file
             return self._damaged(f"{type(e).__name__}: {e}"[:200])
         why = schema_problem(values, self.schema) if self.schema is not None else None
-        return values if why is None else self._damaged(why)
+        if why is not None:
+            return self._damaged(why)
+        other = other_server(values.get("server"), self.server())
+        return values if other is None else self._other_server(other)
+
+    def _other_server(self, why: str) -> None:
+        try:
+            moved = f"moved aside to {fsafe.move_aside(self.path, 'other-server')}"
+        except OSError as e:
+            moved = f"could not move it aside ({e.strerror}): remove it"
+        if why != self._warned:
+            self._warned = why
+            log.warning("%s: written for another server (%s), never applied to this one; %s; protection goes on",
+                        self.path, why, moved)
+        return None
 
     def _damaged(self, why: str) -> None:
         try:
@@ -106,6 +145,9 @@ class Originals:
         return None
 
     def save(self, values: dict[str, Any]) -> None:
+        """`values` plus the live server's identity (kept from the file while it is not known)."""
+        server = self.server() or values.get("server")
+        values = {k: v for k, v in values.items() if k != "server"} | ({"server": server} if server else {})
         fsafe.ensure_dir(str(self.path.parent), "general.state_dir")
         fsafe.write_atomic(self.path, json.dumps(values, indent=1, sort_keys=True).encode())
 

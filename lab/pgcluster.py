@@ -220,6 +220,14 @@ class PgCluster:
         with open(os.path.join(self.data_dir, "postmaster.pid")) as f:
             return int(f.readline())
 
+    def system_identifier(self) -> str:
+        """From pg_controldata (the control file on disk): a witness independent of dbguard's SQL."""
+        r = self._run([str(PG_BIN / "pg_controldata"), "-D", self.data_dir])
+        for line in r.stdout.splitlines():
+            if line.startswith("Database system identifier:"):
+                return line.split(":", 1)[1].strip()
+        raise RuntimeError(f"pg_controldata printed no system identifier ({r.returncode}): {r.stderr.strip()}")
+
     def log(self) -> str:
         try:
             return Path(self.log_path).read_text(errors="replace")

@@ -85,3 +85,27 @@ def test_a_planted_link_is_moved_aside_and_its_target_untouched(tmp_path, caplog
     o.save({**GOOD, "step": 2})
     assert not o.path.is_symlink() and o.load()["step"] == 2
     assert json.loads(victim.read_text()) == GOOD, "the save replaced the link, not the file it points to"
+
+
+def test_a_file_of_another_server_is_moved_aside_once_and_never_returned(tmp_path, caplog):
+    here = {"system_identifier": "111", "data_directory": "/srv/a"}
+    o = Originals(tmp_path, "main", PG, server=lambda: here)
+    o.save(GOOD)
+    assert json.loads(o.path.read_text())["server"] == here, "the identity is recorded with the originals"
+    assert o.load() == {**GOOD, "server": here}
+    here = {"system_identifier": "222", "data_directory": "/srv/a"}     # the name now leads to another cluster
+    with caplog.at_level(logging.WARNING, logger="dbguard"):
+        assert o.load() is None
+        assert o.load() is None
+    warnings = [r.getMessage() for r in caplog.records]
+    aside = [p for p in os.listdir(tmp_path) if p.startswith("originals-main.json.other-server-")]
+    assert len(warnings) == 1 and len(aside) == 1, (warnings, aside)
+    assert "another server" in warnings[0] and "111" in warnings[0] and "222" in warnings[0] and aside[0] in warnings[0]
+    assert not o.path.exists()
+
+
+def test_save_keeps_the_recorded_server_while_the_live_one_is_unknown(tmp_path):
+    known = {"system_identifier": "111"}
+    o = Originals(tmp_path, "main", PG, server=lambda: None)
+    o.save({**GOOD, "server": known})
+    assert o.load()["server"] == known

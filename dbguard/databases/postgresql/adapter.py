@@ -31,7 +31,7 @@ BUFFERCACHE_EVERY = 30.0       # seconds between two pg_buffercache scans
 
 
 _STATE_SCHEMA = {"step": int, "saved_at": float,
-                 "settings": {str: {"value": str, "bytes": int, "auto_conf": bool}}}
+                 "settings": {str: {"value": str, "bytes": int, "auto_conf": bool, "set?": str, "was?": str}}}
 
 
 class PostgreSQL(Database):
@@ -42,7 +42,8 @@ class PostgreSQL(Database):
         self.name = cfg.name
         self.link = Connection(cfg)
         self.originals = Originals(state_dir, cfg.name, _STATE_SCHEMA, fix=(
-            f"check {', '.join(cfg.shrink_settings)} (ALTER SYSTEM) are as the DBA set them"))
+            f"check {', '.join(cfg.shrink_settings)} (ALTER SYSTEM) are as the DBA set them"),
+            server=lambda: self.link.identity)
         self.settings = Settings(cfg, self.originals)
         self._used_buffers: int | None = None
         self._used_buffers_at = float("-inf")

@@ -74,6 +74,7 @@ class Connection:
             raise DbguardError(problems[0])
         self.where = f"host={info.get('host', '/var/run/postgresql')} port={info.get('port', 5432)}"
         self.data_directory = cfg.data_directory    # from SHOW data_directory once connected
+        self.system_identifier = ""                 # pg_control_system(), read at every connect
         self.superuser = False
         self.block_size = 8192
         self.has_buffercache = False
@@ -167,10 +168,25 @@ class Connection:
                     self.data_directory = cur.fetchone()[0]
                 except psycopg.errors.InsufficientPrivilege:
                     pass
+                # Read at every connect: the endpoint may lead to another cluster after a restart.
+                self.system_identifier = ""
+                try:
+                    cur.execute("SELECT system_identifier::text FROM pg_control_system()")
+                    self.system_identifier = cur.fetchone()[0]
+                except psycopg.errors.InsufficientPrivilege:
+                    pass
         except psycopg.Error as e:
             conn.close()
             raise DbguardError(f"{self.where}: {one_line(e)}") from None
         return conn
+
+    @property
+    def identity(self) -> dict[str, str] | None:
+        """The server this connection reached: its system_identifier (a standby shares its
+        primary's, so the data directory too, when we may read it); None until known."""
+        if not self.system_identifier:
+            return None
+        return {"system_identifier": self.system_identifier, "data_directory": self.data_directory or ""}
 
     def failed(self, e: psycopg.Error) -> str:
         """One line for a failed statement; drops a broken connection so the next call reconnects."""

@@ -2,12 +2,20 @@
 
 Each step halves cfg.shrink_settings (never below shrink_floor nor above the original) with
 ALTER SYSTEM + pg_reload_conf(): it applies to new sessions and to existing ones at their
-next statement. The DBA's originals (value, and whether they came from ALTER SYSTEM) are
-saved in the originals file before the first change; step 0 puts them back exactly
-(ALTER SYSTEM SET x = original, or ALTER SYSTEM RESET x) and removes the file.
+next statement. Before the first change the DBA's server-wide originals are saved in the
+originals file (serverwide.py: the value and whether it is an ALTER SYSTEM entry, never the
+value dbguard's own session got from an ALTER ROLE/DATABASE ... SET); step 0 puts them back
+exactly (ALTER SYSTEM SET x = the DBA's text, or ALTER SYSTEM RESET x) and removes the file.
+
+The file also says what dbguard itself wrote into postgresql.auto.conf ("set", and while a
+change is in flight the value before it, "was"). Before every change the entries in place are
+compared with it (held.py): a setting someone else changed with ALTER SYSTEM while it was
+shrunk is theirs from then on; dbguard lets go of it (its original dropped, one warning, one
+line in the outcome) and never writes over it.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -16,10 +24,15 @@ from psycopg import sql
 
 from ...config import DatabaseConfig
 from ...errors import DbguardError
+from ...escape import printable
 from ...model import Outcome
 from ...originals import Originals
+from ..held import taken_over
 from ..steps import halved
-from .stats import setting_bytes, size_literal, steps_max
+from .serverwide import Entry, Row, live_entry, server_wide
+from .stats import size_literal, steps_max, unit_bytes
+
+log = logging.getLogger("dbguard")
 
 
 class Settings:
@@ -29,7 +42,7 @@ class Settings:
 
     # --- the originals file ------------------------------------------------------------------
     def saved(self) -> dict[str, Any] | None:
-        return self.originals.load()      # a damaged file is moved aside there, with one warning
+        return self.originals.load()      # a damaged or foreign file is moved aside there, with one warning
 
     def current_step(self) -> int:
         try:
@@ -38,36 +51,87 @@ class Settings:
             return 0
         return int(saved["step"]) if saved else 0
 
+    def _ours(self, step: int, o: dict[str, Any]) -> list[str | None]:
+        """What may be in postgresql.auto.conf for one setting without anyone else's doing: what
+        dbguard set (a file written before "set" was recorded: the value its step gives), the
+        value before a change that was in flight, and the DBA's original itself (None: no entry),
+        which a restore would write again anyway."""
+        return [o.get("set", size_literal(halved(o["bytes"], self.cfg.shrink_floor, step))),
+                *([o["was"]] if "was" in o else []), o["value"] if o["auto_conf"] else None]
+
     # --- one step ------------------------------------------------------------------------------
     def set_step(self, conn: psycopg.Connection, step: int, superuser: bool) -> Outcome:
         saved = self.saved()
         if step == 0 and saved is None:
             return Outcome.done("settings are as configured")
+        user = conn.info.user
         with conn.cursor() as cur:
             missing = self._missing_privilege(cur, superuser)
             if missing:
-                return Outcome.failed(missing.replace("{user}", conn.info.user))
+                return Outcome.failed(missing.replace("{user}", user))
+            rows, entries = self._read(cur)
+            notes: list[str] = []
+            if saved is not None:
+                saved, notes = self._let_go_of_theirs(saved, rows, entries)
             if step == 0:
+                if saved is None:
+                    return Outcome.done("; ".join(notes))
                 self._restore(cur, saved["settings"], list(saved["settings"]))
                 cur.execute("SELECT pg_reload_conf()")
                 self.originals.clear()
-                restored = ", ".join(f"{n}={v['value']}" for n, v in saved["settings"].items())
-                return Outcome.done(f"restored {restored}")
-            originals = saved["settings"] if saved else self._read_originals(cur, superuser)
+                restored = ", ".join(f"{n}={v['value'] if v['auto_conf'] else 'RESET'}"
+                                     for n, v in saved["settings"].items())
+                return Outcome.done("; ".join([f"restored {restored}", *notes]))
+            originals = saved["settings"] if saved else self._read_originals(rows, entries, user)
             top = steps_max({n: o["bytes"] for n, o in originals.items()}, self.cfg.shrink_floor,
                             self.cfg.shrink_steps)
             if top == 0:
-                return Outcome.failed(f"nothing to shrink: {', '.join(originals)} already at or below "
-                                      f"shrink_floor, or shrink_steps = 0")
+                return Outcome.failed("; ".join([f"nothing to shrink: {', '.join(originals) or 'no setting'} already "
+                                                 "at or below shrink_floor, or shrink_steps = 0", *notes]))
             step = min(step, top)
             saved_at = saved["saved_at"] if saved else time.time()
             previous = saved["step"] if saved else 0
-            # The originals are on disk before the first change: a crash from here on is undone by recover().
-            self.originals.save({"step": previous, "settings": originals, "saved_at": saved_at})
             targets = {n: size_literal(halved(o["bytes"], self.cfg.shrink_floor, step)) for n, o in originals.items()}
+            # The originals are on disk before the first change, and what this step writes before
+            # it writes it: a crash from here on is undone by recover(), and never mistaken for the DBA's.
+            in_flight = {n: {**self._strip(o), "set": targets[n],
+                             **({"was": self._ours(previous, o)[0]} if previous else {})}
+                         for n, o in originals.items()}
+            self.originals.save({"step": previous, "settings": in_flight, "saved_at": saved_at})
             self._apply(cur, targets, originals, previous, first=saved is None)
-            self.originals.save({"step": step, "settings": originals, "saved_at": saved_at})
-            return Outcome.done(f"step {step}: " + ", ".join(f"{n}={v}" for n, v in targets.items()))
+            done = {n: {**self._strip(o), "set": targets[n]} for n, o in originals.items()}
+            self.originals.save({"step": step, "settings": done, "saved_at": saved_at})
+            return Outcome.done("; ".join([f"step {step}: " + ", ".join(f"{n}={v}" for n, v in targets.items()),
+                                           *notes]))
+
+    @staticmethod
+    def _strip(o: dict[str, Any]) -> dict[str, Any]:
+        return {k: o[k] for k in ("value", "bytes", "auto_conf")}
+
+    def _let_go_of_theirs(self, saved: dict[str, Any], rows: dict[str, Row],
+                          entries: list[Entry] | None) -> tuple[dict[str, Any] | None, list[str]]:
+        """Drop the settings someone else changed by ALTER SYSTEM since dbguard set them."""
+        settings = saved["settings"]
+        live = {n: live_entry(rows.get(n), entries, n) for n in settings}
+        gone = taken_over({n: self._ours(saved["step"], o) for n, o in settings.items()}, live)
+        notes = []
+        for n in gone:
+            o = settings[n]
+            now = live[n].value
+            notes.append(f"{n} was changed by someone else while shrunk (postgresql.auto.conf now "
+                         f"{printable(repr(now)) if now is not None else 'has no entry'}, dbguard had set "
+                         f"{self._ours(saved['step'], o)[0]!r}): theirs is kept, dbguard's original "
+                         f"{o['value'] if o['auto_conf'] else '(no ALTER SYSTEM entry)'} dropped")
+            log.warning("database %s: %s", self.cfg.name, notes[-1])
+        if not gone:
+            return saved, []
+        left = {n: o for n, o in settings.items() if n not in gone}
+        if not left:
+            self.originals.clear()
+            return None, notes
+        saved = {**saved, "settings": left}
+        self.originals.save(saved)
+        return saved, notes
 
     def _apply(self, cur: psycopg.Cursor, targets: dict[str, str], originals: dict[str, dict[str, Any]],
                previous: int, first: bool) -> None:
@@ -93,34 +157,33 @@ class Settings:
             raise
 
     # --- SQL ------------------------------------------------------------------------------------
-    def _read_originals(self, cur: psycopg.Cursor, superuser: bool) -> dict[str, dict[str, Any]]:
-        cur.execute("SELECT name, setting, unit, source, sourcefile FROM pg_settings WHERE name = ANY(%s)",
-                    [list(self.cfg.shrink_settings)])
-        rows = {r[0]: r for r in cur.fetchall()}
-        written = self._auto_conf_text(cur) if superuser else {}
+    def _read(self, cur: psycopg.Cursor) -> tuple[dict[str, Row], list[Entry] | None]:
+        """pg_settings rows of our session, and the configuration files' entries when we may read
+        them (superusers, or GRANT SELECT ON pg_file_settings); None when not."""
+        names = list(self.cfg.shrink_settings)
+        cur.execute("SELECT name, setting, unit, source, sourcefile, boot_val FROM pg_settings WHERE name = ANY(%s)",
+                    [names])
+        rows = {r[0]: Row(*r) for r in cur.fetchall()}
+        cur.execute("SELECT has_table_privilege('pg_catalog.pg_file_settings', 'SELECT')")
+        if not cur.fetchone()[0]:
+            return rows, None
+        cur.execute("SELECT name, setting, sourcefile FROM pg_file_settings WHERE name = ANY(%s) AND error IS NULL "
+                    "ORDER BY seqno", [names])
+        return rows, [Entry(*r) for r in cur.fetchall()]
+
+    def _read_originals(self, rows: dict[str, Row], entries: list[Entry] | None,
+                        user: str) -> dict[str, dict[str, Any]]:
         out = {}
         for name in self.cfg.shrink_settings:
             if name not in rows:
                 raise DbguardError(f"databases.{self.cfg.name}.shrink_settings: {name} is not a PostgreSQL setting")
-            _, setting, unit, source, sourcefile = rows[name]
-            nbytes = setting_bytes(setting, unit)
-            if nbytes is None:
+            if unit_bytes(rows[name].unit) is None:
                 raise DbguardError(f"databases.{self.cfg.name}.shrink_settings: {name} is not a memory size setting")
-            if source == "configuration file" and sourcefile is None:
-                # Without the file name we cannot tell ALTER SYSTEM from postgresql.conf, so we
-                # could not put the DBA's setting back exactly: refuse rather than guess.
-                raise DbguardError(f"cannot tell where {name} is set (pg_settings.sourcefile hidden): connect as "
-                                   f"a superuser or GRANT pg_read_all_settings TO {cur.connection.info.user}")
-            out[name] = {"value": written.get(name, size_literal(nbytes)), "bytes": nbytes,
-                         "auto_conf": (sourcefile or "").endswith("postgresql.auto.conf")}
+            value = server_wide(rows[name], entries, user)
+            if isinstance(value, str):
+                raise DbguardError(value)
+            out[name] = value
         return out
-
-    def _auto_conf_text(self, cur: psycopg.Cursor) -> dict[str, str]:
-        """The values as the DBA wrote them by ALTER SYSTEM (superusers only may read pg_file_settings)."""
-        cur.execute("SELECT name, setting, sourcefile FROM pg_file_settings WHERE name = ANY(%s) AND error IS NULL "
-                    "ORDER BY seqno", [list(self.cfg.shrink_settings)])
-        return {name: setting for name, setting, sourcefile in cur.fetchall()
-                if (sourcefile or "").endswith("postgresql.auto.conf")}
 
     def _missing_privilege(self, cur: psycopg.Cursor, superuser: bool) -> str:
         """'' when every ALTER SYSTEM and the reload are allowed, else the one line saying what to grant."""
