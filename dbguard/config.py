@@ -55,7 +55,7 @@ class DatabaseConfig:
     connect_timeout: float = Bounded(3.0, 0.1, 60)
     statement_timeout: float = Bounded(2.0, 0.1, 60)
     shrink_steps: int = Bounded(3, 0, 16)
-    runaway_min_bytes: int = Size(64 * 1024**2)
+    runaway_min_bytes: int = Size(16 * 1024**2)
     terminate_after: float = Bounded(5.0, 0, 600)
 
     def password(self) -> str | None:

@@ -107,6 +107,8 @@ class DbSession:
     age_seconds: float = 0.0   # time since the current query (or state) started
     memory_bytes: int = 0      # best estimate of the private memory the session holds (never shared buffers)
     temp_bytes: int = 0        # its open temporary files (PostgreSQL pgsql_tmp): page cache it charges
+    started: float | None = None  # when its statement (or state) began, epoch seconds by the server's clock:
+                               # with pid, names one statement (None: the server does not say)
     client: bool = True        # a client's session; False: replication, autovacuum, background workers,
                                # binlog dump, the server's own threads: never ended by dbguard
 

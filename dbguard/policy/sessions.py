@@ -2,6 +2,8 @@
 by SQL only (cancel first, terminate if it is still there after terminate_after)."""
 from __future__ import annotations
 
+import time
+
 from ..assess import Assessment
 from ..config import DatabaseConfig, Kill
 from ..model import Action, ActionKind, Level, Snapshot
@@ -49,12 +51,14 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
                      for s in db.sessions if s.client and s.state != "idle"]
     for db, s, dc in open_sessions:          # escalation: a cancel that did not end the statement
         key = (db.name, s.pid)
-        if key in state.cancelled and key not in state.terminated and now - state.cancelled[key] >= dc.terminate_after:
+        if key in state.cancelled and _new_statement(s, now - state.cancelled[key], state.cancelled_started.get(key)):
+            del state.cancelled[key]         # the cancel worked: this is the client's next statement
+        elif key in state.cancelled and key not in state.terminated and now - state.cancelled[key] >= dc.terminate_after:
             state.terminated.add(key)
             freed += s.held_bytes
             out.append(Action(ActionKind.TERMINATE_SESSION,
                               f"level {a.level.name.lower()}: still running {dc.terminate_after:g}s after its cancel, "
-                              f"{_holding(s)}", pid=s.pid, target=session_name(db, s), database=db.name))
+                              f"{_holding(s, now)}", pid=s.pid, target=session_name(db, s), database=db.name))
     times = state.session_end_times
     if times and now - times[-1] < k.min_interval:
         return out, freed
@@ -66,11 +70,13 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
         if excess - freed <= 0 and (out or answered or not a.thrashing) or recent >= k.max_per_minute:
             break
         state.cancelled[(db.name, s.pid)] = now
+        if s.started is not None:
+            state.cancelled_started[(db.name, s.pid)] = s.started
         freed += s.held_bytes
         recent += 1
         cancelled += 1
         out.append(Action(ActionKind.CANCEL_QUERY,
-                          f"level {a.level.name.lower()}: {_holding(s)}; the largest active session "
+                          f"level {a.level.name.lower()}: {_holding(s, now)}; the largest active session "
                           f"(runaway_min_bytes {dc.runaway_min_bytes // MiB} MiB)",
                           pid=s.pid, target=session_name(db, s), database=db.name))
     if cancelled:
@@ -78,8 +84,24 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
     return out, freed
 
 
-def _holding(s) -> str:
-    """What the audit record says of a session: its memory and how long its statement runs,
-    never the statement's text."""
+# The server's clock and ours read a statement's start a little apart.
+CLOCK_SLACK = 0.5
+
+
+def _new_statement(s, since_cancel: float, cancelled_start: float | None) -> bool:
+    """Whether the session runs another statement than the one cancelled (the client went on
+    with its next statement: the cancel did its job). Where the server gives statement starts,
+    by its own clock: another start; else it began less long ago than the cancel was sent."""
+    if s.state != "active":
+        return False
+    if s.started is not None and cancelled_start is not None:
+        return s.started != cancelled_start
+    return s.age_seconds + CLOCK_SLACK < since_cancel
+
+
+def _holding(s, now: float) -> str:
+    """What the audit record says of a session: its memory and when its statement started,
+    never the statement's text (it may carry literals: names, secrets)."""
     temp = f" + {s.temp_bytes // MiB} MiB of temporary files" if s.temp_bytes else ""
-    return f"holds {s.memory_bytes // MiB} MiB{temp}, statement running {s.age_seconds:.0f}s"
+    started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - s.age_seconds))
+    return f"holds {s.memory_bytes // MiB} MiB{temp}, statement started {started} (running {s.age_seconds:.0f}s)"

@@ -20,6 +20,7 @@ class PolicyState:
     levels: LevelState = field(default_factory=LevelState)
     cache_moved_at: dict[str, float] = field(default_factory=dict)      # database -> last shrink/grow
     cancelled: dict[SessionKey, float] = field(default_factory=dict)    # session -> when cancelled
+    cancelled_started: dict[SessionKey, float] = field(default_factory=dict)  # -> start of the statement cancelled
     terminated: set[SessionKey] = field(default_factory=set)
     kill_times: deque = field(default_factory=lambda: deque(maxlen=10_000))   # one per kill round
     session_end_times: deque = field(default_factory=lambda: deque(maxlen=10_000))   # one per cancel round
@@ -36,4 +37,6 @@ class PolicyState:
         up = {db.name for db in snap.databases if db.up}
         for key in [key for key in self.cancelled if key[0] in up and key not in sessions]:
             del self.cancelled[key]
+        for key in [key for key in self.cancelled_started if key not in self.cancelled]:
+            del self.cancelled_started[key]
         self.terminated &= sessions | {k for k in self.terminated if k[0] not in up}

@@ -446,6 +446,8 @@ def test_session_memory_and_temporary_files_are_the_sessions_own(cluster, adapte
                                                f"({mem_pid}, {tmp_pid}) AND wait_event = 'PgSleep'").count("PgSleep") == 2):
             time.sleep(0.2)
         on_disk = spilled()
+        query_start = float(cluster.psql(f"SELECT extract(epoch FROM query_start) FROM pg_stat_activity "
+                                         f"WHERE pid = {mem_pid}"))
         stats = adapter.collect()
         sessions = {s.pid: s for s in stats.sessions}
         cfg = tmp_path / "explain.toml"
@@ -469,6 +471,7 @@ def test_session_memory_and_temporary_files_are_the_sessions_own(cluster, adapte
     # over 36 MiB of the backend's own memory (shared buffers are not in it: the sort reads none).
     assert sessions[mem_pid].memory_bytes > 30 * MiB, sessions[mem_pid]
     assert sessions[mem_pid].temp_bytes == 0, sessions[mem_pid]
+    assert sessions[mem_pid].started == pytest.approx(query_start, abs=1e-5)   # names the statement
     # The spilling sort's open files, as the kernel shows them, are the files PostgreSQL lists
     # for it (the sort is finished: nothing is written any more while it sleeps).
     assert sessions[tmp_pid].temp_bytes == on_disk, (sessions[tmp_pid], on_disk)

@@ -124,3 +124,26 @@ def test_temporary_files_are_read_for_active_sessions_only():
         assert x.temp_bytes == (5 * MiB if x.state == "active" else 0), x
         assert x.held_bytes == x.memory_bytes + x.temp_bytes
     assert sorted(asked) == sorted(x.pid for x in s.sessions if x.state == "active")
+
+
+def test_a_parallel_querys_workers_count_in_their_leaders_session():
+    # pg_stat_activity as PostgreSQL 15 shows a parallel sort: the leader (leader_pid is its own
+    # pid while it leads) and two workers naming it; a third session runs alone (leader_pid NULL).
+    activity = [
+        [100, "client backend", "active", "app", "SELECT ... ORDER BY", 4.0, False, 100, 1764558000.25],
+        [101, "parallel worker", "active", "app", "SELECT ... ORDER BY", 4.0, False, 100],
+        [102, "parallel worker", "active", "app", "SELECT ... ORDER BY", 4.0, False, 100],
+        [200, "client backend", "active", "app", "SELECT 1", 1.0, False, None],
+        [300, "checkpointer", None, None, "", 9.0, False, None],
+    ]
+    memory = {100: 50 * MiB, 101: 40 * MiB, 102: 45 * MiB, 200: 3 * MiB}
+    temp = {100: 1 * MiB, 101: 7 * MiB, 102: 0, 200: 0}
+    s = to_stats("main", reading(activity=activity), server_pid=4242, data_directory="/srv/pg", shrink_settings=SHRINK,
+                 saved=None, floor=2 * MiB, steps=5, memory_of=memory.get, temp_of=temp.get, notes={})
+    by_pid = {x.pid: x for x in s.sessions}
+    assert (by_pid[100].memory_bytes, by_pid[100].temp_bytes) == (135 * MiB, 8 * MiB)
+    assert (by_pid[200].memory_bytes, by_pid[200].temp_bytes) == (3 * MiB, 0)
+    assert by_pid[100].started == 1764558000.25 and by_pid[200].started is None
+    # The workers are no client's session of their own: never ended apart from their leader.
+    assert not by_pid[101].client and not by_pid[102].client and by_pid[100].client
+    assert s.roles[101] is Role.PG_BACKEND and s.roles[300] is Role.PG_AUXILIARY

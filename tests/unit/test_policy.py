@@ -164,14 +164,15 @@ def test_never_shrinks_past_the_floor_nor_a_database_that_is_down():
 
 
 def test_runaway_session_is_cancelled_then_terminated_by_sql():
-    big = DbSession(pid=777, kind="client backend", state="active", memory_bytes=300 * MiB)
-    small = DbSession(pid=778, kind="client backend", state="active", memory_bytes=10 * MiB)
+    def sessions(age: float):     # the same statement, `age` s after it started
+        return (DbSession(pid=777, kind="client backend", state="active", memory_bytes=300 * MiB, age_seconds=age),
+                DbSession(pid=778, kind="client backend", state="active", memory_bytes=10 * MiB, age_seconds=age))
     pol = policy()
-    db = pg(3, 3, sessions=(big, small))
-    plan = pol.decide(snapshot(0, reading(920), [], (db,)))
+    plan = pol.decide(snapshot(0, reading(920), [], (pg(3, 3, sessions=sessions(20)),)))
     assert [(a.kind, a.pid) for a in plan.actions if a.pid] == [(ActionKind.CANCEL_QUERY, 777)]
-    assert not [a for a in pol.decide(snapshot(2, reading(920), [], (db,))).actions if a.pid], "waits terminate_after"
-    plan = pol.decide(snapshot(6, reading(920), [], (db,)))
+    assert not [a for a in pol.decide(snapshot(2, reading(920), [], (pg(3, 3, sessions=sessions(22)),))).actions
+                if a.pid], "waits terminate_after"
+    plan = pol.decide(snapshot(6, reading(920), [], (pg(3, 3, sessions=sessions(26)),)))
     assert [(a.kind, a.pid) for a in plan.actions if a.pid] == [(ActionKind.TERMINATE_SESSION, 777)]
 
 

@@ -153,3 +153,38 @@ def test_temporary_files_count_in_what_a_session_holds():
     assert ended(plan, "cancel_query") == [42]
     reason = next(a.reason for a in plan.actions if a.pid == 42)
     assert "40 MiB + 70 MiB of temporary files" in reason and "ORDER BY" not in reason
+    # Its statement started 3 s before the snapshot (ts 0: the epoch), by the wall clock.
+    assert "statement started 1969-12-31T23:59:57Z" in reason
+
+
+def test_a_session_whose_cancel_worked_and_runs_its_next_statement_is_not_terminated():
+    # Cancelled at t=0 while its statement had run 12 s; at t=6 the same connection runs a
+    # statement 1 s old: the client went on after the cancel. Terminating it would end a
+    # connection whose cancel did its job; it is a session like any other again.
+    pol = policy()
+    assert ended(pol.decide(snap(0, reading(960), [session(51, 200)])), "cancel_query") == [51]
+    again = DbSession(pid=51, kind="client backend", state="active", user="app", age_seconds=1.0,
+                      memory_bytes=200 * MiB)
+    plan = pol.decide(snap(6, reading(960), [again]))
+    assert ended(plan, "terminate_session") == [] and ended(plan, "cancel_query") == [51]
+    # The same statement still running 6 s after the cancel (it is 18 s old): terminated.
+    pol = policy()
+    pol.decide(snap(0, reading(960), [session(52, 200)]))
+    still = DbSession(pid=52, kind="client backend", state="active", user="app", age_seconds=18.0,
+                      memory_bytes=200 * MiB)
+    assert ended(pol.decide(snap(6, reading(960), [still])), "terminate_session") == [52]
+
+
+def test_the_servers_statement_start_tells_a_new_statement_from_the_cancelled_one():
+    # The client sent its next statement within milliseconds of the cancel: by age alone the two
+    # cannot be told apart, by the start the server reports they can.
+    def s(started: float, age: float) -> DbSession:
+        return DbSession(pid=61, kind="client backend", state="active", user="app", age_seconds=age,
+                         memory_bytes=200 * MiB, started=started)
+    pol = policy()
+    assert ended(pol.decide(snap(100.0, reading(960), [s(90.0, 10.0)])), "cancel_query") == [61]
+    plan = pol.decide(snap(106.0, reading(960), [s(100.01, 5.99)]))
+    assert ended(plan, "terminate_session") == [] and ended(plan, "cancel_query") == [61]
+    pol = policy()
+    pol.decide(snap(100.0, reading(960), [s(90.0, 10.0)]))
+    assert ended(pol.decide(snap(106.0, reading(960), [s(90.0, 16.0)])), "terminate_session") == [61]

@@ -42,12 +42,19 @@ SELECT
   (SELECT coalesce(json_agg(json_build_array(pid, backend_type, state, usename, left(query, %(qmax)s),
             extract(epoch FROM now() - coalesce(CASE WHEN state = 'active' THEN query_start
                                                       ELSE state_change END, backend_start)),
-            pid = pg_backend_pid())), '[]'::json)
+            pid = pg_backend_pid(), leader_pid,
+            extract(epoch FROM coalesce(CASE WHEN state = 'active' THEN query_start
+                                             ELSE state_change END, backend_start)))), '[]'::json)
      FROM pg_stat_activity WHERE pid IS NOT NULL),
   (SELECT json_object_agg(name, json_build_array(setting, unit, sourcefile))
      FROM pg_settings WHERE name = ANY(%(names)s)),
   (SELECT sum(blks_hit)::float8 / nullif(sum(blks_hit) + sum(blks_read), 0) FROM pg_stat_database)
 """
+
+
+def _started(rest: list[Any]) -> float | None:
+    """The statement's start from the row's tail ([leader_pid, started]), when recorded."""
+    return float(rest[1]) if len(rest) > 1 and rest[1] is not None else None
 
 
 def role_of(backend_type: str) -> Role:
@@ -87,7 +94,9 @@ def steps_max(originals: dict[str, int], floor: int, configured_steps: int) -> i
 class Reading:
     """What one collect read, as the server returned it (COLLECT_SQL's three columns)."""
 
-    activity: list[list[Any]]            # [pid, backend_type, state, usename, query, age_seconds, is_self]
+    activity: list[list[Any]]            # [pid, backend_type, state, usename, query, age_seconds, is_self,
+                                         #  leader_pid (PostgreSQL 13+), started (epoch); the last two
+                                         #  absent in older recordings]
     settings: dict[str, list[Any]]       # name -> [setting, unit, sourcefile]
     hit_ratio: float | None
     used_buffers: int | None = None      # pg_buffercache, sampled now and then; None: not known
@@ -104,16 +113,27 @@ def to_stats(name: str, r: Reading, *, server_pid: int | None, data_directory: s
     roles: dict[int, Role] = {}
     sessions = []
     counts: dict[str, int] = {}
-    for pid, backend_type, state, user, text, age, is_self in r.activity:
+    # A parallel query's workers each use work_mem of their own: what they hold is their
+    # leader's session's (cancelling the leader ends them too). leader_pid is the leader's
+    # pid on its workers (PostgreSQL 13+) and on the leader itself while it leads.
+    workers: dict[int, tuple[int, int]] = {}
+    for row in r.activity:
+        pid, backend_type, state, leader = row[0], row[1], row[2], row[7] if len(row) > 7 else None
+        if backend_type == "parallel worker" and leader and leader != pid:
+            mem, temp = workers.get(leader, (0, 0))
+            workers[leader] = (mem + memory_of(pid), temp + (temp_of(pid) if state == "active" else 0))
+    for pid, backend_type, state, user, text, age, is_self, *rest in r.activity:
         backend_type = backend_type or ""
         counts[backend_type] = counts.get(backend_type, 0) + 1
         role = role_of(backend_type)
         roles[pid] = role
         if role is Role.PG_BACKEND and not is_self:
+            w_mem, w_temp = workers.get(pid, (0, 0)) if backend_type != "parallel worker" else (0, 0)
             sessions.append(DbSession(pid=pid, kind=backend_type, state=state or "", user=user or "",
-                                      query=text or "", age_seconds=float(age or 0.0), memory_bytes=memory_of(pid),
-                                      temp_bytes=temp_of(pid) if state == "active" else 0,
-                                      client=backend_type == "client backend"))
+                                      query=text or "", age_seconds=float(age or 0.0),
+                                      memory_bytes=memory_of(pid) + w_mem,
+                                      temp_bytes=(temp_of(pid) if state == "active" else 0) + w_temp,
+                                      client=backend_type == "client backend", started=_started(rest)))
     if server_pid:
         roles[server_pid] = Role.POSTMASTER
     sb = r.settings.get("shared_buffers")

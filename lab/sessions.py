@@ -1,0 +1,235 @@
+"""The database as its own hog: many sessions sorting at once, no outside process.
+
+PostgreSQL 15 with `shared_buffers=200MB` and `work_mem=96MB` in a 900 MB memory cgroup:
+`pgbench -S` clients and a dozen sessions each sorting a table larger than work_mem in a
+loop. Together the sorts want more than the cgroup holds; without a guard the kernel
+OOM-kills a backend and PostgreSQL goes through crash recovery.
+
+    result = run_pg_sessions("none")        # the control case
+    result = run_pg_sessions("dbguard")     # `dbguard run` watching the cgroup
+
+Used by tests/e2e/test_session_storm.py and the benchmarks' "sessions" scenario. What a
+large query's end was is read from the client's own error (PostgreSQL's words), not from
+dbguard's audit log, so the result is an independent account of what dbguard did.
+"""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import psycopg
+
+from lab.cgroup import MemoryCgroup
+from lab.launcher import audit_records
+from lab.pgoutput import count_crash_recoveries, crash_excerpt, parse_pgbench
+from lab.scenario import Guard, ScenarioEnv, _resolve_guard, dbguard_guard, require_lab
+from lab.watch import Watcher
+
+MiB = 1024 * 1024
+
+# Every row of pgbench_accounts (scale 10: 1M rows, ~130 MB) sorted by a key no index gives:
+# the sort fills work_mem, then spills to temporary files and merges.
+PG_SORT = "SELECT count(*) FROM (SELECT * FROM pgbench_accounts ORDER BY md5(aid::text)) s"
+CANCELLED = "canceling statement due to user request"          # pg_cancel_backend, or SIGINT
+TERMINATED = "terminating connection due to administrator command"
+
+
+@dataclass
+class QueryCounts:
+    finished: int = 0
+    cancelled: int = 0          # ended by a cancel (pg_cancel_backend / KILL QUERY)
+    terminated: int = 0         # ended with its session (pg_terminate_backend / KILL CONNECTION)
+    failed: int = 0             # any other error: a crash, a lost connection
+    errors: list[str] = field(default_factory=list)
+
+
+class SortLoad:
+    """`n` sessions, each on its own connection, running `sql` again and again until stopped.
+    A session whose connection broke reconnects (a crash shows as failed queries, not as a
+    silent stop). `classify(error) -> "cancelled" | "terminated" | "failed"`."""
+
+    def __init__(self, connect: Callable[[], object], sql: str, n: int, classify: Callable[[Exception], str],
+                 setup: tuple[str, ...] = ()):
+        self.connect, self.sql, self.n, self.classify, self.setup = connect, sql, n, classify, setup
+        self.counts = QueryCounts()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._work, daemon=True, name=f"sort-{i}") for i in range(n)]
+
+    def _note(self, what: str, error: Exception | None = None) -> None:
+        with self._lock:
+            setattr(self.counts, what, getattr(self.counts, what) + 1)
+            if error is not None and len(self.counts.errors) < 20:
+                self.counts.errors.append(f"{what}: {type(error).__name__}: {str(error).splitlines()[0]}")
+
+    def _work(self) -> None:
+        conn = None
+        while not self._stop.is_set():
+            try:
+                if conn is None:
+                    conn = self.connect()
+                    for stmt in self.setup:
+                        _execute(conn, stmt)
+                _execute(conn, self.sql)
+                self._note("finished")
+            except Exception as e:          # noqa: BLE001 - every end is counted, by its kind
+                if self._stop.is_set():
+                    break
+                kind = self.classify(e)
+                self._note(kind, e)
+                if kind != "cancelled":
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                    conn = None
+                    self._stop.wait(0.5)
+        with contextlib.suppress(Exception):
+            conn.close()
+
+    def start(self) -> "SortLoad":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def stop(self, timeout: float = 60) -> QueryCounts:
+        """Stops at the end of the running statements (a statement ended by the stop is not counted)."""
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout)
+        return self.counts
+
+
+def _execute(conn, sql: str) -> None:
+    if isinstance(conn, psycopg.Connection):
+        conn.execute(sql).fetchall()
+    else:
+        cur = conn.cursor()
+        cur.execute(sql)
+        cur.fetchall()
+
+
+def pg_classify(e: Exception) -> str:
+    text = str(e)
+    if isinstance(e, psycopg.errors.QueryCanceled) and CANCELLED in text:
+        return "cancelled"
+    if TERMINATED in text:
+        return "terminated"
+    return "failed"
+
+
+@dataclass
+class SessionsResult:
+    guard: str
+    database_survived: bool
+    crash_recoveries: int
+    oom_kills: int
+    transactions_ok: int
+    transactions_failed: int       # pgbench's failed transactions, one per aborted client included
+    sessions_lost: int             # pgbench clients that lost their connection
+    large: QueryCounts
+    peak_bytes: int
+    limit_bytes: int
+    limit_reached_at: float | None  # seconds after the sorts started, when the cgroup hit its limit
+    audit: list[dict]
+    server_log_excerpt: str
+    pgbench_errors: list[str]
+    timeline: list = field(default_factory=list)
+    guard_output: str = ""          # dbguard's log, when it was the guard
+    guard_running: bool | None = None  # dbguard still running when the load ended (None: no dbguard)
+
+    def summary(self) -> str:
+        lines = [f"guard={self.guard}: survived={self.database_survived} crash_recoveries={self.crash_recoveries} "
+                 f"oom_kills={self.oom_kills} pgbench ok={self.transactions_ok} failed={self.transactions_failed} "
+                 f"lost={self.sessions_lost} large: finished={self.large.finished} cancelled={self.large.cancelled} "
+                 f"terminated={self.large.terminated} failed={self.large.failed} "
+                 f"peak={self.peak_bytes // MiB}/{self.limit_bytes // MiB} MiB limit_reached_at={self.limit_reached_at}"]
+        lines += [f"  {e}" for e in self.timeline]
+        lines += [f"  large query: {e}" for e in self.large.errors[:8]]
+        lines += [f"  pgbench: {e}" for e in self.pgbench_errors[:3]]
+        if self.server_log_excerpt:
+            lines.append("  server log:\n    " + self.server_log_excerpt.replace("\n", "\n    "))
+        acts = [a for a in self.audit if a.get("action") not in ("set_oom_score_adj", "start")]
+        lines += [f"  audit: {a.get('action')} {a.get('path', '')} {a.get('target', '')}: {a.get('reason', '')} "
+                  f"-> {a.get('result', '')}" for a in acts[:30]]
+        return "\n".join(lines)
+
+
+def run_pg_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB, shared_buffers: str = "200MB",
+                    work_mem: str = "96MB", sessions: int = 12, clients: int = 2, scale: int = 10,
+                    duration: int = 30, warmup: float = 3.0, extra_config: dict | None = None,
+                    log: Callable[[str], None] | None = None) -> SessionsResult:
+    """Run the scenario once (see the module docstring). pgbench runs `-S -c clients` for
+    `warmup + duration` s; the sorting sessions start `warmup` s in and run `duration` s."""
+    from lab.pgcluster import PgCluster
+
+    require_lab()
+    guard_name, guard_cm = _resolve_guard(guard)
+    say = log or (lambda msg: None)
+    workdir = Path(tempfile.mkdtemp(prefix=f"dbguard-sessions-{guard_name}-"))
+    audit_path = workdir / "audit.jsonl"
+    run = None
+    try:
+        with contextlib.ExitStack() as stack:
+            cg = stack.enter_context(MemoryCgroup(4096 * MiB))
+            cluster = stack.enter_context(PgCluster(settings={"shared_buffers": shared_buffers,
+                                                              "work_mem": work_mem}, cgroup=cg))
+            cluster.pgbench_init(scale)
+            cluster.psql("SELECT count(*) FROM pgbench_accounts")      # the table into shared buffers
+            cg.set_limit(limit)
+            say(f"[{guard_name}] PostgreSQL loaded; limit {limit // MiB} MiB, usage {cg.usage() // MiB} MiB")
+            postmaster = cluster.postmaster_pid()
+            env = ScenarioEnv(cg, cluster, workdir, audit_path, lambda m: say(f"[{guard_name}] {m}"))
+            if guard_name == "dbguard":
+                run = stack.enter_context(dbguard_guard(env, extra_config=extra_config))
+            else:
+                stack.enter_context(guard_cm(env))
+            pgbench = cluster.pgbench("-S", "-c", str(clients), "-j", str(min(clients, 2)), "-T",
+                                      str(int(warmup + duration)), "-P", "1", "--no-vacuum")
+            time.sleep(warmup)
+            t0 = time.monotonic()
+            watcher = Watcher(cg, t0, kills_until=t0 + duration, load="the sorts")
+            watcher.start()
+            load = SortLoad(lambda: psycopg.connect(cluster.dsn, autocommit=True), PG_SORT, sessions, pg_classify)
+            load.start()
+            say(f"[{guard_name}] {sessions} sorting sessions started")
+            time.sleep(duration)
+            counts = load.stop()
+            watcher.note("sorts stopped")
+            try:
+                stdout, stderr = pgbench.communicate(timeout=60)
+            except Exception:
+                pgbench.kill()
+                stdout, stderr = pgbench.communicate()
+            watcher.stop()
+            guard_running = run.running() if run is not None else None
+            time.sleep(1.0)
+            survived = cluster.is_up() and _alive(postmaster)
+            bench = parse_pgbench(_text(stdout), _text(stderr))
+            server_log = cluster.log()
+            result = SessionsResult(
+                guard=guard_name, database_survived=survived, crash_recoveries=count_crash_recoveries(server_log),
+                oom_kills=cg.oom_kills(), transactions_ok=bench.transactions_ok,
+                transactions_failed=bench.transactions_failed, sessions_lost=bench.sessions_lost, large=counts,
+                peak_bytes=cg.peak(), limit_bytes=limit, limit_reached_at=watcher.limit_reached,
+                audit=audit_records(audit_path), server_log_excerpt=crash_excerpt(server_log),
+                pgbench_errors=bench.errors[:10], timeline=watcher.timeline, guard_running=guard_running)
+        if run is not None:              # stopped by now: its whole output
+            result.guard_output = run.output(200_000)
+        say(result.summary())
+        return result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    from lab.procs import alive
+    return alive(pid)
+
+
+def _text(b) -> str:
+    return "" if b is None else b if isinstance(b, str) else b.decode(errors="replace")
