@@ -24,6 +24,10 @@ class Role(str, enum.Enum):
     PG_BACKEND = "pg_backend"          # client backends and parallel workers
     MYSQLD = "mysqld"
     CACHE_SERVER = "cache_server"      # a [[caches]] server: shielded while it can give memory back
+    DB_CHILD = "db_child"              # descended from a database process (any depth): COPY ... TO PROGRAM,
+                                       # archive_command, restore_command, pgBackRest/wal-g helpers
+    DB_UNKNOWN = "db_unknown"          # runs a database server executable no configured database
+                                       # identified (another server, or one dbguard cannot identify)
     DBGUARD = "dbguard"
     INIT = "init"
     KERNEL_THREAD = "kernel_thread"
@@ -34,12 +38,19 @@ class Role(str, enum.Enum):
         return self in DATABASE_ROLES
 
     @property
+    def db_family(self) -> bool:
+        """A database process, a descendant of one, or a database server nobody identified:
+        never a kill candidate, its score never raised."""
+        return self in DATABASE_ROLES or self in FAMILY_ROLES
+
+    @property
     def never_signalled(self) -> bool:
         """Processes dbguard must never send a signal to, whatever the policy says."""
-        return self in DATABASE_ROLES or self in (Role.DBGUARD, Role.INIT, Role.KERNEL_THREAD)
+        return self.db_family or self in (Role.DBGUARD, Role.INIT, Role.KERNEL_THREAD)
 
 
 DATABASE_ROLES = frozenset({Role.POSTMASTER, Role.PG_AUXILIARY, Role.PG_BACKEND, Role.MYSQLD})
+FAMILY_ROLES = frozenset({Role.DB_CHILD, Role.DB_UNKNOWN})
 
 
 @dataclass(frozen=True, order=True)
@@ -126,7 +137,8 @@ class DbStats:
     kind: str                             # "postgresql" or "mysql"
     up: bool
     error: str = ""                       # one line, when not up
-    server_pid: int | None = None         # postmaster / mysqld
+    server_pid: int | None = None         # postmaster / mysqld, found by fact (SQL is not needed)
+    identity: str = ""                    # which fact named server_pid, or why no server was found
     data_directory: str = ""
     roles: dict[int, Role] = field(default_factory=dict)   # pid -> role, from SQL facts
     sessions: tuple[DbSession, ...] = ()

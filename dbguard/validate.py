@@ -104,6 +104,13 @@ def _endpoints(db: "DatabaseConfig", opts: dict[str, str] | None) -> list[tuple]
     return [("tcp", db.host.lower(), str(db.port))] if db.host else []
 
 
+def endpoints(db: "DatabaseConfig") -> list[tuple]:
+    """Where a client of `db` connects: ("unix", socket file) or ("tcp", host, port), one per
+    host; a socket in libpq's default directory reads "(libpq's default socket directory)/..."."""
+    opts = parse_dsn(db.dsn, "dsn")[0] if db.kind == "postgresql" else None
+    return _endpoints(db, opts)
+
+
 def _show_endpoint(e: tuple) -> str:
     return f"socket {printable(e[1])}" if e[0] == "unix" else f"host {printable(e[1])} port {e[2]}"
 

@@ -7,13 +7,15 @@ the policy said: never PID 1, a kernel thread, dbguard, or any process of a data
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable
 
 from ..audit import AuditLog
 from ..caches.base import AppCache
+from ..databases import registry
 from ..databases.base import Database
 from ..assess import Assessment
-from ..model import Action, ActionKind, Level, Outcome, Plan, ProcKey, Role, Snapshot, Status
+from ..model import Action, ActionKind, Level, Outcome, Plan, Proc, ProcKey, Role, Snapshot, Status
 from ..sense.procfs import read_proc
 from . import process
 
@@ -29,8 +31,10 @@ def refusal(a: Action, snap: Snapshot | None) -> str | None:
     if a.pid is None or a.start_time is None:
         return "no process identity (pid and start time) given"
     role = snap.roles.get(a.pid, Role.OTHER)
-    if a.kind is ActionKind.SET_OOM_SCORE_ADJ and role.is_database and (a.value or 0) > 0:
-        return f"{role.value}: a database process's score is only ever lowered"
+    if a.kind is ActionKind.SET_OOM_SCORE_ADJ and role.never_signalled:
+        now = snap.procs.get(a.pid)
+        if (role.is_database and (a.value or 0) > 0) or (now is not None and (a.value or 0) > now.oom_score_adj):
+            return f"{role.value}: its score is never raised"
     if a.kind is ActionKind.KILL:
         if role.never_signalled:
             return f"{role.value} is never signalled"
@@ -46,6 +50,22 @@ def refusal(a: Action, snap: Snapshot | None) -> str | None:
         servers = {db.server_pid for db in snap.databases if db.server_pid}
         if now.ppid in servers:
             return "it is now a child of a database server (a new backend): never signalled"
+        return _family_now(now, servers)
+    return None
+
+
+def _family_now(proc: Proc, servers: set[int]) -> str | None:
+    """Why `proc`, read just now, is the database's (it runs a server executable or descends
+    from a server or from a process running one, as classify would say), or None."""
+    exes = registry.server_executables()
+    p: Proc | None = proc
+    for _ in range(64):
+        if p is None or p.pid <= 1:
+            return None
+        if p.pid in servers or os.path.basename(p.exe) in exes:
+            return ("it runs a database server executable" if p is proc else
+                    f"it descends from database process {p.pid}") + ": never signalled"
+        p = read_proc(p.ppid)
     return None
 
 

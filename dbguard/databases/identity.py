@@ -6,13 +6,19 @@ MySQL both chdir there); and, where the kind knows them, its executable lies und
 server's base directory, it is owned by the owner of the data directory, and it is the peer
 of our own unix-socket connection. A process merely called postgres or mysqld has none of
 these; a pid file left by a crash names a pid that is gone or runs elsewhere.
+
+Without SQL (a refused login, a LOGIN-only role, a hung server) the endpoint alone finds the
+server: the process holding the listening socket (databases/sockets.py), and for PostgreSQL
+the socket's lock file. `Tracker` keeps what was found while that process lives.
 """
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from typing import Callable
 
-from ..sense.procfs import read_proc
+from ..sense.procfs import read_proc, start_time
 
 
 @dataclass(frozen=True)
@@ -104,3 +110,78 @@ def mismatch(proc: Process, datadir: str, *, exe_under: str = "", owner_of_datad
     if exe_under and not proc.exe.startswith(os.path.normpath(exe_under).rstrip("/") + "/"):
         return f"process {proc.pid} runs {proc.exe or '(unreadable)'}, not a server under {exe_under}"
     return ""
+
+
+# --- a server found from its endpoint, without SQL -------------------------------------------
+
+@dataclass(frozen=True)
+class Found:
+    """A server identified by fact, or why none was."""
+
+    pid: int | None
+    data_directory: str = ""
+    how: str = ""              # which fact named it, for explain and the log
+    why_not: str = ""          # one line, when pid is None
+
+    @property
+    def ok(self) -> bool:
+        return self.pid is not None
+
+
+def show_endpoint(e: tuple) -> str:
+    return f"socket {e[1]}" if e[0] == "unix" else f"{e[1]} port {e[2]}"
+
+
+def socket_holder(endpoint: tuple, proc_root: str = "/proc") -> tuple[int | None, str]:
+    """The process listening at ("unix", path) or ("tcp", host, port): (pid, "") or (None, why
+    not). The kernel's socket tables say who holds the listening socket: no login needed."""
+    from . import sockets
+    if endpoint[0] == "unix":
+        inodes = sockets.unix_inodes(endpoint[1], proc_root)
+    else:
+        inodes = sockets.tcp_inodes(endpoint[1], int(endpoint[2]), proc_root)
+    where = show_endpoint(endpoint)
+    if not inodes:
+        return None, f"nothing listens on {where}"
+    held = sockets.holders(inodes, proc_root=proc_root)
+    if not held:
+        return None, f"no process of ours holds the socket listening on {where} (dbguard must run as root, " \
+                     "in the server's pid and network namespace)"
+    pid = sockets.eldest(held, proc_root)
+    if pid is None:
+        return None, f"several unrelated processes hold the socket listening on {where}: {sorted(held)}"
+    return pid, ""
+
+
+class Tracker:
+    """The server last found, kept while that very process lives (pid and start time: a
+    reused pid is not it); looked for again when it is gone, at most every `retry` seconds
+    while none is found (finding by TCP port reads every process's descriptors)."""
+
+    def __init__(self, find: Callable[[], Found], retry: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self._find = find
+        self.retry = retry
+        self._clock = clock
+        self._last: Found = Found(None, why_not="not looked for yet")
+        self._start: int | None = None
+        self._tried = float("-inf")
+
+    def get(self) -> Found:
+        last = self._last
+        if last.pid is not None and start_time(last.pid) == self._start and self._start is not None:
+            return last
+        now = self._clock()
+        if last.pid is None and now - self._tried < self.retry:
+            return last
+        self._tried = now
+        found = self._find()
+        self._start = start_time(found.pid) if found.pid is not None else None
+        if found.pid is not None and self._start is None:        # gone while we looked
+            found = Found(None, why_not=f"process {found.pid} exited while being identified")
+        self._last = found
+        return found
+
+    def forget(self) -> None:
+        """Look again at the next get() (the facts changed: SQL named another data directory)."""
+        self._last, self._tried = Found(None, why_not="not looked for yet"), float("-inf")

@@ -21,6 +21,7 @@ from ..model import Role
 if TYPE_CHECKING:
     from ..config import DatabaseConfig
     from .base import Database
+    from .identity import Found
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,9 @@ class Kind:
     config_keys: frozenset[str]        # [[databases]] keys only this kind accepts
     check: Callable[["DatabaseConfig", str], None]   # its own config rules; raises ConfigError
     adapter: str                       # "module:Class" implementing databases.base.Database
+    identify: str                      # "module:function" DatabaseConfig -> identity.Found, without SQL
+    executables: frozenset[str]        # basenames of the server's executables: a process running one
+                                       # is never a kill candidate, configured or not (classify.py)
     discover: str | None = None        # "module:function" -> [DatabaseConfig] of local servers
 
 
@@ -56,12 +60,16 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          reported_pids_verified=False, session_noun="backend",
          config_keys=frozenset({"dsn", "data_directory", "shrink_settings", "shrink_floor", "close_idle_after"}),
          check=_check_postgresql, adapter="dbguard.databases.postgresql.adapter:PostgreSQL",
+         identify="dbguard.databases.postgresql.identity:identify",
+         executables=frozenset({"postgres", "postmaster"}),
          discover="dbguard.databases.postgresql.discover:discover_postgresql"),
     # MySQL sessions are threads of mysqld: a child process of the server is not a session.
     Kind(name="mysql", server_role=Role.MYSQLD, child_role=None,
          reported_pids_verified=True, session_noun="connection",
          config_keys=frozenset({"host", "port", "socket", "user", "buffer_pool_floor", "shrink_caches"}),
-         check=_check_mysql, adapter="dbguard.databases.mysql.adapter:MySQL"),
+         check=_check_mysql, adapter="dbguard.databases.mysql.adapter:MySQL",
+         identify="dbguard.databases.mysql.identity:identify", executables=frozenset({"mysqld", "mariadbd"}),
+         discover="dbguard.databases.mysql.discover:discover_mysql"),
 )}
 
 
@@ -91,6 +99,11 @@ def server_roles() -> frozenset[Role]:
     return frozenset(k.server_role for k in KINDS.values())
 
 
+def server_executables() -> frozenset[str]:
+    """Basenames of every known database server executable."""
+    return frozenset().union(*(k.executables for k in KINDS.values()))
+
+
 def _load(ref: str):
     module, _, attr = ref.partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -99,6 +112,11 @@ def _load(ref: str):
 def make(cfg: "DatabaseConfig", state_dir: str) -> "Database":
     """The adapter for one [[databases]] entry."""
     return _load(kind(cfg.kind).adapter)(cfg, state_dir)
+
+
+def identify(cfg: "DatabaseConfig") -> "Found":
+    """The server one [[databases]] entry reaches, found by fact without logging in."""
+    return _load(kind(cfg.kind).identify)(cfg)
 
 
 def discover() -> list["DatabaseConfig"]:

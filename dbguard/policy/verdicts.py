@@ -18,8 +18,15 @@ from ..model import CacheStats, Level, Proc, Role, Snapshot
 from ..rules import Lazy, RuleSet
 
 MiB = 1024 * 1024
-# Servers fork the database's processes: their children are protected in the kernel at birth.
-INHERITING = registry.server_roles()
+# Servers fork the database's processes: their children are protected in the kernel at birth
+# (a server no configured database identified too: its children are as much the database's).
+INHERITING = registry.server_roles() | {Role.DB_UNKNOWN}
+FAMILY_WHY = {
+    Role.DB_CHILD: "descended from a database process (COPY ... TO PROGRAM, archive_command, a backup "
+                   "tool): never killed, its memory answered through the owning session",
+    Role.DB_UNKNOWN: "runs a database server executable that no configured database identified: never "
+                     "killed (another server, or one dbguard cannot identify)",
+}
 
 
 @dataclass(frozen=True)
@@ -137,8 +144,8 @@ class Judge:
             return protect("another dbguard (its own kill would leave its databases unguarded)", "built-in: safety")
         named = {"kill.min_rss": self.cfg.kill.min_rss, "limit": limit}   # units.THRESHOLDS
         r = rules.first_match(proc, role, named, base_tier, pss)
-        if role.is_database:
-            why = f"database process ({role.value}): ended only by SQL, never a signal"
+        if role.db_family:
+            why = FAMILY_WHY.get(role, f"database process ({role.value}): ended only by SQL, never a signal")
             if r is not None and r.action == "protect":
                 return protect(f"{why}; {r.label} protects it too ({r.conditions(named)})",
                                f"built-in: database + {r.label}", r.tier, r.index)

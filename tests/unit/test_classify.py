@@ -34,15 +34,20 @@ def test_fixed_roles_and_postgres_family():
         proc(702, 700, "postgres", exe=PG_EXE),          # client backend, SQL says so
         proc(703, 700, "postgres", exe=PG_EXE),          # forked a moment ago, not in pg_stat_activity yet
         proc(800, 702, "sh"),                            # grandchild (COPY ... PROGRAM): not a backend
-        proc(900, 1, "postgres", exe=PG_EXE),            # called postgres, another server nobody configured
+        proc(801, 800, "gzip", exe="/usr/bin/gzip"),     # and its child: the database's work too
+        proc(900, 1, "postgres", exe=PG_EXE),            # another server nobody configured
         proc(901, 900, "postgres", exe=PG_EXE),
+        proc(902, 901, "sh"),                            # its archive_command
+        proc(950, 1, "postgres", exe="/usr/local/bin/hog"),   # merely called postgres
     )
     roles = classify(procs, [pg(700, {701: Role.PG_AUXILIARY, 702: Role.PG_BACKEND})], self_pid=500)
     assert roles == {
         1: Role.INIT, 2: Role.KERNEL_THREAD, 17: Role.KERNEL_THREAD, 500: Role.DBGUARD,
         700: Role.POSTMASTER, 701: Role.PG_AUXILIARY, 702: Role.PG_BACKEND, 703: Role.PG_BACKEND,
-        800: Role.OTHER, 900: Role.OTHER, 901: Role.OTHER,
+        800: Role.DB_CHILD, 801: Role.DB_CHILD, 900: Role.DB_UNKNOWN, 901: Role.DB_UNKNOWN, 902: Role.DB_CHILD,
+        950: Role.OTHER,
     }
+    assert all(roles[p].never_signalled and not roles[p].is_database for p in (800, 801, 900, 901, 902))
 
 
 def test_server_pid_not_running_protects_nobody():
@@ -50,6 +55,26 @@ def test_server_pid_not_running_protects_nobody():
     # server_pid points at a pid that is gone (or reused elsewhere): nothing is the database's
     roles = classify(procs, [pg(650, {701: Role.PG_BACKEND})], self_pid=999)
     assert roles[700] == Role.OTHER and roles[701] == Role.OTHER
+
+
+def test_unidentified_servers_and_their_children_are_never_other():
+    """Fail safe: no database identified at all (login refused, no SQL), yet every process
+    running a server executable, and everything below it, is shielded."""
+    procs = table(proc(1, 0), proc(700, 1, "postgres", exe=PG_EXE), proc(701, 700, "postgres", exe=PG_EXE),
+                  proc(702, 701, "sh"), proc(300, 1, "mariadbd", exe="/usr/sbin/mariadbd"),
+                  proc(301, 1, "mysqld", exe="/usr/sbin/mysqld (deleted)".removesuffix(" (deleted)")),
+                  proc(400, 1, "python3", exe="/usr/bin/python3"))
+    roles = classify(procs, [pg(None, up=False)], self_pid=999)
+    assert roles == {1: Role.INIT, 700: Role.DB_UNKNOWN, 701: Role.DB_UNKNOWN, 702: Role.DB_CHILD,
+                     300: Role.DB_UNKNOWN, 301: Role.DB_UNKNOWN, 400: Role.OTHER}
+
+
+def test_deep_family_and_a_loop_in_parentage():
+    chain = [proc(700, 1, "postgres", exe=PG_EXE)] + [proc(710 + i, 709 + i if i else 700) for i in range(20)]
+    looped = [proc(50, 51), proc(51, 50)]          # a torn read can show this; it must not hang
+    roles = classify(table(proc(1, 0), *chain, *looped), [pg(700)], self_pid=999)
+    assert roles[710] == Role.PG_BACKEND and all(roles[710 + i] == Role.DB_CHILD for i in range(1, 20))
+    assert roles[50] == roles[51] == Role.OTHER
 
 
 def test_sql_roles_outside_postmaster_children_are_ignored_for_postgresql():
@@ -68,8 +93,9 @@ def test_mysql_server_and_reported_pids():
     procs = table(proc(1, 0), proc(300, 1, "mysqld_safe"), proc(301, 300, "mariadbd"), proc(302, 301, "sh"))
     db = DbStats(name="orders", kind="mysql", up=True, server_pid=301, roles={301: Role.MYSQLD, 4242: Role.MYSQLD})
     roles = classify(procs, [db], self_pid=999)
-    # A child of mysqld is not a database process unless the server reported it.
-    assert roles == {1: Role.INIT, 300: Role.OTHER, 301: Role.MYSQLD, 302: Role.OTHER}
+    # A child of mysqld is not a database process unless the server reported it, but it is
+    # the database's family: never a candidate.
+    assert roles == {1: Role.INIT, 300: Role.OTHER, 301: Role.MYSQLD, 302: Role.DB_CHILD}
 
 
 def test_two_databases():
@@ -133,6 +159,13 @@ def test_property_roles(scenario):
             assert role != Role.OTHER
         if role.is_database:
             assert pid in servers or p.ppid in servers or pid in mysql_reported, (pid, role)
+        # Everything below a database process is shielded, however deep.
+        q, seen = p, 0
+        while q.ppid in procs and seen < len(procs) and not p.kernel_thread and pid not in (1, self_pid):
+            q, seen = procs[q.ppid], seen + 1
+            if roles[q.pid].is_database and q.pid != self_pid and not roles[pid].is_database:
+                assert role is Role.DB_CHILD, (pid, q.pid)
+                break
         # A child of a running postmaster is never left unshielded.
         pg_servers = {db.server_pid for db in dbs if db.kind == "postgresql" and db.server_pid in procs}
         if p.ppid in pg_servers and not p.kernel_thread and pid != self_pid:

@@ -11,13 +11,14 @@ import pymysql
 
 from ...config import DatabaseConfig
 from ...errors import ConfigError, DbguardError
-from ...model import DbStats, Outcome
+from ...model import DbStats, Outcome, Role
 from ...originals import Originals
 from ..base import Database
 from . import sessions
 from .buffer_pool import CACHE_MINIMUMS, BufferPool, mib
 from .connection import ER_NO_SUCH_THREAD, Link, status, variables
-from .identity import server_pid, server_rss
+from ..identity import Tracker
+from .identity import identify, server_pid, server_rss
 from .stats import Reading, to_stats
 
 
@@ -38,6 +39,7 @@ class MySQL(Database):
             "check innodb_buffer_pool_size is the configured size (SET GLOBAL)"))
         self.link = Link(cfg)
         self.pool = BufferPool(cfg, self.originals, self.link)
+        self.identity = Tracker(lambda: identify(cfg))
 
     def _attempt(self, work: Callable[[Any], Outcome], doing: str) -> Outcome:
         try:
@@ -51,7 +53,11 @@ class MySQL(Database):
             return self.link.run(self._collect)
         except Exception as e:   # never into the loop: stale stats, protection goes on
             self.link.drop()
-            return DbStats(name=self.name, kind=self.kind, up=False, error=self.link.explain(e, "read statistics"))
+            found = self.identity.get()      # the server by fact: no login needed to shield it
+            return DbStats(name=self.name, kind=self.kind, up=False, error=self.link.explain(e, "read statistics"),
+                           server_pid=found.pid, identity=found.how or found.why_not,
+                           data_directory=found.data_directory,
+                           roles={found.pid: Role.MYSQLD} if found.pid else {})
 
     def _collect(self, conn) -> DbStats:
         facts = self.link.facts
@@ -61,6 +67,10 @@ class MySQL(Database):
         own = sessions.own_id(conn)
         pool = self.pool.look(int(v["innodb_buffer_pool_size"]), server_status)
         pid, pid_error = server_pid(v["pid_file"], v["datadir"], v["basedir"], facts.peer_pid)
+        how = f"@@pid_file {v['pid_file']}, checked against @@datadir"
+        if pid is None:                  # SQL could not confirm it: the listening socket still can
+            found = self.identity.get()
+            pid, how = found.pid, found.how or found.why_not
         perf_schema = str(v.get("performance_schema", "OFF")).upper() in ("ON", "1")
         by_connection = sessions.memory_by_connection(conn) if perf_schema else {}
         reading = Reading(variables=v, status=server_status, processlist=sessions.processlist(conn, facts.mariadb),
@@ -75,7 +85,7 @@ class MySQL(Database):
             notes["state_error"] = str(e)
         if self.pool.last_resize is not None:
             notes["last_resize"] = self.pool.last_resize.summary()
-        return to_stats(self.name, reading, facts, pool, server_pid=pid, server_rss=server_rss(pid),
+        return to_stats(self.name, reading, facts, pool, server_pid=pid, identity=how, server_rss=server_rss(pid),
                         shrink_caches=self.cfg.shrink_caches, notes=notes)
 
     # --- shrink / grow -------------------------------------------------------------------------

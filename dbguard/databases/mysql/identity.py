@@ -3,15 +3,18 @@
 The server pid comes from `@@pid_file` and is accepted only if that process runs with
 `@@datadir` as its working directory, is owned by the owner of the data directory, runs an
 executable under `@@basedir`, and (over a unix socket) is the peer of our own connection.
-A process merely called mysqld gets no role.
+A process merely called mysqld gets no role. Without SQL, `identify` finds it from the
+configured socket or port alone.
 """
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
+from ...config import DatabaseConfig
 from ...sense.procfs import read_proc
-from .. import identity
+from .. import identity, registry
 
 
 def peer_pid(conn) -> int | None:
@@ -35,3 +38,30 @@ def server_rss(pid: int | None) -> int | None:
     """Resident memory of the server process: a shrink must make it fall, not only the variable."""
     proc = read_proc(pid) if pid else None
     return proc.rss_bytes if proc else None
+
+
+def identify(cfg: DatabaseConfig) -> identity.Found:
+    """The mysqld / mariadbd `cfg` reaches, without logging in: the process holding the
+    listening socket (unix or TCP), if it runs a MySQL server executable (not a proxy in
+    front of one); its working directory is the data directory."""
+    from ...validate import endpoints
+    reasons = []
+    for e in endpoints(cfg):
+        pid, why = identity.socket_holder(e)
+        if pid is None:
+            reasons.append(why)
+            continue
+        try:
+            proc = identity.inspect(pid)
+        except identity.Unreadable:
+            proc = None
+        if proc is None:
+            reasons.append(f"cannot read process {pid} holding {identity.show_endpoint(e)}")
+            continue
+        exes = registry.kind("mysql").executables
+        if os.path.basename(proc.exe) not in exes:
+            reasons.append(f"{identity.show_endpoint(e)} is held by process {pid} ({proc.exe or '?'}), "
+                           f"not a MySQL server ({', '.join(sorted(exes))})")
+            continue
+        return identity.Found(pid, proc.cwd, f"listening socket of {identity.show_endpoint(e)}")
+    return identity.Found(None, why_not="; ".join(reasons) or "set host or socket")

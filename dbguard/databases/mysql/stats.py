@@ -95,7 +95,7 @@ def pool_steps(pool: Pool, unit: int) -> tuple[int, int, int]:
     return step, top, grow
 
 
-def to_stats(name: str, r: Reading, facts: ServerFacts, pool: Pool, *, server_pid: int | None,
+def to_stats(name: str, r: Reading, facts: ServerFacts, pool: Pool, *, server_pid: int | None, identity: str = "",
              server_rss: int | None, shrink_caches: tuple[str, ...], notes: dict[str, Any]) -> DbStats:
     """DbStats from one reading; `notes`: one-line remarks and the last resize for `extra`."""
     s = r.status
@@ -124,7 +124,8 @@ def to_stats(name: str, r: Reading, facts: ServerFacts, pool: Pool, *, server_pi
     if r.performance_schema:
         extra["memory_global_total"] = r.memory_global_total
     return DbStats(
-        name=name, kind="mysql", up=True, server_pid=server_pid, data_directory=r.variables["datadir"],
+        name=name, kind="mysql", up=True, server_pid=server_pid, identity=identity,
+        data_directory=r.variables["datadir"],
         roles={server_pid: Role.MYSQLD} if server_pid else {},
         sessions=tuple(sessions_from(r.processlist, r.own_id, r.memory_by_connection)),
         cache_bytes=pool.size, cache_configured_bytes=pool.configured, cache_used_bytes=pages_data * facts.page_size,

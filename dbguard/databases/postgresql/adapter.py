@@ -1,8 +1,9 @@
 """PostgreSQL behind the Database interface: the modules of this package, composed.
 
-collect() never raises. With SQL down it still reports the postmaster pid from postmaster.pid
-(the data directory is remembered from the last success, or taken from cfg.data_directory),
-but only if that pid is alive and runs in the data directory (identity.py).
+collect() never raises, and never waits long: the postmaster is found by fact, without SQL
+(identity.py: the data directory's postmaster.pid, else the socket lock file or the listening
+socket), so a refused login, a LOGIN-only role or a hung backend still leave it shielded, and a
+collect that does not answer within COLLECT_BUDGET is reported down for this cycle.
 """
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from ...originals import Originals
 from ...sense.procfs import rss_anon
 from ...sense.tempfiles import pg_temp_bytes
 from ..base import Database
+from ..identity import Found, Tracker
 from . import sessions
 from .connection import Connection, one_line
-from .identity import postmaster_pid
+from .identity import identify
 from .settings import Settings
 from .stats import COLLECT_SQL, QUERY_MAX, Reading, down_stats, to_stats
 
@@ -28,6 +30,10 @@ from .stats import COLLECT_SQL, QUERY_MAX, Reading, down_stats, to_stats
 # growing with the size. Sampled now and then, on its own, so a slow scan costs no cycle its stats.
 _BUFFERCACHE_SQL = "SELECT count(*) FROM pg_buffercache WHERE relfilenode IS NOT NULL"
 BUFFERCACHE_EVERY = 30.0       # seconds between two pg_buffercache scans
+# The longest the loop waits for one collect (a healthy one takes milliseconds): a backend that
+# stopped answering (SIGSTOP, a lock, a dying disk) costs a cycle this much, once; the call goes
+# on in its worker and later cycles do not wait for it (databases/bounded.py).
+COLLECT_BUDGET = 0.5
 
 
 _STATE_SCHEMA = {"step": int, "saved_at": float,
@@ -48,6 +54,7 @@ class PostgreSQL(Database):
         self._used_buffers: int | None = None
         self._used_buffers_at = float("-inf")
         self._used_buffers_note = ""
+        self.identity = Tracker(lambda: identify(cfg, self.link.data_directory))
 
     def _attempt(self, work: Callable[[psycopg.Connection], Outcome],
                  denied: Callable[[], str] | None = None) -> Outcome:
@@ -62,9 +69,13 @@ class PostgreSQL(Database):
             return Outcome.failed(self.link.failed(e))
 
     # --- collect -------------------------------------------------------------------------------
+    def found(self) -> Found:
+        """The postmaster by fact (kept while it lives; SQL is not needed)."""
+        return self.identity.get()
+
     def collect(self) -> DbStats:
         try:
-            return self.link.run(self._collect)
+            return self.link.run(self._collect, budget=COLLECT_BUDGET)
         except DbguardError as e:
             return self._down(str(e))
         except psycopg.Error as e:
@@ -73,8 +84,9 @@ class PostgreSQL(Database):
             return self._down(f"{self.link.where}: unexpected {type(e).__name__}: {one_line(e)}")
 
     def _down(self, error: str) -> DbStats:
-        dd = self.link.data_directory
-        return down_stats(self.name, error, postmaster_pid(dd), dd, self.settings.current_step())
+        f = self.found()
+        return down_stats(self.name, error, f.pid, f.data_directory or self.link.data_directory,
+                          self.settings.current_step(), identity=f.how or f.why_not)
 
     def _collect(self, conn: psycopg.Connection) -> DbStats:
         with conn.cursor() as cur:
@@ -89,8 +101,12 @@ class PostgreSQL(Database):
             saved, notes["state_error"] = None, str(e)
         if reading.used_buffers is None:
             notes["cache_used"] = self._used_buffers_note
-        dd = self.link.data_directory
-        return to_stats(self.name, reading, server_pid=postmaster_pid(dd), data_directory=dd,
+        f = self.found()
+        if f.ok and self.link.data_directory and f.data_directory != self.link.data_directory:
+            self.identity.forget()         # SQL names another data directory: look again, from it
+            f = self.found()
+        return to_stats(self.name, reading, server_pid=f.pid, identity=f.how or f.why_not,
+                        data_directory=f.data_directory or self.link.data_directory,
                         shrink_settings=self.cfg.shrink_settings, saved=saved, floor=self.cfg.shrink_floor,
                         steps=self.cfg.shrink_steps, memory_of=rss_anon, notes=notes,
                         temp_of=pg_temp_bytes)

@@ -97,23 +97,25 @@ class Connection:
     def user(self) -> str:
         return self.conn.info.user if self.conn is not None else "dbguard"
 
-    def run(self, work: Callable[[psycopg.Connection], T]) -> T:
-        """work(conn) in a worker thread, waited for at most `budget` seconds.
+    def run(self, work: Callable[[psycopg.Connection], T], budget: float | None = None) -> T:
+        """work(conn) in a worker thread, waited for at most `budget` seconds (default: the
+        longest a connect or a statement may legitimately take).
 
         psycopg waits for the server without a client-side limit, and statement_timeout is
-        enforced by the server: neither helps when the server stops answering. The worker
-        that did not come back keeps the connection it holds (it is closed when it ends); the
-        next calls use a new one, and fail at once while the stuck worker is still waiting.
+        enforced by the server: neither helps when the server stops answering. A worker that
+        did not come back keeps the connection: the next calls fail at once while it still
+        waits, and use the connection again once it is back (connection.broken says whether
+        it still can be).
         """
+        budget = self.budget if budget is None else min(budget, self.budget)
         with self._lock:
             try:
-                return self._calls.call(lambda: self._retry_once(work), self.budget)
+                return self._calls.call(lambda: self._retry_once(work), budget)
             except Busy:
                 raise DbguardError(f"{self.where}: no answer for {self._calls.running_for() or 0:.0f}s to an "
                                    "earlier statement; is the server stopped, hung or unreachable?") from None
             except Overdue:
-                self.conn = None                 # the worker's now; never shared with it again
-                raise DbguardError(f"{self.where}: no answer within {self.budget:.1f}s; "
+                raise DbguardError(f"{self.where}: no answer within {budget:.1f}s; "
                                    "is the server stopped, hung or unreachable?") from None
 
     def _retry_once(self, work: Callable[[psycopg.Connection], T]) -> T:

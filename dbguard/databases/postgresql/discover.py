@@ -11,9 +11,9 @@ import os
 import re
 
 from ...config import DatabaseConfig
-from .. import identity
+from .. import identity, registry
 
-POSTGRES_EXES = ("postgres", "postmaster")
+POSTGRES_EXES = registry.kind("postgresql").executables
 # postmaster.pid lines (0-based): pid, data dir, start time, port, socket dir, listen address
 _PID, _PORT, _SOCKET, _LISTEN = 0, 3, 4, 5
 _DEBIAN_DATA = re.compile(r"^/var/lib/postgresql/([^/]+)/([^/]+)/?$")

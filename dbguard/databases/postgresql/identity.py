@@ -1,20 +1,91 @@
-"""The postmaster of a data directory, by fact: postmaster.pid names it and it runs there."""
+"""The postmaster of a data directory, by fact: postmaster.pid names it and it runs there.
+
+Without SQL the DSN's endpoint finds it: the unix socket's lock file `.s.PGSQL.<port>.lock`
+(first line the postmaster's pid, second its data directory), or the process holding the
+listening TCP socket (its cwd is the data directory). Either way the candidate counts only if
+it runs in that data directory and the directory's postmaster.pid names it.
+"""
 from __future__ import annotations
 
 import os
 
+from ...config import DatabaseConfig
+from ...validate import endpoints
 from .. import identity
+from ..sockets import parse_lock_file
+
+# Where libpq looks when the DSN names no host: Debian's build, then upstream's default.
+DEFAULT_SOCKET_DIRS = ("/var/run/postgresql", "/tmp")
 
 
-def postmaster_pid(data_directory: str) -> int | None:
-    """The live postmaster of `data_directory`; None if the file is absent or stale.
+def _check(pid: int, data_directory: str) -> str:
+    """'' when `pid` is the postmaster of `data_directory` (runs there, named by its postmaster.pid)."""
+    why = identity.why_not_server(pid, data_directory)
+    if why:
+        return why
+    pid_file = os.path.join(data_directory, "postmaster.pid")
+    try:
+        named = identity.pid_in_file(pid_file)
+    except (OSError, ValueError) as e:
+        return f"cannot read {pid_file}: {getattr(e, 'strerror', None) or e}"
+    return "" if named == pid else f"{pid_file} names {named}, not {pid}"
 
-    A stale file left by a crash names a pid that is gone or runs elsewhere: None, never a pid
-    that may have been reused. When /proc/PID/cwd is not ours to check (not root), the file is
-    the best fact left.
-    """
-    if not data_directory:
-        return None
-    pid, _why = identity.server_pid(os.path.join(data_directory, "postmaster.pid"), data_directory,
-                                    trust_unreadable=True)
-    return pid
+
+def _by_lock_file(socket_path: str) -> identity.Found:
+    lock = socket_path + ".lock"
+    try:
+        with open(lock) as f:
+            parsed = parse_lock_file(f.read(4096))
+    except OSError as e:
+        return identity.Found(None, why_not=f"cannot read {lock}: {e.strerror}")
+    if parsed is None:
+        return identity.Found(None, why_not=f"{lock} is not a PostgreSQL socket lock file")
+    pid, data_directory = parsed
+    why = _check(pid, data_directory)
+    if why:
+        return identity.Found(None, why_not=f"{lock}: {why}")
+    return identity.Found(pid, data_directory, f"socket lock file {lock}")
+
+
+def _by_listener(endpoint: tuple) -> identity.Found:
+    pid, why = identity.socket_holder(endpoint)
+    if pid is None:
+        return identity.Found(None, why_not=why)
+    try:
+        proc = identity.inspect(pid)
+    except identity.Unreadable:
+        proc = None
+    if proc is None:
+        return identity.Found(None, why_not=f"cannot read the working directory of process {pid}")
+    why = _check(pid, proc.cwd)
+    if why:
+        return identity.Found(None, why_not=f"{identity.show_endpoint(endpoint)} is held by process {pid}: {why}")
+    return identity.Found(pid, proc.cwd, f"listening socket of {identity.show_endpoint(endpoint)}")
+
+
+def identify(cfg: DatabaseConfig, data_directory: str = "") -> identity.Found:
+    """The postmaster `cfg` reaches, without logging in. `data_directory`: the configured one,
+    or the one SQL reported, tried first."""
+    reasons = []
+    data_directory = data_directory or cfg.data_directory
+    if data_directory:
+        # Not root (cwd unreadable): the pid file is the best fact left.
+        pid, why = identity.server_pid(os.path.join(data_directory, "postmaster.pid"), data_directory,
+                                       trust_unreadable=True)
+        if pid is not None:
+            return identity.Found(pid, data_directory, f"postmaster.pid in {data_directory}")
+        reasons.append(why)
+    for e in endpoints(cfg):
+        if e[0] == "unix":
+            directory, name = os.path.split(e[1])
+            dirs = DEFAULT_SOCKET_DIRS if directory.startswith("(") else (directory,)
+            found = [_by_lock_file(os.path.join(d, name)) for d in dirs]
+        else:
+            found = [_by_listener(e)]
+        for f in found:
+            if f.ok:
+                return f
+            reasons.append(f.why_not)
+    if not reasons:
+        reasons.append("the dsn names no host this host can look at (a service file?)")
+    return identity.Found(None, why_not="; ".join(reasons))

@@ -103,7 +103,7 @@ class Reading:
     block_size: int = 8192
 
 
-def to_stats(name: str, r: Reading, *, server_pid: int | None, data_directory: str,
+def to_stats(name: str, r: Reading, *, server_pid: int | None, data_directory: str, identity: str = "",
              shrink_settings: tuple[str, ...], saved: dict[str, Any] | None, floor: int, steps: int,
              memory_of: Callable[[int], int], notes: dict[str, str],
              temp_of: Callable[[int], int] = lambda pid: 0) -> DbStats:
@@ -145,15 +145,17 @@ def to_stats(name: str, r: Reading, *, server_pid: int | None, data_directory: s
     extra: dict[str, Any] = {"settings": {n: size_literal(b) for n, b in current.items()}, "backends": counts,
                              **notes}
     return DbStats(
-        name=name, kind="postgresql", up=True, server_pid=server_pid, data_directory=data_directory,
+        name=name, kind="postgresql", up=True, server_pid=server_pid, identity=identity,
+        data_directory=data_directory,
         roles=roles, sessions=tuple(sessions), cache_bytes=shared_buffers, cache_configured_bytes=shared_buffers,
         cache_used_bytes=(r.used_buffers or 0) * r.block_size, hit_ratio=r.hit_ratio,
         shrink_step=int(saved["step"]) if saved else 0, shrink_steps_max=steps_max(originals, floor, steps),
         extra=extra)
 
 
-def down_stats(name: str, error: str, server_pid: int | None, data_directory: str, step: int) -> DbStats:
-    """No SQL: the postmaster from its pid file still gets its role; protection goes on."""
-    return DbStats(name=name, kind="postgresql", up=False, error=error, server_pid=server_pid,
+def down_stats(name: str, error: str, server_pid: int | None, data_directory: str, step: int,
+               identity: str = "") -> DbStats:
+    """No SQL: the postmaster found by fact still gets its role; protection goes on."""
+    return DbStats(name=name, kind="postgresql", up=False, error=error, server_pid=server_pid, identity=identity,
                    data_directory=data_directory, roles={server_pid: Role.POSTMASTER} if server_pid else {},
                    shrink_step=step)
