@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ..sense.procfs import read_proc, start_time
+from ..sense.procfs import live_start_time, read_proc
 
 
 @dataclass(frozen=True)
@@ -169,14 +169,14 @@ class Tracker:
 
     def get(self) -> Found:
         last = self._last
-        if last.pid is not None and start_time(last.pid) == self._start and self._start is not None:
+        if last.pid is not None and live_start_time(last.pid) == self._start and self._start is not None:
             return last
         now = self._clock()
         if last.pid is None and now - self._tried < self.retry:
             return last
         self._tried = now
         found = self._find()
-        self._start = start_time(found.pid) if found.pid is not None else None
+        self._start = live_start_time(found.pid) if found.pid is not None else None
         if found.pid is not None and self._start is None:        # gone while we looked
             found = Found(None, why_not=f"process {found.pid} exited while being identified")
         self._last = found

@@ -266,6 +266,15 @@ def start_time(pid: int, root: str = "/proc") -> int | None:
         return None
 
 
+def live_start_time(pid: int, root: str = "/proc") -> int | None:
+    """Start time of `pid` while it runs; None when it is gone or a zombie (exited, not reaped)."""
+    try:
+        fields = parse_stat(_read(f"{root}/{pid}/stat"))[1]
+        return None if fields[_STATE] in (b"Z", b"X") else int(fields[_STARTTIME])
+    except _GONE:
+        return None
+
+
 def start_time_at(dir_fd: int) -> int | None:
     """Start time of the process whose /proc/PID directory `dir_fd` holds open (None: gone)."""
     try:

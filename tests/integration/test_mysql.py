@@ -426,3 +426,21 @@ def test_server_that_does_not_answer_is_reported_down(tmp_path):
         g.close()
     finally:
         silent.close()
+
+
+def test_identified_by_fact_when_the_login_is_refused(server, guard):
+    """No SQL (the user does not exist): mariadbd is still found from the socket it listens on,
+    over the unix socket and over TCP; the oracle is the server's own pid file."""
+    for kw in ({}, {"socket": "", "host": "127.0.0.1", "port": server.port}):
+        s = guard(user="nosuchuser", password="x", **kw).collect()
+        assert not s.up and "login refused" in s.error, s.error
+        assert s.server_pid == server.pid(), s.identity
+        assert s.identity.startswith("listening socket of"), s.identity
+        assert os.path.samefile(s.data_directory, server.datadir)
+        assert s.roles == {server.pid(): Role.MYSQLD}
+
+
+def test_discovered_without_a_config(server):
+    from dbguard.databases.mysql.discover import discover_mysql
+    mine = [d for d in discover_mysql() if d.socket == server.socket]
+    assert len(mine) == 1 and mine[0].kind == "mysql" and mine[0].name == f"mysql:{server.datadir}"

@@ -12,6 +12,7 @@ import pytest
 
 from dbguard.config import DatabaseConfig
 from dbguard.databases.postgresql import PostgreSQL
+from dbguard.databases.postgresql.adapter import COLLECT_BUDGET
 from dbguard.model import Role, Status
 
 pytestmark = pytest.mark.db
@@ -394,17 +395,18 @@ def test_hung_server_does_not_stall_collect(cluster, tmp_path):
     os.kill(backend, signal.SIGSTOP)
     try:
         caller.start()
-        caller.join(60)         # a hang detector only: the adapter's own budget here is 2.5 s
+        caller.join(60)         # a hang detector only: the adapter's collect budget is 0.5 s
         assert not caller.is_alive(), "collect() blocked on a server that does not answer"
     finally:
         os.kill(backend, signal.SIGCONT)
     first, second = result["first"], result["second"]
-    assert not first.up and "no answer within 2.5s" in first.error, first.error
-    assert first.server_pid == cluster.postmaster_pid()
+    assert not first.up and f"no answer within {COLLECT_BUDGET:.1f}s" in first.error, first.error
+    assert first.server_pid == cluster.postmaster_pid()          # by fact: shielding needs no SQL
     assert not second.up and "to an earlier statement" in second.error, second.error
     wait_for(lambda: db.link.stuck_for() is None, True)
     again = db.collect()
     assert again.up, again.error
+    assert db.link.conn.info.backend_pid == backend        # the worker gave the connection back
     db.close()
 
 
@@ -483,3 +485,41 @@ def test_session_memory_and_temporary_files_are_the_sessions_own(cluster, adapte
     assert all("query" not in s for s in top)          # never the statement's text
     assert f"session {mem_pid} client backend" in text.stdout, text.stdout
     assert "pg_sleep" not in text.stdout
+
+
+def test_identified_by_fact_when_the_login_is_refused(cluster, tmp_path):
+    """No SQL at all (the role does not exist): the postmaster is still found, from the socket's
+    lock file over the unix socket and from the listening socket's holder over TCP; its data
+    directory is its cwd. The oracle is the cluster's own postmaster.pid (lab.pgcluster)."""
+    for dsn, how in ((cluster.dsn_for("nosuchrole"), "socket lock file"),
+                     (cluster.tcp_dsn_for("nosuchrole"), "listening socket of 127.0.0.1")):
+        db = PostgreSQL(make_cfg(dsn), str(tmp_path))
+        try:
+            s = db.collect()
+            # refused either way: no such role (trust over the socket), no password (TCP)
+            assert not s.up and ('"nosuchrole" does not exist' in s.error or "no password" in s.error), s.error
+            assert s.server_pid == cluster.postmaster_pid(), s.identity
+            assert s.identity.startswith(how), s.identity
+            assert os.path.samefile(s.data_directory, cluster.data_dir)
+            assert s.roles == {cluster.postmaster_pid(): Role.POSTMASTER}
+        finally:
+            db.close()
+
+
+def test_login_only_role_is_identified_without_data_directory(cluster, tmp_path):
+    """A role with LOGIN alone cannot read data_directory: the postmaster comes from facts."""
+    cluster.psql("DROP ROLE IF EXISTS loginonly; CREATE ROLE loginonly LOGIN")
+    db = PostgreSQL(make_cfg(cluster.dsn_for("loginonly")), str(tmp_path))
+    try:
+        s = db.collect()
+        assert s.up, s.error
+        assert db.link.data_directory == ""              # SQL did not tell it
+        assert s.server_pid == cluster.postmaster_pid() and s.identity.startswith("socket lock file")
+    finally:
+        db.close()
+
+
+def test_nothing_to_identify_says_why(tmp_path):
+    from dbguard.databases.postgresql.identity import identify
+    found = identify(make_cfg(f"host={tmp_path} port=5999 dbname=postgres"))
+    assert found.pid is None and f"cannot read {tmp_path}/.s.PGSQL.5999.lock" in found.why_not

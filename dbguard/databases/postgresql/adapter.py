@@ -55,6 +55,7 @@ class PostgreSQL(Database):
         self._used_buffers_at = float("-inf")
         self._used_buffers_note = ""
         self.identity = Tracker(lambda: identify(cfg, self.link.data_directory))
+        self._looked_at_open = 0
 
     def _attempt(self, work: Callable[[psycopg.Connection], Outcome],
                  denied: Callable[[], str] | None = None) -> Outcome:
@@ -102,8 +103,12 @@ class PostgreSQL(Database):
         if reading.used_buffers is None:
             notes["cache_used"] = self._used_buffers_note
         f = self.found()
-        if f.ok and self.link.data_directory and f.data_directory != self.link.data_directory:
-            self.identity.forget()         # SQL names another data directory: look again, from it
+        moved = f.ok and self.link.data_directory and f.data_directory != self.link.data_directory
+        if moved or (not f.ok and self.link.opened != self._looked_at_open):
+            # SQL names another data directory, or a new connection (a restarted server) may
+            # find what the last look did not: look again now, not after Tracker's pause.
+            self._looked_at_open = self.link.opened
+            self.identity.forget()
             f = self.found()
         return to_stats(self.name, reading, server_pid=f.pid, identity=f.how or f.why_not,
                         data_directory=f.data_directory or self.link.data_directory,

@@ -79,6 +79,7 @@ class Connection:
         self.block_size = 8192
         self.has_buffercache = False
         self.conn: psycopg.Connection | None = None
+        self.opened = 0                              # connections opened so far (a new one: a (re)started server)
         self._calls = BoundedCaller(f"dbguard-pg-{cfg.name}")
         self._lock = threading.Lock()
 
@@ -180,6 +181,7 @@ class Connection:
         except psycopg.Error as e:
             conn.close()
             raise DbguardError(f"{self.where}: {one_line(e)}") from None
+        self.opened += 1
         return conn
 
     @property
