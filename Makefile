@@ -4,12 +4,13 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup host venv demo test test-unit bench lint clean help
+.PHONY: setup host venv demo test test-unit bench deb lint clean help
 
 help:
 	@echo "make demo   - PostgreSQL under memory pressure, without and with dbguard, side by side"
 	@echo "make test   - the whole test suite (unit, integration, end-to-end; needs root)"
 	@echo "make bench  - benchmarks (results in benchmarks/RESULTS.md)"
+	@echo "make deb    - dist/dbguard_<version>_all.deb (Debian package; docs/install.md)"
 	@echo "make setup  - only install Debian packages, kernel headers link and .venv"
 
 setup: host venv
@@ -38,5 +39,8 @@ test-unit: venv
 bench: setup
 	@$(PY) -m benchmarks.run
 
+deb: host
+	@bash scripts/build-deb.sh
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info

@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable
 
 from . import fsafe
+from .errors import DbguardError
 from .model import Action, Level
 
 log = logging.getLogger("dbguard")
@@ -84,6 +85,19 @@ class AuditLog:
             rec["value"] = a.value
         rec.update(extra)
         return self.write(rec)
+
+    def reopen(self) -> None:
+        """Append to whatever file is at the path now (SIGHUP: logrotate moved the old one
+        away). If it cannot be opened, the records keep going to the file open so far."""
+        try:
+            fd = fsafe.open_append(self.path, "audit.path")
+        except DbguardError as e:
+            log.error("%s; the audit log stays the file opened before", e)
+            return
+        with self._lock:
+            old, self._fd, self._torn = self._fd, fd, False
+        if old >= 0:
+            os.close(old)
 
     def close(self) -> None:
         with self._lock:

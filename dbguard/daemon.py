@@ -273,8 +273,10 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP: thresholds, kill and protection rules apply at once; the rest needs a restart.
+        The audit log is reopened at its path.
         The policy's memory (rates, escalations, dwell, the level) carries over."""
         self.reload_requested = False
+        self.audit.reopen()         # after logrotate (debian/dbguard.logrotate) moved the file
         if not self.cfg.source:
             log.info("SIGHUP: no config file to reload (started without --config)")
             return

@@ -12,7 +12,7 @@ need_pkgs=(
   # what the .deb depends on; tests/integration/test_wheel.py runs the wheel on these alone
   python3-psycopg python3-pymysql python3-tenacity python3-prometheus-client
   # `make deb` and its test: Debian's build tools and lintian
-  debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
+  debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian help2man
 )
 
 missing=()
