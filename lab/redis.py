@@ -181,3 +181,70 @@ class RedisServer:
                 self.proc.wait(10)
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class CacheReader:
+    """Reads random keys of what fill() wrote, as an application would, in a thread: hits,
+    misses (evicted keys), wrong values and errors counted, per second too (`series`).
+    `on_miss(i)`: cache-aside, e.g. read the row from the database; its value is SET back."""
+
+    def __init__(self, server: RedisServer, keys: int, value_size: int = 20_000, prefix: str = "key",
+                 pause: float = 0.005, on_miss=None, seed: int = 1):
+        import random
+        import threading
+        self.server, self.keys, self.value_size, self.prefix = server, keys, value_size, prefix
+        self.pause, self.on_miss = pause, on_miss
+        self.rng = random.Random(seed)
+        self.hits = self.misses = self.wrong = 0
+        self.errors: list[str] = []
+        self.series: list[tuple[float, int, int]] = []    # (time, hits, misses) of each second
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "CacheReader":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> "CacheReader":
+        self._stop.set()
+        self._thread.join(30)
+        return self
+
+    def _run(self) -> None:
+        value = "v" * self.value_size
+        c = None
+        second, hits, misses = int(time.time()), 0, 0
+        while not self._stop.is_set():
+            try:
+                if c is None:
+                    c = self.server.client(5)
+                i = self.rng.randrange(self.keys)
+                got = c.call("GET", f"{self.prefix}:{i}")
+                if got is None:
+                    self.misses += 1
+                    misses += 1
+                    if self.on_miss is not None:
+                        self.on_miss(i)
+                        c.call("SET", f"{self.prefix}:{i}", value)
+                elif got == value:
+                    self.hits += 1
+                    hits += 1
+                else:
+                    self.wrong += 1
+            except Exception as e:      # counted: the test decides what an error means
+                self.errors.append(f"{type(e).__name__}: {e}"[:200])
+                if c is not None:
+                    c.close()
+                c = None
+                time.sleep(0.1)
+            now = int(time.time())
+            if now != second:
+                self.series.append((float(second), hits, misses))
+                second, hits, misses = now, 0, 0
+            if self.pause:
+                time.sleep(self.pause)
+        if c is not None:
+            c.close()
