@@ -21,7 +21,7 @@ log = logging.getLogger("dbguard")
 EXAMPLES = """\
 examples:
   dbguard run --config /etc/dbguard/dbguard.toml     the sidecar (systemd runs this)
-  dbguard run                                       protect local PostgreSQL servers with defaults
+  dbguard run                                       protect local PostgreSQL and MySQL/MariaDB servers with defaults
   dbguard run --config FILE --dry-run                log every decision, change nothing
   dbguard check-config FILE                         validate a config: exit 0, or one line naming the key
   dbguard explain --config FILE                     what dbguard sees now and what it would do, and why
@@ -95,14 +95,34 @@ def cmd_check(a: argparse.Namespace) -> int:
     report("psi", psi, "PSI wakes the loop at once" if psi else "no /proc/pressure/memory: boot with psi=1")
     for name, active, detail in protections():
         report(name, active, detail)
+    degraded = _identify_databases(cfg, report)
     all_on = all(active for _, active, _ in found)
     if a.json:
-        print(json.dumps({"all_active": all_on, "protections": [
-            {"name": name, "active": active, "detail": detail} for name, active, detail in found]}, indent=2))
+        print(json.dumps({"all_active": all_on, "status": "degraded" if degraded else "ok", "degraded": degraded,
+                          "protections": [{"name": name, "active": active, "detail": detail}
+                                          for name, active, detail in found]}, indent=2))
     else:
         for name, active, detail in found:
             _say(f"{'on ' if active else 'OFF'}  {name:<22} {detail}")
+        for line in degraded:
+            _say(f"degraded: {line}")
     return 0 if all_on else CHECK_OFF
+
+
+def _identify_databases(cfg, report) -> list[str]:
+    """Each configured (else discovered) database's server, found by fact as `run` finds it
+    (no login); the lines of those not found."""
+    from .databases import identity, registry
+    from .model import DbStats
+    dbs = cfg.databases or (tuple(registry.discover()) if cfg.general.discover else ())
+    missing = []
+    for dc in dbs:
+        f = registry.identify(dc)
+        report("identify_database", f.ok, f"{dc.kind} {dc.name}: " + (
+            f"server pid {f.pid} ({f.how})" if f.ok else f"not identified: {f.why_not}"))
+        if not f.ok:
+            missing.append(DbStats(name=dc.name, kind=dc.kind, up=False, identity=f.why_not))
+    return list(identity.degraded(missing).values())
 
 
 def cmd_bpf_source(a: argparse.Namespace) -> int:
@@ -123,7 +143,7 @@ def parser() -> argparse.ArgumentParser:
                     choices=["debug", "info", "warning", "error"], help="stderr log level (default info)")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    cfg_help = "TOML config (default: built-in defaults, local PostgreSQL servers discovered)"
+    cfg_help = "TOML config (default: built-in defaults, local PostgreSQL and MySQL/MariaDB servers discovered)"
 
     p = sub.add_parser("run", help="run the sidecar", description=(
         "Watch memory pressure and protect the configured databases until SIGTERM. SIGHUP reloads "
@@ -148,8 +168,10 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_explain)
 
     p = sub.add_parser("check", help="report which protections work on this host", description=(
-        "List each protection mechanism, whether it is active on this host, and if not, why and the fix. "
-        f"Exit 0 when every one is on, {CHECK_OFF} when one is off."))
+        "List each protection mechanism, whether it is active on this host, and if not, why and the fix; "
+        "then each configured (or discovered) database's server as `run` finds it, by fact, without logging "
+        "in: one it cannot identify makes protection \"degraded\" (every process running a database server "
+        f"executable is shielded instead). Exit 0 when every one is on, {CHECK_OFF} when one is off or degraded."))
     p.add_argument("--config", "-c", metavar="FILE", help=cfg_help)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_check)

@@ -22,6 +22,7 @@ from .assess import Assessment, assess, next_mark_bytes, recheck
 from .audit import AuditLog
 from .caches.base import AppCache
 from .config import Config
+from .databases import identity
 from .databases.base import Database
 from .errors import DbguardError
 from .host import (CAP_SYS_RESOURCE, has_capability, lock_memory, resolve_rule_users, resolve_users, sd_notify,
@@ -68,6 +69,7 @@ class Daemon:
         self._threshold: int | None = None
         self._cycle_done_at: float | None = None
         self._wake_r: int | None = None
+        self._degraded: dict[str, str] = {}       # database -> why its server is not identified
 
     @property
     def level(self) -> Level:
@@ -81,7 +83,7 @@ class Daemon:
         self.audit = AuditLog(cfg.audit.path)
         self.sensor = Sensor(cfg)
         if not self.sensor.databases:
-            log.warning("no [[databases]] configured and no local PostgreSQL found; watching host memory "
+            log.warning("no [[databases]] configured and no local PostgreSQL or MySQL/MariaDB found; watching host memory "
                         "and looking again every %.0fs", REDISCOVER_EVERY)
         stats = self.sensor.collect()
         for s in stats:
@@ -151,12 +153,16 @@ class Daemon:
             stale = STALE_AFTER_INTERVALS * self.cfg.general.interval
             if age > stale:
                 return False, f"loop stuck: last cycle completed {age:.0f}s ago (more than {stale:g}s)"
+        if self._degraded:
+            # Still protecting (hogs are killed, every database server executable is shielded),
+            # so not a failure: a restart would not identify the database either.
+            return True, "degraded: " + " | ".join(self._degraded.values())
         return True, "protection active: " + self.describe()
 
     # --- the loop ------------------------------------------------------------------------
     def cycle(self) -> tuple[Snapshot, Assessment, Plan]:
         for name in self.sensor.rediscover():
-            log.info("now protecting PostgreSQL %s", name)
+            log.info("now protecting %s", name)
             self.policy = build_policy(self.cfg, self.sensor, self.dry_run)
             self.executor.databases = self.sensor.databases
         snap = self.sensor.snapshot()
@@ -173,8 +179,19 @@ class Daemon:
         self._deferred = set(deferred)
         self._sync_bpf(snap, a.level)
         self.metrics.observe_snapshot(snap, a.level)
+        self._note_identity(snap)
         self._cycle_done_at = time.monotonic()
         return snap, a, plan
+
+    def _note_identity(self, snap: Snapshot) -> None:
+        """Say once when a database's server cannot be identified (and when it is again)."""
+        now = identity.degraded(snap.databases)
+        for name in now.keys() - self._degraded.keys():
+            log.warning("protection degraded: %s", now[name])
+        for s in snap.databases:
+            if s.name in self._degraded and s.name not in now:
+                log.info("%s %s: server identified again (pid %s, %s)", s.kind, s.name, s.server_pid, s.identity)
+        self._degraded = now
 
     def _audit_level(self, before: Level, a: Assessment) -> None:
         m = a.reading

@@ -117,6 +117,10 @@ _DB_HELP = {
     "database_shrink_step": "0: caches as the DBA configured them; higher: shrunk by dbguard.",
     "database_shrink_steps_max": "Steps this database can be shrunk by (0: nothing to shrink).",
     "database_sessions": "Sessions seen in the database.",
+    "database_identified": "1 when the database's server process is identified by fact (socket, pid file), "
+                           "SQL or not.",
+    "protection_degraded": "How many configured databases protection is degraded for, by reason "
+                           "(database_not_identified: every database server executable is shielded instead).",
 }
 
 
@@ -185,10 +189,12 @@ class Metrics:
         if m.limit_bytes:
             memory += [("memory_limit_bytes", cg, m.limit_bytes),
                        ("memory_unreclaimable_ratio", cg, m.unreclaimable_ratio)]
-        dbs = []
+        dbs = [("protection_degraded", {"reason": "database_not_identified"},
+                sum(1 for db in snap.databases if db.server_pid is None))]
         for db in snap.databases:
             labels = {"database": db.name, "kind": db.kind}
             dbs += [("database_up", labels, 1 if db.up else 0),
+                    ("database_identified", labels, 0 if db.server_pid is None else 1),
                     ("database_shrink_step", labels, db.shrink_step),
                     ("database_shrink_steps_max", labels, db.shrink_steps_max)]
             if db.up:   # a stale database's figures are unknown, not zero
@@ -242,7 +248,8 @@ class Metrics:
         else:
             ok = any(prot.values())
             detail = "protection active" if ok else "no protection mechanism active yet"
-        return ok, {"protection_active": bool(ok), "detail": detail, "protection": prot,
+        status = "failing" if not ok else "degraded" if detail.startswith("degraded") else "ok"
+        return ok, {"status": status, "protection_active": bool(ok), "detail": detail, "protection": prot,
                     "version": __version__}
 
     @property

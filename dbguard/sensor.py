@@ -73,7 +73,7 @@ class Sensor:
         return found
 
     def rediscover(self) -> list[str]:
-        """With no [[databases]]: pick up PostgreSQL servers that started since. Names added."""
+        """With no [[databases]]: pick up database servers that started since. Names added."""
         if not self.discovered or time.monotonic() - self._discovered_at < REDISCOVER_EVERY:
             return []
         # [[caches]] and [[poolers]]: names are unique across both (validate.py)

@@ -185,3 +185,13 @@ class Tracker:
     def forget(self) -> None:
         """Look again at the next get() (the facts changed: SQL named another data directory)."""
         self._last, self._tried = Found(None, why_not="not looked for yet"), float("-inf")
+
+
+def degraded(stats) -> dict[str, str]:
+    """Database name -> one line, for every configured database whose server no fact
+    identifies (Snapshot.databases): what that means and how to fix it. Pure."""
+    return {s.name: f"{s.kind} {s.name}: server not identified ({s.identity or s.error or 'no facts'}); every "
+                    "process running a database server executable is shielded instead. Fix: run dbguard as root "
+                    "on the database's host (same pid and network namespace) and check the endpoint of "
+                    f"[[databases]] {s.name}"
+            for s in stats if s.server_pid is None}
