@@ -6,13 +6,12 @@ lower maxmemory would make writes fail, so the cache is left alone and said so. 
 from INFO alone (it holds maxmemory and the policy), so a server whose CONFIG is renamed or
 denied by ACL is still read; the refusal is reported by name the first time a change fails.
 
-The owner's maxmemory is saved (with the server's run_id, pid and endpoint: its identity)
+The owner's maxmemory is saved (keyed by the server's identity: run_id, pid and endpoint)
 before the first change and removed once it is back. A server restarted meanwhile (another
-run_id) runs at its redis.conf value again: the saved value no longer applies and goes.
+run_id) runs at its redis.conf value again: the saved file is another server's, moved aside.
 """
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -25,12 +24,11 @@ from .base import AppCache
 from .endpoint import listener_pid, redis_url
 from .resp import Resp, RespError
 
-log = logging.getLogger("dbguard")
 MiB = 1024**2
 # A cache that did not answer is not asked again for this long: a hung server would otherwise
 # cost the loop its timeout every cycle.
 RETRY_DOWN = 5.0
-_SCHEMA = {"maxmemory": int, "server": str, "pid?": int, "endpoint?": str, "saved_at?": float}
+_SCHEMA = {"maxmemory": int, "saved_at?": float}
 
 
 def mib(n: int) -> str:
@@ -115,8 +113,10 @@ class Redis(AppCache):
         self.cfg = cfg
         self.name = cfg.name
         self.ep = redis_url(cfg.url)
+        self._identity: dict[str, str] | None = None     # the live server: run_id, pid, endpoint
         self.originals = Originals(state_dir, f"cache-{cfg.name}", _SCHEMA, fix=(
-            f"check maxmemory of redis {cfg.name} (CONFIG GET maxmemory) is the configured size"))
+            f"check maxmemory of redis {cfg.name} (CONFIG GET maxmemory) is the configured size"),
+            server=lambda: self._identity)
         self.conn: Resp | None = None
         self.refused = ""            # a CONFIG SET refusal, said until the server restarts
         self.refused_run = ""
@@ -168,13 +168,12 @@ class Redis(AppCache):
         return parse_info(conn.call("INFO"))
 
     def _saved(self, info: dict[str, str]) -> dict[str, Any] | None:
-        saved = self.originals.load()
-        if saved is not None and saved["server"] != info.get("run_id"):
-            log.info("redis %s restarted since dbguard lowered its maxmemory (run_id changed): it runs at its "
-                     "configured value again; the saved %s no longer applies", self.name, mib(saved["maxmemory"]))
-            self.originals.clear()
-            return None
-        return saved
+        """The saved maxmemory; a file of another server (a restart: another run_id, and it runs
+        at its redis.conf value again) is moved aside by Originals, never applied."""
+        run_id = info.get("run_id", "")
+        self._identity = {"run_id": run_id, "pid": info.get("process_id", ""), "endpoint": str(self.ep)} \
+            if run_id else None
+        return self.originals.load()
 
     def _facts(self, conn: Resp) -> tuple[dict[str, str], dict[str, Any] | None, int | None]:
         info = self._info(conn)
@@ -219,8 +218,7 @@ class Redis(AppCache):
                 self.originals.clear()
             return Outcome.done(f"maxmemory {mib(target)} (step {step}/{s.shrink_steps_max})")
         if saved is None:       # the owner's value on disk before the first change
-            self.originals.save({"maxmemory": s.configured, "server": info.get("run_id", ""), "pid": pid or 0,
-                                 "endpoint": str(self.ep), "saved_at": time.time()})
+            self.originals.save({"maxmemory": s.configured, "saved_at": time.time()})
         try:
             conn.call("CONFIG", "SET", "maxmemory", str(target))
         except RespError as e:
