@@ -5,10 +5,13 @@ idle throwaway PostgreSQL in a 1000 MB memory cgroup. Startup: from spawn to its
 audit record (written once the config is loaded, the database reached, BPF compiled and
 attached, and memory locked: the moment it is protecting). Idle CPU: utime+stime over the
 idle window after that. RSS steady: VmRSS at the end; peak: VmHWM, which with BPF is the BCC
-compile. CPU under pressure comes from the scenario runs (sampled the same way).
+compile. CPU under pressure comes from the scenario runs (sampled the same way). The idle
+case is measured as the host is and with 5,000 extra sleeping processes (benchmarks.scale's
+spawner): the cost at rest must not grow with what merely exists.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -21,9 +24,14 @@ from lab.scenario import ScenarioEnv, dbguard_config
 MiB = 1024 * 1024
 
 
-def one(bpf: bool, idle: float, log) -> dict:
+EXTRA = (0, 5000)
+
+
+def one(bpf: bool, idle: float, log, extra: int = 0) -> dict:
     from lab.pgcluster import PgCluster
-    with MemoryCgroup(1000 * MiB) as cg, PgCluster(settings={"shared_buffers": "128MB"}, cgroup=cg) as cluster, \
+
+    from .scale import sleepers
+    with sleepers(extra) if extra else contextlib.nullcontext(), MemoryCgroup(1000 * MiB) as cg, PgCluster(settings={"shared_buffers": "128MB"}, cgroup=cg) as cluster, \
             tempfile.TemporaryDirectory(prefix="dbguard-bench-cost-") as tmp:
         work = Path(tmp)
         env = ScenarioEnv(cg, cluster, work, work / "audit.jsonl", log)
@@ -38,6 +46,9 @@ def one(bpf: bool, idle: float, log) -> dict:
                     else None,
                     "rss_steady_mib": (status_kib(run.pid, "VmRSS") or 0) / 1024,
                     "rss_peak_mib": (status_kib(run.pid, "VmHWM") or 0) / 1024,
+                    "rss_anon_mib": (status_kib(run.pid, "RssAnon") or 0) / 1024,
+                    "rss_file_mib": (status_kib(run.pid, "RssFile") or 0) / 1024,
+                    "extra_processes": extra,
                     "idle_window_s": round(t2 - t1, 1)}
 
 
@@ -48,11 +59,12 @@ def run(quick: bool = False, log=print) -> dict:
     for c in ("dbguard-user", "dbguard-bpf"):
         res[c] = {"runs": []}
     for _ in range(rounds):
-        for c in ("dbguard-user", "dbguard-bpf"):
-            try:
-                r = one(c == "dbguard-bpf", idle, log)
-            except Exception as e:
-                r = {"error": f"{type(e).__name__}: {e}"[:300]}
-            res[c]["runs"].append(r)
-            log(f"{c}: {r}")
+        for extra in EXTRA:
+            for c in ("dbguard-user", "dbguard-bpf"):
+                try:
+                    r = one(c == "dbguard-bpf", idle, log, extra)
+                except Exception as e:
+                    r = {"error": f"{type(e).__name__}: {e}"[:300], "extra_processes": extra}
+                res[c]["runs"].append(r)
+                log(f"{c} +{extra}: {r}")
     return res

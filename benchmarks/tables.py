@@ -175,20 +175,25 @@ def cost_rows(data: dict) -> list[list[str]]:
         cost = data.get("cost", {}).get(c, {})
         if not runs and not cost:
             continue
-        rows.append([
-            c,
-            fmt_spread((r.get("cpu_idle_pct") for r in cost.get("runs", [])), "{:.1f}", " %")
-            if cost else fmt_spread((r.get("guard_cpu_idle_pct") for r in runs), "{:.1f}", " %"),
-            fmt_spread((r.get("guard_cpu_pressure_pct") for r in runs), "{:.1f}", " %"),
-            fmt_spread((r.get("rss_steady_mib") for r in cost.get("runs", [])), "{:.0f}", " MiB"),
-            fmt_spread((r.get("rss_peak_mib") for r in cost.get("runs", [])), "{:.0f}", " MiB"),
-            fmt_spread((ms(r.get("startup_s")) for r in cost.get("runs", [])), "{:.0f}", " ms"),
-        ])
+        by_extra: dict[int, list[dict]] = {}
+        for r in cost.get("runs", []):
+            by_extra.setdefault(r.get("extra_processes", 0), []).append(r)
+        for extra, these in sorted(by_extra.items()) or [(0, [])]:
+            rows.append([
+                c + (f", +{extra:,} idle processes" if extra else ""),
+                fmt_spread((r.get("cpu_idle_pct") for r in these), "{:.1f}", " %")
+                if these else fmt_spread((r.get("guard_cpu_idle_pct") for r in runs), "{:.1f}", " %"),
+                fmt_spread((r.get("guard_cpu_pressure_pct") for r in runs), "{:.1f}", " %") if not extra else "",
+                fmt_spread((r.get("rss_steady_mib") for r in these), "{:.0f}", " MiB"),
+                fmt_spread((r.get("rss_anon_mib") for r in these), "{:.0f}", " MiB"),
+                fmt_spread((r.get("rss_peak_mib") for r in these), "{:.0f}", " MiB"),
+                fmt_spread((ms(r.get("startup_s")) for r in these), "{:.0f}", " ms"),
+            ])
     return rows
 
 
 COST_HEADER = ["dbguard", "CPU idle (1 core = 100 %)", "CPU under pressure", "RSS steady",
-               "RSS peak (VmHWM; BCC compile)", "startup to \"protecting\""]
+               "of which anonymous", "RSS peak (VmHWM; BCC compile)", "startup to \"protecting\""]
 
 
 def run_notes(groups, scenario: str) -> list[str]:

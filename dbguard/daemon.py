@@ -25,8 +25,8 @@ from .config import Config
 from .databases import identity
 from .databases.base import Database
 from .errors import DbguardError
-from .host import (CAP_SYS_RESOURCE, has_capability, lock_memory, resolve_rule_users, resolve_users, sd_notify,
-                   watchdog_interval)
+from .host import (CAP_SYS_RESOURCE, has_capability, lock_memory, release_compiler, resolve_rule_users,
+                   resolve_users, sd_notify, watchdog_interval)
 from .metrics import Metrics
 from .model import Action, ActionKind, Level, Outcome, Plan, Snapshot
 from .policy import Policy, PolicyState
@@ -90,6 +90,7 @@ class Daemon:
             if not s.up:
                 log.warning("database %s: %s (protection goes on without SQL)", s.name, s.error)
         self.sensor.open_pressure(stats)
+        log.info("%s", self.sensor.follow_processes())
         self.policy = build_policy(cfg, self.sensor, self.dry_run)
         self.metrics = Metrics(cfg.metrics.listen, healthy=self.health)
         self.audit.on_error = self.metrics.observe_audit_error
@@ -98,6 +99,8 @@ class Daemon:
         self.executor = Executor(self.sensor.databases, self.audit, self.metrics.observe_action,
                                  recheck=self._recheck, caches=self.sensor.caches)
         self.memory_note = lock_memory() if cfg.general.lock_memory else "memory not locked (general.lock_memory)"
+        if self.bpf is not None:
+            release_compiler()
         self.metrics.set_protection(bpf=self.bpf is not None, lower_scores=self.policy.can_lower_scores
                                     and cfg.protection.lower_databases,
                                     raise_scores=cfg.protection.raise_candidates, kill=cfg.kill.enabled)
@@ -165,9 +168,12 @@ class Daemon:
             log.info("now protecting %s", name)
             self.policy = build_policy(self.cfg, self.sensor, self.dry_run)
             self.executor.databases = self.sensor.databases
-        snap = self.sensor.snapshot()
+        reading = self.sensor.reading()
         before = self.level
-        a = assess(snap.memory, self.cfg.pressure, self.state.levels, snap.ts)
+        a = assess(reading, self.cfg.pressure, self.state.levels, time.time())
+        # Under pressure every process in the scope is read afresh; at rest the table is
+        # kept up at a pace that does not grow with the number of processes.
+        snap = self.sensor.snapshot(reading, fresh=a.level >= Level.WARN)
         if a.level != before:
             self._audit_level(before, a)
         plan = self.policy.decide(snap, a, self.state)

@@ -204,8 +204,8 @@ class Metrics:
                         ("database_sessions", labels, len(db.sessions))]
                 if db.hit_ratio is not None:
                     dbs.append(("database_cache_hit_ratio", labels, db.hit_ratio))
-        tally = _Tally(role.value for role in snap.roles.values())
-        shielded = {role.value: tally.get(role.value, 0) for role in SHIELDED_ROLES}
+        tally = _Tally(snap.roles.values())
+        shielded = {role.value: tally.get(role, 0) for role in SHIELDED_ROLES}
         with self._lock:
             self._state = _State(level=int(level), ts=snap.ts, memory=memory, databases=dbs,
                                  shielded=shielded, protection=self._state.protection)

@@ -19,6 +19,8 @@ from .databases.base import Database
 from .model import CacheStats, MemoryReading, Snapshot
 from .sense.pressure import PressureMonitor
 from .sense.procfs import CGROUP_ROOT, read_procs
+from .sense.procevents import open_events
+from .sense.proctable import ProcTable, scope_members
 from .sense.scope import Scope, configured, scope_of
 
 log = logging.getLogger("dbguard")
@@ -64,6 +66,7 @@ class Sensor:
         self.pressure: PressureMonitor | None = None
         self.scope: Scope | None = None
         self.cgroup = ""
+        self.table = ProcTable()
         self.observe_collector = lambda source, ok, seconds: None
 
     def _discover(self) -> tuple[DatabaseConfig, ...]:
@@ -135,10 +138,23 @@ class Sensor:
         return Snapshot(ts=time.time(), memory=reading, procs=procs, roles=classify(procs, [], self.self_pid),
                         databases=(), self_pid=self.self_pid)
 
-    def snapshot(self) -> Snapshot:
-        reading = self.pressure.read()
+    def follow_processes(self) -> str:
+        """For a long run: learn births and exits from the kernel instead of listing /proc."""
+        self.table.events = open_events()
+        return ("process events from the kernel (netlink process connector)" if self.table.events
+                else "process connector unavailable here: /proc listed each cycle")
+
+    def reading(self) -> MemoryReading:
+        return self.pressure.read()
+
+    def snapshot(self, reading: MemoryReading | None = None, fresh: bool = True) -> Snapshot:
+        """One Snapshot. `fresh`: every process of the watched scope read this cycle (under
+        pressure, and for one-shot callers); otherwise the table is refreshed at rest's pace
+        (sense/proctable.py)."""
+        reading = reading or self.reading()
         t0 = time.monotonic()
-        procs = read_procs()
+        members = scope_members(self.cgroup) if fresh and self.cgroup else None
+        procs = self.table.refresh(fresh, members)
         self.observe_collector("procfs", True, time.monotonic() - t0)
         stats = self.collect()
         caches = self.collect_caches()
@@ -154,3 +170,6 @@ class Sensor:
                 log.warning("closing %s: %s", db.name, e)
         if self.pressure is not None:
             self.pressure.close()
+        if self.table.events is not None:
+            self.table.events.close()
+            self.table.events = None

@@ -71,7 +71,8 @@ class Policy:
         held, hogs = self._shares(snap)
         app, app_deferred = app_caches(snap, a, state, cfg.pressure, cfg.policy, held > hogs)
         deferred += app_deferred
-        actions = (scores(snap, self.verdicts(snap), state, cfg.protection, self.can_lower_scores)
+        verdicts = self.verdicts(snap)
+        actions = (scores(snap, verdicts, state, cfg.protection, self.can_lower_scores, self.judge.changed)
                    + shrink_grow + app
                    + idle_sessions(snap, a.level, state, self.db_configs)
                    + self._relief(snap, a, state))

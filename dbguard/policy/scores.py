@@ -13,9 +13,16 @@ SERVER_OOM_SCORE_ADJ = -1000
 
 
 def scores(snap: Snapshot, verdicts: dict[int, Verdict], state: PolicyState, prot: Protection,
-           can_lower: bool) -> list[Action]:
+           can_lower: bool, changed: set[int] | None = None) -> list[Action]:
+    """Score changes due. `changed`: the pids whose verdict (process, role) changed since the
+    last call, when the caller knows them: the answer for every other process is the one
+    already given (an action planned then, or none due), so they are not looked at again."""
     out = []
-    for pid, proc in snap.procs.items():
+    procs = snap.procs
+    for pid in (procs if changed is None else changed):
+        proc = procs.get(pid)
+        if proc is None:
+            continue
         role = snap.roles.get(pid, Role.OTHER)
         want, why = None, ""
         if role.is_database and prot.lower_databases and can_lower:

@@ -29,9 +29,9 @@ class PolicyState:
 
     def forget(self, snap: Snapshot) -> None:
         """Drop memories of processes and sessions that are gone (pids get reused)."""
-        live = {p.key for p in snap.procs.values()}
+        procs = snap.procs
         for d in (self.scored, self.killed):
-            for key in [key for key in d if key not in live]:
+            for key in [key for key in d if (p := procs.get(key.pid)) is None or p.start_time != key.start_time]:
                 del d[key]
         sessions = {(db.name, s.pid) for db in snap.databases if db.up for s in db.sessions}
         up = {db.name for db in snap.databases if db.up}

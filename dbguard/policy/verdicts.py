@@ -96,6 +96,11 @@ class Judge:
     _memo_snap: Snapshot | None = field(default=None, repr=False)
     _memo_level: Level = field(default=Level.OK, repr=False)
     _memo: dict[int, Verdict] = field(default_factory=dict, repr=False)
+    # pid -> (Proc, role, limit, Verdict) of the last snapshot: the process table hands the
+    # same Proc object back until it reads the process again, so a verdict is worked out
+    # once per change of its facts, not once per cycle for every process on the host.
+    _kept: dict[int, tuple[Proc, Role, int | None, Level, Verdict]] = field(default_factory=dict, repr=False)
+    changed: set[int] = field(default_factory=set, repr=False)   # pids whose verdict was worked out anew
 
     def __post_init__(self) -> None:
         self.rules = RuleSet(self.cfg.policy, self.rule_uids)
@@ -197,10 +202,23 @@ class Judge:
         if self._memo_snap is not snap or self._memo_level != self.level:
             limit = snap.memory.limit_bytes
             servers = {c.server_pid: c for c in snap.caches if c.server_pid is not None and not c.pooler}
-            self._memo = {pid: self.verdict(p, snap.roles.get(pid, Role.OTHER), snap.self_pid, limit,
-                                            servers.get(pid))
-                          for pid, p in snap.procs.items()}
-            self._memo_snap, self._memo_level = snap, self.level
+            kept, memo, changed, roles, other, level = {}, {}, set(), snap.roles, Role.OTHER, self.level
+            before = self._kept
+            for pid, p in snap.procs.items():
+                role = roles.get(pid, other)
+                server = servers.get(pid)
+                k = before.get(pid)
+                if k is not None and k[0] is p and k[1] is role and k[2] == limit and k[3] == level \
+                        and server is None:
+                    v = k[4]
+                else:
+                    v = self.verdict(p, role, snap.self_pid, limit, server)
+                    changed.add(pid)
+                if v.pss_bytes is None and "pss" not in v.why:     # PSS is read afresh each time
+                    kept[pid] = (p, role, limit, level, v)
+                memo[pid] = v
+            self._kept, self._memo, self.changed = kept, memo, changed
+            self._memo_snap, self._memo_level = snap, level
         return self._memo
 
     def ranked(self, snap: Snapshot) -> list[tuple[Proc, Verdict]]:

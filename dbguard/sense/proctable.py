@@ -1,0 +1,142 @@
+"""The process table kept from one cycle to the next, so a cycle costs what changed, not what exists.
+
+Reading /proc costs tens of microseconds per file per process; a host with 10,000 processes
+read in full each cycle spends a second on it. Most of what a process is cannot change for
+its (pid, start time): so a process is read in full when it appears, looked at once more
+while young (a fork reads as its parent until it execs), and after that only when its answer
+can matter:
+
+- under pressure (`fresh`), every process in the watched scope each cycle: the policy
+  chooses from these, and a decision rests on facts of this cycle;
+- at rest, the largest few each cycle and the rest in a slow sweep, so RSS-based rules and
+  `explain` stay roughly right at a cost that does not grow with the count.
+
+Births, execs and exits come from the kernel's process connector (sense/procevents.py)
+where it is ours to read: then /proc is not even listed at rest, and a reused pid is a death
+and a birth like any other. Without it (or when it dropped events) /proc is listed, and a
+pid reused between two listings keeps its old facts until it is read again; nothing acts
+on a stale entry: every act re-checks the process's start time through a pidfd
+(act/process.py), and under pressure the scope is read afresh.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+import time
+
+from ..model import Proc
+from .procevents import Changes, ProcEvents
+from .procfs import read_proc
+
+TOP_EACH_CYCLE = 16         # the largest processes, read every cycle even at rest
+SWEEP_SECONDS = 300.0       # at rest, every other process is read again within this time
+YOUNG_SECONDS = 2.0         # read once more if first seen this soon after its start (exec)
+FRESH_BUDGET = 4000         # most processes read in one cycle under pressure (the rest rotate)
+LIST_EVERY = 60.0           # with process events, /proc is still listed this often (belt and braces)
+
+
+def _clk_tck() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        for line in f:
+            if line.startswith(b"btime "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def scope_members(cgroup_dir: str) -> set[int] | None:
+    """Pids in a cgroup and every cgroup below it (None when it cannot be read: then
+    every process is a member as far as the caller knows)."""
+    pids: set[int] = set()
+    try:
+        for d, _, files in os.walk(cgroup_dir):
+            if "cgroup.procs" in files:
+                with open(os.path.join(d, "cgroup.procs"), "rb") as f:
+                    pids.update(int(x) for x in f.read().split())
+    except (OSError, ValueError):
+        return None
+    return pids
+
+
+class ProcTable:
+    """{pid: Proc}, refreshed incrementally (see the module's docstring)."""
+
+    def __init__(self, root: str = "/proc", sweep_seconds: float = SWEEP_SECONDS,
+                 top: int = TOP_EACH_CYCLE, budget: int = FRESH_BUDGET, events: ProcEvents | None = None):
+        self.root = root
+        self.events = events
+        self._listed_at = float("-inf")
+        self.sweep_seconds = sweep_seconds
+        self.top = top
+        self.budget = budget
+        self.procs: dict[int, Proc] = {}
+        self.born: list[int] = []           # pids that appeared in the last refresh
+        self.reads = 0                      # processes read in the last refresh (for metrics)
+        self._young: set[int] = set()
+        self._sweep: list[int] = []
+        self._last = time.monotonic()
+        self._hz = _clk_tck()
+        self._boot = _boot_time()
+
+    def _read(self, pid: int) -> None:
+        p = read_proc(pid, self.root)
+        self.reads += 1
+        if p is None:
+            self.procs.pop(pid, None)
+        else:
+            self.procs[pid] = p
+
+    def _is_young(self, p: Proc, now: float) -> bool:
+        return not p.kernel_thread and now - (self._boot + p.start_time / self._hz) < YOUNG_SECONDS
+
+    def refresh(self, fresh: bool, members: set[int] | None = None) -> dict[int, Proc]:
+        """The table now. `fresh`: read every process of `members` (None: every process)."""
+        now_mono, now = time.monotonic(), time.time()
+        elapsed, self._last = now_mono - self._last, now_mono
+        self.reads = 0
+        changes = self.events.drain() if self.events is not None else Changes(lost=True)
+        # A pid born again (exit, then a fork that reused it) is read again: born wins.
+        born, gone, again = set(changes.born), changes.exited - changes.born, set(changes.execed)
+        if changes.lost or now_mono - self._listed_at >= LIST_EVERY:
+            self._listed_at = now_mono
+            listed = {int(n) for n in os.listdir(self.root) if n.isdigit()}
+            gone |= self.procs.keys() - listed
+            born |= listed - self.procs.keys()
+            if self.events is None:
+                # Without events an exec is seen only by reading again: once more while young.
+                again |= self._young & listed
+        for pid in gone:
+            self.procs.pop(pid, None)
+        self.born = sorted(born)
+        for pid in self.born:
+            self._read(pid)
+        self._young = {pid for pid in self.born if pid in self.procs and self._is_young(self.procs[pid], now)}
+        user = [p for p in self.procs.values() if not p.kernel_thread]
+        largest = heapq.nlargest(self.top, user, key=lambda p: p.rss_bytes)
+        again.update(p.pid for p in largest)
+        if fresh:
+            chosen = [p.pid for p in user if members is None or p.pid in members]
+            again.update(self._rotate(chosen, self.budget))
+        elif user:
+            share = len(user) * min(1.0, elapsed / self.sweep_seconds) if self.sweep_seconds > 0 else len(user)
+            again.update(self._rotate([p.pid for p in user], max(1, round(share))))
+        for pid in again - born:
+            if pid in self.procs:
+                self._read(pid)
+        return dict(self.procs)
+
+    def _rotate(self, pids: list[int], n: int) -> list[int]:
+        """The next `n` of `pids` in a round that goes on across cycles."""
+        if n >= len(pids):
+            self._sweep = []
+            return pids
+        alive = set(pids)
+        self._sweep = [p for p in self._sweep if p in alive]
+        if len(self._sweep) < n:
+            queued = set(self._sweep)
+            self._sweep += [p for p in pids if p not in queued]
+        out, self._sweep = self._sweep[:n], self._sweep[n:]
+        return out
