@@ -154,7 +154,7 @@ class Sensor:
         reading = reading or self.reading()
         t0 = time.monotonic()
         members = scope_members(self.cgroup) if fresh and self.cgroup else None
-        procs = self.table.refresh(fresh, members)
+        procs = self.table.refresh(fresh, members, relative_memcg(self.cgroup) if members is not None else None)
         self.observe_collector("procfs", True, time.monotonic() - t0)
         stats = self.collect()
         caches = self.collect_caches()

@@ -41,7 +41,8 @@ class Changes:
 
 def parse(data: bytes, into: Changes) -> None:
     """Fold one datagram (one or more netlink messages) into `into`. Threads are left out:
-    a thread's fork or exit has pid != tgid."""
+    a thread's fork or exit has pid != tgid. The exit of a main thread (pid == tgid) reads
+    the same whether the process ended or only that thread did (pthread_exit)."""
     off = 0
     while off + NLMSG_HDR.size <= len(data):
         length = NLMSG_HDR.unpack_from(data, off)[0]

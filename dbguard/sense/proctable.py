@@ -76,6 +76,7 @@ class ProcTable:
         self.born: list[int] = []           # pids that appeared in the last refresh
         self.reads = 0                      # processes read in the last refresh (for metrics)
         self._young: set[int] = set()
+        self._retry: set[int] = set()
         self._sweep: list[int] = []
         self._last = time.monotonic()
         self._hz = _clk_tck()
@@ -84,22 +85,34 @@ class ProcTable:
     def _read(self, pid: int) -> None:
         p = read_proc(pid, self.root)
         self.reads += 1
-        if p is None:
-            self.procs.pop(pid, None)
-        else:
+        if p is not None:
             self.procs[pid] = p
+            return
+        self.procs.pop(pid, None)
+        if os.path.exists(f"{self.root}/{pid}"):
+            # Caught half-way (a main thread exiting, an exec): there, but not readable this
+            # instant. Look again next time rather than lose it until the next listing.
+            self._retry.add(pid)
 
     def _is_young(self, p: Proc, now: float) -> bool:
         return not p.kernel_thread and now - (self._boot + p.start_time / self._hz) < YOUNG_SECONDS
 
-    def refresh(self, fresh: bool, members: set[int] | None = None) -> dict[int, Proc]:
-        """The table now. `fresh`: read every process of `members` (None: every process)."""
+    def refresh(self, fresh: bool, members: set[int] | None = None, memcg: str | None = None) -> dict[int, Proc]:
+        """The table now. `fresh`: read every process of the scope afresh: those `members`
+        lists and those last seen in memory cgroup `memcg` or below (a process whose main
+        thread has exited is no longer listed in cgroup.procs, yet holds its memory there).
+        `members` None: every process."""
         now_mono, now = time.monotonic(), time.time()
         elapsed, self._last = now_mono - self._last, now_mono
         self.reads = 0
         changes = self.events.drain() if self.events is not None else Changes(lost=True)
-        # A pid born again (exit, then a fork that reused it) is read again: born wins.
-        born, gone, again = set(changes.born), changes.exited - changes.born, set(changes.execed)
+        # A pid born again (exit, then a fork that reused it) is read again: born wins. An
+        # exit is only a hint: the connector says the same when a main thread exits while
+        # the others live on (and hold the memory), so the pid is read again, not dropped.
+        born, gone, again = set(changes.born) | self._retry, set(), changes.execed | (changes.exited & self.procs.keys())
+        self._retry = set()
+        if fresh and members is not None:
+            born |= members - self.procs.keys()       # moved into the scope, or missed
         if changes.lost or now_mono - self._listed_at >= LIST_EVERY:
             self._listed_at = now_mono
             listed = {int(n) for n in os.listdir(self.root) if n.isdigit()}
@@ -118,7 +131,9 @@ class ProcTable:
         largest = heapq.nlargest(self.top, user, key=lambda p: p.rss_bytes)
         again.update(p.pid for p in largest)
         if fresh:
-            chosen = [p.pid for p in user if members is None or p.pid in members]
+            below = memcg.rstrip("/") + "/" if memcg else None
+            chosen = [p.pid for p in user if members is None or p.pid in members
+                      or below is not None and (p.memcg == memcg or p.memcg.startswith(below))]
             again.update(self._rotate(chosen, self.budget))
         elif user:
             share = len(user) * min(1.0, elapsed / self.sweep_seconds) if self.sweep_seconds > 0 else len(user)
