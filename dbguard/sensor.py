@@ -79,10 +79,6 @@ class Sensor:
         """With no [[databases]]: pick up database servers that started since. Names added."""
         if not self.discovered or time.monotonic() - self._discovered_at < REDISCOVER_EVERY:
             return []
-        # [[caches]] and [[poolers]]: names are unique across both (validate.py)
-        self.caches: dict[str, AppCache] = {c.name: caches_registry.make(c, "caches", cfg.general.state_dir)
-                                            for c in cfg.caches}
-        self.caches.update({c.name: caches_registry.make(c, "poolers", cfg.general.state_dir) for c in cfg.poolers})
         self._discovered_at = time.monotonic()
         added = []
         for dc in self._discover():
