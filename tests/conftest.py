@@ -48,6 +48,13 @@ def redis_host() -> None:
 
 
 @pytest.fixture(scope="session")
+def memcached_host() -> None:
+    """Root and memcached, for lab.memcached.Memcached."""
+    from lab.memcached import require as memcached_required
+    needs(memcached_required)
+
+
+@pytest.fixture(scope="session")
 def scenario_host() -> None:
     """What lab.scenario needs: root, memory cgroups, PostgreSQL 15 and pgbench."""
     from lab.scenario import require_lab

@@ -242,3 +242,15 @@ def test_a_cache_server_is_shielded_while_it_can_give_back_and_a_candidate_only_
     assert v.candidate and not v.protected and d.policy.candidates(s)[0].pid == 600
     assert any(a.kind is ActionKind.KILL and a.pid == 600 for a in plan.actions)
     assert 600 not in d.policy.kernel_view(snap_with(0, 850, [cache(1)], [redis], roles)).candidates
+
+
+def test_memcached_stats_and_steps():
+    from dbguard.caches.memcached import stats_of, to_stats as mc_stats
+    st = stats_of(["STAT pid 77", f"STAT limit_maxbytes {96 * MiB}", "STAT bytes 1000", "STAT evictions 5",
+                   "STAT get_hits 3", "STAT get_misses 1"])
+    s = mc_stats("mc", st, {"evictions": "on"}, {"limit_maxbytes": 128 * MiB}, 32 * MiB, 3, 77)
+    assert (s.limit, s.configured, s.shrink_step, s.shrink_steps_max, s.grow_bytes) == \
+        (96 * MiB, 128 * MiB, 1, 3, 32 * MiB)
+    assert s.hit_ratio == 0.75 and s.evictions == 5 and not s.why_not
+    s = mc_stats("mc", st, {"evictions": "off"}, None, 32 * MiB, 3, 77)
+    assert "-M" in s.why_not and s.shrink_steps_max == 0

@@ -1,0 +1,115 @@
+"""Throwaway memcached servers for tests (never the system's memcached service): a unix socket
+in a temp directory, running as the `memcache` OS user (the Debian package creates it), removed
+by stop() / the context manager.
+
+    with Memcached(limit_mib=128) as m:
+        m.fill(100 * MiB)
+        m.stats()["limit_maxbytes"]        # its own text protocol, read here: the tests' oracle
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from dbguard.errors import DbguardError
+
+SERVER = "/usr/bin/memcached"
+OS_USER = "memcache"
+MiB = 1024**2
+
+
+def require() -> None:
+    if os.geteuid() != 0:
+        raise DbguardError("a throwaway memcached needs root (it runs as the memcache OS user): run as root")
+    if not Path(SERVER).exists():
+        raise DbguardError("memcached not installed: apt-get install memcached (or run `make setup`)")
+    try:
+        pwd.getpwnam(OS_USER)
+    except KeyError:
+        raise DbguardError("no memcache OS user: apt-get install memcached creates it") from None
+
+
+class Memcached:
+    def __init__(self, limit_mib: int = 64, evictions: bool = True):
+        self.limit_mib, self.evictions = limit_mib, evictions
+        self.dir: Path | None = None
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def socket(self) -> str:
+        return str(self.dir / "memcached.sock")
+
+    def __enter__(self) -> "Memcached":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "Memcached":
+        self.dir = Path(tempfile.mkdtemp(prefix="dbguard-memcached-"))
+        user = pwd.getpwnam(OS_USER)
+        os.chown(self.dir, user.pw_uid, user.pw_gid)
+        self.proc = subprocess.Popen([SERVER, "-u", OS_USER, "-m", str(self.limit_mib), "-s", self.socket, "-a", "0700",
+                                      *([] if self.evictions else ["-M"])],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.stats()
+                return self
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError("memcached did not start") from None
+                time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _conn(self) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect(self.socket)
+        return s
+
+    def stats(self) -> dict[str, int | str]:
+        with self._conn() as s:
+            s.sendall(b"stats\r\n")
+            data = b""
+            while not data.endswith(b"END\r\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise OSError("closed")
+                data += chunk
+        out: dict[str, int | str] = {}
+        for line in data.decode().splitlines():
+            parts = line.split(" ", 2)
+            if len(parts) == 3 and parts[0] == "STAT":
+                out[parts[1]] = int(parts[2]) if parts[2].isdigit() else parts[2]
+        return out
+
+    def fill(self, total: int, value_size: int = 20_000, prefix: str = "k") -> int:
+        n = total // value_size
+        v = b"x" * value_size
+        with self._conn() as s:
+            for i in range(n):
+                s.sendall(b"set %s%d 0 0 %d noreply\r\n%s\r\n" % (prefix.encode(), i, value_size, v))
+            s.sendall(b"mn\r\n")      # meta no-op: answered once every set before it is done
+            data = b""
+            while b"MN\r\n" not in data:
+                data += s.recv(4096)
+        return n
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
