@@ -87,9 +87,41 @@ def timeline(data: dict, scenario: str, path: Path) -> bool:
     return True
 
 
+def scale_curve(data: dict, path: Path) -> bool:
+    """Processes on the host vs one cycle's CPU time: at rest, under pressure, and the full
+    read every cycle once cost."""
+    curve = (data.get("scale") or {}).get("curve") or []
+    if not curve:
+        return False
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    x = [c["processes"] for c in curve]
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    for key, label, color in (("full_cpu_ms", "full read of /proc + classify (every cycle, before)", "tab:red"),
+                              ("pressed_cpu_ms", "cycle under pressure (scope read afresh)", "tab:orange"),
+                              ("rest_cpu_ms", "daemon cycle at rest", "tab:green")):
+        ax.plot(x, [c[key] for c in curve], marker="o", color=color, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("processes on the host")
+    ax.set_ylabel("CPU per cycle (ms)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
 def write_all(data: dict, out_dir: Path) -> dict[str, str]:
     """scenario -> file name of its PNG, for those that could be drawn."""
     done = {}
+    if scale_curve(data, out_dir / "scale-curve.png"):
+        done["scale"] = "scale-curve.png"
     for s in PRESSURE_SCENARIOS:
         name = f"timeline-{s}.png"
         if timeline(data, s, out_dir / name):

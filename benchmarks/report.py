@@ -290,6 +290,8 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
     if data.get("scale"):
         sc = data["scale"]
         lines += ["## Scale: one sidecar cycle", "", sc.get("method", ""), "", scale_table(sc), ""]
+        if "scale" in images:
+            lines += [f"![processes vs cycle CPU]({images['scale']})", ""]
         slow = [r for r in sc.get("rows", []) if r["wall_ms"]["median"] > 1000]
         for r in slow:
             lines += [f"With {r['processes']:,} processes one cycle takes {r['wall_ms']['median']:.0f} ms: longer "

@@ -31,7 +31,7 @@ from .procfs import read_proc
 TOP_EACH_CYCLE = 16         # the largest processes, read every cycle even at rest
 SWEEP_SECONDS = 300.0       # at rest, every other process is read again within this time
 YOUNG_SECONDS = 2.0         # read once more if first seen this soon after its start (exec)
-FRESH_BUDGET = 4000         # most processes read in one cycle under pressure (the rest rotate)
+FRESH_BUDGET = 1500         # most processes read in one cycle under pressure (the rest rotate)
 LIST_EVERY = 60.0           # with process events, /proc is still listed this often (belt and braces)
 
 
