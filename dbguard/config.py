@@ -50,6 +50,7 @@ class DatabaseConfig:
     buffer_pool_floor: int = Size(128 * 1024**2)
     shrink_caches: tuple[str, ...] = ()
     # both
+    namespace_of: str = ""       # a container's: host pid, pid file or cgroup (databases/namespaces.py)
     password_file: str = ""
     password_env: str = ""
     connect_timeout: float = Bounded(3.0, 0.1, 60)

@@ -111,6 +111,18 @@ def endpoints(db: "DatabaseConfig") -> list[tuple]:
     return _endpoints(db, opts)
 
 
+def _namespace_problems(db: "DatabaseConfig", endpoints: list[tuple], key: str) -> list[str]:
+    from .databases.namespaces import spec_problem
+    why = spec_problem(db.namespace_of)
+    if why:
+        return [f"{key}.namespace_of: {why}"]
+    if not endpoints or any(e[0] != "unix" or not e[1].startswith("/") for e in endpoints):
+        where = "host=/socket/directory in dsn" if db.kind == "postgresql" else "socket"
+        return [f"{key}.namespace_of: dbguard reaches a server in a container through its unix socket; set "
+                f"{where} (the path inside the container), not a TCP address"]
+    return []
+
+
 def _show_endpoint(e: tuple) -> str:
     return f"socket {printable(e[1])}" if e[0] == "unix" else f"host {printable(e[1])} port {e[2]}"
 
@@ -128,7 +140,11 @@ def _database_problems(dbs: tuple["DatabaseConfig", ...]) -> list[str]:
         opts = parse_dsn(db.dsn, f"{key}.dsn")[0] if db.kind == "postgresql" else None
         if db.password_file:
             problems += filter(None, [_path_problem(db.password_file, f"{key}.password_file", "file")])
-        for e in _endpoints(db, opts):
+        endpoints = _endpoints(db, opts)
+        if db.namespace_of:
+            problems += _namespace_problems(db, endpoints, key)
+        for e in endpoints:
+            e = (*e, db.namespace_of)      # the same socket path in two containers: two servers
             if e in seen:
                 problems.append(f"{key}: the same server as databases[{seen[e]}] ({_show_endpoint(e)}); "
                                 "list each server once")

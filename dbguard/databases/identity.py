@@ -10,6 +10,9 @@ these; a pid file left by a crash names a pid that is gone or runs elsewhere.
 Without SQL (a refused login, a LOGIN-only role, a hung server) the endpoint alone finds the
 server: the process holding the listening socket (databases/sockets.py), and for PostgreSQL
 the socket's lock file. `Tracker` keeps what was found while that process lives.
+
+A server in a container (namespaces.py) is checked by the same facts as its container sees
+them: its files through the container's root, the pid in its pid file mapped to the host pid.
 """
 from __future__ import annotations
 
@@ -18,7 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import DbguardError
 from ..sense.procfs import live_start_time, read_proc
+from .namespaces import HOST, Host, Namespace
 
 
 @dataclass(frozen=True)
@@ -59,24 +64,29 @@ def inspect(pid: int, root: str = "/proc") -> Process | None:
     return Process(pid=pid, exe=exe, cwd=cwd)
 
 
-def same_dir(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
+def same_dir(a: str, b: str, ns: Host = HOST) -> bool:
+    return ns.realpath(a) == ns.realpath(b)
 
 
-def server_pid(pid_file: str, datadir: str, **facts) -> tuple[int | None, str]:
-    """(pid, "") when the pid file names the server of `datadir`, else (None, why not) in one line.
+def server_pid(pid_file: str, datadir: str, ns: Host = HOST, **facts) -> tuple[int | None, str]:
+    """(host pid, "") when the pid file names the server of `datadir`, else (None, why not) in
+    one line. `ns`: the server's namespaces (paths and the pid in the file are its own);
     `facts`: as for why_not_server."""
     try:
-        pid = pid_in_file(pid_file)
-    except (OSError, ValueError) as e:
-        return None, f"cannot read pid file {pid_file}: {getattr(e, 'strerror', None) or e}"
-    why = why_not_server(pid, datadir, **facts)
+        named = pid_in_file(ns.path(pid_file))
+    except (OSError, ValueError, DbguardError) as e:
+        return None, f"cannot read pid file {pid_file}{ns.where()}: {getattr(e, 'strerror', None) or e}"
+    pid = ns.host_pid(named)
+    if pid is None:
+        return None, f"process {named} from the pid file {pid_file} does not exist{ns.where()}"
+    why = why_not_server(pid, datadir, ns=ns, **facts)
     return (None, why) if why else (pid, "")
 
 
 def why_not_server(pid: int, datadir: str, *, exe_under: str = "", owner_of_datadir: bool = False,
-                   peer_pid: int | None = None, trust_unreadable: bool = False) -> str:
-    """'' when `pid` is the server of `datadir` by every fact asked for, else why not (one line).
+                   peer_pid: int | None = None, trust_unreadable: bool = False, ns: Host = HOST) -> str:
+    """'' when host pid `pid` is the server of `datadir` by every fact asked for, else why not
+    (one line). `ns`: the namespaces `datadir` and `exe_under` are named in.
 
     `trust_unreadable`: when /proc/PID/cwd is not ours to read (not root), the pid file is the
     best fact left; without it such a pid is refused.
@@ -90,17 +100,23 @@ def why_not_server(pid: int, datadir: str, *, exe_under: str = "", owner_of_data
                                             "on the server's host, as root)")
     if proc is None:
         return f"process {pid} from the pid file does not exist"
-    return mismatch(proc, datadir, exe_under=exe_under, owner_of_datadir=owner_of_datadir)
+    return mismatch(proc, datadir, exe_under=exe_under, owner_of_datadir=owner_of_datadir, ns=ns)
 
 
-def mismatch(proc: Process, datadir: str, *, exe_under: str = "", owner_of_datadir: bool = False) -> str:
-    """'' when `proc` runs as the server of `datadir`, else why not (one line)."""
-    if not same_dir(proc.cwd, datadir):
+def mismatch(proc: Process, datadir: str, *, exe_under: str = "", owner_of_datadir: bool = False,
+             ns: Host = HOST) -> str:
+    """'' when `proc` runs as the server of `datadir`, else why not (one line). /proc/PID/cwd and
+    exe of a process in a container read as the container sees them, as `datadir` is named."""
+    try:
+        same = same_dir(proc.cwd, datadir, ns)
+    except DbguardError as e:
+        return f"cannot check process {proc.pid}: {e}"
+    if not same:
         return f"process {proc.pid} does not run in the data directory {datadir}"
     if owner_of_datadir:
         status = read_proc(proc.pid)
         try:
-            data_uid = os.stat(datadir).st_uid
+            data_uid = os.stat(ns.path(datadir)).st_uid
         except OSError as e:
             return f"cannot check process {proc.pid}: {e.strerror} (dbguard must run on the server's host, as root)"
         if status is None:
@@ -132,11 +148,27 @@ def show_endpoint(e: tuple) -> str:
     return f"socket {e[1]}" if e[0] == "unix" else f"{e[1]} port {e[2]}"
 
 
-def socket_holder(endpoint: tuple, proc_root: str = "/proc") -> tuple[int | None, str]:
-    """The process listening at ("unix", path) or ("tcp", host, port): (pid, "") or (None, why
-    not). The kernel's socket tables say who holds the listening socket: no login needed."""
+def _unix_inodes_in(ns: Namespace, path: str) -> set[int]:
+    """Inodes of the sockets listening at the container's `path`: from the table of the
+    container's network namespace (/proc/<pid>/net/unix), which names them as it bound them."""
     from . import sockets
-    if endpoint[0] == "unix":
+    try:
+        with open(f"/proc/{ns.anchor}/net/unix") as f:
+            table = sockets.parse_unix(f.read())
+        want = ns.realpath(path)
+        return {inode for bound, inode in table.items() if bound == path or ns.realpath(bound) == want}
+    except (OSError, DbguardError):
+        return set()
+
+
+def socket_holder(endpoint: tuple, proc_root: str = "/proc", ns: Host = HOST) -> tuple[int | None, str]:
+    """The process listening at ("unix", path) or ("tcp", host, port): (pid, "") or (None, why
+    not). The kernel's socket tables say who holds the listening socket: no login needed.
+    `ns`: the container a unix socket path is named in."""
+    from . import sockets
+    if endpoint[0] == "unix" and isinstance(ns, Namespace):
+        inodes = _unix_inodes_in(ns, endpoint[1])
+    elif endpoint[0] == "unix":
         inodes = sockets.unix_inodes(endpoint[1], proc_root)
     else:
         inodes = sockets.tcp_inodes(endpoint[1], int(endpoint[2]), proc_root)

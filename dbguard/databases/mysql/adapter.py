@@ -17,7 +17,7 @@ from ..base import Database
 from . import sessions
 from .buffer_pool import CACHE_MINIMUMS, BufferPool, mib
 from .connection import ER_NO_SUCH_THREAD, Link, status, variables
-from ..identity import Tracker
+from ..identity import Found, Tracker
 from .identity import identify, server_pid, server_rss
 from .stats import Reading, to_stats
 
@@ -39,7 +39,14 @@ class MySQL(Database):
             "check innodb_buffer_pool_size is the configured size (SET GLOBAL)"))
         self.link = Link(cfg)
         self.pool = BufferPool(cfg, self.originals, self.link)
-        self.identity = Tracker(lambda: identify(cfg))
+        self.identity = Tracker(self._identify)
+
+    def _identify(self) -> Found:
+        try:
+            ns = self.link.ns()
+        except DbguardError as e:
+            return Found(None, why_not=str(e))
+        return identify(self.cfg, ns)
 
     def _attempt(self, work: Callable[[Any], Outcome], doing: str) -> Outcome:
         try:
@@ -66,7 +73,7 @@ class MySQL(Database):
         server_status = status(conn, "Innodb_buffer_pool%")
         own = sessions.own_id(conn)
         pool = self.pool.look(int(v["innodb_buffer_pool_size"]), server_status)
-        pid, pid_error = server_pid(v["pid_file"], v["datadir"], v["basedir"], facts.peer_pid)
+        pid, pid_error = server_pid(v["pid_file"], v["datadir"], v["basedir"], facts.peer_pid, self.link.ns())
         how = f"@@pid_file {v['pid_file']}, checked against @@datadir"
         if pid is None:                  # SQL could not confirm it: the listening socket still can
             found = self.identity.get()

@@ -193,9 +193,10 @@ class BufferPool:
         """For the RSS before and after: a resize goes ahead without it."""
         try:
             v = variables(conn, ("pid_file", "datadir", "basedir"))
+            return server_pid(v["pid_file"], v["datadir"], v["basedir"], self.link.facts.peer_pid,
+                              self.link.ns())[0]
         except Exception:
             return None
-        return server_pid(v["pid_file"], v["datadir"], v["basedir"], self.link.facts.peer_pid)[0]
 
     def _verify(self, r: Resize, head: str, step: int, configured: int, notes: list[str]) -> Outcome:
         """The variable must have moved, and on a shrink the server's memory must have fallen."""

@@ -17,6 +17,7 @@ from ...config import DatabaseConfig
 from ...errors import DbguardError
 from .facts import FACT_VARIABLES, ServerFacts, server_facts
 from .grants import needed_grants
+from ..namespaces import Host, Locator
 from .identity import peer_pid
 
 T = TypeVar("T")
@@ -55,10 +56,21 @@ class Link:
         self.conn: pymysql.connections.Connection | None = None
         self.facts: ServerFacts | None = None
         self.lock = threading.Lock()          # the main connection is used from the loop only
+        # A server in a container: its socket as the container sees it, reached through the
+        # container's root (validate.py requires socket with namespace_of).
+        self.namespace = Locator(cfg.namespace_of, cfg.socket)
 
     @property
     def where(self) -> str:
-        return self.cfg.socket or f"{self.cfg.host}:{self.cfg.port}"
+        return (self.cfg.socket or f"{self.cfg.host}:{self.cfg.port}") + (
+            f" (namespace_of {self.cfg.namespace_of})" if self.cfg.namespace_of else "")
+
+    def ns(self) -> Host:
+        """The server's namespaces (HOST without namespace_of); DbguardError when not found."""
+        try:
+            return self.namespace.get()
+        except DbguardError as e:
+            raise DbguardError(f"mysql {self.cfg.name}: cannot reach the server at {self.where}: {e}") from None
 
     def open(self, read_timeout: float) -> pymysql.connections.Connection:
         """A new connection; connect errors retried, bounded by about 2 x connect_timeout."""
@@ -66,7 +78,7 @@ class Link:
                                   connect_timeout=self.cfg.connect_timeout, read_timeout=read_timeout,
                                   write_timeout=self.cfg.statement_timeout + 1, autocommit=True, charset="utf8mb4")
         if self.cfg.socket:
-            kw["unix_socket"] = self.cfg.socket
+            kw["unix_socket"] = self.ns().path(self.cfg.socket)
         else:
             kw.update(host=self.cfg.host, port=self.cfg.port)
         retry = tenacity.Retrying(

@@ -15,6 +15,7 @@ import struct
 from ...config import DatabaseConfig
 from ...sense.procfs import read_proc
 from .. import identity, registry
+from ..namespaces import HOST, Host
 
 
 def peer_pid(conn) -> int | None:
@@ -29,9 +30,12 @@ def peer_pid(conn) -> int | None:
         return None
 
 
-def server_pid(pid_file: str, datadir: str, basedir: str, peer: int | None) -> tuple[int | None, str]:
-    """(pid, "") for the verified mysqld, else (None, why not) in one line."""
-    return identity.server_pid(pid_file, datadir, exe_under=basedir, owner_of_datadir=True, peer_pid=peer)
+def server_pid(pid_file: str, datadir: str, basedir: str, peer: int | None,
+               ns: Host = HOST) -> tuple[int | None, str]:
+    """(host pid, "") for the verified mysqld, else (None, why not) in one line. `ns`: the
+    server's namespaces when it runs in a container (its variables name its own paths and pid;
+    SO_PEERCRED already gives the host's pid)."""
+    return identity.server_pid(pid_file, datadir, ns, exe_under=basedir, owner_of_datadir=True, peer_pid=peer)
 
 
 def server_rss(pid: int | None) -> int | None:
@@ -40,14 +44,14 @@ def server_rss(pid: int | None) -> int | None:
     return proc.rss_bytes if proc else None
 
 
-def identify(cfg: DatabaseConfig) -> identity.Found:
+def identify(cfg: DatabaseConfig, ns: Host = HOST) -> identity.Found:
     """The mysqld / mariadbd `cfg` reaches, without logging in: the process holding the
     listening socket (unix or TCP), if it runs a MySQL server executable (not a proxy in
-    front of one); its working directory is the data directory."""
+    front of one); its working directory is the data directory. `ns`: its container."""
     from ...validate import endpoints
     reasons = []
     for e in endpoints(cfg):
-        pid, why = identity.socket_holder(e)
+        pid, why = identity.socket_holder(e, ns=ns)
         if pid is None:
             reasons.append(why)
             continue

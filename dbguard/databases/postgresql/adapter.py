@@ -40,6 +40,14 @@ _STATE_SCHEMA = {"step": int, "saved_at": float,
                  "settings": {str: {"value": str, "bytes": int, "auto_conf": bool, "set?": str, "was?": str}}}
 
 
+def _host_pids(activity: list[list], pid_map: dict[int, int] | None) -> list[list]:
+    """pg_stat_activity rows with the container's pids replaced by the host's (rows of a
+    process that has exited since are left out); unchanged when the server shares our pids."""
+    if pid_map is None:
+        return activity
+    return [[pid_map[row[0]], *row[1:]] for row in activity if row[0] in pid_map]
+
+
 class PostgreSQL(Database):
     kind = "postgresql"
 
@@ -54,7 +62,7 @@ class PostgreSQL(Database):
         self._used_buffers: int | None = None
         self._used_buffers_at = float("-inf")
         self._used_buffers_note = ""
-        self.identity = Tracker(lambda: identify(cfg, self.link.data_directory))
+        self.identity = Tracker(self._identify)
         self._looked_at_open = 0
 
     def _attempt(self, work: Callable[[psycopg.Connection], Outcome],
@@ -84,6 +92,13 @@ class PostgreSQL(Database):
         except Exception as e:          # never into the main loop
             return self._down(f"{self.link.where}: unexpected {type(e).__name__}: {one_line(e)}")
 
+    def _identify(self) -> Found:
+        try:
+            ns = self.link.ns()
+        except DbguardError as e:
+            return Found(None, why_not=str(e))
+        return identify(self.cfg, self.link.data_directory, ns)
+
     def _down(self, error: str) -> DbStats:
         f = self.found()
         return down_stats(self.name, error, f.pid, f.data_directory or self.link.data_directory,
@@ -93,6 +108,7 @@ class PostgreSQL(Database):
         with conn.cursor() as cur:
             cur.execute(COLLECT_SQL, {"qmax": QUERY_MAX, "names": ["shared_buffers", *self.cfg.shrink_settings]})
             activity, settings, hit_ratio = cur.fetchone()
+        activity = _host_pids(activity, self.link.ns().pid_map())
         reading = Reading(activity=activity, settings=settings or {}, hit_ratio=hit_ratio,
                           used_buffers=self._sample_buffercache(conn), block_size=self.link.block_size)
         notes: dict[str, str] = {}
@@ -155,7 +171,13 @@ class PostgreSQL(Database):
         return self._end(pid, sessions.TERMINATE)
 
     def _end(self, pid: int, how: tuple[str, str]) -> Outcome:
-        return self._attempt(lambda conn: sessions.end(conn, pid, how, self.link.where),
+        """`pid` is the host's; a server in a container knows its backends by their pids there."""
+        def work(conn: psycopg.Connection) -> Outcome:
+            own = self.link.ns().ns_pid(pid)
+            if own is None:
+                return Outcome.gone(f"pid {pid} is not in the namespace of {self.link.where}")
+            return sessions.end(conn, own, how, self.link.where, host_pid=pid)
+        return self._attempt(work,
                              denied=lambda: sessions.permission_denied(how[0], pid, self.link.user))
 
     def close(self) -> None:

@@ -19,6 +19,7 @@ from ...config import DatabaseConfig
 from ...errors import DbguardError
 from ...validate import parse_dsn
 from ..bounded import BoundedCaller, Busy, Overdue
+from ..namespaces import HOST, Host, Locator
 
 T = TypeVar("T")
 
@@ -72,7 +73,12 @@ class Connection:
         info, problems = parse_dsn(cfg.dsn, f"databases.{cfg.name}.dsn")   # libpq's errors quote the DSN
         if info is None:
             raise DbguardError(problems[0])
-        self.where = f"host={info.get('host', '/var/run/postgresql')} port={info.get('port', 5432)}"
+        self.where = f"host={info.get('host', '/var/run/postgresql')} port={info.get('port', 5432)}" + (
+            f" (namespace_of {cfg.namespace_of})" if cfg.namespace_of else "")
+        # A server in a container: its socket directory as the container sees it, reached
+        # through the container's root (validate.py requires host=/directory with namespace_of).
+        self._hosts = [h.strip() for h in info.get("host", "").split(",")]
+        self.namespace = Locator(cfg.namespace_of, self._hosts[0])
         self.data_directory = cfg.data_directory    # from SHOW data_directory once connected
         self.system_identifier = ""                 # pg_control_system(), read at every connect
         self.superuser = False
@@ -144,6 +150,9 @@ class Connection:
                                   connect_timeout=max(1, round(self.cfg.connect_timeout)))
         if password is not None:
             kw["password"] = password
+        ns = self.ns()
+        if ns is not HOST:
+            kw["host"] = ",".join(ns.path(h) for h in self._hosts)
 
         def transient(e: BaseException) -> bool:
             return isinstance(e, psycopg.OperationalError) and not any(p in str(e) for p in _PERMANENT)
@@ -191,6 +200,14 @@ class Connection:
         if not self.system_identifier:
             return None
         return {"system_identifier": self.system_identifier, "data_directory": self.data_directory or ""}
+
+    def ns(self) -> Host:
+        """The server's namespaces (HOST without namespace_of). Raises DbguardError when the
+        container is not found (not running, or no process of it sees the socket directory)."""
+        try:
+            return self.namespace.get()
+        except DbguardError as e:
+            raise DbguardError(f"cannot connect to {self.where}: {e}") from None
 
     def failed(self, e: psycopg.Error) -> str:
         """One line for a failed statement; drops a broken connection so the next call reconnects."""

@@ -4,6 +4,11 @@ By fact, not by name: a process counts as a postmaster only if its executable is
 binary AND the data directory it runs in holds a postmaster.pid whose first line is that
 very pid. Children (checkpointer, backends) run in the same directory but are not the pid
 in the file; a process merely called postgres has no such file.
+
+A postmaster in a container (another mount namespace: a pod, `unshare --mount`) is found the
+same way, as the container sees it (namespaces.py): its data directory and postmaster.pid
+through its root, the pid in the file compared with the pid it has there. Its entry gets
+namespace_of = its host pid, so dbguard connects through the socket inside that root.
 """
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ import os
 import re
 
 from ...config import DatabaseConfig
+from ...errors import DbguardError
 from .. import identity, registry
+from ..namespaces import HOST, Host, Namespace
 
 POSTGRES_EXES = registry.kind("postgresql").executables
 # postmaster.pid lines (0-based): pid, data dir, start time, port, socket dir, listen address
@@ -66,6 +73,39 @@ def dsn_for(info: dict[str, str]) -> str:
 
 
 # --- reading /proc -------------------------------------------------------------------------------
+def _namespace(proc_root: str, pid: int) -> Host | None:
+    """HOST for a process in our mount namespace, its Namespace for one in a container."""
+    if proc_root != "/proc":
+        return HOST                     # a fixture tree: no namespaces to cross
+    mine = _readlink("/proc/self/ns/mnt")
+    theirs = _readlink(f"/proc/{pid}/ns/mnt")
+    if theirs is None:
+        return None
+    return HOST if theirs == mine else Namespace.of(pid)
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def container_name(ns: Namespace) -> str:
+    """What tells one container from another in a database's name: its hostname (a pod's name)
+    when it has its own, else its mount namespace."""
+    try:
+        with open(ns.path("/etc/hostname")) as f:
+            theirs = f.read(256).strip()
+        with open("/etc/hostname") as f:
+            ours = f.read(256).strip()
+        if theirs and theirs != ours:
+            return theirs
+    except (OSError, DbguardError):
+        pass
+    return ns.mnt.replace("mnt:[", "mnt").rstrip("]")
+
+
 def _postmaster(proc_root: str, pid: int) -> DatabaseConfig | None:
     try:
         proc = identity.inspect(pid, proc_root)
@@ -75,16 +115,22 @@ def _postmaster(proc_root: str, pid: int) -> DatabaseConfig | None:
         return None
     if proc is None or os.path.basename(proc.exe) not in POSTGRES_EXES:
         return None
+    ns = _namespace(proc_root, pid)
+    if ns is None:
+        return None
     data_dir = data_dir_from_cmdline(argv[1:], proc.cwd)
     try:
-        with open(os.path.join(data_dir, "postmaster.pid")) as f:
+        with open(ns.path(os.path.join(data_dir, "postmaster.pid"))) as f:
             info = parse_postmaster_pid(f.read())
-    except OSError:
+    except (OSError, DbguardError):
         return None
-    if info is None or int(info["pid"]) != pid:
+    if info is None or int(info["pid"]) != ns.ns_pid(pid):
         return None
-    return DatabaseConfig(kind="postgresql", name=cluster_name(data_dir, argv), dsn=dsn_for(info),
-                          data_directory=data_dir)
+    name = cluster_name(data_dir, argv)
+    if isinstance(ns, Namespace):
+        name = f"{name}@{container_name(ns)}"
+    return DatabaseConfig(kind="postgresql", name=name, dsn=dsn_for(info), data_directory=data_dir,
+                          namespace_of=str(pid) if isinstance(ns, Namespace) else "")
 
 
 def discover_postgresql(proc_root: str = "/proc") -> list[DatabaseConfig]:

@@ -16,23 +16,27 @@ CANCEL = ("pg_cancel_backend", "cancelled the running statement of")
 TERMINATE = ("pg_terminate_backend", "terminated")
 
 
-def end(conn: psycopg.Connection, pid: int, how: tuple[str, str], where: str) -> Outcome:
+def end(conn: psycopg.Connection, pid: int, how: tuple[str, str], where: str, host_pid: int | None = None) -> Outcome:
+    """`pid` as the server knows it; `host_pid`: the same process's pid on the host when the
+    server runs in a container (namespaces.py), for the messages and the liveness check."""
     function, done = how
+    host = pid if host_pid is None else host_pid
+    label = str(pid) if host == pid else f"{pid} (host pid {host})"
     with conn.cursor() as cur:
         cur.execute("SELECT backend_type, pid = pg_backend_pid() FROM pg_stat_activity WHERE pid = %s", [pid])
         row = cur.fetchone()
         if row is None:
             # Not listed: a session that ended since it was seen is gone; a live process is no session.
-            why = f"pid {pid} is not a backend of {where}"
-            return Outcome.refused(why) if _alive(pid) else Outcome.gone(why)
+            why = f"pid {label} is not a backend of {where}"
+            return Outcome.refused(why) if _alive(host) else Outcome.gone(why)
         backend_type, is_self = row
         if is_self or role_of(backend_type or "") is not Role.PG_BACKEND:
-            return Outcome.refused(f"pid {pid} is a {backend_type or 'server process'}, not a session; left alone")
+            return Outcome.refused(f"pid {label} is a {backend_type or 'server process'}, not a session; left alone")
         cur.execute(sql.SQL("SELECT {}(%s)").format(sql.Identifier(function)), [pid])
         ok = cur.fetchone()[0]
     if not ok:
         return Outcome.gone(f"{function}({pid}) returned false: the session is gone")
-    return Outcome.done(f"{done} {backend_type} {pid}")
+    return Outcome.done(f"{done} {backend_type} {label}")
 
 
 def _alive(pid: int) -> bool:
