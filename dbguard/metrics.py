@@ -85,7 +85,7 @@ class _StateCollector(Collector):
             yield _gauge("last_snapshot_timestamp_seconds",
                          "Unix time of the last complete sense cycle.", st.ts)
         yield from _families(st.memory, _MEMORY_HELP)
-        yield from _families(st.databases, _DB_HELP)
+        yield from _families(st.databases, {**_DB_HELP, **_CACHE_HELP})
         fam = GaugeMetricFamily(f"{PREFIX}_shielded_processes",
                                 "Processes dbguard never signals and shields from the OOM killer, by role.",
                                 labels=["role"])
@@ -122,6 +122,49 @@ _DB_HELP = {
     "protection_degraded": "How many configured databases protection is degraded for, by reason "
                            "(database_not_identified: every database server executable is shielded instead).",
 }
+
+
+_CACHE_HELP = {
+    "cache_up": "1 when the application cache ([[caches]]) answered this cycle.",
+    "cache_used_bytes": "Memory the cache holds in items: Redis used_memory, memcached bytes.",
+    "cache_limit_bytes": "Its memory limit now: Redis maxmemory, memcached limit_maxbytes.",
+    "cache_configured_limit_bytes": "The limit its owner configured (what dbguard puts back).",
+    "cache_shrink_step": "0: the cache's limit as configured; higher: lowered by dbguard.",
+    "cache_shrink_steps_max": "Steps this cache can be lowered by (0: it cannot give memory back).",
+    "cache_evictions": "Keys the cache server has evicted since it started (its own count).",
+    "cache_hit_ratio": "The cache's hit ratio since it started, 0 to 1 (absent before any read).",
+    "pooler_up": "1 when the pooler's admin console ([[poolers]]) answered this cycle.",
+    "pooler_pool_size": "Server connections per pool now (PgBouncer default_pool_size).",
+    "pooler_configured_pool_size": "The pool size its owner configured (what dbguard puts back).",
+    "pooler_server_connections": "Server connections the pooler holds to the database now.",
+    "pooler_clients_waiting": "Clients waiting in the pooler's queue for a server connection.",
+    "pooler_shrink_step": "0: pool sizes as configured; higher: lowered by dbguard.",
+}
+
+
+def _cache_rows(snap: Snapshot) -> list[tuple[str, dict[str, str], float]]:
+    rows: list[tuple[str, dict[str, str], float]] = []
+    for c in snap.caches:
+        if c.pooler:
+            labels = {"pooler": c.name, "kind": c.kind}
+            rows.append(("pooler_up", labels, 1 if c.up else 0))
+            if c.up:
+                rows += [("pooler_pool_size", labels, c.limit), ("pooler_configured_pool_size", labels, c.configured),
+                         ("pooler_server_connections", labels, c.memory),
+                         ("pooler_clients_waiting", labels, c.extra.get("clients_waiting", 0)),
+                         ("pooler_shrink_step", labels, c.shrink_step)]
+            continue
+        labels = {"cache": c.name, "kind": c.kind}
+        rows.append(("cache_up", labels, 1 if c.up else 0))
+        if c.up:        # a cache that does not answer: its figures are unknown, not zero
+            rows += [("cache_used_bytes", labels, c.memory), ("cache_limit_bytes", labels, c.limit),
+                     ("cache_configured_limit_bytes", labels, c.configured),
+                     ("cache_shrink_step", labels, c.shrink_step),
+                     ("cache_shrink_steps_max", labels, 0 if c.why_not else c.shrink_steps_max),
+                     ("cache_evictions", labels, c.evictions)]
+            if c.hit_ratio is not None:
+                rows.append(("cache_hit_ratio", labels, c.hit_ratio))
+    return rows
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -204,6 +247,7 @@ class Metrics:
                         ("database_sessions", labels, len(db.sessions))]
                 if db.hit_ratio is not None:
                     dbs.append(("database_cache_hit_ratio", labels, db.hit_ratio))
+        dbs += _cache_rows(snap)
         tally = _Tally(snap.roles.values())
         shielded = {role.value: tally.get(role, 0) for role in SHIELDED_ROLES}
         with self._lock:

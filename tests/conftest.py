@@ -55,6 +55,14 @@ def memcached_host() -> None:
 
 
 @pytest.fixture(scope="session")
+def pgbouncer_host() -> None:
+    """Root, PostgreSQL 15 and pgbouncer, for lab.pgbouncer.PgBouncer."""
+    from lab.pgbouncer import require as pgbouncer_required
+    needs(require.postgresql)
+    needs(pgbouncer_required)
+
+
+@pytest.fixture(scope="session")
 def scenario_host() -> None:
     """What lab.scenario needs: root, memory cgroups, PostgreSQL 15 and pgbench."""
     from lab.scenario import require_lab

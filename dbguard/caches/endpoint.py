@@ -2,18 +2,15 @@
 
 The url is parsed here, purely (config checks use it); the owner is found by fact: the
 listening socket's inode in /proc/net/{tcp,tcp6,unix} and the process holding a descriptor
-for that inode, never by a process's name.
+for that inode (databases/sockets.py), never by a process's name.
 """
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-LISTEN = "0A"           # TCP_LISTEN in /proc/net/tcp
-UNIX_LISTENING = 1 << 16  # __SO_ACCEPTCON in /proc/net/unix flags
+from ..databases import sockets
 
 
 @dataclass(frozen=True)
@@ -98,85 +95,13 @@ def host_port(text: str, default_port: int = 11211) -> Endpoint:
 
 # --- the owner of a listening socket --------------------------------------------------------------
 
-def _tcp_inodes(port: int, host: str, root: str) -> set[int]:
-    """Inodes of sockets listening on `port` at `host` (or at a wildcard address)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        addrs = {ipaddress.ip_address(i[4][0]) for i in infos}
-    except (OSError, ValueError):
-        addrs = set()
-    inodes = set()
-    for name in ("tcp", "tcp6"):
-        try:
-            with open(f"{root}/net/{name}") as f:
-                next(f, None)
-                for line in f:
-                    cols = line.split()
-                    if len(cols) < 10 or cols[3] != LISTEN:
-                        continue
-                    local_hex, port_hex = cols[1].split(":")
-                    if int(port_hex, 16) != port:
-                        continue
-                    local = _hex_addr(local_hex)
-                    if local is None or local.is_unspecified or local in addrs or _mapped(local) in addrs:
-                        inodes.add(int(cols[9]))
-        except OSError:
-            continue
-    return inodes
-
-
-def _hex_addr(h: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address as /proc/net/tcp{,6} writes it (32-bit words in host byte order)."""
-    try:
-        raw = bytes.fromhex(h)
-    except ValueError:
-        return None
-    words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
-    return ipaddress.ip_address(words) if len(words) in (4, 16) else None
-
-
-def _mapped(a):
-    return getattr(a, "ipv4_mapped", None)
-
-
-def _unix_inodes(path: str, root: str) -> set[int]:
-    inodes = set()
-    want = os.path.normpath(path)
-    try:
-        with open(f"{root}/net/unix") as f:
-            next(f, None)
-            for line in f:
-                cols = line.split()
-                if len(cols) >= 8 and int(cols[3], 16) & UNIX_LISTENING and os.path.normpath(cols[7]) == want:
-                    inodes.add(int(cols[6]))
-    except OSError:
-        pass
-    return inodes
-
-
-def _holds(pid: int, targets: set[str], root: str) -> bool:
-    try:
-        for fd in os.scandir(f"{root}/{pid}/fd"):
-            try:
-                if os.readlink(fd.path) in targets:
-                    return True
-            except OSError:
-                continue
-    except OSError:
-        pass
-    return False
-
-
 def listener_pid(ep: Endpoint, hint: int | None = None, root: str = "/proc") -> int | None:
     """The pid of the process holding the socket that listens at `ep` (`hint`, the pid the server
-    says it has, is tried first); None when none is found (not listening, or not ours to read)."""
-    inodes = _unix_inodes(ep.path, root) if ep.kind == "unix" else _tcp_inodes(ep.port, ep.host, root)
+    says it has, is tried first); None when none is found (not listening, or not ours to read).
+    The kernel's socket tables are read by databases/sockets.py, as for a database."""
+    inodes = sockets.unix_inodes(ep.path, root) if ep.kind == "unix" else sockets.tcp_inodes(ep.host, ep.port, root)
     if not inodes:
         return None
-    targets = {f"socket:[{i}]" for i in inodes}
-    if hint is not None and _holds(hint, targets, root):
+    if hint is not None and sockets.holders(inodes, [hint], root):
         return hint
-    for entry in os.scandir(root):
-        if entry.name.isdigit() and _holds(int(entry.name), targets, root):
-            return int(entry.name)
-    return None
+    return sockets.eldest(sockets.holders(inodes, None, root), root)

@@ -81,6 +81,9 @@ class Role:
             "dbguard_extra_config": {
                 "pressure": {"warn_psi_some": 5.0},
                 "policy": {"rules": [{"name": "batch jobs first", "action": "prefer", "user": ["nobody"]}]},
+                "caches": [{"name": "app-cache", "kind": "redis", "url": "redis://127.0.0.1:6379", "floor": "64MiB"}],
+                "poolers": [{"kind": "pgbouncer",
+                             "dsn": "host=/run/postgresql port=6432 dbname=pgbouncer user=pgbouncer"}],
             },
         }
 
@@ -144,6 +147,7 @@ def test_install_reload_restart_upgrade_uninstall(debs, tmp_path):
     assert cfg["databases"][1]["buffer_pool_floor"] == "256MiB" and cfg["general"]["dry_run"] is False
     assert cfg["pressure"]["warn_psi_some"] == 5.0 and cfg["pressure"]["warn_usage"] == 0.8   # extra merged in
     assert cfg["policy"]["rules"] == [{"name": "batch jobs first", "action": "prefer", "user": ["nobody"]}]
+    assert cfg["caches"][0]["url"] == "redis://127.0.0.1:6379" and cfg["poolers"][0]["kind"] == "pgbouncer"
     assert cfg["bpf"]["enabled"] == "auto" and cfg["metrics"]["listen"] == "127.0.0.1:9633"
 
     # idempotent

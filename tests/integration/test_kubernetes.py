@@ -101,6 +101,8 @@ def test_sidecar_shares_the_process_namespace_and_takes_config_and_dsn_from_the_
     assert cfg.databases[0].password_env in dsn_secret["stringData"]
     assert {"PGHOST", "PGUSER"} <= set(dsn_secret["stringData"])
     assert "password" not in cfg.databases[0].dsn
+    assert [(c.kind, c.url) for c in cfg.caches] == [("redis", "redis://127.0.0.1:6379")], \
+        "the sidecar example shows the application's cache next to the database"
 
 
 @pytest.mark.parametrize("name", ["daemonset.yaml", "postgres-sidecar.yaml"])

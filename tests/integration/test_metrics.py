@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dbguard.errors import DbguardError
 from dbguard.metrics import Metrics
-from dbguard.model import (Action, ActionKind, DbSession, DbStats, Level, MemoryReading, Outcome, Proc, Role,
+from dbguard.model import (Action, ActionKind, CacheStats, DbSession, DbStats, Level, MemoryReading, Outcome, Proc, Role,
                            Snapshot)
 
 MiB = 1024**2
@@ -35,7 +35,13 @@ def make_snapshot(*, pg_up: bool = True, cgroup: str = "/sys/fs/cgroup/memory/te
                  hit_ratio=None, shrink_step=2, shrink_steps_max=4)
     mem = MemoryReading(cgroup=cgroup, cgroup_version=1, usage_bytes=900 * MiB, limit_bytes=1000 * MiB,
                         psi_some_avg10=12.5, psi_full_avg10=3.0, reclaimable_bytes=100 * MiB)
-    return Snapshot(ts=1_700_000_000.0, memory=mem, procs=procs, roles=roles, databases=(pg, my), self_pid=30)
+    caches = (CacheStats(name="app", kind="redis", up=True, server_pid=50, memory=200 * MiB, limit=192 * MiB,
+                         configured=256 * MiB, shrink_step=1, shrink_steps_max=3, evictions=17, hit_ratio=0.9),
+              CacheStats(name="gone", kind="memcached", up=False, error="down"),
+              CacheStats(name="pgb", kind="pgbouncer", up=True, pooler=True, unit="connections", memory=6, limit=6,
+                         configured=8, shrink_step=1, shrink_steps_max=3, extra={"clients_waiting": 2}))
+    return Snapshot(ts=1_700_000_000.0, memory=mem, procs=procs, roles=roles, databases=(pg, my), self_pid=30,
+                    caches=caches)
 
 
 def feed_everything(m: Metrics) -> None:
@@ -278,3 +284,18 @@ def test_idle_connections_are_closed_after_the_timeout():
         for c in conns:
             c.close()
         server.close()
+
+
+def test_caches_and_poolers_are_exported_and_a_cache_that_is_down_has_no_figures(served):
+    m, url = served
+    m.observe_snapshot(make_snapshot(), Level.WARN)
+    s = samples(get(url + "/metrics")[2])
+    app = (("cache", "app"), ("kind", "redis"))
+    assert s[("dbguard_cache_limit_bytes", app)] == 192 * MiB
+    assert s[("dbguard_cache_configured_limit_bytes", app)] == 256 * MiB
+    assert s[("dbguard_cache_shrink_step", app)] == 1 and s[("dbguard_cache_evictions", app)] == 17
+    gone = (("cache", "gone"), ("kind", "memcached"))
+    assert s[("dbguard_cache_up", gone)] == 0 and ("dbguard_cache_limit_bytes", gone) not in s
+    pgb = (("kind", "pgbouncer"), ("pooler", "pgb"))
+    assert s[("dbguard_pooler_pool_size", pgb)] == 6 and s[("dbguard_pooler_configured_pool_size", pgb)] == 8
+    assert s[("dbguard_pooler_clients_waiting", pgb)] == 2

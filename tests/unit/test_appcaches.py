@@ -8,7 +8,7 @@ import os
 import pytest
 
 from dbguard import config
-from dbguard.caches.endpoint import BadUrl, _hex_addr, host_port, listener_pid, redis_url
+from dbguard.caches.endpoint import BadUrl, host_port, listener_pid, redis_url
 from dbguard.caches.redis import cannot_evict, expiring_keys, parse_info, refusal, to_stats
 from dbguard.caches.resp import RespError
 from dbguard.errors import ConfigError
@@ -123,7 +123,6 @@ def test_the_listener_is_found_by_its_socket_inode(tmp_path):
     assert listener_pid(redis_url("redis://127.0.0.1:6379"), hint=10, root=str(tmp_path)) == 20
     assert listener_pid(redis_url("redis://127.0.0.1:6380"), root=str(tmp_path)) is None
     assert listener_pid(redis_url("unix:///run/r.sock"), root=str(tmp_path)) == 30
-    assert str(_hex_addr("0100007F")) == "127.0.0.1"
 
 
 # --- Redis facts -----------------------------------------------------------------------------------

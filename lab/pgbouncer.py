@@ -1,0 +1,132 @@
+"""A throwaway PgBouncer in front of a lab PostgreSQL (never the system's pgbouncer service):
+its own temp directory (pgbouncer.ini, userlist, socket, log), a free port on 127.0.0.1,
+transaction pooling, trust auth, run as the postgres OS user (PgBouncer refuses root), removed
+by stop() / the context manager.
+
+    with PgBouncer(pg, pool_size=8) as b:
+        b.dsn("app")          # clients: the database "app" through the pooler
+        b.admin_dsn           # the admin console, for dbguard ([[poolers]] dsn)
+        b.show("CONFIG")      # psql against the console: the tests' oracle
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from dbguard.errors import DbguardError
+
+from .mariadb import free_port
+from .pgcluster import PG_BIN, PgCluster
+
+SERVER = "/usr/sbin/pgbouncer"
+OS_USER = "postgres"
+ADMIN = "dbguard"
+
+
+def require() -> None:
+    if os.geteuid() != 0:
+        raise DbguardError("a throwaway PgBouncer needs root (it runs as the postgres OS user): run as root")
+    if not Path(SERVER).exists():
+        raise DbguardError("pgbouncer not installed: apt-get install pgbouncer (or run `make setup`)")
+
+
+class PgBouncer:
+    def __init__(self, pg: PgCluster, pool_size: int = 8, max_db_connections: int = 0):
+        self.pg, self.pool_size, self.max_db = pg, pool_size, max_db_connections
+        self.dir: Path | None = None
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> "PgBouncer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    @property
+    def socket_dir(self) -> str:
+        return str(self.dir)
+
+    @property
+    def admin_dsn(self) -> str:
+        return f"host={self.dir} port={self.port} dbname=pgbouncer user={ADMIN}"
+
+    def dsn(self, dbname: str = "app") -> str:
+        return f"host={self.dir} port={self.port} dbname={dbname} user=postgres"
+
+    def start(self) -> "PgBouncer":
+        user = pwd.getpwnam(OS_USER)
+        self.dir = Path(tempfile.mkdtemp(prefix="dbguard-pgbouncer-"))
+        os.chown(self.dir, user.pw_uid, user.pw_gid)
+        os.chmod(self.dir, 0o755)
+        self.port = free_port()
+        (self.dir / "userlist.txt").write_text(f'"postgres" ""\n"{ADMIN}" ""\n')
+        (self.dir / "pgbouncer.ini").write_text("\n".join([
+            "[databases]",
+            f"app = host={self.pg.socket_dir} port={self.pg.port} dbname=postgres",
+            "[pgbouncer]",
+            "listen_addr = 127.0.0.1", f"listen_port = {self.port}", f"unix_socket_dir = {self.dir}",
+            "auth_type = trust", f"auth_file = {self.dir / 'userlist.txt'}", f"admin_users = {ADMIN}",
+            "pool_mode = transaction", f"default_pool_size = {self.pool_size}",
+            f"max_db_connections = {self.max_db}", "max_client_conn = 500",
+            f"logfile = {self.dir / 'pgbouncer.log'}", f"pidfile = {self.dir / 'pgbouncer.pid'}", ""]))
+        for f in self.dir.iterdir():
+            os.chown(f, user.pw_uid, user.pw_gid)
+
+        def preexec() -> None:
+            os.setgroups([])
+            os.setgid(user.pw_gid)
+            os.setuid(user.pw_uid)
+        self.proc = subprocess.Popen([SERVER, str(self.dir / "pgbouncer.ini")], preexec_fn=preexec,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                self.show("VERSION")
+                return self
+            except RuntimeError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    log = self.log()[-1500:]
+                    self.stop()
+                    raise RuntimeError(f"pgbouncer did not start: {log}") from None
+                time.sleep(0.1)
+
+    def log(self) -> str:
+        try:
+            return (self.dir / "pgbouncer.log").read_text(errors="replace")
+        except (OSError, TypeError):
+            return ""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def show(self, what: str) -> list[dict[str, str]]:
+        """SHOW <what> on the admin console through psql (not dbguard's client): rows as dicts."""
+        r = subprocess.run([str(PG_BIN / "psql"), "-X", "-A", "-F", "\t", "-P", "footer=off", "-h", str(self.dir),
+                            "-p", str(self.port), "-U", ADMIN, "-d", "pgbouncer", "-c", f"SHOW {what}"],
+                           capture_output=True, text=True, timeout=20, env={"PATH": os.environ.get("PATH", "")})
+        if r.returncode != 0:
+            raise RuntimeError(f"SHOW {what}: {r.stderr.strip()}")
+        lines = r.stdout.splitlines()
+        head = lines[0].split("\t") if lines else []
+        return [dict(zip(head, ln.split("\t"))) for ln in lines[1:]]
+
+    def config(self, key: str) -> str:
+        return next(row["value"] for row in self.show("CONFIG") if row["key"] == key)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
