@@ -146,7 +146,8 @@ def parser() -> argparse.ArgumentParser:
     cfg_help = "TOML config (default: built-in defaults, local PostgreSQL and MySQL/MariaDB servers discovered)"
 
     p = sub.add_parser("run", help="run the sidecar", description=(
-        "Watch memory pressure and protect the configured databases until SIGTERM. SIGHUP reloads "
+        "Watch memory pressure and protect the configured databases until SIGTERM; application caches "
+        "([[caches]]) and poolers ([[poolers]]) give memory back before anything is killed. SIGHUP reloads "
         "thresholds, kill and protection rules from the config file. Writes every decision to the audit "
         "log ([audit] path) and serves Prometheus metrics ([metrics] listen)."))
     p.add_argument("--config", "-c", metavar="FILE", help=cfg_help)
@@ -160,7 +161,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_check_config)
 
     p = sub.add_parser("explain", help="show what dbguard sees and would do now", description=(
-        "Take one snapshot (memory, databases, processes), run the policy on it and print the plan and "
+        "Take one snapshot (memory, databases, application caches and poolers, processes), run the policy "
+        "on it and print the plan and "
         "the reason for each process's verdict, without acting."))
     p.add_argument("--config", "-c", metavar="FILE", help=cfg_help)
     p.add_argument("--pid", type=int, metavar="N", help="explain only this process")

@@ -40,6 +40,8 @@ PRESSED_INTERVAL = 0.2
 # A graceful stop puts the DBA's cache settings back, one step at a time, within this budget
 # (under systemd's default 90 s stop timeout; the unit's TimeoutStopSec says the same).
 RESTORE_ON_STOP_SECONDS = 15.0
+# Config tables a SIGHUP does not swap in (their connections and files are opened at start).
+RESTART_ONLY = ("databases", "caches", "poolers", "audit", "metrics", "bpf")
 # /healthz fails when the last completed cycle is older than this many intervals.
 STALE_AFTER_INTERVALS = 5
 
@@ -308,13 +310,12 @@ class Daemon:
         except DbguardError as e:
             log.error("SIGHUP: config not reloaded, keeping the running one: %s", e)
             return
-        fixed = [name for name in ("databases", "audit", "metrics", "bpf")
-                 if getattr(new, name) != getattr(self.cfg, name)]
+        fixed = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.cfg, name)]
         if new.pressure.cgroup != self.cfg.pressure.cgroup:
             fixed.append("pressure.cgroup")
         if new.general.state_dir != self.cfg.general.state_dir:
             fixed.append("general.state_dir")
-        keep = {name: getattr(self.cfg, name) for name in ("databases", "audit", "metrics", "bpf")}
+        keep = {name: getattr(self.cfg, name) for name in RESTART_ONLY}
         new = dataclasses.replace(new, **keep, pressure=dataclasses.replace(new.pressure, cgroup=self.cfg.pressure.cgroup),
                                   general=dataclasses.replace(new.general, state_dir=self.cfg.general.state_dir))
         self.cfg = new
