@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m benchmarks.run", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="scenarios: " + ", ".join(SCENARIO_NAMES) + "\ncontenders: " + ", ".join(CONTENDERS)
-        + "\nextras: scale (one sense+classify cycle with 1,000/10,000 processes and 500 backends), "
-        "cost (dbguard's own CPU, RSS, startup)\n\nNeeds root, a memory cgroup controller, PostgreSQL 15, "
+        + "\nextras: scale (one cycle's cost against 100-20,000 processes: at rest, under pressure, full read; 500 backends), "
+        "cost (dbguard's own CPU, RSS, startup; idle and with 5,000 extra processes)\n\nNeeds root, a memory cgroup controller, PostgreSQL 15, "
         "MariaDB 10.11 and earlyoom (make setup). Ctrl-C stops and cleans up.")
     ap.add_argument("-s", "--scenarios", type=_csv(SCENARIO_NAMES, "scenario"), default=list(SCENARIO_NAMES),
                     metavar="LIST", help="comma-separated scenarios (default: all)")
