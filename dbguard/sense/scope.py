@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from ..errors import DbguardError
-from .pressure import MEMINFO, parse_limit, parse_meminfo
+from .memtext import MEMINFO, parse_limit, parse_meminfo
 from .procfs import CGROUP_ROOT, memcg_dir, parse_memcg
 
 

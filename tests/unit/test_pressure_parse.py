@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from dbguard.sense import pressure as p
+from dbguard.sense import memtext as p
 
 PSI = """some avg10=12.34 avg60=1.86 avg300=0.85 total=3367353
 full avg10=0.28 avg60=0.76 avg300=0.33 total=1449693
