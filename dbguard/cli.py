@@ -15,6 +15,8 @@ from . import config as config_mod
 from .errors import DbguardError
 from .escape import printable
 from .escape import say as _say
+from .logsetup import FORMATS, LEVELS
+from .logsetup import configure as configure_logging
 
 log = logging.getLogger("dbguard")
 
@@ -139,13 +141,22 @@ def parser() -> argparse.ArgumentParser:
                     "end runaway sessions by SQL, kill memory hogs (never the database), in user space and "
                     "in the kernel (BPF).")
     ap.add_argument("--version", action="version", version=f"dbguard {__version__}")
-    ap.add_argument("--log-level", default=os.environ.get("DBGUARD_LOG_LEVEL", "info"),
-                    choices=["debug", "info", "warning", "error"], help="stderr log level (default info)")
+    ap.add_argument("--log-level", choices=LEVELS, help="stderr log level (default info, or $DBGUARD_LOG_LEVEL)")
+    ap.add_argument("--log-format", choices=FORMATS, help=(
+        "stderr log lines as text or one JSON object each (default text, or $DBGUARD_LOG_FORMAT); under "
+        "systemd the journal's timestamp is the only one"))
+    ap.set_defaults(log_level=os.environ.get("DBGUARD_LOG_LEVEL", "info"),
+                    log_format=os.environ.get("DBGUARD_LOG_FORMAT", "text"))
+    # The same two options after the subcommand (`dbguard run --log-level debug`); SUPPRESS keeps
+    # a subcommand that does not name them from resetting what came before it.
+    logging_opts = argparse.ArgumentParser(add_help=False)
+    logging_opts.add_argument("--log-level", choices=LEVELS, default=argparse.SUPPRESS, help="as before the command")
+    logging_opts.add_argument("--log-format", choices=FORMATS, default=argparse.SUPPRESS, help="as before the command")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     cfg_help = "TOML config (default: built-in defaults, local PostgreSQL and MySQL/MariaDB servers discovered)"
 
-    p = sub.add_parser("run", help="run the sidecar", description=(
+    p = sub.add_parser("run", parents=[logging_opts], help="run the sidecar", description=(
         "Watch memory pressure and protect the configured databases until SIGTERM; application caches "
         "([[caches]]) and poolers ([[poolers]]) give memory back before anything is killed. SIGHUP reloads "
         "thresholds, kill and protection rules from the config file. Writes every decision to the audit "
@@ -155,12 +166,12 @@ def parser() -> argparse.ArgumentParser:
                    help="decide and log as usual, change nothing (no kill, resize, cancel or score change)")
     p.set_defaults(fn=cmd_run)
 
-    p = sub.add_parser("check-config", help="validate a config file", description=(
+    p = sub.add_parser("check-config", parents=[logging_opts], help="validate a config file", description=(
         "Validate FILE: exit 0 when it is good, else exit 2 with one line naming the key and the problem."))
     p.add_argument("file", metavar="FILE")
     p.set_defaults(fn=cmd_check_config)
 
-    p = sub.add_parser("explain", help="show what dbguard sees and would do now", description=(
+    p = sub.add_parser("explain", parents=[logging_opts], help="show what dbguard sees and would do now", description=(
         "Take one snapshot (memory, databases, application caches and poolers, processes), run the policy "
         "on it and print the plan and "
         "the reason for each process's verdict, without acting."))
@@ -169,7 +180,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_explain)
 
-    p = sub.add_parser("check", help="report which protections work on this host", description=(
+    p = sub.add_parser("check", parents=[logging_opts], help="report which protections work on this host", description=(
         "List each protection mechanism, whether it is active on this host, and if not, why and the fix; "
         "then each configured (or discovered) database's server as `run` finds it, by fact, without logging "
         "in: one it cannot identify makes protection \"degraded\" (every process running a database server "
@@ -178,7 +189,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(fn=cmd_check)
 
-    p = sub.add_parser("bpf-source", help="print the BPF C exactly as it is loaded", description=(
+    p = sub.add_parser("bpf-source", parents=[logging_opts], help="print the BPF C exactly as it is loaded", description=(
         "Print the BPF program source dbguard compiles with BCC, with the map sizes from the config."))
     p.add_argument("--config", "-c", metavar="FILE", help=cfg_help)
     p.set_defaults(fn=cmd_bpf_source)
@@ -194,8 +205,11 @@ def _stdout_gone() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     a = parser().parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s dbguard %(levelname)s %(message)s")
+    if a.log_level not in LEVELS or a.log_format not in FORMATS:     # from the environment
+        print(f"dbguard: DBGUARD_LOG_LEVEL must be one of {', '.join(LEVELS)} and DBGUARD_LOG_FORMAT one of "
+              f"{', '.join(FORMATS)}; got {printable(a.log_level)!s} and {printable(a.log_format)!s}", file=sys.stderr)
+        return 2
+    configure_logging(a.log_level, a.log_format)
     escape.install()
     # Over a file-size limit (RLIMIT_FSIZE) a write fails with EFBIG, which the audit log
     # survives, instead of SIGXFSZ ending dbguard.
