@@ -88,7 +88,7 @@ def test_name_extraction_finds_names_and_ignores_the_rest():
 def test_promtool_check_rules():
     r = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 8 rules found" in r.stdout
+    assert "SUCCESS: 9 rules found" in r.stdout
 
 
 def test_promtool_unit_tests_of_the_alerts():
@@ -130,3 +130,19 @@ def test_dashboard_queries_are_valid_promql(tmp_path):
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     r = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_alert_links_its_runbook_section():
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", runbook, re.M)}
+    for g in yaml.safe_load(RULES.read_text())["groups"]:
+        for r in g["rules"]:
+            url = r["annotations"].get("runbook_url", "")
+            path, _, anchor = url.partition("#")
+            assert path == "docs/runbook.md" and anchor in anchors, (r["alert"], url)
+
+
+def test_a_stale_sidecar_alert_watches_the_last_cycle():
+    rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
+    assert "dbguard_last_snapshot_timestamp_seconds" in rules["DbguardStale"]["expr"]
