@@ -15,7 +15,9 @@ from dbguard import config
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "integrations" / "kubernetes"
-MANIFESTS = sorted(K8S.glob("*.yaml"))
+# Validated against the Kubernetes schemas; servicemonitor.yaml is a Prometheus Operator CRD the
+# validator has no schema for, checked below against the Service it selects.
+MANIFESTS = [K8S / "daemonset.yaml", K8S / "postgres-sidecar.yaml"]
 # Oldest Kubernetes the manifests claim to work on, and the newest the validator knows.
 VERSIONS = ("1.30.0", "1.37.0")
 
@@ -44,11 +46,12 @@ def container(spec: dict, name: str = "dbguard") -> dict:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_manifests_pass_strict_schema_validation(version):
-    assert [p.name for p in MANIFESTS] == ["daemonset.yaml", "postgres-sidecar.yaml"]
+    assert sorted(p.name for p in K8S.glob("*.yaml")) == ["daemonset.yaml", "postgres-sidecar.yaml",
+                                                          "servicemonitor.yaml"]
     r = subprocess.run([validator(), "--strict", "-k", version, *map(str, MANIFESTS)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert r.stdout.count("passed for resource") == 8, r.stdout
+    assert r.stdout.count("passed for resource") == 9, r.stdout
 
 
 def test_validation_rejects_a_broken_manifest(tmp_path):
@@ -114,3 +117,36 @@ def test_configmap_toml_is_a_valid_dbguard_config(name):
     assert probe["path"] == "/healthz"
     ports = {p["name"]: p["containerPort"] for p in container(pod_spec(name))["ports"]}
     assert ports[probe["port"]] == int(port)
+
+
+def test_namespace_carries_the_pod_security_level_hostpid_needs():
+    labels = docs("daemonset.yaml")["Namespace"]["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/enforce"] == "privileged"
+    assert docs("daemonset.yaml")["DaemonSet"]["metadata"]["namespace"] == docs("daemonset.yaml")["Namespace"][
+        "metadata"]["name"]
+
+
+def test_servicemonitor_selects_the_metrics_service_and_names_the_job_the_alerts_expect():
+    sm = docs("servicemonitor.yaml")["ServiceMonitor"]
+    service = docs("daemonset.yaml")["Service"]
+    ds = docs("daemonset.yaml")["DaemonSet"]
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    assert sm["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert sm["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= ds["spec"]["template"]["metadata"]["labels"].items()
+    port_names = {p["name"] for p in service["spec"]["ports"]}
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == ["metrics"] and "metrics" in port_names
+    container_ports = {p["name"] for p in container(pod_spec("daemonset.yaml"))["ports"]}
+    assert all(p["targetPort"] in container_ports for p in service["spec"]["ports"])
+    # the job label comes from the Service's label: "dbguard", as dbguard-rules.yml expects
+    assert service["metadata"]["labels"][sm["spec"]["jobLabel"]] == "dbguard"
+
+
+def test_sidecar_state_outlives_the_pod():
+    sts = docs("postgres-sidecar.yaml")["StatefulSet"]
+    spec = sts["spec"]["template"]["spec"]
+    cfg = config.from_dict(tomllib.loads(docs("postgres-sidecar.yaml")["ConfigMap"]["data"]["dbguard.toml"]))
+    mount = next(m for m in container(spec)["volumeMounts"] if m["mountPath"] == cfg.general.state_dir)
+    claims = {c["metadata"]["name"] for c in sts["spec"]["volumeClaimTemplates"]}
+    assert mount["name"] in claims, "the state directory must be a persistent volume claim, not an emptyDir"
+    assert mount["name"] not in {v["name"] for v in spec.get("volumes", [])}
