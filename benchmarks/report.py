@@ -28,6 +28,10 @@ TITLES = {
     "fast-hog": "2. One fast hog (one process allocating 3000 MB in 64 MB steps without pause, 1000 MB cgroup)",
     "runaway": "3. Runaway query (work_mem=2GB sort at ~30 MB/s, 500 MB cgroup, pgbench -S -c 4 beside it)",
     "fork-storm": "4. Fork storm (the postmaster forks a backend per connection; 300 opened at once)",
+    "sessions": "5. The database as its own hog (12 PostgreSQL sessions sorting with work_mem=96MB, "
+                "shared_buffers=200MB, pgbench -S -c 2, 900 MB cgroup, no outside process)",
+    "sessions-mariadb": "5b. The same with MariaDB (12 sorts of 400,000 wide rows, sort_buffer_size=160M, merge runs "
+                        "to tmpdir, 2 range-read clients, 900 MB cgroup)",
 }
 
 

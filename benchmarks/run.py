@@ -36,7 +36,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "RESULTS.md"
 CONTENDERS = ("none", "pg-documented", "mariadb-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
-SCENARIO_NAMES = ("moderate-hogs", "moderate-hogs-mariadb", "fast-hog", "runaway", "fork-storm")
+SCENARIO_NAMES = ("moderate-hogs", "moderate-hogs-mariadb", "fast-hog", "runaway", "fork-storm", "sessions",
+                  "sessions-mariadb")
 EXTRAS = ("scale", "cost")
 
 
@@ -110,6 +111,9 @@ def one_line(scenario: str, rec: dict) -> str:
             f"hogs_killed={rec.get('hogs_killed', '-')} db_killed={rec.get('db_processes_killed')} "
             f"first_kill={'-' if ttk is None else f'{ttk * 1000:.0f} ms'}"
             + (f" runaway={rec['runaway_outcome']}" if "runaway_outcome" in rec else "")
+            + (f" large: finished={rec['large_finished']} cancelled={rec['large_cancelled']} "
+               f"terminated={rec['large_terminated']} failed={rec['large_failed']} "
+               f"oom_kills={rec.get('kernel_oom_kills')}" if "large_finished" in rec else "")
             + (f" restarts={rec['db_restarts']} pool={rec.get('pool_configured_mib')}->{rec.get('pool_min_mib')}"
                f"->{rec.get('pool_final_mib')} MiB" if "pool_configured_mib" in rec else ""))
 

@@ -6,6 +6,8 @@
     fast-hog       the same database and load, one hog allocating as fast as it can
     runaway        a PostgreSQL session whose sort eats memory, 500 MB cgroup, pgbench beside it
     fork-storm     the postmaster (a protected parent) forks thousands of backends (scenario_fork.py)
+    sessions       a dozen PostgreSQL sessions sorting at once, no outside process, 900 MB (scenario_sessions.py)
+    sessions-mariadb  the same with MariaDB sorts spilling merge runs to tmpdir
 
 Times are seconds since the load started (hogs, runaway query or storm): negative before.
 Every run builds its own cgroup, cluster and data set, so each contender gets the same ones;
@@ -34,6 +36,7 @@ from .contenders import Contender, sampled
 from .record import Log, Params, pressure_record
 from .scenario_fork import fork_storm
 from .scenario_mariadb import moderate_hogs_mariadb
+from .scenario_sessions import sessions, sessions_mariadb
 
 MiB = 1024 * 1024
 
@@ -43,6 +46,8 @@ DEFAULTS = {
     "fast-hog": Params(duration=24, warmup=8.0),
     "runaway": Params(duration=40, warmup=6.0),
     "fork-storm": Params(duration=8, warmup=0.0),
+    "sessions": Params(duration=33, warmup=3.0),
+    "sessions-mariadb": Params(duration=33, warmup=3.0),
 }
 QUICK = {
     "moderate-hogs": Params(duration=24, warmup=6.0),
@@ -50,6 +55,8 @@ QUICK = {
     "fast-hog": Params(duration=18, warmup=6.0),
     "runaway": Params(duration=34, warmup=5.0),
     "fork-storm": Params(duration=5, warmup=0.0),
+    "sessions": Params(duration=23, warmup=3.0),
+    "sessions-mariadb": Params(duration=23, warmup=3.0),
 }
 
 
@@ -233,7 +240,9 @@ SCENARIOS = {
     "fast-hog": fast_hog,
     "runaway": runaway,
     "fork-storm": fork_storm,
+    "sessions": sessions,
+    "sessions-mariadb": sessions_mariadb,
 }
 # The database each scenario runs (dbguard's kind): a contender runs where its
 # Contender.databases holds it (pg-documented only next to PostgreSQL, and so on).
-DATABASE = {name: "postgresql" for name in SCENARIOS} | {"moderate-hogs-mariadb": "mysql"}
+DATABASE = {name: "postgresql" for name in SCENARIOS} | {"moderate-hogs-mariadb": "mysql", "sessions-mariadb": "mysql"}

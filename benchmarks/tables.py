@@ -8,7 +8,7 @@ from collections import defaultdict
 from .stats import count_true, fmt_spread, markdown_table, ms, spread
 
 ORDER = ("none", "pg-documented", "mariadb-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
-PRESSURE_SCENARIOS = ("moderate-hogs", "moderate-hogs-mariadb", "fast-hog", "runaway")
+PRESSURE_SCENARIOS = ("moderate-hogs", "moderate-hogs-mariadb", "fast-hog", "runaway", "sessions", "sessions-mariadb")
 def group(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     g: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in runs:
@@ -32,7 +32,12 @@ def _survived(runs: list[dict]) -> str:
 
 def _killed(runs: list[dict], scenario: str) -> str:
     """What ended, as median counts: hogs (or the runaway) vs database processes."""
-    if scenario == "runaway":
+    if "large_finished" in runs[0]:
+        txt = ("large queries finished " + fmt_spread(r.get("large_finished") for r in runs)
+               + ", cancelled " + fmt_spread(r.get("large_cancelled") for r in runs)
+               + ", terminated " + fmt_spread(r.get("large_terminated") for r in runs)
+               + ", failed " + fmt_spread(r.get("large_failed") for r in runs))
+    elif scenario == "runaway":
         outcomes = defaultdict(int)
         for r in runs:
             outcomes[r.get("runaway_outcome", "?")] += 1

@@ -141,6 +141,14 @@ class SessionsResult:
     timeline: list = field(default_factory=list)
     guard_output: str = ""          # dbguard's log, when it was the guard
     guard_running: bool | None = None  # dbguard still running when the load ended (None: no dbguard)
+    load_started_wall: float = 0.0     # time.time() when the sorts started
+    load_started_monotonic: float = 0.0
+    progress: list = field(default_factory=list)   # (seconds since the sorts started, read transactions/s)
+    first_death_at: float | None = None  # seconds after the sorts started: the first database process death
+
+    @property
+    def limit_reached_wall(self) -> float | None:
+        return None if self.limit_reached_at is None else self.load_started_wall + self.limit_reached_at
 
     def summary(self) -> str:
         lines = [f"guard={self.guard}: survived={self.database_survived} crash_recoveries={self.crash_recoveries} "
@@ -188,10 +196,11 @@ def run_pg_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB, shar
                 run = stack.enter_context(dbguard_guard(env, extra_config=extra_config))
             else:
                 stack.enter_context(guard_cm(env))
+            t_bench = time.monotonic()
             pgbench = cluster.pgbench("-S", "-c", str(clients), "-j", str(min(clients, 2)), "-T",
                                       str(int(warmup + duration)), "-P", "1", "--no-vacuum")
             time.sleep(warmup)
-            t0 = time.monotonic()
+            t0, t0_wall = time.monotonic(), time.time()
             watcher = Watcher(cg, t0, kills_until=t0 + duration, load="the sorts")
             watcher.start()
             load = SortLoad(lambda: psycopg.connect(cluster.dsn, autocommit=True), PG_SORT, sessions, pg_classify)
@@ -217,7 +226,9 @@ def run_pg_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB, shar
                 transactions_failed=bench.transactions_failed, sessions_lost=bench.sessions_lost, large=counts,
                 peak_bytes=cg.peak(), limit_bytes=limit, limit_reached_at=watcher.limit_reached,
                 audit=audit_records(audit_path), server_log_excerpt=crash_excerpt(server_log),
-                pgbench_errors=bench.errors[:10], timeline=watcher.timeline, guard_running=guard_running)
+                pgbench_errors=bench.errors[:10], timeline=watcher.timeline, guard_running=guard_running,
+                load_started_wall=t0_wall, load_started_monotonic=t0, first_death_at=watcher.first_kill,
+                progress=[(t - (t0 - t_bench), tps) for t, tps in bench.progress])
         if run is not None:              # stopped by now: its whole output
             result.guard_output = run.output(200_000)
         say(result.summary())
@@ -233,3 +244,89 @@ def _alive(pid: int) -> bool:
 
 def _text(b) -> str:
     return "" if b is None else b if isinstance(b, str) else b.decode(errors="replace")
+
+
+# --- MariaDB ---------------------------------------------------------------------------------
+# A dozen connections sorting 400,000 wide rows with a 160 MB sort_buffer_size: each sort
+# fills its buffer, writes its merge runs to temporary files in tmpdir and merges them.
+MARIADB_ROWS = 400_000
+MARIADB_SORT = (f"SELECT id, pad FROM w.t ORDER BY CONCAT(pad, id) DESC LIMIT 1 OFFSET {MARIADB_ROWS - 10}")
+ER_QUERY_INTERRUPTED = 1317        # KILL QUERY
+ER_CONNECTION_KILLED = 1927        # KILL CONNECTION
+
+
+def mariadb_classify(e: Exception) -> str:
+    code = e.args[0] if getattr(e, "args", None) else None
+    if code == ER_QUERY_INTERRUPTED:
+        return "cancelled"
+    if code == ER_CONNECTION_KILLED:
+        return "terminated"
+    return "failed"
+
+
+def run_mariadb_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB, sort_buffer: str = "160M",
+                         sessions: int = 12, clients: int = 2, duration: int = 30, warmup: float = 3.0,
+                         extra_config: dict | None = None, log: Callable[[str], None] | None = None) -> SessionsResult:
+    """The MariaDB variant: read clients (lab.mariadb.ReadLoad) instead of pgbench; the
+    result's transactions are their queries, its crash recoveries the server's restarts
+    (a killed mariadbd is not restarted here: `database_survived` says it)."""
+    import pymysql
+
+    from lab import require
+    from lab.mariadb import MariaDB, ReadLoad, load_table
+
+    require.root("the sessions scenario (memory cgroups, oom counters)")
+    require.memory_cgroups()
+    require.mariadb()
+    guard_name, guard_cm = _resolve_guard(guard)
+    say = log or (lambda msg: None)
+    workdir = Path(tempfile.mkdtemp(prefix=f"dbguard-sessions-mariadb-{guard_name}-"))
+    audit_path = workdir / "audit.jsonl"
+    run = None
+    try:
+        with contextlib.ExitStack() as stack:
+            cg = stack.enter_context(MemoryCgroup(4096 * MiB))
+            db = stack.enter_context(MariaDB(settings={"sort_buffer_size": sort_buffer, "max_connections": 64},
+                                             cgroup=cg))
+            load_table(db, MARIADB_ROWS)
+            db.value("SELECT COUNT(*) FROM w.t")
+            db.grant_dbguard()
+            cg.set_limit(limit)
+            server = db.pid()
+            say(f"[{guard_name}] MariaDB loaded; limit {limit // MiB} MiB, usage {cg.usage() // MiB} MiB")
+            env = ScenarioEnv(cg, db, workdir, audit_path, lambda m: say(f"[{guard_name}] {m}"))
+            if guard_name == "dbguard":
+                run = stack.enter_context(dbguard_guard(env, extra_config=extra_config))
+            else:
+                stack.enter_context(guard_cm(env))
+            reads = ReadLoad(db, MARIADB_ROWS, clients=clients, reconnect=False).start()
+            time.sleep(warmup)
+            t0, t0_wall = time.monotonic(), time.time()
+            watcher = Watcher(cg, t0, kills_until=t0 + duration, load="the sorts")
+            watcher.watch_process(server, f"mariadbd (pid {server})")
+            watcher.start()
+            kw = db.connect_kwargs()
+            load = SortLoad(lambda: pymysql.connect(**kw), MARIADB_SORT, sessions, mariadb_classify).start()
+            say(f"[{guard_name}] {sessions} sorting sessions started")
+            time.sleep(duration)
+            counts = load.stop()
+            watcher.note("sorts stopped")
+            summary = reads.stop()
+            watcher.stop()
+            guard_running = run.running() if run is not None else None
+            survived = db.proc.poll() is None and _alive(server)
+            result = SessionsResult(
+                guard=guard_name, database_survived=survived, crash_recoveries=0 if survived else 1,
+                oom_kills=cg.oom_kills(), transactions_ok=summary.queries_ok,
+                transactions_failed=summary.queries_failed, sessions_lost=summary.sessions_lost, large=counts,
+                peak_bytes=cg.peak(), limit_bytes=limit, limit_reached_at=watcher.limit_reached,
+                audit=audit_records(audit_path), server_log_excerpt=db.log_tail(15) if not survived else "",
+                pgbench_errors=summary.errors[:10], timeline=watcher.timeline, guard_running=guard_running,
+                load_started_wall=t0_wall, load_started_monotonic=t0, first_death_at=watcher.first_kill,
+                progress=[(t - (t0 - reads.t_start), qps) for t, qps in summary.progress])
+        if run is not None:
+            result.guard_output = run.output(200_000)
+        say(result.summary())
+        return result
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)

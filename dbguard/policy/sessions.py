@@ -86,6 +86,9 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
 
 # The server's clock and ours read a statement's start a little apart.
 CLOCK_SLACK = 0.5
+# Two reads of one statement's start (MariaDB works it out from now minus TIME_MS) differ by a
+# millisecond or so; a statement sent after a cancel started at least that statement's run later.
+STARTED_SLACK = 0.05
 
 
 def _new_statement(s, since_cancel: float, cancelled_start: float | None) -> bool:
@@ -95,7 +98,7 @@ def _new_statement(s, since_cancel: float, cancelled_start: float | None) -> boo
     if s.state != "active":
         return False
     if s.started is not None and cancelled_start is not None:
-        return s.started != cancelled_start
+        return abs(s.started - cancelled_start) > STARTED_SLACK
     return s.age_seconds + CLOCK_SLACK < since_cancel
 
 

@@ -44,3 +44,4 @@ def test_dbguard_ends_enough_sessions_and_postgresql_never_crashes(scenario_host
     assert not any("md5" in str(a) or "pgbench_accounts" in str(a) for a in r.audit), "the audit names a query's text"
     assert not any(a.get("action") == "kill" for a in r.audit), "a process was killed" + story
     assert not any(a.get("action") == "kernel_oom_kill" for a in r.audit), story
+

@@ -111,3 +111,29 @@ def test_grants_parse_mariadb_and_mysql_forms():
     g = Grants.parse(["GRANT PROCESS ON *.* TO `dbguard`@`%`", "GRANT CONNECTION_ADMIN ON *.* TO `dbguard`@`%`"])
     assert missing_grants(g, mariadb=False) == ["resize the buffer pool: SYSTEM_VARIABLES_ADMIN or SUPER"]
     assert missing_grants(Grants.parse(["GRANT ALL PRIVILEGES ON *.* TO `root`@`localhost`"]), False) == []
+
+
+def test_the_servers_temporary_files_are_divided_among_the_statements_that_spill():
+    # PROCESSLIST as MariaDB 10.11 showed the sessions scenario: three filesorts ("Creating sort
+    # index", "Sorting result"), one copying to an on-disk temporary table, one plain read,
+    # one idle connection and dbguard's own. mysqld held 400 MiB of files open in tmpdir.
+    rows = [[21, "app", "Query", 4.0, "Creating sort index", "SELECT ... ORDER BY", 0],
+            [22, "app", "Query", 4.0, "Sorting result", "SELECT ... ORDER BY", 0],
+            [23, "app", "Query", 4.0, "Creating sort index", "SELECT ... ORDER BY", 0],
+            [24, "app", "Query", 2.0, "Copying to tmp table on disk", "SELECT ... GROUP BY", 0],
+            [25, "app", "Query", 0.1, "Sending data", "SELECT 1", 0],
+            [26, "app", "Sleep", 9.0, "", None, 0],
+            [99, "dbguard", "Query", 0.0, "Filling schema table", "SELECT ...", 0]]
+    got = {x.pid: x for x in sessions_from(rows, own_id=99, memory_by_connection={}, temp_bytes=400 * MiB)}
+    assert [got[p].temp_bytes for p in (21, 22, 23, 24)] == [100 * MiB] * 4
+    assert got[25].temp_bytes == got[26].temp_bytes == 0 and 99 not in got
+    assert sessions_from(rows[4:], own_id=99, memory_by_connection={}, temp_bytes=400 * MiB)[0].temp_bytes == 0
+
+
+def test_mariadb_rows_carry_the_statements_start():
+    rows = [[31, "app", "Query", 2.5, "Creating sort index", "SELECT ...", 0, 1764558000.125],
+            [32, "app", "Sleep", 9.0, "", None, 0, None]]
+    got = {x.pid: x for x in sessions_from(rows, own_id=99, memory_by_connection={})}
+    assert got[31].started == 1764558000.125 and got[32].started is None
+    # MySQL rows have neither MEMORY_USED nor a start.
+    assert sessions_from([[33, "app", "Query", 2, "x", "SELECT 1"]], own_id=99, memory_by_connection={})[0].started is None

@@ -13,6 +13,7 @@ from ...config import DatabaseConfig
 from ...errors import ConfigError, DbguardError
 from ...model import DbStats, Outcome, Role
 from ...originals import Originals
+from ...sense.tempfiles import open_file_bytes, tmpdirs, under
 from ..base import Database
 from . import sessions
 from .buffer_pool import CACHE_MINIMUMS, BufferPool, mib
@@ -69,7 +70,7 @@ class MySQL(Database):
     def _collect(self, conn) -> DbStats:
         facts = self.link.facts
         v = variables(conn, ("pid_file", "datadir", "basedir", "innodb_buffer_pool_size", "performance_schema",
-                             *self.cfg.shrink_caches))
+                             "tmpdir", *self.cfg.shrink_caches))
         server_status = status(conn, "Innodb_buffer_pool%")
         own = sessions.own_id(conn)
         pool = self.pool.look(int(v["innodb_buffer_pool_size"]), server_status)
@@ -80,9 +81,12 @@ class MySQL(Database):
             pid, how = found.pid, found.how or found.why_not
         perf_schema = str(v.get("performance_schema", "OFF")).upper() in ("ON", "1")
         by_connection = sessions.memory_by_connection(conn) if perf_schema else {}
+        # mysqld's open temporary files in tmpdir: the kernel does not say whose they are.
+        temp = open_file_bytes(pid, under(tmpdirs(v.get("tmpdir", "")))) if pid else 0
         reading = Reading(variables=v, status=server_status, processlist=sessions.processlist(conn, facts.mariadb),
                           own_id=own, memory_by_connection=by_connection,
-                          memory_global_total=sessions.memory_global_total(conn) if perf_schema else None)
+                          memory_global_total=sessions.memory_global_total(conn) if perf_schema else None,
+                          temp_bytes=temp)
         notes: dict[str, Any] = {}
         if pid_error:
             notes["server_pid_error"] = pid_error

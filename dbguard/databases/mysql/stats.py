@@ -24,7 +24,9 @@ _RESIZE_CODES_OVER = ("", "0", "7")
 
 def processlist_sql(mariadb: bool) -> str:
     time_col = "TIME_MS / 1000" if mariadb else "TIME"
-    mem_col = ", MEMORY_USED" if mariadb else ""      # MariaDB: per-session memory without performance_schema
+    # MariaDB: per-session memory without performance_schema, and when the statement started by
+    # the server's clock (TIME_MS is to the millisecond; MySQL's TIME only to the second: none there).
+    mem_col = ", MEMORY_USED, UNIX_TIMESTAMP(NOW(6)) - TIME_MS / 1000" if mariadb else ""
     return f"SELECT ID, USER, COMMAND, {time_col}, STATE, INFO{mem_col} FROM information_schema.PROCESSLIST"
 
 
@@ -40,11 +42,28 @@ def resize_running(status: dict[str, str]) -> bool:
     return bool(text) and not any(w in text for w in _RESIZE_OVER)
 
 
-def sessions_from(rows: list[list[Any]], own_id: int, memory_by_connection: dict[int, int]) -> list[DbSession]:
-    """PROCESSLIST rows (ID, USER, COMMAND, TIME, STATE, INFO[, MEMORY_USED]) -> client sessions."""
+# PROCESSLIST states of a statement sorting or using a temporary table: where a session's
+# temporary files come from (filesort merge runs, on-disk temporary tables in tmpdir).
+_TEMP_STATES = ("sort", "tmp table", "heap to", "temporary")
+
+
+def spills(state: str | None) -> bool:
+    s = (state or "").lower()
+    return any(w in s for w in _TEMP_STATES)
+
+
+def sessions_from(rows: list[list[Any]], own_id: int, memory_by_connection: dict[int, int],
+                  temp_bytes: int = 0) -> list[DbSession]:
+    """PROCESSLIST rows (ID, USER, COMMAND, TIME, STATE, INFO[, MEMORY_USED, STARTED]) -> client sessions.
+
+    `temp_bytes`: the temporary files mysqld holds open in tmpdir. The kernel shows them as
+    the server's, not a thread's, and the server does not say whose they are: they are divided
+    evenly among the running statements whose state is a sort or a temporary table."""
     out = []
+    spilling = [r for r in rows if r[2] == "Query" and r[0] != own_id and spills(r[4])]
+    share = temp_bytes // len(spilling) if spilling else 0
     for row in rows:
-        cid, user, command, age, _state, info = row[:6]
+        cid, user, command, age, state, info = row[:6]
         if cid == own_id or command in NOT_SESSIONS_COMMANDS or user in NOT_SESSIONS_USERS:
             continue
         mem = memory_by_connection.get(int(cid), int(row[6]) if len(row) > 6 and row[6] is not None else 0)
@@ -54,7 +73,9 @@ def sessions_from(rows: list[list[Any]], own_id: int, memory_by_connection: dict
                              state="idle" if command == "Sleep" else "active" if command == "Query"
                              else str(command).lower(),
                              user=user or "", query=(info or "")[:QUERY_MAX],
-                             age_seconds=float(age or 0), memory_bytes=max(0, int(mem))))
+                             age_seconds=float(age or 0), memory_bytes=max(0, int(mem)),
+                             temp_bytes=share if command == "Query" and spills(state) else 0,
+                             started=float(row[7]) if len(row) > 7 and row[7] is not None else None))
     return out
 
 
@@ -68,6 +89,7 @@ class Reading:
     own_id: int
     memory_by_connection: dict[int, int] = field(default_factory=dict)   # performance_schema, when on
     memory_global_total: int | None = None
+    temp_bytes: int = 0                    # mysqld's open temporary files in tmpdir (/proc/PID/fd)
 
     @property
     def performance_schema(self) -> bool:
@@ -127,7 +149,7 @@ def to_stats(name: str, r: Reading, facts: ServerFacts, pool: Pool, *, server_pi
         name=name, kind="mysql", up=True, server_pid=server_pid, identity=identity,
         data_directory=r.variables["datadir"],
         roles={server_pid: Role.MYSQLD} if server_pid else {},
-        sessions=tuple(sessions_from(r.processlist, r.own_id, r.memory_by_connection)),
+        sessions=tuple(sessions_from(r.processlist, r.own_id, r.memory_by_connection, r.temp_bytes)),
         cache_bytes=pool.size, cache_configured_bytes=pool.configured, cache_used_bytes=pages_data * facts.page_size,
         hit_ratio=(1 - reads / requests) if requests else None,
         shrink_step=step, shrink_steps_max=top, grow_bytes=grow,

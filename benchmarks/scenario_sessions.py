@@ -1,0 +1,46 @@
+"""Scenario 5, sessions and sessions-mariadb: the database as its own hog (lab/sessions.py).
+
+A dozen sessions sorting at once, no outside process: PostgreSQL (work_mem=96MB,
+shared_buffers=200MB, pgbench -S -c 2 beside them) or MariaDB (sort_buffer_size=160M, merge
+runs to temporary files, two range-read clients) in a 900 MB cgroup. Recorded beside the
+usual figures: how the large queries ended (finished, cancelled, terminated, failed: by the
+clients' own errors), and the time from the cgroup first reaching its limit (the first
+reclaim that could not stay under it) to the guard's first session end.
+"""
+from __future__ import annotations
+
+import time
+
+from lab.sessions import SessionsResult, run_mariadb_sessions, run_pg_sessions
+
+from .contenders import Contender, sampled
+from .record import Log, Params, pressure_record
+
+
+def _record(p: Params, sink: dict, r: SessionsResult, wall_minus_mono: float) -> dict:
+    ends = sorted(float(a["ts"]) - r.load_started_wall for a in r.audit
+                  if a.get("action") in ("cancel_query", "terminate_session"))
+    firsts = [x for x in (ends[0] if ends else None, r.first_death_at) if x is not None]
+    return pressure_record(
+        p, sink, r.load_started_monotonic, wall_minus_mono, progress=r.progress, audit=r.audit,
+        timeline=r.timeline, limit_at=r.limit_reached_at, first_kill=min(firsts) if firsts else None,
+        db_deaths=[], db_survived=r.database_survived, crash_recoveries=r.crash_recoveries,
+        sessions_lost=r.sessions_lost, tx_ok=r.transactions_ok, tx_failed=r.transactions_failed,
+        client_errors=r.pgbench_errors[:5], kernel_oom_kills=r.oom_kills,
+        large_finished=r.large.finished, large_cancelled=r.large.cancelled,
+        large_terminated=r.large.terminated, large_failed=r.large.failed,
+        first_session_end_at=ends[0] if ends else None, server_log=r.server_log_excerpt)
+
+
+def sessions(c: Contender, p: Params, log: Log) -> dict:
+    sink: dict = {}
+    wall_minus_mono = time.time() - time.monotonic()
+    r = run_pg_sessions(sampled(c, sink), duration=p.duration - int(p.warmup), warmup=p.warmup, log=log)
+    return _record(p, sink, r, wall_minus_mono)
+
+
+def sessions_mariadb(c: Contender, p: Params, log: Log) -> dict:
+    sink: dict = {}
+    wall_minus_mono = time.time() - time.monotonic()
+    r = run_mariadb_sessions(sampled(c, sink), duration=p.duration - int(p.warmup), warmup=p.warmup, log=log)
+    return _record(p, sink, r, wall_minus_mono)
