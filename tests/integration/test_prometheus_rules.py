@@ -146,3 +146,17 @@ def test_every_alert_links_its_runbook_section():
 def test_a_stale_sidecar_alert_watches_the_last_cycle():
     rules = {r["alert"]: r for g in yaml.safe_load(RULES.read_text())["groups"] for r in g["rules"]}
     assert "dbguard_last_snapshot_timestamp_seconds" in rules["DbguardStale"]["expr"]
+
+
+def test_dashboard_filters_by_job_and_cluster_and_marks_kills_and_level_changes():
+    board = json.loads(DASHBOARD.read_text())
+    names = [v["name"] for v in board["templating"]["list"]]
+    assert {"job", "cluster", "instance"} <= set(names)
+    assert names.index("job") < names.index("cluster") < names.index("instance")   # each narrows the next
+    panel_queries = dashboard_queries(board["panels"])
+    missing = [q for q in panel_queries if 'job=~"$job"' not in q or 'cluster=~"$cluster"' not in q]
+    assert missing == []
+    annotations = {a["name"]: a.get("expr", "") for a in board["annotations"]["list"]}
+    assert 'kind="kill"' in annotations["dbguard kills"]
+    assert "dbguard_bpf_kills_total" in annotations["BPF kills"]
+    assert "changes(dbguard_pressure_level" in annotations["Level changes"]
