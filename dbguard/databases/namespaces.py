@@ -234,10 +234,12 @@ def locate(spec: str, probe: str) -> Namespace:
     socket's directory, as the container sees it: in a pod's cgroup it tells the database's
     container from the others). Raises DbguardError in one line."""
     pids, what = _candidates(spec)
-    for pid in pids:
-        ns = Namespace.of(pid)
-        if ns is None:
-            continue
+    # The namespaces of a process in another pid namespace first: the pid namespace must be the
+    # server's (its pid file names pids there), and a runtime's helper in the container's cgroup
+    # (`unshare` itself, a shim) may share its mount namespace but not its pid namespace.
+    ours = _link(f"{PROC}/self/ns/pid")
+    found = [ns for ns in map(Namespace.of, pids) if ns is not None]
+    for ns in sorted(found, key=lambda ns: ns.pidns == ours):
         try:
             if os.path.exists(ns.path(probe)):
                 return ns
@@ -245,7 +247,7 @@ def locate(spec: str, probe: str) -> Namespace:
             continue
     if not pids:
         raise DbguardError(f"namespace_of: {what} has no process (is the container running?)")
-    if len(pids) == 1 and Namespace.of(pids[0]) is None:
+    if len(pids) == 1 and not found:
         raise DbguardError(f"namespace_of: {what}: process {pids[0]} does not exist (is the container running?)")
     raise DbguardError(f"namespace_of: no process of {what} sees {probe} (check the socket path: it is the "
                        "one inside the container)")
