@@ -182,6 +182,32 @@ class Namespace(Host):
         return f" in the namespace of pid {self.anchor}"
 
 
+def of_process(pid: int, proc_root: str = PROC) -> Host | None:
+    """HOST for a process in dbguard's mount namespace, its Namespace for one in a container;
+    None when it is gone. A fixture tree (proc_root not /proc) has no namespaces to cross."""
+    if proc_root != PROC:
+        return HOST
+    theirs = _link(f"{PROC}/{pid}/ns/mnt")
+    if theirs is None:
+        return None
+    return HOST if theirs == _link(f"{PROC}/self/ns/mnt") else Namespace.of(pid)
+
+
+def container_name(ns: Namespace) -> str:
+    """What tells one container from another in a discovered database's name: its hostname (a
+    pod's name) when it has its own, else its mount namespace."""
+    try:
+        with open(ns.path("/etc/hostname")) as f:
+            theirs = f.read(256).strip()
+        with open("/etc/hostname") as f:
+            ours = f.read(256).strip()
+        if theirs and theirs != ours:
+            return theirs
+    except (OSError, DbguardError):
+        pass
+    return ns.mnt.replace("mnt:[", "mnt").rstrip("]")
+
+
 # --- namespace_of ---------------------------------------------------------------------------
 
 def spec_problem(spec: str) -> str | None:

@@ -195,3 +195,17 @@ def test_without_sql_the_pods_servers_are_found_by_their_sockets(pg, my, tmp_pat
         db.close()
     assert not s.up and "login refused" in s.error
     assert s.server_pid == my.host_pid, s.identity
+
+
+def test_discovery_finds_mariadb_in_a_pod_and_reaches_it(my, tmp_path):
+    from dbguard.databases.mysql.discover import discover_mysql
+    mine = [c for c in discover_mysql() if c.namespace_of == str(my.host_pid)]
+    assert len(mine) == 1, discover_mysql()
+    assert mine[0].socket == my.SOCKET and mine[0].name.startswith("mysql:/srv/db/data")
+    db = MySQL(mine[0], str(tmp_path / "state"))
+    try:
+        s = db.collect()
+    finally:
+        db.close()
+    assert s.up, s.error
+    assert s.server_pid == my.host_pid

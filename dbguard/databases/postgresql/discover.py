@@ -18,7 +18,7 @@ import re
 from ...config import DatabaseConfig
 from ...errors import DbguardError
 from .. import identity, registry
-from ..namespaces import HOST, Host, Namespace
+from ..namespaces import Namespace, container_name, of_process
 
 POSTGRES_EXES = registry.kind("postgresql").executables
 # postmaster.pid lines (0-based): pid, data dir, start time, port, socket dir, listen address
@@ -73,39 +73,6 @@ def dsn_for(info: dict[str, str]) -> str:
 
 
 # --- reading /proc -------------------------------------------------------------------------------
-def _namespace(proc_root: str, pid: int) -> Host | None:
-    """HOST for a process in our mount namespace, its Namespace for one in a container."""
-    if proc_root != "/proc":
-        return HOST                     # a fixture tree: no namespaces to cross
-    mine = _readlink("/proc/self/ns/mnt")
-    theirs = _readlink(f"/proc/{pid}/ns/mnt")
-    if theirs is None:
-        return None
-    return HOST if theirs == mine else Namespace.of(pid)
-
-
-def _readlink(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return None
-
-
-def container_name(ns: Namespace) -> str:
-    """What tells one container from another in a database's name: its hostname (a pod's name)
-    when it has its own, else its mount namespace."""
-    try:
-        with open(ns.path("/etc/hostname")) as f:
-            theirs = f.read(256).strip()
-        with open("/etc/hostname") as f:
-            ours = f.read(256).strip()
-        if theirs and theirs != ours:
-            return theirs
-    except (OSError, DbguardError):
-        pass
-    return ns.mnt.replace("mnt:[", "mnt").rstrip("]")
-
-
 def _postmaster(proc_root: str, pid: int) -> DatabaseConfig | None:
     try:
         proc = identity.inspect(pid, proc_root)
@@ -115,7 +82,7 @@ def _postmaster(proc_root: str, pid: int) -> DatabaseConfig | None:
         return None
     if proc is None or os.path.basename(proc.exe) not in POSTGRES_EXES:
         return None
-    ns = _namespace(proc_root, pid)
+    ns = of_process(pid, proc_root)
     if ns is None:
         return None
     data_dir = data_dir_from_cmdline(argv[1:], proc.cwd)
