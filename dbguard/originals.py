@@ -92,7 +92,7 @@ class Originals:
         `server()`: the live server's identity, None while it is not known."""
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", database)
         self.path = Path(state_dir) / f"originals-{safe}.json"
-        self.schema = {**schema, "server?": {str: str}} if isinstance(schema, dict) else schema
+        self.schema = {**schema, "identity?": {str: str}} if isinstance(schema, dict) else schema
         self.fix = fix
         self.server = server
         self._warned = ""               # a file that cannot be moved aside is reported once
@@ -118,7 +118,7 @@ class Originals:
         why = schema_problem(values, self.schema) if self.schema is not None else None
         if why is not None:
             return self._damaged(why)
-        other = other_server(values.get("server"), self.server())
+        other = other_server(values.get("identity"), self.server())
         return values if other is None else self._other_server(other)
 
     def _other_server(self, why: str) -> None:
@@ -146,8 +146,8 @@ class Originals:
 
     def save(self, values: dict[str, Any]) -> None:
         """`values` plus the live server's identity (kept from the file while it is not known)."""
-        server = self.server() or values.get("server")
-        values = {k: v for k, v in values.items() if k != "server"} | ({"server": server} if server else {})
+        ident = self.server() or values.get("identity")
+        values = {k: v for k, v in values.items() if k != "identity"} | ({"identity": ident} if ident else {})
         fsafe.ensure_dir(str(self.path.parent), "general.state_dir")
         fsafe.write_atomic(self.path, json.dumps(values, indent=1, sort_keys=True).encode())
 

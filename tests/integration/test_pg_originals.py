@@ -91,7 +91,7 @@ def test_two_clusters_under_one_name_one_after_another(postgresql_host, tmp_path
 
             # Protection goes on with the second cluster's own values.
             assert db.set_shrink_step(1).ok
-            assert db.originals.load()["server"]["system_identifier"] == second.system_identifier()
+            assert db.originals.load()["identity"]["system_identifier"] == second.system_identifier()
             assert db.originals.load()["settings"]["work_mem"]["value"] == "16MB"
             assert db.set_shrink_step(0).ok
             assert auto_conf(second) == before

@@ -143,8 +143,8 @@ def test_shrink_halves_respects_floor_and_restores_exactly(cluster, adapter, tmp
     assert state["settings"]["maintenance_work_mem"] == {"value": "64MB", "bytes": 64 * MiB, "auto_conf": True,
                                                           "set": "32MB"}
     # Keyed by the server (pg_controldata reads the control file: not dbguard's SQL).
-    assert state["server"] == {"system_identifier": cluster.system_identifier(),
-                               "data_directory": cluster.data_dir}, state["server"]
+    assert state["identity"] == {"system_identifier": cluster.system_identifier(),
+                               "data_directory": cluster.data_dir}, state["identity"]
     assert adapter.collect().shrink_step == 1
 
     out = adapter.set_shrink_step(3)     # work_mem would be 1MB: held at the 2MB floor

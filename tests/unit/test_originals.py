@@ -91,8 +91,8 @@ def test_a_file_of_another_server_is_moved_aside_once_and_never_returned(tmp_pat
     here = {"system_identifier": "111", "data_directory": "/srv/a"}
     o = Originals(tmp_path, "main", PG, server=lambda: here)
     o.save(GOOD)
-    assert json.loads(o.path.read_text())["server"] == here, "the identity is recorded with the originals"
-    assert o.load() == {**GOOD, "server": here}
+    assert json.loads(o.path.read_text())["identity"] == here, "the identity is recorded with the originals"
+    assert o.load() == {**GOOD, "identity": here}
     here = {"system_identifier": "222", "data_directory": "/srv/a"}     # the name now leads to another cluster
     with caplog.at_level(logging.WARNING, logger="dbguard"):
         assert o.load() is None
@@ -107,5 +107,5 @@ def test_a_file_of_another_server_is_moved_aside_once_and_never_returned(tmp_pat
 def test_save_keeps_the_recorded_server_while_the_live_one_is_unknown(tmp_path):
     known = {"system_identifier": "111"}
     o = Originals(tmp_path, "main", PG, server=lambda: None)
-    o.save({**GOOD, "server": known})
-    assert o.load()["server"] == known
+    o.save({**GOOD, "identity": known})
+    assert o.load()["identity"] == known

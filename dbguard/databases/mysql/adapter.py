@@ -23,7 +23,10 @@ from .identity import identify, server_pid, server_rss
 from .stats import Reading, to_stats
 
 
-_STATE_SCHEMA = {"innodb_buffer_pool_size": int, "caches?": {str: int}, "server?": str, "saved_at?": float}
+# innodb_buffer_pool_size: the DBA's size (missing once someone else set the pool while shrunk);
+# server: the version; set / was: what dbguard last set (buffer_pool.py); identity: originals.py.
+_STATE_SCHEMA = {"innodb_buffer_pool_size?": int, "caches?": {str: int}, "server?": str, "saved_at?": float,
+                 "set?": {str: int}, "was?": {str: int}}
 
 
 class MySQL(Database):
@@ -37,7 +40,7 @@ class MySQL(Database):
         self.cfg = cfg
         self.name = cfg.name
         self.originals = Originals(state_dir, cfg.name, _STATE_SCHEMA, fix=(
-            "check innodb_buffer_pool_size is the configured size (SET GLOBAL)"))
+            "check innodb_buffer_pool_size is the configured size (SET GLOBAL)"), server=lambda: self.link.identity)
         self.link = Link(cfg)
         self.pool = BufferPool(cfg, self.originals, self.link)
         self.identity = Tracker(self._identify)

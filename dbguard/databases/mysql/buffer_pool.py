@@ -13,10 +13,17 @@ policy's: this module reports those facts (Pool.resize_in_progress, Pool.self_sh
 
 The DBA's size is saved in the originals file before the first change and the file is
 removed only once the configured size is back, so a killed dbguard restores it at start.
+The file also keeps what dbguard last set ("set"; while a resize is in flight the size before
+it, "was"). Before every change the live global values are compared with it (databases/held.py):
+a `SET GLOBAL` by someone else while shrunk is theirs; dbguard drops its original of that
+variable (the pool: the DBA's new size is the size from then on), never sets it back, and says
+so in one warning and one line of the outcome. MariaDB shrinking its own pool
+(innodb_buffer_pool_size_auto_min) is no one else's change.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from typing import Any
 
@@ -25,12 +32,16 @@ from ...errors import DbguardError
 from ...model import Outcome
 from ...originals import Originals
 from ..bounded import BoundedCaller, Busy, Overdue
+from ..held import Live, taken_over
 from ..steps import halved, linear_target
 from .connection import Link, limit_statements, status, variables
 from .identity import server_pid, server_rss
 from .stats import Pool, pool_steps, resize_running
 
+log = logging.getLogger("dbguard")
+
 MiB = 1024**2
+POOL = "innodb_buffer_pool_size"
 RESIZE_TIMEOUT = 120.0          # seconds a single buffer pool resize may take before it is aborted
 
 # Runtime caches dbguard may scale down with `shrink_caches`, with the lowest value it uses.
@@ -123,25 +134,36 @@ class BufferPool:
     # --- one step --------------------------------------------------------------------------------
     def set_step(self, conn, step: int) -> Outcome:
         unit = self.link.facts.unit
-        v = variables(conn, ("innodb_buffer_pool_size", *self.cfg.shrink_caches))
-        pool = self.look(int(v["innodb_buffer_pool_size"]), status(conn, "Innodb_buffer_pool_resize%"))
-        size, configured = pool.size, pool.configured
-        now_step, top, _ = pool_steps(pool, unit)
-        step = max(0, min(step, top))
-        if pool.resize_in_progress:
+        v = variables(conn, (POOL, *self.cfg.shrink_caches))
+        server_status = status(conn, "Innodb_buffer_pool_resize%")
+        if self.resizing(server_status):
             r = self.last_resize
             since = f" for {time.monotonic() - r.started:.1f}s" if r else ""
             return Outcome.failed(f"mysql {self.cfg.name}: a buffer pool resize is in progress{since}; "
                                   "trying again next cycle")
+        taken = self._let_go_of_theirs({n: int(x) for n, x in v.items()})
+        if any(t.startswith(POOL) for t in taken):
+            # The step asked for counts from the old size: the DBA's pool ends this shrink. What
+            # is still dbguard's (runtime caches, no refill) goes back now; new pressure starts
+            # a new shrink from the DBA's size next cycle.
+            saved = self.saved()
+            notes = self._set_caches(conn, saved, 0, 0) if saved else []
+            self.originals.clear()
+            return Outcome.done("; ".join(taken + [f"buffer pool left at the {mib(int(v[POOL]))} set by someone "
+                                                   "else", *notes]))
+        pool = self.look(int(v[POOL]), server_status)
+        size, configured = pool.size, pool.configured
+        now_step, top, _ = pool_steps(pool, unit)
+        step = max(0, min(step, top))
         target = linear_target(configured, pool.floor, pool.steps, step, unit)
         saved = self.saved()
-        if (step > 0 or size < configured) and saved is None:
+        if (step > 0 or size < configured) and POOL not in (saved or {}):
             # Before the first change, and as soon as the pool is found smaller than the DBA's size.
-            self.originals.save({"innodb_buffer_pool_size": configured,
-                                 "caches": {c: int(v[c]) for c in self.cfg.shrink_caches},
-                                 "server": self.link.facts.version, "saved_at": time.time()})
+            base = saved or {"caches": {c: int(v[c]) for c in self.cfg.shrink_caches},
+                             "server": self.link.facts.version, "saved_at": time.time()}
+            self.originals.save({**base, POOL: configured})
             saved = self.originals.load()
-        notes = self._set_caches(conn, saved, step, top)
+        notes = taken + self._set_caches(conn, saved, step, top)
         if step >= now_step and target > size:
             # Smaller than this step already (MariaDB's own pressure shrinking): growing happens
             # only when a lower step is asked for.
@@ -157,12 +179,56 @@ class BufferPool:
         notes = []
         originals = (saved or {}).get("caches", {})
         cur = conn.cursor()
-        for c in self.cfg.shrink_caches:
-            if c not in originals:
-                continue
+        names = [c for c in self.cfg.shrink_caches if c in originals]
+        for c in names:
             want = halved(int(originals[c]), CACHE_MINIMUMS[c], min(step, top))
             cur.execute(f"SET GLOBAL {c} = %s", (want,))
             notes.append(f"{c}={want}")
+        if names and saved is not None:
+            # As the server took them (it rounds some): what a later look compares with.
+            got = {n: int(x) for n, x in variables(conn, tuple(names)).items()}
+            self.originals.save({**saved, "set": {**saved.get("set", {}), **got}})
+        return notes
+
+    # --- someone else's SET GLOBAL ---------------------------------------------------------------
+    def _same(self, name: str):
+        if name != POOL:
+            return lambda a, b: a == b
+        unit, auto_min = self.link.facts.unit, self.link.facts.auto_min
+
+        def same(live: int, ours: int) -> bool:
+            # Within the server's rounding, or MariaDB's own pressure shrinking (not anyone's SET).
+            return abs(live - ours) < unit or (auto_min is not None and auto_min <= live < ours)
+        return same
+
+    def _let_go_of_theirs(self, live: dict[str, int]) -> list[str]:
+        """Drop the originals of variables someone else SET GLOBAL since dbguard set them; one
+        line each. A file without "set" (written before it was recorded) is not judged."""
+        saved = self.saved()
+        if not saved or "set" not in saved:
+            return []
+        originals = {POOL: saved.get(POOL), **saved.get("caches", {})}
+        held = {n: [x, *([saved["was"][n]] if n in saved.get("was", {}) else []), originals.get(n)]
+                for n, x in saved["set"].items() if originals.get(n) is not None}
+        notes, gone = [], []
+        for n in held:
+            if taken_over({n: held[n]}, {n: Live(live[n])} if n in live else {}, self._same(n)):
+                gone.append(n)
+                notes.append(f"{n} was changed by someone else while shrunk (now {live[n]}, dbguard had set "
+                             f"{held[n][0]}): theirs is kept, dbguard's original {originals[n]} dropped")
+                log.warning("mysql %s: %s", self.cfg.name, notes[-1])
+        if not gone:
+            return []
+        if POOL in gone:
+            self._baseline = live[POOL]          # the DBA's size from now on
+        left = {k: v for k, v in saved.items() if k not in gone}
+        left["caches"] = {c: x for c, x in saved.get("caches", {}).items() if c not in gone}
+        for k in ("set", "was"):
+            left[k] = {n: x for n, x in saved.get(k, {}).items() if n not in gone}
+        if POOL not in left and not left["caches"]:
+            self.originals.clear()
+        else:
+            self.originals.save(left)
         return notes
 
     def _finish(self, step: int, size: int, configured: int, detail: str, notes: list[str]) -> str:
@@ -177,6 +243,7 @@ class BufferPool:
         self.last_resize = r
         verb = "shrink" if target < size else "grow"
         head = f"buffer pool {verb} {mib(size)} -> {mib(target)} (step {step}/{top})"
+        self._note_set(target, was=size)
         try:
             # Wait a bounded while: a MariaDB resize of a few hundred MiB takes tens of milliseconds.
             self._resizer.call(lambda: self._resize(r, pid), self.cfg.statement_timeout)
@@ -202,12 +269,22 @@ class BufferPool:
         """The variable must have moved, and on a shrink the server's memory must have fallen."""
         if r.size_after is None or abs(r.size_after - r.target) >= self.link.facts.unit:   # beyond server rounding
             return Outcome.failed(f"mysql {self.cfg.name}: {head}: server reports {mib(r.size_after or 0)}")
+        self._note_set(r.size_after)
         rss = ""
         if r.rss_before is not None and r.rss_after is not None:
             rss = f"; server RSS {mib(r.rss_before)} -> {mib(r.rss_after)}"
             if r.target < r.rss_before and r.rss_after >= r.rss_before and "shrink" in head:
                 rss += " (did not fall: the freed pages were not resident)"
         return Outcome.done(self._finish(step, r.size_after, configured, head + rss, notes))
+
+    def _note_set(self, size: int, was: int | None = None) -> None:
+        """Record the pool size dbguard sets (and, while the resize is in flight, the size before)."""
+        saved = self.saved()
+        if saved is None:
+            return
+        others = {n: x for n, x in saved.get("was", {}).items() if n != POOL}
+        self.originals.save({**saved, "set": {**saved.get("set", {}), POOL: size},
+                             "was": others | ({POOL: was} if was is not None else {})})
 
     def _resize(self, r: Resize, pid: int | None) -> None:
         """Runs the SET on its own connection: MariaDB resizes inside that statement."""

@@ -19,6 +19,7 @@ from .facts import FACT_VARIABLES, ServerFacts, server_facts
 from .grants import needed_grants
 from ..namespaces import Host, Locator
 from .identity import peer_pid
+from .serverid import server_identity
 
 T = TypeVar("T")
 
@@ -55,6 +56,7 @@ class Link:
         self.cfg = cfg
         self.conn: pymysql.connections.Connection | None = None
         self.facts: ServerFacts | None = None
+        self.identity: dict[str, str] | None = None    # serverid.py, read at every connect
         self.lock = threading.Lock()          # the main connection is used from the loop only
         # A server in a container: its socket as the container sees it, reached through the
         # container's root (validate.py requires socket with namespace_of).
@@ -113,6 +115,8 @@ class Link:
             cur = conn.cursor()
             cur.execute("SHOW GRANTS FOR CURRENT_USER()")
             self.facts = server_facts(v, [r[0] for r in cur.fetchall()], peer_pid(conn))
+            # At every connect: after a restart the endpoint may lead to another server.
+            self.identity = server_identity(conn, self.facts.mariadb)
             limit_statements(conn, self.facts.mariadb, self.cfg.statement_timeout)
         except Exception:
             conn.close()
