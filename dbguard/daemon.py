@@ -30,7 +30,7 @@ from .host import (CAP_SYS_RESOURCE, has_capability, lock_memory, release_compil
 from .metrics import Metrics
 from .model import Action, ActionKind, Level, Outcome, Plan, Snapshot
 from .policy import Policy, PolicyState
-from .sensor import REDISCOVER_EVERY, Sensor, relative_memcg
+from .sensor import REDISCOVER_EVERY, Sensor, relative_memcg, same_server_twice
 from .sense.procfs import read_pss
 
 log = logging.getLogger("dbguard")
@@ -88,6 +88,9 @@ class Daemon:
             log.warning("no [[databases]] configured and no local PostgreSQL or MySQL/MariaDB found; watching host memory "
                         "and looking again every %.0fs", REDISCOVER_EVERY)
         stats = self.sensor.collect()
+        twice = same_server_twice([(s.name, s.server_pid, self.sensor.databases[s.name].server_key()) for s in stats])
+        if twice:
+            raise DbguardError(twice)
         for s in stats:
             if not s.up:
                 log.warning("database %s: %s (protection goes on without SQL)", s.name, s.error)

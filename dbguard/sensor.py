@@ -44,6 +44,26 @@ def relative_memcg(cgroup_dir: str) -> str | None:
     return None
 
 
+def same_server_twice(entries: list[tuple[str, int | None, dict[str, str] | None]]) -> str | None:
+    """One line naming two [[databases]] entries that reach the same server, None when none do.
+
+    `entries`: (name, server pid found by fact, server key learnt over SQL) each. The same live
+    server process is one server; so are two complete, equal keys (a key with a fact missing,
+    such as a data directory the role may not read, could be a primary and its standby, which
+    share a system_identifier: no verdict on it)."""
+    for i, (a, pid_a, key_a) in enumerate(entries):
+        for b, pid_b, key_b in entries[i + 1:]:
+            if pid_a is not None and pid_a == pid_b:
+                fact = f"server pid {pid_a}"
+            elif key_a and key_a == key_b and all(key_a.values()):
+                fact = ", ".join(f"{k} {v}" for k, v in sorted(key_a.items()))
+            else:
+                continue
+            return (f"databases: {a} and {b} reach the same server ({fact}); list each server once, "
+                    "or its originals would be saved twice and one entry's shrunk values kept as the DBA's")
+    return None
+
+
 class Sensor:
     """Databases plus the pressure monitor: what `run` and `explain` both read from."""
 

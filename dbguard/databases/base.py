@@ -41,6 +41,12 @@ class Database(abc.ABC):
     def terminate(self, pid: int) -> Outcome:
         """End the session (pg_terminate_backend / KILL CONNECTION). Never a signal."""
 
+    def server_key(self) -> dict[str, str] | None:
+        """What the DBA's originals are keyed by (originals.py): the facts that tell this server
+        from any other (PostgreSQL system_identifier + data directory, MariaDB's Aria UUID +
+        datadir, MySQL's server_uuid + datadir), learnt over SQL; None while not known."""
+        return None
+
     def recover(self) -> Outcome:
         """At startup: deal with what a previous run left shrunk (it was killed half-way).
 

@@ -228,3 +228,33 @@ def test_a_role_setting_hiding_the_server_value_needs_pg_file_settings(cluster, 
         assert auto_conf(cluster) == before
     finally:
         db.close()
+
+
+def test_one_server_listed_twice_is_refused_at_start(cluster, tmp_path):
+    """By its socket and by 127.0.0.1: two endpoints check-config cannot tell apart, one server.
+    `dbguard run` refuses to start with one line naming both entries, and changes nothing."""
+    import subprocess
+    from lab.launcher import REPO, base_config, dbguard_command, toml
+    cluster.psql("ALTER ROLE postgres PASSWORD 'pw'")
+    pw = tmp_path / "pg.password"
+    pw.write_text("pw\n")
+    pw.chmod(0o600)
+    cfg = base_config(tmp_path)
+    cfg["bpf"] = {"enabled": False}
+    cfg["general"]["lock_memory"] = False
+    cfg["databases"] = [
+        {"kind": "postgresql", "name": "by_socket", "dsn": cluster.dsn},
+        {"kind": "postgresql", "name": "by_tcp", "dsn": cluster.tcp_dsn_for("postgres"), "password_file": str(pw)}]
+    path = tmp_path / "dbguard.toml"
+    path.write_text(toml(cfg))
+    before = auto_conf(cluster)
+    checked = subprocess.run(dbguard_command("check-config", str(path)), cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+    assert checked.returncode == 0, checked.stderr        # the endpoints differ: only the server can tell
+    r = subprocess.run(dbguard_command("run", "--config", str(path)), cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("dbguard: ")]
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    assert len(lines) == 1 and "by_socket and by_tcp reach the same server" in lines[0], r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "pw" not in lines[0].split("reach")[0]
+    assert auto_conf(cluster) == before and not list((tmp_path / "state").glob("originals-*"))

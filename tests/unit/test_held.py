@@ -109,3 +109,19 @@ def test_live_entry():
 def test_other_server(saved, live, differs):
     why = other_server(saved, live)
     assert (why is None) if differs is None else why.startswith(differs)
+
+
+# --- one server listed twice --------------------------------------------------------------------
+def test_same_server_twice():
+    from dbguard.sensor import same_server_twice
+    pg = {"system_identifier": "7", "data_directory": "/srv/main"}
+    assert same_server_twice([("a", 10, None), ("b", 11, None)]) is None
+    assert same_server_twice([("a", 10, None), ("b", 10, None)]).startswith(
+        "databases: a and b reach the same server (server pid 10)")
+    assert "system_identifier 7" in same_server_twice([("a", None, pg), ("b", None, dict(pg))])
+    # a primary and its standby share the system_identifier, not the data directory
+    assert same_server_twice([("a", None, pg), ("b", None, {**pg, "data_directory": "/srv/standby"})]) is None
+    # a fact missing on both sides is no proof
+    assert same_server_twice([("a", None, {**pg, "data_directory": ""}), ("b", None, {**pg, "data_directory": ""})]) \
+        is None
+    assert same_server_twice([("a", None, None), ("b", None, None)]) is None

@@ -106,6 +106,9 @@ class MySQL(Database):
     def set_shrink_step(self, step: int) -> Outcome:
         return self._attempt(lambda conn: self.pool.set_step(conn, step), "resize the buffer pool")
 
+    def server_key(self) -> dict[str, str] | None:
+        return self.link.identity
+
     def recover(self) -> Outcome:
         """At start: say what a previous run left shrunk; the daemon grows it back one step at a
         time (a buffer pool refills gradually). A server restarted meanwhile runs at its my.cnf

@@ -154,6 +154,9 @@ class PostgreSQL(Database):
     def set_shrink_step(self, step: int) -> Outcome:
         return self._attempt(lambda conn: self.settings.set_step(conn, max(0, step), self.link.superuser))
 
+    def server_key(self) -> dict[str, str] | None:
+        return self.link.identity
+
     def recover(self) -> Outcome:
         """work_mem and friends need no refill: everything a previous run left shrunk goes back at once."""
         try:
