@@ -105,7 +105,7 @@ class Policy:
         """(memory the database's active client sessions hold, memory the kill candidates hold)."""
         hogs = sum(p.rss_bytes for p, _ in (ranked if ranked is not None else self.ranked(snap)))
         held = sum(s.held_bytes for db in snap.databases if db.up for s in db.sessions
-                   if s.client and s.state != "idle")
+                   if s.client and s.state == "active")
         return held, hogs
 
     def on_stop(self, snap: Snapshot, state: PolicyState) -> list[Action]:

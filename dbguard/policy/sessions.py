@@ -47,8 +47,14 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
     out: list[Action] = []
     freed = 0
     now = snap.ts
+    # Only a running statement can be cancelled, and only a running one grows.
     open_sessions = [(db, s, configs[db.name]) for db in snap.databases if db.up and db.name in configs
-                     for s in db.sessions if s.client and s.state != "idle"]
+                     for s in db.sessions if s.client and s.state == "active"]
+    running = {(db.name, s.pid) for db, s, _ in open_sessions}
+    up = {db.name for db in snap.databases if db.up}
+    for key in [key for key in state.cancelled if key[0] in up and key not in running
+                and key not in state.terminated]:
+        del state.cancelled[key]             # its statement ended (idle, or idle in an aborted transaction)
     for db, s, dc in open_sessions:          # escalation: a cancel that did not end the statement
         key = (db.name, s.pid)
         if key in state.cancelled and _new_statement(s, now - state.cancelled[key], state.cancelled_started.get(key)):

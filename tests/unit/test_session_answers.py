@@ -190,3 +190,15 @@ def test_the_servers_statement_start_tells_a_new_statement_from_the_cancelled_on
     # The same statement, its start worked out again a millisecond apart (MariaDB: now - TIME_MS).
     assert ended(pol.decide(snap(106.0, reading(960), [s(90.001, 16.0)])), "terminate_session") == [61]
 
+
+
+def test_a_cancelled_statement_that_ended_is_neither_terminated_nor_cancelled_again():
+    # Cancelled inside a transaction: the session now sits idle in the aborted transaction,
+    # still holding some memory. The cancel did its job; nothing more is done to it, nor is a
+    # session that runs no statement ever "cancelled" (there is nothing to cancel).
+    pol = policy()
+    assert ended(pol.decide(snap(0, reading(960), [session(71, 200)])), "cancel_query") == [71]
+    aborted = session(71, 150, state="idle in transaction (aborted)")
+    for t in (3, 6, 12):
+        plan = pol.decide(snap(t, reading(960), [aborted]))
+        assert ended(plan, "terminate_session") == [] and ended(plan, "cancel_query") == [], t
