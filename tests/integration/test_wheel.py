@@ -164,3 +164,24 @@ def _write(path: Path, cfg: dict) -> Path:
     from lab.launcher import toml
     path.write_text(toml(cfg))
     return path
+
+
+def test_sdist_carries_the_bpf_sources_and_license(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in BUILD_INPUTS:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(ROOT / name, src / name)
+    r = subprocess.run([sys.executable, "-c", "import sys; from setuptools import build_meta as b; "
+                        "print(b.build_sdist(sys.argv[1]))", str(tmp_path / "out")],
+                       cwd=src, capture_output=True, text=True, env=clean_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    name = r.stdout.split()[-1]
+    assert name == f"dbguard-sidecar-{PYPROJECT['version']}.tar.gz", name
+    import tarfile
+    with tarfile.open(tmp_path / "out" / name) as t:
+        members = {m.split("/", 1)[1] for m in t.getnames() if "/" in m}
+    expected = {f"dbguard/bpf/{p.name}" for p in (ROOT / "dbguard" / "bpf").iterdir() if p.suffix in (".c", ".h")}
+    assert expected <= members and {"LICENSE", "dbguard/py.typed", "pyproject.toml"} <= members
