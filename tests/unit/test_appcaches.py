@@ -253,3 +253,17 @@ def test_memcached_stats_and_steps():
     assert s.hit_ratio == 0.75 and s.evictions == 5 and not s.why_not
     s = mc_stats("mc", st, {"evictions": "off"}, None, 32 * MiB, 3, 77)
     assert "-M" in s.why_not and s.shrink_steps_max == 0
+
+
+def test_pgbouncer_pool_ladder_and_stats():
+    from dbguard.caches.pgbouncer import targets, to_stats as pgb_stats
+    saved = {"default_pool_size": 20, "max_db_connections": 0}
+    assert [targets(saved, 2, 3, s) for s in (0, 1, 2, 3)] == [
+        {"default_pool_size": 20}, {"default_pool_size": 14}, {"default_pool_size": 8}, {"default_pool_size": 2}]
+    assert targets({"default_pool_size": 8, "max_db_connections": 12}, 2, 3, 3) == \
+        {"default_pool_size": 2, "max_db_connections": 2}
+    pools = [{"database": "app", "sv_active": 3, "sv_idle": 1, "sv_used": 0, "cl_waiting": 5},
+             {"database": "pgbouncer", "sv_active": 0, "cl_waiting": 0}]
+    s = pgb_stats("pgb", {"default_pool_size": "8", "max_db_connections": "0"}, pools, saved, 2, 3, 99)
+    assert (s.limit, s.configured, s.shrink_step, s.shrink_steps_max, s.memory) == (8, 20, 2, 3, 4)
+    assert s.pooler and s.unit == "connections" and s.extra["clients_waiting"] == 5
