@@ -94,6 +94,7 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
                        "psi_full_avg10": m.psi_full_avg10},
             "level": plan.level.name.lower(), "level_reason": plan.level_reason,
             "databases": [{"name": d.name, "kind": d.kind, "up": d.up, "error": d.error, "server_pid": d.server_pid,
+                           "identity": d.identity,
                            "cache_bytes": d.cache_bytes, "hit_ratio": d.hit_ratio, "shrink_step": d.shrink_step,
                            "shrink_steps_max": d.shrink_steps_max, "sessions": len(d.sessions),
                            "top_sessions": [_session_json(x) for x in top_sessions(d)]}
@@ -140,6 +141,8 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
         say(f"database {d.name} ({d.kind}): {state}; server pid {d.server_pid}; cache {_mib(d.cache_bytes)}"
               f"; hit ratio {'-' if d.hit_ratio is None else f'{d.hit_ratio:.3f}'}; shrink step "
               f"{d.shrink_step}/{d.shrink_steps_max}; {len(d.sessions)} session(s)")
+        if d.identity:
+            say(f"  server {'found by' if d.server_pid else 'not found'}: {d.identity}")
         for x in top_sessions(d):
             temp = f" + temp files {_mib(x.temp_bytes)}" if x.temp_bytes else ""
             say(f"  session {x.pid} {x.kind} ({x.user or '?'}, {x.state or '?'}"

@@ -169,6 +169,8 @@ def test_explain_shows_the_pods_servers_by_host_pid_and_role(pg, my, tmp_path):
     row, = out["processes"]
     assert (row["role"], row["verdict"]) == ("postmaster", "protected"), row
     assert {d["name"]: d["server_pid"] for d in out["databases"]} == {"pod-pg": pg.host_pid, "pod-my": my.host_pid}
+    assert all(d["identity"].endswith(f"in the namespace of pid {d['server_pid']}") for d in out["databases"]), \
+        out["databases"]
     row, = explain(tmp_path, dbs, my.host_pid)["processes"]
     assert (row["role"], row["verdict"]) == ("mysqld", "protected"), row
 

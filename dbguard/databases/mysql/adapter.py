@@ -78,7 +78,7 @@ class MySQL(Database):
         own = sessions.own_id(conn)
         pool = self.pool.look(int(v["innodb_buffer_pool_size"]), server_status)
         pid, pid_error = server_pid(v["pid_file"], v["datadir"], v["basedir"], facts.peer_pid, self.link.ns())
-        how = f"@@pid_file {v['pid_file']}, checked against @@datadir"
+        how = f"@@pid_file {v['pid_file']}, checked against @@datadir{self.link.ns().where()}"
         if pid is None:                  # SQL could not confirm it: the listening socket still can
             found = self.identity.get()
             pid, how = found.pid, found.how or found.why_not

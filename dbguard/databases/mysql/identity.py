@@ -67,5 +67,5 @@ def identify(cfg: DatabaseConfig, ns: Host = HOST) -> identity.Found:
             reasons.append(f"{identity.show_endpoint(e)} is held by process {pid} ({proc.exe or '?'}), "
                            f"not a MySQL server ({', '.join(sorted(exes))})")
             continue
-        return identity.Found(pid, proc.cwd, f"listening socket of {identity.show_endpoint(e)}")
+        return identity.Found(pid, proc.cwd, f"listening socket of {identity.show_endpoint(e)}{ns.where()}")
     return identity.Found(None, why_not="; ".join(reasons) or "set host or socket")

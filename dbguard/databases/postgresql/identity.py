@@ -54,7 +54,7 @@ def _by_lock_file(socket_path: str, ns: Host = HOST) -> identity.Found:
     why = _check(pid, data_directory, ns)
     if why:
         return identity.Found(None, why_not=f"{lock}: {why}")
-    return identity.Found(pid, data_directory, f"socket lock file {lock}")
+    return identity.Found(pid, data_directory, f"socket lock file {lock}{ns.where()}")
 
 
 def _by_listener(endpoint: tuple) -> identity.Found:
@@ -84,7 +84,7 @@ def identify(cfg: DatabaseConfig, data_directory: str = "", ns: Host = HOST) -> 
         pid, why = identity.server_pid(os.path.join(data_directory, "postmaster.pid"), data_directory, ns,
                                        trust_unreadable=True)
         if pid is not None:
-            return identity.Found(pid, data_directory, f"postmaster.pid in {data_directory}")
+            return identity.Found(pid, data_directory, f"postmaster.pid in {data_directory}{ns.where()}")
         reasons.append(why)
     for e in endpoints(cfg):
         if e[0] == "unix":
