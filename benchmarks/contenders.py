@@ -96,7 +96,7 @@ def _pg_documented(c: Contender, env: ScenarioEnv) -> Iterator[None]:
         c.notes.append(f"postmaster oom_score_adj=-1000 NOT applied: {why}; it stays at {oom_score_adj(pm)}")
     else:
         c.notes.append("postmaster oom_score_adj=-1000 applied")
-    children = [p for p in env.cgroup.pids() if ppid(p) == pm]
+    children = [p for p in (env.cluster.cgroup or env.cgroup).pids() if ppid(p) == pm]   # its own sub-group
     failed = [p for p in children if _write_score(p, 0)]
     c.notes.append(f"children reset to oom_score_adj=0: {len(children) - len(failed)} of {len(children)} "
                    "(new children inherit the postmaster's score"

@@ -23,6 +23,8 @@ from .tables import (COST_HEADER, FORK_HEADER, MARIADB_HEADER, PRESSURE_HEADER_F
 
 TITLES = {
     "moderate-hogs": "1. Many moderate hogs (PostgreSQL + six 150 MB hogs, 1000 MB cgroup)",
+    "parent-limit": "1c. The limit on a parent cgroup (the moderate hogs, 1000 MB on the parent; PostgreSQL and the "
+                    "hogs in unlimited sibling cgroups; no [pressure] cgroup for dbguard)",
     "moderate-hogs-mariadb": "1b. Many moderate hogs next to MariaDB (512 MiB buffer pool kept full by range reads, "
                              "six 150 MB hogs, 1000 MB cgroup)",
     "fast-hog": "2. One fast hog (one process allocating 3000 MB in 64 MB steps without pause, 1000 MB cgroup)",

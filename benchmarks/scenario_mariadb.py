@@ -76,8 +76,10 @@ class PoolWatch(threading.Thread):
         self.join(10)
 
 
-def moderate_hogs_mariadb(c: Contender, p: Params, log: Log) -> dict:
-    """Scenario 1's six hogs next to a MariaDB whose buffer pool range reads keep full."""
+def moderate_hogs_mariadb(c: Contender, p: Params, log: Log, layout: str = "flat") -> dict:
+    """Scenario 1's six hogs next to a MariaDB whose buffer pool range reads keep full.
+    `layout` "parent": the limit on the parent, MariaDB and the hogs in unlimited sibling
+    sub-groups, no [pressure] cgroup for dbguard (lab.scenario.ScenarioEnv.layout)."""
     from lab.mariadb import MariaDB, ReadLoad, load_table
 
     require.mariadb()
@@ -93,14 +95,15 @@ def moderate_hogs_mariadb(c: Contender, p: Params, log: Log) -> dict:
     try:
         with contextlib.ExitStack() as stack:
             cg = stack.enter_context(MemoryCgroup(4096 * MiB))
-            db = stack.enter_context(MariaDB(settings={"innodb_buffer_pool_size": f"{m.pool // MiB}M"}, cgroup=cg))
+            db_cg = cg if layout == "flat" else cg.child("db")
+            db = stack.enter_context(MariaDB(settings={"innodb_buffer_pool_size": f"{m.pool // MiB}M"}, cgroup=db_cg))
             load_table(db, m.rows)
             db.grant_dbguard()
             configured = int(db.value("SELECT @@GLOBAL.innodb_buffer_pool_size"))
             cg.set_limit(m.limit)
             mysqld = db.pid()
             say(f"MariaDB up, {m.rows:,} rows loaded; limit {m.limit // MiB} MiB, usage {cg.usage() // MiB} MiB")
-            env = ScenarioEnv(cg, db, workdir, workdir / "audit.jsonl", say)
+            env = ScenarioEnv(cg, db, workdir, workdir / "audit.jsonl", say, layout=layout)
             wall_minus_mono = time.time() - time.monotonic()
             stack.enter_context(sampled(c, sink)(env))
             pools = PoolWatch(db)
@@ -116,7 +119,8 @@ def moderate_hogs_mariadb(c: Contender, p: Params, log: Log) -> dict:
             watcher.watch_process(mysqld, f"mariadbd (pid {mysqld})")
             watcher.start()
             watcher.note(f"starting {spec.count} hogs of {spec.size // MiB} MiB (usage {usage_at_load // MiB} MiB)")
-            start_hogs(spec, cg, watcher, workdir, hold=p.duration + m.regrow_wait + 60, procs=hog_procs)
+            start_hogs(spec, cg, watcher, workdir, hold=p.duration + m.regrow_wait + 60, procs=hog_procs,
+                       rel=None if layout == "flat" else "hogs")
             seen = len(db.starts)
 
             def note_restarts() -> None:       # a supervisor (mariadb-documented) started it again

@@ -1,6 +1,8 @@
 """The benchmark scenarios, each run once per call for one contender, as a JSON-able dict.
 
     moderate-hogs  lab.scenario.run_pg_scenario defaults: PostgreSQL + six 150 MB hogs, 1000 MB
+    parent-limit   the same, the 1000 MB limit on a parent cgroup, PostgreSQL and the hogs in
+                   unlimited sibling cgroups, no [pressure] cgroup for dbguard (a stock systemd host)
     moderate-hogs-mariadb  the same hogs next to MariaDB (512 MiB buffer pool kept full by
                    range reads) in a 1000 MB cgroup (scenario_mariadb.py)
     fast-hog       the same database and load, one hog allocating as fast as it can
@@ -42,6 +44,7 @@ MiB = 1024 * 1024
 
 DEFAULTS = {
     "moderate-hogs": Params(duration=30, warmup=8.0),
+    "parent-limit": Params(duration=30, warmup=8.0),
     "moderate-hogs-mariadb": Params(duration=30, warmup=8.0),
     "fast-hog": Params(duration=24, warmup=8.0),
     "runaway": Params(duration=40, warmup=6.0),
@@ -51,6 +54,7 @@ DEFAULTS = {
 }
 QUICK = {
     "moderate-hogs": Params(duration=24, warmup=6.0),
+    "parent-limit": Params(duration=24, warmup=6.0),
     "moderate-hogs-mariadb": Params(duration=24, warmup=6.0),
     "fast-hog": Params(duration=18, warmup=6.0),
     "runaway": Params(duration=34, warmup=5.0),
@@ -99,6 +103,10 @@ def _pg_scenario(name: str, c: Contender, p: Params, log: Log, **kw) -> dict:
 
 def moderate_hogs(c: Contender, p: Params, log: Log) -> dict:
     return _pg_scenario("moderate-hogs", c, p, log)
+
+
+def parent_limit(c: Contender, p: Params, log: Log) -> dict:
+    return _pg_scenario("parent-limit", c, p, log, layout="parent")
 
 
 def fast_hog(c: Contender, p: Params, log: Log) -> dict:
@@ -236,6 +244,7 @@ def runaway(c: Contender, p: Params, log: Log) -> dict:
 
 SCENARIOS = {
     "moderate-hogs": moderate_hogs,
+    "parent-limit": parent_limit,
     "moderate-hogs-mariadb": moderate_hogs_mariadb,
     "fast-hog": fast_hog,
     "runaway": runaway,

@@ -72,6 +72,7 @@ class Daemon:
         self._cycle_done_at: float | None = None
         self._wake_r: int | None = None
         self._degraded: dict[str, str] = {}       # database -> why its server is not identified
+        self._down: set[str] = set()              # databases not answering SQL (said once)
 
     @property
     def level(self) -> Level:
@@ -93,7 +94,9 @@ class Daemon:
             raise DbguardError(twice)
         for s in stats:
             if not s.up:
-                log.warning("database %s: %s (protection goes on without SQL)", s.name, s.error)
+                log.warning("database %s: %s (protection goes on without SQL; server pid %s by fact)",
+                            s.name, s.error, s.server_pid)
+        self._down = {s.name for s in stats if not s.up}      # said now: the loop says changes
         self.sensor.open_pressure(stats)
         log.info("%s", self.sensor.follow_processes())
         self.policy = build_policy(cfg, self.sensor, self.dry_run)
@@ -195,7 +198,15 @@ class Daemon:
         return snap, a, plan
 
     def _note_identity(self, snap: Snapshot) -> None:
-        """Say once when a database's server cannot be identified (and when it is again)."""
+        """Say once when a database stops answering SQL or its server cannot be identified (and
+        when that ends)."""
+        for s in snap.databases:
+            if not s.up and s.name not in self._down:
+                log.warning("database %s: %s (protection goes on without SQL; server pid %s by fact)",
+                            s.name, s.error, s.server_pid)
+            elif s.up and s.name in self._down:
+                log.info("database %s answers SQL again", s.name)
+        self._down = {s.name for s in snap.databases if not s.up}
         now = identity.degraded(snap.databases)
         for name in now.keys() - self._degraded.keys():
             log.warning("protection degraded: %s", now[name])

@@ -7,6 +7,7 @@ from typing import Any
 
 from .assess import LevelState, assess
 from .config import Config
+from .databases.identity import degraded
 from .daemon import build_policy
 from .errors import DbguardError
 from .escape import say
@@ -93,6 +94,7 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
                        "reclaimable_bytes": m.reclaimable_bytes, "psi_some_avg10": m.psi_some_avg10,
                        "psi_full_avg10": m.psi_full_avg10},
             "level": plan.level.name.lower(), "level_reason": plan.level_reason,
+            "degraded": list(degraded(snap.databases).values()),
             "databases": [{"name": d.name, "kind": d.kind, "up": d.up, "error": d.error, "server_pid": d.server_pid,
                            "identity": d.identity,
                            "cache_bytes": d.cache_bytes, "hit_ratio": d.hit_ratio, "shrink_step": d.shrink_step,
@@ -138,7 +140,7 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
     say(f"level: {plan.level.name.lower()} - {plan.level_reason}")
     for d in snap.databases:
         state = "up" if d.up else f"DOWN ({d.error})"
-        say(f"database {d.name} ({d.kind}): {state}; server pid {d.server_pid}; cache {_mib(d.cache_bytes)}"
+        say(f"database {d.name} ({d.kind}): {state}; server pid {d.server_pid} ({d.identity}); cache {_mib(d.cache_bytes)}"
               f"; hit ratio {'-' if d.hit_ratio is None else f'{d.hit_ratio:.3f}'}; shrink step "
               f"{d.shrink_step}/{d.shrink_steps_max}; {len(d.sessions)} session(s)")
         if d.identity:
@@ -150,6 +152,8 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
                 f"{'statement' if x.state == 'active' else 'state'} since {x.age_seconds:.0f}s")
     if not snap.databases:
         say("databases: none configured or found")
+    for line in degraded(snap.databases).values():
+        say(f"degraded: {line}")
     for c in snap.caches:
         say(_cache_line(c))
     by_role: dict[str, list[int]] = {}

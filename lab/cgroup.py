@@ -122,13 +122,21 @@ class MemoryCgroup:
         return {k: int(v) for k, v in (line.split() for line in (self.path / "memory.events").read_text().splitlines())}
 
     def oom_kills(self) -> int:
-        """Kernel OOM kills inside this cgroup so far."""
+        """Kernel OOM kills inside this cgroup and its sub-groups so far. (v1 counts a kill in
+        the victim's own memory cgroup, not in the one whose limit was hit: summed over the
+        subtree; v2's memory.events is hierarchical already.)"""
         if self.version == 1:
-            for line in (self.path / "memory.oom_control").read_text().splitlines():
-                k, _, v = line.partition(" ")
-                if k == "oom_kill":
-                    return int(v)
-            return 0
+            total = 0
+            for d, _, _ in os.walk(self.path):
+                try:
+                    text = (Path(d) / "memory.oom_control").read_text()
+                except FileNotFoundError:          # a sub-group removed meanwhile
+                    continue
+                for line in text.splitlines():
+                    k, _, v = line.partition(" ")
+                    if k == "oom_kill":
+                        total += int(v)
+            return total
         return self._events().get("oom_kill", 0)
 
     def subgroup(self, rel: str) -> Path:
@@ -136,6 +144,13 @@ class MemoryCgroup:
         path = self.path / rel
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def child(self, name: str) -> "MemoryCgroup":
+        """A sub-group with no limit of its own (made if missing), as a MemoryCgroup: the parent's
+        limit is the one that applies to what runs in it. remove() of the parent takes it away."""
+        sub = object.__new__(MemoryCgroup)
+        sub.version, sub.path, sub.limit_bytes = self.version, self.subgroup(name), None
+        return sub
 
     def preexec(self, rel: str | None = None):
         """For subprocess.Popen(preexec_fn=...): the child joins this cgroup (or its sub-group

@@ -109,6 +109,10 @@ class ScenarioEnv:
     workdir: Path
     audit_path: Path
     log: Callable[[str], None]
+    # "flat": database and hogs in `cgroup`, which dbguard is told to watch ([pressure] cgroup).
+    # "parent": the limit on `cgroup`, the database and the hogs in unlimited sibling sub-groups
+    # (db/, hogs/), and no [pressure] cgroup: dbguard must find the limit that applies itself.
+    layout: str = "flat"
 
     @property
     def kind(self) -> str:
@@ -138,7 +142,7 @@ def _database(env: ScenarioEnv) -> dict:
 def dbguard_config(env: ScenarioEnv, extra: dict | None = None) -> dict:
     """The scenario's config (lab.launcher's dict form); `extra` adds tables or keys
     ({"bpf": {"enabled": False}})."""
-    cfg = base_config(env.workdir, env.cgroup.path)
+    cfg = base_config(env.workdir, env.cgroup.path if env.layout == "flat" else None)
     cfg["audit"]["path"] = str(env.audit_path)
     cfg["databases"] = [_database(env)]
     for table, keys in (extra or {}).items():
@@ -148,11 +152,14 @@ def dbguard_config(env: ScenarioEnv, extra: dict | None = None) -> dict:
 
 @contextlib.contextmanager
 def dbguard_guard(env: ScenarioEnv, *, settle: float = 1.0, extra_args: tuple[str, ...] = (),
-                  extra_config: dict | None = None) -> Iterator[DbguardRun]:
+                  extra_config: dict | None = None, database: dict | None = None) -> Iterator[DbguardRun]:
     """`dbguard run` outside the cgroup, protecting from before the block until its end;
     `settle` s after its "start" record let it finish its first cycle (scores raised, BPF
-    maps filled)."""
-    run = DbguardRun(env.workdir, dbguard_config(env, extra_config), *extra_args)
+    maps filled). `database`: keys that replace those of the [[databases]] entry (a DSN whose
+    login is refused, {"dsn": ...})."""
+    cfg = dbguard_config(env, extra_config)
+    cfg["databases"][0].update(database or {})
+    run = DbguardRun(env.workdir, cfg, *extra_args)
     try:
         try:
             run.wait_protecting(settle=settle)
@@ -206,13 +213,13 @@ def postgres_pids(cg: MemoryCgroup, postmaster: int) -> dict[int, str]:
 
 
 def start_hogs(spec: HogSpec, cg: MemoryCgroup, watcher: Watcher, workdir: Path, hold: float,
-               procs: list[subprocess.Popen]) -> list[subprocess.Popen]:
+               procs: list[subprocess.Popen], rel: str | None = None) -> list[subprocess.Popen]:
     """The hogs in the cgroup, `spec.stagger` s apart, each watched by pidfd ("hog i (pid N)")
     and appended to `procs` as it starts (the caller's cleanup sees every one); their output
     goes to workdir/hogI.out. They hold their memory for `hold` s."""
     for i in range(spec.count):
         with open(workdir / f"hog{i}.out", "wb") as out:      # the child keeps its own copy
-            p = hog.spawn(spec.size, spec.step, spec.interval, hold=hold, preexec_fn=cg.preexec(), stdout=out)
+            p = hog.spawn(spec.size, spec.step, spec.interval, hold=hold, preexec_fn=cg.preexec(rel), stdout=out)
         procs.append(p)
         watcher.watch_process(p.pid, f"hog {i} (pid {p.pid})")
         time.sleep(spec.stagger)
@@ -239,12 +246,17 @@ def run_pg_scenario(guard: str | Guard = "none", *,
                     warmup: float = 8.0,
                     audit_dir: str | os.PathLike | None = None,
                     port: int | None = None,
+                    layout: str = "flat",
                     log: Callable[[str], None] | None = None) -> ScenarioResult:
     """Run the scenario once and report what happened. See the module docstring.
 
     pgbench runs `-S -c clients -T duration`; the hogs start `warmup` seconds in, so the
     backends have touched shared buffers, as on a server that has been up for a while.
+    `layout`: "flat" (one cgroup) or "parent" (the limit on a parent, PostgreSQL and the hogs in
+    unlimited sibling sub-groups; see ScenarioEnv.layout).
     """
+    if layout not in ("flat", "parent"):
+        raise ValueError(f"layout must be 'flat' or 'parent', got {layout!r}")
     from lab.pgcluster import PgCluster      # written in parallel; imported late on purpose
 
     require_lab()
@@ -260,8 +272,9 @@ def run_pg_scenario(guard: str | Guard = "none", *,
         with contextlib.ExitStack() as stack:
             cg = stack.enter_context(MemoryCgroup(load_limit))
             say(f"[{guard_name}] cgroup {cg.path} (limit {load_limit // MiB} MiB while loading)")
+            db_cg = cg if layout == "flat" else cg.child("db")
             cluster = stack.enter_context(PgCluster(port=port, settings={"shared_buffers": shared_buffers},
-                                                    cgroup=cg))
+                                                    cgroup=db_cg))
             say(f"[{guard_name}] PostgreSQL up on port {cluster.port if hasattr(cluster, 'port') else '?'}; "
                 f"pgbench -i -s {scale} ...")
             cluster.pgbench_init(scale)
@@ -269,7 +282,7 @@ def run_pg_scenario(guard: str | Guard = "none", *,
             say(f"[{guard_name}] dataset loaded; limit now {limit // MiB} MiB, usage {cg.usage() // MiB} MiB")
             postmaster = cluster.postmaster_pid()
 
-            env = ScenarioEnv(cg, cluster, workdir, audit_path, lambda m: say(f"[{guard_name}] {m}"))
+            env = ScenarioEnv(cg, cluster, workdir, audit_path, lambda m: say(f"[{guard_name}] {m}"), layout=layout)
             stack.enter_context(guard_cm(env))
 
             t_bench = time.monotonic()
@@ -281,13 +294,13 @@ def run_pg_scenario(guard: str | Guard = "none", *,
             t0 = time.monotonic()
             watcher = Watcher(cg, t0, kills_until=t_bench + duration)
             watcher.note("pgbench started", at=t_bench)
-            pg_pids = postgres_pids(cg, postmaster)
+            pg_pids = postgres_pids(db_cg, postmaster)
             for pid, title in pg_pids.items():
                 watcher.watch_process(pid, "postmaster" if pid == postmaster else f"postgres pid {pid} ({title})")
             watcher.start()
             watcher.note(f"starting {hogs} hogs of {hog_size // MiB} MiB (usage {cg.usage() // MiB} MiB)")
             start_hogs(HogSpec(hogs, hog_size, step, step_interval, hog_stagger), cg, watcher, workdir,
-                       hold=duration + 60, procs=hog_procs)
+                       hold=duration + 60, procs=hog_procs, rel=None if layout == "flat" else "hogs")
             say(f"[{guard_name}] {hogs} hogs started")
 
             try:
