@@ -6,6 +6,8 @@ reported and the snapshot goes on without its SQL facts.
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -16,12 +18,13 @@ from .classify import classify
 from .config import Config, DatabaseConfig
 from .databases import registry
 from .databases.base import Database
+from .errors import DbguardError
 from .model import CacheStats, MemoryReading, Snapshot
 from .sense.pressure import PressureMonitor
 from .sense.procfs import CGROUP_ROOT, read_procs
 from .sense.procevents import open_events
 from .sense.proctable import ProcTable, scope_members
-from .sense.scope import Scope, configured, scope_of
+from .sense.scope import Scope, configured, scope_of, unwatched
 
 log = logging.getLogger("dbguard")
 
@@ -118,9 +121,23 @@ class Sensor:
             server = next((s.server_pid for s in stats if s.server_pid), None)
             self.scope = scope_of(server) if server else Scope(
                 "", None, "no database server identified yet: watching the host's RAM")
+            missed = unwatched(self.scope, self._scopes(stats))
+            if missed:
+                log.warning("%s", missed)
+                self.scope = dataclasses.replace(self.scope, why=f"{self.scope.why}; {missed}")
         self.cgroup = self.scope.cgroup_dir if relative_memcg(self.scope.cgroup_dir) is not None else ""
         self.pressure = PressureMonitor(self.cgroup or None, trigger_stall_us=p.psi_trigger_stall_us,
                                         trigger_window_us=p.psi_trigger_window_us)
+
+    @staticmethod
+    def _scopes(stats: list) -> dict[str, Scope]:
+        """The scope each identified server's own limit makes (a server gone meanwhile: none)."""
+        out = {}
+        for s in stats:
+            if s.server_pid:
+                with contextlib.suppress(DbguardError, OSError):
+                    out[s.name] = scope_of(s.server_pid)
+        return out
 
     def collect(self) -> list:
         stats = []

@@ -85,6 +85,25 @@ def scope_of(pid: int, proc_root: str = "/proc", cgroup_root: str = CGROUP_ROOT)
                            "watching all of it, siblings included")
 
 
+def covers(watched: Scope, other: Scope) -> bool:
+    """Whether watching `watched` also sees `other`'s memory: the host covers every scope, a
+    cgroup covers itself and the cgroups below it."""
+    w = watched.cgroup_dir.rstrip("/")
+    o = other.cgroup_dir.rstrip("/")
+    return not w or o == w or o.startswith(w + "/")
+
+
+def unwatched(watched: Scope, others: dict[str, Scope]) -> str:
+    """One line naming the databases whose own limit lies outside the watched scope (a second
+    container with its own cgroup), '' when there are none: dbguard watches one scope."""
+    missed = [f"{name} ({s.cgroup_dir}, {_fmt(s.limit_bytes) if s.limit_bytes else 'no limit'})"
+              for name, s in others.items() if not covers(watched, s)]
+    if not missed:
+        return ""
+    return (f"not watched: the memory limit of {', '.join(missed)}; set [pressure] cgroup to a cgroup "
+            "above all of them, or run one dbguard per memory cgroup")
+
+
 def configured(cgroup_dir: str) -> Scope:
     """[pressure] cgroup, as the operator set it."""
     d = cgroup_dir.rstrip("/")

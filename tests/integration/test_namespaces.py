@@ -211,3 +211,22 @@ def test_discovery_finds_mariadb_in_a_pod_and_reaches_it(my, tmp_path):
         db.close()
     assert s.up, s.error
     assert s.server_pid == my.host_pid
+
+
+def test_two_pods_with_their_own_limits_the_one_not_watched_is_named(make_cgroup, tmp_path, postgresql_host,
+                                                                      mariadb_host, monkeypatch):
+    # One dbguard watches one scope: the first database's own cgroup. The other pod's limit is
+    # named in the scope line explain and the start record show, with what to do about it.
+    a, b = make_cgroup(400 * 2**20), make_cgroup(500 * 2**20)
+    monkeypatch.setenv("POD_PW", "pw")
+    with PodPostgres(a) as pgpod, PodMariaDB(b) as mypod:
+        mypod.sql("CREATE USER dbguard@localhost IDENTIFIED BY 'pw'")
+        mypod.sql("GRANT PROCESS, SUPER, CONNECTION ADMIN ON *.* TO dbguard@localhost")
+        dbs = [{"kind": "postgresql", "name": "pod-pg", "dsn": pgpod.dsn, "namespace_of": str(a.path)},
+               {"kind": "mysql", "name": "pod-my", "socket": mypod.SOCKET, "user": "dbguard",
+                "password_env": "POD_PW", "namespace_of": str(b.path)}]
+        out = explain(tmp_path, dbs, pgpod.host_pid)
+    assert out["memory"]["cgroup"] == str(a.path)
+    assert out["memory"]["scope"].endswith(f"not watched: the memory limit of pod-my ({b.path}, 500 MiB); set "
+                                           "[pressure] cgroup to a cgroup above all of them, or run one dbguard "
+                                           "per memory cgroup"), out["memory"]

@@ -75,3 +75,18 @@ def test_a_process_that_is_gone_is_one_line(tmp_path):
     proc, root = tree(tmp_path, 1, {}, "/")
     with pytest.raises(DbguardError, match="process 43 does not exist"):
         scope_of(43, proc, root)
+
+
+def test_a_second_database_with_its_own_limit_is_named_as_not_watched():
+    from dbguard.sense.scope import Scope, covers, unwatched
+    pod_a = Scope("/sys/fs/cgroup/memory/kubepods/pod-a", 400 * 1024**2, "")
+    pod_b = Scope("/sys/fs/cgroup/memory/kubepods/pod-b", 512 * 1024**2, "")
+    node = Scope("", None, "")
+    parent = Scope("/sys/fs/cgroup/memory/kubepods", 2 * GiB, "")
+    assert covers(node, pod_b) and covers(parent, pod_b) and covers(pod_a, pod_a)
+    assert not covers(pod_a, pod_b) and not covers(Scope("/sys/fs/cgroup/memory/kubepods/pod", None, ""), pod_a)
+    assert unwatched(pod_a, {"a": pod_a}) == ""
+    assert unwatched(parent, {"a": pod_a, "b": pod_b}) == ""
+    assert unwatched(pod_a, {"a": pod_a, "b": pod_b}) == (
+        "not watched: the memory limit of b (/sys/fs/cgroup/memory/kubepods/pod-b, 512 MiB); set [pressure] "
+        "cgroup to a cgroup above all of them, or run one dbguard per memory cgroup")
