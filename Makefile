@@ -4,11 +4,12 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup host venv demo test test-unit bench deb lint clean help
+.PHONY: setup host venv demo test test-unit vm-test vm-image bench deb lint clean help
 
 help:
 	@echo "make demo   - PostgreSQL under memory pressure, without and with dbguard, side by side"
 	@echo "make test   - the whole test suite (unit, integration, end-to-end; needs root)"
+	@echo "make vm-test - the cgroup v2 suite in the test VM (builds the VM image on first use)"
 	@echo "make bench  - benchmarks (results in benchmarks/RESULTS.md)"
 	@echo "make deb    - dist/dbguard_<version>_all.deb (Debian package; docs/install.md)"
 	@echo "make setup  - only install Debian packages, kernel headers link and .venv"
@@ -35,6 +36,13 @@ test: setup
 
 test-unit: venv
 	@$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# The cgroup v2 suite, inside the test VM (docs/testing-vm.md); `make test` runs it too.
+vm-test: setup
+	@$(PY) -m pytest tests/vm $(PYTEST_ARGS)
+
+vm-image: setup
+	@DBGUARD_VM_PYTHON=$(PY) bash scripts/vm/build-image.sh
 
 bench: setup
 	@$(PY) -m benchmarks.run

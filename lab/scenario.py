@@ -113,6 +113,7 @@ class ScenarioEnv:
     # "parent": the limit on `cgroup`, the database and the hogs in unlimited sibling sub-groups
     # (db/, hogs/), and no [pressure] cgroup: dbguard must find the limit that applies itself.
     layout: str = "flat"
+    discover_scope: bool = False    # no [pressure] cgroup: dbguard finds the scope itself
 
     @property
     def kind(self) -> str:
@@ -122,6 +123,19 @@ class ScenarioEnv:
 
 
 Guard = Callable[[ScenarioEnv], ContextManager[None]]
+
+
+@dataclass
+class Placement:
+    """Where a scenario's pieces live: the database's cgroup, the hogs', and the watched one
+    (where the limit is: its counters are the scenario's). By default one MemoryCgroup is all
+    three; lab.systemd makes units of them (the limit on the database's unit, on a parent
+    slice, or nowhere but the host's RAM)."""
+
+    database: MemoryCgroup
+    hogs: MemoryCgroup
+    watched: MemoryCgroup
+    discover_scope: bool = False    # dbguard is given no [pressure] cgroup and finds it itself
 
 
 def _database(env: ScenarioEnv) -> dict:
@@ -142,7 +156,7 @@ def _database(env: ScenarioEnv) -> dict:
 def dbguard_config(env: ScenarioEnv, extra: dict | None = None) -> dict:
     """The scenario's config (lab.launcher's dict form); `extra` adds tables or keys
     ({"bpf": {"enabled": False}})."""
-    cfg = base_config(env.workdir, env.cgroup.path if env.layout == "flat" else None)
+    cfg = base_config(env.workdir, env.cgroup.path if env.layout == "flat" and not env.discover_scope else None)
     cfg["audit"]["path"] = str(env.audit_path)
     cfg["databases"] = [_database(env)]
     for table, keys in (extra or {}).items():
@@ -247,6 +261,7 @@ def run_pg_scenario(guard: str | Guard = "none", *,
                     audit_dir: str | os.PathLike | None = None,
                     port: int | None = None,
                     layout: str = "flat",
+                    placement: Callable[[], ContextManager[Placement]] | None = None,
                     log: Callable[[str], None] | None = None) -> ScenarioResult:
     """Run the scenario once and report what happened. See the module docstring.
 
@@ -254,6 +269,7 @@ def run_pg_scenario(guard: str | Guard = "none", *,
     backends have touched shared buffers, as on a server that has been up for a while.
     `layout`: "flat" (one cgroup) or "parent" (the limit on a parent, PostgreSQL and the hogs in
     unlimited sibling sub-groups; see ScenarioEnv.layout).
+    `placement` makes the cgroups instead (then `limit` and `load_limit` are its business).
     """
     if layout not in ("flat", "parent"):
         raise ValueError(f"layout must be 'flat' or 'parent', got {layout!r}")
@@ -270,19 +286,29 @@ def run_pg_scenario(guard: str | Guard = "none", *,
     watcher: Watcher | None = None
     try:
         with contextlib.ExitStack() as stack:
-            cg = stack.enter_context(MemoryCgroup(load_limit))
-            say(f"[{guard_name}] cgroup {cg.path} (limit {load_limit // MiB} MiB while loading)")
-            db_cg = cg if layout == "flat" else cg.child("db")
+            if placement is None:
+                cg = stack.enter_context(MemoryCgroup(load_limit))
+                say(f"[{guard_name}] cgroup {cg.path} (limit {load_limit // MiB} MiB while loading)")
+                place = Placement(cg if layout == "flat" else cg.child("db"), cg, cg)
+            else:
+                place = stack.enter_context(placement())
+                cg = place.watched
+                say(f"[{guard_name}] database in {place.database.path}, hogs in {place.hogs.path}, "
+                    f"watching {cg.path}")
+            db_cg = place.database
             cluster = stack.enter_context(PgCluster(port=port, settings={"shared_buffers": shared_buffers},
                                                     cgroup=db_cg))
             say(f"[{guard_name}] PostgreSQL up on port {cluster.port if hasattr(cluster, 'port') else '?'}; "
                 f"pgbench -i -s {scale} ...")
             cluster.pgbench_init(scale)
-            cg.set_limit(limit)
-            say(f"[{guard_name}] dataset loaded; limit now {limit // MiB} MiB, usage {cg.usage() // MiB} MiB")
+            if placement is None:
+                cg.set_limit(limit)
+            shown = f"{cg.limit_bytes // MiB} MiB" if cg.limit_bytes else "none (the host's RAM)"
+            say(f"[{guard_name}] dataset loaded; limit now {shown}, usage {cg.usage() // MiB} MiB")
             postmaster = cluster.postmaster_pid()
 
-            env = ScenarioEnv(cg, cluster, workdir, audit_path, lambda m: say(f"[{guard_name}] {m}"), layout=layout)
+            env = ScenarioEnv(cg, cluster, workdir, audit_path, lambda m: say(f"[{guard_name}] {m}"), layout=layout,
+                              discover_scope=place.discover_scope)
             stack.enter_context(guard_cm(env))
 
             t_bench = time.monotonic()
@@ -299,8 +325,9 @@ def run_pg_scenario(guard: str | Guard = "none", *,
                 watcher.watch_process(pid, "postmaster" if pid == postmaster else f"postgres pid {pid} ({title})")
             watcher.start()
             watcher.note(f"starting {hogs} hogs of {hog_size // MiB} MiB (usage {cg.usage() // MiB} MiB)")
-            start_hogs(HogSpec(hogs, hog_size, step, step_interval, hog_stagger), cg, watcher, workdir,
-                       hold=duration + 60, procs=hog_procs, rel=None if layout == "flat" else "hogs")
+            start_hogs(HogSpec(hogs, hog_size, step, step_interval, hog_stagger), place.hogs, watcher, workdir,
+                       hold=duration + 60, procs=hog_procs,
+                       rel=None if layout == "flat" or placement is not None else "hogs")
             say(f"[{guard_name}] {hogs} hogs started")
 
             try:

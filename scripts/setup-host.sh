@@ -13,6 +13,7 @@ need_pkgs=(
   python3-psycopg python3-pymysql python3-tenacity python3-prometheus-client
   # `make deb` and its test: Debian's build tools and lintian
   debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian help2man
+  qemu-system-x86 debootstrap e2fsprogs   # the cgroup v2 test VM (scripts/vm/build-image.sh)
 )
 
 missing=()

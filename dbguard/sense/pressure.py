@@ -54,6 +54,9 @@ class PressureMonitor:
     def __init__(self, cgroup_dir: str | None, *, trigger_stall_us: int, trigger_window_us: int):
         self.cgroup_dir = (cgroup_dir or "").rstrip("/")
         self.version = cgroup_version(self.cgroup_dir)
+        # The v2 root has no memory.current: it is the host. Decided once, here: a child that
+        # is removed later loses its memory.current too, and must read as missing, not as the host.
+        self._v2_root = self.version == 2 and not os.path.exists(os.path.join(self.cgroup_dir, "memory.current"))
         self._mem_total = parse_meminfo(_read_text(MEMINFO))["MemTotal"]
         v2_psi = os.path.join(self.cgroup_dir, "memory.pressure")
         self.psi_path = v2_psi if self.version == 2 and os.path.exists(v2_psi) else PROC_PSI_MEMORY
@@ -116,8 +119,8 @@ class PressureMonitor:
                                 self._mem_total)
             reclaimable = reclaimable_from_stat(stat, 1)
         else:
-            if not os.path.exists(os.path.join(self.cgroup_dir, "memory.current")):
-                usage, limit, reclaimable = self._host_usage()     # the v2 root: the host
+            if self._v2_root:
+                usage, limit, reclaimable = self._host_usage()
             else:
                 usage = int(self._cg("memory.current"))
                 limit = self._v2_limit()

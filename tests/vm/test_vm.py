@@ -1,0 +1,93 @@
+"""The cgroup v2 suite: boots the test VM (lab/vm.py) once, runs GUEST_SUITE there with the
+guest's own python3 and Debian packages, and reports each guest test here as its own result.
+
+The guest is Debian bookworm's kernel 6.1 with systemd on the unified hierarchy: a real cgroup
+v2 host, which this machine (memory controller on v1) cannot be. The first run on a machine
+builds the image (scripts/vm/build-image.sh, cached); the costs are in docs/testing-vm.md.
+"""
+from __future__ import annotations
+
+import ast
+import tempfile
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from dbguard.errors import DbguardError
+from lab.vm import REPO, Vm, VmRun
+
+pytestmark = [pytest.mark.root, pytest.mark.vm]
+
+# What runs in the guest: the v2-only tests, and host tests that work on either cgroup version
+# and so give each v2 code path in dbguard/sense one real run.
+GUEST_SUITE = [
+    "tests/vm/guest",
+    "tests/e2e/test_pressure.py",       # memory.current/max/stat, per-cgroup memory.pressure triggers
+    "tests/e2e/test_bpf.py",            # the BPF path on kernel 6.1: fork inheritance, reclaim kills, OOM audit
+]
+# Host tests that are v1-only by nature (cgroup v2 has no usage thresholds).
+GUEST_DESELECT = ["tests/e2e/test_pressure.py::test_usage_threshold_wakes_wait"]
+SUITE_TIMEOUT = 60 * 60
+
+
+def _tests_in(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    rel = path.relative_to(REPO)
+    return [f"{rel}::{node.name}" for node in tree.body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name.startswith("test_")]
+
+
+def guest_tests() -> list[str]:
+    """Node ids (file::function) of the guest suite, read from the sources: no guest needed."""
+    out = []
+    for entry in GUEST_SUITE:
+        p = REPO / entry
+        for f in sorted(p.glob("test_*.py")) if p.is_dir() else [p]:
+            out += [t for t in _tests_in(f) if t not in GUEST_DESELECT]
+    return out
+
+
+def _results(junit: Path) -> dict[str, list[tuple[str, str]]]:
+    """file::function -> [(outcome, message)] for each case (a parametrized test has several)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        node = case.get("classname", "").replace(".", "/") + ".py::" + case.get("name", "").split("[")[0]
+        outcome, message = "passed", ""
+        for child in case:
+            if child.tag in ("failure", "error", "skipped"):
+                outcome = child.tag
+                message = (child.get("message") or child.text or "").strip()
+        out.setdefault(node, []).append((outcome, message))
+    return out
+
+
+@pytest.fixture(scope="session")
+def guest_run() -> tuple[VmRun, dict[str, list[tuple[str, str]]]]:
+    try:
+        vm = Vm()
+    except DbguardError as e:
+        pytest.fail(str(e), pytrace=False)
+    outdir = Path(tempfile.mkdtemp(prefix="dbguard-vm-"))
+    args = " ".join(GUEST_SUITE + [f"--deselect {t}" for t in GUEST_DESELECT])
+    run = vm.run(f"python3 -m pytest -p no:cacheprovider -v --junitxml=/out/junit.xml {args}", outdir,
+                 timeout=SUITE_TIMEOUT)
+    junit = outdir / "junit.xml"
+    if not junit.exists():
+        pytest.fail(f"the guest suite left no results (exit {run.rc}, {run.seconds:.0f} s; outputs in "
+                    f"{outdir}): {run.why()}", pytrace=False)
+    print(f"\ntest VM: {run.seconds:.0f} s in QEMU, job started {run.booted_after} s after boot; "
+          f"outputs in {outdir}")
+    return run, _results(junit)
+
+
+@pytest.mark.parametrize("name", guest_tests())
+def test_in_vm(name, guest_run):
+    _, results = guest_run
+    cases = results.get(name)
+    if not cases:
+        pytest.fail(f"{name} did not run in the guest (not collected there?)", pytrace=False)
+    bad = [(o, m) for o, m in cases if o != "passed"]
+    if bad:
+        outcome, message = bad[0]
+        pytest.fail(f"in the VM: {outcome}: {message}", pytrace=False)
