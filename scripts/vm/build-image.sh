@@ -26,7 +26,7 @@ guest_pkgs=(
 )
 
 # dbguard's own Python dependencies, as pyproject.toml declares them: where Debian's are too
-# old (bookworm's prometheus-client is 0.16, PyMySQL 1.0), pip puts newer ones in /usr/local.
+# old, pip puts newer ones in /usr/local (today Debian's satisfy them all).
 # The host's pip downloads them (it has the host's index and certificates; host and guest are
 # both bookworm's Python 3.11), the guest's installs them offline.
 py=${DBGUARD_VM_PYTHON:-python3}
