@@ -228,7 +228,7 @@ class Daemon:
         line = rise(before, now) if scope == mon.cgroup_dir else None
         if line:
             self.audit.write({"action": "kernel_oom_count", "target": mon.cgroup_dir or "host",
-                              "reason": line, "level": level.name.lower(), "path": "user",
+                              "reason": line, "level": level.name.lower(), "path": "kernel",
                               "result": f"{now.kills - before.kills} kernel OOM kill(s) in the watched scope",
                               "oom_kill": now.kills, "oom": now.ooms})
 

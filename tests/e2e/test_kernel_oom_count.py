@@ -37,7 +37,7 @@ def test_kernel_oom_kills_are_counted_in_the_audit_from_the_cgroups_own_counter(
                                   30, f"a kernel_oom_count record reaching oom_kill {kills}")
         except DbguardError as e:
             pytest.fail(str(e), pytrace=False)
-        assert rec["target"] == str(cg.path) and rec["path"] == "user", rec
+        assert rec["target"] == str(cg.path) and rec["path"] == "kernel", rec
         assert rec["reason"].startswith("memory.events oom_kill " if cg.version == 2 else "memory.oom_control oom_kill ")
         if cg.version == 2:
             assert rec["oom"] >= kills, rec
