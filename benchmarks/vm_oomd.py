@@ -12,7 +12,8 @@ unit and a sibling unit for the hogs (lab.systemd.placement "slice"). Contenders
                   ManagedOOMPreference=avoid on the database's unit
     dbguard       `dbguard run`, no [pressure] cgroup: it finds the slice itself
 
-The guest runs under TCG emulation: everything is several times slower than on the host, so
+Both units keep systemd's default OOMPolicy=stop (one kernel OOM kill in a unit stops the
+whole unit), as on a stock host. The guest runs under TCG emulation: everything is several times slower than on the host, so
 absolute times and tps are not comparable with benchmarks/RESULTS.md's other tables; who
 survived and who was killed are.
 """
@@ -45,8 +46,9 @@ def run_one(contender: str, duration: int, warmup: float) -> dict:
     from lab.scenario import run_pg_scenario
     from lab.systemd import placement
     oomd = contender == "systemd-oomd"
+    # OOMPolicy=stop, systemd's default: a kernel OOM kill in a unit stops all of it.
     place = functools.partial(placement, "slice", LIMIT, slice_settings=OOMD_SLICE if oomd else None,
-                              database_settings=OOMD_DATABASE if oomd else None)
+                              database_settings=OOMD_DATABASE if oomd else None, oom_policy="stop")
     t0 = time.time()
     r = run_pg_scenario("dbguard" if contender == "dbguard" else "none", placement=place,
                         duration=duration, warmup=warmup, log=lambda m: print(m, flush=True))
@@ -75,11 +77,52 @@ def table(results: list[dict]) -> str:
     rows.append(("database survived", *count(lambda r: r["database_survived"] and not r["crash_recoveries"])))
     rows.append(("runs with a kernel OOM kill", *count(lambda r: r["kernel_oom_kills"])))
     rows.append(("runs where oomd killed", *count(lambda r: r["oomd_kills"])))
+    rows.append(("crash recoveries (sum)", *(str(sum(r["crash_recoveries"] for r in by[c])) for c in CONTENDERS)))
     rows.append(("sessions lost (sum)", *(str(sum(r["sessions_lost"] for r in by[c])) for c in CONTENDERS)))
     rows.append(("hogs killed (sum)", *(f"{sum(r['hogs_killed'] for r in by[c])} of "
                                          f"{sum(r['hogs'] for r in by[c])}" for c in CONTENDERS)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+
+
+RECORD = Path(__file__).resolve().parent / "vm-oomd.json"
+HEADING = "## systemd-oomd, on a cgroup v2 host (the test VM)"
+
+
+def section(path: Path = RECORD) -> list[str]:
+    """RESULTS.md's section for the recorded run (benchmarks/report.py puts it in; main() too)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    text = table(data["runs"])
+    return [HEADING, "",
+            f"Recorded {data['recorded']}, git {data.get('git', '?')}, `sudo .venv/bin/python -m benchmarks.vm_oomd "
+            f"--runs {data['runs_per_contender']}` ({data['vm_seconds']} s in the VM, contenders interleaved). "
+            "The moderate-hogs scenario (PostgreSQL, pgbench -S -c 8, six 150 MB hogs) on Debian 12's kernel "
+            "6.1 with systemd 252 on the unified hierarchy: a slice with MemoryMax=1000M holds the database's "
+            "unit and the hogs' unit. systemd-oomd is configured as its documentation advises "
+            "(ManagedOOMMemoryPressure=kill on the slice, its defaults of 60 % pressure for 30 s, "
+            "ManagedOOMPreference=avoid on the database's unit); the units keep systemd's default "
+            "OOMPolicy=stop. Caveat: the VM runs under TCG emulation (KVM does not start a guest here), "
+            "so the guest is several times slower than the host and its times and throughput are not "
+            "comparable with the tables above; who survived and who was killed are.",
+            "", "```", text, "```", ""]
+
+
+def record_section(results_md: Path) -> None:
+    """Put section() into RESULTS.md in place of an older one, before "## Reproduce"."""
+    text = results_md.read_text()
+    lines = text.split("\n")
+    new = section()
+    if HEADING in lines:
+        start = lines.index(HEADING)
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        lines[start:end] = new
+    else:
+        at = lines.index("## Reproduce") if "## Reproduce" in lines else len(lines)
+        lines[at:at] = new
+    results_md.write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=int, default=30, help="pgbench seconds per run (default 30)")
     ap.add_argument("--warmup", type=float, default=8.0)
     ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/vm-oomd.json"))
+    ap.add_argument("--out", type=Path, default=RECORD)
     a = ap.parse_args(argv)
     if a.guest:
         guest(a.runs, a.out, a.duration, a.warmup)
@@ -108,10 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vm_oomd: no results (exit {run.rc}; outputs in {outdir}): {run.why()}", file=sys.stderr)
         return 1
     results = json.loads(res.read_text())
-    a.out.write_text(json.dumps({"recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                 "vm_seconds": round(run.seconds), "runs": results}, indent=1) + "\n")
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    a.out.write_text(json.dumps({"recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git,
+                                 "runs_per_contender": a.runs, "vm_seconds": round(run.seconds),
+                                 "runs": results}, indent=1) + "\n")
     print(table(results))
-    print(f"(recorded in {a.out}; guest log in {outdir}/job.log)")
+    if a.out == RECORD:
+        record_section(RECORD.parent / "RESULTS.md")
+    print(f"(recorded in {a.out} and RESULTS.md; guest log in {outdir}/job.log)")
     return 0 if run.rc == 0 else 1
 
 

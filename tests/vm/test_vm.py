@@ -26,6 +26,7 @@ GUEST_SUITE = [
     "tests/e2e/test_pressure.py",       # memory.current/max/stat, per-cgroup memory.pressure triggers
     "tests/e2e/test_bpf.py",            # the BPF path on kernel 6.1: fork inheritance, reclaim kills, OOM audit
     "tests/e2e/test_kernel_oom_count.py",   # memory.events oom/oom_kill counts in the audit
+    "tests/e2e/test_mariadb_pressure.py",   # MariaDB's buffer pool shrunk and grown back
 ]
 # Host tests that are v1-only by nature (cgroup v2 has no usage thresholds).
 GUEST_DESELECT = ["tests/e2e/test_pressure.py::test_usage_threshold_wakes_wait"]
