@@ -98,7 +98,8 @@ def section(path: Path = RECORD) -> list[str]:
     text = table(data["runs"])
     return [HEADING, "",
             f"Recorded {data['recorded']}, git {data.get('git', '?')}, `sudo .venv/bin/python -m benchmarks.vm_oomd "
-            f"--runs {data['runs_per_contender']}` ({data['vm_seconds']} s in the VM, contenders interleaved). "
+            f"--runs {data['runs_per_contender']} --duration {data.get('duration', 30)}` ({data['vm_seconds']} s in "
+            "the VM, contenders interleaved). "
             "The moderate-hogs scenario (PostgreSQL, pgbench -S -c 8, six 150 MB hogs) on Debian 12's kernel "
             "6.1 with systemd 252 on the unified hierarchy: a slice with MemoryMax=1000M holds the database's "
             "unit and the hogs' unit. systemd-oomd is configured as its documentation advises "
@@ -153,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads(res.read_text())
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     a.out.write_text(json.dumps({"recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git,
-                                 "runs_per_contender": a.runs, "vm_seconds": round(run.seconds),
+                                 "runs_per_contender": a.runs, "duration": a.duration,
+                                 "vm_seconds": round(run.seconds),
                                  "runs": results}, indent=1) + "\n")
     print(table(results))
     if a.out == RECORD:
