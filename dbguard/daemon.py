@@ -31,7 +31,7 @@ from .metrics import Metrics
 from .model import Action, ActionKind, Level, Outcome, Plan, Snapshot
 from .policy import Policy, PolicyState
 from .sensor import REDISCOVER_EVERY, Sensor, relative_memcg, same_server_twice
-from .sense.events import OomCounts, read_oom_counts, rise
+from .sense.events import OomWatch
 from .sense.procfs import read_pss
 
 log = logging.getLogger("dbguard")
@@ -74,7 +74,7 @@ class Daemon:
         self._wake_r: int | None = None
         self._degraded: dict[str, str] = {}       # database -> why its server is not identified
         self._down: set[str] = set()              # databases not answering SQL (said once)
-        self._ooms: tuple[str, OomCounts | None] = ("", None)   # watched scope, its kernel OOM counts
+        self._ooms = OomWatch()
 
     @property
     def level(self) -> Level:
@@ -194,7 +194,8 @@ class Daemon:
             log.info("put off %s: %s", target, deferred[target])
         self._deferred = set(deferred)
         self._sync_bpf(snap, a.level)
-        self._audit_kernel_ooms(a.level)
+        if rec := self._ooms.check(self.sensor.pressure.cgroup_dir, self.sensor.pressure.version, a.level.name.lower()):
+            self.audit.write(rec)          # the kernel's own OOM kill count rose in the watched scope
         self.metrics.observe_snapshot(snap, a.level)
         self._note_identity(snap)
         self._cycle_done_at = time.monotonic()
@@ -217,20 +218,6 @@ class Daemon:
             if s.name in self._degraded and s.name not in now:
                 log.info("%s %s: server identified again (pid %s, %s)", s.kind, s.name, s.server_pid, s.identity)
         self._degraded = now
-
-    def _audit_kernel_ooms(self, level: Level) -> None:
-        """Each rise of the kernel's own OOM kill count in the watched scope, on record whether
-        or not BPF saw the victims (its records name them; this one counts them)."""
-        mon = self.sensor.pressure
-        now = read_oom_counts(mon.cgroup_dir, mon.version)
-        scope, before = self._ooms
-        self._ooms = (mon.cgroup_dir, now)
-        line = rise(before, now) if scope == mon.cgroup_dir else None
-        if line:
-            self.audit.write({"action": "kernel_oom_count", "target": mon.cgroup_dir or "host",
-                              "reason": line, "level": level.name.lower(), "path": "kernel",
-                              "result": f"{now.kills - before.kills} kernel OOM kill(s) in the watched scope",
-                              "oom_kill": now.kills, "oom": now.ooms})
 
     def _audit_level(self, before: Level, a: Assessment) -> None:
         m = a.reading

@@ -55,3 +55,28 @@ def rise(before: OomCounts | None, now: OomCounts | None) -> str | None:
     if before.ooms is not None and now.ooms is not None:
         line += f", oom {before.ooms} -> {now.ooms}"
     return line
+
+
+def rise_record(scope: str, before: OomCounts | None, now: OomCounts | None, level: str) -> dict | None:
+    """The audit record of a rise (path "kernel": what the kernel did; BPF's records name the
+    victims, this one counts them), or None."""
+    line = rise(before, now)
+    if line is None:
+        return None
+    return {"action": "kernel_oom_count", "target": scope or "host", "reason": line, "level": level,
+            "path": "kernel", "result": f"{now.kills - before.kills} kernel OOM kill(s) in the watched scope",
+            "oom_kill": now.kills, "oom": now.ooms}
+
+
+class OomWatch:
+    """The counts of the watched scope from one cycle to the next (a new scope starts afresh)."""
+
+    def __init__(self) -> None:
+        self.scope: str | None = None
+        self.counts: OomCounts | None = None
+
+    def check(self, scope: str, version: int, level: str) -> dict | None:
+        """Read the counts now; the audit record of a rise since the last check, or None."""
+        before, same = self.counts, scope == self.scope
+        self.scope, self.counts = scope, read_oom_counts(scope, version)
+        return rise_record(scope, before, self.counts, level) if same else None

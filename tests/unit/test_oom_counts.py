@@ -1,6 +1,6 @@
 """sense/events.py: the kernel's OOM counts as each kind of file shows them (captured from
 Linux 6.1 in the test VM and 6.18 here), and the one line a rise becomes."""
-from dbguard.sense.events import OomCounts, parse_oom_counts, rise
+from dbguard.sense.events import OomCounts, parse_oom_counts, rise, rise_record
 
 V2_EVENTS = "low 0\nhigh 0\nmax 2119\noom 3\noom_kill 2\noom_group_kill 0\n"
 V1_OOM_CONTROL = "oom_kill_disable 0\nunder_oom 0\noom_kill 4\n"
@@ -24,3 +24,14 @@ def test_only_a_rise_is_a_line():
     assert rise(None, b) is None and rise(a, None) is None
     v1 = OomCounts("x/memory.oom_control", kills=1, ooms=None)
     assert rise(v1, OomCounts("x/memory.oom_control", kills=2, ooms=None)) == "memory.oom_control oom_kill 1 -> 2"
+
+
+def test_a_rise_is_one_kernel_record_with_the_counts():
+    a = OomCounts("/sys/fs/cgroup/a/memory.events", kills=2, ooms=3)
+    b = OomCounts("/sys/fs/cgroup/a/memory.events", kills=4, ooms=5)
+    rec = rise_record("/sys/fs/cgroup/a", a, b, "high")
+    assert rec["action"] == "kernel_oom_count" and rec["path"] == "kernel" and rec["target"] == "/sys/fs/cgroup/a"
+    assert (rec["oom_kill"], rec["oom"], rec["level"]) == (4, 5, "high")
+    assert rec["result"] == "2 kernel OOM kill(s) in the watched scope"
+    assert rise_record("", a, a, "ok") is None
+    assert rise_record("", OomCounts("/proc/vmstat", 1, None), OomCounts("/proc/vmstat", 2, None), "ok")["target"] == "host"
