@@ -91,7 +91,9 @@ class Daemon:
             log.warning("no [[databases]] configured and no local PostgreSQL or MySQL/MariaDB found; watching host memory "
                         "and looking again every %.0fs", REDISCOVER_EVERY)
         stats = self.sensor.collect()
-        twice = same_server_twice([(s.name, s.server_pid, self.sensor.databases[s.name].server_key()) for s in stats])
+        # Listed twice, a server's shrunk values would be saved as the DBA's by the second entry.
+        twice = None if self.sensor.discovered else same_server_twice(
+            [(s.name, s.server_pid, self.sensor.databases[s.name].server_key()) for s in stats])
         if twice:
             raise DbguardError(twice)
         for s in stats:
