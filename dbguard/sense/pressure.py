@@ -229,6 +229,13 @@ class PressureMonitor:
         self._event_fd = efd
         self._poll.register(efd, select.POLLIN)
         self.usage_threshold = int(threshold_bytes)
+        try:
+            if int(os.pread(self._usage_fd, 32, 0)) >= self.usage_threshold:
+                # Crossed between the reading and now: the kernel signals crossings only, so
+                # none would come, and the loop would sleep out its interval above the mark.
+                os.eventfd_write(efd, 1)
+        except (OSError, ValueError):
+            pass
         return True
 
     def _drop_threshold(self) -> None:

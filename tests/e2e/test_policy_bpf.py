@@ -79,14 +79,20 @@ class Tenants:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def spawn(self, name: str, rel: str, mib: int) -> subprocess.Popen:
-        p = self.all.add(hog.spawn(mib * MiB, 8 * MiB, 0, 600, preexec_fn=self.cg.preexec(rel),
-                                   stdout=subprocess.PIPE))
+        if mib == 0:
+            # Far below kill.min_rss whatever an interpreter weighs (a Python hog alone is ~17 MiB).
+            p = self.all.add(subprocess.Popen(["sleep", "600"], preexec_fn=self.cg.preexec(rel),
+                                              stdout=subprocess.PIPE))
+        else:
+            p = self.all.add(hog.spawn(mib * MiB, 8 * MiB, 0, 600, preexec_fn=self.cg.preexec(rel),
+                                       stdout=subprocess.PIPE))
         self.procs[name] = p
         return p
 
     def ready(self) -> None:
         for name, p in self.procs.items():
-            hog.wait_holding(p, f"hog {name}")
+            if p.args[0] != "sleep":
+                hog.wait_holding(p, f"hog {name}")
 
     def stop(self, name: str) -> None:
         p = self.procs.pop(name)
@@ -111,7 +117,7 @@ def test_maps_hold_the_user_space_decision_for_every_process(bpf_guard, procs, t
                 "free1": t.spawn("free1", "free/t1", 40).pid,
                 "free2": t.spawn("free2", "free/t2", 24).pid,
                 "std": t.spawn("std", "standard/a", 60).pid,
-                "tiny": t.spawn("tiny", "standard/c", 1).pid,       # below kill.min_rss: left alone
+                "tiny": t.spawn("tiny", "standard/c", 0).pid,       # below kill.min_rss: left alone
             }
             t.ready()
             cfg = config.from_dict(policy_toml(cg.relpath, style))

@@ -197,6 +197,21 @@ def test_usage_threshold_wakes_wait(cgroup, procs):
         assert mon.wait(1.0) is False
 
 
+def test_usage_threshold_already_crossed_when_set_wakes_wait(cgroup, procs):
+    """The kernel signals crossings only: a mark set when usage is already past it (the hog
+    grew between the reading and the wait) must still wake the loop, or it sleeps out its
+    interval above the mark."""
+    if cgroup.version != 1:
+        pytest.fail("usage thresholds need a cgroup v1 memory controller")
+    hog.wait_holding(start_hog(cgroup, procs, 120), "hog of 120 MiB")
+    with PressureMonitor(str(cgroup.path), trigger_stall_us=NEVER_STALL_US,
+                         trigger_window_us=NEVER_WINDOW_US) as mon:
+        assert mon.read().usage_bytes >= 100 * MiB
+        assert mon.set_usage_threshold(80 * MiB), mon.trigger_error
+        assert mon.wait(60.0) is True
+        assert mon.wait(1.0) is False              # once, not a wake-up on every wait
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 def test_missing_cgroup_is_one_line_error(cgroup):
