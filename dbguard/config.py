@@ -105,7 +105,10 @@ class Bpf:
     max_cgroups: int = Bounded(1024, 1, 100_000)
     min_level_to_kill: int = Bounded(3, 1, 3)
     fail_streak: int = Bounded(3, 1, 1000)
+    early_fail_streak: int = Bounded(8, 0, 1000)
     fail_pages: int = Bounded(0, 0, 1_000_000)
+    unlisted: bool = True
+    births: bool = True
 
 
 @dataclass(frozen=True)

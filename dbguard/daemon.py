@@ -63,6 +63,7 @@ class Daemon:
         self.reload_requested = False
         self.state = PolicyState()
         self.bpf = None
+        self.feed = None
         self.bpf_note = ""
         self.metrics: Metrics | None = None
         self.audit: AuditLog | None = None
@@ -108,6 +109,9 @@ class Daemon:
         self.audit.on_error = self.metrics.observe_audit_error
         self.sensor.observe_collector = self.metrics.observe_collector
         self._open_bpf()
+        if self.bpf is not None:
+            from .kernel.feed import KernelFeed
+            self.feed = KernelFeed(self.bpf, cfg, self.sensor.cgroup)
         self.executor = Executor(self.sensor.databases, self.audit, self.metrics.observe_action,
                                  recheck=self._recheck, caches=self.sensor.caches)
         self.memory_note = lock_memory() if cfg.general.lock_memory else "memory not locked (general.lock_memory)"
@@ -180,12 +184,14 @@ class Daemon:
             log.info("now protecting %s", name)
             self.policy = build_policy(self.cfg, self.sensor, self.dry_run)
             self.executor.databases = self.sensor.databases
+            if self.feed is not None:
+                self.feed.rescope(self.cfg, self.sensor.cgroup)
         reading = self.sensor.reading()
         before = self.level
         a = assess(reading, self.cfg.pressure, self.state.levels, time.time())
         # Under pressure every process in the scope is read afresh; at rest the table is
         # kept up at a pace that does not grow with the number of processes.
-        snap = self.sensor.snapshot(reading, fresh=a.level >= Level.WARN)
+        snap = self._snap = self.sensor.snapshot(reading, fresh=a.level >= Level.WARN)
         if a.level != before:
             self._audit_level(before, a)
         plan = self.policy.decide(snap, a, self.state)
@@ -230,34 +236,13 @@ class Daemon:
                           "reclaimable_bytes": m.reclaimable_bytes, "psi_some_avg10": m.psi_some_avg10})
 
     def _sync_bpf(self, snap: Snapshot, level: Level) -> None:
-        if self.bpf is None:
+        if self.feed is None:
             return
-        from .kernel.bpf import INHERIT, SHIELD, event_to_audit
-        b = self.cfg.bpf
-        # One decision, two enforcers: the maps are compiled from the same verdicts the
-        # user-space kill path uses (per tgid, also for cgroup rules: on cgroup v1 the
-        # kernel's per-cgroup map never matches a memory cgroup; see dbguard.kernel.bpf).
-        view = self.policy.kernel_view(snap)
-        protected = {pid: (SHIELD | INHERIT if inherit else SHIELD, tier)
-                     for pid, (inherit, tier) in view.protected.items()}
         try:
-            self.bpf.set_policy(level=int(level), enabled=self.cfg.kill.enabled, dry_run=self.dry_run,
-                                min_level_to_kill=b.min_level_to_kill, fail_streak=b.fail_streak,
-                                fail_pages=b.fail_pages)
-            self.bpf.sync_processes(protected, view.candidates)
-            events = self.bpf.poll(0)
+            self.feed.sync(snap, level, self.policy, self.cfg, self.dry_run)
         except Exception as e:     # a map full or a BCC error must not stop the user-space path
             log.warning("BPF sync failed: %s", e)
-            return
-        for ev in events:
-            rec = event_to_audit(ev)
-            old = ev.detail.get("old_score_adj")
-            self.audit.write(rec)
-            if ev.kind == "score_tamper" and not self.dry_run and old is not None:
-                self.executor.restore_score(ev.pid, old, f"restore the shield: {rec['reason']}", level, snap)
-            kind = {"kill": "bpf_kill", "would_kill": "bpf_would_kill", "oom_victim": "oom_kill",
-                    "breach": "oom_kill"}.get(ev.kind, ev.kind)
-            self.metrics.observe_kernel_event(kind, breach=ev.kind in ("breach", "score_tamper"))
+        self.feed.drain(self, snap, level)     # read even when the sync failed
 
     def _wait(self, a: Assessment) -> None:
         interval = self.cfg.general.interval

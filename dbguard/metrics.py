@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -98,6 +98,15 @@ class _StateCollector(Collector):
         for mech, on in st.protection.items():
             fam.add_metric([mech], 1.0 if on else 0.0)
         yield fam
+        bpf = self._metrics._bpf_copy()
+        if bpf:
+            fam = CounterMetricFamily(f"{PREFIX}_bpf_program_events",
+                                      "What dbguard's BPF programs counted in the kernel, by counter "
+                                      "(map_full, kills, reclaim_failed, births, ...; docs/metrics.md).",
+                                      labels=["counter"])
+            for name, n in sorted(bpf.items()):
+                fam.add_metric([name], n)
+            yield fam
 
 
 _MEMORY_HELP = {
@@ -187,6 +196,7 @@ class Metrics:
         self._healthy = healthy
         self._lock = threading.Lock()
         self._state = _State()
+        self._bpf: dict[str, int] = {}
         self._server: HttpServer | None = None
 
         r = self.registry
@@ -271,6 +281,11 @@ class Metrics:
         if breach:
             self._breaches.labels(kind).inc()
 
+    def observe_bpf_counters(self, counters: dict[str, int]) -> None:
+        """The BPF programs' own counters (BpfGuard.counters()), as they stand now."""
+        with self._lock:
+            self._bpf = dict(counters)
+
     def set_protection(self, *, bpf: bool, lower_scores: bool, raise_scores: bool, kill: bool) -> None:
         prot = {"bpf": bpf, "lower_scores": lower_scores, "raise_scores": raise_scores, "kill": kill}
         with self._lock:
@@ -316,6 +331,10 @@ class Metrics:
     def _state_copy(self) -> _State:
         with self._lock:
             return self._state
+
+    def _bpf_copy(self) -> dict[str, int]:
+        with self._lock:
+            return self._bpf
 
     def _page(self, path: str) -> tuple[int, str, bytes]:
         if path == "/metrics":

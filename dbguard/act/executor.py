@@ -151,14 +151,17 @@ class Executor:
             return db.terminate(a.pid)
         return db.set_shrink_step(a.value)      # SHRINK_CACHE, GROW_CACHE, RESTORE_CACHE
 
-    def restore_score(self, pid: int, value: int, why: str, level: Level, snap: Snapshot) -> Outcome:
+    def restore_score(self, pid: int, value: int, why: str, level: Level, snap: Snapshot,
+                      start_time: int | None = None) -> Outcome:
         """Put back a shielded process's oom_score_adj that someone raised (a BPF tamper event),
-        through the same checks and pidfd-safe write as every other score."""
+        through the same checks and pidfd-safe write as every other score. `start_time`: the
+        process the event is about (the kernel's entry carries it); the write goes to that
+        process only, never to a later holder of its pid."""
         proc = snap.procs.get(pid)
-        if proc is None:
+        if proc is None or (start_time and proc.start_time != start_time):
             a = Action(ActionKind.SET_OOM_SCORE_ADJ, why, pid=pid, target=f"pid {pid}", value=value)
-            return self.record(a, level, Outcome.gone(f"pid {pid} not in this cycle's process table; "
-                                                      "score left as it is"))
+            return self.record(a, level, Outcome.gone(f"pid {pid} not in this cycle's process table "
+                                                      "(or now another process); score left as it is"))
         a = Action(ActionKind.SET_OOM_SCORE_ADJ, why, pid=pid, start_time=proc.start_time,
                    target=f"{proc.comm} (pid {pid})", value=value)
         return self.one(a, level, snap)

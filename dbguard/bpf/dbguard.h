@@ -13,10 +13,22 @@
 #define DBG_INHERIT    0x2   /* children (new processes, not threads) are protected at birth */
 #define DBG_INHERITED  0x4   /* entry made by the kernel at fork; removed at exit, not by a sync */
 #define DBG_CANDIDATE  0x8   /* may be killed in kernel; SHIELD wins when both are set */
+#define DBG_FRESH      0x10  /* born of a shielded parent, not judged by the sidecar yet: the kernel
+                              * kills it only once the sidecar lists it as a candidate */
 /* extra bits only in dbg_event.flags */
 #define DBG_EVF_CANDIDATE 0x100  /* the process was a kill candidate */
 #define DBG_EVF_BY_CGROUP 0x200  /* matched through the per-cgroup policy */
 #define DBG_EVF_KILLED    0x400  /* dbguard's program had already killed it (oom: the kernel reaps a dying task) */
+#define DBG_EVF_UNLISTED  0x800  /* kill: not listed by the sidecar; a task of the watched scope */
+#define DBG_EVF_EXEC      0x1000 /* birth: an exec (else a fork) */
+
+/* dbg_policy.scope: which unlisted tasks the kernel may kill on its own */
+#define DBG_SCOPE_NONE    0   /* only the candidates the sidecar listed */
+#define DBG_SCOPE_CGROUP  1   /* tasks whose memory cgroup is scope_id or below it */
+#define DBG_SCOPE_ALL     2   /* every task (the sidecar watches the host) */
+
+#define DBG_PF_KTHREAD    0x00200000   /* task_struct.flags: a kernel thread */
+#define DBG_NSEC_PER_TICK 10000000     /* /proc/PID/stat start times are in USER_HZ (100) ticks */
 
 /* cgroups[id].action */
 #define DBG_ACTION_NONE   0
@@ -29,6 +41,8 @@
 #define DBG_EV_OOM_VICTIM    3
 #define DBG_EV_BREACH        4
 #define DBG_EV_SCORE_TAMPER  5
+#define DBG_EV_BIRTH         6   /* a fork or exec in the watched scope of a task not shielded */
+#define DBG_EV_RECLAIM_FAIL  7   /* a streak of failed reclaims began in the scope (rate-limited) */
 
 /* counters[] index */
 #define DBG_CTR_FORK_INHERITED     0
@@ -43,22 +57,40 @@
 #define DBG_CTR_BREACHES           9
 #define DBG_CTR_SCORE_TAMPERS      10
 #define DBG_CTR_EVENTS_DROPPED     11
-#define DBG_NR_COUNTERS            12
+#define DBG_CTR_EXE_PROTECTED      12  /* an unlisted task spared: it runs a database server's executable */
+#define DBG_CTR_STALE_ENTRIES      13  /* a map entry ignored: its start time is another process's (pid reused) */
+#define DBG_CTR_UNLISTED_KILLS     14  /* kills (and would-kills) of tasks the sidecar had not listed */
+#define DBG_CTR_BIRTHS             15
+#define DBG_NR_COUNTERS            16
 
 #define DBG_SCORE_UNKNOWN (-1001)   /* dbg_proc.score before any value was seen */
 
 /* procs[tgid]: protected processes and kill candidates in one map, so every hook needs
- * one lookup and an exit one delete. The failed-reclaim streak lives here too: only a
- * candidate can be killed, so only a candidate's streak is worth counting. */
+ * one lookup and an exit one delete. `start` is the process's start time as /proc/PID/stat
+ * gives it (USER_HZ ticks since boot); the kernel ignores an entry whose start is not the
+ * current task's, so an entry written for a process that has exited never applies to the
+ * process that reuses its pid. Entries the kernel makes at fork have start 0. */
 struct dbg_proc {
     u32 flags;
     u32 tier;              /* protection tier */
     u32 cand_tier;         /* candidate tier (kill order), with DBG_CANDIDATE */
     u32 origin;            /* the tgid the sidecar protected (itself, or the inherited-from ancestor) */
     s32 score;             /* last oom_score_adj seen, to tell a lowered shield from a restore */
-    u32 fails;             /* consecutive failed reclaims (kernel-owned) */
-    u32 reported;          /* an event was sent for this streak (kernel-owned) */
     u32 pad;
+    u64 start;
+};
+
+/* streaks[tgid]: consecutive failed reclaims of one process (kernel-owned, LRU). */
+struct dbg_streak {
+    u64 first_ns;          /* bpf_ktime_get_ns of the first failure of this streak */
+    u32 fails;
+    u32 reported;          /* a kill (or would-kill) event was sent for this streak */
+};
+
+/* exes[{inode, device}]: database server executables; a task running one is never killed. */
+struct dbg_exe {
+    u64 ino;
+    u64 dev;               /* the kernel's dev_t: major << 20 | minor */
 };
 
 /* cgroups[cgroup v2 id]: per-cgroup policy with its own streak (multi-tenant v2 hosts). */
@@ -73,18 +105,26 @@ struct dbg_policy {        /* policy[0], written by the sidecar every cycle it c
     u32 level;
     u32 enabled;
     u32 dry_run;
-    u32 min_level_to_kill;
+    u32 min_level_to_kill; /* from this level on, fail_streak applies; below it, early_streak */
     u32 fail_streak;       /* consecutive failed reclaims before a kill is allowed */
     u32 fail_pages;        /* a reclaim that freed at most this many pages failed */
     u32 self_tgid;         /* dbguard itself: its score writes are restores, not tampering */
     u32 n_cgroups;         /* entries in cgroups: 0 skips that lookup */
+    u32 early_streak;      /* the streak below min_level_to_kill; 0: no kill there */
+    u32 scope;             /* DBG_SCOPE_*: unlisted tasks the kernel may kill */
+    u32 scope_level;       /* the scope memory cgroup's depth (root 0) */
+    u32 births;            /* report forks and execs in the scope (DBG_EV_BIRTH) */
+    u64 scope_id;          /* the scope memory cgroup's id (its directory's inode number) */
+    u64 min_anon_pages;    /* an unlisted task holding fewer anonymous pages is not killed */
 };
 
 struct dbg_event {
     u64 ts_ns;             /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
     u64 cgroup_id;         /* cgroup v2 id of the current task */
-    u64 a;                 /* kill: failed-reclaim streak;  oom: anon_rss pages;  tamper: old score + 2000 */
-    u64 b;                 /* oom: file+shmem rss pages */
+    u64 a;                 /* kill: failed-reclaim streak;  oom: anon_rss pages;  tamper: old score + 2000;
+                              birth: parent tgid */
+    u64 b;                 /* kill: ns since the streak's first failed reclaim;  oom: file+shmem rss pages;
+                              tamper: the entry's start time (0: not known) */
     u32 kind;
     u32 pid;
     u32 tgid;

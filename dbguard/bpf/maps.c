@@ -4,8 +4,12 @@
 
 BPF_F_TABLE("hash", u32, struct dbg_proc, procs, DBG_MAX_PROCS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", u64, struct dbg_cgroup, cgroups, DBG_MAX_CGROUPS, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", struct dbg_exe, u32, exes, DBG_MAX_EXES, BPF_F_NO_PREALLOC);
+/* LRU: a streak needs no bookkeeping by the sidecar, and a full map forgets the oldest. */
+BPF_TABLE("lru_hash", u32, struct dbg_streak, streaks, DBG_MAX_STREAKS);
 BPF_ARRAY(policy, struct dbg_policy, 1);
 BPF_PERCPU_ARRAY(counters, u64, DBG_NR_COUNTERS);
+BPF_ARRAY(last_wake, u64, 1);       /* when the last DBG_EV_RECLAIM_FAIL was sent */
 #ifdef DBG_RINGBUF
 BPF_RINGBUF_OUTPUT(events, DBG_EVENT_PAGES);
 #else
@@ -36,4 +40,86 @@ static __always_inline void dbg_emit(void *ctx, struct dbg_event *ev)
     if (events.perf_submit(ctx, ev, sizeof(*ev)))
         dbg_count(DBG_CTR_EVENTS_DROPPED);
 #endif
+}
+
+/* --- the current task, read at offsets from the running kernel's BTF (dbguard/kernel/btf.py):
+ * the installed headers may be another kernel's, so no struct is dereferenced by name. */
+
+static __always_inline u64 dbg_ptr(u64 base, u64 off)
+{
+    u64 v = 0;
+    if (base)
+        bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+    return v;
+}
+
+static __always_inline u32 dbg_u32(u64 base, u64 off)
+{
+    u32 v = 0;
+    if (base)
+        bpf_probe_read_kernel(&v, sizeof(v), (void *)(base + off));
+    return v;
+}
+
+/* Kernel threads, PID 1 and dbguard itself are never killed, listed or not. */
+static __always_inline int dbg_untouchable(struct dbg_policy *pol, u64 task, u32 tgid)
+{
+    return tgid <= 1 || tgid == pol->self_tgid || (dbg_u32(task, DBG_OFF_TASK_FLAGS) & DBG_PF_KTHREAD);
+}
+
+/* Start of the current process (its thread-group leader) in /proc/PID/stat's ticks. */
+static __always_inline u64 dbg_start_ticks(u64 task)
+{
+    u64 leader = dbg_ptr(task, DBG_OFF_TASK_LEADER);
+    return dbg_ptr(leader, DBG_OFF_TASK_START) / DBG_NSEC_PER_TICK;
+}
+
+/* The current task's procs entry, unless it was written for an earlier holder of the pid. */
+static __always_inline struct dbg_proc *dbg_entry(u32 tgid, u64 task)
+{
+    struct dbg_proc *p = procs.lookup(&tgid);
+    if (p && p->start && p->start != dbg_start_ticks(task)) {
+        dbg_count(DBG_CTR_STALE_ENTRIES);
+        return 0;
+    }
+    return p;
+}
+
+/* Whether the task's memory cgroup is the scope cgroup or below it: one read of its
+ * ancestor at the scope's depth (struct cgroup keeps ancestors[] by level). */
+static __always_inline int dbg_in_scope(struct dbg_policy *pol, u64 task)
+{
+    if (pol->scope == DBG_SCOPE_ALL)
+        return 1;
+    if (pol->scope != DBG_SCOPE_CGROUP)
+        return 0;
+    u64 cset = dbg_ptr(task, DBG_OFF_TASK_CGROUPS);
+    u64 css = dbg_ptr(cset, DBG_OFF_CSSSET_SUBSYS + 8 * DBG_MEMORY_CGRP_ID);
+    u64 cgrp = dbg_ptr(css, DBG_OFF_CSS_CGROUP);
+    if (!cgrp || dbg_u32(cgrp, DBG_OFF_CGROUP_LEVEL) < pol->scope_level)
+        return 0;
+    u64 anc = dbg_ptr(cgrp, DBG_OFF_CGROUP_ANCESTORS + 8 * (u64)(pol->scope_level & 0xff));
+    return anc && dbg_ptr(dbg_ptr(anc, DBG_OFF_CGROUP_KN), DBG_OFF_KN_ID) == pol->scope_id;
+}
+
+/* Whether the task runs a database server's executable (file identity, set by the sidecar). */
+static __always_inline int dbg_db_exe(u64 task)
+{
+    u64 mm = dbg_ptr(task, DBG_OFF_TASK_MM);
+    u64 inode = dbg_ptr(dbg_ptr(mm, DBG_OFF_MM_EXE), DBG_OFF_FILE_INODE);
+    if (!inode)
+        return 0;
+    struct dbg_exe key = {};
+    key.ino = dbg_ptr(inode, DBG_OFF_INODE_INO);
+    key.dev = dbg_u32(dbg_ptr(inode, DBG_OFF_INODE_SB), DBG_OFF_SB_DEV);
+    return exes.lookup(&key) != 0;
+}
+
+static __always_inline s64 dbg_anon_pages(u64 task)
+{
+    s64 v = 0;
+    u64 mm = dbg_ptr(task, DBG_OFF_TASK_MM);
+    if (mm)
+        bpf_probe_read_kernel(&v, sizeof(v), (void *)(mm + DBG_OFF_MM_ANON_PAGES));
+    return v;
 }

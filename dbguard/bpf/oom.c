@@ -14,9 +14,10 @@ TRACEPOINT_PROBE(oom, mark_victim)
         ev.tier = p->tier;
         if (p->flags & DBG_CANDIDATE)
             ev.flags |= DBG_EVF_CANDIDATE;
-        if (p->reported && !(p->flags & DBG_SHIELD) && pol && !pol->dry_run)
-            ev.flags |= DBG_EVF_KILLED;
     }
+    struct dbg_streak *s = streaks.lookup(&pid);
+    if (s && s->reported && !(p && (p->flags & DBG_SHIELD)) && pol && !pol->dry_run)
+        ev.flags |= DBG_EVF_KILLED;
     if (p && (p->flags & DBG_SHIELD)) {
         ev.kind = DBG_EV_BREACH;
         dbg_count(DBG_CTR_BREACHES);
@@ -62,6 +63,7 @@ TRACEPOINT_PROBE(oom, oom_score_adj_update)
     ev.flags = p->flags;
     ev.tier = p->tier;
     ev.a = (u64)(old + 2000);
+    ev.b = p->start;       /* the process the sidecar shielded: a restore goes only to it */
     ev.c = now;
     ev.by_pid = (u32)id;
     __builtin_memcpy(ev.comm, args->comm, sizeof(ev.comm));

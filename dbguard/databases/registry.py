@@ -41,6 +41,9 @@ class Kind:
     executables: frozenset[str]        # basenames of the server's executables: a process running one
                                        # is never a kill candidate, configured or not (classify.py)
     discover: str | None = None        # "module:function" -> [DatabaseConfig] of local servers
+    # Where distributions install the server's executable (globs): a task running one of these
+    # files (by inode and device) is never killed in the kernel, its server identified or not.
+    install_paths: tuple[str, ...] = ()
 
 
 def _check_postgresql(db: "DatabaseConfig", path: str) -> None:
@@ -62,14 +65,19 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          check=_check_postgresql, adapter="dbguard.databases.postgresql.adapter:PostgreSQL",
          identify="dbguard.databases.postgresql.identity:identify",
          executables=frozenset({"postgres", "postmaster"}),
-         discover="dbguard.databases.postgresql.discover:discover_postgresql"),
+         discover="dbguard.databases.postgresql.discover:discover_postgresql",
+         install_paths=("/usr/lib/postgresql/*/bin/postgres", "/usr/pgsql-*/bin/postgres",
+                        "/usr/local/pgsql/bin/postgres", "/usr/bin/postgres", "/usr/libexec/postgresql*/postgres")),
     # MySQL sessions are threads of mysqld: a child process of the server is not a session.
     Kind(name="mysql", server_role=Role.MYSQLD, child_role=None,
          reported_pids_verified=True, session_noun="connection",
          config_keys=frozenset({"host", "port", "socket", "user", "buffer_pool_floor", "shrink_caches"}),
          check=_check_mysql, adapter="dbguard.databases.mysql.adapter:MySQL",
          identify="dbguard.databases.mysql.identity:identify", executables=frozenset({"mysqld", "mariadbd"}),
-         discover="dbguard.databases.mysql.discover:discover_mysql"),
+         discover="dbguard.databases.mysql.discover:discover_mysql",
+         install_paths=("/usr/sbin/mariadbd", "/usr/sbin/mysqld", "/usr/libexec/mariadbd",
+                        "/usr/libexec/mysqld", "/usr/bin/mariadbd", "/usr/bin/mysqld",
+                        "/usr/local/mysql/bin/mysqld", "/usr/local/mysql/bin/mariadbd")),
 )}
 
 

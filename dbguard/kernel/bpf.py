@@ -23,15 +23,16 @@ from pathlib import Path
 from ..errors import DbguardError
 from ..host import cap_eff
 from . import layout
-from .events import BpfEvent, decode, event_to_audit
-from .layout import ACTION_KILL, ACTION_SHIELD, CANDIDATE, INHERIT, INHERITED, SHIELD
+from .events import PAGE_SIZE, BpfEvent, decode, event_to_audit
+from .btf import BtfError
+from .layout import ACTION_KILL, ACTION_SHIELD, CANDIDATE, FRESH, INHERIT, INHERITED, SHIELD
 from .source import (TRACEPOINTS, headers_available, kernel_has_ringbuf, program_source,
                      tracefs, tracepoint_fields)
 from .sync import ProcEntry, diff_plain, diff_procs
 
 __all__ = ["availability", "protections", "program_source", "BpfEvent", "BpfGuard", "event_to_audit",
-           "SHIELD", "INHERIT", "INHERITED", "CANDIDATE",
-           "ACTION_KILL", "ACTION_SHIELD"]
+           "SHIELD", "INHERIT", "INHERITED", "CANDIDATE", "FRESH",
+           "ACTION_KILL", "ACTION_SHIELD", "scope_of", "exe_identity"]
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
 DEFAULT_FAIL_STREAK = 3
@@ -53,6 +54,9 @@ def availability() -> tuple[bool, str]:
         return False, (f"BPF unavailable: no kernel headers for {platform.release()}; install "
                        "linux-headers and link /lib/modules/$(uname -r)/build to them "
                        "(scripts/setup-host.sh does it) or set BCC_KERNEL_SOURCE")
+    if not Path("/sys/kernel/btf/vmlinux").exists():
+        return False, ("BPF unavailable: the kernel has no BTF (/sys/kernel/btf/vmlinux); use a kernel "
+                       f"built with CONFIG_DEBUG_INFO_BTF=y {OFF_HINT}")
     if tracefs() is None:
         return False, ("BPF unavailable: tracefs is not mounted; "
                        "mount -t tracefs tracefs /sys/kernel/tracing")
@@ -67,7 +71,9 @@ def availability() -> tuple[bool, str]:
 # What the BPF path adds, for `dbguard check` (user-space protections are reported elsewhere).
 PROTECTIONS = (
     ("bpf_fork_inheritance", "children of protected processes are protected at birth, in the kernel"),
-    ("bpf_reclaim_kill", "an allocating kill candidate is killed in the kernel when reclaim keeps failing"),
+    ("bpf_reclaim_kill", "a task of the watched scope whose reclaim keeps failing is killed in the kernel, "
+     "listed by user space or not (never a database executable, PID 1, dbguard or a kernel thread)"),
+    ("bpf_births", "forks and execs in the watched scope wake the sidecar, which raises the newcomer's score"),
     ("bpf_oom_audit", "every kernel OOM kill is audited; a protected victim is reported as a breach"),
     ("bpf_score_tamper", "a raised oom_score_adj on a protected process is reported and can be restored"),
 )
@@ -113,6 +119,37 @@ def _alive(tgid: int) -> bool:
     return os.path.exists(f"/proc/{tgid}")
 
 
+def _start_ticks(tgid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{tgid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def scope_of(cgroup_dir: str | None) -> tuple[int, int, int]:
+    """(scope kind, id, depth) of a memory cgroup directory for the kernel's scope check; the
+    host ("" or None) is every task. The id is the directory's inode number (the kernfs node
+    id the kernel compares); the depth counts the directories up to the hierarchy's root."""
+    if not cgroup_dir:
+        return layout.SCOPE_ALL, 0, 0
+    path = Path(cgroup_dir)
+    st = path.stat()
+    level = 0
+    while path.parent != path and path.parent.stat().st_dev == st.st_dev:
+        path, level = path.parent, level + 1
+    return layout.SCOPE_CGROUP, st.st_ino, level
+
+
+def exe_identity(path: str) -> tuple[int, int] | None:
+    """(inode, kernel dev_t) of an executable as the kernel sees it (major << 20 | minor)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, os.major(st.st_dev) << 20 | os.minor(st.st_dev)
+
+
 class BpfGuard:
     """The loaded programs and their maps. Build with BpfGuard.load(); close() detaches."""
 
@@ -125,9 +162,13 @@ class BpfGuard:
         self._cgroups = bpf[b"cgroups"]
         self._policy_map = bpf[b"policy"]
         self._counters = bpf[b"counters"]
+        self._exes = bpf[b"exes"]
+        self._streaks = bpf[b"streaks"]
         self._policy = layout.Policy(level=0, enabled=0, dry_run=1, min_level_to_kill=3,
                                      fail_streak=DEFAULT_FAIL_STREAK, fail_pages=0,
-                                     self_tgid=os.getpid(), n_cgroups=0)
+                                     self_tgid=os.getpid(), n_cgroups=0, early_streak=0,
+                                     scope=layout.SCOPE_NONE, scope_level=0, births=0, scope_id=0,
+                                     min_anon_pages=0)
         self._write_policy()
         jump = bpf[b"reclaim_jump"]
         for slot, prog in ((0, b"tracepoint__vmscan__mm_vmscan_memcg_reclaim_begin"),
@@ -147,7 +188,10 @@ class BpfGuard:
         if not usable:
             raise DbguardError(f"{why} ({OFF_HINT})")
         from bcc import BPF
-        source = program_source(max_procs=max_procs, max_cgroups=max_cgroups)
+        try:
+            source = program_source(max_procs=max_procs, max_cgroups=max_cgroups)
+        except BtfError as e:
+            raise DbguardError(f"BPF unavailable: {e} {OFF_HINT}") from None
         with tempfile.NamedTemporaryFile(prefix="dbguard-bcc-", suffix=".log") as log:
             try:
                 with _stderr_to(log.name):
@@ -164,32 +208,71 @@ class BpfGuard:
         self._policy_map[ct.c_int(0)] = self._policy
 
     def set_policy(self, *, level: int, enabled: bool, dry_run: bool, min_level_to_kill: int = 3,
-                   fail_streak: int = DEFAULT_FAIL_STREAK, fail_pages: int = 0) -> None:
-        """Kill only when level >= min_level_to_kill AND the task's last fail_streak reclaims
-        each freed at most fail_pages pages. Written to the kernel only when it changed."""
-        new = (int(level), int(enabled), int(dry_run), int(min_level_to_kill),
-               max(1, int(fail_streak)), int(fail_pages))
+                   fail_streak: int = DEFAULT_FAIL_STREAK, fail_pages: int = 0, early_streak: int = 0,
+                   births: bool = False, min_anon_bytes: int = 0) -> None:
+        """A task is killed when its last N reclaims each freed at most fail_pages pages, N being
+        fail_streak from min_level_to_kill on and early_streak below it (0: no kill below).
+        Unlisted tasks are killed only in the scope (set_scope) and holding min_anon_bytes of
+        anonymous memory. births: report forks and execs in the scope. Written to the kernel
+        only when it changed."""
         p = self._policy
-        if new != (p.level, p.enabled, p.dry_run, p.min_level_to_kill, p.fail_streak, p.fail_pages):
-            (p.level, p.enabled, p.dry_run, p.min_level_to_kill, p.fail_streak, p.fail_pages) = new
+        new = dict(level=int(level), enabled=int(enabled), dry_run=int(dry_run),
+                   min_level_to_kill=int(min_level_to_kill), fail_streak=max(1, int(fail_streak)),
+                   fail_pages=int(fail_pages), early_streak=max(0, int(early_streak)), births=int(births),
+                   min_anon_pages=max(0, int(min_anon_bytes)) // PAGE_SIZE)
+        if any(getattr(p, k) != v for k, v in new.items()):
+            for k, v in new.items():
+                setattr(p, k, v)
             self._write_policy()
 
-    def sync_processes(self, protected: dict[int, tuple[int, int]], candidates: dict[int, int]) -> None:
+    def set_scope(self, cgroup_dir: str | None, *, unlisted: bool = True) -> None:
+        """Where the kernel kills tasks the sidecar has not listed: the memory cgroup directory
+        and below it, the host for "" or None; unlisted=False: listed candidates only."""
+        kind, ident, level = scope_of(cgroup_dir) if unlisted else (layout.SCOPE_NONE, 0, 0)
+        p = self._policy
+        if (p.scope, p.scope_id, p.scope_level) != (kind, ident, level):
+            p.scope, p.scope_id, p.scope_level = kind, ident, level
+            self._write_policy()
+
+    def set_exes(self, identities: set[tuple[int, int]]) -> None:
+        """Database server executables by (inode, kernel dev_t): a task running one is never
+        killed in the kernel (see exe_identity)."""
+        current = {(k.ino, k.dev) for k in self._exes.keys()}
+        for ino, dev in current - identities:
+            self._delete(self._exes, layout.Exe(ino, dev))
+        for ino, dev in identities - current:
+            self._exes[layout.Exe(ino, dev)] = ct.c_uint32(1)
+
+    def exes(self) -> set[tuple[int, int]]:
+        return {(k.ino, k.dev) for k in self._exes.keys()}
+
+    def wake_fd(self) -> int | None:
+        """A descriptor that polls readable when kernel events wait (ring buffers only)."""
+        return self._b[b"events"].map_fd if self.ringbuf else None
+
+    def sync_processes(self, protected: dict[int, tuple[int, int]], candidates: dict[int, int], *,
+                       starts: dict[int, int] | None = None, judged: set[int] | None = None) -> None:
         """protected: tgid -> (flags, tier) with flags from SHIELD | INHERIT; candidates: tgid -> tier.
         Children the kernel protected at fork stay while they live and their ancestor stays
         protected: the caller need not list them (see dbguard.kernel.sync). A tgid in both is
-        protected: SHIELD wins in the kernel."""
-        raw = {k.value: (v.flags, v.tier, v.cand_tier, v.origin, v.score, v.fails, v.reported)
+        protected: SHIELD wins in the kernel. starts: tgid -> /proc start time of the process
+        the entry is for (the kernel ignores it for any other holder of the pid, and it is
+        checked again here right after the write); judged: the tgids of the caller's snapshot."""
+        raw = {k.value: (v.flags, v.tier, v.cand_tier, v.origin, v.score, v.start)
                for k, v in self._procs.items()}
-        current = {t: ProcEntry(*r[:5]) for t, r in raw.items()}
-        diff = diff_procs(current, protected, candidates, _alive)
+        current = {t: ProcEntry(*r) for t, r in raw.items()}
+        diff = diff_procs(current, protected, candidates, _alive, starts, frozenset(judged or ()))
         for tgid in diff.deletes:
             self._delete(self._procs, ct.c_uint32(tgid))
         for tgid, e in diff.updates.items():
             score = _read_score(tgid) if e.score is None else e.score
-            fails, reported = raw[tgid][5:] if tgid in raw else (0, 0)
             self._procs[ct.c_uint32(tgid)] = layout.Proc(e.flags, e.tier, e.cand_tier, e.origin,
-                                                         score, fails, reported, 0)
+                                                         score, 0, e.start)
+        # Right after the write: a process that exited since the snapshot leaves no entry
+        # for the next holder of its pid (the kernel ignores it anyway, by start time).
+        for tgid, e in diff.updates.items():
+            if e.start and _start_ticks(tgid) != e.start:
+                self._delete(self._procs, ct.c_uint32(tgid))
 
     def sync_cgroups(self, policies: dict[int, tuple[int, int]]) -> None:
         """cgroup v2 id -> (tier, action ACTION_KILL/ACTION_SHIELD); see the module doc for v1 hosts."""
@@ -217,6 +300,18 @@ class BpfGuard:
 
     def candidate_tgids(self) -> dict[int, int]:
         return {k.value: v.cand_tier for k, v in self._procs.items() if v.flags & CANDIDATE}
+
+    def fresh_tgids(self) -> set[int]:
+        """Children of shielded processes the kernel spares until the sidecar judges them."""
+        return {k.value for k, v in self._procs.items() if v.flags & FRESH}
+
+    def streak(self, tgid: int) -> tuple[int, bool] | None:
+        """(failed reclaims in a row, reported) of a process, or None."""
+        try:
+            s = self._streaks[ct.c_uint32(tgid)]
+        except KeyError:
+            return None
+        return s.fails, bool(s.reported)
 
     def cgroup_policies(self) -> dict[int, tuple[int, int]]:
         return {k.value: (v.tier, v.action) for k, v in self._cgroups.items()}

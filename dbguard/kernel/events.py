@@ -13,7 +13,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 @dataclass(frozen=True)
 class BpfEvent:
-    kind: str          # "kill" | "would_kill" | "oom_victim" | "breach" | "score_tamper"
+    kind: str          # "kill" | "would_kill" | "oom_victim" | "breach" | "score_tamper" | "birth" | "reclaim_fail"
     pid: int
     tgid: int
     comm: str
@@ -35,12 +35,14 @@ def decode(raw: layout.Event, wall_offset_ns: int) -> BpfEvent:
     by = {"by_pid": raw.by_pid, "by_comm": _str(raw.by_comm)}
     if kind in ("kill", "would_kill"):
         detail = {"fail_streak": raw.a, "tier": raw.tier,
-                  "by_cgroup_policy": bool(raw.flags & layout.EVF_BY_CGROUP)}
+                  "by_cgroup_policy": bool(raw.flags & layout.EVF_BY_CGROUP),
+                  "unlisted": bool(raw.flags & layout.EVF_UNLISTED), "since_first_fail_ns": raw.b}
         if kind == "kill":
             detail["signal_result"] = raw.c
         path = "bpf"
     elif kind in ("oom_victim", "breach"):
-        detail = {"anon_rss_bytes": raw.a * PAGE_SIZE, "file_rss_bytes": raw.b * PAGE_SIZE,
+        # mark_victim reports kB (<< (PAGE_SHIFT - 10)), not pages
+        detail = {"anon_rss_bytes": raw.a * 1024, "file_rss_bytes": raw.b * 1024,
                   "oom_score_adj": raw.c, "tier": raw.tier,
                   "protected": bool(raw.flags & layout.SHIELD),
                   "candidate": bool(raw.flags & layout.EVF_CANDIDATE),
@@ -50,8 +52,13 @@ def decode(raw: layout.Event, wall_offset_ns: int) -> BpfEvent:
     elif kind == "score_tamper":
         old = int(raw.a) - 2000
         detail = {"old_score_adj": None if old == layout.SCORE_UNKNOWN else old,
-                  "new_score_adj": raw.c, **by}
+                  "new_score_adj": raw.c, "start_time": raw.b or None, **by}
         path = "kernel"
+    elif kind == "birth":
+        detail = {"exec": bool(raw.flags & layout.EVF_EXEC), "parent": raw.a or None}
+        path = "kernel"
+    elif kind == "reclaim_fail":
+        detail, path = {}, "kernel"
     else:
         detail, path = {"a": raw.a, "b": raw.b, "c": raw.c, **by}, "kernel"
     return BpfEvent(kind=kind, pid=raw.pid, tgid=raw.tgid, comm=_str(raw.comm),
@@ -71,7 +78,8 @@ def event_to_audit(ev: BpfEvent) -> dict[str, Any]:
     d = ev.detail
     target = f"{ev.comm} (pid {ev.pid})"
     if ev.kind in ("kill", "would_kill"):
-        via = "cgroup policy" if d.get("by_cgroup_policy") else "candidate"
+        via = ("cgroup policy" if d.get("by_cgroup_policy") else
+               "not listed yet: a task of the watched scope" if d.get("unlisted") else "candidate")
         reason = (f"allocating while reclaim failed {d.get('fail_streak')} times in a row "
                   f"at level {_level_name(ev.level)} ({via}, tier {d.get('tier')})")
         if ev.kind == "would_kill":

@@ -26,6 +26,11 @@ SHIELD = C["DBG_SHIELD"]
 INHERIT = C["DBG_INHERIT"]
 INHERITED = C["DBG_INHERITED"]
 CANDIDATE = C["DBG_CANDIDATE"]
+FRESH = C["DBG_FRESH"]
+EVF_UNLISTED = C["DBG_EVF_UNLISTED"]
+EVF_EXEC = C["DBG_EVF_EXEC"]
+SCOPE_NONE, SCOPE_CGROUP, SCOPE_ALL = C["DBG_SCOPE_NONE"], C["DBG_SCOPE_CGROUP"], C["DBG_SCOPE_ALL"]
+NSEC_PER_TICK = C["DBG_NSEC_PER_TICK"]
 EVF_KILLED = C["DBG_EVF_KILLED"]
 EVF_CANDIDATE = C["DBG_EVF_CANDIDATE"]
 EVF_BY_CGROUP = C["DBG_EVF_BY_CGROUP"]
@@ -40,6 +45,8 @@ EVENT_KINDS = {
     C["DBG_EV_OOM_VICTIM"]: "oom_victim",
     C["DBG_EV_BREACH"]: "breach",
     C["DBG_EV_SCORE_TAMPER"]: "score_tamper",
+    C["DBG_EV_BIRTH"]: "birth",
+    C["DBG_EV_RECLAIM_FAIL"]: "reclaim_fail",
 }
 
 # counters[] index -> metric-friendly name
@@ -49,8 +56,16 @@ NR_COUNTERS = C["DBG_NR_COUNTERS"]
 
 class Proc(ct.Structure):
     _fields_ = [("flags", ct.c_uint32), ("tier", ct.c_uint32), ("cand_tier", ct.c_uint32),
-                ("origin", ct.c_uint32), ("score", ct.c_int32), ("fails", ct.c_uint32),
-                ("reported", ct.c_uint32), ("pad", ct.c_uint32)]
+                ("origin", ct.c_uint32), ("score", ct.c_int32), ("pad", ct.c_uint32),
+                ("start", ct.c_uint64)]
+
+
+class Streak(ct.Structure):
+    _fields_ = [("first_ns", ct.c_uint64), ("fails", ct.c_uint32), ("reported", ct.c_uint32)]
+
+
+class Exe(ct.Structure):
+    _fields_ = [("ino", ct.c_uint64), ("dev", ct.c_uint64)]
 
 
 class Cgroup(ct.Structure):
@@ -61,7 +76,9 @@ class Cgroup(ct.Structure):
 class Policy(ct.Structure):
     _fields_ = [("level", ct.c_uint32), ("enabled", ct.c_uint32), ("dry_run", ct.c_uint32),
                 ("min_level_to_kill", ct.c_uint32), ("fail_streak", ct.c_uint32),
-                ("fail_pages", ct.c_uint32), ("self_tgid", ct.c_uint32), ("n_cgroups", ct.c_uint32)]
+                ("fail_pages", ct.c_uint32), ("self_tgid", ct.c_uint32), ("n_cgroups", ct.c_uint32),
+                ("early_streak", ct.c_uint32), ("scope", ct.c_uint32), ("scope_level", ct.c_uint32),
+                ("births", ct.c_uint32), ("scope_id", ct.c_uint64), ("min_anon_pages", ct.c_uint64)]
 
 
 class Event(ct.Structure):
@@ -73,4 +90,4 @@ class Event(ct.Structure):
 
 
 # map name in the C source -> the ctypes struct of its values
-MAP_VALUES = {"procs": Proc, "cgroups": Cgroup, "policy": Policy}
+MAP_VALUES = {"procs": Proc, "cgroups": Cgroup, "policy": Policy, "streaks": Streak}

@@ -1,7 +1,8 @@
 """The BPF C exactly as it is loaded: dbguard/bpf/dbguard.h inlined, sizes and kernel features defined.
 
-Features are read from the tracepoint format files, never from kernel struct layouts, so
-one source compiles against whatever headers BCC finds."""
+Features are read from the tracepoint format files, and the few kernel struct fields the
+programs read have their offsets from the running kernel's BTF (dbguard.kernel.btf), never
+from the installed headers, so one source compiles against whatever headers BCC finds."""
 from __future__ import annotations
 
 import os
@@ -9,13 +10,14 @@ import platform
 import re
 from pathlib import Path
 
-from . import layout
+from . import btf, layout
 
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
 # (category, event) each program attaches to
 TRACEPOINTS = (
     ("task", "task_newtask"),
+    ("sched", "sched_process_exec"),
     ("sched", "sched_process_exit"),
     ("vmscan", "mm_vmscan_memcg_reclaim_begin"),
     ("vmscan", "mm_vmscan_memcg_reclaim_end"),
@@ -25,7 +27,8 @@ TRACEPOINTS = (
     ("oom", "oom_score_adj_update"),
 )
 
-DEFAULT_SIZES = {"max_procs": 16384, "max_cgroups": 1024, "event_pages": 8}
+DEFAULT_SIZES = {"max_procs": 16384, "max_cgroups": 1024, "event_pages": 8, "max_exes": 256,
+                 "max_streaks": 4096}
 
 
 def tracefs() -> Path | None:
@@ -68,8 +71,10 @@ def _pow2_pages(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def program_source(**sizes: int) -> str:
-    """The C exactly as BpfGuard.load compiles it. Sizes: max_procs, max_cgroups, event_pages."""
+def program_source(offsets: dict[str, int] | None = None, **sizes: int) -> str:
+    """The C exactly as BpfGuard.load compiles it. Sizes: max_procs, max_cgroups, event_pages,
+    max_exes, max_streaks. Kernel struct offsets: the running kernel's (btf.kernel_offsets),
+    unless given; a kernel without BTF raises btf.BtfError."""
     unknown = set(sizes) - set(DEFAULT_SIZES)
     if unknown:
         raise TypeError(f"unknown sizes: {', '.join(sorted(unknown))}")
@@ -78,7 +83,10 @@ def program_source(**sizes: int) -> str:
         "DBG_MAX_PROCS": max(1, int(s["max_procs"])),
         "DBG_MAX_CGROUPS": max(1, int(s["max_cgroups"])),
         "DBG_EVENT_PAGES": _pow2_pages(s["event_pages"]),   # ring buffers need a power of two
+        "DBG_MAX_EXES": max(1, int(s["max_exes"])),
+        "DBG_MAX_STREAKS": max(1, int(s["max_streaks"])),
         **feature_defines(),
+        **(offsets if offsets is not None else btf.kernel_offsets()),
     }
     parts = ["/* dbguard BPF programs, as loaded by dbguard.kernel.bpf (BCC). */"]
     parts += [f"#define {k} {v}" for k, v in defines.items()]

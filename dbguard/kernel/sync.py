@@ -6,13 +6,18 @@ One map (procs) holds protected processes and kill candidates. Protected entries
 kernel added at fork (flag INHERITED) belong to the kernel: a sync leaves them while their
 process lives and the ancestor they were inherited from (their `origin`) is still
 protected, whether or not the caller lists them. The caller therefore need not know about
-children at all; the exit hook removes them when they die.
+children at all; the exit hook removes them when they die. An entry the kernel made for
+the child of a shielded process that is not a database (FRESH: spared until judged) is
+the caller's as soon as its process is in the caller's snapshot (`judged`).
+
+Entries the sidecar writes carry their process's start time (`starts`), so that one written
+for a process that has exited since the snapshot never applies to the pid's next holder.
 """
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
-from .layout import CANDIDATE, INHERIT, INHERITED, SHIELD
+from .layout import CANDIDATE, FRESH, INHERIT, INHERITED, SHIELD
 
 PROTECTION = SHIELD | INHERIT
 
@@ -23,6 +28,7 @@ class ProcEntry(NamedTuple):
     cand_tier: int
     origin: int
     score: int | None     # None: read it from /proc when writing
+    start: int = 0        # /proc/PID/stat start time; 0: a kernel-made entry (or not known)
 
 
 class Diff(NamedTuple):
@@ -45,12 +51,18 @@ def _protection(tgid: int, cur: ProcEntry | None, protected: dict[int, tuple[int
 
 
 def diff_procs(current: dict[int, ProcEntry], protected: dict[int, tuple[int, int]],
-               candidates: dict[int, int], alive: Callable[[int], bool]) -> Diff:
+               candidates: dict[int, int], alive: Callable[[int], bool],
+               starts: dict[int, int] | None = None, judged: set[int] | frozenset[int] = frozenset()) -> Diff:
     updates: dict[int, ProcEntry] = {}
     deletes: list[int] = []
+    starts = starts or {}
     for tgid in set(current) | set(protected) | set(candidates):
         cur = current.get(tgid)
-        flags, tier, origin = _protection(tgid, cur, protected, alive)
+        # A fresh child the caller has now judged is the caller's: its verdict alone counts.
+        mine = None if cur is not None and cur.flags & FRESH and tgid in judged else cur
+        flags, tier, origin = _protection(tgid, mine, protected, alive)
+        if mine is not None and mine.flags & FRESH and not flags & PROTECTION and alive(tgid):
+            flags, tier, origin = mine.flags & (FRESH | INHERITED), mine.tier, mine.origin
         cand_tier = 0
         if tgid in candidates:
             flags |= CANDIDATE
@@ -59,7 +71,10 @@ def diff_procs(current: dict[int, ProcEntry], protected: dict[int, tuple[int, in
             if cur is not None:
                 deletes.append(tgid)
             continue
-        want = ProcEntry(flags, tier, cand_tier, origin, cur.score if cur else None)
+        if flags & CANDIDATE:
+            flags &= ~FRESH
+        start = starts.get(tgid, cur.start if cur else 0)
+        want = ProcEntry(flags, tier, cand_tier, origin, cur.score if cur else None, start)
         if want != cur:
             updates[tgid] = want
     return Diff(updates, sorted(deletes))

@@ -13,11 +13,11 @@ from typing import Callable
 
 from ..assess import Assessment
 from ..config import Config, DatabaseConfig
-from ..model import Action, ActionKind, Outcome, Plan, Proc, ProcKey, Snapshot, Status
+from ..model import Action, ActionKind, Outcome, Plan, Proc, ProcKey, Role, Snapshot, Status
 from .appcaches import app_caches
 from .caches import caches
 from .kills import kills
-from .scores import put_back, scores
+from .scores import newborn, put_back, scores
 from .sessions import end_sessions, idle_sessions
 from .state import PolicyState
 from .verdicts import Judge, KernelView, Verdict
@@ -107,6 +107,11 @@ class Policy:
         held = sum(s.held_bytes for db in snap.databases if db.up for s in db.sessions
                    if s.client and s.state == "active")
         return held, hogs
+
+    def newborn(self, proc: Proc, self_pid: int, limit: int | None, state: PolicyState) -> Action | None:
+        """The score of a process the kernel saw born in the scope (not a database process)."""
+        a = newborn(proc, self.judge.verdict(proc, Role.OTHER, self_pid, limit), state, self.cfg.protection)
+        return replace(a, dry_run=True) if a is not None and self.dry_run else a
 
     def on_stop(self, snap: Snapshot, state: PolicyState) -> list[Action]:
         """What to undo at stop: the scores dbguard raised (the caches go back by their own path)."""

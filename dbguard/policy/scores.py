@@ -3,7 +3,7 @@ and everywhere raise the kill candidates' scores so the kernel's own choice fall
 from __future__ import annotations
 
 from ..config import Protection
-from ..model import Action, ActionKind, Role, Snapshot
+from ..model import Action, ActionKind, Proc, Role, Snapshot
 from .state import PolicyState
 from .targets import proc_name
 from .verdicts import Verdict
@@ -45,6 +45,24 @@ def scores(snap: Snapshot, verdicts: dict[int, Verdict], state: PolicyState, pro
         out.append(Action(ActionKind.SET_OOM_SCORE_ADJ, why, pid=pid, start_time=proc.start_time,
                           target=proc_name(proc), value=want))
     return out
+
+
+def newborn(proc: Proc, v: Verdict, state: PolicyState, prot: Protection) -> Action | None:
+    """A process born in the watched scope since the last cycle (the kernel reported its fork
+    or exec): its score is raised now, whatever its size, unless it is protected. It is no
+    database process (the kernel shields those from birth, the caller checks executables):
+    if the kernel's own choice comes before the next cycle, it must fall on a newcomer."""
+    want = prot.candidate_oom_score_adj
+    if not prot.raise_candidates or v.protected or proc.kernel_thread or proc.oom_score_adj >= want:
+        return None
+    original, asked = state.scored.get(proc.key, (proc.oom_score_adj, None))
+    if asked == want:
+        return None
+    state.scored[proc.key] = (original, want)
+    return Action(ActionKind.SET_OOM_SCORE_ADJ,
+                  f"new process in the watched cgroup, not protected ({v.why}): scored at birth so the "
+                  "kernel OOM killer chooses it before the database", pid=proc.pid, start_time=proc.start_time,
+                  target=proc_name(proc), value=want)
 
 
 def put_back(snap: Snapshot, state: PolicyState) -> list[Action]:

@@ -33,6 +33,8 @@ def bpf(bpf_guard):
     """The module's guard, with policy and maps reset around each test."""
     def reset():
         bpf_guard.set_policy(level=0, enabled=False, dry_run=False)
+        bpf_guard.set_scope(None, unlisted=False)     # never the host: other tests share this kernel
+        bpf_guard.set_exes(set())
         bpf_guard.sync_processes({}, {})
         bpf_guard.sync_cgroups({})
         bpf_guard.poll(0)
@@ -112,7 +114,8 @@ def test_direct_reclaim_programs_jump_to_the_memcg_ones(bpf_guard):
 
 def test_protections_report_names_each_bpf_protection():
     rows = protections()
-    assert [r[0] for r in rows] == ["bpf_fork_inheritance", "bpf_reclaim_kill", "bpf_oom_audit", "bpf_score_tamper"]
+    assert [r[0] for r in rows] == ["bpf_fork_inheritance", "bpf_reclaim_kill", "bpf_births", "bpf_oom_audit",
+                                    "bpf_score_tamper"]
     assert all(active for _, active, _ in rows), rows
 
 
@@ -397,3 +400,26 @@ def test_without_privilege_the_reason_names_capabilities():
                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.returncode == 1, out
     assert out.stdout.strip().startswith("BPF unavailable: no CAP_BPF") and not out.stderr
+
+
+# --- kernel struct offsets --------------------------------------------------------------------
+
+def test_btf_offsets_agree_with_bpftool():
+    """dbguard.kernel.btf's own parser against bpftool's reading of the same BTF (the oracle)."""
+    import re
+    from dbguard.kernel import btf
+    raw = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw"],
+                         capture_output=True, text=True, check=True).stdout
+    struct_re = re.compile(r"^\[\d+\] STRUCT '(\w+)' size=\d+ vlen=\d+\n((?:\t.*\n)*)", re.M)
+    members: dict[str, dict[str, int]] = {}
+    for name, body in struct_re.findall(raw):
+        if name not in members:
+            members[name] = {m: int(off) // 8 for m, off in re.findall(r"'(\w+)' type_id=\d+ bits_offset=(\d+)", body)}
+    got = btf.kernel_offsets()
+    compared = 0
+    for define, struct, path in btf.FIELDS:
+        if path in members[struct]:       # mm_struct keeps exe_file in an anonymous struct
+            assert got[define] == members[struct][path], (define, struct, path)
+            compared += 1
+    assert compared >= len(btf.FIELDS) - 1
+    assert got["DBG_MEMORY_CGRP_ID"] == int(re.search(r"'memory_cgrp_id' val=(\d+)", raw).group(1))

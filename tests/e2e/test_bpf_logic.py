@@ -76,7 +76,8 @@ def test_decode_kill_and_audit_record():
     ev = decode(raw, wall_offset_ns=1_700_000_000_000_000_000)
     assert ev.kind == "kill" and ev.path == "bpf" and ev.comm == "hog"
     assert ev.ts_ns == 1_700_000_000_000_001_000
-    assert ev.detail == {"fail_streak": 5, "tier": 2, "by_cgroup_policy": False, "signal_result": 0}
+    assert ev.detail == {"fail_streak": 5, "tier": 2, "by_cgroup_policy": False, "signal_result": 0,
+                         "unlisted": False, "since_first_fail_ns": 0}
     rec = event_to_audit(ev)
     assert set(rec) >= {"ts", "action", "target", "reason", "level", "result", "path"}
     assert rec == {**rec, "action": "kill", "target": "hog (pid 42)", "level": "critical",
@@ -93,7 +94,8 @@ def test_decode_would_kill_breach_and_tamper():
     assert breach.path == "kernel" and rec["result"].startswith("breach") and "hog (pid 5)" in rec["reason"]
     tamper = decode(_raw(kind=5, pid=9, tgid=9, a=2000 + 0, c=700, comm=b"postgres",
                          by_pid=77, by_comm=b"sh"), 0)
-    assert tamper.detail == {"old_score_adj": 0, "new_score_adj": 700, "by_pid": 77, "by_comm": "sh"}
+    assert tamper.detail == {"old_score_adj": 0, "new_score_adj": 700, "by_pid": 77, "by_comm": "sh",
+                             "start_time": None}
     unknown = decode(_raw(kind=5, a=2000 + layout.SCORE_UNKNOWN, c=1), 0)
     assert unknown.detail["old_score_adj"] is None
 

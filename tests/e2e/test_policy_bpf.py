@@ -24,6 +24,7 @@ from dbguard.audit import AuditLog
 from dbguard.classify import classify
 from dbguard.daemon import Daemon
 from dbguard.kernel.bpf import CANDIDATE, INHERITED, SHIELD
+from dbguard.kernel.feed import KernelFeed
 from dbguard.metrics import Metrics
 from dbguard.model import Level, MemoryReading, Role, Snapshot
 from dbguard.policy import Policy
@@ -125,6 +126,7 @@ def test_maps_hold_the_user_space_decision_for_every_process(bpf_guard, procs, t
             pol = Policy(cfg, watched_memcg=cg.relpath, pss_reader=read_pss)
             daemon = Daemon(cfg)
             daemon.bpf, daemon.policy = guard, pol
+            daemon.feed = KernelFeed(guard, cfg, str(cg.path))     # the kernel's own kills: this cgroup only
             daemon.audit = AuditLog(str(tmp_path / "audit.jsonl"))
             daemon.metrics = Metrics("")
             reading = MemoryReading(cgroup=str(cg.path), cgroup_version=cg.version, usage_bytes=cg.usage(),
@@ -199,3 +201,5 @@ def test_maps_hold_the_user_space_decision_for_every_process(bpf_guard, procs, t
         finally:
             procs.close()
             guard.sync_processes({}, {})
+            guard.set_scope(None, unlisted=False)
+            guard.set_policy(level=0, enabled=False, dry_run=False)
