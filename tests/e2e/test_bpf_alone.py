@@ -239,8 +239,8 @@ def test_an_entry_with_the_right_start_time_shields(bpf, procs):
 def test_births_in_the_scope_are_reported(bpf, procs):
     with MemoryCgroup(512 * MiB) as cg:
         arm(bpf, cg, births=True)
-        p = procs.start([PY, "-c", "import os, sys; pid = os.fork(); print(pid, flush=True); "
-                         "pid or os._exit(0); os.waitpid(pid, 0); sys.stdin.readline()"],
+        p = procs.start([PY, "-c", "import os, sys; pid = os.fork(); pid or os._exit(0); "
+                         "print(pid, flush=True); os.waitpid(pid, 0); sys.stdin.readline()"],
                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=cg.preexec())
         child = int(p.stdout.readline())
         events = bpf.poll(200)
