@@ -73,6 +73,7 @@ class Daemon:
         self._threshold: int | None = None
         self._cycle_done_at: float | None = None
         self._wake_r: int | None = None
+        self._snap: Snapshot | None = None
         self._degraded: dict[str, str] = {}       # database -> why its server is not identified
         self._down: set[str] = set()              # databases not answering SQL (said once)
         self._ooms = OomWatch()
@@ -259,7 +260,20 @@ class Daemon:
         if mark != self._threshold:
             self.sensor.pressure.set_usage_threshold(mark)
             self._threshold = mark
-        self.sensor.pressure.wait(interval)
+        deadline = time.monotonic() + interval
+        while self.sensor.pressure.wait(max(0.0, deadline - time.monotonic())):
+            self._drain_signals()
+            # Woken by the kernel's ring buffer alone: births are scored now, without a cycle;
+            # anything else (a kill, a failing reclaim, a signal, pressure) is a cycle's work.
+            if self.sensor.pressure.fired != {"fd"} or self.stopping or self.reload_requested \
+                    or self.feed is None or self._snap is None:
+                break
+            events = self.feed.drain(self, self._snap, self.level)
+            if not events or any(ev.kind != "birth" for ev in events):     # nothing read: never spin
+                break
+        self._drain_signals()
+
+    def _drain_signals(self) -> None:
         if self._wake_r is not None:
             try:
                 while os.read(self._wake_r, 512):
@@ -273,6 +287,9 @@ class Daemon:
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
         self.sensor.pressure.add_wake_fd(self._wake_r)
+        ring = self.bpf.wake_fd() if self.bpf is not None else None
+        if ring is not None:
+            self.sensor.pressure.add_wake_fd(ring)      # kernel events wake the loop at once
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
@@ -282,6 +299,10 @@ class Daemon:
                  else f"no PSI trigger ({p.trigger_error}); polling every {self.cfg.general.interval:g}s")
         if p.trigger_note:
             log.info("%s", p.trigger_note)
+        if p.limit_events or ring is not None:
+            log.info("also woken by %s", " and ".join(filter(None, [
+                p.limit_events and f"the kernel's limit events ({p.limit_events})",
+                ring is not None and "the BPF programs' events (births, failing reclaim, kills)"])))
         sd_notify("READY=1")
         while not self.stopping:
             if self.reload_requested:
