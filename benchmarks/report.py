@@ -29,6 +29,8 @@ TITLES = {
     "moderate-hogs-mariadb": "1b. Many moderate hogs next to MariaDB (512 MiB buffer pool kept full by range reads, "
                              "six 150 MB hogs, 1000 MB cgroup)",
     "fast-hog": "2. One fast hog (one process allocating 3000 MB in 64 MB steps without pause, 1000 MB cgroup)",
+    "fast-hogs": "2b. Fast hogs, issue #19 (PostgreSQL shared_buffers 400MB, six 110 MB hogs started together, "
+                 "each allocating as fast as it can, 900 MB cgroup)",
     "runaway": "3. Runaway query (work_mem=2GB sort at ~30 MB/s, 500 MB cgroup, pgbench -S -c 4 beside it)",
     "fork-storm": "4. Fork storm (the postmaster forks a backend per connection; 300 opened at once)",
     "sessions": "5. The database as its own hog (12 PostgreSQL sessions sorting with work_mem=96MB, "
@@ -36,6 +38,22 @@ TITLES = {
     "sessions-mariadb": "5b. The same with MariaDB (12 sorts of 400,000 wide rows, sort_buffer_size=160M, merge runs "
                         "to tmpdir, 2 range-read clients, 900 MB cgroup)",
 }
+
+
+def _latency_rows(groups: dict, s: str) -> list[list[str]]:
+    import statistics
+    rows = []
+    for c in contenders_in(groups, s):
+        for path in ("bpf", "user", "kernel"):
+            ms = sorted(x for r in ok_runs(groups[(s, c)]) for x in (r.get("reclaim_to_kill_ms") or {}).get(path, []))
+            none = sum((r.get("reclaim_to_kill") or {}).get(path, {}).get("without_failing_reclaim", 0)
+                       for r in ok_runs(groups[(s, c)]))
+            if ms or none:
+                p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))] if ms else None
+                rows.append([c, path, str(len(ms) + none),
+                             f"{statistics.median(ms):.3f} ms" if ms else "–",
+                             f"{p99:.3f} ms" if p99 is not None else "–", str(none)])
+    return rows
 
 
 def _provenance_lines(data: dict) -> list[str]:
@@ -269,6 +287,13 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                       "reclaim the cgroup's page cache (the data set's), so usage sits at the limit for "
                       "seconds before the kernel's OOM kill (see results.json samples): the hog's "
                       "allocation is throttled by reclaim, not by its own speed.", ""]
+        if s == "fast-hogs":
+            lines += [markdown_table(["contender", "path", "kills", "first failing reclaim → SIGKILL delivered, "
+                                      "median", "p99", "kills without a failing reclaim"], _latency_rows(groups, s)),
+                      "", "Measured by benchmarks/reclaim_latency.py, a tracer of its own (not dbguard's "
+                      "programs): per killed process, from the start of its last streak of reclaims that freed "
+                      "nothing to the delivery of its SIGKILL; path kernel = the kernel OOM killer, user = "
+                      "another process's signal (dbguard's pidfd kill), bpf = dbguard's in-kernel kill.", ""]
         tps = []
         for c in contenders_in(groups, s):
             runs = ok_runs(groups[(s, c)])

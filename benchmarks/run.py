@@ -36,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
 RESULTS_MD = HERE / "RESULTS.md"
 CONTENDERS = ("none", "pg-documented", "mariadb-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
-SCENARIO_NAMES = ("moderate-hogs", "parent-limit", "moderate-hogs-mariadb", "fast-hog", "runaway", "fork-storm",
-                  "sessions", "sessions-mariadb")
+SCENARIO_NAMES = ("moderate-hogs", "parent-limit", "moderate-hogs-mariadb", "fast-hog", "fast-hogs", "runaway",
+                  "fork-storm", "sessions", "sessions-mariadb")
 EXTRAS = ("scale", "cost")
 
 

@@ -8,8 +8,8 @@ from collections import defaultdict
 from .stats import count_true, fmt_spread, markdown_table, ms, spread
 
 ORDER = ("none", "pg-documented", "mariadb-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
-PRESSURE_SCENARIOS = ("moderate-hogs", "parent-limit", "moderate-hogs-mariadb", "fast-hog", "runaway", "sessions",
-                      "sessions-mariadb")
+PRESSURE_SCENARIOS = ("moderate-hogs", "parent-limit", "moderate-hogs-mariadb", "fast-hog", "fast-hogs", "runaway",
+                      "sessions", "sessions-mariadb")
 def group(runs: list[dict]) -> dict[tuple[str, str], list[dict]]:
     g: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in runs:
