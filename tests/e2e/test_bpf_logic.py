@@ -109,3 +109,36 @@ def test_bpf_event_is_frozen():
     ev = BpfEvent("kill", 1, 1, "x", 0, 0, 0, 0, {}, "bpf")
     with pytest.raises(AttributeError):
         ev.pid = 2
+
+
+F = layout.FRESH
+
+
+def test_entries_carry_the_start_time_they_were_listed_with():
+    d = diff_procs({}, {10: (S, 1)}, {20: 2}, alive, starts={10: 111, 20: 222})
+    assert d.updates[10].start == 111 and d.updates[20].start == 222
+    # a new start for the same pid (the process the caller saw is another one now): rewritten
+    cur = {10: ProcEntry(S, 1, 0, 10, 0, 111)}
+    assert diff_procs(cur, {10: (S, 1)}, {}, alive, starts={10: 333}).updates[10].start == 333
+
+
+def test_a_fresh_child_is_kept_until_judged_then_the_callers_verdict_alone_counts():
+    cur = {10: E(S, 1, 10), 11: ProcEntry(F | H, 1, 0, 10, 0)}
+    kept = diff_procs(cur, {10: (S, 1)}, {}, alive, judged=frozenset({10}))
+    assert kept == ({}, [])
+    gone = diff_procs(cur, {10: (S, 1)}, {}, alive, judged=frozenset({10, 11}))
+    assert gone.deletes == [11]
+    listed = diff_procs(cur, {10: (S, 1)}, {11: 3}, alive, judged=frozenset({10, 11}))
+    assert listed.updates[11].flags == C and listed.updates[11].cand_tier == 3
+    dead = diff_procs(cur, {10: (S, 1)}, {}, lambda t: t != 11)
+    assert dead.deletes == [11]
+
+
+def test_decode_birth_and_a_kill_of_an_unlisted_task():
+    birth = decode(_raw(kind=6, pid=5, tgid=5, a=4, flags=layout.EVF_EXEC, comm=b"hog"), 0)
+    assert birth.kind == "birth" and birth.detail == {"exec": True, "parent": 4}
+    kill = decode(_raw(kind=1, pid=7, tgid=7, a=8, b=250_000, flags=layout.EVF_UNLISTED, comm=b"hog"), 0)
+    assert kill.detail["unlisted"] and kill.detail["since_first_fail_ns"] == 250_000
+    assert "not listed yet" in event_to_audit(kill)["reason"]
+    oom = decode(_raw(kind=3, pid=9, tgid=9, a=1024, b=0, comm=b"x"), 0)
+    assert oom.detail["anon_rss_bytes"] == 1024 * 1024, "mark_victim reports kB"

@@ -290,3 +290,19 @@ def test_raised_scores_are_put_back_at_stop_where_they_are_still_ours():
     now = [dataclasses.replace(procs[0], oom_score_adj=500), dataclasses.replace(procs[1], oom_score_adj=700)]
     undo = pol.on_stop(snapshot(1, reading(100), now), pol.state)
     assert [(a.pid, a.value) for a in undo] == [(80, 0)], "81's score was changed by someone else since: left"
+
+
+def test_a_newborn_is_scored_at_once_whatever_its_size_unless_protected():
+    from dbguard.policy import PolicyState
+    pol = Policy(config.from_dict({"kill": {"protect_exe": ["/usr/bin/backup"]}}))
+    state = PolicyState()
+    small = proc(500, 2)                         # far below kill.min_rss: raised all the same
+    a = pol.newborn(small, self_pid=1, limit=None, state=state)
+    assert a is not None and a.kind is ActionKind.SET_OOM_SCORE_ADJ and a.value == 500
+    assert (a.pid, a.start_time) == (small.pid, small.start_time) and "scored at birth" in a.reason
+    assert pol.newborn(small, self_pid=1, limit=None, state=state) is None, "asked once"
+    assert state.scored[small.key] == (0, 500), "put back at stop like every raised score"
+    assert pol.newborn(proc(501, 2, exe="/usr/bin/backup"), self_pid=1, limit=None, state=state) is None
+    dry = Policy(config.from_dict({}), dry_run=True).newborn(proc(502, 2), self_pid=1, limit=None,
+                                                             state=PolicyState())
+    assert dry is not None and dry.dry_run
