@@ -79,7 +79,7 @@ def table(results: list[dict]) -> str:
     rows.append(("runs where oomd killed", *count(lambda r: r["oomd_kills"])))
     rows.append(("crash recoveries (sum)", *(str(sum(r["crash_recoveries"] for r in by[c])) for c in CONTENDERS)))
     rows.append(("sessions lost (sum)", *(str(sum(r["sessions_lost"] for r in by[c])) for c in CONTENDERS)))
-    rows.append(("hogs killed (sum)", *(f"{sum(r['hogs_killed'] for r in by[c])} of "
+    rows.append(("hogs ended by SIGKILL (sum)", *(f"{sum(r['hogs_killed'] for r in by[c])} of "
                                          f"{sum(r['hogs'] for r in by[c])}" for c in CONTENDERS)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
@@ -107,8 +107,21 @@ def section(path: Path = RECORD) -> list[str]:
             "ManagedOOMPreference=avoid on the database's unit); the units keep systemd's default "
             "OOMPolicy=stop. Caveat: the VM runs under TCG emulation (KVM does not start a guest here), "
             "so the guest is several times slower than the host and its times and throughput are not "
-            "comparable with the tables above; who survived and who was killed are.",
-            "", "```", text, "```", ""]
+            "comparable with the tables above; who survived and who was killed are. pgbench ran "
+            f"{data.get('duration', 30)} s (the host's runs: 30 s) so that the hogs reach the limit under emulation.",
+            "", "```", text, "```", "", *notes(data["runs"]), ""]
+
+
+def notes(runs: list[dict]) -> list[str]:
+    """What the table leaves out: whom the kernel killed, what systemd-oomd did."""
+    out = []
+    for c in CONTENDERS:
+        mine = [r for r in runs if r["contender"] == c]
+        victims = sorted({v for r in mine for v in r["oom_victims"]})
+        oomd = [k for r in mine for k in r["oomd_kills"]]
+        out.append(f"- {c}: kernel OOM victims {', '.join(victims) or 'none'}; systemd-oomd's kills: "
+                   f"{len(oomd) or 'none'}; transactions ok per run {', '.join(str(r['transactions_ok']) for r in mine)}")
+    return out
 
 
 def record_section(results_md: Path) -> None:
@@ -160,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results))
     if a.out == RECORD:
         record_section(RECORD.parent / "RESULTS.md")
-    print(f"(recorded in {a.out} and RESULTS.md; guest log in {outdir}/job.log)")
+    print(f"(recorded in {a.out}{' and RESULTS.md' if a.out == RECORD else ''}; guest log in {outdir}/job.log)")
     return 0 if run.rc == 0 else 1
 
 
