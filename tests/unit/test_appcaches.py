@@ -260,8 +260,7 @@ def test_pgbouncer_pool_ladder_and_stats():
     saved = {"default_pool_size": 20, "max_db_connections": 0}
     assert [targets(saved, 2, 3, s) for s in (0, 1, 2, 3)] == [
         {"default_pool_size": 20}, {"default_pool_size": 14}, {"default_pool_size": 8}, {"default_pool_size": 2}]
-    assert targets({"default_pool_size": 8, "max_db_connections": 12}, 2, 3, 3) == \
-        {"default_pool_size": 2, "max_db_connections": 2}
+    assert targets({"default_pool_size": 8, "max_db_connections": 12}, 2, 3, 3) == {"default_pool_size": 2}
     pools = [{"database": "app", "sv_active": 3, "sv_idle": 1, "sv_used": 0, "cl_waiting": 5},
              {"database": "pgbouncer", "sv_active": 0, "cl_waiting": 0}]
     s = pgb_stats("pgb", {"default_pool_size": "8", "max_db_connections": "0"}, pools, saved, 2, 3, 99)
