@@ -111,7 +111,7 @@ def test_copy_program_and_archive_command_children_are_never_killed(postgresql_h
             audit = run.audit()
             story = "\naudit:\n" + "\n".join(json.dumps(r) for r in audit[-40:]) + "\n" + run.output(3000)
             assert run.running(), "dbguard stopped" + story
-            killed = [h.pid for h in hogs if h.returncode == -signal.SIGKILL]
+            killed = [h.pid for h in hogs if h.poll() == -signal.SIGKILL]
             assert killed, "no hog was killed: no pressure?" + story
             for pid in killed:
                 assert any(r["action"] == "kill" and audit_names(r, pid) for r in audit), pid
