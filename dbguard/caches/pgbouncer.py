@@ -21,6 +21,7 @@ from typing import Any
 
 import psycopg
 
+from ..databases.bounded import close_quietly
 from ..databases.steps import linear_step_of, linear_steps_to_floor, linear_target, shrink_steps_max
 from ..model import CacheStats, Outcome
 from ..originals import Originals
@@ -102,11 +103,7 @@ class PgBouncer(AppCache):
                 f"password_file/password_env in [[poolers]] {self.name}, and that its user is in admin_users")
 
     def _drop(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:
-                pass
+        close_quietly(self.conn)
         self.conn = None
 
     def collect(self) -> CacheStats:

@@ -17,6 +17,17 @@ from ..errors import DbguardError
 T = TypeVar("T")
 
 
+def close_quietly(conn: Any) -> None:
+    """Close a driver connection being given up: it is already broken or no longer wanted,
+    so whatever the close raises changes nothing."""
+    if conn is None:
+        return
+    try:
+        conn.close()
+    except Exception:
+        pass
+
+
 class Busy(DbguardError):
     """An earlier call outlived its budget and is still running."""
 

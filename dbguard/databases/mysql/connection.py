@@ -15,6 +15,7 @@ import tenacity
 
 from ...config import DatabaseConfig
 from ...errors import DbguardError
+from ..bounded import close_quietly
 from .facts import FACT_VARIABLES, ServerFacts, server_facts
 from .grants import needed_grants
 from ..namespaces import Host, Locator
@@ -125,11 +126,7 @@ class Link:
         return conn
 
     def drop(self) -> None:
-        if self.conn is not None:
-            try:
-                self.conn.close()
-            except Exception:
-                pass
+        close_quietly(self.conn)
         self.conn = None
 
     def explain(self, e: Exception, doing: str) -> str:
