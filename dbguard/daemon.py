@@ -22,12 +22,12 @@ from .assess import Assessment, assess, next_mark_bytes, recheck
 from .audit import AuditLog
 from .caches.base import AppCache
 from .config import Config
-from .databases import identity
 from .databases.base import Database
 from .errors import DbguardError
 from .host import (CAP_SYS_RESOURCE, has_capability, lock_memory, release_compiler, resolve_rule_users,
                    resolve_users, sd_notify, watchdog_interval)
 from .metrics import Metrics
+from .notices import DatabaseNotices
 from .model import Action, ActionKind, Level, Outcome, Plan, Snapshot
 from .policy import Policy, PolicyState
 from .sensor import REDISCOVER_EVERY, Sensor, relative_memcg, same_server_twice
@@ -74,8 +74,7 @@ class Daemon:
         self._cycle_done_at: float | None = None
         self._wake_r: int | None = None
         self._snap: Snapshot | None = None
-        self._degraded: dict[str, str] = {}       # database -> why its server is not identified
-        self._down: set[str] = set()              # databases not answering SQL (said once)
+        self.notices = DatabaseNotices()
         self._ooms = OomWatch()
 
     @property
@@ -102,7 +101,7 @@ class Daemon:
             if not s.up:
                 log.warning("database %s: %s (protection goes on without SQL; server pid %s by fact)",
                             s.name, s.error, s.server_pid)
-        self._down = {s.name for s in stats if not s.up}      # said now: the loop says changes
+        self.notices.down = {s.name for s in stats if not s.up}      # said now: the loop says changes
         self.sensor.open_pressure(stats)
         log.info("%s", self.sensor.follow_processes())
         self.policy = build_policy(cfg, self.sensor, self.dry_run)
@@ -173,10 +172,10 @@ class Daemon:
             stale = STALE_AFTER_INTERVALS * self.cfg.general.interval
             if age > stale:
                 return False, f"loop stuck: last cycle completed {age:.0f}s ago (more than {stale:g}s)"
-        if self._degraded:
+        if self.notices.degraded:
             # Still protecting (hogs are killed, every database server executable is shielded),
             # so not a failure: a restart would not identify the database either.
-            return True, "degraded: " + " | ".join(self._degraded.values())
+            return True, "degraded: " + " | ".join(self.notices.degraded.values())
         return True, "protection active: " + self.describe()
 
     # --- the loop ------------------------------------------------------------------------
@@ -206,27 +205,9 @@ class Daemon:
         if rec := self._ooms.check(self.sensor.pressure.cgroup_dir, self.sensor.pressure.version, a.level.name.lower()):
             self.audit.write(rec)          # the kernel's own OOM kill count rose in the watched scope
         self.metrics.observe_snapshot(snap, a.level)
-        self._note_identity(snap)
+        self.notices.note(snap.databases)
         self._cycle_done_at = time.monotonic()
         return snap, a, plan
-
-    def _note_identity(self, snap: Snapshot) -> None:
-        """Say once when a database stops answering SQL or its server cannot be identified (and
-        when that ends)."""
-        for s in snap.databases:
-            if not s.up and s.name not in self._down:
-                log.warning("database %s: %s (protection goes on without SQL; server pid %s by fact)",
-                            s.name, s.error, s.server_pid)
-            elif s.up and s.name in self._down:
-                log.info("database %s answers SQL again", s.name)
-        self._down = {s.name for s in snap.databases if not s.up}
-        now = identity.degraded(snap.databases)
-        for name in now.keys() - self._degraded.keys():
-            log.warning("protection degraded: %s", now[name])
-        for s in snap.databases:
-            if s.name in self._degraded and s.name not in now:
-                log.info("%s %s: server identified again (pid %s, %s)", s.kind, s.name, s.server_pid, s.identity)
-        self._degraded = now
 
     def _audit_level(self, before: Level, a: Assessment) -> None:
         m = a.reading
