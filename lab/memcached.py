@@ -19,6 +19,8 @@ from pathlib import Path
 
 from dbguard.errors import DbguardError
 
+from .cgroup import MemoryCgroup
+
 SERVER = "/usr/bin/memcached"
 OS_USER = "memcache"
 MiB = 1024**2
@@ -36,8 +38,10 @@ def require() -> None:
 
 
 class Memcached:
-    def __init__(self, limit_mib: int = 64, evictions: bool = True):
-        self.limit_mib, self.evictions = limit_mib, evictions
+    def __init__(self, limit_mib: int = 64, evictions: bool = True, options: tuple[str, ...] = (),
+                 cgroup: MemoryCgroup | None = None):
+        self.limit_mib, self.evictions, self.cgroup = limit_mib, evictions, cgroup
+        self.options = options              # -o settings, e.g. ("no_slab_reassign",)
         self.dir: Path | None = None
         self.proc: subprocess.Popen | None = None
 
@@ -56,7 +60,8 @@ class Memcached:
         user = pwd.getpwnam(OS_USER)
         os.chown(self.dir, user.pw_uid, user.pw_gid)
         self.proc = subprocess.Popen([SERVER, "-u", OS_USER, "-m", str(self.limit_mib), "-s", self.socket, "-a", "0700",
-                                      *([] if self.evictions else ["-M"])],
+                                      *([] if self.evictions else ["-M"]), *(f"-o{o}" for o in self.options)],
+                                     preexec_fn=self.cgroup.preexec() if self.cgroup is not None else None,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while True:
@@ -79,9 +84,13 @@ class Memcached:
         s.connect(self.socket)
         return s
 
-    def stats(self) -> dict[str, int | str]:
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stats(self, which: str = "") -> dict[str, int | str]:
+        """`stats` (or `stats <which>`: "slabs" has total_malloced), read here: the tests' oracle."""
         with self._conn() as s:
-            s.sendall(b"stats\r\n")
+            s.sendall(f"stats {which}".strip().encode() + b"\r\n")
             data = b""
             while not data.endswith(b"END\r\n"):
                 chunk = s.recv(65536)

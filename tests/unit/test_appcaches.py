@@ -247,12 +247,17 @@ def test_memcached_stats_and_steps():
     from dbguard.caches.memcached import stats_of, to_stats as mc_stats
     st = stats_of(["STAT pid 77", f"STAT limit_maxbytes {96 * MiB}", "STAT bytes 1000", "STAT evictions 5",
                    "STAT get_hits 3", "STAT get_misses 1"])
-    s = mc_stats("mc", st, {"evictions": "on"}, {"limit_maxbytes": 128 * MiB}, 32 * MiB, 3, 77)
+    slabs = stats_of(["STAT 25:total_pages 100", f"STAT total_malloced {100 * MiB}"])
+    s = mc_stats("mc", st, {"evictions": "on", "slab_reassign": "yes"}, slabs, {"limit_maxbytes": 128 * MiB},
+                 32 * MiB, 3, 77)
     assert (s.limit, s.configured, s.shrink_step, s.shrink_steps_max, s.grow_bytes) == \
         (96 * MiB, 128 * MiB, 1, 3, 32 * MiB)
+    assert s.memory == 100 * MiB and s.extra["item_bytes"] == 1000     # held from the kernel, not in items
     assert s.hit_ratio == 0.75 and s.evictions == 5 and not s.why_not
-    s = mc_stats("mc", st, {"evictions": "off"}, None, 32 * MiB, 3, 77)
-    assert "-M" in s.why_not and s.shrink_steps_max == 0
+    s = mc_stats("mc", st, {"evictions": "off"}, slabs, None, 32 * MiB, 3, 77)
+    assert "-M" in s.why_not and s.shrink_steps_max == 0 and s.exhausted
+    s = mc_stats("mc", st, {"evictions": "on", "slab_reassign": "no"}, slabs, None, 32 * MiB, 3, 77)
+    assert "slab_reassign" in s.why_not and s.shrink_steps_max == 0 and s.exhausted
 
 
 def test_pgbouncer_pool_ladder_and_stats():
