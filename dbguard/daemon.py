@@ -24,7 +24,7 @@ from .caches.base import AppCache
 from .config import Config
 from .databases.base import Database
 from .errors import DbguardError
-from .host import (CAP_SYS_RESOURCE, has_capability, lock_memory, release_compiler, resolve_rule_users,
+from .host import (CAP_SYS_RESOURCE, has_capability, lock_memory, resolve_rule_users,
                    resolve_users, sd_notify, watchdog_interval)
 from .metrics import Metrics
 from .notices import DatabaseNotices
@@ -115,8 +115,6 @@ class Daemon:
         self.executor = Executor(self.sensor.databases, self.audit, self.metrics.observe_action,
                                  recheck=self._recheck, caches=self.sensor.caches)
         self.memory_note = lock_memory() if cfg.general.lock_memory else "memory not locked (general.lock_memory)"
-        if self.bpf is not None:
-            release_compiler()
         self.metrics.set_protection(bpf=self.bpf is not None, lower_scores=self.policy.can_lower_scores
                                     and cfg.protection.lower_databases,
                                     raise_scores=cfg.protection.raise_candidates, kill=cfg.kill.enabled)

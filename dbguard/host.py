@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import re
 import socket
 
 from .config import Config
@@ -12,9 +11,6 @@ from .validate import uid_of
 
 CAP_SYS_RESOURCE = 24
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
-MADV_DONTNEED = 4
-# BCC's compiler: needed once, to build the programs, then never again while they run.
-COMPILER_LIBS = re.compile(r"/lib(LLVM|clang)[^/]*\.so")
 
 
 def cap_eff(status_path: str = "/proc/self/status") -> int:
@@ -36,42 +32,6 @@ def lock_memory() -> str:
     if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
         return f"memory not locked: mlockall failed ({os.strerror(ctypes.get_errno())}); needs CAP_IPC_LOCK"
     return "memory locked (mlockall, on fault)"
-
-
-def clean_compiler_mappings(smaps: str) -> list[tuple[int, int]]:
-    """(start, end) of the compiler libraries' mappings that hold nothing but clean file pages:
-    read-only and never written (no private dirty or anonymous pages; RELRO sections are
-    read-only yet hold relocated pointers, which would be lost)."""
-    out, cur = [], None
-    for line in smaps.splitlines():
-        head = re.match(r"([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s*(.*)$", line)
-        if head:
-            start, end, perms, path = head.groups()
-            cur = [int(start, 16), int(end, 16), "w" not in perms and bool(COMPILER_LIBS.search(path))]
-            out.append(cur)
-        elif cur is not None and line.startswith(("Private_Dirty:", "Anonymous:")) and int(line.split()[1]):
-            cur[2] = False
-    return [(a, b) for a, b, clean in out if clean]
-
-
-def release_compiler() -> int:
-    """Give back the pages of BCC's compiler (LLVM, clang) once the programs are loaded: they
-    are mapped from files and clean, so dropping them (and their mlock) loses nothing; a
-    later use of that code pages it back in. Bytes of mappings released."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = libc.munlock.argtypes = None
-    try:
-        with open("/proc/self/smaps") as f:
-            ranges = clean_compiler_mappings(f.read())
-    except OSError:
-        return 0
-    done = 0
-    for a, b in ranges:
-        libc.munlock(ctypes.c_void_p(a), ctypes.c_size_t(b - a))
-        if libc.madvise(ctypes.c_void_p(a), ctypes.c_size_t(b - a), MADV_DONTNEED) == 0:
-            done += b - a
-    libc.malloc_trim(0)
-    return done
 
 
 def resolve_users(names: tuple[str, ...]) -> frozenset[int]:

@@ -12,12 +12,11 @@ per-tgid candidate entries there and uses sync_cgroups only on cgroup v2 hosts.
 from __future__ import annotations
 
 import ctypes as ct
+import importlib.util
 import os
 import platform
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import DbguardError
@@ -26,6 +25,8 @@ from . import layout
 from .events import PAGE_SIZE, BpfEvent, decode, event_to_audit
 from .btf import BtfError
 from .layout import ACTION_KILL, ACTION_SHIELD, CANDIDATE, FRESH, INHERIT, INHERITED, SHIELD
+from .loader import LoadFailed, load_in_child
+from .maps import Loaded
 from .source import (TRACEPOINTS, headers_available, kernel_has_ringbuf, program_source,
                      tracefs, tracepoint_fields)
 from .sync import ProcEntry, diff_plain, diff_procs
@@ -45,9 +46,8 @@ def availability() -> tuple[bool, str]:
     if not (caps >> CAP_SYS_ADMIN & 1 or (caps >> CAP_BPF & 1 and caps >> CAP_PERFMON & 1)):
         return False, ("BPF unavailable: no CAP_BPF+CAP_PERFMON (or CAP_SYS_ADMIN); "
                        "run dbguard as root or grant those capabilities")
-    try:
-        import bcc  # noqa: F401
-    except ImportError:
+    # Found, not imported: importing bcc maps libbcc and LLVM into this process.
+    if importlib.util.find_spec("bcc") is None:
         return False, ("BPF unavailable: the BCC Python module is missing; apt-get install "
                        "python3-bpfcc and make the venv with --system-site-packages")
     if headers_available() is None:
@@ -83,29 +83,6 @@ def protections() -> list[tuple[str, bool, str]]:
     """(name, active, what it does or why not) for each BPF protection on this host; no compile."""
     usable, why = availability()
     return [(name, usable, what if usable else why) for name, what in PROTECTIONS]
-
-
-@contextmanager
-def _stderr_to(path: str):
-    """BCC prints compiler errors on fd 2; keep them for the one-line error instead."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.dup2(fd, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(fd)
-
-
-def _first_error(text: str) -> str:
-    for line in text.splitlines():
-        if "error" in line.lower():
-            return line.strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else ""
 
 
 def _read_score(tgid: int) -> int:
@@ -153,10 +130,9 @@ def exe_identity(path: str) -> tuple[int, int] | None:
 class BpfGuard:
     """The loaded programs and their maps. Build with BpfGuard.load(); close() detaches."""
 
-    def __init__(self, bpf, source: str, ringbuf: bool):
+    def __init__(self, bpf: Loaded, source: str):
         self._b = bpf
         self.source = source
-        self.ringbuf = ringbuf
         self._pending: list[BpfEvent] = []
         self._procs = bpf[b"procs"]
         self._cgroups = bpf[b"cgroups"]
@@ -174,12 +150,8 @@ class BpfGuard:
         for slot, prog in ((0, b"tracepoint__vmscan__mm_vmscan_memcg_reclaim_begin"),
                            (1, b"tracepoint__vmscan__mm_vmscan_memcg_reclaim_end")):
             jump[ct.c_int(slot)] = ct.c_int(bpf.funcs[prog].fd)
-        if ringbuf:
-            bpf[b"events"].open_ring_buffer(self._on_event)
-        else:
-            bpf[b"events"].open_perf_buffer(lambda cpu, data, size: self._on_event(None, data, size),
-                                          lost_cb=self._on_lost)
         self._lost = 0
+        self.ringbuf = bpf.open_events(b"events", self._on_event, self._on_lost)
         self._closed = False
 
     @classmethod
@@ -187,21 +159,23 @@ class BpfGuard:
         usable, why = availability()
         if not usable:
             raise DbguardError(f"{why} ({OFF_HINT})")
-        from bcc import BPF
         try:
             source = program_source(max_procs=max_procs, max_cgroups=max_cgroups)
         except BtfError as e:
             raise DbguardError(f"BPF unavailable: {e} {OFF_HINT}") from None
-        with tempfile.NamedTemporaryFile(prefix="dbguard-bcc-", suffix=".log") as log:
-            try:
-                with _stderr_to(log.name):
-                    bpf = BPF(text=source.encode())
-            except Exception as e:  # BCC raises bare Exception for compile and attach errors
-                detail = _first_error(Path(log.name).read_text(errors="replace")) or str(e).splitlines()[0]
-                raise DbguardError(
-                    f"BPF programs failed to load: {detail}; check the kernel headers BCC uses "
-                    f"(/lib/modules/{platform.release()}/build or BCC_KERNEL_SOURCE) {OFF_HINT}") from None
-        return cls(bpf, source, ringbuf="DBG_RINGBUF 1" in source)
+        try:
+            loaded = Loaded(*load_in_child(source))
+        except LoadFailed as e:
+            raise DbguardError(
+                f"BPF programs failed to load: {e}; check the kernel headers BCC uses "
+                f"(/lib/modules/{platform.release()}/build or BCC_KERNEL_SOURCE) {OFF_HINT}") from None
+        except (OSError, ValueError) as e:
+            raise DbguardError(f"BPF programs loaded but not usable: {e} {OFF_HINT}") from None
+        try:
+            return cls(loaded, source)
+        except BaseException:
+            loaded.cleanup()
+            raise
 
     # --- policy --------------------------------------------------------------------------
     def _write_policy(self) -> None:
@@ -325,10 +299,7 @@ class BpfGuard:
         self._lost += count
 
     def poll(self, timeout_ms: int = 0) -> list[BpfEvent]:
-        if self.ringbuf:
-            self._b.ring_buffer_poll(timeout_ms)
-        else:
-            self._b.perf_buffer_poll(timeout_ms)
+        self._b.poll(timeout_ms)
         out, self._pending = self._pending, []
         return out
 

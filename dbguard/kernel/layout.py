@@ -89,5 +89,11 @@ class Event(ct.Structure):
                 ("comm", ct.c_char * 16), ("by_comm", ct.c_char * 16)]
 
 
-# map name in the C source -> the ctypes struct of its values
-MAP_VALUES = {"procs": Proc, "cgroups": Cgroup, "policy": Policy, "streaks": Streak}
+# map name in the C source -> the ctypes type of its keys and of its values (per CPU for a
+# per-CPU map); a map not named here is read as raw bytes of the kernel's sizes.
+MAP_KEYS = {"procs": ct.c_uint32, "cgroups": ct.c_uint64, "exes": Exe, "streaks": ct.c_uint32,
+            "policy": ct.c_int, "counters": ct.c_int, "last_wake": ct.c_int, "reclaim_jump": ct.c_int,
+            "events": ct.c_int}
+MAP_VALUES = {"procs": Proc, "cgroups": Cgroup, "exes": ct.c_uint32, "streaks": Streak, "policy": Policy,
+              "counters": ct.c_uint64, "last_wake": ct.c_uint64, "reclaim_jump": ct.c_int,
+              "events": ct.c_int}

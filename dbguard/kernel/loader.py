@@ -1,0 +1,142 @@
+"""BCC's compile in a short-lived child, so that the daemon never maps LLVM.
+
+BCC compiles C with clang/LLVM inside the calling process: once loaded, libbcc and LLVM
+keep ~50 MiB of that process's memory (relocated data, heap) for nothing. The daemon starts
+this module as a child (`python -m dbguard.kernel.loader FD`, the C on stdin): it compiles,
+loads and attaches the programs, then hands every map, program and attachment descriptor to
+the daemon over the unix socket FD (SCM_RIGHTS) with a JSON description, and exits. The
+kernel keeps programs, maps and attachments alive as long as the daemon holds the
+descriptors; dbguard.kernel.maps reads and writes them through libbpf.
+
+The child imports BCC only: nothing of dbguard but this module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+# One message: the description and every descriptor (SCM_MAX_FD is 253).
+MAX_FDS = 250
+MAX_MESSAGE = 1 << 16
+TIMEOUT_S = 120.0       # a compile on a loaded 2-core host takes ~1-2 s
+
+
+class LoadFailed(Exception):
+    """The child could not compile, load or attach; the message is the compiler's first error."""
+
+
+def _first_error(text: str) -> str:
+    for line in text.splitlines():
+        if "error" in line.lower():
+            return line.strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def _fields(desc: str) -> list[str] | None:
+    """Field names of a struct in BCC's JSON type description ([name, [[field, type], ...], "struct"])."""
+    try:
+        d = json.loads(desc)
+    except ValueError:
+        return None
+    if isinstance(d, list) and len(d) >= 2 and isinstance(d[1], list):
+        return [f[0] for f in d[1] if isinstance(f, list) and f]
+    return None
+
+
+def _compile(source: bytes) -> tuple[dict, list[int]]:
+    import ctypes as ct
+
+    from bcc import BPF
+    from bcc.libbcc import lib
+    lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ct.c_size_t, [ct.c_void_p]
+    lib.bpf_table_name.restype, lib.bpf_table_name.argtypes = ct.c_char_p, [ct.c_void_p, ct.c_size_t]
+    b = BPF(text=source)      # compiles, loads, and attaches every TRACEPOINT_PROBE
+    fds: list[int] = []
+    maps = {}
+    for i in range(lib.bpf_num_tables(b.module)):
+        name = lib.bpf_table_name(b.module, i)
+        fd = lib.bpf_table_fd(b.module, name)
+        if fd < 0:
+            continue
+        maps[name.decode()] = {"fd": len(fds),
+                               "key_fields": _fields((lib.bpf_table_key_desc(b.module, name) or b"").decode()),
+                               "leaf_fields": _fields((lib.bpf_table_leaf_desc(b.module, name) or b"").decode())}
+        fds.append(fd)
+    progs = {}
+    for name, fn in b.funcs.items():
+        progs[name.decode()] = len(fds)
+        fds.append(fn.fd)
+    links = []
+    for table in (b.tracepoint_fds, b.raw_tracepoint_fds, b.kfunc_entry_fds, b.kfunc_exit_fds, b.lsm_fds):
+        for fd in table.values():
+            links.append(len(fds))
+            fds.append(fd)
+    if len(fds) > MAX_FDS:
+        raise LoadFailed(f"{len(fds)} descriptors to hand over, more than {MAX_FDS}")
+    return {"maps": maps, "progs": progs, "links": links}, fds
+
+
+def child(fd: int) -> int:
+    sock = socket.socket(fileno=fd)
+    source = sys.stdin.buffer.read()
+    try:
+        desc, fds = _compile(source)
+    except Exception as e:      # BCC raises bare Exception for compile and attach errors
+        sock.send(json.dumps({"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})
+                  .encode())
+        return 1
+    socket.send_fds(sock, [json.dumps(desc).encode()], fds)
+    return 0
+
+
+def load_in_child(source: str) -> tuple[dict, list[int]]:
+    """Compile, load and attach `source` in a child; (description, descriptors now owned by
+    the caller). Raises LoadFailed with the compiler's first error."""
+    parent, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    # The child finds this package where the daemon found it (a source tree, a venv, the .deb).
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p))
+    try:
+        with theirs:
+            proc = subprocess.Popen([sys.executable, "-m", "dbguard.kernel.loader", str(theirs.fileno())],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                    pass_fds=(theirs.fileno(),), env=env, close_fds=True)
+        try:
+            _, err = proc.communicate(source.encode(), timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise LoadFailed(f"the BPF compile did not finish in {TIMEOUT_S:g} s") from None
+        parent.setblocking(False)
+        try:
+            msg, fds, _, _ = socket.recv_fds(parent, MAX_MESSAGE, MAX_FDS)
+        except BlockingIOError:
+            msg, fds = b"", []
+    finally:
+        parent.close()
+    try:
+        desc = json.loads(msg) if msg else {"error": ""}
+    except ValueError:
+        desc = {"error": "the loader's answer could not be read"}
+    if "error" in desc or proc.returncode != 0:
+        for fd in fds:
+            os.close(fd)
+        detail = _first_error(err.decode(errors="replace")) or desc.get("error") \
+            or f"the loader exited with status {proc.returncode}"
+        raise LoadFailed(detail)
+    return desc, fds
+
+
+if __name__ == "__main__":
+    try:
+        code = child(int(sys.argv[1]))
+    finally:
+        sys.stdout.flush()
+    # Not BCC's atexit cleanup: the daemon holds the descriptors now, and leaving at once
+    # skips the interpreter's teardown of LLVM.
+    os._exit(code)
