@@ -75,9 +75,15 @@ class ProcTable:
         self.procs: dict[int, Proc] = {}
         self.born: list[int] = []           # pids that appeared in the last refresh
         self.reads = 0                      # processes read in the last refresh (for metrics)
+        self.changed: set[int] = set()      # pids read, born or gone since take_changed()
         self._young: set[int] = set()
         self._retry: set[int] = set()
-        self._sweep: list[int] = []
+        self._sweep: list[int] = []         # at rest: the rest of this sweep, next last
+        self._round: list[int] = []         # under pressure: the rest of this round, next first
+        # (-rss, seq, pid, Proc) of every read, largest first; an entry whose Proc is no longer
+        # the table's is stale and dropped when met: the largest at rest without a pass over all.
+        self._by_rss: list = []
+        self._seq = 0
         self._last = time.monotonic()
         self._hz = _clk_tck()
         self._boot = _boot_time()
@@ -85,8 +91,12 @@ class ProcTable:
     def _read(self, pid: int) -> None:
         p = read_proc(pid, self.root)
         self.reads += 1
+        self.changed.add(pid)
         if p is not None:
             self.procs[pid] = p
+            if not p.kernel_thread:
+                self._seq += 1
+                heapq.heappush(self._by_rss, (-p.rss_bytes, self._seq, pid, p))
             return
         self.procs.pop(pid, None)
         if os.path.exists(f"{self.root}/{pid}"):
@@ -123,35 +133,73 @@ class ProcTable:
                 again |= self._young & listed
         for pid in gone:
             self.procs.pop(pid, None)
+        self.changed |= gone
         self.born = sorted(born)
         for pid in self.born:
             self._read(pid)
         self._young = {pid for pid in self.born if pid in self.procs and self._is_young(self.procs[pid], now)}
-        user = [p for p in self.procs.values() if not p.kernel_thread]
-        largest = heapq.nlargest(self.top, user, key=lambda p: p.rss_bytes)
-        again.update(p.pid for p in largest)
+        again.update(self._largest())
         if fresh:
             below = memcg.rstrip("/") + "/" if memcg else None
-            chosen = [p.pid for p in user if members is None or p.pid in members
-                      or below is not None and (p.memcg == memcg or p.memcg.startswith(below))]
+            chosen = [p.pid for p in self.procs.values() if not p.kernel_thread and (
+                members is None or p.pid in members
+                or below is not None and (p.memcg == memcg or p.memcg.startswith(below)))]
             again.update(self._rotate(chosen, self.budget))
-        elif user:
-            share = len(user) * min(1.0, elapsed / self.sweep_seconds) if self.sweep_seconds > 0 else len(user)
-            again.update(self._rotate([p.pid for p in user], max(1, round(share))))
+        elif self.procs:
+            n = len(self.procs)
+            share = n * min(1.0, elapsed / self.sweep_seconds) if self.sweep_seconds > 0 else n
+            again.update(self._sweep_next(max(1, round(share))))
         for pid in again - born:
             if pid in self.procs:
                 self._read(pid)
         return dict(self.procs)
 
+    def take_changed(self) -> set[int]:
+        """The pids read, born or gone since the last call: a Proc not among them is the same
+        object as then."""
+        out, self.changed = self.changed, set()
+        return out
+
+    def _largest(self) -> list[int]:
+        """The `top` largest user processes by their last reading, from the heap of readings."""
+        heap, out, keep = self._by_rss, [], []
+        while heap and len(out) < self.top:
+            entry = heapq.heappop(heap)
+            if self.procs.get(entry[2]) is entry[3]:
+                out.append(entry[2])
+                keep.append(entry)
+        for entry in keep:
+            heapq.heappush(heap, entry)
+        if len(heap) > 2 * len(self.procs) + 64:       # mostly stale: rebuilt from the table
+            self._by_rss = [e for e in heap if self.procs.get(e[2]) is e[3]]
+            heapq.heapify(self._by_rss)
+        return out
+
+    def _sweep_next(self, n: int) -> list[int]:
+        """At rest, the next `n` processes of a round over the table; a new round is listed
+        from the table when one ends (once per sweep, not once per cycle)."""
+        out: list[int] = []
+        while len(out) < n:
+            if not self._sweep:
+                self._sweep = [pid for pid, p in self.procs.items() if not p.kernel_thread]
+                self._sweep.reverse()           # popped from the end: the table's order
+                if not self._sweep:
+                    break
+                n = min(n, len(self._sweep))
+            pid = self._sweep.pop()
+            if pid in self.procs:
+                out.append(pid)
+        return out
+
     def _rotate(self, pids: list[int], n: int) -> list[int]:
-        """The next `n` of `pids` in a round that goes on across cycles."""
+        """Under pressure, the next `n` of `pids` in a round that goes on across cycles."""
         if n >= len(pids):
-            self._sweep = []
+            self._round = []
             return pids
         alive = set(pids)
-        self._sweep = [p for p in self._sweep if p in alive]
-        if len(self._sweep) < n:
-            queued = set(self._sweep)
-            self._sweep += [p for p in pids if p not in queued]
-        out, self._sweep = self._sweep[:n], self._sweep[n:]
+        self._round = [p for p in self._round if p in alive]
+        if len(self._round) < n:
+            queued = set(self._round)
+            self._round += [p for p in pids if p not in queued]
+        out, self._round = self._round[:n], self._round[n:]
         return out

@@ -1,0 +1,58 @@
+"""The process table at rest on the fixture /proc (tests/fixtures/proc): the largest processes
+found from the heap of readings, and the slow sweep covering every process once per round.
+Oracle: sense.procfs.read_procs of the same tree, sorted by the test."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dbguard.sense.procfs import read_procs
+from dbguard.sense.proctable import ProcTable
+
+FIXTURE = str(Path(__file__).resolve().parent.parent / "fixtures" / "proc")
+
+
+def _user_by_rss() -> list[int]:
+    procs = read_procs(FIXTURE)
+    return [p.pid for p in sorted(procs.values(), key=lambda p: -p.rss_bytes) if not p.kernel_thread]
+
+
+def test_largest_are_the_largest_user_processes():
+    table = ProcTable(root=FIXTURE, top=3)
+    table.refresh(fresh=False)
+    want = _user_by_rss()
+    assert sorted(table._largest()) == sorted(want[:3])
+    # asked again (each cycle at rest), the same answer: entries are put back
+    assert sorted(table._largest()) == sorted(want[:3])
+
+
+def test_a_process_gone_from_the_table_leaves_the_largest():
+    table = ProcTable(root=FIXTURE, top=2)
+    table.refresh(fresh=False)
+    want = _user_by_rss()
+    del table.procs[want[0]]
+    assert sorted(table._largest()) == sorted(want[1:3])
+
+
+def test_the_sweep_reads_every_user_process_once_per_round():
+    table = ProcTable(root=FIXTURE)
+    table.refresh(fresh=False)
+    user = set(_user_by_rss())
+    seen: list[int] = []
+    while len(seen) < len(user):
+        seen += table._sweep_next(2)
+    assert sorted(seen) == sorted(user)
+    assert set(table._sweep_next(len(user) + 5)) == user      # a new round, never more than all
+
+
+def test_changed_names_what_was_read_and_what_went():
+    table = ProcTable(root=FIXTURE, sweep_seconds=1e9, top=1)
+    table.refresh(fresh=False)
+    assert set(table.procs) <= table.take_changed()     # all born (and those that vanished)
+    table.procs[999999] = table.procs[next(iter(table.procs))]      # listed no more: gone
+    table._listed_at = float("-inf")
+    table.refresh(fresh=False)
+    changed = table.take_changed()
+    assert 999999 in changed and 999999 not in table.procs
+    # besides the gone one and 960 (caught vanishing, so tried again): the largest and one of the sweep
+    assert len(changed - {999999, 960}) <= 2 < len(table.procs)
+    assert table.take_changed() == set()
