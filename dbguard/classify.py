@@ -18,7 +18,15 @@ from .model import CacheStats, DbStats, Proc, Role
 INIT_PID = 1
 
 
-def _database_roles(procs: dict[int, Proc], databases: Iterable[DbStats]) -> dict[int, Role]:
+def _children(procs: dict[int, Proc]) -> dict[int, set[int]]:
+    out: dict[int, set[int]] = {}
+    for pid, proc in procs.items():
+        out.setdefault(proc.ppid, set()).add(pid)
+    return out
+
+
+def _database_roles(procs: dict[int, Proc], databases: Iterable[DbStats],
+                    children: dict[int, set[int]]) -> dict[int, Role]:
     servers: dict[int, Role] = {}
     members: dict[int, Role] = {}
     for db in databases:
@@ -32,9 +40,7 @@ def _database_roles(procs: dict[int, Proc], databases: Iterable[DbStats]) -> dic
             servers.setdefault(server_pid, kind.server_role)
         if server_pid is not None:
             default = kind.child_role
-            for pid, proc in procs.items():
-                if proc.ppid != server_pid:
-                    continue
+            for pid in sorted(children.get(server_pid, ())):
                 reported = db.roles.get(pid)
                 if reported is not None and reported.is_database:
                     members.setdefault(pid, reported)
@@ -49,8 +55,8 @@ def _database_roles(procs: dict[int, Proc], databases: Iterable[DbStats]) -> dic
     return members
 
 
-def _family(procs: dict[int, Proc], heads: set[int]) -> set[int]:
-    """Every process descended (any depth) from one of `heads`."""
+def _descends(procs: dict[int, Proc], heads: set[int]):
+    """pid -> whether it is one of `heads` or descends (any depth) from one, memoized."""
     memo: dict[int, bool] = {pid: True for pid in heads}
 
     def descends(pid: int) -> bool:
@@ -66,7 +72,12 @@ def _family(procs: dict[int, Proc], heads: set[int]) -> set[int]:
         for p in chain:
             memo[p] = answer
         return answer
+    return descends
 
+
+def _family(procs: dict[int, Proc], heads: set[int]) -> set[int]:
+    """Every process descended (any depth) from one of `heads`."""
+    descends = _descends(procs, heads)
     return {pid for pid, proc in procs.items() if pid not in heads and proc.ppid in procs and descends(proc.ppid)}
 
 
@@ -74,34 +85,142 @@ def classify(procs: dict[int, Proc], databases: Iterable[DbStats], self_pid: int
              caches: Iterable[CacheStats] = ()) -> dict[int, Role]:
     """A role for every pid in `procs`. A cache server is the process listening at its endpoint
     (found by fact, caches/endpoint.py); a database role wins over it."""
-    db_roles = {c.server_pid: Role.CACHE_SERVER for c in caches if c.server_pid in procs and not c.pooler}
-    db_roles.update(_database_roles(procs, databases))
+    db_roles = _fixed_roles(procs, databases, caches, _children(procs))
     exes = registry.server_executables()
+    unknown = {pid for pid, p in procs.items() if pid not in db_roles and _runs_server(pid, p, self_pid, exes)}
+    family = _family(procs, _heads(db_roles, unknown))
+    return {pid: _role(pid, proc, self_pid, db_roles, pid in unknown, pid in family) for pid, proc in procs.items()}
+
+
+def _fixed_roles(procs: dict[int, Proc], databases: Iterable[DbStats], caches: Iterable[CacheStats],
+                 children: dict[int, set[int]]) -> dict[int, Role]:
+    """Roles the databases and caches give by fact (their servers, their reported pids)."""
+    db_roles = {c.server_pid: Role.CACHE_SERVER for c in caches if c.server_pid in procs and not c.pooler}
+    db_roles.update(_database_roles(procs, databases, children))
+    return db_roles
+
+
+def _runs_server(pid: int, p: Proc, self_pid: int, exes: frozenset[str]) -> bool:
     # A database server no configured database claims (another cluster, MariaDB next to a
     # PostgreSQL-only config, or a server dbguard cannot identify): never a candidate. Erring
     # this way only ever protects a process; a hog cannot rename its /proc/PID/exe.
-    unknown = {pid for pid, p in procs.items() if pid not in db_roles and not p.kernel_thread and pid != self_pid
-               and p.exe and os.path.basename(p.exe) in exes}
-    family = _family(procs, {pid for pid, role in db_roles.items() if role.is_database} | unknown)
-    roles: dict[int, Role] = {}
-    for pid, proc in procs.items():
-        if proc.kernel_thread:
-            roles[pid] = Role.KERNEL_THREAD
-        elif pid == self_pid:
-            roles[pid] = Role.DBGUARD
-        elif pid in db_roles:
-            # Before INIT: in a container the postmaster can be pid 1, and it needs the
-            # database's shielding (never signalled either way).
-            roles[pid] = db_roles[pid]
-        elif pid == INIT_PID:
-            roles[pid] = Role.INIT
-        elif pid in unknown:
-            roles[pid] = Role.DB_UNKNOWN
-        elif pid in family:
-            # COPY ... TO PROGRAM, archive_command, restore_command, a backup tool's children:
-            # killing one fails the database's own work (a standby whose restore_command dies
-            # shuts down); their memory is answered through the owning session, by SQL.
-            roles[pid] = Role.DB_CHILD
-        else:
-            roles[pid] = Role.OTHER
-    return roles
+    return not p.kernel_thread and pid != self_pid and bool(p.exe) and os.path.basename(p.exe) in exes
+
+
+def _heads(db_roles: dict[int, Role], unknown: set[int]) -> set[int]:
+    return {pid for pid, role in db_roles.items() if role.is_database} | unknown
+
+
+def _role(pid: int, proc: Proc, self_pid: int, db_roles: dict[int, Role], unknown: bool, family: bool) -> Role:
+    if proc.kernel_thread:
+        return Role.KERNEL_THREAD
+    if pid == self_pid:
+        return Role.DBGUARD
+    if pid in db_roles:
+        # Before INIT: in a container the postmaster can be pid 1, and it needs the
+        # database's shielding (never signalled either way).
+        return db_roles[pid]
+    if pid == INIT_PID:
+        return Role.INIT
+    if unknown:
+        return Role.DB_UNKNOWN
+    if family:
+        # COPY ... TO PROGRAM, archive_command, restore_command, a backup tool's children:
+        # killing one fails the database's own work (a standby whose restore_command dies
+        # shuts down); their memory is answered through the owning session, by SQL.
+        return Role.DB_CHILD
+    return Role.OTHER
+
+
+class Classifier:
+    """classify() kept across the cycles of one process table: a role is worked out again only
+    where a fact it rests on changed (a process born, gone, or read again with another parent,
+    executable or kind; a database's or cache's pids; a server executable claimed or not) and,
+    where that changed whether a process descends from a database, below it. The answer is
+    classify()'s (tests/unit/test_classify.py compares them over random changes)."""
+
+    def __init__(self) -> None:
+        self.procs: dict[int, Proc] = {}
+        self.roles: dict[int, Role] = {}
+        self.changed: set[int] = set()          # pids whose role was set (or removed) by the last update
+        self._children: dict[int, set[int]] = {}
+        self._descends: set[int] = set()        # heads and their descendants
+        self._db_roles: dict[int, Role] = {}
+        self._server_exe: set[int] = set()      # pids running a server executable (_runs_server)
+        self._unknown: set[int] = set()
+        self._key: tuple | None = None
+
+    def update(self, procs: dict[int, Proc], databases: Iterable[DbStats], self_pid: int,
+               caches: Iterable[CacheStats] = (), changed: set[int] | None = None) -> dict[int, Role]:
+        """The roles of `procs`, where `changed` names every pid whose Proc differs from the
+        last update's (None: not known, so all are worked out)."""
+        exes = registry.server_executables()
+        if changed is None or self._key != (self_pid, exes):
+            self._key = (self_pid, exes)
+            self.procs = dict(procs)
+            self._children = _children(procs)
+            self._db_roles = _fixed_roles(procs, databases, caches, self._children)
+            self._server_exe = {pid for pid, p in procs.items() if _runs_server(pid, p, self_pid, exes)}
+            self._unknown = self._server_exe - self._db_roles.keys()
+            self._descends = _heads(self._db_roles, self._unknown)
+            self._descends |= _family(procs, self._descends)
+            self.roles = {pid: _role(pid, p, self_pid, self._db_roles, pid in self._unknown, pid in self._descends)
+                          for pid, p in procs.items()}
+            self.changed = set(procs)
+            return dict(self.roles)
+        roots: set[int] = set()
+        for pid in changed:
+            old, new = self.procs.get(pid), procs.get(pid)
+            if old is new:
+                continue
+            if old is not None and new is not None and (old.ppid, old.exe, old.kernel_thread) == \
+                    (new.ppid, new.exe, new.kernel_thread):
+                self.procs[pid] = new           # its memory or score: no role rests on them
+                continue
+            if old is not None:
+                siblings = self._children.get(old.ppid)
+                if siblings is not None:
+                    siblings.discard(pid)
+                    if not siblings:
+                        del self._children[old.ppid]
+                del self.procs[pid]
+            if new is not None:
+                self._children.setdefault(new.ppid, set()).add(pid)
+                self.procs[pid] = new
+            if new is not None and _runs_server(pid, new, self_pid, exes):
+                self._server_exe.add(pid)
+            else:
+                self._server_exe.discard(pid)
+            roots.add(pid)
+            roots |= self._children.get(pid, set())     # their parent came or went
+        db_roles = _fixed_roles(self.procs, databases, caches, self._children)
+        unknown = self._server_exe - db_roles.keys()
+        roots |= {pid for pid in db_roles.keys() | self._db_roles.keys() if db_roles.get(pid) != self._db_roles.get(pid)}
+        roots |= unknown ^ self._unknown
+        self._db_roles, self._unknown = db_roles, unknown
+        heads = _heads(db_roles, unknown)
+        descends = _descends(self.procs, heads)
+        self.changed = set()
+        todo = list(roots)
+        while todo:
+            pid = todo.pop()
+            proc = self.procs.get(pid)
+            if proc is None:
+                was = pid in self._descends
+                self._descends.discard(pid)
+                if self.roles.pop(pid, None) is not None:
+                    self.changed.add(pid)
+                if was:
+                    todo.extend(self._children.get(pid, ()))
+                continue
+            # Walked up afresh, never from a neighbour's kept answer: a loop of stale parents
+            # would otherwise keep itself a database's family.
+            now = descends(pid)
+            role = _role(pid, proc, self_pid, db_roles, pid in unknown, now and pid not in heads)
+            if self.roles.get(pid) is not role:
+                self.roles[pid] = role
+                self.changed.add(pid)
+            if now != (pid in self._descends):
+                (self._descends.add if now else self._descends.discard)(pid)
+                todo.extend(self._children.get(pid, ()))
+        return dict(self.roles)

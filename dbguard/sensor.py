@@ -14,7 +14,7 @@ import time
 
 from .caches import registry as caches_registry
 from .caches.base import AppCache
-from .classify import classify
+from .classify import Classifier, classify
 from .config import Config, DatabaseConfig
 from .databases import registry
 from .databases.base import Database
@@ -90,6 +90,8 @@ class Sensor:
         self.scope: Scope | None = None
         self.cgroup = ""
         self.table = ProcTable()
+        self.classifier = Classifier()
+        self.seq = 0
         self.observe_collector = lambda source, ok, seconds: None
 
     def _discover(self) -> tuple[DatabaseConfig, ...]:
@@ -191,9 +193,12 @@ class Sensor:
         self.observe_collector("procfs", True, time.monotonic() - t0)
         stats = self.collect()
         caches = self.collect_caches()
-        roles = classify(procs, stats, self.self_pid, caches)
+        read = self.table.take_changed()
+        roles = self.classifier.update(procs, stats, self.self_pid, caches, read)
+        self.seq += 1
         return Snapshot(ts=time.time(), memory=reading, procs=procs, roles=roles, databases=tuple(stats),
-                        self_pid=self.self_pid, caches=tuple(caches))
+                        self_pid=self.self_pid, caches=tuple(caches), seq=self.seq,
+                        changed=frozenset(read | self.classifier.changed))
 
     def close(self) -> None:
         for db in [*self.databases.values(), *self.caches.values()]:

@@ -101,6 +101,12 @@ class Judge:
     # once per change of its facts, not once per cycle for every process on the host.
     _kept: dict[int, tuple[Proc, Role, int | None, Level, Verdict]] = field(default_factory=dict, repr=False)
     changed: set[int] = field(default_factory=set, repr=False)   # pids whose verdict was worked out anew
+    # Of the last snapshot judged: pids whose verdict read PSS (never kept), that are candidates,
+    # that are protected, that are cache servers.
+    _volatile: set[int] = field(default_factory=set, repr=False)
+    _candidates: set[int] = field(default_factory=set, repr=False)
+    _protected: set[int] = field(default_factory=set, repr=False)
+    _servers: set[int] = field(default_factory=set, repr=False)
 
     def __post_init__(self) -> None:
         self.rules = RuleSet(self.cfg.policy, self.rule_uids)
@@ -198,34 +204,58 @@ class Judge:
 
     def verdicts(self, snap: Snapshot) -> dict[int, Verdict]:
         """Every process's verdict, computed once per snapshot (scores, kills, the BPF maps
-        and explain all ask within one cycle)."""
-        if self._memo_snap is not snap or self._memo_level != self.level:
-            limit = snap.memory.limit_bytes
-            servers = {c.server_pid: c for c in snap.caches if c.server_pid is not None and not c.pooler}
-            kept, memo, changed, roles, other, level = {}, {}, set(), snap.roles, Role.OTHER, self.level
-            before = self._kept
-            for pid, p in snap.procs.items():
-                role = roles.get(pid, other)
-                server = servers.get(pid)
-                k = before.get(pid)
-                if k is not None and k[0] is p and k[1] is role and k[2] == limit and k[3] == level \
-                        and server is None:
-                    v = k[4]
-                else:
-                    v = self.verdict(p, role, snap.self_pid, limit, server)
-                    changed.add(pid)
-                if v.pss_bytes is None and "pss" not in v.why:     # PSS is read afresh each time
-                    kept[pid] = (p, role, limit, level, v)
-                memo[pid] = v
-            self._kept, self._memo, self.changed = kept, memo, changed
-            self._memo_snap, self._memo_level = snap, level
+        and explain all ask within one cycle), and worked out anew only for the processes whose
+        facts changed: those snap.changed names when it follows the last snapshot judged, else
+        those whose Proc object, role, the limit or the level differ from the last time."""
+        if self._memo_snap is snap and self._memo_level == self.level:
+            return self._memo
+        limit, level, prev = snap.memory.limit_bytes, self.level, self._memo_snap
+        servers = {c.server_pid: c for c in snap.caches if c.server_pid is not None and not c.pooler}
+        procs, roles, other = snap.procs, snap.roles, Role.OTHER
+        if prev is not None and snap.changed is not None and snap.seq == prev.seq + 1 \
+                and self._memo_level == level and prev.memory.limit_bytes == limit:
+            memo, kept = dict(self._memo), self._kept
+            todo = (snap.changed | self._volatile | servers.keys() | self._servers) & procs.keys()
+            for pid in self._memo.keys() - procs.keys():
+                del memo[pid]
+                kept.pop(pid, None)
+                self._volatile.discard(pid)
+                self._candidates.discard(pid)
+                self._protected.discard(pid)
+        else:
+            memo, kept, todo = {}, {}, procs.keys()
+            self._volatile, self._candidates, self._protected = set(), set(), set()
+        before = self._kept
+        changed: set[int] = set()
+        for pid in todo:
+            p = procs[pid]
+            role = roles.get(pid, other)
+            server = servers.get(pid)
+            k = before.get(pid)
+            if k is not None and k[0] is p and k[1] is role and k[2] == limit and k[3] == level \
+                    and server is None:
+                v = k[4]
+            else:
+                v = self.verdict(p, role, snap.self_pid, limit, server)
+                changed.add(pid)
+            if v.pss_bytes is None and "pss" not in v.why:     # PSS is read afresh each time
+                kept[pid] = (p, role, limit, level, v)
+                self._volatile.discard(pid)
+            else:
+                kept.pop(pid, None)
+                self._volatile.add(pid)
+            (self._candidates.add if v.candidate else self._candidates.discard)(pid)
+            (self._protected.add if v.protected else self._protected.discard)(pid)
+            memo[pid] = v
+        self._kept, self._memo, self.changed, self._servers = kept, memo, changed, set(servers)
+        self._memo_snap, self._memo_level = snap, level
         return self._memo
 
     def ranked(self, snap: Snapshot) -> list[tuple[Proc, Verdict]]:
         """Kill candidates with their verdicts in kill order: `kill` rules first, then tier
         ascending, then prefer weight, then the largest."""
         verdicts = self.verdicts(snap)
-        out = [(p, verdicts[pid]) for pid, p in snap.procs.items() if verdicts[pid].candidate]
+        out = [(snap.procs[pid], verdicts[pid]) for pid in self._candidates]
         out.sort(key=lambda t: (*t[1].order, -t[0].rss_bytes, t[0].pid))
         return out
 
@@ -239,13 +269,10 @@ class Judge:
         lists the next one. Every protected process (but kernel threads) is shielded."""
         protected = {}
         verdicts = self.verdicts(snap)
-        for pid, proc in snap.procs.items():
-            role = snap.roles.get(pid, Role.OTHER)
-            if proc.kernel_thread or role is Role.KERNEL_THREAD:
-                continue
-            v = verdicts[pid]
-            if v.protected:
-                protected[pid] = (role in INHERITING, v.tier_rank)
+        for pid in sorted(self._protected):
+            proc, role = snap.procs[pid], snap.roles.get(pid, Role.OTHER)
+            if not (proc.kernel_thread or role is Role.KERNEL_THREAD):
+                protected[pid] = (role in INHERITING, verdicts[pid].tier_rank)
         candidates = {}
         band = None
         for p, v in self.ranked(snap):

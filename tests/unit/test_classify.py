@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from hypothesis import given, settings, strategies as st
 
-from dbguard.classify import classify
+from dbguard.classify import Classifier, classify
 from dbguard.model import DbStats, Proc, Role
 
 
@@ -170,3 +170,56 @@ def test_property_roles(scenario):
         pg_servers = {db.server_pid for db in dbs if db.kind == "postgresql" and db.server_pid in procs}
         if p.ppid in pg_servers and not p.kernel_thread and pid != self_pid:
             assert role.is_database
+
+
+# --- kept across cycles: Classifier against classify() --------------------------------------
+
+SERVER_EXES = ["/bin/sh", "/bin/sh", PG_EXE, "/usr/sbin/mariadbd"]
+
+
+@st.composite
+def histories(draw):
+    """A table changing over a few cycles: forks, exits (children keep the dead parent's pid
+    until read again), execs, re-reads with only memory changed, re-parenting; the databases'
+    reports change too."""
+    procs = {p.pid: p for p in draw(scenarios())[0].values()}
+    steps = []
+    for _ in range(draw(st.integers(1, 8))):
+        procs = dict(procs)
+        for _ in range(draw(st.integers(0, 6))):
+            op = draw(st.sampled_from(["fork", "exit", "exec", "reread", "reparent"]))
+            pid = draw(PIDS)
+            if op == "fork" and pid not in procs:
+                parent = draw(st.sampled_from(sorted(procs))) if procs else 1
+                procs[pid] = proc(pid, parent, exe=draw(st.sampled_from(SERVER_EXES)))
+            elif op == "exit":
+                procs.pop(pid, None)
+            elif pid in procs:
+                p = procs[pid]
+                exe = draw(st.sampled_from(SERVER_EXES)) if op == "exec" else p.exe
+                ppid = draw(st.one_of(PIDS, st.just(1))) if op == "reparent" else p.ppid
+                procs[pid] = Proc(pid=pid, start_time=p.start_time, ppid=ppid, uid=0, comm=p.comm, exe=exe,
+                                  cmdline=p.cmdline, rss_bytes=p.rss_bytes + 4096, memcg="/", oom_score_adj=0,
+                                  kernel_thread=p.kernel_thread)
+        dbs = draw(st.lists(st.builds(
+            DbStats, name=st.just("db"), kind=st.sampled_from(["postgresql", "mysql"]), up=st.booleans(),
+            server_pid=st.one_of(st.none(), PIDS),
+            roles=st.dictionaries(PIDS, DB_ROLES, max_size=8)), max_size=2))
+        steps.append((procs, dbs))
+    return steps, draw(PIDS)
+
+
+@settings(max_examples=400, deadline=None)
+@given(histories())
+def test_classifier_kept_across_cycles_answers_as_classify(history):
+    steps, self_pid = history
+    c = Classifier()
+    before: dict = {}
+    last_roles: dict = {}
+    for procs, dbs in steps:
+        changed = {pid for pid in before.keys() | procs.keys() if before.get(pid) is not procs.get(pid)}
+        roles = c.update(procs, dbs, self_pid, changed=changed)
+        assert roles == classify(procs, dbs, self_pid)
+        moved = {pid for pid in roles.keys() | last_roles.keys() if roles.get(pid) != last_roles.get(pid)}
+        assert moved <= c.changed
+        before, last_roles = procs, roles
