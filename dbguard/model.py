@@ -61,7 +61,7 @@ class ProcKey:
     start_time: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Proc:
     pid: int
     start_time: int            # /proc/PID/stat field 22, clock ticks since boot

@@ -18,6 +18,7 @@ from ..model import CacheStats, Level, Proc, Role, Snapshot
 from ..rules import Lazy, RuleSet
 
 MiB = 1024 * 1024
+SHARED_VERDICTS = 4096      # distinct verdicts held for sharing before the pool starts again
 # Servers fork the database's processes: their children are protected in the kernel at birth
 # (a server no configured database identified too: its children are as much the database's).
 INHERITING = registry.server_roles() | {Role.DB_UNKNOWN}
@@ -107,6 +108,8 @@ class Judge:
     _candidates: set[int] = field(default_factory=set, repr=False)
     _protected: set[int] = field(default_factory=set, repr=False)
     _servers: set[int] = field(default_factory=set, repr=False)
+    # Equal verdicts held once: thousands of small processes get the same answer.
+    _shared: dict[Verdict, Verdict] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self.rules = RuleSet(self.cfg.policy, self.rule_uids)
@@ -237,6 +240,7 @@ class Judge:
                 v = k[4]
             else:
                 v = self.verdict(p, role, snap.self_pid, limit, server)
+                v = self._shared.setdefault(v, v)
                 changed.add(pid)
             if v.pss_bytes is None and "pss" not in v.why:     # PSS is read afresh each time
                 kept[pid] = (p, role, limit, level, v)
@@ -247,6 +251,8 @@ class Judge:
             (self._candidates.add if v.candidate else self._candidates.discard)(pid)
             (self._protected.add if v.protected else self._protected.discard)(pid)
             memo[pid] = v
+        if len(self._shared) > SHARED_VERDICTS:
+            self._shared = {}
         self._kept, self._memo, self.changed, self._servers = kept, memo, changed, set(servers)
         self._memo_snap, self._memo_level = snap, level
         return self._memo

@@ -10,6 +10,7 @@ read_pss for it, for the few processes a pss_above rule needs it of.
 from __future__ import annotations
 
 import os
+from sys import intern
 
 from ..errors import DbguardError
 from ..model import Proc, ProcKey
@@ -155,8 +156,10 @@ def _read_proc_at(pid: int, d: int) -> Proc | None:
     finally:
         if t is not None:
             os.close(t)
-    return Proc(pid=pid, start_time=start_time, ppid=ppid, uid=uid, comm=comm, exe=exe,
-                cmdline=cmdline, rss_bytes=rss, memcg=memcg, oom_score_adj=oom_score_adj,
+    # Interned: a host's processes share a few executables, cgroups and names (500 backends,
+    # one postgres), and the table holds every process.
+    return Proc(pid=pid, start_time=start_time, ppid=ppid, uid=uid, comm=intern(comm), exe=intern(exe),
+                cmdline=intern(cmdline), rss_bytes=rss, memcg=intern(memcg), oom_score_adj=oom_score_adj,
                 kernel_thread=kernel_thread)
 
 

@@ -170,7 +170,7 @@ class ProcTable:
                 keep.append(entry)
         for entry in keep:
             heapq.heappush(heap, entry)
-        if len(heap) > 2 * len(self.procs) + 64:       # mostly stale: rebuilt from the table
+        if len(heap) > len(self.procs) + len(self.procs) // 4 + 64:     # a fifth stale: rebuilt
             self._by_rss = [e for e in heap if self.procs.get(e[2]) is e[3]]
             heapq.heapify(self._by_rss)
         return out
