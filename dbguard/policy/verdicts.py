@@ -218,8 +218,9 @@ class Judge:
         if prev is not None and snap.changed is not None and snap.seq == prev.seq + 1 \
                 and self._memo_level == level and prev.memory.limit_bytes == limit:
             memo, kept = dict(self._memo), self._kept
-            todo = (snap.changed | self._volatile | servers.keys() | self._servers) & procs.keys()
-            for pid in self._memo.keys() - procs.keys():
+            # Set operations over the changed few only: `& procs.keys()` would walk every process.
+            todo = {pid for pid in (*snap.changed, *self._volatile, *servers, *self._servers) if pid in procs}
+            for pid in [pid for pid in snap.changed if pid not in procs and pid in memo]:
                 del memo[pid]
                 kept.pop(pid, None)
                 self._volatile.discard(pid)
