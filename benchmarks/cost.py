@@ -41,13 +41,18 @@ def one(bpf: bool, idle: float, log, extra: int = 0) -> dict:
             t1, c1 = time.monotonic(), cpu_ticks(run.pid)
             time.sleep(idle)
             t2, c2 = time.monotonic(), cpu_ticks(run.pid)
+            rss = {k: status_kib(run.pid, k) for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+            if not run.running() or None in rss.values():
+                # Never a zero in the table for a guard that was not there to be measured.
+                raise RuntimeError(f"dbguard exited during the idle window (code {run.returncode}): "
+                                   f"{run.tail(3) or 'no output'}")
             return {"startup_s": startup,
                     "cpu_idle_pct": 100.0 * (c2 - c1) / CLK_TCK / (t2 - t1) if c1 is not None and c2 is not None
                     else None,
-                    "rss_steady_mib": (status_kib(run.pid, "VmRSS") or 0) / 1024,
-                    "rss_peak_mib": (status_kib(run.pid, "VmHWM") or 0) / 1024,
-                    "rss_anon_mib": (status_kib(run.pid, "RssAnon") or 0) / 1024,
-                    "rss_file_mib": (status_kib(run.pid, "RssFile") or 0) / 1024,
+                    "rss_steady_mib": rss["VmRSS"] / 1024,
+                    "rss_peak_mib": rss["VmHWM"] / 1024,
+                    "rss_anon_mib": rss["RssAnon"] / 1024,
+                    "rss_file_mib": rss["RssFile"] / 1024,
                     "extra_processes": extra,
                     "idle_window_s": round(t2 - t1, 1)}
 
