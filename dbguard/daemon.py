@@ -87,6 +87,7 @@ class Daemon:
         for w in cfg.warnings:
             log.warning("config: %s", w)
         self.audit = AuditLog(cfg.audit.path)
+        loading = self._begin_bpf()     # compiles in a child while the databases are reached
         self.sensor = Sensor(cfg)
         if not self.sensor.databases:
             log.warning("no [[databases]] configured and no local PostgreSQL or MySQL/MariaDB found; watching host memory "
@@ -108,7 +109,7 @@ class Daemon:
         self.metrics = Metrics(cfg.metrics.listen, healthy=self.health)
         self.audit.on_error = self.metrics.observe_audit_error
         self.sensor.observe_collector = self.metrics.observe_collector
-        self._open_bpf()
+        self._open_bpf(loading)
         if self.bpf is not None:
             from .kernel.feed import KernelFeed
             self.feed = KernelFeed(self.bpf, cfg, self.sensor.cgroup)
@@ -124,14 +125,27 @@ class Daemon:
                           "reason": self.describe(), "result": "protecting" + (" (dry run)" if self.dry_run else ""),
                           "pid": os.getpid()})
 
-    def _open_bpf(self) -> None:
+    def _begin_bpf(self):
+        """The BPF compile under way (kernel.loader.Loading), None when off, or the DbguardError
+        saying why it cannot start (answered by _open_bpf)."""
+        if self.cfg.bpf.enabled is False:
+            return None
+        from .kernel.bpf import BpfGuard
+        try:
+            return BpfGuard.begin(max_procs=self.cfg.bpf.max_procs, max_cgroups=self.cfg.bpf.max_cgroups)
+        except DbguardError as e:
+            return e
+
+    def _open_bpf(self, loading) -> None:
         enabled = self.cfg.bpf.enabled
         if enabled is False:
             self.bpf_note = "BPF path off ([bpf] enabled = false)"
             return
         from .kernel.bpf import BpfGuard
         try:
-            self.bpf = BpfGuard.load(max_procs=self.cfg.bpf.max_procs, max_cgroups=self.cfg.bpf.max_cgroups)
+            if isinstance(loading, DbguardError):
+                raise loading
+            self.bpf = BpfGuard.finish(loading)
             self.bpf_note = "BPF path active"
         except DbguardError as e:
             if enabled is True:

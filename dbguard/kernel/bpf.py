@@ -23,9 +23,8 @@ from ..errors import DbguardError
 from ..host import cap_eff
 from . import layout
 from .events import PAGE_SIZE, BpfEvent, decode, event_to_audit
-from .btf import BtfError
 from .layout import ACTION_KILL, ACTION_SHIELD, CANDIDATE, FRESH, INHERIT, INHERITED, SHIELD
-from .loader import LoadFailed, load_in_child
+from .loader import LoadFailed, Loading
 from .maps import Loaded
 from .source import (TRACEPOINTS, headers_available, kernel_has_ringbuf, program_source,
                      tracefs, tracepoint_fields)
@@ -154,18 +153,22 @@ class BpfGuard:
         self.ringbuf = bpf.open_events(b"events", self._on_event, self._on_lost)
         self._closed = False
 
-    @classmethod
-    def load(cls, *, max_procs: int = 16384, max_cgroups: int = 1024) -> "BpfGuard":
+    @staticmethod
+    def begin(*, max_procs: int = 16384, max_cgroups: int = 1024) -> Loading:
+        """Start the compile in a child (dbguard.kernel.loader); finish() takes its result."""
         usable, why = availability()
         if not usable:
             raise DbguardError(f"{why} ({OFF_HINT})")
+        return Loading(max_procs, max_cgroups)
+
+    @classmethod
+    def finish(cls, loading: Loading) -> "BpfGuard":
         try:
-            source = program_source(max_procs=max_procs, max_cgroups=max_cgroups)
-        except BtfError as e:
-            raise DbguardError(f"BPF unavailable: {e} {OFF_HINT}") from None
-        try:
-            loaded = Loaded(*load_in_child(source))
+            source, desc, fds = loading.result()
+            loaded = Loaded(desc, fds)
         except LoadFailed as e:
+            if e.stage == "btf":
+                raise DbguardError(f"BPF unavailable: {e} {OFF_HINT}") from None
             raise DbguardError(
                 f"BPF programs failed to load: {e}; check the kernel headers BCC uses "
                 f"(/lib/modules/{platform.release()}/build or BCC_KERNEL_SOURCE) {OFF_HINT}") from None
@@ -176,6 +179,10 @@ class BpfGuard:
         except BaseException:
             loaded.cleanup()
             raise
+
+    @classmethod
+    def load(cls, *, max_procs: int = 16384, max_cgroups: int = 1024) -> "BpfGuard":
+        return cls.finish(cls.begin(max_procs=max_procs, max_cgroups=max_cgroups))
 
     # --- policy --------------------------------------------------------------------------
     def _write_policy(self) -> None:

@@ -2,13 +2,14 @@
 
 BCC compiles C with clang/LLVM inside the calling process: once loaded, libbcc and LLVM
 keep ~50 MiB of that process's memory (relocated data, heap) for nothing. The daemon starts
-this module as a child (`python -m dbguard.kernel.loader FD`, the C on stdin): it compiles,
-loads and attaches the programs, then hands every map, program and attachment descriptor to
+this module as a child (`python -m dbguard.kernel.loader FD MAX_PROCS MAX_CGROUPS`) first
+thing, so it runs beside the daemon's own start: it assembles the C for the running kernel
+(its struct offsets from BTF), compiles, loads and attaches the programs, then hands every map, program and attachment descriptor to
 the daemon over the unix socket FD (SCM_RIGHTS) with a JSON description, and exits. The
 kernel keeps programs, maps and attachments alive as long as the daemon holds the
 descriptors; dbguard.kernel.maps reads and writes them through libbpf.
 
-The child imports BCC only: nothing of dbguard but this module.
+The child imports BCC and dbguard's source assembly only.
 """
 from __future__ import annotations
 
@@ -21,12 +22,17 @@ from pathlib import Path
 
 # One message: the description and every descriptor (SCM_MAX_FD is 253).
 MAX_FDS = 250
-MAX_MESSAGE = 1 << 16
+MAX_MESSAGE = 1 << 20      # the description and the C source (~25 kB)
 TIMEOUT_S = 120.0       # a compile on a loaded 2-core host takes ~1-2 s
 
 
 class LoadFailed(Exception):
-    """The child could not compile, load or attach; the message is the compiler's first error."""
+    """The child could not compile, load or attach (stage "compile": the message is the
+    compiler's first error) or read the running kernel's layout (stage "btf")."""
+
+    def __init__(self, message: str, stage: str):
+        super().__init__(message)
+        self.stage = stage
 
 
 def _first_error(text: str) -> str:
@@ -81,60 +87,76 @@ def _compile(source: bytes) -> tuple[dict, list[int]]:
     return {"maps": maps, "progs": progs, "links": links}, fds
 
 
-def child(fd: int) -> int:
+def child(fd: int, max_procs: int, max_cgroups: int) -> int:
     sock = socket.socket(fileno=fd)
-    source = sys.stdin.buffer.read()
+    from .btf import BtfError
+    from .source import program_source
     try:
-        desc, fds = _compile(source)
-    except Exception as e:      # BCC raises bare Exception for compile and attach errors
-        sock.send(json.dumps({"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})
-                  .encode())
+        source = program_source(max_procs=max_procs, max_cgroups=max_cgroups)
+    except BtfError as e:
+        sock.send(json.dumps({"error": str(e), "stage": "btf"}).encode())
         return 1
-    socket.send_fds(sock, [json.dumps(desc).encode()], fds)
+    try:
+        desc, fds = _compile(source.encode())
+    except Exception as e:      # BCC raises bare Exception for compile and attach errors
+        sock.send(json.dumps({"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                              "stage": "compile"}).encode())
+        return 1
+    socket.send_fds(sock, [json.dumps({**desc, "source": source}).encode()], fds)
     return 0
 
 
-def load_in_child(source: str) -> tuple[dict, list[int]]:
-    """Compile, load and attach `source` in a child; (description, descriptors now owned by
-    the caller). Raises LoadFailed with the compiler's first error."""
-    parent, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    # The child finds this package where the daemon found it (a source tree, a venv, the .deb).
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p))
-    try:
+class Loading:
+    """A compile under way in a child (started at once, so the daemon's own start goes on
+    beside it); result() waits for it."""
+
+    def __init__(self, max_procs: int, max_cgroups: int):
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # The child finds this package where the daemon found it (a source tree, a venv, the .deb).
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p))
         with theirs:
-            proc = subprocess.Popen([sys.executable, "-m", "dbguard.kernel.loader", str(theirs.fileno())],
-                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                    pass_fds=(theirs.fileno(),), env=env, close_fds=True)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "dbguard.kernel.loader", str(theirs.fileno()), str(max_procs), str(max_cgroups)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                pass_fds=(theirs.fileno(),), env=env, close_fds=True)
+
+    def result(self) -> tuple[str, dict, list[int]]:
+        """(the C as compiled, description, descriptors now owned by the caller). Raises
+        LoadFailed with the compiler's first error (stage "compile") or why the running
+        kernel's layout could not be read (stage "btf")."""
+        proc = self._proc
         try:
-            _, err = proc.communicate(source.encode(), timeout=TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise LoadFailed(f"the BPF compile did not finish in {TIMEOUT_S:g} s") from None
-        parent.setblocking(False)
+            try:
+                _, err = proc.communicate(timeout=TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                raise LoadFailed(f"the BPF compile did not finish in {TIMEOUT_S:g} s", "compile") from None
+            self._sock.setblocking(False)
+            try:
+                msg, fds, _, _ = socket.recv_fds(self._sock, MAX_MESSAGE, MAX_FDS)
+            except BlockingIOError:
+                msg, fds = b"", []
+        finally:
+            self._sock.close()
         try:
-            msg, fds, _, _ = socket.recv_fds(parent, MAX_MESSAGE, MAX_FDS)
-        except BlockingIOError:
-            msg, fds = b"", []
-    finally:
-        parent.close()
-    try:
-        desc = json.loads(msg) if msg else {"error": ""}
-    except ValueError:
-        desc = {"error": "the loader's answer could not be read"}
-    if "error" in desc or proc.returncode != 0:
-        for fd in fds:
-            os.close(fd)
-        detail = _first_error(err.decode(errors="replace")) or desc.get("error") \
-            or f"the loader exited with status {proc.returncode}"
-        raise LoadFailed(detail)
-    return desc, fds
+            desc = json.loads(msg) if msg else {"error": ""}
+        except ValueError:
+            desc = {"error": "the loader's answer could not be read"}
+        if "error" in desc or proc.returncode != 0:
+            for fd in fds:
+                os.close(fd)
+            stage = desc.get("stage", "compile")
+            detail = (desc.get("error") if stage == "btf" else None) or _first_error(err.decode(errors="replace")) \
+                or desc.get("error") or f"the loader exited with status {proc.returncode}"
+            raise LoadFailed(detail, stage)
+        return desc.pop("source"), desc, fds
 
 
 if __name__ == "__main__":
     try:
-        code = child(int(sys.argv[1]))
+        code = child(*map(int, sys.argv[1:4]))
     finally:
         sys.stdout.flush()
     # Not BCC's atexit cleanup: the daemon holds the descriptors now, and leaving at once

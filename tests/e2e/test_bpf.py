@@ -406,6 +406,25 @@ def test_without_bcc_the_reason_and_fix_are_one_line():
     assert lines[1].startswith("ERR BPF unavailable") and "enabled = false" in lines[1] and len(lines) == 2
 
 
+def test_a_compile_error_in_the_loader_child_is_one_line(tmp_path):
+    """The C is compiled in a child (dbguard.kernel.loader): its compiler error comes back as
+    the daemon's one-line error, no traceback."""
+    import shutil
+    broken = tmp_path / "bpf"
+    shutil.copytree(layout.BPF_DIR, broken)
+    with open(broken / "oom.c", "a") as f:
+        f.write("\nthis is not C;\n")
+    code = ("from dbguard.kernel.bpf import BpfGuard\n"
+            "from dbguard.errors import DbguardError\n"
+            "try:\n    BpfGuard.load()\nexcept DbguardError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, DBGUARD_BPF_DIR=str(broken)))
+    lines = out.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ERR BPF programs failed to load: "), out
+    assert "error" in lines[0] and "enabled = false" in lines[0]
+    assert "Traceback" not in out.stderr
+
+
 def test_without_privilege_the_reason_names_capabilities():
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                           "--inh-caps=-all", "--bounding-set=-all",
