@@ -95,7 +95,7 @@ def test_python_structs_match_what_bcc_compiled(bpf_guard):
         if hasattr(struct, "_fields_"):
             assert m.compiled[1] == [f[0] for f in struct._fields_], name
             seen += 1
-    assert seen >= 5
+    assert seen >= 4          # procs, cgroups, streaks, policy
     assert bpf_guard._b["exes"].compiled[0] == ["ino", "dev"]
 
 
