@@ -105,6 +105,13 @@ def scale_curve(data: dict, path: Path) -> bool:
                               ("pressed_cpu_ms", "cycle under pressure (scope read afresh)", "tab:orange"),
                               ("rest_cpu_ms", "daemon cycle at rest", "tab:green")):
         ax.plot(x, [c[key] for c in curve], marker="o", color=color, label=label)
+    for e in ((data.get("earlier") or {}).get("scale") or [])[:1]:
+        before = e["data"].get("curve") or []
+        git = (e.get("provenance") or {}).get("git", "?")
+        for key, label, color in (("pressed_cpu_ms", f"under pressure, before (git {git})", "tab:orange"),
+                                  ("rest_cpu_ms", f"at rest, before (git {git})", "tab:green")):
+            ax.plot([c["processes"] for c in before], [c[key] for c in before], linestyle="--", marker="x",
+                    color=color, alpha=0.6, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("processes on the host")

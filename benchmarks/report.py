@@ -20,7 +20,7 @@ from .machine import has_capability, machine_of, machine_text, memory_gib
 from .stats import fmt_spread, markdown_table
 from .tables import (COST_HEADER, FORK_HEADER, MARIADB_HEADER, PRESSURE_HEADER_FULL, PRESSURE_SCENARIOS,
                      contenders_in, cost_rows, fork_rows, group, mariadb_rows, observations, ok_runs, pressure_rows,
-                     run_notes, scale_table, summary)
+                     run_notes, scale_compare, scale_table, summary)
 
 TITLES = {
     "moderate-hogs": "1. Many moderate hogs (PostgreSQL + six 150 MB hogs, 1000 MB cgroup)",
@@ -38,6 +38,12 @@ TITLES = {
     "sessions-mariadb": "5b. The same with MariaDB (12 sorts of 400,000 wide rows, sort_buffer_size=160M, merge runs "
                         "to tmpdir, 2 range-read clients, 900 MB cgroup)",
 }
+
+
+def _recorded(prov: dict) -> str:
+    """Where an earlier record came from, in one line."""
+    load = " ".join((prov.get("machine") or {}).get("loadavg_start") or []) or "?"
+    return f"git {prov.get('git', '?')}, {prov.get('date', '?')}, `{prov.get('command', '?')}`, load average at start {load}"
 
 
 def _latency_rows(groups: dict, s: str) -> list[list[str]]:
@@ -322,6 +328,9 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
     if data.get("scale"):
         sc = data["scale"]
         lines += ["## Scale: one sidecar cycle", "", sc.get("method", ""), "", scale_table(sc), ""]
+        for e in (data.get("earlier") or {}).get("scale", [])[:1]:
+            lines += [f"Before and now, CPU of one cycle (median ms); before: {_recorded(e['provenance'])}:", "",
+                      scale_compare(e["data"], sc), ""]
         if "scale" in images:
             lines += [f"![processes vs cycle CPU]({images['scale']})", ""]
         # The daemon's own cycles against its paces: 1 s at rest (general.interval), 0.2 s
@@ -341,6 +350,15 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                      + (" on another machine" if elsewhere else "")
                      + " (its runs' guard_cpu_pressure_pct is in results.json)." if apart else ""), "",
                   markdown_table(COST_HEADER, cost_rows(data)), ""]
+        for e in (data.get("earlier") or {}).get("cost", [])[:1]:
+            lines += [f"Before, by the same method: {_recorded(e['provenance'])}:", "",
+                      markdown_table(COST_HEADER, cost_rows({"cost": e["data"]})), ""]
+        child = [c for c in data["cost"].get("compile_child", []) if not c.get("error")]
+        if child:
+            lines += ["The BPF compile's child (dbguard/kernel/loader.py, not in the rows above): peak RSS "
+                      + fmt_spread((c["peak_mib"] for c in child), "{:.0f}", " MiB") + " for "
+                      + fmt_spread((c["seconds"] * 1000 for c in child), "{:.0f}", " ms")
+                      + " at start, then it exits; the daemon holds the programs and maps by descriptor.", ""]
     lines += vm_oomd.section()
     lines += ["## Reproduce", "", "```", "sudo make bench                                   # = python -m benchmarks.run",
               "sudo .venv/bin/python -m benchmarks.run --help", "sudo .venv/bin/python -m benchmarks.run --quick",

@@ -34,6 +34,7 @@ from .machine import machine
 
 HERE = Path(__file__).resolve().parent
 RESULTS_JSON = HERE / "results.json"
+EARLIER_KEPT = 2        # earlier records of an extra kept when it is measured again
 RESULTS_MD = HERE / "RESULTS.md"
 CONTENDERS = ("none", "pg-documented", "mariadb-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
 SCENARIO_NAMES = ("moderate-hogs", "parent-limit", "moderate-hogs-mariadb", "fast-hog", "fast-hogs", "runaway",
@@ -221,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
                                            *(k for k in EXTRAS if k in old)]}
         data["provenance"] = {s: v for s, v in prov.items()
                               if any(r.get("scenario") == s for r in keep) or (s in EXTRAS and s in data)}
+        # An extra measured again: the last records stay beside it (the report shows before and after).
+        earlier = old.get("earlier") or {}
+        for k in ("scale", "cost"):
+            if k in old and k in a.extras:
+                earlier[k] = [{"provenance": prov.get(k, {}), "data": old[k]}, *earlier.get(k, [])][:EARLIER_KEPT]
+        if earlier:
+            data["earlier"] = earlier
     t_all = time.monotonic()
     try:
         run_scenarios(a, say, data)

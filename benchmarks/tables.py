@@ -199,7 +199,7 @@ def cost_rows(data: dict) -> list[list[str]]:
 
 
 COST_HEADER = ["dbguard", "CPU idle (1 core = 100 %)", "CPU under pressure", "RSS steady",
-               "of which anonymous", "RSS peak (VmHWM; BCC compile)", "startup to \"protecting\""]
+               "of which anonymous", "RSS peak (VmHWM)", "startup to \"protecting\""]
 
 
 def run_notes(groups, scenario: str) -> list[str]:
@@ -315,6 +315,22 @@ def summary(data: dict) -> str:
     if cost:
         parts.append(markdown_table(COST_HEADER, cost))
     return "\n\n".join(parts)
+
+
+def scale_compare(before: dict, now: dict) -> str:
+    """The curve before and now, by the extra processes both measured."""
+    old = {c["extra"]: c for c in before.get("curve", [])}
+    rows = []
+    for c in now.get("curve", []):
+        b = old.get(c["extra"])
+        if b is None:
+            continue
+        rows.append([f"+{c['extra']:,}", f"{b['processes']:,} / {c['processes']:,}",
+                     f"{b['rest_cpu_ms']:.1f} → {c['rest_cpu_ms']:.1f}",
+                     f"{b['pressed_cpu_ms']:.0f} → {c['pressed_cpu_ms']:.0f}",
+                     f"{b['pressed_wall_ms']:.0f} → {c['pressed_wall_ms']:.0f}"])
+    return markdown_table(["extra processes", "processes seen (before / now)", "at rest, CPU ms",
+                           "under pressure, CPU ms", "under pressure, wall ms"], rows)
 
 
 def scale_table(sc: dict) -> str:
