@@ -25,7 +25,7 @@ from . import layout
 from .events import PAGE_SIZE, BpfEvent, decode, event_to_audit
 from .layout import ACTION_KILL, ACTION_SHIELD, CANDIDATE, FRESH, INHERIT, INHERITED, SHIELD
 from .loader import LoadFailed, Loading
-from .maps import Loaded
+from .maps import Loaded, libbpf
 from .source import (TRACEPOINTS, headers_available, kernel_has_ringbuf, program_source,
                      tracefs, tracepoint_fields)
 from .sync import ProcEntry, diff_plain, diff_procs
@@ -49,6 +49,11 @@ def availability() -> tuple[bool, str]:
     if importlib.util.find_spec("bcc") is None:
         return False, ("BPF unavailable: the BCC Python module is missing; apt-get install "
                        "python3-bpfcc and make the venv with --system-site-packages")
+    try:
+        libbpf()
+    except OSError:
+        return False, ("BPF unavailable: libbpf.so.1 is missing (the daemon reads the maps through it); "
+                       "apt-get install libbpf1")
     if headers_available() is None:
         return False, (f"BPF unavailable: no kernel headers for {platform.release()}; install "
                        "linux-headers and link /lib/modules/$(uname -r)/build to them "
