@@ -425,6 +425,36 @@ def test_a_compile_error_in_the_loader_child_is_one_line(tmp_path):
     assert "Traceback" not in out.stderr
 
 
+PERF_PATH = r"""
+import subprocess, sys, time
+from dbguard.kernel.bpf import BpfGuard
+g = BpfGuard.load()
+assert not g.ringbuf and g.wake_fd() is None, "the copy should use the perf buffer"
+g.set_scope(sys.argv[1])
+g.set_policy(level=0, enabled=False, dry_run=True, births=True)
+child = subprocess.Popen(["/bin/sleep", "5"], preexec_fn=lambda: open(sys.argv[1] + "/cgroup.procs", "w").write("0"))
+seen, deadline = [], time.monotonic() + 20
+while time.monotonic() < deadline and not any(e.kind == "birth" and e.pid == child.pid for e in seen):
+    seen += g.poll(100)
+child.kill(); child.wait(); g.close()
+print("births", sorted({e.pid for e in seen if e.kind == "birth"} & {child.pid}) == [child.pid])
+"""
+
+
+def test_events_through_the_perf_buffer_before_linux_5_8(tmp_path):
+    """Kernels without BPF ring buffers (before 5.8) send events through the perf buffer,
+    read by libbpf's perf reader in the daemon: the C loaded with the ring buffer switched off."""
+    import shutil
+    perf = tmp_path / "bpf"
+    shutil.copytree(layout.BPF_DIR, perf)
+    for c in perf.glob("*.c"):
+        c.write_text(c.read_text().replace("DBG_RINGBUF", "DBG_RINGBUF_SWITCHED_OFF"))
+    with MemoryCgroup(256 * MiB) as cg:
+        out = subprocess.run([PY, "-c", PERF_PATH, str(cg.path)], capture_output=True, text=True, timeout=120,
+                             env=dict(os.environ, DBGUARD_BPF_DIR=str(perf)))
+    assert out.returncode == 0 and out.stdout.strip() == "births True", out
+
+
 def test_without_privilege_the_reason_names_capabilities():
     out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
                           "--inh-caps=-all", "--bounding-set=-all",
