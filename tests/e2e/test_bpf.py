@@ -392,6 +392,24 @@ def test_sync_diffs_candidates_and_cgroups(bpf, procs):
     assert bpf._policy_map[ct.c_int(0)].n_cgroups == 1
 
 
+def test_a_hash_map_read_in_batches_is_the_map_read_key_by_key(bpf):
+    """items() reads hash maps with bpf_map_lookup_batch (BATCH entries a call): the same
+    entries as get_next_key + lookup, across several batches."""
+    from dbguard.kernel.maps import BATCH
+    procs = bpf._b["procs"]
+    written = {4_000_000 + i: 7_000 + i for i in range(2 * BATCH + 7)}
+    for tgid, start in written.items():
+        procs[ct.c_uint32(tgid)] = layout.Proc(SHIELD, 1, 0, tgid, 0, 0, start)
+    try:
+        batched = {k.value: v.start for k, v in procs.items()}
+        assert procs._batched is True
+        assert batched == {k.value: procs[k].start for k in procs.keys()}
+        assert {t: s for t, s in batched.items() if t in written} == written
+    finally:
+        for tgid in written:
+            del procs[ct.c_uint32(tgid)]
+
+
 # --- fallback ---------------------------------------------------------------------------------
 
 def test_without_bcc_the_reason_and_fix_are_one_line():
