@@ -193,9 +193,11 @@ class Snapshot:
     databases: tuple[DbStats, ...]
     self_pid: int
     caches: tuple[CacheStats, ...] = ()   # application caches and poolers
-    # One sensor's snapshots are numbered; `changed` names every pid whose Proc or role differs
-    # from snapshot seq - 1's (None: not known), so what rests on them is worked out again for those only.
+    # Snapshots are numbered (one count for the process); `changed` names every pid whose Proc
+    # or role differs from those of snapshot `since` (None: not known), so what rests on them
+    # is worked out again for those only.
     seq: int = 0
+    since: int = -1
     changed: frozenset[int] | None = None
 
 

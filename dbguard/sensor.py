@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -27,6 +28,8 @@ from .sense.proctable import ProcTable, scope_members
 from .sense.scope import Scope, configured, scope_of, unwatched
 
 log = logging.getLogger("dbguard")
+# One count for every sensor of the process: a snapshot's `since` names only its own sensor's last.
+SNAPSHOTS = itertools.count(1)
 
 REDISCOVER_EVERY = 30.0
 
@@ -91,7 +94,7 @@ class Sensor:
         self.cgroup = ""
         self.table = ProcTable()
         self.classifier = Classifier()
-        self.seq = 0
+        self._seq = -1          # the number of this sensor's last snapshot
         self.observe_collector = lambda source, ok, seconds: None
 
     def _discover(self) -> tuple[DatabaseConfig, ...]:
@@ -195,9 +198,10 @@ class Sensor:
         caches = self.collect_caches()
         read = self.table.take_changed()
         roles = self.classifier.update(procs, stats, self.self_pid, caches, read)
-        self.seq += 1
+        seq, since = next(SNAPSHOTS), self._seq
+        self._seq = seq
         return Snapshot(ts=time.time(), memory=reading, procs=procs, roles=roles, databases=tuple(stats),
-                        self_pid=self.self_pid, caches=tuple(caches), seq=self.seq,
+                        self_pid=self.self_pid, caches=tuple(caches), seq=seq, since=since,
                         changed=frozenset(read | self.classifier.changed))
 
     def close(self) -> None:

@@ -215,7 +215,7 @@ class Judge:
         limit, level, prev = snap.memory.limit_bytes, self.level, self._memo_snap
         servers = {c.server_pid: c for c in snap.caches if c.server_pid is not None and not c.pooler}
         procs, roles, other = snap.procs, snap.roles, Role.OTHER
-        if prev is not None and snap.changed is not None and snap.seq == prev.seq + 1 \
+        if prev is not None and snap.changed is not None and snap.since == prev.seq > 0 \
                 and self._memo_level == level and prev.memory.limit_bytes == limit:
             memo, kept = dict(self._memo), self._kept
             # Set operations over the changed few only: `& procs.keys()` would walk every process.

@@ -69,7 +69,7 @@ def test_kept_verdicts_are_a_fresh_judges(history):
         mem = MemoryReading(cgroup="/sys/fs/cgroup/memory/lab", cgroup_version=1, usage_bytes=0, limit_bytes=limit,
                             psi_some_avg10=0.0, psi_full_avg10=0.0)
         snap = Snapshot(ts=seq, memory=mem, procs=procs, roles=roles, databases=(), self_pid=999, seq=seq,
-                        changed=changed)
+                        since=seq - 1, changed=changed)
         fresh = judge()
         kept.level = fresh.level = level
         assert kept.verdicts(snap) == fresh.verdicts(dataclasses.replace(snap, changed=None))
