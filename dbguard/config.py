@@ -39,7 +39,7 @@ class DatabaseConfig:
     # PostgreSQL
     dsn: str = ""
     data_directory: str = ""
-    shrink_settings: tuple[str, ...] = ("work_mem", "maintenance_work_mem")
+    shrink_settings: tuple[str, ...] = ("work_mem", "maintenance_work_mem", "hash_mem_multiplier")
     shrink_floor: int = Size(1024**2)
     close_idle_after: float = Bounded(0.0, 0)
     # MySQL / MariaDB

@@ -46,11 +46,13 @@ def test_grants_give_each_right_the_doc_names(cluster):
         # shrinking: ALTER SYSTEM and the reload, seen by a new session of someone else
         c.execute("ALTER SYSTEM SET work_mem = '3MB'")
         c.execute("ALTER SYSTEM SET maintenance_work_mem = '5MB'")
+        c.execute("ALTER SYSTEM SET hash_mem_multiplier = 1")
         c.execute("SELECT pg_reload_conf()")
         # the postmaster rereads the files asynchronously: a new session of someone else sees it
         until(lambda: connect_show(pg, "postgres", "work_mem") == "3MB", "work_mem = 3MB in a new session")
         c.execute("ALTER SYSTEM RESET work_mem")
         c.execute("ALTER SYSTEM RESET maintenance_work_mem")
+        c.execute("ALTER SYSTEM RESET hash_mem_multiplier")
         c.execute("SELECT pg_reload_conf()")
         # a session of another (non-superuser) role: its state is visible, and it can be ended
         with connect(pg, "app") as victim:

@@ -22,9 +22,11 @@ pytestmark = pytest.mark.db
 MiB = 1024**2
 
 
-def make_cfg(dsn: str, name: str = "pg") -> DatabaseConfig:
-    return DatabaseConfig(kind="postgresql", name=name, dsn=dsn, shrink_floor=1 * MiB, shrink_steps=5,
-                          connect_timeout=2.0, statement_timeout=2.0)
+def make_cfg(dsn: str, name: str = "pg", **kw) -> DatabaseConfig:
+    """The sizes alone unless `kw` says otherwise (hash_mem_multiplier has its own test below)."""
+    return DatabaseConfig(**{**dict(kind="postgresql", name=name, dsn=dsn, shrink_floor=1 * MiB, shrink_steps=5,
+                                    shrink_settings=("work_mem", "maintenance_work_mem"), connect_timeout=2.0,
+                                    statement_timeout=2.0), **kw})
 
 
 def auto_conf(cluster) -> dict[str, str]:
@@ -258,3 +260,29 @@ def test_one_server_listed_twice_is_refused_at_start(cluster, tmp_path):
     assert len(lines) == 1 and "by_socket and by_tcp reach the same server" in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr and "pw" not in lines[0].split("reach")[0]
     assert auto_conf(cluster) == before and not list((tmp_path / "state").glob("originals-*"))
+
+
+def test_hash_mem_multiplier_is_shrunk_with_the_sizes_and_the_dbas_value_comes_back(cluster, tmp_path):
+    """The default shrink_settings: hash_mem_multiplier, a number, halved toward 1 beside the
+    sizes; the DBA's ALTER SYSTEM text back as written, and a setting they never set RESET."""
+    cluster.psql("ALTER SYSTEM SET hash_mem_multiplier = 3")
+    cluster.psql("ALTER SYSTEM SET work_mem = '8MB'")
+    reload(cluster)
+    cfg = DatabaseConfig(kind="postgresql", name="pg", dsn=cluster.dsn, shrink_floor=1 * MiB)
+    assert cfg.shrink_settings == ("work_mem", "maintenance_work_mem", "hash_mem_multiplier")
+    db = PostgreSQL(cfg, str(tmp_path))
+    try:
+        assert db.set_shrink_step(1).ok
+        assert auto_conf(cluster) == {"hash_mem_multiplier": "1.5", "work_mem": "4MB", "maintenance_work_mem": "32MB"}
+        assert shown(cluster, "hash_mem_multiplier") == "1.5"
+        saved = db.originals.load()["settings"]["hash_mem_multiplier"]
+        assert (saved["value"], saved["number"], saved["auto_conf"]) == ("3", 3.0, True)
+        assert db.set_shrink_step(3).ok
+        assert auto_conf(cluster)["hash_mem_multiplier"] == "1"           # never below the server's minimum
+        assert db.collect().shrink_step == 3
+        assert db.set_shrink_step(0).ok
+        assert auto_conf(cluster) == {"hash_mem_multiplier": "3", "work_mem": "8MB"}
+        assert shown(cluster, "hash_mem_multiplier") == "3" and shown(cluster, "maintenance_work_mem") == "64MB"
+        assert db.originals.load() is None
+    finally:
+        db.close()

@@ -45,8 +45,9 @@ def wait_for(read, expected, timeout: float = 20.0):
 
 
 def make_cfg(dsn: str, **kw) -> DatabaseConfig:
+    # The sizes alone: hash_mem_multiplier (a default too) has its own test in test_pg_originals.
     base = dict(kind="postgresql", name="t", dsn=dsn, shrink_floor=2 * MiB, shrink_steps=5,
-                connect_timeout=2.0, statement_timeout=2.0)
+                shrink_settings=("work_mem", "maintenance_work_mem"), connect_timeout=2.0, statement_timeout=2.0)
     base.update(kw)
     return DatabaseConfig(**base)
 

@@ -94,6 +94,29 @@ def test_live_entry():
     assert live_entry(row(source="user", sourcefile=None), None, "work_mem") == Live(None, known=False)
 
 
+def hash_mult(source="default", setting="2", sourcefile=None):
+    return row(name="hash_mem_multiplier", unit=None, source=source, setting=setting, sourcefile=sourcefile,
+               boot="2")
+
+
+@pytest.mark.parametrize("r, entries, expected", [
+    # hash_mem_multiplier is a number, not a size: its ALTER SYSTEM text kept as written.
+    (hash_mult(source="configuration file", setting="3", sourcefile=AUTO), [Entry("hash_mem_multiplier", "3.0", AUTO)],
+     {"value": "3.0", "number": 3.0, "auto_conf": True}),
+    (hash_mult(source="configuration file", setting="4", sourcefile=CONF), [Entry("hash_mem_multiplier", "4", CONF)],
+     {"value": "4", "number": 4.0, "auto_conf": False}),
+    (hash_mult(), [], {"value": "2", "number": 2.0, "auto_conf": False}),           # the built-in default
+    (hash_mult(source="user", setting="8"), [], {"value": "2", "number": 2.0, "auto_conf": False}),
+    (hash_mult(source="configuration file", setting="1.5", sourcefile=AUTO), None,
+     {"value": "1.5", "number": 1.5, "auto_conf": True}),
+])
+def test_server_wide_of_a_multiplier(r, entries, expected):
+    assert server_wide(r, entries, "guard") == expected
+    assert "GRANT SELECT ON pg_file_settings" in server_wide(hash_mult(source="user"), None, "guard")
+    assert live_entry(hash_mult(source="configuration file", setting="1", sourcefile=AUTO), None,
+                      "hash_mem_multiplier") == Live("1")
+
+
 # --- the state file's server ------------------------------------------------------------------
 @pytest.mark.parametrize("saved, live, differs", [
     ({"system_identifier": "1", "data_directory": "/d"}, {"system_identifier": "1", "data_directory": "/d/"}, None),

@@ -10,8 +10,8 @@ import sys
 import subprocess
 from pathlib import Path
 
-from dbguard.databases.postgresql.stats import (Reading, down_stats, role_of, setting_bytes, size_literal, steps_max,
-                                                to_stats, unit_bytes)
+from dbguard.databases.postgresql.stats import (Reading, down_stats, role_of, setting_bytes, shrunk, shrunk_literal,
+                                                size_literal, steps_max, to_stats, unit_bytes)
 from dbguard.model import Role
 
 MiB = 1024**2
@@ -147,3 +147,20 @@ def test_a_parallel_querys_workers_count_in_their_leaders_session():
     # The workers are no client's session of their own: never ended apart from their leader.
     assert not by_pid[101].client and not by_pid[102].client and by_pid[100].client
     assert s.roles[101] is Role.PG_BACKEND and s.roles[300] is Role.PG_AUXILIARY
+
+
+def test_hash_mem_multiplier_is_halved_toward_1_never_below():
+    # A number, not a size: 2 -> 1 in one step, 8 -> 4 -> 2 -> 1 in three; never below the
+    # server's minimum 1, never above the DBA's value. Sizes keep their own floor.
+    assert [shrunk("hash_mem_multiplier", 8.0, MiB, s) for s in range(5)] == [8.0, 4.0, 2.0, 1.0, 1.0]
+    assert shrunk("hash_mem_multiplier", 1.5, MiB, 1) == 1.0 and shrunk("hash_mem_multiplier", 0.5, MiB, 1) == 0.5
+    assert shrunk_literal("hash_mem_multiplier", 3.0, MiB, 1) == "1.5"
+    assert shrunk_literal("work_mem", 8 * MiB, 2 * MiB, 1) == "4MB"
+    assert steps_max({"hash_mem_multiplier": 8.0}, MiB, 16) == 3 and steps_max({"hash_mem_multiplier": 1.0}, MiB, 3) == 0
+    assert steps_max({"work_mem": 4 * MiB, "hash_mem_multiplier": 2.0}, MiB, 16) == 2
+    saved = {"step": 1, "saved_at": 0.0,
+             "settings": {"hash_mem_multiplier": {"value": "2", "number": 2.0, "auto_conf": False}}}
+    s = to_stats("main", reading(settings={"hash_mem_multiplier": ["1", None, "/d/postgresql.auto.conf"]}),
+                 server_pid=4242, data_directory="/srv/pg", shrink_settings=("hash_mem_multiplier",), saved=saved,
+                 floor=2 * MiB, steps=16, memory_of=lambda pid: 0, notes={})
+    assert s.shrink_step == 1 and s.shrink_steps_max == 1 and s.extra["settings"] == {"hash_mem_multiplier": "1"}

@@ -37,7 +37,8 @@ COLLECT_BUDGET = 0.5
 
 
 _STATE_SCHEMA = {"step": int, "saved_at": float,
-                 "settings": {str: {"value": str, "bytes": int, "auto_conf": bool, "set?": str, "was?": str}}}
+                 "settings": {str: {"value": str, "bytes?": int, "number?": float, "auto_conf": bool, "set?": str,
+                                    "was?": str}}}
 
 
 def _host_pids(activity: list[list], pid_map: dict[int, int] | None) -> list[list]:

@@ -14,7 +14,7 @@ import dataclasses
 import re
 
 from ..held import Live
-from .stats import setting_bytes, size_literal, unit_bytes
+from .stats import MULTIPLIERS, number_literal, setting_bytes, size_literal, unit_bytes
 
 AUTO_CONF = "postgresql.auto.conf"
 
@@ -67,7 +67,10 @@ def auto_conf_entries(entries: list[Entry]) -> dict[str, str]:
 
 def server_wide(row: Row, entries: list[Entry] | None, user: str) -> dict | str:
     """{"value", "bytes", "auto_conf"}: the DBA's server-wide value of `row.name`, or one line
-    saying why it cannot be known. `entries`: pg_file_settings rows, None when not readable."""
+    saying why it cannot be known. `entries`: pg_file_settings rows, None when not readable.
+    A multiplier (stats.MULTIPLIERS) has "number" instead of "bytes"."""
+    if row.name in MULTIPLIERS:
+        return _multiplier(row, entries, user)
     if entries is not None:
         mine = [e for e in entries if e.name == row.name]
         if mine:
@@ -101,6 +104,28 @@ def server_wide(row: Row, entries: list[Entry] | None, user: str) -> dict | str:
             "auto_conf": (row.sourcefile or "").endswith("/" + AUTO_CONF)}
 
 
+def _multiplier(row: Row, entries: list[Entry] | None, user: str) -> dict | str:
+    """server_wide() of a plain number: the same sources, its text kept as written."""
+    mine = [e for e in entries or () if e.name == row.name]
+    if mine:
+        text, auto_conf, where = mine[-1].setting, mine[-1].auto_conf, f"from {mine[-1].sourcefile}"
+    elif entries is None and row.source in SESSION_SOURCES:
+        return (f"{row.name}: dbguard's own session takes it from ALTER ROLE/ALTER DATABASE ... SET (source "
+                f"{row.source}), which hides the server-wide value: connect as a superuser or "
+                f"GRANT SELECT ON pg_file_settings TO {user}")
+    elif entries is None and row.source == "configuration file" and row.sourcefile is None:
+        return (f"cannot tell where {row.name} is set (pg_settings.sourcefile hidden): connect as a superuser "
+                f"or GRANT pg_read_all_settings TO {user}")
+    else:
+        text = row.boot_val if row.source in SESSION_SOURCES else row.setting
+        auto_conf, where = entries is None and (row.sourcefile or "").endswith("/" + AUTO_CONF), "as a number"
+    try:
+        number = float(text)
+    except ValueError:
+        return f"{row.name}: cannot read {text!r} {where}"
+    return {"value": text if auto_conf else number_literal(number), "number": number, "auto_conf": auto_conf}
+
+
 def live_entry(row: Row | None, entries: list[Entry] | None, name: str) -> Live:
     """What is in postgresql.auto.conf for `name` now: the exact text from pg_file_settings;
     without it, from pg_settings as the size literal dbguard itself writes (so a value of ours
@@ -110,6 +135,8 @@ def live_entry(row: Row | None, entries: list[Entry] | None, name: str) -> Live:
     if row is None or row.source in SESSION_SOURCES or (row.source == "configuration file" and row.sourcefile is None):
         return Live(None, known=False)
     if (row.sourcefile or "").endswith("/" + AUTO_CONF):
+        if name in MULTIPLIERS:
+            return Live(number_literal(float(row.setting)))
         nbytes = setting_bytes(row.setting, row.unit)
         return Live(size_literal(nbytes) if nbytes is not None else row.setting)
     return Live(None)

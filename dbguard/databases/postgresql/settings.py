@@ -28,9 +28,8 @@ from ...escape import printable
 from ...model import Outcome
 from ...originals import Originals
 from ..held import taken_over
-from ..steps import halved
 from .serverwide import Entry, Row, live_entry, server_wide
-from .stats import size_literal, steps_max, unit_bytes
+from .stats import MULTIPLIERS, amount_of, shrunk_literal, steps_max, unit_bytes
 
 log = logging.getLogger("dbguard")
 
@@ -51,12 +50,12 @@ class Settings:
             return 0
         return int(saved["step"]) if saved else 0
 
-    def _ours(self, step: int, o: dict[str, Any]) -> list[str | None]:
+    def _ours(self, name: str, step: int, o: dict[str, Any]) -> list[str | None]:
         """What may be in postgresql.auto.conf for one setting without anyone else's doing: what
         dbguard set (a file written before "set" was recorded: the value its step gives), the
         value before a change that was in flight, and the DBA's original itself (None: no entry),
         which a restore would write again anyway."""
-        return [o.get("set", size_literal(halved(o["bytes"], self.cfg.shrink_floor, step))),
+        return [o.get("set", shrunk_literal(name, amount_of(o), self.cfg.shrink_floor, step)),
                 *([o["was"]] if "was" in o else []), o["value"] if o["auto_conf"] else None]
 
     # --- one step ------------------------------------------------------------------------------
@@ -83,7 +82,7 @@ class Settings:
                                      for n, v in saved["settings"].items())
                 return Outcome.done("; ".join([f"restored {restored}", *notes]))
             originals = saved["settings"] if saved else self._read_originals(rows, entries, user)
-            top = steps_max({n: o["bytes"] for n, o in originals.items()}, self.cfg.shrink_floor,
+            top = steps_max({n: amount_of(o) for n, o in originals.items()}, self.cfg.shrink_floor,
                             self.cfg.shrink_steps)
             if top == 0:
                 return Outcome.failed("; ".join([f"nothing to shrink: {', '.join(originals) or 'no setting'} already "
@@ -91,11 +90,11 @@ class Settings:
             step = min(step, top)
             saved_at = saved["saved_at"] if saved else time.time()
             previous = saved["step"] if saved else 0
-            targets = {n: size_literal(halved(o["bytes"], self.cfg.shrink_floor, step)) for n, o in originals.items()}
+            targets = {n: shrunk_literal(n, amount_of(o), self.cfg.shrink_floor, step) for n, o in originals.items()}
             # The originals are on disk before the first change, and what this step writes before
             # it writes it: a crash from here on is undone by recover(), and never mistaken for the DBA's.
             in_flight = {n: {**self._strip(o), "set": targets[n],
-                             **({"was": self._ours(previous, o)[0]} if previous else {})}
+                             **({"was": self._ours(n, previous, o)[0]} if previous else {})}
                          for n, o in originals.items()}
             self.originals.save({"step": previous, "settings": in_flight, "saved_at": saved_at})
             self._apply(cur, targets, originals, previous, first=saved is None)
@@ -106,21 +105,21 @@ class Settings:
 
     @staticmethod
     def _strip(o: dict[str, Any]) -> dict[str, Any]:
-        return {k: o[k] for k in ("value", "bytes", "auto_conf")}
+        return {k: o[k] for k in ("value", "bytes", "number", "auto_conf") if k in o}
 
     def _let_go_of_theirs(self, saved: dict[str, Any], rows: dict[str, Row],
                           entries: list[Entry] | None) -> tuple[dict[str, Any] | None, list[str]]:
         """Drop the settings someone else changed by ALTER SYSTEM since dbguard set them."""
         settings = saved["settings"]
         live = {n: live_entry(rows.get(n), entries, n) for n in settings}
-        gone = taken_over({n: self._ours(saved["step"], o) for n, o in settings.items()}, live)
+        gone = taken_over({n: self._ours(n, saved["step"], o) for n, o in settings.items()}, live)
         notes = []
         for n in gone:
             o = settings[n]
             now = live[n].value
             notes.append(f"{n} was changed by someone else while shrunk (postgresql.auto.conf now "
                          f"{printable(repr(now)) if now is not None else 'has no entry'}, dbguard had set "
-                         f"{self._ours(saved['step'], o)[0]!r}): theirs is kept, dbguard's original "
+                         f"{self._ours(n, saved['step'], o)[0]!r}): theirs is kept, dbguard's original "
                          f"{o['value'] if o['auto_conf'] else '(no ALTER SYSTEM entry)'} dropped")
             log.warning("database %s: %s", self.cfg.name, notes[-1])
         if not gone:
@@ -147,8 +146,8 @@ class Settings:
                 if previous == 0:
                     self._restore(cur, originals, done)
                 for name in done if previous else ():
-                    self._alter(cur, name, size_literal(halved(originals[name]["bytes"], self.cfg.shrink_floor,
-                                                               previous)))
+                    self._alter(cur, name, shrunk_literal(name, amount_of(originals[name]), self.cfg.shrink_floor,
+                                                          previous))
                 cur.execute("SELECT pg_reload_conf()")
                 if first:
                     self.originals.clear()
@@ -175,10 +174,13 @@ class Settings:
                         user: str) -> dict[str, dict[str, Any]]:
         out = {}
         for name in self.cfg.shrink_settings:
+            if name not in rows and name in MULTIPLIERS:
+                continue            # hash_mem_multiplier before PostgreSQL 13: nothing to shrink
             if name not in rows:
                 raise DbguardError(f"databases.{self.cfg.name}.shrink_settings: {name} is not a PostgreSQL setting")
-            if unit_bytes(rows[name].unit) is None:
-                raise DbguardError(f"databases.{self.cfg.name}.shrink_settings: {name} is not a memory size setting")
+            if unit_bytes(rows[name].unit) is None and name not in MULTIPLIERS:
+                raise DbguardError(f"databases.{self.cfg.name}.shrink_settings: {name} is not a memory size "
+                                   f"setting nor one of {', '.join(MULTIPLIERS)}")
             value = server_wide(rows[name], entries, user)
             if isinstance(value, str):
                 raise DbguardError(value)

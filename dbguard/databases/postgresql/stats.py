@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ...model import DbSession, DbStats, Role
-from ..steps import halvings_to_floor, shrink_steps_max
+from ..steps import halved, halvings_to_floor, shrink_steps_max
 
 QUERY_MAX = 200
 
@@ -77,6 +77,16 @@ def setting_bytes(setting: str, unit: str | None) -> int | None:
     return value * per if value >= 0 else None      # -1: "use another setting"
 
 
+def setting_amount(name: str, setting: str, unit: str | None) -> float | None:
+    """A pg_settings value as dbguard shrinks it: bytes of a size, the number of a multiplier."""
+    if name in MULTIPLIERS:
+        try:
+            return float(setting)
+        except ValueError:
+            return None
+    return setting_bytes(setting, unit)
+
+
 def size_literal(nbytes: int) -> str:
     """A value PostgreSQL accepts for a memory setting, exact to the kB (its smallest unit)."""
     if nbytes % 1024**2 == 0:
@@ -84,10 +94,44 @@ def size_literal(nbytes: int) -> str:
     return f"{max(1, nbytes // 1024)}kB"
 
 
-def steps_max(originals: dict[str, int], floor: int, configured_steps: int) -> int:
-    """Halvings until the largest setting reaches the floor, capped by shrink_steps."""
-    reachable = max((halvings_to_floor(b, floor) for b in originals.values()), default=0)
-    return shrink_steps_max(configured_steps, reachable)
+# Per-session memory settings that are no size: multipliers of work_mem, with their floor (the
+# server's minimum). hash_mem_multiplier (PostgreSQL 13+): a hash table may use this many times
+# work_mem before it spills.
+MULTIPLIERS: dict[str, float] = {"hash_mem_multiplier": 1.0}
+
+
+def number_literal(x: float) -> str:
+    return f"{x:g}"
+
+
+def shrunk(name: str, amount: float, floor: int, step: int) -> float:
+    """A setting at `step`: a size halved toward shrink_floor, a multiplier toward its own floor."""
+    if name in MULTIPLIERS:
+        return amount if step <= 0 else min(amount, max(MULTIPLIERS[name], amount / 2**step))
+    return halved(int(amount), floor, step)
+
+
+def shrunk_literal(name: str, amount: float, floor: int, step: int) -> str:
+    """What dbguard writes for a setting at `step`."""
+    value = shrunk(name, amount, floor, step)
+    return number_literal(value) if name in MULTIPLIERS else size_literal(int(value))
+
+
+def amount_of(o: dict[str, Any]) -> float:
+    """A saved original's amount: bytes of a size, the number of a multiplier."""
+    return o["bytes"] if "bytes" in o else o["number"]
+
+
+def steps_max(originals: dict[str, float], floor: int, configured_steps: int) -> int:
+    """Halvings until the largest setting reaches its floor, capped by shrink_steps."""
+    def reachable(name: str, amount: float) -> int:
+        if name not in MULTIPLIERS:
+            return halvings_to_floor(int(amount), floor)
+        steps = 0
+        while shrunk(name, amount, floor, steps) > MULTIPLIERS[name]:
+            steps += 1
+        return steps
+    return shrink_steps_max(configured_steps, max((reachable(n, a) for n, a in originals.items()), default=0))
 
 
 @dataclass(frozen=True)
@@ -139,11 +183,11 @@ def to_stats(name: str, r: Reading, *, server_pid: int | None, data_directory: s
     sb = r.settings.get("shared_buffers")
     shared_buffers = (setting_bytes(sb[0], sb[1]) if sb else 0) or 0
     current = {n: b for n in shrink_settings if n in r.settings
-               for b in [setting_bytes(r.settings[n][0], r.settings[n][1])] if b is not None}
+               for b in [setting_amount(n, r.settings[n][0], r.settings[n][1])] if b is not None}
     # Steps count from the DBA's values: the saved originals while shrunk, else the current ones.
-    originals = {n: v["bytes"] for n, v in saved["settings"].items()} if saved else current
-    extra: dict[str, Any] = {"settings": {n: size_literal(b) for n, b in current.items()}, "backends": counts,
-                             **notes}
+    originals = {n: amount_of(v) for n, v in saved["settings"].items()} if saved else current
+    extra: dict[str, Any] = {"settings": {n: number_literal(b) if n in MULTIPLIERS else size_literal(int(b))
+                                          for n, b in current.items()}, "backends": counts, **notes}
     return DbStats(
         name=name, kind="postgresql", up=True, server_pid=server_pid, identity=identity,
         data_directory=data_directory,
