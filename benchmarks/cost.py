@@ -59,6 +59,33 @@ def one(bpf: bool, idle: float, log, extra: int = 0) -> dict:
                     "idle_window_s": round(t2 - t1, 1)}
 
 
+# What the RSS is made of: a fresh interpreter after each step's imports (cumulative).
+IMPORT_STEPS = (("python alone", ""),
+                ("+ dbguard's daemon (its modules, prometheus_client, tomllib, ...)", "import dbguard.daemon"),
+                ("+ psycopg (a PostgreSQL configured)", "import psycopg"),
+                ("+ PyMySQL (a MariaDB or MySQL configured)", "import pymysql"),
+                ("+ libbpf (the BPF path's maps)", "import dbguard.kernel.maps as m; m.libbpf()"))
+RSS_NOW = ("import sys\nf = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
+           "sys.stdout.write(f['VmRSS'].split()[0] + ' ' + f['RssAnon'].split()[0])")
+
+
+def imports() -> list[dict]:
+    """RSS and its anonymous part after each of IMPORT_STEPS (median of 3 fresh interpreters)."""
+    import statistics
+    import subprocess
+    import sys
+    from pathlib import Path
+    out, code = [], []
+    for label, stmt in IMPORT_STEPS:
+        code.append(stmt)
+        runs = [subprocess.run([sys.executable, "-c", "\n".join(filter(None, code)) + "\n" + RSS_NOW],
+                               capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
+                .stdout.split() for _ in range(3)]
+        out.append({"step": label, "rss_mib": statistics.median(int(r[0]) for r in runs) / 1024,
+                    "anon_mib": statistics.median(int(r[1]) for r in runs) / 1024})
+    return out
+
+
 def compile_child() -> dict:
     """The BPF compile child's peak RSS (VmHWM sampled every 10 ms) and lifetime."""
     from dbguard.kernel.loader import Loading
@@ -81,6 +108,11 @@ def run(quick: bool = False, log=print) -> dict:
                  + f" {rounds} run(s) each, interleaved, idle window {idle:g} s."}
     for c in ("dbguard-user", "dbguard-bpf"):
         res[c] = {"runs": []}
+    try:
+        res["imports"] = imports()
+    except Exception as e:
+        res["imports"] = [{"error": f"{type(e).__name__}: {e}"[:300]}]
+    log(f"imports: {res['imports']}")
     res["compile_child"] = []
     for _ in range(rounds):
         try:
