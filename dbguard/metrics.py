@@ -197,6 +197,8 @@ class Metrics:
         self._lock = threading.Lock()
         self._state = _State()
         self._bpf: dict[str, int] = {}
+        self._last_roles: tuple[int, dict[int, Role]] | None = None     # (seq, roles) of the last snapshot
+        self._roles_tally: _Tally = _Tally()
         self._server: HttpServer | None = None
 
         r = self.registry
@@ -258,11 +260,28 @@ class Metrics:
                 if db.hit_ratio is not None:
                     dbs.append(("database_cache_hit_ratio", labels, db.hit_ratio))
         dbs += _cache_rows(snap)
-        tally = _Tally(snap.roles.values())
-        shielded = {role.value: tally.get(role, 0) for role in SHIELDED_ROLES}
+        shielded = {role.value: self._tally_roles(snap).get(role, 0) for role in SHIELDED_ROLES}
         with self._lock:
             self._state = _State(level=int(level), ts=snap.ts, memory=memory, databases=dbs,
                                  shielded=shielded, protection=self._state.protection)
+
+    def _tally_roles(self, snap: Snapshot) -> _Tally:
+        """Processes by role, moved by the pids the snapshot names as changed when it follows
+        the last one seen (the previous roles are that snapshot's own dict, never copied)."""
+        last, roles = self._last_roles, snap.roles
+        if last is not None and snap.changed is not None and snap.since == last[0] > 0:
+            tally = self._roles_tally
+            for pid in snap.changed:
+                old, new = last[1].get(pid), roles.get(pid)
+                if old is not new:
+                    if old is not None:
+                        tally[old] -= 1
+                    if new is not None:
+                        tally[new] += 1
+        else:
+            self._roles_tally = _Tally(roles.values())
+        self._last_roles = (snap.seq, roles)
+        return self._roles_tally
 
     def observe_audit_error(self, kind: str) -> None:
         """AuditLog's on_error: one audit record lost to a write error of this kind."""

@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Collection
 
 from ..errors import DbguardError
 from ..host import cap_eff
@@ -237,7 +238,7 @@ class BpfGuard:
         return self._b[b"events"].map_fd if self.ringbuf else None
 
     def sync_processes(self, protected: dict[int, tuple[int, int]], candidates: dict[int, int], *,
-                       starts: dict[int, int] | None = None, judged: set[int] | None = None) -> None:
+                       starts: dict[int, int] | None = None, judged: Collection[int] = ()) -> None:
         """protected: tgid -> (flags, tier) with flags from SHIELD | INHERIT; candidates: tgid -> tier.
         Children the kernel protected at fork stay while they live and their ancestor stays
         protected: the caller need not list them (see dbguard.kernel.sync). A tgid in both is
@@ -247,7 +248,7 @@ class BpfGuard:
         raw = {k.value: (v.flags, v.tier, v.cand_tier, v.origin, v.score, v.start)
                for k, v in self._procs.items()}
         current = {t: ProcEntry(*r) for t, r in raw.items()}
-        diff = diff_procs(current, protected, candidates, _alive, starts, frozenset(judged or ()))
+        diff = diff_procs(current, protected, candidates, _alive, starts, judged)
         for tgid in diff.deletes:
             self._delete(self._procs, ct.c_uint32(tgid))
         for tgid, e in diff.updates.items():

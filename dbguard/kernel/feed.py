@@ -85,7 +85,7 @@ class KernelFeed:
         protected = {pid: (SHIELD | INHERIT if inherit else SHIELD, tier)
                      for pid, (inherit, tier) in view.protected.items()}
         starts = {pid: snap.procs[pid].start_time for pid in (*protected, *view.candidates) if pid in snap.procs}
-        self.bpf.sync_processes(protected, view.candidates, starts=starts, judged=set(snap.procs))
+        self.bpf.sync_processes(protected, view.candidates, starts=starts, judged=snap.procs.keys())
 
     def is_server_exe(self, pid: int) -> bool:
         ident = exe_identity(f"/proc/{pid}/exe")

@@ -15,7 +15,7 @@ for a process that has exited since the snapshot never applies to the pid's next
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable, Collection, NamedTuple
 
 from .layout import CANDIDATE, FRESH, INHERIT, INHERITED, SHIELD
 
@@ -52,7 +52,7 @@ def _protection(tgid: int, cur: ProcEntry | None, protected: dict[int, tuple[int
 
 def diff_procs(current: dict[int, ProcEntry], protected: dict[int, tuple[int, int]],
                candidates: dict[int, int], alive: Callable[[int], bool],
-               starts: dict[int, int] | None = None, judged: set[int] | frozenset[int] = frozenset()) -> Diff:
+               starts: dict[int, int] | None = None, judged: Collection[int] = ()) -> Diff:
     updates: dict[int, ProcEntry] = {}
     deletes: list[int] = []
     starts = starts or {}
