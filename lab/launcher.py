@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from dbguard.errors import DbguardError
+from lab import pace
 
 REPO = Path(__file__).resolve().parent.parent
 DBGUARD = [sys.executable, "-c", "import sys; from dbguard.cli import main; sys.exit(main())"]
@@ -150,7 +151,9 @@ class DbguardRun:
 
     # --- waiting -------------------------------------------------------------------------------
     def wait_for(self, cond: Callable[[], object], timeout: float, what: str, poll: float = 0.1) -> None:
-        """Until cond() holds; DbguardError if dbguard exits first or `timeout` s pass."""
+        """Until cond() holds; DbguardError if dbguard exits first or `timeout` s pass (stretched
+        by the machine's slowdown, lab/pace.py)."""
+        timeout = pace.bound(timeout)
         deadline = time.monotonic() + timeout
         while not cond():
             if self.proc.poll() is not None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dbguard.errors import DbguardError
+from lab import pace
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "scripts" / "vm" / "build-image.sh"
@@ -88,7 +89,10 @@ class Vm:
         outdir.mkdir(parents=True, exist_ok=True)
         for name in ("job.log", "job.rc", "console.log"):
             (outdir / name).unlink(missing_ok=True)
-        (outdir / "job.sh").write_text("set -u\nexport DBGUARD_VM_GUEST=1 PYTHONDONTWRITEBYTECODE=1\n" + job + "\n")
+        # The guest's slowdown against the host as it is now (lab/pace.py): the lab's waits stretch by it.
+        measure = (f"export {pace.ENV}=$(python3 -m lab.pace --against {pace.work_seconds():.6f})\n"
+                   f"echo \"dbguard-vm: the guest runs ${pace.ENV} times slower than the host\"\n")
+        (outdir / "job.sh").write_text("set -u\nexport DBGUARD_VM_GUEST=1 PYTHONDONTWRITEBYTECODE=1\n" + measure + job + "\n")
         t0 = time.monotonic()
         proc = subprocess.Popen(qemu_command(self.image, outdir), stdin=subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

@@ -26,7 +26,7 @@ import pymysql
 import pytest
 
 from dbguard.errors import DbguardError
-from lab import hog
+from lab import hog, pace
 from lab.cgroup import MemoryCgroup
 from lab.launcher import DbguardRun, audit_names, audit_records, base_config
 from lab.mariadb import MariaDB, ReadLoad, load_table
@@ -97,6 +97,7 @@ class Timeline(threading.Thread):
 
 
 def _wait(cond, timeout: float, what: str, diag) -> None:
+    timeout = pace.bound(timeout)       # a bound, stretched where the machine is slower (the test VM)
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
