@@ -240,6 +240,12 @@ def start_hogs(spec: HogSpec, cg: MemoryCgroup, watcher: Watcher, workdir: Path,
     return procs
 
 
+def hogs_settled(procs: list[subprocess.Popen], workdir: Path) -> bool:
+    """Every hog of start_hogs either holds its full size (its "holding" line) or has ended."""
+    return all(p.poll() is not None or "holding" in (workdir / f"hog{i}.out").read_text(errors="replace")
+               for i, p in enumerate(procs))
+
+
 def killed_hogs(exit_codes: list[int | None]) -> list[int]:
     """Indexes of the hogs that ended by SIGKILL (read before the cleanup kills the rest)."""
     return [i for i, rc in enumerate(exit_codes) if rc == -signal.SIGKILL]
@@ -258,6 +264,7 @@ def run_pg_scenario(guard: str | Guard = "none", *,
                     hog_stagger: float = HogSpec.stagger,
                     duration: int = 45,
                     warmup: float = 8.0,
+                    settle: float | None = None,
                     audit_dir: str | os.PathLike | None = None,
                     port: int | None = None,
                     layout: str = "flat",
@@ -270,6 +277,9 @@ def run_pg_scenario(guard: str | Guard = "none", *,
     `layout`: "flat" (one cgroup) or "parent" (the limit on a parent, PostgreSQL and the hogs in
     unlimited sibling sub-groups; see ScenarioEnv.layout).
     `placement` makes the cgroups instead (then `limit` and `load_limit` are its business).
+    `settle`: end the load `settle` seconds after every hog holds its memory or has ended
+    (`duration` is then only the bound), for a machine whose speed is unknown (the TCG test VM):
+    there a fixed run may end before the hogs have grown, and the scenario has shown nothing.
     """
     if layout not in ("flat", "parent"):
         raise ValueError(f"layout must be 'flat' or 'parent', got {layout!r}")
@@ -330,6 +340,8 @@ def run_pg_scenario(guard: str | Guard = "none", *,
                        rel=None if layout == "flat" or placement is not None else "hogs")
             say(f"[{guard_name}] {hogs} hogs started")
 
+            if settle is not None:
+                _end_load_when_settled(pgbench, hog_procs, workdir, settle, watcher)
             try:
                 stdout, stderr = pgbench.communicate(timeout=duration + 60)
             except subprocess.TimeoutExpired:
@@ -397,6 +409,19 @@ def run_pg_scenario(guard: str | Guard = "none", *,
             stop_all(hog_procs)
         kmsg.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _end_load_when_settled(pgbench: subprocess.Popen, hog_procs: list[subprocess.Popen], workdir: Path,
+                           settle: float, watcher: Watcher) -> None:
+    while pgbench.poll() is None and not hogs_settled(hog_procs, workdir):
+        time.sleep(0.5)
+    if pgbench.poll() is not None:
+        return
+    watcher.note(f"every hog holds its memory or has ended; pgbench ends in {settle:g} s")
+    time.sleep(settle)
+    watcher.kills_until = time.monotonic()      # backends exiting from here on are pgbench's end
+    # SIGALRM is how pgbench ends its own -T run: it stops, reports and exits as at the end of -T.
+    pgbench.send_signal(signal.SIGALRM)
 
 
 def _safe(fn: Callable[[], int | None]) -> int | None:
