@@ -13,6 +13,11 @@ def test_bound_stretches_by_the_measured_slowdown(monkeypatch):
     assert pace.bound(60) == 390
 
 
+def test_the_stretch_is_capped_so_a_failing_wait_ends_within_the_vm_job(monkeypatch):
+    monkeypatch.setenv(pace.ENV, "26.6")
+    assert pace.bound(60) == 60 * pace.MAX_STRETCH
+
+
 def test_no_slowdown_and_a_faster_machine_leave_bounds_as_written(monkeypatch):
     monkeypatch.delenv(pace.ENV, raising=False)
     assert pace.bound(60) == 60
