@@ -33,9 +33,6 @@ GUEST_DESELECT = [
     "tests/e2e/test_pressure.py::test_usage_threshold_wakes_wait",
     "tests/e2e/test_pressure.py::test_usage_threshold_already_crossed_when_set_wakes_wait",
     # Not yet reliable under TCG (docs/testing-vm.md, "Not yet"): each failed in one of two or three runs.
-    "tests/vm/guest/test_v2_pg_scopes.py::test_limit_on_the_database_unit",
-    "tests/vm/guest/test_v2_pg_scopes.py::test_limit_on_a_parent_slice_with_the_hogs_in_a_sibling_unit",
-    "tests/vm/guest/test_v2_pg_scopes.py::test_no_limit_but_the_host_ram",
     "tests/e2e/test_bpf.py::test_reclaim_kill_hits_candidate_and_spares_protected",
     "tests/e2e/test_mariadb_pressure.py::test_mariadb_pool_shrinks_before_kills_and_grows_back",
     # Under TCG a few ms of stall on the host is far more in the guest: the 500 ms trigger fired
