@@ -15,6 +15,8 @@
 #define DBG_CANDIDATE  0x8   /* may be killed in kernel; SHIELD wins when both are set */
 #define DBG_FRESH      0x10  /* born of a shielded parent, not judged by the sidecar yet: the kernel
                               * kills it only once the sidecar lists it as a candidate */
+#define DBG_CANCEL     0x20  /* a PostgreSQL client backend (set by the sidecar only, never inherited):
+                              * at a failing-reclaim streak its statement is cancelled (SIGINT) */
 /* extra bits only in dbg_event.flags */
 #define DBG_EVF_CANDIDATE 0x100  /* the process was a kill candidate */
 #define DBG_EVF_BY_CGROUP 0x200  /* matched through the per-cgroup policy */
@@ -43,6 +45,8 @@
 #define DBG_EV_SCORE_TAMPER  5
 #define DBG_EV_BIRTH         6   /* a fork or exec in the watched scope of a task not shielded */
 #define DBG_EV_RECLAIM_FAIL  7   /* a streak of failed reclaims began in the scope (rate-limited) */
+#define DBG_EV_CANCEL        8   /* a client backend's statement cancelled in the kernel (SIGINT) */
+#define DBG_EV_WOULD_CANCEL  9   /* the same in dry run: nothing sent */
 
 /* counters[] index */
 #define DBG_CTR_FORK_INHERITED     0
@@ -61,7 +65,11 @@
 #define DBG_CTR_STALE_ENTRIES      13  /* a map entry ignored: its start time is another process's (pid reused) */
 #define DBG_CTR_UNLISTED_KILLS     14  /* kills (and would-kills) of tasks the sidecar had not listed */
 #define DBG_CTR_BIRTHS             15
-#define DBG_NR_COUNTERS            16
+#define DBG_CTR_CANCELS            16  /* client backends' statements cancelled in the kernel */
+#define DBG_CTR_WOULD_CANCELS      17
+#define DBG_CTR_CANCELS_LIMITED    18  /* a cancel held back by cancel_gap_ns (tried again at the next pass) */
+#define DBG_CTR_CANCEL_ERRORS      19
+#define DBG_NR_COUNTERS            20
 
 #define DBG_SCORE_UNKNOWN (-1001)   /* dbg_proc.score before any value was seen */
 
@@ -84,7 +92,8 @@ struct dbg_proc {
 struct dbg_streak {
     u64 first_ns;          /* bpf_ktime_get_ns of the first failure of this streak */
     u32 fails;
-    u32 reported;          /* a kill (or would-kill) event was sent for this streak */
+    u32 reported;          /* a kill or cancel (or their dry-run events) was sent for this streak:
+                            * at most one per process per streak */
 };
 
 /* exes[{inode, device}]: database server executables; a task running one is never killed. */
@@ -116,14 +125,17 @@ struct dbg_policy {        /* policy[0], written by the sidecar every cycle it c
     u32 births;            /* report forks and execs in the scope (DBG_EV_BIRTH) */
     u64 scope_id;          /* the scope memory cgroup's id (its directory's inode number) */
     u64 min_anon_pages;    /* an unlisted task holding fewer anonymous pages is not killed */
+    u64 cancel_gap_ns;     /* at least this long between two in-kernel cancels (any backends) */
+    u32 cancel_streak;     /* failed reclaims in a row before a client backend is cancelled */
+    u32 pad;
 };
 
 struct dbg_event {
     u64 ts_ns;             /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
     u64 cgroup_id;         /* cgroup v2 id of the current task */
-    u64 a;                 /* kill: failed-reclaim streak;  oom: anon_rss pages;  tamper: old score + 2000;
+    u64 a;                 /* kill, cancel: failed-reclaim streak;  oom: anon_rss pages;  tamper: old score + 2000;
                               birth: parent tgid */
-    u64 b;                 /* kill: ns since the streak's first failed reclaim;  oom: file+shmem rss pages;
+    u64 b;                 /* kill, cancel: ns since the streak's first failed reclaim;  oom: file+shmem rss pages;
                               tamper: the entry's start time (0: not known) */
     u32 kind;
     u32 pid;
@@ -132,9 +144,11 @@ struct dbg_event {
     u32 flags;
     u32 tier;
     u32 by_pid;            /* the current task: the allocator (oom) or the writer (tamper) */
-    s32 c;                 /* kill: bpf_send_signal result; oom: victim oom_score_adj; tamper: new score */
+    s32 c;                 /* kill, cancel: bpf_send_signal result; oom: victim oom_score_adj; tamper: new score */
     char comm[16];
     char by_comm[16];
+    u64 start;             /* cancel: the backend's start time (its procs entry's, /proc ticks) */
+    u64 pages;             /* cancel: the backend's anonymous pages at the cancel */
 };
 
 #endif

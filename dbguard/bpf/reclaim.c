@@ -91,6 +91,8 @@ static __always_inline int dbg_reclaim_begin(void *ctx)
     if (!pol || !pol->enabled)
         return 0;
     struct dbg_streak *s = streaks.lookup(&tgid);
+    if (s && !s->reported && p && (p->flags & DBG_CANCEL))    /* a client backend: cancel.c */
+        return dbg_cancel_gate(ctx, pol, tgid, bpf_get_current_task(), s);
     u32 needed = dbg_needed(pol);
     if (!s || s->reported || !needed || s->fails < needed)
         return 0;
@@ -130,7 +132,8 @@ static __always_inline void dbg_wake(void *ctx, struct dbg_policy *pol, u64 now)
 }
 
 /* Streaks are counted for every task that is not shielded and that a kill could reach:
- * listed candidates, cgroup-policy tasks and the watched scope; dbg_judge decides at the kill. */
+ * listed candidates, cgroup-policy tasks and the watched scope; dbg_judge decides at the kill.
+ * Client backends flagged for cancel (shielded as they are) have streaks too: cancel.c. */
 static __always_inline int dbg_reclaim_end(void *ctx, unsigned long nr_reclaimed)
 {
     struct dbg_policy *pol = dbg_policy();
@@ -152,7 +155,7 @@ static __always_inline int dbg_reclaim_end(void *ctx, unsigned long nr_reclaimed
     }
     u64 task = bpf_get_current_task();
     u32 tier = 0;
-    if (!dbg_judge(pol, task, tgid, &tier))
+    if (!dbg_cancellable(tgid, task) && !dbg_judge(pol, task, tgid, &tier))
         return 0;
     u64 now = bpf_ktime_get_ns();
     struct dbg_streak fresh = {.first_ns = now, .fails = 1};

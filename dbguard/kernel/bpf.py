@@ -24,7 +24,7 @@ from ..errors import DbguardError
 from ..host import cap_eff
 from . import layout
 from .events import PAGE_SIZE, BpfEvent, decode, event_to_audit
-from .layout import ACTION_KILL, ACTION_SHIELD, CANDIDATE, FRESH, INHERIT, INHERITED, SHIELD
+from .layout import ACTION_KILL, ACTION_SHIELD, CANCEL, CANDIDATE, FRESH, INHERIT, INHERITED, SHIELD
 from .loader import LoadFailed, Loading
 from .maps import Loaded, libbpf
 from .source import (TRACEPOINTS, headers_available, kernel_has_ringbuf, program_source,
@@ -32,7 +32,7 @@ from .source import (TRACEPOINTS, headers_available, kernel_has_ringbuf, program
 from .sync import ProcEntry, diff_plain, diff_procs
 
 __all__ = ["availability", "protections", "program_source", "BpfEvent", "BpfGuard", "event_to_audit",
-           "SHIELD", "INHERIT", "INHERITED", "CANDIDATE", "FRESH",
+           "SHIELD", "INHERIT", "INHERITED", "CANDIDATE", "FRESH", "CANCEL",
            "ACTION_KILL", "ACTION_SHIELD", "scope_of", "exe_identity"]
 
 CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39
@@ -78,6 +78,8 @@ PROTECTIONS = (
     ("bpf_fork_inheritance", "children of protected processes are protected at birth, in the kernel"),
     ("bpf_reclaim_kill", "a task of the watched scope whose reclaim keeps failing is killed in the kernel, "
      "listed by user space or not (never a database executable, PID 1, dbguard or a kernel thread)"),
+    ("bpf_reclaim_cancel", "a PostgreSQL client backend whose reclaim keeps failing has its statement cancelled "
+     "in the kernel (SIGINT, PostgreSQL's own cancel; never the postmaster, an auxiliary process or a walsender)"),
     ("bpf_births", "forks and execs in the watched scope wake the sidecar, which raises the newcomer's score"),
     ("bpf_oom_audit", "every kernel OOM kill is audited; a protected victim is reported as a breach"),
     ("bpf_score_tamper", "a raised oom_score_adj on a protected process is reported and can be restored"),
@@ -149,7 +151,7 @@ class BpfGuard:
                                      fail_streak=DEFAULT_FAIL_STREAK, fail_pages=0,
                                      self_tgid=os.getpid(), n_cgroups=0, early_streak=0,
                                      scope=layout.SCOPE_NONE, scope_level=0, births=0, scope_id=0,
-                                     min_anon_pages=0)
+                                     min_anon_pages=0, cancel_gap_ns=0, cancel_streak=0)
         self._write_policy()
         jump = bpf[b"reclaim_jump"]
         for slot, prog in ((0, b"tracepoint__vmscan__mm_vmscan_memcg_reclaim_begin"),
@@ -196,17 +198,21 @@ class BpfGuard:
 
     def set_policy(self, *, level: int, enabled: bool, dry_run: bool, min_level_to_kill: int = 3,
                    fail_streak: int = DEFAULT_FAIL_STREAK, fail_pages: int = 0, early_streak: int = 0,
-                   births: bool = False, min_anon_bytes: int = 0) -> None:
+                   births: bool = False, min_anon_bytes: int = 0, cancel_streak: int = 0,
+                   cancel_gap: float = 0.0) -> None:
         """A task is killed when its last N reclaims each freed at most fail_pages pages, N being
         fail_streak from min_level_to_kill on and early_streak below it (0: no kill below).
         Unlisted tasks are killed only in the scope (set_scope) and holding min_anon_bytes of
-        anonymous memory. births: report forks and execs in the scope. Written to the kernel
-        only when it changed."""
+        anonymous memory. births: report forks and execs in the scope. A client backend
+        flagged for cancel (sync_processes) is cancelled after cancel_streak such reclaims
+        (0: never), one backend per cancel_gap seconds at most. Written to the kernel only
+        when it changed."""
         p = self._policy
         new = dict(level=int(level), enabled=int(enabled), dry_run=int(dry_run),
                    min_level_to_kill=int(min_level_to_kill), fail_streak=max(1, int(fail_streak)),
                    fail_pages=int(fail_pages), early_streak=max(0, int(early_streak)), births=int(births),
-                   min_anon_pages=max(0, int(min_anon_bytes)) // PAGE_SIZE)
+                   min_anon_pages=max(0, int(min_anon_bytes)) // PAGE_SIZE,
+                   cancel_streak=max(0, int(cancel_streak)), cancel_gap_ns=max(0, int(cancel_gap * 1e9)))
         if any(getattr(p, k) != v for k, v in new.items()):
             for k, v in new.items():
                 setattr(p, k, v)
@@ -238,17 +244,20 @@ class BpfGuard:
         return self._b[b"events"].map_fd if self.ringbuf else None
 
     def sync_processes(self, protected: dict[int, tuple[int, int]], candidates: dict[int, int], *,
-                       starts: dict[int, int] | None = None, judged: Collection[int] = ()) -> None:
+                       starts: dict[int, int] | None = None, judged: Collection[int] = (),
+                       cancel: Collection[int] = frozenset()) -> None:
         """protected: tgid -> (flags, tier) with flags from SHIELD | INHERIT; candidates: tgid -> tier.
         Children the kernel protected at fork stay while they live and their ancestor stays
         protected: the caller need not list them (see dbguard.kernel.sync). A tgid in both is
         protected: SHIELD wins in the kernel. starts: tgid -> /proc start time of the process
         the entry is for (the kernel ignores it for any other holder of the pid, and it is
-        checked again here right after the write); judged: the tgids of the caller's snapshot."""
+        checked again here right after the write); judged: the tgids of the caller's snapshot;
+        cancel: protected PostgreSQL client backends the kernel cancels at a failing streak
+        (CANCEL, on entries with a start time only)."""
         raw = {k.value: (v.flags, v.tier, v.cand_tier, v.origin, v.score, v.start)
                for k, v in self._procs.items()}
         current = {t: ProcEntry(*r) for t, r in raw.items()}
-        diff = diff_procs(current, protected, candidates, _alive, starts, judged)
+        diff = diff_procs(current, protected, candidates, _alive, starts, judged, cancel)
         for tgid in diff.deletes:
             self._delete(self._procs, ct.c_uint32(tgid))
         for tgid, e in diff.updates.items():
@@ -287,6 +296,10 @@ class BpfGuard:
 
     def candidate_tgids(self) -> dict[int, int]:
         return {k.value: v.cand_tier for k, v in self._procs.items() if v.flags & CANDIDATE}
+
+    def cancel_tgids(self) -> set[int]:
+        """Client backends the kernel cancels at a failing streak."""
+        return {k.value for k, v in self._procs.items() if v.flags & CANCEL}
 
     def fresh_tgids(self) -> set[int]:
         """Children of shielded processes the kernel spares until the sidecar judges them."""

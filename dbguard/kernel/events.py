@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import layout
 from ..model import Level
+from ..sense.proctable import boot_time, clk_tck
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)
 class BpfEvent:
-    kind: str          # "kill" | "would_kill" | "oom_victim" | "breach" | "score_tamper" | "birth" | "reclaim_fail"
+    kind: str          # "kill" | "would_kill" | "cancel" | "would_cancel" | "oom_victim" | "breach" | "score_tamper"
+                       # | "birth" | "reclaim_fail"
     pid: int
     tgid: int
     comm: str
@@ -38,6 +41,12 @@ def decode(raw: layout.Event, wall_offset_ns: int) -> BpfEvent:
                   "by_cgroup_policy": bool(raw.flags & layout.EVF_BY_CGROUP),
                   "unlisted": bool(raw.flags & layout.EVF_UNLISTED), "since_first_fail_ns": raw.b}
         if kind == "kill":
+            detail["signal_result"] = raw.c
+        path = "bpf"
+    elif kind in ("cancel", "would_cancel"):
+        detail = {"fail_streak": raw.a, "since_first_fail_ns": raw.b, "start_time": raw.start or None,
+                  "anon_rss_bytes": raw.pages * PAGE_SIZE}
+        if kind == "cancel":
             detail["signal_result"] = raw.c
         path = "bpf"
     elif kind in ("oom_victim", "breach"):
@@ -73,6 +82,13 @@ def _level_name(level: int) -> str:
         return str(level)
 
 
+def _started(ticks: int | None) -> str:
+    """A process start (/proc/PID/stat ticks since boot) as UTC time."""
+    if not ticks:
+        return "at an unknown time"
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(boot_time() + ticks / clk_tck()))
+
+
 def event_to_audit(ev: BpfEvent) -> dict[str, Any]:
     """The audit-log record for a kernel event (keys: ts, action, target, reason, level, result, path)."""
     d = ev.detail
@@ -88,6 +104,16 @@ def event_to_audit(ev: BpfEvent) -> dict[str, Any]:
             action = "kill"
             rc = d.get("signal_result", 0)
             result = "killed (SIGKILL in kernel)" if rc == 0 else f"failed: bpf_send_signal returned {rc}"
+    elif ev.kind in ("cancel", "would_cancel"):
+        # A client backend's statement: named by pid, process start and memory, never by its text.
+        target = f"postgresql client backend (pid {ev.pid})"
+        action = "cancel_query"
+        reason = (f"allocating while reclaim failed {d.get('fail_streak')} times in a row at level "
+                  f"{_level_name(ev.level)}; holds {d.get('anon_rss_bytes', 0) // 2**20} MiB of anonymous memory, "
+                  f"backend started {_started(d.get('start_time'))}")
+        rc = d.get("signal_result", 0)
+        result = ("dry_run: would have sent SIGINT in kernel" if ev.kind == "would_cancel" else
+                  "cancelled (SIGINT in kernel)" if rc == 0 else f"failed: bpf_send_signal returned {rc}")
     elif ev.kind in ("oom_victim", "breach"):
         action = "kernel_oom_kill"
         mib = (d.get("anon_rss_bytes", 0) + d.get("file_rss_bytes", 0)) / 2**20

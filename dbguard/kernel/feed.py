@@ -2,11 +2,12 @@
 the kernel's events.
 
 Writing (sync, once per cycle): the kill gate (streaks by level, pages, the size an unlisted
-task must hold), the scope, the database servers' executables, and the per-process entries
-compiled from the policy's verdicts, each with its process's start time.
+task must hold), the cancel gate (PostgreSQL client backends), the scope, the database
+servers' executables, and the per-process entries compiled from the policy's verdicts, each
+with its process's start time.
 
-Reading (drain, every cycle and whenever the kernel's ring buffer wakes the daemon): kills
-and kernel OOM victims go to the audit log and metrics, a raised shield is put back (to the
+Reading (drain, every cycle and whenever the kernel's ring buffer wakes the daemon): kills,
+cancels and kernel OOM victims go to the audit log and metrics, a raised shield is put back (to the
 same process only: the event carries its start time), and a process born in the scope is
 scored at once through act/. Reading never depends on the sync having worked: a full map or
 a BCC error in the sync must not hide the kernel's kills.
@@ -25,11 +26,12 @@ from .bpf import INHERIT, SHIELD, BpfEvent, BpfGuard, event_to_audit, exe_identi
 
 log = logging.getLogger("dbguard")
 
-# Kernel event kind -> dbguard_kernel_events_total kind
 # Processes whose executable is a database server's: identified servers, and server
 # executables nobody identified (databases/identity: DB_UNKNOWN).
 SERVER_ROLES = registry.server_roles() | {Role.DB_UNKNOWN}
-METRIC_KIND = {"kill": "bpf_kill", "would_kill": "bpf_would_kill", "oom_victim": "oom_kill", "breach": "oom_kill"}
+# Kernel event kind -> dbguard_kernel_events_total kind
+METRIC_KIND = {"kill": "bpf_kill", "would_kill": "bpf_would_kill", "cancel": "bpf_cancel",
+               "would_cancel": "bpf_would_cancel", "oom_victim": "oom_kill", "breach": "oom_kill"}
 
 
 def known_server_exes() -> set[tuple[int, int]]:
@@ -73,7 +75,8 @@ class KernelFeed:
         self.bpf.set_policy(level=int(level), enabled=cfg.kill.enabled, dry_run=dry_run,
                             min_level_to_kill=b.min_level_to_kill, fail_streak=b.fail_streak,
                             fail_pages=b.fail_pages, early_streak=b.early_fail_streak, births=b.births,
-                            min_anon_bytes=cfg.kill.min_rss)
+                            min_anon_bytes=cfg.kill.min_rss, cancel_streak=b.cancel_streak if b.cancel else 0,
+                            cancel_gap=b.cancel_interval)
         running = running_server_exes(snap)
         if running != self._server_exes:
             self._server_exes = running
@@ -85,7 +88,8 @@ class KernelFeed:
         protected = {pid: (SHIELD | INHERIT if inherit else SHIELD, tier)
                      for pid, (inherit, tier) in view.protected.items()}
         starts = {pid: snap.procs[pid].start_time for pid in (*protected, *view.candidates) if pid in snap.procs}
-        self.bpf.sync_processes(protected, view.candidates, starts=starts, judged=snap.procs.keys())
+        self.bpf.sync_processes(protected, view.candidates, starts=starts, judged=snap.procs.keys(),
+                                cancel=view.cancel if b.cancel else frozenset())
 
     def is_server_exe(self, pid: int) -> bool:
         ident = exe_identity(f"/proc/{pid}/exe")

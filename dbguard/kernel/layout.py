@@ -11,7 +11,7 @@ from pathlib import Path
 BPF_DIR = Path(os.environ.get("DBGUARD_BPF_DIR") or Path(__file__).resolve().parents[1] / "bpf")
 HEADER = BPF_DIR / "dbguard.h"
 # Concatenated in this order after the header: maps first, then one file per concern.
-SOURCES = ("maps.c", "fork.c", "reclaim.c", "oom.c")
+SOURCES = ("maps.c", "fork.c", "cancel.c", "reclaim.c", "oom.c")
 
 _DEFINE = re.compile(r"^#define\s+(DBG_\w+)\s+\(?(-?(?:0x[0-9a-fA-F]+|\d+))\)?", re.M)
 
@@ -27,6 +27,7 @@ INHERIT = C["DBG_INHERIT"]
 INHERITED = C["DBG_INHERITED"]
 CANDIDATE = C["DBG_CANDIDATE"]
 FRESH = C["DBG_FRESH"]
+CANCEL = C["DBG_CANCEL"]
 EVF_UNLISTED = C["DBG_EVF_UNLISTED"]
 EVF_EXEC = C["DBG_EVF_EXEC"]
 SCOPE_NONE, SCOPE_CGROUP, SCOPE_ALL = C["DBG_SCOPE_NONE"], C["DBG_SCOPE_CGROUP"], C["DBG_SCOPE_ALL"]
@@ -47,6 +48,8 @@ EVENT_KINDS = {
     C["DBG_EV_SCORE_TAMPER"]: "score_tamper",
     C["DBG_EV_BIRTH"]: "birth",
     C["DBG_EV_RECLAIM_FAIL"]: "reclaim_fail",
+    C["DBG_EV_CANCEL"]: "cancel",
+    C["DBG_EV_WOULD_CANCEL"]: "would_cancel",
 }
 
 # counters[] index -> metric-friendly name
@@ -78,7 +81,8 @@ class Policy(ct.Structure):
                 ("min_level_to_kill", ct.c_uint32), ("fail_streak", ct.c_uint32),
                 ("fail_pages", ct.c_uint32), ("self_tgid", ct.c_uint32), ("n_cgroups", ct.c_uint32),
                 ("early_streak", ct.c_uint32), ("scope", ct.c_uint32), ("scope_level", ct.c_uint32),
-                ("births", ct.c_uint32), ("scope_id", ct.c_uint64), ("min_anon_pages", ct.c_uint64)]
+                ("births", ct.c_uint32), ("scope_id", ct.c_uint64), ("min_anon_pages", ct.c_uint64),
+                ("cancel_gap_ns", ct.c_uint64), ("cancel_streak", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
 class Event(ct.Structure):
@@ -86,14 +90,15 @@ class Event(ct.Structure):
                 ("b", ct.c_uint64), ("kind", ct.c_uint32), ("pid", ct.c_uint32),
                 ("tgid", ct.c_uint32), ("level", ct.c_uint32), ("flags", ct.c_uint32),
                 ("tier", ct.c_uint32), ("by_pid", ct.c_uint32), ("c", ct.c_int32),
-                ("comm", ct.c_char * 16), ("by_comm", ct.c_char * 16)]
+                ("comm", ct.c_char * 16), ("by_comm", ct.c_char * 16), ("start", ct.c_uint64),
+                ("pages", ct.c_uint64)]
 
 
 # map name in the C source -> the ctypes type of its keys and of its values (per CPU for a
 # per-CPU map); a map not named here is read as raw bytes of the kernel's sizes.
 MAP_KEYS = {"procs": ct.c_uint32, "cgroups": ct.c_uint64, "exes": Exe, "streaks": ct.c_uint32,
             "policy": ct.c_int, "counters": ct.c_int, "last_wake": ct.c_int, "reclaim_jump": ct.c_int,
-            "events": ct.c_int}
+            "events": ct.c_int, "last_cancel": ct.c_int}
 MAP_VALUES = {"procs": Proc, "cgroups": Cgroup, "exes": ct.c_uint32, "streaks": Streak, "policy": Policy,
               "counters": ct.c_uint64, "last_wake": ct.c_uint64, "reclaim_jump": ct.c_int,
-              "events": ct.c_int}
+              "events": ct.c_int, "last_cancel": ct.c_uint64}

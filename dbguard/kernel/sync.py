@@ -12,12 +12,15 @@ the caller's as soon as its process is in the caller's snapshot (`judged`).
 
 Entries the sidecar writes carry their process's start time (`starts`), so that one written
 for a process that has exited since the snapshot never applies to the pid's next holder.
+
+CANCEL (a PostgreSQL client backend the kernel may cancel) is the caller's word of this sync
+alone: set only on a protected entry with a start time, dropped when the caller stops listing it.
 """
 from __future__ import annotations
 
 from typing import Callable, Collection, NamedTuple
 
-from .layout import CANDIDATE, FRESH, INHERIT, INHERITED, SHIELD
+from .layout import CANCEL, CANDIDATE, FRESH, INHERIT, INHERITED, SHIELD
 
 PROTECTION = SHIELD | INHERIT
 
@@ -52,7 +55,8 @@ def _protection(tgid: int, cur: ProcEntry | None, protected: dict[int, tuple[int
 
 def diff_procs(current: dict[int, ProcEntry], protected: dict[int, tuple[int, int]],
                candidates: dict[int, int], alive: Callable[[int], bool],
-               starts: dict[int, int] | None = None, judged: Collection[int] = ()) -> Diff:
+               starts: dict[int, int] | None = None, judged: Collection[int] = (),
+               cancel: Collection[int] = frozenset()) -> Diff:
     updates: dict[int, ProcEntry] = {}
     deletes: list[int] = []
     starts = starts or {}
@@ -74,6 +78,9 @@ def diff_procs(current: dict[int, ProcEntry], protected: dict[int, tuple[int, in
         if flags & CANDIDATE:
             flags &= ~FRESH
         start = starts.get(tgid, cur.start if cur else 0)
+        # The cancel goes only to a process the caller lists now, shielded, and named by its start.
+        if tgid in cancel and tgid in protected and flags & SHIELD and start:
+            flags |= CANCEL
         want = ProcEntry(flags, tier, cand_tier, origin, cur.score if cur else None, start)
         if want != cur:
             updates[tgid] = want

@@ -75,10 +75,12 @@ def another_dbguard(proc: Proc) -> bool:
 @dataclass(frozen=True)
 class KernelView:
     """What the BPF maps must hold for the user-space decision: tgid -> (inherit, tier rank)
-    for protected processes, tgid -> tier rank for in-kernel kill candidates."""
+    for protected processes, tgid -> tier rank for in-kernel kill candidates, and the
+    protected PostgreSQL client backends whose statement the kernel may cancel."""
 
     protected: dict[int, tuple[bool, int]]
     candidates: dict[int, int]
+    cancel: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -288,4 +290,14 @@ class Judge:
                 if v.order != band:
                     break
             candidates[p.pid] = v.tier_rank
-        return KernelView(protected, candidates)
+        return KernelView(protected, candidates, kernel_cancellable(snap, protected))
+
+
+def kernel_cancellable(snap: Snapshot, protected: dict) -> frozenset[int]:
+    """The backends the kernel may send SIGINT (PostgreSQL's own cancel) at a failing streak:
+    client backends by pg_stat_activity's backend_type, and nothing else. SIGINT is a fast
+    shutdown to the postmaster and means other things to auxiliary processes, walsenders,
+    autovacuum and background workers; dbguard's own backend is no session."""
+    return frozenset(s.pid for db in snap.databases if db.up and db.kind == "postgresql"
+                     for s in db.sessions if s.kind == "client backend" and s.pid in protected
+                     and snap.roles.get(s.pid) is Role.PG_BACKEND)

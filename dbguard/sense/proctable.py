@@ -35,11 +35,11 @@ FRESH_BUDGET = 1500         # most processes read in one cycle under pressure (t
 LIST_EVERY = 60.0           # with process events, /proc is still listed this often (belt and braces)
 
 
-def _clk_tck() -> int:
+def clk_tck() -> int:
     return os.sysconf("SC_CLK_TCK")
 
 
-def _boot_time() -> float:
+def boot_time() -> float:
     with open("/proc/stat", "rb") as f:
         for line in f:
             if line.startswith(b"btime "):
@@ -85,8 +85,8 @@ class ProcTable:
         self._by_rss: list = []
         self._seq = 0
         self._last = time.monotonic()
-        self._hz = _clk_tck()
-        self._boot = _boot_time()
+        self._hz = clk_tck()
+        self._boot = boot_time()
 
     def _read(self, pid: int) -> None:
         p = read_proc(pid, self.root)

@@ -128,8 +128,8 @@ def test_direct_reclaim_programs_jump_to_the_memcg_ones(bpf_guard):
 
 def test_protections_report_names_each_bpf_protection():
     rows = protections()
-    assert [r[0] for r in rows] == ["bpf_fork_inheritance", "bpf_reclaim_kill", "bpf_births", "bpf_oom_audit",
-                                    "bpf_score_tamper"]
+    assert [r[0] for r in rows] == ["bpf_fork_inheritance", "bpf_reclaim_kill", "bpf_reclaim_cancel", "bpf_births",
+                                    "bpf_oom_audit", "bpf_score_tamper"]
     assert all(active for _, active, _ in rows), rows
 
 

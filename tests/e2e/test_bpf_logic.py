@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from dbguard.kernel import layout
-from dbguard.kernel.events import BpfEvent, decode, event_to_audit
+from dbguard.kernel.events import PAGE_SIZE, BpfEvent, decode, event_to_audit
 from dbguard.kernel.source import kernel_has_ringbuf
 from dbguard.kernel.sync import ProcEntry, diff_plain, diff_procs
 
@@ -142,3 +142,42 @@ def test_decode_birth_and_a_kill_of_an_unlisted_task():
     assert "not listed yet" in event_to_audit(kill)["reason"]
     oom = decode(_raw(kind=3, pid=9, tgid=9, a=1024, b=0, comm=b"x"), 0)
     assert oom.detail["anon_rss_bytes"] == 1024 * 1024, "mark_victim reports kB"
+
+
+X = layout.CANCEL
+
+
+def test_cancel_goes_on_listed_shielded_entries_with_a_start_only_and_goes_away_with_the_listing():
+    d = diff_procs({}, {10: (S, 1), 11: (S, 1)}, {20: 2}, alive, starts={10: 111, 20: 222},
+                   cancel={10, 11, 20, 30})
+    assert d.updates[10].flags == S | X
+    assert d.updates[11].flags == S, "no start time: the kernel could not tell the backend from a new holder"
+    assert d.updates[20].flags == C, "a kill candidate is no backend"
+    assert 30 not in d.updates
+    # a backend the kernel protected at fork, listed with its start: kernel-owned, flagged
+    cur = {1: E(S | I, 1, 1), 12: ProcEntry(S | I | H, 1, 0, 1, 0)}
+    d = diff_procs(cur, {1: (S | I, 1), 12: (S, 1)}, {}, alive, starts={1: 5, 12: 444}, cancel={12})
+    assert d.updates[12] == ProcEntry(S | H | X, 1, 0, 1, 0, 444)
+    # no longer listed for cancel (its session ended, or [bpf] cancel = false): the flag goes
+    cur = {12: ProcEntry(S | H | X, 1, 0, 1, 0, 444), 1: ProcEntry(S | I, 1, 0, 1, 0, 5)}
+    d = diff_procs(cur, {1: (S | I, 1), 12: (S, 1)}, {}, alive, starts={1: 5, 12: 444})
+    assert d.updates[12].flags == S | H
+    d = diff_procs(cur, {1: (S | I, 1)}, {}, alive, starts={1: 5})
+    assert d.updates[12].flags == S | H, "kept while its origin is protected, without the cancel"
+
+
+def test_decode_cancel_and_its_audit_record_names_no_query():
+    raw = _raw(kind=8, pid=4321, tgid=4321, level=1, flags=S | X, a=2, b=1_500_000, c=0, comm=b"postgres",
+               by_pid=4321, start=123_456, pages=25_600)
+    ev = decode(raw, 0)
+    assert ev.kind == "cancel" and ev.path == "bpf"
+    assert ev.detail == {"fail_streak": 2, "since_first_fail_ns": 1_500_000, "start_time": 123_456,
+                         "anon_rss_bytes": 25_600 * PAGE_SIZE, "signal_result": 0}
+    rec = event_to_audit(ev)
+    assert rec["action"] == "cancel_query" and rec["path"] == "bpf" and rec["pid"] == 4321
+    assert rec["result"] == "cancelled (SIGINT in kernel)" and rec["level"] == "warn"
+    assert f"{25_600 * PAGE_SIZE // 2**20} MiB" in rec["reason"] and "backend started 20" in rec["reason"]
+    would = event_to_audit(decode(_raw(kind=9, pid=4321, tgid=4321, a=1, start=5, pages=1), 0))
+    assert would["action"] == "cancel_query" and would["result"].startswith("dry_run: would have sent SIGINT")
+    failed = event_to_audit(decode(_raw(kind=8, pid=4321, tgid=4321, c=-3), 0))
+    assert failed["result"] == "failed: bpf_send_signal returned -3"

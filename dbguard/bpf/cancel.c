@@ -1,0 +1,74 @@
+/* The in-kernel cancel: a PostgreSQL client backend whose own reclaim keeps failing gets
+ * SIGINT in its own context, PostgreSQL's own cancel (what pg_cancel_backend sends): its
+ * statement ends with "canceling statement due to user request" and gives its memory back,
+ * the session and the server stay.
+ *
+ * Only entries the sidecar wrote with DBG_CANCEL qualify: it sets the flag from
+ * pg_stat_activity's backend_type 'client backend' alone, on an entry that carries the
+ * process's start time, and the kernel never copies it to a child. SIGINT means a fast
+ * shutdown to the postmaster and something else to auxiliary processes and walsenders, so
+ * nothing but that flag leads here. At most once per backend per streak (the streak's
+ * `reported`), at most one cancel per `cancel_gap_ns` across backends; dry run: the event
+ * only. Called from reclaim.c, which counts the streaks. */
+#include "dbguard.h"
+
+BPF_ARRAY(last_cancel, u64, 1);     /* when the last in-kernel cancel was sent */
+
+/* The current task's entry if it is a client backend the sidecar flagged for cancel. */
+static __always_inline struct dbg_proc *dbg_cancellable(u32 tgid, u64 task)
+{
+    struct dbg_proc *p = dbg_entry(tgid, task);
+    return p && (p->flags & DBG_CANCEL) && p->start ? p : 0;
+}
+
+/* Whether the gap since the last cancel allows one now; claims it if so (one CPU wins). */
+static __always_inline int dbg_cancel_slot(struct dbg_policy *pol, u64 now)
+{
+    int zero = 0;
+    u64 *last = last_cancel.lookup(&zero);
+    if (!last)
+        return 0;
+    u64 seen = *last;
+    if (seen && now - seen < pol->cancel_gap_ns)
+        return 0;
+    return __sync_val_compare_and_swap(last, seen, now) == seen;
+}
+
+static __always_inline int dbg_cancel_gate(void *ctx, struct dbg_policy *pol, u32 tgid, u64 task,
+                                           struct dbg_streak *s)
+{
+    if (!pol->cancel_streak || s->fails < pol->cancel_streak)
+        return 0;
+    struct dbg_proc *p = dbg_cancellable(tgid, task);
+    if (!p || dbg_untouchable(pol, task, tgid))
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    if (!dbg_cancel_slot(pol, now)) {
+        dbg_count(DBG_CTR_CANCELS_LIMITED);
+        return 0;
+    }
+    s->reported = 1;
+    u64 id = bpf_get_current_pid_tgid();
+    struct dbg_event ev = {};
+    ev.pid = (u32)id;
+    ev.tgid = tgid;
+    ev.level = pol->level;
+    ev.flags = p->flags;
+    ev.tier = p->tier;
+    ev.a = s->fails;
+    ev.b = now - s->first_ns;
+    ev.by_pid = (u32)id;
+    ev.start = p->start;
+    ev.pages = dbg_anon_pages(task);
+    bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+    if (pol->dry_run) {
+        ev.kind = DBG_EV_WOULD_CANCEL;
+        dbg_count(DBG_CTR_WOULD_CANCELS);
+    } else {
+        ev.c = bpf_send_signal(2);
+        ev.kind = DBG_EV_CANCEL;
+        dbg_count(ev.c ? DBG_CTR_CANCEL_ERRORS : DBG_CTR_CANCELS);
+    }
+    dbg_emit(ctx, &ev);
+    return 0;
+}
