@@ -112,6 +112,7 @@ class Bpf:
     cancel: bool = False
     cancel_streak: int = Bounded(1, 1, 1000)
     cancel_interval: float = Bounded(0.05, 0, 60)
+    cancel_pages: int = Bounded(0, 0, 1_000_000)
 
 
 @dataclass(frozen=True)

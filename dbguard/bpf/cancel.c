@@ -21,6 +21,16 @@ static __always_inline struct dbg_proc *dbg_cancellable(u32 tgid, u64 task)
     return p && (p->flags & DBG_CANCEL) && p->start ? p : 0;
 }
 
+/* Whether a reclaim pass that freed more than fail_pages failed anyway for this task: a
+ * client backend flagged for cancel, and at most cancel_pages freed. */
+static __always_inline int dbg_cancel_short(struct dbg_policy *pol, u32 tgid, unsigned long nr_reclaimed)
+{
+    if (nr_reclaimed > pol->cancel_pages)
+        return 0;
+    struct dbg_proc *p = procs.lookup(&tgid);
+    return p && (p->flags & DBG_CANCEL);
+}
+
 /* Whether the gap since the last cancel allows one now; claims it if so (one CPU wins). */
 static __always_inline int dbg_cancel_slot(struct dbg_policy *pol, u64 now)
 {

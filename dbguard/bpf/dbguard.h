@@ -127,7 +127,9 @@ struct dbg_policy {        /* policy[0], written by the sidecar every cycle it c
     u64 min_anon_pages;    /* an unlisted task holding fewer anonymous pages is not killed */
     u64 cancel_gap_ns;     /* at least this long between two in-kernel cancels (any backends) */
     u32 cancel_streak;     /* failed reclaims in a row before a client backend is cancelled */
-    u32 pad;
+    u32 cancel_pages;      /* for a client backend, a reclaim that freed at most this many pages failed
+                            * (max with fail_pages): its cancel must come while the charge can still
+                            * succeed, SIGINT does not end a charge the way SIGKILL does */
 };
 
 struct dbg_event {

@@ -141,7 +141,7 @@ static __always_inline int dbg_reclaim_end(void *ctx, unsigned long nr_reclaimed
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct dbg_streak *s = streaks.lookup(&tgid);
-    if (nr_reclaimed > pol->fail_pages) {
+    if (nr_reclaimed > pol->fail_pages && !dbg_cancel_short(pol, tgid, nr_reclaimed)) {
         if (s && s->fails) {
             s->fails = 0;
             s->reported = 0;

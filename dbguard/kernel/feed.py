@@ -76,7 +76,7 @@ class KernelFeed:
                             min_level_to_kill=b.min_level_to_kill, fail_streak=b.fail_streak,
                             fail_pages=b.fail_pages, early_streak=b.early_fail_streak, births=b.births,
                             min_anon_bytes=cfg.kill.min_rss, cancel_streak=b.cancel_streak if b.cancel else 0,
-                            cancel_gap=b.cancel_interval)
+                            cancel_gap=b.cancel_interval, cancel_pages=b.cancel_pages)
         running = running_server_exes(snap)
         if running != self._server_exes:
             self._server_exes = running

@@ -82,7 +82,7 @@ class Policy(ct.Structure):
                 ("fail_pages", ct.c_uint32), ("self_tgid", ct.c_uint32), ("n_cgroups", ct.c_uint32),
                 ("early_streak", ct.c_uint32), ("scope", ct.c_uint32), ("scope_level", ct.c_uint32),
                 ("births", ct.c_uint32), ("scope_id", ct.c_uint64), ("min_anon_pages", ct.c_uint64),
-                ("cancel_gap_ns", ct.c_uint64), ("cancel_streak", ct.c_uint32), ("pad", ct.c_uint32)]
+                ("cancel_gap_ns", ct.c_uint64), ("cancel_streak", ct.c_uint32), ("cancel_pages", ct.c_uint32)]
 
 
 class Event(ct.Structure):
