@@ -28,6 +28,10 @@
 #define DBG_SCOPE_NONE    0   /* only the candidates the sidecar listed */
 #define DBG_SCOPE_CGROUP  1   /* tasks whose memory cgroup is scope_id or below it */
 #define DBG_SCOPE_ALL     2   /* every task (the sidecar watches the host) */
+#define DBG_SCOPE_SET     3   /* tasks whose memory cgroup is one in the scopes map or below one
+                               * (several databases on one node, each with its own limit) */
+#define DBG_MAX_SCOPES    64  /* entries of the scopes map */
+#define DBG_SCOPE_DEPTH   16  /* scopes of the set lie at depths 1 .. DBG_SCOPE_DEPTH - 1 */
 
 #define DBG_PF_KTHREAD    0x00200000   /* task_struct.flags: a kernel thread */
 #define DBG_NSEC_PER_TICK 10000000     /* /proc/PID/stat start times are in USER_HZ (100) ticks */

@@ -5,6 +5,7 @@
 BPF_F_TABLE("hash", u32, struct dbg_proc, procs, DBG_MAX_PROCS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", u64, struct dbg_cgroup, cgroups, DBG_MAX_CGROUPS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct dbg_exe, u32, exes, DBG_MAX_EXES, BPF_F_NO_PREALLOC);
+BPF_F_TABLE("hash", u64, u32, scopes, DBG_MAX_SCOPES, BPF_F_NO_PREALLOC);   /* memcg id -> its depth */
 /* LRU: a streak needs no bookkeeping by the sidecar, and a full map forgets the oldest. */
 BPF_TABLE("lru_hash", u32, struct dbg_streak, streaks, DBG_MAX_STREAKS);
 BPF_ARRAY(policy, struct dbg_policy, 1);
@@ -85,21 +86,41 @@ static __always_inline struct dbg_proc *dbg_entry(u32 tgid, u64 task)
     return p;
 }
 
+static __always_inline u64 dbg_ancestor_id(u64 cgrp, u32 level)
+{
+    u64 anc = dbg_ptr(cgrp, DBG_OFF_CGROUP_ANCESTORS + 8 * (u64)(level & 0xff));
+    return anc ? dbg_ptr(dbg_ptr(anc, DBG_OFF_CGROUP_KN), DBG_OFF_KN_ID) : 0;
+}
+
 /* Whether the task's memory cgroup is the scope cgroup or below it: one read of its
- * ancestor at the scope's depth (struct cgroup keeps ancestors[] by level). */
+ * ancestor at the scope's depth (struct cgroup keeps ancestors[] by level). With a set of
+ * scopes, each of its ancestors is looked up in the scopes map. */
 static __always_inline int dbg_in_scope(struct dbg_policy *pol, u64 task)
 {
     if (pol->scope == DBG_SCOPE_ALL)
         return 1;
-    if (pol->scope != DBG_SCOPE_CGROUP)
+    if (pol->scope != DBG_SCOPE_CGROUP && pol->scope != DBG_SCOPE_SET)
         return 0;
     u64 cset = dbg_ptr(task, DBG_OFF_TASK_CGROUPS);
     u64 css = dbg_ptr(cset, DBG_OFF_CSSSET_SUBSYS + 8 * DBG_MEMORY_CGRP_ID);
     u64 cgrp = dbg_ptr(css, DBG_OFF_CSS_CGROUP);
-    if (!cgrp || dbg_u32(cgrp, DBG_OFF_CGROUP_LEVEL) < pol->scope_level)
+    if (!cgrp)
         return 0;
-    u64 anc = dbg_ptr(cgrp, DBG_OFF_CGROUP_ANCESTORS + 8 * (u64)(pol->scope_level & 0xff));
-    return anc && dbg_ptr(dbg_ptr(anc, DBG_OFF_CGROUP_KN), DBG_OFF_KN_ID) == pol->scope_id;
+    u32 depth = dbg_u32(cgrp, DBG_OFF_CGROUP_LEVEL);
+    if (pol->scope == DBG_SCOPE_SET) {
+#pragma unroll
+        for (u32 level = 1; level < DBG_SCOPE_DEPTH; level++) {
+            if (level > depth)
+                return 0;
+            u64 id = dbg_ancestor_id(cgrp, level);
+            if (id && scopes.lookup(&id))
+                return 1;
+        }
+        return 0;
+    }
+    if (depth < pol->scope_level)
+        return 0;
+    return dbg_ancestor_id(cgrp, pol->scope_level) == pol->scope_id;
 }
 
 /* Whether the task runs a database server's executable (file identity, set by the sidecar). */

@@ -146,6 +146,7 @@ class BpfGuard:
         self._policy_map = bpf[b"policy"]
         self._counters = bpf[b"counters"]
         self._exes = bpf[b"exes"]
+        self._scopes = bpf[b"scopes"]
         self._streaks = bpf[b"streaks"]
         self._policy = layout.Policy(level=0, enabled=0, dry_run=1, min_level_to_kill=3,
                                      fail_streak=DEFAULT_FAIL_STREAK, fail_pages=0,
@@ -223,7 +224,27 @@ class BpfGuard:
     def set_scope(self, cgroup_dir: str | None, *, unlisted: bool = True) -> None:
         """Where the kernel kills tasks the sidecar has not listed: the memory cgroup directory
         and below it, the host for "" or None; unlisted=False: listed candidates only."""
-        kind, ident, level = scope_of(cgroup_dir) if unlisted else (layout.SCOPE_NONE, 0, 0)
+        self.set_scopes([cgroup_dir or ""], unlisted=unlisted)
+
+    def set_scopes(self, cgroup_dirs: list[str], *, unlisted: bool = True) -> None:
+        """set_scope for several scopes (one per database's own limit): unlisted tasks are
+        killed in any of them; the host ("") among them is every task."""
+        dirs = list(dict.fromkeys(d.rstrip("/") for d in cgroup_dirs)) or [""]
+        found: dict[int, int] = {}
+        if not unlisted:
+            kind, ident, level = layout.SCOPE_NONE, 0, 0
+        elif len(dirs) == 1 or "" in dirs:
+            kind, ident, level = scope_of("" if "" in dirs else dirs[0])
+        else:
+            found = {ident: depth for _, ident, depth in map(scope_of, dirs)}
+            if len(found) > layout.MAX_SCOPES or not all(0 < d < layout.SCOPE_DEPTH for d in found.values()):
+                raise DbguardError(f"{len(found)} scopes at depths {sorted(set(found.values()))}: the kernel's "
+                                   f"scope set holds {layout.MAX_SCOPES} at depths 1 to {layout.SCOPE_DEPTH - 1}")
+            kind, ident, level = layout.SCOPE_SET, 0, 0
+        for key in [k.value for k in self._scopes.keys() if k.value not in found]:
+            self._delete(self._scopes, ct.c_uint64(key))
+        for key, depth in found.items():
+            self._scopes[ct.c_uint64(key)] = ct.c_uint32(depth)
         p = self._policy
         if (p.scope, p.scope_id, p.scope_level) != (kind, ident, level):
             p.scope, p.scope_id, p.scope_level = kind, ident, level

@@ -31,6 +31,7 @@ CANCEL = C["DBG_CANCEL"]
 EVF_UNLISTED = C["DBG_EVF_UNLISTED"]
 EVF_EXEC = C["DBG_EVF_EXEC"]
 SCOPE_NONE, SCOPE_CGROUP, SCOPE_ALL = C["DBG_SCOPE_NONE"], C["DBG_SCOPE_CGROUP"], C["DBG_SCOPE_ALL"]
+SCOPE_SET, MAX_SCOPES, SCOPE_DEPTH = C["DBG_SCOPE_SET"], C["DBG_MAX_SCOPES"], C["DBG_SCOPE_DEPTH"]
 NSEC_PER_TICK = C["DBG_NSEC_PER_TICK"]
 EVF_KILLED = C["DBG_EVF_KILLED"]
 EVF_CANDIDATE = C["DBG_EVF_CANDIDATE"]
@@ -96,9 +97,9 @@ class Event(ct.Structure):
 
 # map name in the C source -> the ctypes type of its keys and of its values (per CPU for a
 # per-CPU map); a map not named here is read as raw bytes of the kernel's sizes.
-MAP_KEYS = {"procs": ct.c_uint32, "cgroups": ct.c_uint64, "exes": Exe, "streaks": ct.c_uint32,
-            "policy": ct.c_int, "counters": ct.c_int, "last_wake": ct.c_int, "reclaim_jump": ct.c_int,
-            "events": ct.c_int, "last_cancel": ct.c_int}
-MAP_VALUES = {"procs": Proc, "cgroups": Cgroup, "exes": ct.c_uint32, "streaks": Streak, "policy": Policy,
-              "counters": ct.c_uint64, "last_wake": ct.c_uint64, "reclaim_jump": ct.c_int,
+MAP_KEYS = {"procs": ct.c_uint32, "cgroups": ct.c_uint64, "exes": Exe, "scopes": ct.c_uint64,
+            "streaks": ct.c_uint32, "policy": ct.c_int, "counters": ct.c_int, "last_wake": ct.c_int,
+            "reclaim_jump": ct.c_int, "events": ct.c_int, "last_cancel": ct.c_int}
+MAP_VALUES = {"procs": Proc, "cgroups": Cgroup, "exes": ct.c_uint32, "scopes": ct.c_uint32, "streaks": Streak,
+              "policy": Policy, "counters": ct.c_uint64, "last_wake": ct.c_uint64, "reclaim_jump": ct.c_int,
               "events": ct.c_int, "last_cancel": ct.c_uint64}

@@ -45,9 +45,10 @@ def bpf(bpf_guard):
         reset()
 
 
-def arm(bpf, cg: MemoryCgroup, *, dry_run: bool = False, births: bool = False) -> None:
-    """The gate a daemon sets at level ok: the early streak, kill.min_rss of anonymous memory."""
-    bpf.set_scope(str(cg.path))
+def arm(bpf, *cgs: MemoryCgroup, dry_run: bool = False, births: bool = False) -> None:
+    """The gate a daemon sets at level ok: the early streak, kill.min_rss of anonymous memory;
+    the scope: the cgroup, or the set of them (several databases, each with its own limit)."""
+    bpf.set_scopes([str(cg.path) for cg in cgs])
     bpf.set_policy(level=0, enabled=True, dry_run=dry_run, min_level_to_kill=3, fail_streak=3,
                    early_streak=8, min_anon_bytes=32 * MiB, births=births)
 
@@ -92,6 +93,24 @@ def test_an_unlisted_hog_of_the_scope_is_killed_in_the_kernel_before_the_oom_kil
 def test_a_hog_outside_the_scope_is_left_to_the_kernel(bpf, procs):
     with MemoryCgroup(192 * MiB) as watched, MemoryCgroup(192 * MiB) as other:
         arm(bpf, watched)
+        h = hog(procs, other)
+        rc, events = events_until_exit(bpf, h)
+        assert rc == -9 and other.oom_kills() >= 1, "the kernel OOM killer ended it"
+        assert not of(events, "kill", h.pid) and not of(events, "would_kill", h.pid)
+
+
+def test_each_scope_of_a_set_is_watched_in_the_kernel_and_no_other_cgroup(bpf, procs):
+    """One node, pods A and B each with its own limit: an unlisted hog in either is killed in
+    the kernel (the scopes map of memory cgroup ids), one in a third cgroup is not."""
+    with MemoryCgroup(192 * MiB) as a, MemoryCgroup(192 * MiB) as b, MemoryCgroup(192 * MiB) as other:
+        arm(bpf, a, b)
+        assert bpf._policy.scope == layout.SCOPE_SET
+        for cg in (a, b):
+            h = hog(procs, cg)
+            rc, events = events_until_exit(bpf, h)
+            assert rc == -9 and of(events, "kill", h.pid), f"{cg.path}: exit {rc}; events {events}"
+            assert of(events, "kill", h.pid)[0].detail["unlisted"]
+            assert cg.oom_kills() == 0, f"{cg.path}: the kernel OOM killer acted: the BPF kill came too late"
         h = hog(procs, other)
         rc, events = events_until_exit(bpf, h)
         assert rc == -9 and other.oom_kills() >= 1, "the kernel OOM killer ended it"
