@@ -7,9 +7,9 @@
  * pg_stat_activity's backend_type 'client backend' alone, on an entry that carries the
  * process's start time, and the kernel never copies it to a child. SIGINT means a fast
  * shutdown to the postmaster and something else to auxiliary processes and walsenders, so
- * nothing but that flag leads here. At most once per backend per streak (the streak's
- * `reported`), at most one cancel per `cancel_gap_ns` across backends; dry run: the event
- * only. Called from reclaim.c, which counts the streaks. */
+ * nothing but that flag leads here. Only a backend holding at least `min_anon_pages`
+ * (kill.min_rss), at most once per backend per streak (the streak's `reported`), at most one
+ * cancel per `cancel_gap_ns` across backends; dry run: the event only. Called from reclaim.c, which counts the streaks. */
 #include "dbguard.h"
 
 BPF_ARRAY(last_cancel, u64, 1);     /* when the last in-kernel cancel was sent */
@@ -52,6 +52,10 @@ static __always_inline int dbg_cancel_gate(void *ctx, struct dbg_policy *pol, u3
     struct dbg_proc *p = dbg_cancellable(tgid, task);
     if (!p || dbg_untouchable(pol, task, tgid))
         return 0;
+    /* A small backend that happens to allocate when reclaim fails is not the one to end. */
+    s64 pages = dbg_anon_pages(task);
+    if (pages < (s64)pol->min_anon_pages)
+        return 0;
     u64 now = bpf_ktime_get_ns();
     if (!dbg_cancel_slot(pol, now)) {
         dbg_count(DBG_CTR_CANCELS_LIMITED);
@@ -69,7 +73,7 @@ static __always_inline int dbg_cancel_gate(void *ctx, struct dbg_policy *pol, u3
     ev.b = now - s->first_ns;
     ev.by_pid = (u32)id;
     ev.start = p->start;
-    ev.pages = dbg_anon_pages(task);
+    ev.pages = pages;
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
     if (pol->dry_run) {
         ev.kind = DBG_EV_WOULD_CANCEL;
