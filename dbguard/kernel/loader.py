@@ -83,7 +83,7 @@ def _compile(source: bytes) -> tuple[dict, list[int]]:
             links.append(len(fds))
             fds.append(fd)
     if len(fds) > MAX_FDS:
-        raise LoadFailed(f"{len(fds)} descriptors to hand over, more than {MAX_FDS}")
+        raise LoadFailed(f"{len(fds)} descriptors to hand over, more than {MAX_FDS}", "compile")
     return {"maps": maps, "progs": progs, "links": links}, fds
 
 
