@@ -51,11 +51,21 @@ class BtfError(Exception):
 class Btf:
     """Named structs/unions (members with bit offsets), enum values, type sizes."""
 
-    def __init__(self):
-        self.types: list[tuple] = [(0, "", 0, 0, None)]   # (kind, name, size, ref, extra)
+    def __init__(self, data: bytes = b"", strings: int = 0):
+        self._data, self._strings = data, strings
+        # (kind, name, size, ref, extra): names of structs and unions only (the lookups need
+        # no other), their members read from the data when a lookup walks them: decoding
+        # every member of a kernel's BTF took most of the parse.
+        self.types: list[tuple] = [(0, "", 0, 0, None)]
         self.structs: dict[str, int] = {}
         self.enums: dict[str, int] = {}                   # enumerator -> value
         self.enum_of: dict[str, str] = {}                 # enumerator -> enum type name
+
+    def name(self, off: int) -> str:
+        if not off:
+            return ""
+        start = self._strings + off
+        return self._data[start:self._data.index(b"\0", start)].decode()
 
     def resolve(self, tid: int) -> int:
         for _ in range(32):
@@ -80,7 +90,11 @@ class Btf:
         kind, _, _, _, members = self.types[self.resolve(tid)]
         if kind not in (STRUCT, UNION):
             return None
-        for mname, mtype, bits in members:
+        pos, vlen, kflag = members
+        for i in range(vlen):
+            name_off, mtype, moff = struct.unpack_from("<III", self._data, pos + 12 * i)
+            bits = moff & 0xFFFFFF if kflag else moff
+            mname = self.name(name_off)
             if mname == name:
                 return bits // 8, mtype
             if not mname:
@@ -118,13 +132,8 @@ def parse_btf(data: bytes) -> Btf:
         raise BtfError("not BTF (bad magic; big-endian BTF is not supported)")
     type_off, type_len, str_off, str_len = struct.unpack_from("<IIII", data, 8)
     types = hdr_len + type_off
-    strings = hdr_len + str_off
-
-    def name(off: int) -> str:
-        start = strings + off
-        return data[start:data.index(b"\0", start)].decode()
-
-    btf = Btf()
+    btf = Btf(data, hdr_len + str_off)
+    name = btf.name
     pos, end = types, types + type_len
     while pos < end:
         name_off, info, size_or_type = struct.unpack_from("<III", data, pos)
@@ -138,12 +147,8 @@ def parse_btf(data: bytes) -> Btf:
             extra = (elem, nelems)
             pos += 12
         elif kind in (STRUCT, UNION):
-            members = []
-            for _ in range(vlen):
-                mname, mtype, moff = struct.unpack_from("<III", data, pos)
-                pos += 12
-                members.append((name(mname), mtype, moff & 0xFFFFFF if kflag else moff))
-            extra = members
+            extra = (pos, vlen, kflag)      # members read when a lookup walks them
+            pos += 12 * vlen
         elif kind == ENUM or kind == ENUM64:
             step = 8 if kind == ENUM else 12
             tname = name(name_off)
@@ -164,7 +169,7 @@ def parse_btf(data: bytes) -> Btf:
             pass
         else:
             raise BtfError(f"unknown BTF kind {kind}")
-        tname = name(name_off) if name_off else ""
+        tname = name(name_off) if kind in (STRUCT, UNION) else ""
         btf.types.append((kind, tname, size_or_type, size_or_type, extra))
         if kind == STRUCT and tname and tname not in btf.structs:
             btf.structs[tname] = len(btf.types) - 1
