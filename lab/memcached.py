@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 from dbguard.errors import DbguardError
 
+from . import servers
 from .cgroup import MemoryCgroup
 
 SERVER = "/usr/bin/memcached"
@@ -59,20 +58,15 @@ class Memcached:
         self.dir = Path(tempfile.mkdtemp(prefix="dbguard-memcached-"))
         user = pwd.getpwnam(OS_USER)
         os.chown(self.dir, user.pw_uid, user.pw_gid)
-        self.proc = subprocess.Popen([SERVER, "-u", OS_USER, "-m", str(self.limit_mib), "-s", self.socket, "-a", "0700",
-                                      *([] if self.evictions else ["-M"]), *(f"-o{o}" for o in self.options)],
-                                     preexec_fn=self.cgroup.preexec() if self.cgroup is not None else None,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.stats()
-                return self
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError("memcached did not start") from None
-                time.sleep(0.05)
+        self.proc = servers.spawn([SERVER, "-u", OS_USER, "-m", str(self.limit_mib), "-s", self.socket, "-a", "0700",
+                                   *([] if self.evictions else ["-M"]), *(f"-o{o}" for o in self.options)],
+                                  cgroup=self.cgroup)
+        try:
+            servers.wait_up(self.proc, self.stats, 10, "memcached")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     @property
     def pid(self) -> int:
@@ -117,8 +111,4 @@ class Memcached:
         return n
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(10)
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        servers.stop(self.proc, self.dir)

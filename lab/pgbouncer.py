@@ -7,19 +7,21 @@ by stop() / the context manager.
         b.dsn("app")          # clients: the database "app" through the pooler
         b.admin_dsn           # the admin console, for dbguard ([[poolers]] dsn)
         b.show("CONFIG")      # psql against the console: the tests' oracle
+        with Clients(b.dsn("app"), 10, "SELECT 1") as c: ...   # clients through it, back to back
 """
 from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from dbguard.errors import DbguardError
 
+from . import servers
 from .mariadb import free_port
 from .pgcluster import PG_BIN, PgCluster
 
@@ -78,23 +80,13 @@ class PgBouncer:
         for f in self.dir.iterdir():
             os.chown(f, user.pw_uid, user.pw_gid)
 
-        def preexec() -> None:
-            os.setgroups([])
-            os.setgid(user.pw_gid)
-            os.setuid(user.pw_uid)
-        self.proc = subprocess.Popen([SERVER, str(self.dir / "pgbouncer.ini")], preexec_fn=preexec,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                self.show("VERSION")
-                return self
-            except RuntimeError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    log = self.log()[-1500:]
-                    self.stop()
-                    raise RuntimeError(f"pgbouncer did not start: {log}") from None
-                time.sleep(0.1)
+        self.proc = servers.spawn([SERVER, str(self.dir / "pgbouncer.ini")], user)
+        try:
+            servers.wait_up(self.proc, lambda: self.show("VERSION"), 15, "pgbouncer", (RuntimeError,), self.log)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
 
     def log(self) -> str:
         try:
@@ -121,12 +113,53 @@ class PgBouncer:
         return next(row["value"] for row in self.show("CONFIG") if row["key"] == key)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        servers.stop(self.proc, self.dir)
+
+
+class Clients:
+    """`n` clients through the pooler, each on its own connection running `sql` back to back:
+    every query's (start, end) on the monotonic clock, and every error (a client stops at its
+    first)."""
+
+    def __init__(self, dsn: str, n: int, sql: str):
+        self.dsn, self.sql = dsn, sql
+        self.queries: list[tuple[float, float]] = []
+        self.errors: list[str] = []
+        self.done = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(n)]
+
+    def _run(self) -> None:
+        import psycopg
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, prepare_threshold=None) as c:
+                while not self.done.is_set():
+                    t0 = time.monotonic()
+                    c.execute(self.sql).fetchone()
+                    self.queries.append((t0, time.monotonic()))
+        except Exception as e:
+            self.errors.append(f"{type(e).__name__}: {e}"[:300])
+
+    def start(self) -> "Clients":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __enter__(self) -> "Clients":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self.done.set()
+        for t in self.threads:
+            t.join(60)
+
+    @property
+    def ok(self) -> int:
+        return len(self.queries)
+
+    def latencies(self, start: float, end: float) -> list[float]:
+        """Seconds each query took that started in [start, end): its wait in the pooler's queue
+        and its run."""
+        return sorted(e - s for s, e in list(self.queries) if start <= s < end)

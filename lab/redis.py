@@ -22,6 +22,7 @@ from dbguard.caches.endpoint import Endpoint
 from dbguard.caches.resp import Resp
 from dbguard.errors import DbguardError
 
+from . import servers
 from .cgroup import MemoryCgroup
 from .mariadb import free_port
 
@@ -76,25 +77,10 @@ class RedisServer:
             user = self._user()
             if user is not None:
                 os.chown(self.dir, user.pw_uid, user.pw_gid)
-            join = self.cgroup.preexec() if self.cgroup is not None else None
-
-            def preexec() -> None:
-                if join is not None:
-                    join()
-                if user is not None:
-                    os.setgid(user.pw_gid)
-                    os.setuid(user.pw_uid)
-            self.proc = subprocess.Popen([SERVER, str(self.dir / "redis.conf")], preexec_fn=preexec,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    self.call("PING")
-                    return self
-                except (OSError, ConnectionError):
-                    if self.proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"redis-server did not start: {self.log()[-1500:]}") from None
-                    time.sleep(0.05)
+            self.proc = servers.spawn([SERVER, str(self.dir / "redis.conf")], user, self.cgroup)
+            servers.wait_up(self.proc, lambda: self.call("PING"), 20, "redis-server", (OSError, ConnectionError),
+                            self.log)
+            return self
         except BaseException:
             self.stop()
             raise
@@ -172,15 +158,7 @@ class RedisServer:
         return n
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if self.dir is not None:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        servers.stop(self.proc, self.dir)
 
 
 class CacheReader:
