@@ -46,7 +46,8 @@ def _cache_line(c) -> str:
     if not c.pooler:
         hits = "-" if c.hit_ratio is None else f"{c.hit_ratio:.3f}"
         line += f"; evictions {c.evictions}; hit ratio {hits}"
-    return line + (f"; left alone: {c.why_not}" if c.why_not else "")
+    return line + (f"; left alone: {c.why_not}" if c.why_not else "") + (
+        f"; next step waits: {c.held}" if c.held else "")
 
 
 def _mib(n: int | None) -> str:
@@ -105,7 +106,8 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
                         "server_pid": c.server_pid, "unit": c.unit, "memory": c.memory, "limit": c.limit,
                         "configured": c.configured, "shrink_step": c.shrink_step,
                         "shrink_steps_max": c.shrink_steps_max, "evictions": c.evictions,
-                        "hit_ratio": c.hit_ratio, "left_alone": c.why_not} for c in snap.caches],
+                        "hit_ratio": c.hit_ratio, "left_alone": c.why_not, "next_step_waits": c.held}
+                       for c in snap.caches],
             "processes": rows,
             "plan": [{"action": x.kind.value, "target": x.target, "reason": x.reason, "pid": x.pid,
                       "value": x.value} for x in plan.actions],

@@ -174,6 +174,7 @@ class CacheStats:
     shrink_steps_max: int = 0             # 0: nothing to shrink (at its floor, or it cannot: `why_not`)
     grow_bytes: int = 0                   # memory the next grow step may take back
     why_not: str = ""                     # why it cannot give memory back (noeviction, CONFIG refused)
+    held: str = ""                        # why its next shrink step waits now (the last one still taking effect)
     evictions: int = 0
     hit_ratio: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)

@@ -5,15 +5,16 @@ When they answer is policy ([policy] caches_from, poolers_from): by default at w
 with the database's caches and before any kill (their actions come first in the plan). A
 pooler answers only pressure that comes from the database's sessions: fewer server
 connections at once is no help against a hog. A cache that cannot give memory back (a
-noeviction Redis, CONFIG SET refused) is left alone and said so, as an answer put off.
+noeviction Redis, CONFIG SET refused) is left alone and said so, as an answer put off; so is
+the next step of one whose last step is still taking effect (the adapter says why: `held`).
 """
 from __future__ import annotations
 
 from ..assess import Assessment
 from ..config import PolicyConfig, Pressure
 from ..model import Action, ActionKind, CacheStats, Level, Snapshot
+from .caches import no_room, pace
 from .state import PolicyState
-from .targets import MiB, pct
 
 FROM = {"warn": Level.WARN, "high": Level.HIGH, "critical": Level.CRITICAL, "never": None}
 
@@ -44,12 +45,11 @@ def app_caches(snap: Snapshot, a: Assessment, state: PolicyState, pres: Pressure
         if due and c.why_not and c.shrink_step == 0:
             deferred.append((cache_name(c), c.why_not))
             continue
-        shrink = (due and not c.why_not and c.shrink_step < c.shrink_steps_max
-                  and (a.level >= Level.HIGH or since >= pres.min_dwell))
-        grow = a.level == Level.OK and c.shrink_step > 0 and since >= pres.min_dwell
+        step = pace(a, due and not c.why_not, c.shrink_step, c.shrink_steps_max, since, pres)
+        shrink, grow = step > 0, step < 0
         if not (shrink or grow):
             continue
-        held = grow and _no_room(c, a, pres)
+        held = c.held if shrink else no_room(c.grow_bytes, c.shrink_step, c.shrink_steps_max, a, pres)
         if held:
             deferred.append((cache_name(c), held))
             continue
@@ -68,15 +68,3 @@ def app_caches(snap: Snapshot, a: Assessment, state: PolicyState, pres: Pressure
                               target=cache_name(c), cache=c.name, value=c.shrink_step - 1))
     return out, deferred
 
-
-def _no_room(c: CacheStats, a: Assessment, pres: Pressure) -> str:
-    """Why growing now would bring the warn level back by itself ('' when it would not)."""
-    m = a.reading
-    if not c.grow_bytes or not m.limit_bytes:
-        return ""
-    room = pres.warn_usage - pres.hysteresis
-    after = m.unreclaimable_ratio + c.grow_bytes / m.limit_bytes
-    if after < room:
-        return ""
-    return (f"held at step {c.shrink_step} of {c.shrink_steps_max}: {c.grow_bytes // MiB} MiB more would bring "
-            f"unreclaimable usage to {pct(after)} of the limit, not under {pct(room)} (warn mark minus hysteresis)")

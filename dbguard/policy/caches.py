@@ -28,9 +28,8 @@ def caches(snap: Snapshot, a: Assessment, state: PolicyState, pres: Pressure) ->
         if not db.up or db.shrink_steps_max == 0 and db.shrink_step == 0:
             continue
         since = snap.ts - state.cache_moved_at.get(db.name, float("-inf"))
-        shrink = (a.level >= Level.WARN and a.pressed and db.shrink_step < db.shrink_steps_max
-                  and (a.level >= Level.HIGH or since >= pres.min_dwell))
-        grow = a.level == Level.OK and db.shrink_step > 0 and since >= pres.min_dwell
+        step = pace(a, a.level >= Level.WARN, db.shrink_step, db.shrink_steps_max, since, pres)
+        shrink, grow = step > 0, step < 0
         if not (shrink or grow):
             continue
         why_not = _why_not_now(db, a, pres, grow)
@@ -59,11 +58,26 @@ def _why_not_now(db: DbStats, a: Assessment, pres: Pressure, grow: bool) -> str:
     if db.self_shrunk_ago is not None and db.self_shrunk_ago < SELF_SHRINK_HOLDOFF:
         return (f"the server shrank its cache itself {db.self_shrunk_ago:.0f}s ago; not growing it back "
                 f"before {SELF_SHRINK_HOLDOFF:.0f}s without that")
+    return no_room(db.grow_bytes, db.shrink_step, db.shrink_steps_max, a, pres)
+
+
+def pace(a: Assessment, due: bool, step: int, steps_max: int, since: float, pres: Pressure) -> int:
+    """Pure pacing of anything shrunk in steps (database caches, application caches, poolers):
+    1, one step smaller (while `due` and pressed: once per min_dwell at warn, every cycle from
+    high up); -1, one step back (once pressure has passed for min_dwell); 0, stay."""
+    if due and a.pressed and step < steps_max and (a.level >= Level.HIGH or since >= pres.min_dwell):
+        return 1
+    if a.level == Level.OK and step > 0 and since >= pres.min_dwell:
+        return -1
+    return 0
+
+
+def no_room(grow_bytes: int, step: int, steps_max: int, a: Assessment, pres: Pressure) -> str:
+    """Why growing `grow_bytes` now would bring the warn level back by itself ('' when it would not)."""
     m = a.reading
     room = pres.warn_usage - pres.hysteresis
-    after = m.unreclaimable_ratio + db.grow_bytes / m.limit_bytes if m.limit_bytes else 0.0
-    if db.grow_bytes and after >= room:
-        return (f"caches held at step {db.shrink_step} of {db.shrink_steps_max}: growing "
-                f"{db.grow_bytes // MiB} MiB would bring unreclaimable usage to {pct(after)} of the limit, "
-                f"not under {pct(room)} (warn mark minus hysteresis)")
-    return ""
+    after = m.unreclaimable_ratio + grow_bytes / m.limit_bytes if m.limit_bytes else 0.0
+    if not grow_bytes or after < room:
+        return ""
+    return (f"held at step {step} of {steps_max}: growing {grow_bytes // MiB} MiB would bring unreclaimable "
+            f"usage to {pct(after)} of the limit, not under {pct(room)} (warn mark minus hysteresis)")

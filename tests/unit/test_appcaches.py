@@ -156,10 +156,10 @@ def test_a_cache_that_cannot_evict_says_why():
 
 # --- the policy ------------------------------------------------------------------------------------
 def cache(step: int = 0, steps: int = 3, *, why_not: str = "", up: bool = True, pooler: bool = False,
-          pid: int | None = 600, grow: int = 0) -> CacheStats:
+          pid: int | None = 600, grow: int = 0, held: str = "") -> CacheStats:
     return CacheStats(name="pgb" if pooler else "app", kind="pgbouncer" if pooler else "redis", up=up,
                       pooler=pooler, server_pid=None if pooler else pid, shrink_step=step, shrink_steps_max=steps,
-                      why_not=why_not, limit=256 * MiB, configured=256 * MiB, grow_bytes=grow)
+                      why_not=why_not, limit=256 * MiB, configured=256 * MiB, grow_bytes=grow, held=held)
 
 
 def snap_with(ts, used, caches, procs=(), roles=None):
@@ -222,6 +222,11 @@ def test_a_pooler_answers_only_pressure_from_the_database_sessions():
     assert cache_actions(d.decide(snap_with(0, 850, [cache(pooler=True)], [hog]))) == []
     plan = d.decide(dataclasses.replace(snap_with(1, 850, [cache(pooler=True)], [hog]), databases=(busy,)))
     assert cache_actions(plan) == [("shrink_cache", "pgb", 1)]
+    # the next step waits while the last one still takes effect, and is said so; growing back never waits for it
+    wait = "the last step is still taking effect"
+    plan = d.decide(dataclasses.replace(snap_with(9, 950, [cache(1, pooler=True, held=wait)], [hog]), databases=(busy,)))
+    assert cache_actions(plan) == [] and ("pgbouncer pgb", wait) in plan.deferred
+    assert cache_actions(d.decide(snap_with(30, 500, [cache(1, pooler=True, held=wait)]))) == [("grow_cache", "pgb", 0)]
 
 
 def test_a_cache_server_is_shielded_while_it_can_give_back_and_a_candidate_only_at_critical_after():
@@ -268,6 +273,23 @@ def test_pgbouncer_pool_ladder_and_stats():
     assert targets({"default_pool_size": 8, "max_db_connections": 12}, 2, 3, 3) == {"default_pool_size": 2}
     pools = [{"database": "app", "sv_active": 3, "sv_idle": 1, "sv_used": 0, "cl_waiting": 5},
              {"database": "pgbouncer", "sv_active": 0, "cl_waiting": 0}]
-    s = pgb_stats("pgb", {"default_pool_size": "8", "max_db_connections": "0"}, pools, saved, 2, 3, 99)
+    s = pgb_stats("pgb", {"default_pool_size": "8", "max_db_connections": "0"}, pools, {"app": 8}, saved, 2, 3, 99)
     assert (s.limit, s.configured, s.shrink_step, s.shrink_steps_max, s.memory) == (8, 20, 2, 3, 4)
-    assert s.pooler and s.unit == "connections" and s.extra["clients_waiting"] == 5
+    assert s.pooler and s.unit == "connections" and s.extra["clients_waiting"] == 5 and s.held == ""
+
+
+def test_pgbouncer_next_step_waits_for_the_last_and_for_clients_near_their_timeout():
+    from dbguard.caches.pgbouncer import held
+    config = {"default_pool_size": "4", "query_wait_timeout": "120"}
+
+    def pool(**kw):
+        return {"database": "app", "sv_active": 0, "sv_idle": 0, "sv_used": 0, "sv_tested": 0, "sv_login": 0,
+                "cl_waiting": 0, "maxwait": 0, "maxwait_us": 0, **kw}
+    assert held(config, [pool(sv_active=4, cl_waiting=6, maxwait=2)], {"app": 4}) == ""
+    assert "still taking effect: 6 server connections for a pool of 4 in app" in \
+        held(config, [pool(sv_active=5, sv_used=1)], {"app": 4})
+    assert "logging in" in held(config, [pool(sv_active=2, sv_login=1)], {"app": 4})
+    assert "waited 30.5 s" in held(config, [pool(sv_active=4, maxwait=30, maxwait_us=500_000)], {"app": 4})
+    assert held({**config, "query_wait_timeout": "0"}, [pool(sv_active=4, maxwait=300)], {"app": 4}) == ""
+    # the console's own pool and a database with no pool size of its own are not counted
+    assert held(config, [{"database": "pgbouncer", "sv_active": 9}], {"pgbouncer": 2}) == ""
