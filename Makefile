@@ -46,7 +46,6 @@ vm-image: setup
 
 bench: setup
 	@$(PY) -m benchmarks.run
-	@$(PY) -m benchmarks.scenario_cache
 
 deb: host
 	@bash scripts/build-deb.sh

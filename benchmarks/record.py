@@ -4,6 +4,11 @@ every pressure scenario reports (pressure_record)."""
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
 from typing import Callable
 
 from .contenders import Sampler, guard_cpu_pct
@@ -90,3 +95,35 @@ def pressure_record(p: Params, sink: dict, t0: float, wall_minus_mono: float, *,
         "samples": sampled_series(sink.get("sampler"), t0),
         **guard_cost(sink, t0, window),
     }
+
+
+@dataclasses.dataclass(frozen=True)
+class Standalone:
+    """A benchmark with a record of its own (its json and markdown next to RESULTS.md), which
+    RESULTS.md shows as a section: benchmarks.scenario_cache, benchmarks.giveback."""
+    module: str                          # "scenario_cache": python -m benchmarks.<module>
+    title: str
+    json_path: Path
+    md_path: Path
+    body: Callable[[dict], list[str]]    # the report of a record, below its title
+
+    def report(self, data: dict) -> str:
+        return "\n".join([f"# Benchmark: {self.title}", "", *self.body(data)])
+
+    def section(self) -> list[str]:
+        """RESULTS.md's section for the recorded run; [] before any."""
+        try:
+            return [f"## {self.title}", "", *self.body(json.loads(self.json_path.read_text()))]
+        except (OSError, ValueError, KeyError):
+            return []
+
+    def save(self, argv: list[str] | None, runs: int, results) -> None:
+        """The record (when, git, the command that reruns it, the results) and its report, written and printed."""
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=self.json_path.parent).stdout.strip()
+        data = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git": git,
+                "command": f"python -m benchmarks.{self.module} " + " ".join(argv if argv is not None else sys.argv[1:]),
+                "runs": runs, "results": results}
+        self.json_path.write_text(json.dumps(data, indent=1) + "\n")
+        self.md_path.write_text(self.report(data))
+        print(self.report(data))

@@ -1,7 +1,8 @@
 """A Redis cache in front of PostgreSQL under memory pressure: dbguard against the kernel default.
 
-    sudo .venv/bin/python -m benchmarks.scenario_cache              # 2 runs per contender (make bench)
+    sudo .venv/bin/python -m benchmarks.scenario_cache              # 3 runs per contender, ~10 min
     sudo .venv/bin/python -m benchmarks.scenario_cache --runs 1     # a smoke run, ~3 min
+    (make bench runs it too: benchmarks.run's extra "cache"; RESULTS.md shows its table)
 
 PostgreSQL (shared_buffers 128 MB, pgbench scale 5), Redis (maxmemory 256 MiB, allkeys-lru,
 filled with 240 MiB of 20 kB values) and three 110 MiB hogs share one 600 MiB memory cgroup.
@@ -15,7 +16,6 @@ Contenders: `none` (the kernel's OOM killer) and `dbguard` (dbguard run with the
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import subprocess
 import sys
@@ -29,11 +29,15 @@ import psycopg
 from dbguard.errors import DbguardError
 from lab import hog
 from lab.cgroup import MemoryCgroup
-from lab.launcher import DbguardRun, audit_records, base_config
+from lab.cachelab import guard_config
+from lab.launcher import DbguardRun, audit_records
 from lab.pgcluster import PgCluster
 from lab.pgoutput import count_crash_recoveries
 from lab.procs import alive, stop_all
 from lab.redis import RedisServer
+
+from .record import Standalone
+from .stats import median
 
 HERE = Path(__file__).resolve().parent
 MiB = 1024**2
@@ -115,12 +119,8 @@ def one_run(contender: str, log) -> dict:
             postmaster, redis_pid = pg.postmaster_pid(), r.pid
             cg.set_limit(LIMIT)
             if contender == "dbguard":
-                cfg = base_config(work, cg.path)
-                cfg["general"]["interval"] = 0.2
-                cfg["pressure"]["min_dwell"] = 2.0
-                cfg["databases"] = [{"name": "pg", "kind": "postgresql", "dsn": pg.dsn}]
-                cfg["caches"] = [{"name": "app", "kind": "redis", "url": r.url, "floor": 64 * MiB}]
-                daemon = DbguardRun(work, cfg)
+                daemon = DbguardRun(work, guard_config(work, cg, pg.dsn, {"name": "app", "kind": "redis", "url": r.url,
+                                                                          "floor": 64 * MiB}))
                 daemon.wait_protecting(settle=2)
             app = App(r, pg, keys)
             app.start()
@@ -164,14 +164,12 @@ def one_run(contender: str, log) -> dict:
             pg.destroy()
 
 
-def _median(xs):
-    xs = sorted(x for x in xs if x is not None)
-    return xs[len(xs) // 2] if xs else None
+TITLE = "A Redis cache in front of PostgreSQL under memory pressure"
 
 
-def report(data: dict) -> str:
-    lines = ["# Benchmark: a Redis cache in front of PostgreSQL under memory pressure", "",
-             f"- Measured {data['when']}, git {data['git']}, `{data['command']}`; {data['runs']} run(s) per contender, "
+def body(data: dict) -> list[str]:
+    """The report of one recorded run, below its title."""
+    lines = [f"- Measured {data['when']}, git {data['git']}, `{data['command']}`; {data['runs']} run(s) per contender, "
              "interleaved; figures are medians over the runs.",
              "- PostgreSQL (shared_buffers 128 MB), Redis (maxmemory 256 MiB, allkeys-lru, 240 MiB of 20 kB values) "
              "and three 110 MiB hogs in one 600 MiB memory cgroup; the application reads through the cache "
@@ -187,11 +185,11 @@ def report(data: dict) -> str:
             continue
 
         def m(ph, key):
-            return _median([x[ph][key] for x in runs])
-        end = _median([x["maxmemory_end"] for x in runs])
+            return median([x[ph][key] for x in runs])
+        end = median([x["maxmemory_end"] for x in runs])
         lines.append(
             f"| {c} | {sum(x['redis_killed'] for x in runs)}/{len(runs)} | "
-            f"{_median([x['postgres_crash_recoveries'] for x in runs])} | {_median([x['kernel_oom_kills'] for x in runs])} | "
+            f"{median([x['postgres_crash_recoveries'] for x in runs])} | {median([x['kernel_oom_kills'] for x in runs])} | "
             f"{m('before', 'hit_rate')} / {m('during', 'hit_rate')} / {m('after', 'hit_rate')} | "
             f"{m('before', 'reads_per_s')} / {m('during', 'reads_per_s')} / {m('after', 'reads_per_s')} | "
             f"{m('before', 'db_queries_per_s')} / {m('during', 'db_queries_per_s')} / {m('after', 'db_queries_per_s')} | "
@@ -199,12 +197,16 @@ def report(data: dict) -> str:
     lines += ["", "Hit rate: GETs that found the key over GETs answered (a cache that does not answer counts in "
               "neither); PostgreSQL queries/s: the application's reads that fell through to the database "
               "(misses and cache-down reads). Raw figures: [cache-results.json](cache-results.json).", ""]
-    return "\n".join(lines)
+    return lines
+
+
+RECORD = Standalone("scenario_cache", TITLE, HERE / "cache-results.json", HERE / "CACHE-RESULTS.md", body)
+section = RECORD.section
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.scenario_cache", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=2, help="runs per contender (default 2)")
+    ap.add_argument("--runs", type=int, default=3, help="runs per contender (default 3)")
     a = ap.parse_args(argv)
     from lab import require
     from lab.redis import require as redis_required
@@ -219,14 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(a.runs):
         for c in ("none", "dbguard"):
             results.append(one_run(c, lambda msg: print(msg, flush=True)))
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=HERE).stdout.strip()
-    data = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git": git,
-            "command": "python -m benchmarks.scenario_cache " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "runs": a.runs, "results": results}
-    (HERE / "cache-results.json").write_text(json.dumps(data, indent=1) + "\n")
-    (HERE / "CACHE-RESULTS.md").write_text(report(data))
-    print(report(data))
+    RECORD.save(argv, a.runs, results)
     return 0
 
 

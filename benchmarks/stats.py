@@ -24,6 +24,13 @@ class Spread:
         return f"{mid} ({fmt.format(self.lo)}-{fmt.format(self.hi)})"
 
 
+def median(values: Iterable[float | None]):
+    """The middle of the values that are not None (the upper one of an even count: a value that
+    was measured); None when there are none."""
+    vals = sorted(v for v in values if v is not None)
+    return vals[len(vals) // 2] if vals else None
+
+
 def spread(values: Iterable[float | None]) -> Spread | None:
     """Median, min and max of the values that are not None; None when there are none."""
     vals = [float(v) for v in values if v is not None]
