@@ -108,7 +108,7 @@ class Map:
         val = self._value()
         if libbpf().bpf_map_lookup_elem(self.map_fd, ct.byref(key), ct.byref(val)) != 0:
             raise KeyError(key)
-        return [v.value if hasattr(v, "value") else v for v in val] if self.percpu else val
+        return list(val) if self.percpu else val
 
     def __setitem__(self, key, leaf) -> None:
         if libbpf().bpf_map_update_elem(self.map_fd, ct.byref(key), ct.byref(leaf), 0) != 0:
