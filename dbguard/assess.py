@@ -34,6 +34,8 @@ def judge(m: MemoryReading, p: Pressure, margin: float = 0.0) -> tuple[Level, st
     own_psi = m.cgroup_version != 1
     psi_margin = margin * 100          # the same hysteresis, in PSI percentage points
     where = "of the limit" if m.cgroup else "of RAM"
+    if m.pending_bytes:
+        where += f" (with {m.pending_bytes // 2**20} MiB the sessions have allocated and not yet touched)"
     if m.limit_bytes and r >= p.critical_usage - margin:
         return Level.CRITICAL, f"unreclaimable usage {_pct(r)} {where} >= critical mark {_pct(p.critical_usage)}"
     if m.limit_bytes and r >= p.high_usage - margin:
@@ -94,7 +96,7 @@ class Assessment:
 
 def _derived(m: MemoryReading, p: Pressure) -> dict:
     goal = p.high_usage - p.hysteresis
-    excess = int(m.usage_bytes - m.reclaimable_bytes - goal * m.limit_bytes) if m.limit_bytes else 0
+    excess = int(m.unreclaimable_bytes - goal * m.limit_bytes) if m.limit_bytes else 0
     thrashing = m.cgroup_version != 1 and 0 < p.high_psi_full <= m.psi_full_avg10 or _stalled_at_limit(m, p)
     return dict(excess_bytes=excess, goal=goal, thrashing=thrashing)
 
@@ -130,4 +132,4 @@ def next_mark_bytes(m: MemoryReading, level: Level, p: Pressure) -> int | None:
     if not m.limit_bytes:
         return None
     mark = {Level.OK: p.warn_usage, Level.WARN: p.high_usage, Level.HIGH: p.critical_usage}.get(level)
-    return None if mark is None else int(mark * m.limit_bytes) + m.reclaimable_bytes
+    return None if mark is None else int(mark * m.limit_bytes) + m.reclaimable_bytes - m.pending_bytes

@@ -49,6 +49,7 @@ class DatabaseConfig:
     user: str = ""
     buffer_pool_floor: int = Size(128 * 1024**2)
     shrink_caches: tuple[str, ...] = ()
+    session_memory_cap: int = Size(64 * 1024**2)   # new sessions' memory while shrunk; 0: no cap
     # both
     namespace_of: str = ""       # a container's: host pid, pid file or cgroup (databases/namespaces.py)
     password_file: str = ""

@@ -18,7 +18,7 @@ import time
 
 from . import config as config_mod
 from .act.executor import Executor
-from .assess import Assessment, assess, next_mark_bytes, recheck
+from .assess import Assessment, assess, judge, next_mark_bytes, recheck
 from .audit import AuditLog
 from .caches.base import AppCache
 from .config import Config
@@ -200,10 +200,14 @@ class Daemon:
                 self.feed.rescope(self.cfg, self.sensor.cgroup)
         reading = self.sensor.reading()
         before = self.level
-        a = assess(reading, self.cfg.pressure, self.state.levels, time.time())
         # Under pressure every process in the scope is read afresh; at rest the table is
         # kept up at a pace that does not grow with the number of processes.
-        snap = self._snap = self.sensor.snapshot(reading, fresh=a.level >= Level.WARN)
+        fresh = max(before, judge(reading, self.cfg.pressure)[0]) >= Level.WARN
+        snap = self._snap = self.sensor.snapshot(reading, fresh=fresh)
+        # Judged with what the sessions have allocated and not yet touched (the snapshot's
+        # reading): a dozen sorts that asked for more than the scope holds are pressure before
+        # the kernel has charged it.
+        a = assess(snap.memory, self.cfg.pressure, self.state.levels, time.time())
         if a.level != before:
             self._audit_level(before, a)
         plan = self.policy.decide(snap, a, self.state)
@@ -227,7 +231,8 @@ class Daemon:
                           "reason": a.why, "level": a.level.name.lower(),
                           "result": f"{before.name.lower()} -> {a.level.name.lower()}",
                           "usage_bytes": m.usage_bytes, "limit_bytes": m.limit_bytes,
-                          "reclaimable_bytes": m.reclaimable_bytes, "psi_some_avg10": m.psi_some_avg10})
+                          "reclaimable_bytes": m.reclaimable_bytes, "pending_bytes": m.pending_bytes,
+                          "psi_some_avg10": m.psi_some_avg10})
 
     def _sync_bpf(self, snap: Snapshot, level: Level) -> None:
         if self.feed is None:

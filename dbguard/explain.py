@@ -92,8 +92,8 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
         print(json.dumps({
             "memory": {"cgroup": m.cgroup or "host", "scope": out["scope"].why if out.get("scope") else "",
                        "usage_bytes": m.usage_bytes, "limit_bytes": m.limit_bytes,
-                       "reclaimable_bytes": m.reclaimable_bytes, "psi_some_avg10": m.psi_some_avg10,
-                       "psi_full_avg10": m.psi_full_avg10},
+                       "reclaimable_bytes": m.reclaimable_bytes, "pending_bytes": m.pending_bytes,
+                       "psi_some_avg10": m.psi_some_avg10, "psi_full_avg10": m.psi_full_avg10},
             "level": plan.level.name.lower(), "level_reason": plan.level_reason,
             "degraded": list(degraded(snap.databases).values()),
             "databases": [{"name": d.name, "kind": d.kind, "up": d.up, "error": d.error, "server_pid": d.server_pid,
@@ -136,7 +136,9 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
             say(f"  now (level {plan.level.name.lower()}): nothing would be done to it")
         return 0
     say(f"memory: {m.cgroup or 'host'}: usage {_mib(m.usage_bytes)} of {_mib(m.limit_bytes)}, "
-          f"reclaimable {_mib(m.reclaimable_bytes)}, PSI some {m.psi_some_avg10:.1f}% full {m.psi_full_avg10:.1f}%")
+          f"reclaimable {_mib(m.reclaimable_bytes)}, "
+          + (f"allocated by sessions and not yet touched {_mib(m.pending_bytes)}, " if m.pending_bytes else "")
+          + f"PSI some {m.psi_some_avg10:.1f}% full {m.psi_full_avg10:.1f}%")
     if out.get("scope"):
         say(f"scope: {out['scope'].why}")
     say(f"level: {plan.level.name.lower()} - {plan.level_reason}")

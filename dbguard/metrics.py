@@ -113,7 +113,8 @@ _MEMORY_HELP = {
     "memory_usage_bytes": "Memory charged to the watched cgroup (the host: MemTotal - MemAvailable).",
     "memory_limit_bytes": "Memory limit of the watched cgroup (absent when unlimited).",
     "memory_reclaimable_bytes": "Page cache in the watched cgroup the kernel can drop (inactive file).",
-    "memory_unreclaimable_ratio": "Usage that reclaim cannot give back, as a fraction of the limit.",
+    "memory_unreclaimable_ratio": "Usage that reclaim cannot give back, with what database statements have "
+                                  "allocated and not yet touched, as a fraction of the limit.",
     "psi_some_avg10_ratio": "PSI memory 'some': fraction of the last 10 s some task stalled on memory.",
     "psi_full_avg10_ratio": "PSI memory 'full': fraction of the last 10 s all tasks stalled on memory.",
 }

@@ -92,6 +92,8 @@ class MemoryReading:
     psi_full_avg10: float      # percent
     reclaimable_bytes: int = 0 # page cache the kernel can drop now (inactive_file not dirty nor under writeback)
     io_some_avg10: float = 0.0 # IO pressure, percent (the scope's own on v2, else host-wide)
+    pending_bytes: int = 0     # memory the databases' running sessions have allocated and not yet
+                               # touched (DbStats.pending_bytes): charged to the scope as they go on
 
     @property
     def usage_ratio(self) -> float:
@@ -101,11 +103,16 @@ class MemoryReading:
 
     @property
     def unreclaimable_ratio(self) -> float:
-        """Usage that reclaim cannot give back, over the limit: what the levels are judged on
-        (a cgroup full of page cache is not in trouble)."""
+        """Usage that reclaim cannot give back, with what the sessions have allocated and are
+        about to touch, over the limit: what the levels are judged on (a cgroup full of page
+        cache is not in trouble; one whose sessions have asked for more than it holds soon is)."""
         if not self.limit_bytes:
             return 0.0
-        return max(0, self.usage_bytes - self.reclaimable_bytes) / self.limit_bytes
+        return self.unreclaimable_bytes / self.limit_bytes
+
+    @property
+    def unreclaimable_bytes(self) -> int:
+        return max(0, self.usage_bytes - self.reclaimable_bytes) + self.pending_bytes
 
 
 @dataclass(frozen=True)
@@ -152,6 +159,8 @@ class DbStats:
     resize_in_progress: bool = False      # a cache resize is still running (server or our worker)
     self_shrunk_ago: float | None = None  # seconds since the server shrank its own cache (MariaDB's
                                           # innodb_buffer_pool_size_auto_min), None: not lately
+    pending_bytes: int = 0                # what its running sessions have allocated and not yet touched,
+                                          # at least (mysql/stats.py): memory about to be charged
     extra: dict[str, Any] = field(default_factory=dict)    # kind-specific figures for explain/metrics
 
 

@@ -200,6 +200,9 @@ class Sensor:
         roles = self.classifier.update(procs, stats, self.self_pid, caches, read)
         seq, since = next(SNAPSHOTS), self._seq
         self._seq = seq
+        pending = sum(db.pending_bytes for db in stats if db.up)
+        if pending:
+            reading = dataclasses.replace(reading, pending_bytes=pending)
         return Snapshot(ts=time.time(), memory=reading, procs=procs, roles=roles, databases=tuple(stats),
                         self_pid=self.self_pid, caches=tuple(caches), seq=seq, since=since,
                         changed=frozenset(read | self.classifier.changed))

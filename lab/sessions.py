@@ -45,6 +45,7 @@ class QueryCounts:
     finished: int = 0
     cancelled: int = 0          # ended by a cancel (pg_cancel_backend / KILL QUERY)
     terminated: int = 0         # ended with its session (pg_terminate_backend / KILL CONNECTION)
+    refused: int = 0            # refused by the server's per-session memory cap (MariaDB max_session_mem_used)
     failed: int = 0             # any other error: a crash, a lost connection
     errors: list[str] = field(default_factory=list)
 
@@ -52,7 +53,7 @@ class QueryCounts:
 class SortLoad:
     """`n` sessions, each on its own connection, running `sql` again and again until stopped.
     A session whose connection broke reconnects (a crash shows as failed queries, not as a
-    silent stop). `classify(error) -> "cancelled" | "terminated" | "failed"`."""
+    silent stop). `classify(error) -> "cancelled" | "terminated" | "refused" | "failed"`."""
 
     def __init__(self, connect: Callable[[], object], sql: str, n: int, classify: Callable[[Exception], str],
                  setup: tuple[str, ...] = ()):
@@ -83,7 +84,9 @@ class SortLoad:
                     break
                 kind = self.classify(e)
                 self._note(kind, e)
-                if kind != "cancelled":
+                if kind == "refused":           # a client told no waits a little before it asks again
+                    self._stop.wait(0.5)
+                elif kind != "cancelled":
                     with contextlib.suppress(Exception):
                         conn.close()
                     conn = None
@@ -154,7 +157,7 @@ class SessionsResult:
         lines = [f"guard={self.guard}: survived={self.database_survived} crash_recoveries={self.crash_recoveries} "
                  f"oom_kills={self.oom_kills} pgbench ok={self.transactions_ok} failed={self.transactions_failed} "
                  f"lost={self.sessions_lost} large: finished={self.large.finished} cancelled={self.large.cancelled} "
-                 f"terminated={self.large.terminated} failed={self.large.failed} "
+                 f"terminated={self.large.terminated} refused={self.large.refused} failed={self.large.failed} "
                  f"peak={self.peak_bytes // MiB}/{self.limit_bytes // MiB} MiB limit_reached_at={self.limit_reached_at}"]
         lines += [f"  {e}" for e in self.timeline]
         lines += [f"  large query: {e}" for e in self.large.errors[:8]]
@@ -253,6 +256,7 @@ MARIADB_ROWS = 400_000
 MARIADB_SORT = (f"SELECT id, pad FROM w.t ORDER BY CONCAT(pad, id) DESC LIMIT 1 OFFSET {MARIADB_ROWS - 10}")
 ER_QUERY_INTERRUPTED = 1317        # KILL QUERY
 ER_CONNECTION_KILLED = 1927        # KILL CONNECTION
+ER_OPTION_PREVENTS_STATEMENT = 1290  # "... running with the --max-session-mem-used=N option": the cap
 
 
 def mariadb_classify(e: Exception) -> str:
@@ -261,6 +265,8 @@ def mariadb_classify(e: Exception) -> str:
         return "cancelled"
     if code == ER_CONNECTION_KILLED:
         return "terminated"
+    if code == ER_OPTION_PREVENTS_STATEMENT and "max-session-mem-used" in str(e):
+        return "refused"
     return "failed"
 
 

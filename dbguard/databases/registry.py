@@ -34,6 +34,8 @@ class Kind:
                                        # the mysqld pid it verified; PostgreSQL reports every backend,
                                        # and a backend is believed only as a child of the postmaster)
     session_noun: str                  # what one session is called in a target: "backend", "connection"
+    caps_at_connect: bool              # the shrunk per-session settings reach a session only when it
+                                       # connects (MySQL), not at its next statement (PostgreSQL's reload)
     config_keys: frozenset[str]        # [[databases]] keys only this kind accepts
     check: Callable[["DatabaseConfig", str], None]   # its own config rules; raises ConfigError
     adapter: str                       # "module:Class" implementing databases.base.Database
@@ -60,7 +62,7 @@ def _check_mysql(db: "DatabaseConfig", path: str) -> None:
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind(name="postgresql", server_role=Role.POSTMASTER, child_role=Role.PG_BACKEND,
-         reported_pids_verified=False, session_noun="backend",
+         reported_pids_verified=False, session_noun="backend", caps_at_connect=False,
          config_keys=frozenset({"dsn", "data_directory", "shrink_settings", "shrink_floor", "close_idle_after"}),
          check=_check_postgresql, adapter="dbguard.databases.postgresql.adapter:PostgreSQL",
          identify="dbguard.databases.postgresql.identity:identify",
@@ -70,8 +72,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
                         "/usr/local/pgsql/bin/postgres", "/usr/bin/postgres", "/usr/libexec/postgresql*/postgres")),
     # MySQL sessions are threads of mysqld: a child process of the server is not a session.
     Kind(name="mysql", server_role=Role.MYSQLD, child_role=None,
-         reported_pids_verified=True, session_noun="connection",
-         config_keys=frozenset({"host", "port", "socket", "user", "buffer_pool_floor", "shrink_caches"}),
+         reported_pids_verified=True, session_noun="connection", caps_at_connect=True,
+         config_keys=frozenset({"host", "port", "socket", "user", "buffer_pool_floor", "shrink_caches",
+                                "session_memory_cap"}),
          check=_check_mysql, adapter="dbguard.databases.mysql.adapter:MySQL",
          identify="dbguard.databases.mysql.identity:identify", executables=frozenset({"mysqld", "mariadbd"}),
          discover="dbguard.databases.mysql.discover:discover_mysql",

@@ -6,8 +6,9 @@ import time
 
 from ..assess import Assessment
 from ..config import DatabaseConfig, Kill
+from ..databases import registry
 from ..model import Action, ActionKind, Level, Snapshot
-from .state import PolicyState
+from .state import REPEAT_WINDOW, PolicyState
 from .targets import MiB, session_name
 
 
@@ -36,7 +37,9 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
     """At high: the database as its own hog. Cancel the largest active client sessions until the
     memory they hold covers `excess` (the part of the excess over the goal these sessions are
     answered for), all in this cycle; terminate those still running terminate_after seconds
-    after their cancel. Never a system session. Returns the actions and the bytes they free.
+    after their cancel, and (MySQL: the caps reach new sessions only) those to be ended again
+    within REPEAT_WINDOW of their last cancel.
+    Never a system session. Returns the actions and the bytes they free.
 
     Rate limits are the kill's (kill.min_interval between rounds, kill.max_per_minute), counted
     apart from kills. `answered`: another answer already acted this cycle (a thrashing scope
@@ -70,22 +73,32 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
         return out, freed
     recent = sum(1 for t in times if now - t < 60)
     fresh = sorted((t for t in open_sessions if (t[0].name, t[1].pid) not in state.cancelled
+                    and (t[0].name, t[1].pid) not in state.terminated
                     and t[1].held_bytes >= t[2].runaway_min_bytes), key=lambda t: -t[1].held_bytes)
-    cancelled = 0
+    ended = 0
     for db, s, dc in fresh:
         if excess - freed <= 0 and (out or answered or not a.thrashing) or recent >= k.max_per_minute:
             break
-        state.cancelled[(db.name, s.pid)] = now
-        if s.started is not None:
-            state.cancelled_started[(db.name, s.pid)] = s.started
+        key = (db.name, s.pid)
         freed += s.held_bytes
         recent += 1
-        cancelled += 1
-        out.append(Action(ActionKind.CANCEL_QUERY,
-                          f"level {a.level.name.lower()}: {_holding(s, now)}; the largest active session "
-                          f"(runaway_min_bytes {dc.runaway_min_bytes // MiB} MiB)",
-                          pid=s.pid, target=session_name(db, s), database=db.name))
-    if cancelled:
+        ended += 1
+        why = f"level {a.level.name.lower()}: {_holding(s, now)}; the largest active session " \
+              f"(runaway_min_bytes {dc.runaway_min_bytes // MiB} MiB)"
+        since = now - state.last_cancel.get(key, float("-inf"))
+        if since < REPEAT_WINDOW and _caps_at_connect(db):
+            # Its client answered the last cancel with the same again, and the shrunk settings
+            # (the session memory cap) reach only sessions that start: a cancel would be
+            # answered the same way; its client's next session starts under the cap.
+            state.terminated.add(key)
+            out.append(Action(ActionKind.TERMINATE_SESSION, f"{why}; cancelled {since:.0f}s ago and running "
+                              "again", pid=s.pid, target=session_name(db, s), database=db.name))
+            continue
+        state.cancelled[key] = state.last_cancel[key] = now
+        if s.started is not None:
+            state.cancelled_started[key] = s.started
+        out.append(Action(ActionKind.CANCEL_QUERY, why, pid=s.pid, target=session_name(db, s), database=db.name))
+    if ended:
         times.append(now)
     return out, freed
 
@@ -106,6 +119,11 @@ def _new_statement(s, since_cancel: float, cancelled_start: float | None) -> boo
     if s.started is not None and cancelled_start is not None:
         return abs(s.started - cancelled_start) > STARTED_SLACK
     return s.age_seconds + CLOCK_SLACK < since_cancel
+
+
+def _caps_at_connect(db) -> bool:
+    kind = registry.find(db.kind)
+    return kind is not None and kind.caps_at_connect
 
 
 def _holding(s, now: float) -> str:

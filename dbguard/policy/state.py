@@ -13,6 +13,9 @@ from ..assess import LevelState
 from ..model import ProcKey, Snapshot
 
 SessionKey = tuple[str, int]      # (database name, session pid / connection id)
+# A session that has to be ended again this soon after a cancel is terminated instead
+# (policy/sessions.py): its client answered the cancel with the same again.
+REPEAT_WINDOW = 60.0
 
 
 @dataclass
@@ -22,6 +25,7 @@ class PolicyState:
     cancelled: dict[SessionKey, float] = field(default_factory=dict)    # session -> when cancelled
     cancelled_started: dict[SessionKey, float] = field(default_factory=dict)  # -> start of the statement cancelled
     terminated: set[SessionKey] = field(default_factory=set)
+    last_cancel: dict[SessionKey, float] = field(default_factory=dict)  # session -> its latest cancel
     kill_times: deque = field(default_factory=lambda: deque(maxlen=10_000))   # one per kill round
     session_end_times: deque = field(default_factory=lambda: deque(maxlen=10_000))   # one per cancel round
     killed: dict[ProcKey, float] = field(default_factory=dict)          # planned kills, by identity
@@ -40,3 +44,6 @@ class PolicyState:
         for key in [key for key in self.cancelled_started if key not in self.cancelled]:
             del self.cancelled_started[key]
         self.terminated &= sessions | {k for k in self.terminated if k[0] not in up}
+        for key in [key for key, t in self.last_cancel.items()
+                    if snap.ts - t >= REPEAT_WINDOW or key[0] in up and key not in sessions]:
+            del self.last_cancel[key]

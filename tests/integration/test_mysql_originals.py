@@ -9,6 +9,7 @@ import json
 import logging
 from pathlib import Path
 
+import pymysql
 import pytest
 
 from dbguard import config
@@ -57,6 +58,7 @@ def reset(server):
     yield
     server.sql("SET GLOBAL innodb_buffer_pool_size = %s", (POOL,))
     server.sql("SET GLOBAL table_open_cache = 400")
+    server.sql("SET GLOBAL max_session_mem_used = DEFAULT")
 
 
 def test_set_global_by_the_dba_during_a_shrink_survives_grow_and_restore(server, reset, tmp_path, caplog):
@@ -66,7 +68,8 @@ def test_set_global_by_the_dba_during_a_shrink_survives_grow_and_restore(server,
         shrunk = pool(server)
         assert shrunk < POOL and int(server.value("SELECT @@GLOBAL.table_open_cache")) == 64
         state = g.originals.load()
-        assert state["set"] == {"innodb_buffer_pool_size": shrunk, "table_open_cache": 64}, state
+        assert state["set"] == {"innodb_buffer_pool_size": shrunk, "table_open_cache": 64,
+                                "max_session_mem_used": 64 * MiB}, state
 
         # The DBA, while shrunk: a pool size of their own, and table_open_cache back up.
         server.sql("SET GLOBAL innodb_buffer_pool_size = %s", (96 * MiB,))
@@ -160,3 +163,55 @@ def test_a_state_file_of_another_server_is_never_applied(server, reset, tmp_path
         assert second.set_shrink_step(0).ok and pool(server) == 128 * MiB
     finally:
         second.close()
+
+
+def test_new_sessions_are_capped_while_shrunk_and_the_dbas_cap_comes_back(server, reset, tmp_path):
+    """session_memory_cap (64 MiB by default) for sessions that start while shrunk; the DBA's
+    own max_session_mem_used (1 GiB here) back at step 0, read by the test's own SQL."""
+    server.sql("SET GLOBAL max_session_mem_used = %s", (1024 * MiB,))
+    before = server.connect()                        # a session open before the shrink
+    g = MySQL(_config(server, tmp_path), str(tmp_path / "state"))
+    try:
+        assert g.set_shrink_step(1).ok
+        assert int(server.value("SELECT @@GLOBAL.max_session_mem_used")) == 64 * MiB
+        assert g.originals.load()["caches"]["max_session_mem_used"] == 1024 * MiB
+        assert g.collect().shrink_step == 1
+        cur = before.cursor()
+        cur.execute("SELECT @@SESSION.max_session_mem_used")
+        assert int(cur.fetchone()[0]) == 1024 * MiB, "a session already open keeps its own cap"
+        # A session that starts now asks for a 128 MiB sort buffer (a million 200-byte keys need
+        # more than that; the OFFSET keeps MariaDB from sorting in a small priority queue) and is
+        # refused by the server itself.
+        late = server.connect()
+        cur = late.cursor()
+        cur.execute("SET SESSION sort_buffer_size = %s", (128 * MiB,))
+        with pytest.raises(pymysql.err.MySQLError) as refused:
+            cur.execute("SELECT seq FROM mysql.seq_1_to_1000000 ORDER BY CONCAT(REPEAT('x', 200), seq) "
+                        "LIMIT 1 OFFSET 999990")
+        assert refused.value.args[0] == 1290 and "max-session-mem-used" in str(refused.value), refused.value
+        late.close()
+        assert g.set_shrink_step(0).ok
+        assert int(server.value("SELECT @@GLOBAL.max_session_mem_used")) == 1024 * MiB
+        assert g.originals.load() is None
+    finally:
+        before.close()
+        g.close()
+
+
+def test_a_pool_at_its_floor_still_caps_new_sessions(mariadb_host, tmp_path):
+    """Nothing to shrink in the pool (128 MiB, floor 128 MiB): the cap is the one step there is."""
+    db = _server(innodb_buffer_pool_size="128M")
+    g = MySQL(_config(db, tmp_path, buffer_pool_floor=128 * MiB), str(tmp_path / "state"))
+    try:
+        s = g.collect()
+        assert (s.shrink_step, s.shrink_steps_max) == (0, 1), s
+        assert g.set_shrink_step(1).ok
+        assert int(db.value("SELECT @@GLOBAL.max_session_mem_used")) == 64 * MiB
+        assert int(db.value("SELECT @@GLOBAL.innodb_buffer_pool_size")) == 128 * MiB
+        assert g.collect().shrink_step == 1
+        assert g.set_shrink_step(0).ok
+        assert int(db.value("SELECT @@GLOBAL.max_session_mem_used")) == 2**63 - 1    # MariaDB's default
+        assert g.originals.load() is None and g.collect().shrink_step == 0
+    finally:
+        g.close()
+        db.destroy()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dbguard.databases.mysql.facts import server_facts
 from dbguard.databases.mysql.grants import Grants, missing_grants
-from dbguard.databases.mysql.stats import Pool, Reading, resize_running, sessions_from, to_stats
+from dbguard.databases.mysql.stats import Pool, Reading, pending_bytes, resize_running, sessions_from, to_stats
 from dbguard.model import Role
 
 MiB = 1024**2
@@ -113,21 +113,27 @@ def test_grants_parse_mariadb_and_mysql_forms():
     assert missing_grants(Grants.parse(["GRANT ALL PRIVILEGES ON *.* TO `root`@`localhost`"]), False) == []
 
 
-def test_the_servers_temporary_files_are_divided_among_the_statements_that_spill():
-    # PROCESSLIST as MariaDB 10.11 showed the sessions scenario: three filesorts ("Creating sort
-    # index", "Sorting result"), one copying to an on-disk temporary table, one plain read,
-    # one idle connection and dbguard's own. mysqld held 400 MiB of files open in tmpdir.
+def test_the_servers_temporary_files_are_divided_among_the_running_statements_by_how_long_they_ran():
+    # PROCESSLIST as MariaDB 10.11 showed the sessions scenario: filesorts ("Creating sort
+    # index", "Sorting result"), one merging its runs (its state is no sort's), one copying to an
+    # on-disk temporary table, one killed and still unwinding, a plain read just begun, one idle
+    # connection and dbguard's own. mysqld held 500 MiB of files open in tmpdir; the statements
+    # that ran a second or more ran 20 s together.
     rows = [[21, "app", "Query", 4.0, "Creating sort index", "SELECT ... ORDER BY", 0],
             [22, "app", "Query", 4.0, "Sorting result", "SELECT ... ORDER BY", 0],
-            [23, "app", "Query", 4.0, "Creating sort index", "SELECT ... ORDER BY", 0],
+            [23, "app", "Query", 4.0, "Sending data", "SELECT ... ORDER BY", 0],
             [24, "app", "Query", 2.0, "Copying to tmp table on disk", "SELECT ... GROUP BY", 0],
+            [27, "app", "Killed", 6.0, "Creating sort index", "SELECT ... ORDER BY", 0],
             [25, "app", "Query", 0.1, "Sending data", "SELECT 1", 0],
             [26, "app", "Sleep", 9.0, "", None, 0],
-            [99, "dbguard", "Query", 0.0, "Filling schema table", "SELECT ...", 0]]
-    got = {x.pid: x for x in sessions_from(rows, own_id=99, memory_by_connection={}, temp_bytes=400 * MiB)}
-    assert [got[p].temp_bytes for p in (21, 22, 23, 24)] == [100 * MiB] * 4
-    assert got[25].temp_bytes == got[26].temp_bytes == 0 and 99 not in got
-    assert sessions_from(rows[4:], own_id=99, memory_by_connection={}, temp_bytes=400 * MiB)[0].temp_bytes == 0
+            [99, "dbguard", "Query", 30.0, "Filling schema table", "SELECT ...", 0]]
+    got = {x.pid: x for x in sessions_from(rows, own_id=99, memory_by_connection={}, temp_bytes=500 * MiB)}
+    assert [got[p].temp_bytes for p in (21, 22, 23, 24)] == [100 * MiB] * 3 + [50 * MiB]
+    assert got[25].temp_bytes == got[26].temp_bytes == 0 and 27 not in got and 99 not in got
+    # Only short reads running: the files are nobody's they could be (measured: two reads were
+    # cancelled for 213 MiB of files of sorts killed a moment before).
+    assert all(s.temp_bytes == 0 for s in sessions_from(rows[5:], own_id=99, memory_by_connection={},
+                                                       temp_bytes=500 * MiB))
 
 
 def test_mariadb_rows_carry_the_statements_start():
@@ -137,3 +143,21 @@ def test_mariadb_rows_carry_the_statements_start():
     assert got[31].started == 1764558000.125 and got[32].started is None
     # MySQL rows have neither MEMORY_USED nor a start.
     assert sessions_from([[33, "app", "Query", 2, "x", "SELECT 1"]], own_id=99, memory_by_connection={})[0].started is None
+
+
+def test_what_the_running_statements_allocated_and_have_not_touched_is_a_lower_bound():
+    # A dozen filesorts each asked for a 160 MiB sort buffer (MEMORY_USED counts it at once);
+    # mysqld's anonymous RSS is 400 MiB: at most that much of it is resident, so at least
+    # 12 x 160 - 400 = 1520 MiB is still to be charged. Idle sessions, server threads and
+    # dbguard's own are no statement's.
+    rows = [[20 + i, "app", "Query", 0.5, "Creating sort index", "SELECT ... ORDER BY", 160 * MiB] for i in range(12)]
+    rows += [[40, "app", "Sleep", 9.0, "", None, 300 * MiB], [41, "system user", "Daemon", 0, "", None, 900 * MiB],
+             [42, "rep", "Binlog Dump", 0, "", None, 900 * MiB], [99, "dbguard", "Query", 0, "", "SELECT", 900 * MiB]]
+    sessions = sessions_from(rows, own_id=99, memory_by_connection={})
+    assert pending_bytes(sessions, server_anon=400 * MiB) == 1520 * MiB
+    assert pending_bytes(sessions, server_anon=4000 * MiB) == 0        # all of it may be resident already
+    assert pending_bytes(sessions, server_anon=None) == 0              # no RSS, no claim
+    s = to_stats("orders", Reading(variables=R["variables"], status=R["status"], processlist=rows, own_id=99),
+                 facts(), pool(), server_pid=None, server_rss=None, shrink_caches=(), notes={},
+                 server_anon=400 * MiB)
+    assert s.pending_bytes == 1520 * MiB

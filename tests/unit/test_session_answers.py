@@ -2,11 +2,14 @@
 hogs, and which never are. Expected values are worked out by hand from the figures given."""
 from __future__ import annotations
 
+import dataclasses
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbguard import config
 from dbguard.assess import judge
+from dbguard.databases.mysql.stats import sessions_from
 from dbguard.model import ActionKind, DbSession, DbStats, Level, MemoryReading, Proc, Role, Snapshot
 from dbguard.policy import Policy
 from policy_driver import Driven
@@ -202,3 +205,61 @@ def test_a_cancelled_statement_that_ended_is_neither_terminated_nor_cancelled_ag
     for t in (3, 6, 12):
         plan = pol.decide(snap(t, reading(960), [aborted]))
         assert ended(plan, "terminate_session") == [] and ended(plan, "cancel_query") == [], t
+
+
+def test_what_the_sessions_allocated_and_have_not_touched_is_pressure_before_it_is_charged():
+    # 500 MiB charged, but the running statements have allocated 600 MiB more they have not
+    # touched yet (DbStats.pending_bytes, summed into the reading by the sensor): 1100 MiB is
+    # coming, 250 MiB over the 850 MiB goal. Usage alone would be ok.
+    assert judge(reading(500), config.Pressure())[0] is Level.OK
+    coming = dataclasses.replace(reading(500), pending_bytes=600 * MiB)
+    level, why = judge(coming, config.Pressure())
+    assert level is Level.CRITICAL and "600 MiB the sessions have allocated and not yet touched" in why
+    # The largest first until 250 MiB are covered: 160 + 160 is enough, 100 is not needed.
+    plan = policy().decide(snap(0, coming, [session(31, 100), session(32, 160), session(33, 160)]))
+    assert sorted(ended(plan, "cancel_query")) == [32, 33]
+
+
+def test_mariadb_server_threads_replication_and_dbguards_own_connection_are_never_chosen():
+    # PROCESSLIST rows as MariaDB gives them, through the adapter's own row mapping: the event
+    # scheduler, a replica's Binlog Dump, the server's own threads and dbguard's connection hold
+    # more than the client's statement, and only the client's statement is cancelled.
+    rows = [[1, "event_scheduler", "Daemon", 100.0, "Waiting on empty queue", None, 500 * MiB],
+            [2, "system user", "Slave_SQL", 100.0, "", None, 500 * MiB],
+            [3, "repl", "Binlog Dump", 100.0, "Master has sent all binlog to slave", None, 500 * MiB],
+            [4, "system user", "Daemon", 100.0, "InnoDB purge worker", None, 500 * MiB],
+            [5, "dbguard", "Query", 0.0, "Filling schema table", "SELECT ...", 500 * MiB],
+            [6, "app", "Query", 3.0, "Creating sort index", "SELECT ... ORDER BY", 200 * MiB]]
+    sessions = sessions_from(rows, own_id=5, memory_by_connection={})
+    db = DbStats(name="main", kind="mysql", up=True, server_pid=500, sessions=tuple(sessions))
+    s = Snapshot(ts=0, memory=reading(990), procs={}, roles={}, databases=(db,), self_pid=999)
+    pol = Driven(Policy(config.from_dict({"databases": [{"kind": "mysql", "name": "main", "socket": "/run/m.sock",
+                                                        "user": "dbguard"}],
+                                          "kill": {"protect_exe": [], "min_interval": 0.0}}), watched_memcg=CG))
+    plan = pol.decide(s)
+    assert ended(plan, "cancel_query") == [6]
+    assert ended(plan, "terminate_session") == []
+
+
+def test_a_mariadb_session_ended_again_soon_after_its_cancel_is_terminated():
+    # MariaDB takes the shrunk settings (the session memory cap) at connect: a client that
+    # answers KILL QUERY with the same statement again is terminated the second time, so its
+    # next session starts under the cap. PostgreSQL's shrunk work_mem reaches the open session
+    # at its next statement: there it is cancelled again (the test above).
+    db = lambda sessions: DbStats(name="main", kind="mysql", up=True, server_pid=500, sessions=tuple(sessions))
+    pol = Driven(Policy(config.from_dict({"databases": [{"kind": "mysql", "name": "main", "socket": "/run/m.sock",
+                                                        "user": "dbguard"}],
+                                          "kill": {"protect_exe": [], "min_interval": 0.0}}), watched_memcg=CG))
+
+    def at(ts: float, started: float) -> Snapshot:
+        s = DbSession(pid=81, kind="connection", state="active", user="app", age_seconds=ts - started,
+                      memory_bytes=200 * MiB, started=started)
+        return Snapshot(ts=ts, memory=reading(960), procs={}, roles={}, databases=(db([s]),), self_pid=999)
+    assert ended(pol.decide(at(100.0, 99.0)), "cancel_query") == [81]
+    plan = pol.decide(at(101.0, 100.5))                 # its next statement, half a second after the cancel
+    assert ended(plan, "terminate_session") == [81] and ended(plan, "cancel_query") == []
+    assert "cancelled 1s ago and running again" in plan.actions[-1].reason
+    # A minute after its last cancel it is a session like any other again: cancelled first.
+    pol = Driven(pol.policy)
+    assert ended(pol.decide(at(200.0, 199.0)), "cancel_query") == [81]
+    assert ended(pol.decide(at(261.0, 260.5)), "cancel_query") == [81]

@@ -13,10 +13,11 @@ from ...config import DatabaseConfig
 from ...errors import ConfigError, DbguardError
 from ...model import DbStats, Outcome, Role
 from ...originals import Originals
+from ...sense.procfs import rss_anon
 from ...sense.tempfiles import open_file_bytes, tmpdirs, under
 from ..base import Database
 from . import sessions
-from .buffer_pool import CACHE_MINIMUMS, BufferPool, mib
+from .buffer_pool import CACHE_MINIMUMS, SESSION_CAPS, BufferPool, mib
 from .connection import ER_NO_SUCH_THREAD, Link, status, variables
 from ..identity import Found, Tracker
 from .identity import identify, server_pid, server_rss
@@ -73,10 +74,10 @@ class MySQL(Database):
     def _collect(self, conn) -> DbStats:
         facts = self.link.facts
         v = variables(conn, ("pid_file", "datadir", "basedir", "innodb_buffer_pool_size", "performance_schema",
-                             "tmpdir", *self.cfg.shrink_caches))
+                             "tmpdir", *self.cfg.shrink_caches, *SESSION_CAPS))
         server_status = status(conn, "Innodb_buffer_pool%")
         own = sessions.own_id(conn)
-        pool = self.pool.look(int(v["innodb_buffer_pool_size"]), server_status)
+        pool = self.pool.look(int(v["innodb_buffer_pool_size"]), server_status, v)
         pid, pid_error = server_pid(v["pid_file"], v["datadir"], v["basedir"], facts.peer_pid, self.link.ns())
         how = f"@@pid_file {v['pid_file']}, checked against @@datadir{self.link.ns().where()}"
         if pid is None:                  # SQL could not confirm it: the listening socket still can
@@ -100,7 +101,7 @@ class MySQL(Database):
         if self.pool.last_resize is not None:
             notes["last_resize"] = self.pool.last_resize.summary()
         return to_stats(self.name, reading, facts, pool, server_pid=pid, identity=how, server_rss=server_rss(pid),
-                        shrink_caches=self.cfg.shrink_caches, notes=notes)
+                        shrink_caches=(*self.cfg.shrink_caches, *self.pool.caps(v)), notes=notes, server_anon=rss_anon(pid) if pid else None)
 
     # --- shrink / grow -------------------------------------------------------------------------
     def set_shrink_step(self, step: int) -> Outcome:

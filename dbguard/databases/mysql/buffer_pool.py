@@ -53,6 +53,13 @@ CACHE_MINIMUMS: dict[str, int] = {
     "query_cache_size": 0,
 }
 
+# The per-session memory cap the server enforces on sessions that start after the SET GLOBAL:
+# MariaDB's max_session_mem_used, MySQL 8.0.28+'s connection_memory_limit. While shrunk, new
+# sessions may allocate at most [[databases]] session_memory_cap each: a dozen clients that
+# reconnect and sort again are refused by the server itself before their sort buffers land.
+# Sessions already open keep the value they started with.
+SESSION_CAPS = ("max_session_mem_used", "connection_memory_limit")
+
 
 @dataclasses.dataclass
 class Resize:
@@ -89,14 +96,32 @@ class BufferPool:
     def saved(self) -> dict[str, Any] | None:
         return self.originals.load()      # a damaged file is moved aside there, with one warning
 
-    def look(self, size: int, server_status: dict[str, str]) -> Pool:
-        """The pool now, from its size and the server's resize status."""
+    def look(self, size: int, server_status: dict[str, str], live: dict[str, str]) -> Pool:
+        """The pool now, from its size, the server's resize status and the global variables
+        read with it (`live`: the session caps among them)."""
         size = self._observe(size)
         configured = self._configured(size)
         ago = None if self._self_shrunk_at is None else time.monotonic() - self._self_shrunk_at
+        caps = {c: int(live[c]) for c in self.caps(live)}
+        try:
+            kept = (self.saved() or {}).get("caches", {})
+        except DbguardError:
+            kept = {}
+        original = {c: int(kept.get(c, x)) for c, x in caps.items()}
         return Pool(size=size, configured=configured, floor=self.cfg.buffer_pool_floor, steps=self.cfg.shrink_steps,
                     resize_in_progress=self.resizing(server_status), self_shrunk_ago=ago,
-                    auto_shrink_min=self._auto_shrink_min(configured))
+                    auto_shrink_min=self._auto_shrink_min(configured),
+                    cap_steps=int(any(x > self.cfg.session_memory_cap for x in original.values())),
+                    cap_step=int(any(caps[c] < original[c] for c in caps)))
+
+    def caps(self, live: dict[str, str]) -> tuple[str, ...]:
+        """The session caps this server has, when dbguard is to set them."""
+        return tuple(c for c in SESSION_CAPS if c in live) if self.cfg.session_memory_cap else ()
+
+    def _target(self, name: str, original: int, step: int) -> int:
+        if name in SESSION_CAPS:
+            return original if step <= 0 else min(original, self.cfg.session_memory_cap)
+        return halved(original, CACHE_MINIMUMS[name], step)
 
     def resizing(self, server_status: dict[str, str]) -> bool:
         return self._resizer.running_for() is not None or resize_running(server_status)
@@ -134,7 +159,8 @@ class BufferPool:
     # --- one step --------------------------------------------------------------------------------
     def set_step(self, conn, step: int) -> Outcome:
         unit = self.link.facts.unit
-        v = variables(conn, (POOL, *self.cfg.shrink_caches))
+        v = variables(conn, (POOL, *self.cfg.shrink_caches, *SESSION_CAPS))
+        managed = (*self.cfg.shrink_caches, *self.caps(v))
         server_status = status(conn, "Innodb_buffer_pool_resize%")
         if self.resizing(server_status):
             r = self.last_resize
@@ -147,11 +173,11 @@ class BufferPool:
             # is still dbguard's (runtime caches, no refill) goes back now; new pressure starts
             # a new shrink from the DBA's size next cycle.
             saved = self.saved()
-            notes = self._set_caches(conn, saved, 0, 0) if saved else []
+            notes = self._set_caches(conn, saved, 0, 0, managed) if saved else []
             self.originals.clear()
             return Outcome.done("; ".join(taken + [f"buffer pool left at the {mib(int(v[POOL]))} set by someone "
                                                    "else", *notes]))
-        pool = self.look(int(v[POOL]), server_status)
+        pool = self.look(int(v[POOL]), server_status, v)
         size, configured = pool.size, pool.configured
         now_step, top, _ = pool_steps(pool, unit)
         step = max(0, min(step, top))
@@ -159,11 +185,11 @@ class BufferPool:
         saved = self.saved()
         if (step > 0 or size < configured) and POOL not in (saved or {}):
             # Before the first change, and as soon as the pool is found smaller than the DBA's size.
-            base = saved or {"caches": {c: int(v[c]) for c in self.cfg.shrink_caches},
+            base = saved or {"caches": {c: int(v[c]) for c in managed},
                              "server": self.link.facts.version, "saved_at": time.time()}
             self.originals.save({**base, POOL: configured})
             saved = self.originals.load()
-        notes = taken + self._set_caches(conn, saved, step, top)
+        notes = taken + self._set_caches(conn, saved, step, top, managed)
         if step >= now_step and target > size:
             # Smaller than this step already (MariaDB's own pressure shrinking): growing happens
             # only when a lower step is asked for.
@@ -174,14 +200,15 @@ class BufferPool:
                                              notes))
         return self._resize_to(conn, target, size, step, top, configured, notes)
 
-    def _set_caches(self, conn, saved: dict | None, step: int, top: int) -> list[str]:
-        """Runtime caches are halved at each step, never below their minimum."""
+    def _set_caches(self, conn, saved: dict | None, step: int, top: int, managed: tuple[str, ...]) -> list[str]:
+        """Runtime caches are halved at each step, never below their minimum; new sessions are
+        capped from step 1 on."""
         notes = []
         originals = (saved or {}).get("caches", {})
         cur = conn.cursor()
-        names = [c for c in self.cfg.shrink_caches if c in originals]
+        names = [c for c in managed if c in originals]
         for c in names:
-            want = halved(int(originals[c]), CACHE_MINIMUMS[c], min(step, top))
+            want = self._target(c, int(originals[c]), min(step, top))
             cur.execute(f"SET GLOBAL {c} = %s", (want,))
             notes.append(f"{c}={want}")
         if names and saved is not None:

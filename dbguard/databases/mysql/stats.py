@@ -42,14 +42,9 @@ def resize_running(status: dict[str, str]) -> bool:
     return bool(text) and not any(w in text for w in _RESIZE_OVER)
 
 
-# PROCESSLIST states of a statement sorting or using a temporary table: where a session's
-# temporary files come from (filesort merge runs, on-disk temporary tables in tmpdir).
-_TEMP_STATES = ("sort", "tmp table", "heap to", "temporary")
-
-
-def spills(state: str | None) -> bool:
-    s = (state or "").lower()
-    return any(w in s for w in _TEMP_STATES)
+# Seconds a statement has run before it may hold temporary files: a sort writes its first merge
+# run only once its buffer is full.
+SPILL_AGE = 1.0
 
 
 def sessions_from(rows: list[list[Any]], own_id: int, memory_by_connection: dict[int, int],
@@ -58,10 +53,16 @@ def sessions_from(rows: list[list[Any]], own_id: int, memory_by_connection: dict
 
     `temp_bytes`: the temporary files mysqld holds open in tmpdir. The kernel shows them as
     the server's, not a thread's, and the server does not say whose they are: they are divided
-    evenly among the running statements whose state is a sort or a temporary table."""
+    among the statements that have run for SPILL_AGE or longer, in proportion to how long each
+    has run (a sort writes its merge runs as it goes and keeps them while it merges). Killed
+    statements still unwinding hold theirs until they are done: they take their share, and are
+    no session. Not by state: measured (MariaDB 10.11, a dozen filesorts), a sort merging its
+    runs shows other states than a sort's, and handing all the files to the one statement that
+    had just begun its sort (or to two short reads) made its cancel look enough, again and again."""
     out = []
-    spilling = [r for r in rows if r[2] == "Query" and r[0] != own_id and spills(r[4])]
-    share = temp_bytes // len(spilling) if spilling else 0
+    holders = {r[0]: float(r[3] or 0) for r in rows
+               if r[2] in ("Query", "Killed") and r[0] != own_id and float(r[3] or 0) >= SPILL_AGE}
+    total_age = sum(holders.values())
     for row in rows:
         cid, user, command, age, state, info = row[:6]
         if cid == own_id or command in NOT_SESSIONS_COMMANDS or user in NOT_SESSIONS_USERS:
@@ -74,7 +75,7 @@ def sessions_from(rows: list[list[Any]], own_id: int, memory_by_connection: dict
                              else str(command).lower(),
                              user=user or "", query=(info or "")[:QUERY_MAX],
                              age_seconds=float(age or 0), memory_bytes=max(0, int(mem)),
-                             temp_bytes=share if command == "Query" and spills(state) else 0,
+                             temp_bytes=int(temp_bytes * holders[cid] / total_age) if cid in holders else 0,
                              started=float(row[7]) if len(row) > 7 and row[7] is not None else None))
     return out
 
@@ -107,20 +108,42 @@ class Pool:
     resize_in_progress: bool = False       # the server's resize, or our resize worker still running
     self_shrunk_ago: float | None = None   # seconds since MariaDB shrank it by itself
     auto_shrink_min: int | None = None     # MariaDB's own shrinking floor, when on for this pool
+    cap_steps: int = 0                     # 1 when a session memory cap can be set (buffer_pool.SESSION_CAPS)
+    cap_step: int = 0                      # 1 while dbguard's cap is in effect
 
 
 def pool_steps(pool: Pool, unit: int) -> tuple[int, int, int]:
-    """(step now, deepest step, bytes the next grow step adds)."""
-    top = shrink_steps_max(pool.steps, linear_steps_to_floor(pool.configured, pool.floor, pool.steps, unit))
-    step = linear_step_of(pool.size, pool.configured, pool.floor, pool.steps, unit)
+    """(step now, deepest step, bytes the next grow step adds). A session memory cap is a step
+    of its own: with the pool already at its floor, capping new sessions is still an answer."""
+    top = max(shrink_steps_max(pool.steps, linear_steps_to_floor(pool.configured, pool.floor, pool.steps, unit)),
+              pool.cap_steps)
+    step = max(linear_step_of(pool.size, pool.configured, pool.floor, pool.steps, unit), pool.cap_step)
     grow = max(0, linear_target(pool.configured, pool.floor, pool.steps, step - 1, unit) - pool.size) if step else 0
     return step, top, grow
 
 
+def pending_bytes(sessions: list[DbSession], server_anon: int | None) -> int:
+    """What the running statements have allocated and not yet touched, at least.
+
+    The server counts a session's memory when it is allocated (MEMORY_USED, performance_schema):
+    a filesort asks for its whole sort_buffer_size before it reads a row, and the pages come
+    as it fills them. Whatever of it is resident is inside the server's anonymous RSS, so the
+    sessions' sum less that RSS is a lower bound of what is still to be charged (weak when the
+    server's other memory, its buffer pool above all, is large next to it). 0 without the RSS.
+    """
+    if server_anon is None:
+        return 0
+    allocated = sum(s.memory_bytes for s in sessions if s.client and s.state == "active")
+    return max(0, allocated - server_anon)
+
+
 def to_stats(name: str, r: Reading, facts: ServerFacts, pool: Pool, *, server_pid: int | None, identity: str = "",
-             server_rss: int | None, shrink_caches: tuple[str, ...], notes: dict[str, Any]) -> DbStats:
-    """DbStats from one reading; `notes`: one-line remarks and the last resize for `extra`."""
+             server_rss: int | None, shrink_caches: tuple[str, ...], notes: dict[str, Any],
+             server_anon: int | None = None) -> DbStats:
+    """DbStats from one reading; `notes`: one-line remarks and the last resize for `extra`;
+    `server_anon`: the server's anonymous RSS (what its sessions' memory is resident in)."""
     s = r.status
+    sessions = sessions_from(r.processlist, r.own_id, r.memory_by_connection, r.temp_bytes)
     step, top, grow = pool_steps(pool, facts.unit)
     reads = int(s.get("Innodb_buffer_pool_reads", 0))
     requests = int(s.get("Innodb_buffer_pool_read_requests", 0))
@@ -149,7 +172,7 @@ def to_stats(name: str, r: Reading, facts: ServerFacts, pool: Pool, *, server_pi
         name=name, kind="mysql", up=True, server_pid=server_pid, identity=identity,
         data_directory=r.variables["datadir"],
         roles={server_pid: Role.MYSQLD} if server_pid else {},
-        sessions=tuple(sessions_from(r.processlist, r.own_id, r.memory_by_connection, r.temp_bytes)),
+        sessions=tuple(sessions), pending_bytes=pending_bytes(sessions, server_anon),
         cache_bytes=pool.size, cache_configured_bytes=pool.configured, cache_used_bytes=pages_data * facts.page_size,
         hit_ratio=(1 - reads / requests) if requests else None,
         shrink_step=step, shrink_steps_max=top, grow_bytes=grow,
