@@ -3,13 +3,15 @@ tracer of its own (not dbguard's programs, so it times every contender the same 
 
 A small BCC program records, per process, when its current streak of failed reclaims began
 (`vmscan:mm_vmscan_memcg_reclaim_end` with nr_reclaimed == 0; a reclaim that frees pages ends
-the streak), every SIGKILL sent (`signal:signal_generate`) with its sender, every kernel OOM
-victim (`oom:mark_victim`), and the SIGKILL's delivery in the target (`signal:signal_deliver`,
-once per process). A kill is attributed to:
-  kernel  the kernel OOM killer sent it and marked the target as its victim,
-  user    another process sent it (dbguard's pidfd kill, earlyoom, ...),
-  bpf     no sender was seen: a BPF program sent it (dbguard's in-kernel kill; tracing
-          programs do not run inside another BPF program, so its signal_generate is unseen);
+the streak), every SIGKILL sent (`signal:signal_generate`) with its sender and si_code, and
+the SIGKILL's delivery in the target (`signal:signal_deliver`, once per process). A kill is
+attributed to:
+  kernel  the kernel OOM killer: its own log says "Killed process PID" (the kernel's record;
+          a task it merely reaps after another's SIGKILL is not logged, nor counted as a kill),
+  user    else, si_code SI_USER: a process's kill() or pidfd_send_signal() (dbguard's pidfd
+          kill, earlyoom),
+  bpf     else, si_code SI_KERNEL: a BPF program's bpf_send_signal or bpf_send_signal_task
+          (dbguard's in-kernel kill);
 its latency is the delivery's time minus the start of the target's failing streak.
 
     python -m benchmarks.reclaim_latency -- CMD ...   # trace while CMD runs, print a summary
@@ -17,6 +19,7 @@ its latency is the delivery's time minus the start of the target's failing strea
 from __future__ import annotations
 
 import ctypes as ct
+import re
 import statistics
 import subprocess
 import sys
@@ -24,10 +27,9 @@ import threading
 from dataclasses import dataclass, field
 
 PROGRAM = r"""
-struct sent { u64 ts; u32 sender; u32 pad; };
+struct sent { u64 ts; u32 sender; s32 code; };
 struct kill_ev { u64 ts; u64 first; u64 sent_ts; u32 target; u32 sender; u32 kind; u32 pad; };
 BPF_HASH(first_fail, u32, u64, 65536);
-BPF_HASH(victims, u32, u64, 4096);
 BPF_HASH(sent, u32, struct sent, 4096);
 BPF_HASH(delivered, u32, u64, 4096);
 BPF_PERF_OUTPUT(kills);
@@ -44,22 +46,12 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_end)
     return 0;
 }
 
-TRACEPOINT_PROBE(oom, mark_victim)
-{
-    u32 pid = args->pid;
-    u64 now = bpf_ktime_get_ns();
-    victims.update(&pid, &now);
-    return 0;
-}
-
-/* Not seen when the sender is itself a BPF program (no tracing program runs inside another):
- * a SIGKILL delivered without one was sent by dbguard's in-kernel kill. */
 TRACEPOINT_PROBE(signal, signal_generate)
 {
     if (args->sig != 9)
         return 0;
     u32 target = args->pid;
-    struct sent s = {.ts = bpf_ktime_get_ns(), .sender = bpf_get_current_pid_tgid() >> 32};
+    struct sent s = {.ts = bpf_ktime_get_ns(), .sender = bpf_get_current_pid_tgid() >> 32, .code = args->code};
     sent.lookup_or_try_init(&target, &s);
     return 0;
 }
@@ -77,19 +69,19 @@ TRACEPOINT_PROBE(signal, signal_deliver)
     u64 *f = first_fail.lookup(&tgid);
     ev.first = f ? *f : 0;
     struct sent *s = sent.lookup(&tgid);
+    ev.kind = 3;                       /* not seen sent */
     if (s) {
         ev.sent_ts = s->ts;
         ev.sender = s->sender;
-        ev.kind = victims.lookup(&tgid) ? 2 : 0;
-    } else {
-        ev.kind = 1;
+        ev.kind = s->code == 0x80 /* SI_KERNEL */ ? 1 : 0;
     }
     kills.perf_submit(args, &ev, sizeof(ev));
     return 0;
 }
 """
 
-PATHS = {0: "user", 1: "bpf", 2: "kernel"}
+PATHS = {0: "user", 1: "bpf", 3: "unseen"}     # "kernel": from the kernel log, at the end
+_KERNEL_KILL = re.compile(r"Killed process (\d+) \(")
 
 
 class _Ev(ct.Structure):
@@ -98,16 +90,31 @@ class _Ev(ct.Structure):
 
 
 @dataclass
+class Kill:
+    target: int
+    path: str
+    ms: float | None       # from the start of the target's failing streak; None: it had none
+
+
+@dataclass
 class Latencies:
-    """Milliseconds from the first failing reclaim to the SIGKILL, by path."""
-    ms: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PATHS.values()})
-    without_streak: dict[str, int] = field(default_factory=lambda: {p: 0 for p in PATHS.values()})
+    """Every SIGKILL seen, with the milliseconds from the first failing reclaim, by path."""
+    kills: list[Kill] = field(default_factory=list)
+
+    def of(self, pids) -> "Latencies":
+        pids = set(pids)
+        return Latencies([k for k in self.kills if k.target in pids])
+
+    @property
+    def ms(self) -> dict[str, list[float]]:
+        return {p: [k.ms for k in self.kills if k.path == p and k.ms is not None] for p in (*PATHS.values(), "kernel")}
 
     def summary(self) -> dict:
         out = {}
         for path, xs in self.ms.items():
             xs = sorted(xs)
-            out[path] = {"kills": len(xs), "without_failing_reclaim": self.without_streak[path],
+            out[path] = {"kills": sum(k.path == path for k in self.kills),
+                         "without_failing_reclaim": sum(k.path == path and k.ms is None for k in self.kills),
                          "median_ms": statistics.median(xs) if xs else None,
                          "p99_ms": xs[min(len(xs) - 1, int(round(0.99 * (len(xs) - 1))))] if xs else None}
         return out
@@ -123,6 +130,9 @@ class Tracer:
 
     def __enter__(self) -> "Tracer":
         from bcc import BPF
+
+        from lab.watch import Kmsg
+        self._kmsg = Kmsg()
         self._b = BPF(text=PROGRAM)
         self._b[b"kills"].open_perf_buffer(self._on)
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -137,17 +147,19 @@ class Tracer:
         ev = ct.cast(data, ct.POINTER(_Ev)).contents
         if self._pids is not None and ev.target not in self._pids:
             return
-        path = PATHS.get(ev.kind, "user")
-        if ev.first:
-            self.latencies.ms[path].append((ev.ts - ev.first) / 1e6)
-        else:
-            self.latencies.without_streak[path] += 1
+        self.latencies.kills.append(Kill(ev.target, PATHS.get(ev.kind, "unseen"),
+                                         (ev.ts - ev.first) / 1e6 if ev.first else None))
 
     def __exit__(self, *exc) -> None:
         self._halt.set()
         self._thread.join(2)
         self._b.perf_buffer_poll(100)
         self._b.cleanup()
+        by_kernel = {int(m.group(1)) for line in self._kmsg.read() if (m := _KERNEL_KILL.search(line))}
+        self._kmsg.close()
+        for k in self.latencies.kills:
+            if k.target in by_kernel:
+                k.path = "kernel"
 
 
 def main(argv: list[str]) -> int:

@@ -22,6 +22,7 @@ Log = Callable[[str], None]
 class Params:
     duration: int          # pgbench -T (or the storm's length)
     warmup: float          # load-free seconds at the start: the no-pressure baseline
+    rounds: int = 0        # fast-hogs: rounds of hogs in one run
 
 
 def baseline_window(p: Params) -> tuple[float, float]:

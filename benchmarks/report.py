@@ -18,9 +18,9 @@ from pathlib import Path
 from . import scenario_cache, vm_oomd
 from .machine import has_capability, machine_of, machine_text, memory_gib
 from .stats import fmt_spread, markdown_table
-from .tables import (COST_HEADER, FORK_HEADER, MARIADB_HEADER, PRESSURE_HEADER_FULL, PRESSURE_SCENARIOS,
-                     contenders_in, cost_rows, fork_rows, group, mariadb_rows, observations, ok_runs, pressure_rows,
-                     run_notes, scale_compare, scale_table, summary)
+from .tables import (COST_HEADER, FASTHOGS_HEADER, FORK_HEADER, MARIADB_HEADER, PRESSURE_HEADER_FULL,
+                     PRESSURE_SCENARIOS, contenders_in, cost_rows, fasthogs_rows, fork_rows, group, mariadb_rows,
+                     observations, ok_runs, pressure_rows, run_notes, scale_compare, scale_table, summary)
 
 TITLES = {
     "moderate-hogs": "1. Many moderate hogs (PostgreSQL + six 150 MB hogs, 1000 MB cgroup)",
@@ -29,8 +29,8 @@ TITLES = {
     "moderate-hogs-mariadb": "1b. Many moderate hogs next to MariaDB (512 MiB buffer pool kept full by range reads, "
                              "six 150 MB hogs, 1000 MB cgroup)",
     "fast-hog": "2. One fast hog (one process allocating 3000 MB in 64 MB steps without pause, 1000 MB cgroup)",
-    "fast-hogs": "2b. Fast hogs, issue #19 (PostgreSQL shared_buffers 400MB, six 110 MB hogs started together, "
-                 "each allocating as fast as it can, 900 MB cgroup)",
+    "fast-hogs": "2b. Fast hogs, issue #19 (PostgreSQL shared_buffers 400MB and pgbench -S -c 4, 900 MB cgroup; "
+                 "round after round, six 110 MB hogs started together, each allocating as fast as it can)",
     "runaway": "3. Runaway query (work_mem=2GB sort at ~30 MB/s, 500 MB cgroup, pgbench -S -c 4 beside it)",
     "fork-storm": "4. Fork storm (the postmaster forks a backend per connection; 300 opened at once)",
     "sessions": "5. The database as its own hog (12 PostgreSQL sessions sorting with work_mem=96MB, "
@@ -265,7 +265,10 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
     for s in PRESSURE_SCENARIOS:
         if not any(k[0] == s for k in groups):
             continue
-        lines += [f"## {TITLES[s]}", "", markdown_table(PRESSURE_HEADER_FULL, pressure_rows(groups, s, full=True)), ""]
+        if s == "fast-hogs":
+            lines += [f"## {TITLES[s]}", "", markdown_table(FASTHOGS_HEADER, fasthogs_rows(groups, s)), ""]
+        else:
+            lines += [f"## {TITLES[s]}", "", markdown_table(PRESSURE_HEADER_FULL, pressure_rows(groups, s, full=True)), ""]
         if s == "moderate-hogs-mariadb":
             lines += [markdown_table(MARIADB_HEADER, mariadb_rows(groups, s)), "",
                       "MariaDB 10.11, `innodb_buffer_pool_size=512M`, 2,000,000 rows (id INT PRIMARY KEY, "
@@ -298,18 +301,23 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                                       "median", "p99", "kills without a failing reclaim"], _latency_rows(groups, s)),
                       "", "Measured by benchmarks/reclaim_latency.py, a tracer of its own (not dbguard's "
                       "programs): per killed process, from the start of its last streak of reclaims that freed "
-                      "nothing to the delivery of its SIGKILL; path kernel = the kernel OOM killer, user = "
-                      "another process's signal (dbguard's pidfd kill), bpf = dbguard's in-kernel kill.", ""]
+                      "nothing to the delivery of its SIGKILL; path kernel = the kernel OOM killer (its own log "
+                      "names the victim), user = a process's kill (SI_USER: dbguard's pidfd kill, earlyoom), "
+                      "bpf = dbguard's in-kernel kill (SI_KERNEL, not the OOM killer's). Rounds: one cluster "
+                      "and data set per contender, hogs started together again once the last round's were "
+                      "killed or held their memory (then ended); a round with a kernel OOM kill counts the "
+                      "cgroup's oom_kill counter and the kernel log.", ""]
         tps = []
-        for c in contenders_in(groups, s):
+        for c in contenders_in(groups, s) if s != "fast-hogs" else ():    # rounds, not a timed load
             runs = ok_runs(groups[(s, c)])
             if runs:
                 tps.append([c, fmt_spread(r.get("baseline_tps") for r in runs),
                             fmt_spread(r.get("pressure_tps") for r in runs),
                             fmt_spread((r.get("limit_reached_at") for r in runs), "{:.2f}", " s")])
         unit = "queries/s" if s == "moderate-hogs-mariadb" else "tps"
-        lines += [markdown_table(["contender", f"baseline {unit}", f"{unit} under pressure",
-                                  "limit reached after load start"], tps), ""]
+        if tps:
+            lines += [markdown_table(["contender", f"baseline {unit}", f"{unit} under pressure",
+                                      "limit reached after load start"], tps), ""]
         notes = run_notes(groups, s)
         if notes:
             lines += ["Notes from the runs:", ""] + notes + [""]

@@ -159,7 +159,7 @@ def run_scenarios(a: argparse.Namespace, say, data: dict) -> None:
                 say("  " + traceback.format_exc().strip().replace("\n", "\n  "))
             rec.update(scenario=scen, contender=name, round=rnd, started=started,
                        seconds=round(time.time() - started, 1), notes=list(c.notes),
-                       params={"duration": p.duration, "warmup": p.warmup})
+                       params={"duration": p.duration, "warmup": p.warmup, **({"rounds": p.rounds} if p.rounds else {})})
             runs.append(rec)
             say(f"  -> {one_line(scen, rec)}", always=True)
             data.setdefault("provenance", {})[scen] = _provenance(data, round(time.time() - started_scen))

@@ -7,8 +7,9 @@
                    range reads) in a 1000 MB cgroup (scenario_mariadb.py)
     fast-hog       the same database and load, one hog allocating as fast as it can
     fast-hogs      issue #19: PostgreSQL (shared_buffers 400MB) in 900 MB, six 110 MB hogs started
-                   together, each allocating as fast as it can; with the time from each killed
-                   process's first failing reclaim to its SIGKILL, by path (reclaim_latency.py)
+                   together, each allocating as fast as it can, 25 rounds per run; with the time
+                   from each killed process's first failing reclaim to its SIGKILL, by path
+                   (scenario_fasthogs.py, reclaim_latency.py)
     runaway        a PostgreSQL session whose sort eats memory, 500 MB cgroup, pgbench beside it
     fork-storm     the postmaster (a protected parent) forks thousands of backends (scenario_fork.py)
     sessions       a dozen PostgreSQL sessions sorting at once, no outside process, 900 MB (scenario_sessions.py)
@@ -39,6 +40,7 @@ from lab.watch import Kmsg, Watcher, cgroup_oom_victims
 
 from .contenders import Contender, sampled
 from .record import Log, Params, pressure_record
+from .scenario_fasthogs import fast_hogs
 from .scenario_fork import fork_storm
 from .scenario_mariadb import moderate_hogs_mariadb
 from .scenario_sessions import sessions, sessions_mariadb
@@ -50,7 +52,7 @@ DEFAULTS = {
     "parent-limit": Params(duration=30, warmup=8.0),
     "moderate-hogs-mariadb": Params(duration=30, warmup=8.0),
     "fast-hog": Params(duration=24, warmup=8.0),
-    "fast-hogs": Params(duration=20, warmup=6.0),
+    "fast-hogs": Params(duration=0, warmup=5.0, rounds=25),
     "runaway": Params(duration=40, warmup=6.0),
     "fork-storm": Params(duration=8, warmup=0.0),
     "sessions": Params(duration=33, warmup=3.0),
@@ -61,7 +63,7 @@ QUICK = {
     "parent-limit": Params(duration=24, warmup=6.0),
     "moderate-hogs-mariadb": Params(duration=24, warmup=6.0),
     "fast-hog": Params(duration=18, warmup=6.0),
-    "fast-hogs": Params(duration=16, warmup=5.0),
+    "fast-hogs": Params(duration=0, warmup=5.0, rounds=5),
     "runaway": Params(duration=34, warmup=5.0),
     "fork-storm": Params(duration=5, warmup=0.0),
     "sessions": Params(duration=23, warmup=3.0),
@@ -118,16 +120,6 @@ def fast_hog(c: Contender, p: Params, log: Log) -> dict:
     # One hog asking for three times the limit in 64 MiB steps without pause (>1 GB/s here).
     return _pg_scenario("fast-hog", c, p, log, hogs=1, hog_size=3000 * MiB, step=64 * MiB,
                         step_interval=0.0, hog_stagger=0.0)
-
-
-def fast_hogs(c: Contender, p: Params, log: Log) -> dict:
-    from .reclaim_latency import Tracer
-    with Tracer() as tracer:
-        rec = _pg_scenario("fast-hogs", c, p, log, limit=900 * MiB, shared_buffers="400MB", hogs=6,
-                           hog_size=110 * MiB, step=8 * MiB, step_interval=0.0, hog_stagger=0.0)
-    rec["reclaim_to_kill"] = tracer.latencies.summary()
-    rec["reclaim_to_kill_ms"] = tracer.latencies.ms
-    return rec
 
 
 # --- scenario 3: a runaway query --------------------------------------------------------------

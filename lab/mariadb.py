@@ -408,6 +408,10 @@ class ReadLoad:
         s.progress = [(float(k + 1), float(per_second.get(k, 0))) for k in range(last + 1)]
         return s
 
+    def running(self) -> bool:
+        """Every client process still runs."""
+        return bool(self._procs) and all(p.poll() is None for p in self._procs)
+
     def __enter__(self) -> "ReadLoad":
         return self.start()
 

@@ -9,7 +9,8 @@
  * shutdown to the postmaster and something else to auxiliary processes and walsenders, so
  * nothing but that flag leads here. Only a backend holding at least `min_anon_pages`
  * (kill.min_rss), at most once per backend per streak (the streak's `reported`), at most one
- * cancel per `cancel_gap_ns` across backends; dry run: the event only. Called from reclaim.c, which counts the streaks. */
+ * cancel per `cancel_gap_ns` across backends; dry run: the event only. Called from reclaim.c, which counts the streaks
+ * and, when no cancel was sent (dbg_cancel_gate returned 0), goes on to its kill gate. */
 #include "dbguard.h"
 
 BPF_ARRAY(last_cancel, u64, 1);     /* when the last in-kernel cancel was sent */
@@ -84,5 +85,5 @@ static __always_inline int dbg_cancel_gate(void *ctx, struct dbg_policy *pol, u3
         dbg_count(ev.c ? DBG_CTR_CANCEL_ERRORS : DBG_CTR_CANCELS);
     }
     dbg_emit(ctx, &ev);
-    return 0;
+    return 1;
 }

@@ -23,6 +23,8 @@
 #define DBG_EVF_KILLED    0x400  /* dbguard's program had already killed it (oom: the kernel reaps a dying task) */
 #define DBG_EVF_UNLISTED  0x800  /* kill: not listed by the sidecar; a task of the watched scope */
 #define DBG_EVF_EXEC      0x1000 /* birth: an exec (else a fork) */
+#define DBG_EVF_FOR_OTHER 0x2000 /* kill: sent from another task's failing reclaim (by_pid), a task
+                                  * that may not be killed itself (see reclaim.c) */
 
 /* dbg_policy.scope: which unlisted tasks the kernel may kill on its own */
 #define DBG_SCOPE_NONE    0   /* only the candidates the sidecar listed */
@@ -34,7 +36,10 @@
 #define DBG_SCOPE_DEPTH   16  /* scopes of the set lie at depths 1 .. DBG_SCOPE_DEPTH - 1 */
 
 #define DBG_PF_KTHREAD    0x00200000   /* task_struct.flags: a kernel thread */
+#define DBG_PF_EXITING    0x00000004   /* task_struct.flags: exiting */
+#define DBG_SIGKILL_BIT   (1UL << 8)   /* SIGKILL (9) in task_struct.pending.signal.sig[0] */
 #define DBG_NSEC_PER_TICK 10000000     /* /proc/PID/stat start times are in USER_HZ (100) ticks */
+#define DBG_RECLAIM_BATCH 32           /* SWAP_CLUSTER_MAX: what one memcg reclaim pass aims to free */
 
 /* cgroups[id].action */
 #define DBG_ACTION_NONE   0
@@ -56,8 +61,8 @@
 #define DBG_CTR_FORK_INHERITED     0
 #define DBG_CTR_MAP_FULL           1
 #define DBG_CTR_EXIT_REMOVED       2
-#define DBG_CTR_RECLAIM_PROTECTED  3
-#define DBG_CTR_RECLAIM_FAILED     4   /* failed reclaims of kill candidates (and kill cgroups) */
+#define DBG_CTR_RECLAIM_PROTECTED  3   /* reclaims entered by shielded processes (and shield cgroups' tasks) */
+#define DBG_CTR_RECLAIM_FAILED     4   /* failed reclaims of the scope's tasks and of kill candidates */
 #define DBG_CTR_KILLS              5
 #define DBG_CTR_WOULD_KILLS        6
 #define DBG_CTR_KILL_ERRORS        7
@@ -73,7 +78,9 @@
 #define DBG_CTR_WOULD_CANCELS      17
 #define DBG_CTR_CANCELS_LIMITED    18  /* a cancel held back by cancel_gap_ns (tried again at the next pass) */
 #define DBG_CTR_CANCEL_ERRORS      19
-#define DBG_NR_COUNTERS            20
+#define DBG_CTR_KILLS_FOR_OTHER    20  /* kills (and would-kills) sent for a stuck task that may not be killed */
+#define DBG_CTR_NO_VICTIM          21  /* such a task's reclaim kept failing and no victim was at hand */
+#define DBG_NR_COUNTERS            22
 
 #define DBG_SCORE_UNKNOWN (-1001)   /* dbg_proc.score before any value was seen */
 
@@ -98,6 +105,24 @@ struct dbg_streak {
     u32 fails;
     u32 reported;          /* a kill or cancel (or their dry-run events) was sent for this streak:
                             * at most one per process per streak */
+};
+
+/* victims[]: the tasks that may be killed for one that may not be (shielded, a database
+ * executable, too small) whose reclaim keeps failing in the scope (see reclaim.c). The first
+ * DBG_VICTIM_SLOTS are the kernel's: killable tasks exec'd in the scope or whose own reclaim
+ * failed there, the larger kept when all are taken; the next DBG_LISTED_VICTIMS are the
+ * sidecar's: the candidates it would kill next, rewritten at each sync. Cleared at exit. */
+#define DBG_VICTIM_SLOTS   16
+#define DBG_LISTED_VICTIMS 8
+struct dbg_victim {
+    u32 tgid;
+    u32 flags;             /* its kill event flags (candidate, unlisted, cgroup policy) */
+    u64 start;             /* its start time in /proc ticks: a reused pid is never the victim */
+    u64 anon_pages;
+    u64 seen_ns;           /* its exec or last failed reclaim */
+    u32 tier;
+    u32 pad;
+    char comm[16];
 };
 
 /* exes[{inode, device}]: database server executables; a task running one is never killed. */

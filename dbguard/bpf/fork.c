@@ -61,7 +61,7 @@ TRACEPOINT_PROBE(task, task_newtask)
 }
 
 /* An exec in the scope (a process moved into the cgroup before exec, as a service manager
- * or a container runtime does, is first seen here). */
+ * or a container runtime does, is first seen here): a birth, and a victim to keep in mind. */
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     struct dbg_policy *pol = dbg_policy();
@@ -73,6 +73,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     if ((p && (p->flags & DBG_SHIELD)) || !dbg_in_scope(pol, task))
         return 0;
     dbg_birth(args, pol, tgid, 0, DBG_EVF_EXEC);
+    dbg_offer_victim(pol, task, tgid, bpf_ktime_get_ns());
     return 0;
 }
 
@@ -95,5 +96,6 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         dbg_count(DBG_CTR_EXIT_REMOVED);
     if (streaks.lookup(&tgid))
         streaks.delete(&tgid);
+    dbg_forget_victim(tgid);
     return 0;
 }

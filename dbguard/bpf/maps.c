@@ -11,10 +11,20 @@ BPF_TABLE("lru_hash", u32, struct dbg_streak, streaks, DBG_MAX_STREAKS);
 BPF_ARRAY(policy, struct dbg_policy, 1);
 BPF_PERCPU_ARRAY(counters, u64, DBG_NR_COUNTERS);
 BPF_ARRAY(last_wake, u64, 1);       /* when the last DBG_EV_RECLAIM_FAIL was sent */
+BPF_ARRAY(victims, struct dbg_victim, DBG_VICTIM_SLOTS + DBG_LISTED_VICTIMS);
 #ifdef DBG_RINGBUF
 BPF_RINGBUF_OUTPUT(events, DBG_EVENT_PAGES);
 #else
 BPF_PERF_OUTPUT(events);
+#endif
+
+#ifdef DBG_HAVE_SIGNAL_TASK
+/* kfuncs, called as helpers with placeholder ids that dbguard.kernel.kfuncs rewrites into
+ * kfunc calls at load (BCC cannot declare them). */
+static void *(*dbg_task_from_pid)(s32 pid) = (void *)DBG_KF_TASK_FROM_PID;
+static void (*dbg_task_release)(void *task) = (void *)DBG_KF_TASK_RELEASE;
+static int (*dbg_send_signal_task)(void *task, int sig, int type, u64 value) = (void *)DBG_KF_SEND_SIGNAL_TASK;
+#define DBG_PIDTYPE_TGID 1
 #endif
 
 static __always_inline void dbg_count(int idx)
@@ -66,6 +76,13 @@ static __always_inline u32 dbg_u32(u64 base, u64 off)
 static __always_inline int dbg_untouchable(struct dbg_policy *pol, u64 task, u32 tgid)
 {
     return tgid <= 1 || tgid == pol->self_tgid || (dbg_u32(task, DBG_OFF_TASK_FLAGS) & DBG_PF_KTHREAD);
+}
+
+/* A task that was killed (SIGKILL pending) or is exiting: it gives its memory back by itself. */
+static __always_inline int dbg_dying(u64 task)
+{
+    return (dbg_u32(task, DBG_OFF_TASK_FLAGS) & DBG_PF_EXITING) ||
+           (dbg_ptr(task, DBG_OFF_TASK_PENDING) & DBG_SIGKILL_BIT);
 }
 
 /* Start of the current process (its thread-group leader) in /proc/PID/stat's ticks. */
@@ -143,4 +160,16 @@ static __always_inline s64 dbg_anon_pages(u64 task)
     if (mm)
         bpf_probe_read_kernel(&v, sizeof(v), (void *)(mm + DBG_OFF_MM_ANON_PAGES));
     return v;
+}
+
+/* A victim killed, or gone, is no longer one. */
+static __always_inline void dbg_forget_victim(u32 tgid)
+{
+#pragma unroll
+    for (int i = 0; i < DBG_VICTIM_SLOTS + DBG_LISTED_VICTIMS; i++) {
+        int k = i;
+        struct dbg_victim *v = victims.lookup(&k);
+        if (v && v->tgid == tgid)
+            v->tgid = 0;
+    }
 }

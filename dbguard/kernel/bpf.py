@@ -149,6 +149,8 @@ class BpfGuard:
         self._exes = bpf[b"exes"]
         self._scopes = bpf[b"scopes"]
         self._streaks = bpf[b"streaks"]
+        self._victims = bpf[b"victims"]
+        self._listed: list[tuple[int, int, int, str]] = []
         self._policy = layout.Policy(level=0, enabled=0, dry_run=1, min_level_to_kill=3,
                                      fail_streak=DEFAULT_FAIL_STREAK, fail_pages=0,
                                      self_tgid=os.getpid(), n_cgroups=0, early_streak=0,
@@ -293,6 +295,20 @@ class BpfGuard:
         for tgid, e in diff.updates.items():
             if e.start and _start_ticks(tgid) != e.start:
                 self._delete(self._procs, ct.c_uint32(tgid))
+
+    def set_listed_victims(self, listed: list[tuple[int, int, int, str]]) -> None:
+        """The candidates the kernel may kill for a task that may not be killed, besides the
+        ones it found itself: (tgid, start time, candidate tier, comm), at most LISTED_VICTIMS,
+        written only when they changed (the kernel clears a slot whose process it killed or
+        that exited)."""
+        listed = list(listed)[:layout.LISTED_VICTIMS]
+        if listed == self._listed:
+            return
+        self._listed = listed
+        for i in range(layout.LISTED_VICTIMS):
+            tgid, start, tier, comm = listed[i] if i < len(listed) else (0, 0, 0, "")
+            self._victims[ct.c_int(layout.VICTIM_SLOTS + i)] = layout.Victim(
+                tgid, layout.EVF_CANDIDATE, start, 0, 0, tier, 0, comm.encode()[:15])
 
     def sync_cgroups(self, policies: dict[int, tuple[int, int]]) -> None:
         """cgroup v2 id -> (tier, action ACTION_KILL/ACTION_SHIELD); see the module doc for v1 hosts."""

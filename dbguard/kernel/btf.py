@@ -29,6 +29,7 @@ FIELDS = (
     ("DBG_OFF_TASK_MM", "task_struct", "mm"),
     ("DBG_OFF_TASK_LEADER", "task_struct", "group_leader"),
     ("DBG_OFF_TASK_START", "task_struct", "start_boottime"),
+    ("DBG_OFF_TASK_PENDING", "task_struct", "pending.signal.sig[0]"),
     ("DBG_OFF_CSSSET_SUBSYS", "css_set", "subsys"),
     ("DBG_OFF_CSS_CGROUP", "cgroup_subsys_state", "cgroup"),
     ("DBG_OFF_CGROUP_LEVEL", "cgroup", "level"),
@@ -60,6 +61,7 @@ class Btf:
         self.structs: dict[str, int] = {}
         self.enums: dict[str, int] = {}                   # enumerator -> value
         self.enum_of: dict[str, str] = {}                 # enumerator -> enum type name
+        self.funcs: dict[str, int] = {}                   # kernel function named bpf_* -> its BTF type id
 
     def name(self, off: int) -> str:
         if not off:
@@ -173,6 +175,8 @@ def parse_btf(data: bytes) -> Btf:
         btf.types.append((kind, tname, size_or_type, size_or_type, extra))
         if kind == STRUCT and tname and tname not in btf.structs:
             btf.structs[tname] = len(btf.types) - 1
+        elif kind == FUNC and data.startswith(b"bpf_", btf._strings + name_off):    # the kfuncs only (KFUNCS)
+            btf.funcs.setdefault(name(name_off), len(btf.types) - 1)
     return btf
 
 
@@ -201,11 +205,15 @@ def _is_array(btf: Btf, struct_name: str, member: str) -> bool:
     return m is not None and btf.types[btf.resolve(m[1])][0] == ARRAY
 
 
-_cache: dict[str, int] | None = None
+# What the programs call besides helpers: kfuncs, by BTF id (dbguard.kernel.kfuncs).
+KFUNCS = ("bpf_task_from_pid", "bpf_task_release", "bpf_send_signal_task")
+
+_cache: tuple[dict[str, int], dict[str, int]] | None = None
 
 
-def kernel_offsets() -> dict[str, int]:
-    """Offsets for the running kernel (parsed once per process); BtfError says why not."""
+def _kernel_facts() -> tuple[dict[str, int], dict[str, int]]:
+    """(offsets, kfunc ids) of the running kernel, parsed once per process (the parsed BTF
+    itself is dropped: it weighs tens of MiB); BtfError says why not."""
     global _cache
     if _cache is None:
         try:
@@ -213,5 +221,16 @@ def kernel_offsets() -> dict[str, int]:
         except OSError as e:
             raise BtfError(f"cannot read {VMLINUX_BTF}: {e.strerror} (a kernel built with "
                            "CONFIG_DEBUG_INFO_BTF=y provides it)") from None
-        _cache = offsets(parse_btf(data))
-    return dict(_cache)
+        btf = parse_btf(data)
+        _cache = offsets(btf), {f: btf.funcs[f] for f in KFUNCS if f in btf.funcs}
+    return _cache
+
+
+def kernel_offsets() -> dict[str, int]:
+    """Offsets for the running kernel; BtfError says why not."""
+    return dict(_kernel_facts()[0])
+
+
+def kernel_kfuncs() -> dict[str, int]:
+    """BTF ids of the KFUNCS this kernel has (a kernel older than 6.13 lacks bpf_send_signal_task)."""
+    return dict(_kernel_facts()[1])

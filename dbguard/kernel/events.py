@@ -40,6 +40,8 @@ def decode(raw: layout.Event, wall_offset_ns: int) -> BpfEvent:
         detail = {"fail_streak": raw.a, "tier": raw.tier,
                   "by_cgroup_policy": bool(raw.flags & layout.EVF_BY_CGROUP),
                   "unlisted": bool(raw.flags & layout.EVF_UNLISTED), "since_first_fail_ns": raw.b}
+        if raw.flags & layout.EVF_FOR_OTHER:
+            detail.update(for_pid=raw.by_pid, for_comm=by["by_comm"])
         if kind == "kill":
             detail["signal_result"] = raw.c
         path = "bpf"
@@ -96,14 +98,19 @@ def event_to_audit(ev: BpfEvent) -> dict[str, Any]:
     if ev.kind in ("kill", "would_kill"):
         via = ("cgroup policy" if d.get("by_cgroup_policy") else
                "not listed yet: a task of the watched scope" if d.get("unlisted") else "candidate")
-        reason = (f"allocating while reclaim failed {d.get('fail_streak')} times in a row "
-                  f"at level {_level_name(ev.level)} ({via}, tier {d.get('tier')})")
+        if d.get("for_pid"):
+            reason = (f"the scope's largest failing allocator ({via}, tier {d.get('tier')}), killed for "
+                      f"{d.get('for_comm')} (pid {d.get('for_pid')}), which may not be killed and whose "
+                      f"reclaim failed {d.get('fail_streak')} times in a row at level {_level_name(ev.level)}")
+        else:
+            reason = (f"allocating while reclaim failed {d.get('fail_streak')} times in a row "
+                      f"at level {_level_name(ev.level)} ({via}, tier {d.get('tier')})")
         if ev.kind == "would_kill":
             action, result = "kill", "dry_run: would have sent SIGKILL in kernel"
         else:
             action = "kill"
             rc = d.get("signal_result", 0)
-            result = "killed (SIGKILL in kernel)" if rc == 0 else f"failed: bpf_send_signal returned {rc}"
+            result = "killed (SIGKILL in kernel)" if rc == 0 else f"failed: the kernel's signal returned {rc}"
     elif ev.kind in ("cancel", "would_cancel"):
         # A client backend's statement: named by pid, process start and memory, never by its text.
         target = f"postgresql client backend (pid {ev.pid})"

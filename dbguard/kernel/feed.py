@@ -90,6 +90,9 @@ class KernelFeed:
         starts = {pid: snap.procs[pid].start_time for pid in (*protected, *view.candidates) if pid in snap.procs}
         self.bpf.sync_processes(protected, view.candidates, starts=starts, judged=snap.procs.keys(),
                                 cancel=view.cancel if b.cancel else frozenset())
+        # The largest of them, for the kernel to kill when a task that may not be killed is stuck.
+        listed = sorted((p for p in view.candidates if p in snap.procs), key=lambda p: -snap.procs[p].rss_bytes)
+        self.bpf.set_listed_victims([(p, starts[p], view.candidates[p], snap.procs[p].comm) for p in listed])
 
     def is_server_exe(self, pid: int) -> bool:
         ident = exe_identity(f"/proc/{pid}/exe")

@@ -11,7 +11,7 @@ from pathlib import Path
 BPF_DIR = Path(os.environ.get("DBGUARD_BPF_DIR") or Path(__file__).resolve().parents[1] / "bpf")
 HEADER = BPF_DIR / "dbguard.h"
 # Concatenated in this order after the header: maps first, then one file per concern.
-SOURCES = ("maps.c", "fork.c", "cancel.c", "reclaim.c", "oom.c")
+SOURCES = ("maps.c", "cancel.c", "reclaim.c", "fork.c", "oom.c")
 
 _DEFINE = re.compile(r"^#define\s+(DBG_\w+)\s+\(?(-?(?:0x[0-9a-fA-F]+|\d+))\)?", re.M)
 
@@ -36,10 +36,12 @@ NSEC_PER_TICK = C["DBG_NSEC_PER_TICK"]
 EVF_KILLED = C["DBG_EVF_KILLED"]
 EVF_CANDIDATE = C["DBG_EVF_CANDIDATE"]
 EVF_BY_CGROUP = C["DBG_EVF_BY_CGROUP"]
+EVF_FOR_OTHER = C["DBG_EVF_FOR_OTHER"]
 ACTION_NONE = C["DBG_ACTION_NONE"]
 ACTION_KILL = C["DBG_ACTION_KILL"]
 ACTION_SHIELD = C["DBG_ACTION_SHIELD"]
 SCORE_UNKNOWN = C["DBG_SCORE_UNKNOWN"]
+VICTIM_SLOTS, LISTED_VICTIMS = C["DBG_VICTIM_SLOTS"], C["DBG_LISTED_VICTIMS"]
 
 EVENT_KINDS = {
     C["DBG_EV_KILL"]: "kill",
@@ -66,6 +68,12 @@ class Proc(ct.Structure):
 
 class Streak(ct.Structure):
     _fields_ = [("first_ns", ct.c_uint64), ("fails", ct.c_uint32), ("reported", ct.c_uint32)]
+
+
+class Victim(ct.Structure):
+    _fields_ = [("tgid", ct.c_uint32), ("flags", ct.c_uint32), ("start", ct.c_uint64),
+                ("anon_pages", ct.c_uint64), ("seen_ns", ct.c_uint64), ("tier", ct.c_uint32),
+                ("pad", ct.c_uint32), ("comm", ct.c_char * 16)]
 
 
 class Exe(ct.Structure):
@@ -99,7 +107,7 @@ class Event(ct.Structure):
 # per-CPU map); a map not named here is read as raw bytes of the kernel's sizes.
 MAP_KEYS = {"procs": ct.c_uint32, "cgroups": ct.c_uint64, "exes": Exe, "scopes": ct.c_uint64,
             "streaks": ct.c_uint32, "policy": ct.c_int, "counters": ct.c_int, "last_wake": ct.c_int,
-            "reclaim_jump": ct.c_int, "events": ct.c_int, "last_cancel": ct.c_int}
+            "reclaim_jump": ct.c_int, "events": ct.c_int, "last_cancel": ct.c_int, "victims": ct.c_int}
 MAP_VALUES = {"procs": Proc, "cgroups": Cgroup, "exes": ct.c_uint32, "scopes": ct.c_uint32, "streaks": Streak,
               "policy": Policy, "counters": ct.c_uint64, "last_wake": ct.c_uint64, "reclaim_jump": ct.c_int,
-              "events": ct.c_int, "last_cancel": ct.c_uint64}
+              "events": ct.c_int, "last_cancel": ct.c_uint64, "victims": Victim}

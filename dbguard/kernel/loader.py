@@ -57,11 +57,13 @@ def _fields(desc: str) -> list[str] | None:
 def _compile(source: bytes) -> tuple[dict, list[int]]:
     import ctypes as ct
 
-    from bcc import BPF
     from bcc.libbcc import lib
+
+    from .btf import kernel_kfuncs
+    from .kfuncs import bcc_class
     lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ct.c_size_t, [ct.c_void_p]
     lib.bpf_table_name.restype, lib.bpf_table_name.argtypes = ct.c_char_p, [ct.c_void_p, ct.c_size_t]
-    b = BPF(text=source)      # compiles, loads, and attaches every TRACEPOINT_PROBE
+    b = bcc_class(kernel_kfuncs())(text=source)   # compiles, loads, and attaches every TRACEPOINT_PROBE
     fds: list[int] = []
     maps = {}
     for i in range(lib.bpf_num_tables(b.module)):

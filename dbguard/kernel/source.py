@@ -10,7 +10,7 @@ import platform
 import re
 from pathlib import Path
 
-from . import btf, layout
+from . import btf, kfuncs, layout
 
 TRACEFS_CANDIDATES = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
@@ -71,10 +71,12 @@ def _pow2_pages(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def program_source(offsets: dict[str, int] | None = None, **sizes: int) -> str:
+def program_source(offsets: dict[str, int] | None = None, kfunc_ids: dict[str, int] | None = None,
+                   **sizes: int) -> str:
     """The C exactly as BpfGuard.load compiles it. Sizes: max_procs, max_cgroups, event_pages,
-    max_exes, max_streaks. Kernel struct offsets: the running kernel's (btf.kernel_offsets),
-    unless given; a kernel without BTF raises btf.BtfError."""
+    max_exes, max_streaks. Kernel struct offsets and kfunc ids: the running kernel's
+    (btf.kernel_offsets, btf.kernel_kfuncs), unless given ({} for no kfuncs); a kernel without
+    BTF raises btf.BtfError."""
     unknown = set(sizes) - set(DEFAULT_SIZES)
     if unknown:
         raise TypeError(f"unknown sizes: {', '.join(sorted(unknown))}")
@@ -87,6 +89,7 @@ def program_source(offsets: dict[str, int] | None = None, **sizes: int) -> str:
         "DBG_MAX_STREAKS": max(1, int(s["max_streaks"])),
         **feature_defines(),
         **(offsets if offsets is not None else btf.kernel_offsets()),
+        **kfuncs.defines(kfunc_ids if kfunc_ids is not None else btf.kernel_kfuncs()),
     }
     parts = ["/* dbguard BPF programs, as loaded by dbguard.kernel.bpf (BCC). */"]
     parts += [f"#define {k} {v}" for k, v in defines.items()]

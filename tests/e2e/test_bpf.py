@@ -39,6 +39,7 @@ def bpf(bpf_guard):
         bpf_guard.set_exes(set())
         bpf_guard.sync_processes({}, {})
         bpf_guard.sync_cgroups({})
+        bpf_guard.set_listed_victims([])
         bpf_guard.poll(0)
     reset()
     try:
@@ -290,6 +291,37 @@ def test_reclaim_dry_run_kills_nobody_and_says_what_it_would_do(bpf, procs, big_
         assert protected.poll() is None
 
 
+def test_a_shielded_allocator_stuck_in_reclaim_gets_the_listed_victim_killed(bpf, procs):
+    """The shielded process is the one whose charge fails (a backend touching its shared
+    buffers); the candidate holds its memory without allocating, so its own reclaim never
+    fails. Without a kill for the stuck task the kernel's OOM killer would choose (the
+    cgroup's own counter is the oracle); with it, the listed candidate dies by dbguard's
+    program, sent from the stuck task's reclaim, and the shielded process lives."""
+    with MemoryCgroup(200 * MiB) as cg:
+        idle = start_hog(procs, cg, total=100 * MiB, gate=False)
+        wait_holding(idle, "the idle candidate")
+        shielded = start_hog(procs, cg, total=150 * MiB)
+        start = int(open(f"/proc/{idle.pid}/stat").read().rsplit(")", 1)[1].split()[19])
+        bpf.sync_processes({shielded.pid: (SHIELD, 0)}, {idle.pid: 1})
+        bpf.set_listed_victims([(idle.pid, start, 1, "idle")])
+        bpf.set_scope(str(cg.path))
+        bpf.set_policy(level=3, enabled=True, dry_run=False, min_level_to_kill=3, fail_streak=3)
+        before = bpf.counters()
+        go(shielded)
+        events = wait_events(bpf, lambda evs: any(e.kind == "kill" and e.tgid == idle.pid for e in evs))
+        kills = [e for e in events if e.kind == "kill" and e.tgid == idle.pid]
+        assert kills, f"no BPF kill of the idle candidate; events: {events}, counters: {bpf.counters()}"
+        assert wait_exit(idle) == -9
+        ev = kills[0]
+        assert ev.detail["for_pid"] == shielded.pid and ev.detail["signal_result"] == 0
+        rec = event_to_audit(ev)
+        assert rec["path"] == "bpf" and f"pid {shielded.pid}" in rec["reason"]
+        wait_holding(shielded, "the shielded allocator")
+        assert shielded.poll() is None, "the shielded process died"
+        assert cg.oom_kills() == 0, "the kernel's OOM killer fired"
+        assert bpf.counters()["kills_for_other"] > before["kills_for_other"]
+
+
 def test_page_cache_full_cgroup_sees_no_kill(bpf, procs, big_file):
     """Reclaim that succeeds is normal: a cgroup full of page cache never triggers a kill."""
     drop_cache(big_file)     # read it back from disk, charged to the test cgroup
@@ -503,5 +535,21 @@ def test_btf_offsets_agree_with_bpftool():
         if path in members[struct]:       # mm_struct keeps exe_file in an anonymous struct
             assert got[define] == members[struct][path], (define, struct, path)
             compared += 1
-    assert compared >= len(btf.FIELDS) - 1
+    # task_struct.pending.signal.sig[0], nested: summed from bpftool's members (sig is sigset_t's only one)
+    assert got["DBG_OFF_TASK_PENDING"] == members["task_struct"]["pending"] + members["sigpending"]["signal"]
+    assert compared + 1 >= len(btf.FIELDS) - 1
     assert got["DBG_MEMORY_CGRP_ID"] == int(re.search(r"'memory_cgrp_id' val=(\d+)", raw).group(1))
+
+
+def test_kfunc_ids_agree_with_bpftool():
+    """The BTF ids the loader puts in its kfunc calls, against bpftool's reading (the oracle);
+    this kernel (6.13 or later) has every one, so the in-kernel kill for another task is built."""
+    import re
+    from dbguard.kernel import btf
+    raw = subprocess.run(["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux", "format", "raw"],
+                         capture_output=True, text=True, check=True).stdout
+    got = btf.kernel_kfuncs()
+    for name in btf.KFUNCS:
+        m = re.search(rf"^\[(\d+)\] FUNC '{name}' ", raw, re.M)
+        assert m and got.get(name) == int(m.group(1)), (name, got)
+    assert "#define DBG_HAVE_SIGNAL_TASK 1" in program_source()

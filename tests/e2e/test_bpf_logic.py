@@ -181,3 +181,16 @@ def test_decode_cancel_and_its_audit_record_names_no_query():
     assert would["action"] == "cancel_query" and would["result"].startswith("dry_run: would have sent SIGINT")
     failed = event_to_audit(decode(_raw(kind=8, pid=4321, tgid=4321, c=-3), 0))
     assert failed["result"] == "failed: bpf_send_signal returned -3"
+
+
+def test_decode_a_kill_sent_for_a_task_that_may_not_be_killed():
+    raw = _raw(kind=1, pid=70, tgid=70, level=1, a=8, b=90_000, c=0, comm=b"hog", by_pid=12,
+               by_comm=b"postgres", flags=layout.EVF_UNLISTED | layout.EVF_FOR_OTHER)
+    ev = decode(raw, 0)
+    assert ev.path == "bpf" and ev.pid == 70
+    assert ev.detail["for_pid"] == 12 and ev.detail["for_comm"] == "postgres"
+    rec = event_to_audit(ev)
+    assert rec["target"] == "hog (pid 70)" and rec["result"] == "killed (SIGKILL in kernel)"
+    assert "for postgres (pid 12)" in rec["reason"] and "8 times" in rec["reason"]
+    own = decode(_raw(kind=1, pid=70, tgid=70, a=8, by_pid=70, flags=layout.EVF_UNLISTED), 0)
+    assert "for_pid" not in own.detail

@@ -1,0 +1,87 @@
+"""Scenario 2b, fast-hogs (issue #19): PostgreSQL 15 (shared_buffers 400MB, pgbench -S -c 4
+running) in a 900 MB cgroup, and round after round six processes started together, each
+allocating 110 MB as fast as it can (lab.fasthogs, as tests/e2e/test_fast_hogs.py). One run is
+`Params.rounds` rounds on one cluster under one guard. Per round: the kernel's OOM kills (the
+cgroup's counter, the kernel log), crash recoveries (the server log), the server up, the kills
+by path; over the run, the time from each killed hog's first failing reclaim to its SIGKILL,
+by path (benchmarks/reclaim_latency.py: a tracer of its own, the same for every contender)."""
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from lab.cgroup import MemoryCgroup
+from lab.fasthogs import HOGS, LIMIT, kills_by_path, one_round
+from lab.launcher import audit_records
+from lab.pgoutput import count_crash_recoveries, crash_excerpt, parse_pgbench
+from lab.scenario import ScenarioEnv
+from lab.watch import Kmsg
+
+from .contenders import Contender
+from .reclaim_latency import Tracer
+from .record import Log, Params, kill_actions
+
+MiB = 1024 * 1024
+
+
+def fast_hogs(c: Contender, p: Params, log: Log) -> dict:
+    from lab.pgcluster import PgCluster
+    workdir = Path(tempfile.mkdtemp(prefix=f"dbguard-fasthogs-{c.name}-"))
+    audit_path = workdir / "audit.jsonl"
+    try:
+        with contextlib.ExitStack() as stack:
+            cg = stack.enter_context(MemoryCgroup(4096 * MiB))
+            cluster = stack.enter_context(PgCluster(settings={"shared_buffers": "400MB"}, cgroup=cg))
+            cluster.pgbench_init(20)
+            cg.set_limit(LIMIT)
+            postmaster = cluster.postmaster_pid()
+            env = ScenarioEnv(cg, cluster, workdir, audit_path, lambda m: log(f"[{c.name}] {m}"))
+            stack.enter_context(c.for_env()(env))
+            tracer = stack.enter_context(Tracer())
+            kmsg = stack.enter_context(contextlib.closing(Kmsg()))
+            bench = cluster.pgbench("-S", "-c", "4", "-j", "2", "-T", "3600", "--no-vacuum")
+            stack.callback(lambda: (bench.poll() is None and bench.kill(), bench.wait()))
+            time.sleep(p.warmup)           # the backends touch shared buffers, as on a server up a while
+            rounds = []
+            for i in range(p.rounds):
+                before = count_crash_recoveries(cluster.log())
+                r = one_round(cg, workdir, str(i), kmsg)
+                rounds.append({"pids": r.pids, "killed": r.killed, "kernel_oom_kills": r.oom_kills,
+                               "kmsg_victims": r.kmsg_victims, "seconds": r.seconds,
+                               "crash_recoveries": count_crash_recoveries(cluster.log()) - before,
+                               "server_up": cluster.is_up() and cluster.postmaster_pid() == postmaster,
+                               "pgbench_running": bench.poll() is None})
+                log(f"[{c.name}] round {i + 1}/{p.rounds}: {r.killed} hogs killed, kernel OOM kills {r.oom_kills}, "
+                    f"crash recoveries {rounds[-1]['crash_recoveries']}")
+            bench.terminate()
+            out, err = bench.communicate(timeout=30)
+            survived = cluster.is_up() and cluster.postmaster_pid() == postmaster
+            server_log = cluster.log()
+        # The tracer is closed now: its kernel-log attribution is done.
+        audit = audit_records(audit_path)
+        for r in rounds:
+            lat = tracer.latencies.of(r["pids"])
+            r["kills"] = {path: v["kills"] for path, v in lat.summary().items()}
+            r["guard_kills"] = kills_by_path(audit, r["pids"])
+        pgb = parse_pgbench(out or "", err or "")
+        return {
+            "rounds": rounds,
+            "db_survived": survived,
+            "crash_recoveries": count_crash_recoveries(server_log),
+            "server_log": crash_excerpt(server_log),
+            "sessions_lost": pgb.sessions_lost,
+            "hogs": HOGS * p.rounds,
+            "hogs_killed": sum(r["killed"] for r in rounds),
+            "kernel_oom_kills": sum(r["kernel_oom_kills"] for r in rounds),
+            "rounds_with_kernel_oom_kill": sum(bool(r["kernel_oom_kills"] or r["kmsg_victims"]) for r in rounds),
+            "rounds_with_crash_recovery": sum(bool(r["crash_recoveries"]) for r in rounds),
+            "rounds_with_bpf_kill": sum(bool(r["kills"].get("bpf")) for r in rounds),
+            "guard_actions": kill_actions(audit),
+            "reclaim_to_kill": tracer.latencies.summary(),
+            "reclaim_to_kill_ms": tracer.latencies.ms,
+        }
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
