@@ -90,7 +90,7 @@ def _pg_backends(n: int, log) -> list[dict]:
 
     from dbguard import config
     from dbguard.assess import assess
-    from dbguard.daemon import build_policy
+    from dbguard.watch import build_policies
     from dbguard.policy import PolicyState
     from dbguard.sensor import Sensor
     from lab.pgcluster import PgCluster
@@ -116,7 +116,8 @@ def _pg_backends(n: int, log) -> list[dict]:
                 sensor.open_pressure(stats)
                 rows.append(_row(f"{n} PostgreSQL backends", lambda: _cycle(stats),
                                  "read_procs + classify (roles by parentage of the postmaster)"))
-                policy, state = build_policy(cfg, sensor, True), PolicyState()
+                build_policies(cfg, sensor, True)
+                policy, state = sensor.watches[0].policy, PolicyState()
 
                 def full():
                     snap = sensor.snapshot()
@@ -152,13 +153,14 @@ def _daemon_cycles(cg, n: int, log) -> list[dict]:
                 d.cycle()       # births read; the first sweep share taken
 
             def at_rest():
-                return len(d.cycle()[0].procs)
+                return len(d.cycle()[0].snap.procs)
 
             def pressed():
-                reading = d.sensor.reading()
-                a = assess(reading, cfg.pressure, d.state.levels, time.time())
+                w, = d.watches
+                reading = w.monitor.read()
+                a = assess(reading, cfg.pressure, w.state.levels, time.time())
                 snap = d.sensor.snapshot(reading, fresh=True)
-                d.policy.decide(snap, a, d.state)
+                w.policy.decide(snap, a, w.state)
                 return len(snap.procs)
             rows = [_row(f"+{n:,}: daemon cycle at rest", at_rest,
                          "Daemon.cycle(): process table refreshed by what changed, the largest, a slow sweep"),

@@ -83,6 +83,8 @@ class AuditLog:
             rec["cache"] = a.cache
         if a.value is not None:
             rec["value"] = a.value
+        if a.scope:
+            rec["scope"] = a.scope
         rec.update(extra)
         return self.write(rec)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -113,17 +114,25 @@ def cmd_check(a: argparse.Namespace) -> int:
 
 def _identify_databases(cfg, report) -> list[str]:
     """Each configured (else discovered) database's server, found by fact as `run` finds it
-    (no login); the lines of those not found."""
+    (no login), and the scopes `run` would watch for them; the lines of those not found."""
     from .databases import identity, registry
     from .model import DbStats
+    from .sense.scope import configured, group, scope_of
     dbs = cfg.databases or (tuple(registry.discover()) if cfg.general.discover else ())
-    missing = []
+    missing, own = [], {}
     for dc in dbs:
         f = registry.identify(dc)
         report("identify_database", f.ok, f"{dc.kind} {dc.name}: " + (
             f"server pid {f.pid} ({f.how})" if f.ok else f"not identified: {f.why_not}"))
         if not f.ok:
             missing.append(DbStats(name=dc.name, kind=dc.kind, up=False, identity=f.why_not))
+        own[dc.name] = None          # not identified: where its limit lies is unknown (the host)
+        if f.ok:
+            with contextlib.suppress(DbguardError, OSError):
+                own[dc.name] = scope_of(f.pid)
+    scopes = [(configured(cfg.pressure.cgroup), tuple(own))] if cfg.pressure.cgroup else group(own)
+    for scope, names in scopes:
+        report("scope", True, f"{scope.name}: {', '.join(names) or 'no database'} ({scope.why})")
     return list(identity.degraded(missing).values())
 
 

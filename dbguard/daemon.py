@@ -5,8 +5,9 @@ metrics port, user names) fails in `open()`, with one line, before anything is c
 After that, nothing in a cycle may stop protection: a database that stops answering is
 reported and protection goes on without SQL.
 
-The daemon owns the policy's memory (PolicyState): a SIGHUP or a newly discovered database
-swaps the configuration and the Policy built from it, never the memory.
+Each watched scope (watch.py) is judged and answered on its own, with its own Policy; its
+memory (PolicyState) lives in the watch: a SIGHUP or a newly discovered database swaps the
+configuration and the Policies built from it, never the memory.
 """
 from __future__ import annotations
 
@@ -24,15 +25,14 @@ from .caches.base import AppCache
 from .config import Config
 from .databases.base import Database
 from .errors import DbguardError
-from .host import (CAP_SYS_RESOURCE, has_capability, lock_memory, resolve_rule_users,
-                   resolve_users, sd_notify, watchdog_interval)
+from .host import lock_memory, sd_notify, watchdog_interval
 from .metrics import Metrics
 from .notices import DatabaseNotices
-from .model import Action, ActionKind, Level, Outcome, Plan, Snapshot
-from .policy import Policy, PolicyState
-from .sensor import REDISCOVER_EVERY, Sensor, relative_memcg, same_server_twice
-from .sense.events import OomWatch
-from .sense.procfs import read_pss
+from .model import Action, ActionKind, Level, Outcome, Snapshot
+from .policy import Policy
+from .sensor import REDISCOVER_EVERY, Sensor, same_server_twice
+from .sense.wakeups import wait_any
+from .watch import Answer, Watch, build_policies, wakeups, watching
 
 log = logging.getLogger("dbguard")
 
@@ -47,21 +47,12 @@ RESTART_ONLY = ("databases", "caches", "poolers", "audit", "metrics", "bpf")
 STALE_AFTER_INTERVALS = 5
 
 
-def build_policy(cfg: Config, sensor: Sensor, dry_run: bool) -> Policy:
-    full = dataclasses.replace(cfg, databases=sensor.db_configs)
-    return Policy(full, dry_run=dry_run, can_lower_scores=has_capability(CAP_SYS_RESOURCE),
-                  protected_uids=resolve_users(cfg.kill.protect_users),
-                  watched_memcg=relative_memcg(sensor.cgroup), rule_uids=resolve_rule_users(cfg),
-                  pss_reader=read_pss)
-
-
 class Daemon:
     def __init__(self, cfg: Config, *, dry_run: bool = False):
         self.cfg = cfg
         self.dry_run = dry_run or cfg.general.dry_run
         self.stopping = False
         self.reload_requested = False
-        self.state = PolicyState()
         self.bpf = None
         self.feed = None
         self.bpf_note = ""
@@ -69,17 +60,20 @@ class Daemon:
         self.audit: AuditLog | None = None
         self.sensor: Sensor | None = None
         self.executor: Executor | None = None
-        self._deferred: set[str] = set()      # targets whose deferred answer was logged
-        self._threshold: int | None = None
         self._cycle_done_at: float | None = None
         self._wake_r: int | None = None
-        self._snap: Snapshot | None = None
+        self._wake_fds: set[int] = set()
+        self.snaps: list[Snapshot] = []   # the last cycle's, one per scope
         self.notices = DatabaseNotices()
-        self._ooms = OomWatch()
+
+    @property
+    def watches(self) -> list[Watch]:
+        return self.sensor.watches if self.sensor is not None else []
 
     @property
     def level(self) -> Level:
-        return self.state.levels.level
+        """The highest level of any scope (what the kernel's kill gate and a stop record say)."""
+        return max((w.level for w in self.watches), default=Level.OK)
 
     # --- start ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -105,18 +99,18 @@ class Daemon:
         self.notices.down = {s.name for s in stats if not s.up}      # said now: the loop says changes
         self.sensor.open_pressure(stats)
         log.info("%s", self.sensor.follow_processes())
-        self.policy = build_policy(cfg, self.sensor, self.dry_run)
+        build_policies(cfg, self.sensor, self.dry_run)
         self.metrics = Metrics(cfg.metrics.listen, healthy=self.health)
         self.audit.on_error = self.metrics.observe_audit_error
         self.sensor.observe_collector = self.metrics.observe_collector
         self._open_bpf(loading)
         if self.bpf is not None:
             from .kernel.feed import KernelFeed
-            self.feed = KernelFeed(self.bpf, cfg, self.sensor.cgroup)
+            self.feed = KernelFeed(self.bpf, cfg, [w.cgroup for w in self.watches])
         self.executor = Executor(self.sensor.databases, self.audit, self.metrics.observe_action,
                                  recheck=self._recheck, caches=self.sensor.caches)
         self.memory_note = lock_memory() if cfg.general.lock_memory else "memory not locked (general.lock_memory)"
-        self.metrics.set_protection(bpf=self.bpf is not None, lower_scores=self.policy.can_lower_scores
+        self.metrics.set_protection(bpf=self.bpf is not None, lower_scores=self.watches[0].policy.can_lower_scores
                                     and cfg.protection.lower_databases,
                                     raise_scores=cfg.protection.raise_candidates, kill=cfg.kill.enabled)
         if not self.dry_run:
@@ -164,20 +158,21 @@ class Daemon:
             if self.executor.recover_cache(name, self.level).carried_out:
                 self._step_back(name, cache, deadline, "left changed by a previous run of dbguard")
 
-    def _recheck(self) -> Assessment:
-        return recheck(self.sensor.pressure.read(), self.cfg.pressure)
+    def _recheck(self, a: Action) -> Assessment:
+        """The scope that decided `a`, read again."""
+        w = next((w for w in self.watches if w.name == a.scope), self.watches[0])
+        return recheck(w.monitor.read(), self.cfg.pressure)
 
     def describe(self) -> str:
         dbs = ", ".join(f"{dc.kind} {dc.name}" for dc in self.sensor.db_configs) or "no database yet"
         if self.sensor.caches:
             dbs += "; caches and poolers: " + ", ".join(f"{c.kind} {n}" for n, c in self.sensor.caches.items())
-        where = (self.sensor.cgroup or "host memory") + f" ({self.sensor.scope.why})"
-        caps = "can lower database scores" if self.policy.can_lower_scores else \
+        caps = "can lower database scores" if self.watches[0].policy.can_lower_scores else \
             "cannot lower database scores (no CAP_SYS_RESOURCE): candidates' scores are raised instead"
-        return f"watching {where}; databases: {dbs}; {self.bpf_note}; {caps}"
+        return f"watching {watching(self.watches)}; databases: {dbs}; {self.bpf_note}; {caps}"
 
     def health(self) -> tuple[bool, str]:
-        if self.sensor is None or self.sensor.pressure is None or self.stopping:
+        if self.sensor is None or not self.watches or self.stopping:
             return False, "not protecting"
         if self._cycle_done_at is not None:
             age = time.monotonic() - self._cycle_done_at
@@ -191,82 +186,81 @@ class Daemon:
         return True, "protection active: " + self.describe()
 
     # --- the loop ------------------------------------------------------------------------
-    def cycle(self) -> tuple[Snapshot, Assessment, Plan]:
-        for name in self.sensor.rediscover():
-            log.info("now protecting %s", name)
-            self.policy = build_policy(self.cfg, self.sensor, self.dry_run)
+    def cycle(self) -> list[Answer]:
+        """Every scope read, judged and answered on its own (one process table, one round of SQL)."""
+        if self.sensor.update_scopes():          # a database found since, a pod gone
+            build_policies(self.cfg, self.sensor, self.dry_run)
             self.executor.databases = self.sensor.databases
             if self.feed is not None:
-                self.feed.rescope(self.cfg, self.sensor.cgroup)
-        reading = self.sensor.reading()
-        before = self.level
+                self.feed.rescope(self.cfg, [w.cgroup for w in self.watches])
+        readings, before = [w.monitor.read() for w in self.watches], [w.level for w in self.watches]
         # Under pressure every process in the scope is read afresh; at rest the table is
         # kept up at a pace that does not grow with the number of processes.
-        fresh = max(before, judge(reading, self.cfg.pressure)[0]) >= Level.WARN
-        snap = self._snap = self.sensor.snapshot(reading, fresh=fresh)
+        fresh = [max(b, judge(r, self.cfg.pressure)[0]) >= Level.WARN for b, r in zip(before, readings)]
+        self.snaps, now = self.sensor.snapshots(readings, fresh), time.time()
         # Judged with what the sessions have allocated and not yet touched (the snapshot's
         # reading): a dozen sorts that asked for more than the scope holds are pressure before
         # the kernel has charged it.
-        a = assess(snap.memory, self.cfg.pressure, self.state.levels, time.time())
-        if a.level != before:
-            self._audit_level(before, a)
-        plan = self.policy.decide(snap, a, self.state)
-        for action, outcome in self.executor.execute(plan, snap):
-            self.policy.learn(self.state, action, outcome)
-        deferred = dict(plan.deferred)
-        for target in deferred.keys() - self._deferred:          # once when it starts, not every cycle
-            log.info("put off %s: %s", target, deferred[target])
-        self._deferred = set(deferred)
-        self._sync_bpf(snap, a.level)
-        if rec := self._ooms.check(self.sensor.pressure.cgroup_dir, self.sensor.pressure.version, a.level.name.lower()):
-            self.audit.write(rec)          # the kernel's own OOM kill count rose in the watched scope
-        self.metrics.observe_snapshot(snap, a.level)
-        self.notices.note(snap.databases)
+        judged = [assess(s.memory, self.cfg.pressure, w.state.levels, now) for w, s in zip(self.watches, self.snaps)]
+        answers = [self._answer(*x) for x in zip(self.watches, before, judged, self.snaps)]
+        self._sync_bpf([(x.watch.policy, x.snap) for x in answers])
+        self.metrics.observe_scopes([(x.snap, x.assessment.level) for x in answers])
+        self.notices.note(tuple(db for x in answers for db in x.snap.databases))
         self._cycle_done_at = time.monotonic()
-        return snap, a, plan
+        return answers
 
-    def _audit_level(self, before: Level, a: Assessment) -> None:
+    def _answer(self, w: Watch, before: Level, a: Assessment, snap: Snapshot) -> Answer:
+        if a.level != before:
+            self._audit_level(w, before, a)
+        plan = w.policy.decide(snap, a, w.state)
+        for action, outcome in self.executor.execute(plan, snap):
+            w.policy.learn(w.state, action, outcome)
+        for target, why in w.newly_deferred(plan).items():      # once when it starts, not every cycle
+            log.info("put off %s: %s", target, why)
+        if rec := w.ooms.check(w.cgroup, w.monitor.version, a.level.name.lower()):
+            self.audit.write(rec)          # the kernel's own OOM kill count rose in this scope
+        return Answer(w, snap, a, plan)
+
+    def _audit_level(self, w: Watch, before: Level, a: Assessment) -> None:
         m = a.reading
-        self.audit.write({"action": "level_change", "target": self.sensor.cgroup or "host",
+        self.audit.write({"action": "level_change", "target": w.name, "scope": w.name,
                           "reason": a.why, "level": a.level.name.lower(),
                           "result": f"{before.name.lower()} -> {a.level.name.lower()}",
                           "usage_bytes": m.usage_bytes, "limit_bytes": m.limit_bytes,
                           "reclaimable_bytes": m.reclaimable_bytes, "pending_bytes": m.pending_bytes,
                           "psi_some_avg10": m.psi_some_avg10})
 
-    def _sync_bpf(self, snap: Snapshot, level: Level) -> None:
+    def _sync_bpf(self, answered: list[tuple[Policy, Snapshot]]) -> None:
         if self.feed is None:
             return
         try:
-            self.feed.sync(snap, level, self.policy, self.cfg, self.dry_run)
+            self.feed.sync(answered, self.level, self.cfg, self.dry_run)
         except Exception as e:     # a map full or a BCC error must not stop the user-space path
             log.warning("BPF sync failed: %s", e)
-        self.feed.drain(self, snap, level)     # read even when the sync failed
+        self.feed.drain(self)     # read even when the sync failed
 
-    def _wait(self, a: Assessment) -> None:
+    def _wait(self, answers: list[Answer]) -> None:
         interval = self.cfg.general.interval
-        if a.pressed:
+        if any(x.assessment.pressed for x in answers):
             # Pressure now (not a level merely held by dwell): look often. Kernel events (PSI,
             # usage thresholds) wake the wait at once either way.
             interval = min(interval, PRESSED_INTERVAL)
         watchdog = watchdog_interval()
         if watchdog is not None:
             interval = min(interval, watchdog)
-        # Wake at the next mark above what the reading justifies now (not above a level only
-        # held by dwell): pressure coming back is seen at once.
-        mark = next_mark_bytes(a.reading, a.now, self.cfg.pressure)
-        if mark != self._threshold:
-            self.sensor.pressure.set_usage_threshold(mark)
-            self._threshold = mark
+        for x in answers:
+            # Wake at the next mark above what the reading justifies now (not above a level only
+            # held by dwell): pressure coming back is seen at once.
+            x.watch.arm(next_mark_bytes(x.assessment.reading, x.assessment.now, self.cfg.pressure))
+        monitors = [w.monitor for w in self.watches]
         deadline = time.monotonic() + interval
-        while self.sensor.pressure.wait(max(0.0, deadline - time.monotonic())):
+        while fired := wait_any(monitors, max(0.0, deadline - time.monotonic()), self._wake_fds):
             self._drain_signals()
             # Woken by the kernel's ring buffer alone: births are scored now, without a cycle;
             # anything else (a kill, a failing reclaim, a signal, pressure) is a cycle's work.
-            if self.sensor.pressure.fired != {"fd"} or self.stopping or self.reload_requested \
-                    or self.feed is None or self._snap is None:
+            if fired != {"fd"} or self.stopping or self.reload_requested or self.feed is None or not self.snaps:
                 break
-            events = self.feed.drain(self, self._snap, self.level)
+            events = self.feed.drain(self)
             if not events or any(ev.kind != "birth" for ev in events):     # nothing read: never spin
                 break
         self._drain_signals()
@@ -284,32 +278,25 @@ class Daemon:
         # polls it): SIGTERM is acted on within a cycle, not after the interval.
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        self.sensor.pressure.add_wake_fd(self._wake_r)
         ring = self.bpf.wake_fd() if self.bpf is not None else None
-        if ring is not None:
-            self.sensor.pressure.add_wake_fd(ring)      # kernel events wake the loop at once
+        self._wake_fds = {self._wake_r} | ({ring} if ring is not None else set())   # kernel events wake it too
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         log.info("dbguard started: %s; %s", self.describe(), self.memory_note)
-        p = self.sensor.pressure
-        log.info("wake-ups: %s", f"PSI trigger '{p.trigger_spec}' on {p.psi_path}" if p.trigger_active
-                 else f"no PSI trigger ({p.trigger_error}); polling every {self.cfg.general.interval:g}s")
-        if p.trigger_note:
-            log.info("%s", p.trigger_note)
-        if p.limit_events or ring is not None:
-            log.info("also woken by %s", " and ".join(filter(None, [
-                p.limit_events and f"the kernel's limit events ({p.limit_events})",
-                ring is not None and "the BPF programs' events (births, failing reclaim, kills)"])))
+        for w in self.watches:
+            log.info("scope %s: %s", w.name, wakeups(w, self.cfg.general.interval))
+        if ring is not None:
+            log.info("also woken by the BPF programs' events (births, failing reclaim, kills)")
         sd_notify("READY=1")
         while not self.stopping:
             if self.reload_requested:
                 self.reload()
-            _, a, _ = self.cycle()
+            answers = self.cycle()
             sd_notify("WATCHDOG=1")
             if self.stopping:
                 break
-            self._wait(a)
+            self._wait(answers)
         sd_notify("STOPPING=1")
         return 0
 
@@ -344,7 +331,7 @@ class Daemon:
                                   general=dataclasses.replace(new.general, state_dir=self.cfg.general.state_dir))
         self.cfg = new
         self.dry_run = new.general.dry_run or self.dry_run
-        self.policy = build_policy(new, self.sensor, self.dry_run)
+        build_policies(new, self.sensor, self.dry_run)
         self.audit.write({"action": "reload", "target": "dbguard", "level": self.level.name.lower(),
                           "reason": "SIGHUP", "result": "config reloaded" + (
                               f"; restart to apply changes to {', '.join(fixed)}" if fixed else "")})
@@ -372,8 +359,9 @@ class Daemon:
         except Exception as e:      # stopping must go on: say it and leave the scores
             log.warning("scores not put back at stop: %s", e)
             return
-        for a in self.policy.on_stop(snap, self.state):
-            self.executor.one(a, self.level, snap)
+        for w in self.watches:
+            for a in w.policy.on_stop(snap, w.state):
+                self.executor.one(a, self.level, snap)
 
     def _restore_caches(self) -> None:
         """Put the DBA's settings back one step at a time (a buffer pool refills gradually),

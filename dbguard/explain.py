@@ -1,5 +1,6 @@
 """`dbguard explain`: one snapshot, its assessment and the plan the policy would carry out
-now, with the reason for every process's verdict, without acting."""
+now, with the reason for every process's verdict, without acting; one of each per watched
+scope (several when databases on one node each have their own memory limit)."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ from typing import Any
 from .assess import LevelState, assess
 from .config import Config
 from .databases.identity import degraded
-from .daemon import build_policy
+from .watch import build_policies
 from .errors import DbguardError
 from .escape import say
 from .model import Role
@@ -16,18 +17,22 @@ from .policy import PolicyState
 from .sensor import Sensor
 
 
-def explain(cfg: Config) -> dict[str, Any]:
-    """One snapshot and the plan the policy would carry out now, without acting."""
+def explain(cfg: Config) -> list[dict[str, Any]]:
+    """For each watched scope, one snapshot and the plan its policy would carry out now,
+    without acting."""
     sensor = Sensor(cfg)
     try:
         sensor.open_pressure(sensor.collect())
-        policy = build_policy(cfg, sensor, dry_run=True)
-        snap = sensor.snapshot()
-        state = PolicyState(levels=LevelState())
-        a = assess(snap.memory, cfg.pressure, state.levels, snap.ts)
-        plan = policy.decide(snap, a, state)
-        return {"snapshot": snap, "assessment": a, "plan": plan, "policy": policy, "cgroup": sensor.cgroup,
-                "scope": sensor.scope}
+        build_policies(cfg, sensor, dry_run=True)
+        readings = [w.monitor.read() for w in sensor.watches]
+        out = []
+        for w, snap in zip(sensor.watches, sensor.snapshots(readings, [True] * len(readings))):
+            state = PolicyState(levels=LevelState())
+            a = assess(snap.memory, cfg.pressure, state.levels, snap.ts)
+            plan = w.policy.decide(snap, a, state)
+            out.append({"snapshot": snap, "assessment": a, "plan": plan, "policy": w.policy, "cgroup": w.cgroup,
+                        "scope": w.scope, "databases": w.databases})
+        return out
     finally:
         sensor.close()
 
@@ -65,8 +70,26 @@ def _session_json(s) -> dict[str, Any]:
             "temp_bytes": s.temp_bytes, "running_seconds": round(s.age_seconds, 1), "client": s.client}
 
 
-def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_json: bool = False) -> int:
-    snap, plan, policy = out["snapshot"], out["plan"], out["policy"]
+def print_explanation(scopes: list[dict[str, Any]], *, only_pid: int | None = None, as_json: bool = False) -> int:
+    """One scope as ever; several: each in turn (JSON: {"scopes": [...]}, each of the one-scope shape)."""
+    if only_pid is not None:
+        held = [out for out in scopes if only_pid in out["snapshot"].procs]
+        scopes = held[:1] or scopes[:1]
+    if len(scopes) == 1:
+        return _print_scope(scopes[0], only_pid=only_pid, as_json=as_json)
+    if as_json:
+        print(json.dumps({"scopes": [_as_json(out, _rows(out)) for out in scopes]}, indent=2))
+        return 0
+    for i, out in enumerate(scopes, 1):
+        say(f"=== scope {i} of {len(scopes)}: {out['cgroup'] or 'host'} (databases: "
+            f"{', '.join(out['databases']) or 'none'})")
+        _print_scope(out)
+    return 0
+
+
+def _rows(out: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each process of the scope with its verdict, the reason and where it stands."""
+    snap, policy = out["snapshot"], out["policy"]
     order = {p.pid: i for i, p in enumerate(policy.candidates(snap), 1)}
     kernel = policy.kernel_view(snap)
     verdicts = policy.verdicts(snap)     # the plan's own verdicts: PSS is not read a second time
@@ -83,35 +106,48 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
                      "kill_order": order.get(pid),
                      "kernel": "shield" if pid in kernel.protected else
                                "candidate" if pid in kernel.candidates else "none"})
+    return rows
+
+
+def _as_json(out: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    snap, plan = out["snapshot"], out["plan"]
+    m = snap.memory
+    return {
+        "memory": {"cgroup": m.cgroup or "host", "scope": out["scope"].why if out.get("scope") else "",
+                   "usage_bytes": m.usage_bytes, "limit_bytes": m.limit_bytes,
+                   "reclaimable_bytes": m.reclaimable_bytes, "pending_bytes": m.pending_bytes,
+                   "psi_some_avg10": m.psi_some_avg10, "psi_full_avg10": m.psi_full_avg10},
+        "level": plan.level.name.lower(), "level_reason": plan.level_reason,
+        "degraded": list(degraded(snap.databases).values()),
+        "databases": [{"name": d.name, "kind": d.kind, "up": d.up, "error": d.error, "server_pid": d.server_pid,
+                       "identity": d.identity,
+                       "cache_bytes": d.cache_bytes, "hit_ratio": d.hit_ratio, "shrink_step": d.shrink_step,
+                       "shrink_steps_max": d.shrink_steps_max, "sessions": len(d.sessions),
+                       "top_sessions": [_session_json(x) for x in top_sessions(d)]}
+                      for d in snap.databases],
+        "caches": [{"name": c.name, "kind": c.kind, "pooler": c.pooler, "up": c.up, "error": c.error,
+                    "server_pid": c.server_pid, "unit": c.unit, "memory": c.memory, "limit": c.limit,
+                    "configured": c.configured, "shrink_step": c.shrink_step,
+                    "shrink_steps_max": c.shrink_steps_max, "evictions": c.evictions,
+                    "hit_ratio": c.hit_ratio, "left_alone": c.why_not, "next_step_waits": c.held}
+                   for c in snap.caches],
+        "processes": rows,
+        "plan": [{"action": x.kind.value, "target": x.target, "reason": x.reason, "pid": x.pid,
+                  "value": x.value} for x in plan.actions],
+        "deferred": [{"target": t, "reason": why} for t, why in plan.deferred]}
+
+
+def _print_scope(out: dict[str, Any], *, only_pid: int | None = None, as_json: bool = False) -> int:
+    snap, plan, policy = out["snapshot"], out["plan"], out["policy"]
+    rows = _rows(out)
+    n_candidates = sum(1 for r in rows if r["kill_order"])
     if only_pid is not None:
         rows = [r for r in rows if r["pid"] == only_pid]
         if not rows:
             raise DbguardError(f"explain --pid {only_pid}: no such process (it may have exited)")
     m = snap.memory
     if as_json:
-        print(json.dumps({
-            "memory": {"cgroup": m.cgroup or "host", "scope": out["scope"].why if out.get("scope") else "",
-                       "usage_bytes": m.usage_bytes, "limit_bytes": m.limit_bytes,
-                       "reclaimable_bytes": m.reclaimable_bytes, "pending_bytes": m.pending_bytes,
-                       "psi_some_avg10": m.psi_some_avg10, "psi_full_avg10": m.psi_full_avg10},
-            "level": plan.level.name.lower(), "level_reason": plan.level_reason,
-            "degraded": list(degraded(snap.databases).values()),
-            "databases": [{"name": d.name, "kind": d.kind, "up": d.up, "error": d.error, "server_pid": d.server_pid,
-                           "identity": d.identity,
-                           "cache_bytes": d.cache_bytes, "hit_ratio": d.hit_ratio, "shrink_step": d.shrink_step,
-                           "shrink_steps_max": d.shrink_steps_max, "sessions": len(d.sessions),
-                           "top_sessions": [_session_json(x) for x in top_sessions(d)]}
-                          for d in snap.databases],
-            "caches": [{"name": c.name, "kind": c.kind, "pooler": c.pooler, "up": c.up, "error": c.error,
-                        "server_pid": c.server_pid, "unit": c.unit, "memory": c.memory, "limit": c.limit,
-                        "configured": c.configured, "shrink_step": c.shrink_step,
-                        "shrink_steps_max": c.shrink_steps_max, "evictions": c.evictions,
-                        "hit_ratio": c.hit_ratio, "left_alone": c.why_not, "next_step_waits": c.held}
-                       for c in snap.caches],
-            "processes": rows,
-            "plan": [{"action": x.kind.value, "target": x.target, "reason": x.reason, "pid": x.pid,
-                      "value": x.value} for x in plan.actions],
-            "deferred": [{"target": t, "reason": why} for t, why in plan.deferred]}, indent=2))
+        print(json.dumps(_as_json(out, rows), indent=2))
         return 0
     if only_pid is not None:
         r = rows[0]
@@ -123,7 +159,7 @@ def print_explanation(out: dict[str, Any], *, only_pid: int | None = None, as_js
         say(f"  decided by {r['rule']}: action {r['action'] or 'none'}, tier {r['tier']}{given} "
               f"(kill order of tiers: {' < '.join(policy.rules.tiers)})")
         if r["kill_order"]:
-            say(f"  kill order now: {r['kill_order']} of {len(order)} candidate(s)")
+            say(f"  kill order now: {r['kill_order']} of {n_candidates} candidate(s)")
         say("  in the kernel (BPF maps): " + {
             "shield": "shielded (never killed there; a kernel OOM kill of it is reported as a breach)",
             "candidate": "kill candidate (killed as it allocates once reclaim keeps failing at the kill level)",

@@ -63,7 +63,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
 
 @dataclass
 class _State:
-    """What the last cycle saw; replaced whole by observe_snapshot()/set_protection()."""
+    """What the last cycle saw; replaced whole by observe_scopes()/set_protection()."""
 
     level: int | None = None
     ts: float | None = None
@@ -81,7 +81,8 @@ class _StateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         st = self._metrics._state_copy()
         if st.level is not None:
-            yield _gauge("pressure_level", "Pressure level: 0 ok, 1 warn, 2 high, 3 critical.", st.level)
+            yield _gauge("pressure_level", "Pressure level, the highest of the watched scopes: 0 ok, 1 warn, "
+                         "2 high, 3 critical.", st.level)
             yield _gauge("last_snapshot_timestamp_seconds",
                          "Unix time of the last complete sense cycle.", st.ts)
         yield from _families(st.memory, _MEMORY_HELP)
@@ -110,6 +111,7 @@ class _StateCollector(Collector):
 
 
 _MEMORY_HELP = {
+    "scope_pressure_level": "Pressure level of this watched scope: 0 ok, 1 warn, 2 high, 3 critical.",
     "memory_usage_bytes": "Memory charged to the watched cgroup (the host: MemTotal - MemAvailable).",
     "memory_limit_bytes": "Memory limit of the watched cgroup (absent when unlimited).",
     "memory_reclaimable_bytes": "Page cache in the watched cgroup the kernel can drop (inactive file).",
@@ -120,6 +122,7 @@ _MEMORY_HELP = {
 }
 _DB_HELP = {
     "database_up": "1 when the database answered SQL this cycle.",
+    "database_scope": "Always 1: the watched scope (cgroup) the database is answered in.",
     "database_cache_bytes": "Cache size now: shared_buffers / innodb_buffer_pool_size.",
     "database_cache_configured_bytes": "Cache size the DBA configured.",
     "database_cache_used_bytes": "Bytes of the cache holding data.",
@@ -236,35 +239,47 @@ class Metrics:
         self._collector_seconds.labels(source).set(seconds)
 
     def observe_snapshot(self, snap: Snapshot, level: Level) -> None:
-        m = snap.memory
-        cg = {"cgroup": m.cgroup or "host"}
-        memory = [("memory_usage_bytes", cg, m.usage_bytes),
-                  ("memory_reclaimable_bytes", cg, m.reclaimable_bytes),
-                  ("psi_some_avg10_ratio", cg, m.psi_some_avg10 / 100.0),
-                  ("psi_full_avg10_ratio", cg, m.psi_full_avg10 / 100.0)]
-        if m.limit_bytes:
-            memory += [("memory_limit_bytes", cg, m.limit_bytes),
-                       ("memory_unreclaimable_ratio", cg, m.unreclaimable_ratio)]
-        dbs = [("protection_degraded", {"reason": "database_not_identified"},
-                sum(1 for db in snap.databases if db.server_pid is None))]
-        for db in snap.databases:
-            labels = {"database": db.name, "kind": db.kind}
-            dbs += [("database_up", labels, 1 if db.up else 0),
-                    ("database_identified", labels, 0 if db.server_pid is None else 1),
-                    ("database_shrink_step", labels, db.shrink_step),
-                    ("database_shrink_steps_max", labels, db.shrink_steps_max)]
-            if db.up:   # a stale database's figures are unknown, not zero
-                dbs += [("database_cache_bytes", labels, db.cache_bytes),
-                        ("database_cache_configured_bytes", labels, db.cache_configured_bytes),
-                        ("database_cache_used_bytes", labels, db.cache_used_bytes),
-                        ("database_sessions", labels, len(db.sessions))]
-                if db.hit_ratio is not None:
-                    dbs.append(("database_cache_hit_ratio", labels, db.hit_ratio))
-        dbs += _cache_rows(snap)
-        shielded = {role.value: self._tally_roles(snap).get(role, 0) for role in SHIELDED_ROLES}
+        self.observe_scopes([(snap, level)])
+
+    def observe_scopes(self, scopes: list[tuple[Snapshot, Level]]) -> None:
+        """The last cycle of every watched scope: each one's memory and level (by `cgroup`),
+        its databases (with the scope they are answered in), caches and shielded processes."""
+        memory, dbs = [], []
+        for snap, level in scopes:
+            m = snap.memory
+            cg = {"cgroup": m.cgroup or "host"}
+            memory += [("scope_pressure_level", cg, int(level)),
+                       ("memory_usage_bytes", cg, m.usage_bytes),
+                       ("memory_reclaimable_bytes", cg, m.reclaimable_bytes),
+                       ("psi_some_avg10_ratio", cg, m.psi_some_avg10 / 100.0),
+                       ("psi_full_avg10_ratio", cg, m.psi_full_avg10 / 100.0)]
+            if m.limit_bytes:
+                memory += [("memory_limit_bytes", cg, m.limit_bytes),
+                           ("memory_unreclaimable_ratio", cg, m.unreclaimable_ratio)]
+            for db in snap.databases:
+                labels = {"database": db.name, "kind": db.kind}
+                dbs += [("database_up", labels, 1 if db.up else 0),
+                        ("database_scope", {**labels, **cg}, 1),
+                        ("database_identified", labels, 0 if db.server_pid is None else 1),
+                        ("database_shrink_step", labels, db.shrink_step),
+                        ("database_shrink_steps_max", labels, db.shrink_steps_max)]
+                if db.up:   # a stale database's figures are unknown, not zero
+                    dbs += [("database_cache_bytes", labels, db.cache_bytes),
+                            ("database_cache_configured_bytes", labels, db.cache_configured_bytes),
+                            ("database_cache_used_bytes", labels, db.cache_used_bytes),
+                            ("database_sessions", labels, len(db.sessions))]
+                    if db.hit_ratio is not None:
+                        dbs.append(("database_cache_hit_ratio", labels, db.hit_ratio))
+            dbs += _cache_rows(snap)
+        dbs.insert(0, ("protection_degraded", {"reason": "database_not_identified"},
+                       sum(1 for snap, _ in scopes for db in snap.databases if db.server_pid is None)))
+        # One scope: tallied from its changes (_tally_roles); several: each cycle afresh.
+        tally = self._tally_roles(scopes[0][0]) if len(scopes) == 1 else \
+            _Tally(role for snap, _ in scopes for role in snap.roles.values())
+        shielded = {role.value: tally.get(role, 0) for role in SHIELDED_ROLES}
         with self._lock:
-            self._state = _State(level=int(level), ts=snap.ts, memory=memory, databases=dbs,
-                                 shielded=shielded, protection=self._state.protection)
+            self._state = _State(level=max(int(level) for _, level in scopes), ts=max(s.ts for s, _ in scopes),
+                                 memory=memory, databases=dbs, shielded=shielded, protection=self._state.protection)
 
     def _tally_roles(self, snap: Snapshot) -> _Tally:
         """Processes by role, moved by the pids the snapshot names as changed when it follows

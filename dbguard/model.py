@@ -232,6 +232,7 @@ class Action:
     cache: str | None = None               # [[caches]]/[[poolers]] name for their resizes
     value: int | None = None               # oom_score_adj value, shrink step, ...
     dry_run: bool = False
+    scope: str = ""                        # the watched scope whose pressure decided it ("" with one scope)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Sense: databases, the watched memory scope and the process table, read into one Snapshot.
+"""Sense: databases, the watched memory scopes and the process table, read into one Snapshot
+per scope.
 
 What `run` and `explain` both read from. Reading never changes anything, and nothing here
 may stall the loop: every database call is bounded, a database that stops answering is
@@ -22,10 +23,13 @@ from .databases.base import Database
 from .errors import DbguardError
 from .model import CacheStats, MemoryReading, Snapshot
 from .sense.pressure import PressureMonitor
-from .sense.procfs import CGROUP_ROOT, read_procs
+from .sense.procfs import read_procs
 from .sense.procevents import open_events
 from .sense.proctable import ProcTable, scope_members
-from .sense.scope import Scope, configured, scope_of, unwatched
+from .sense.scope import Scope, configured, group, held, relative_memcg, scope_of, unwatched
+from .watch import Watch
+
+__all__ = ["Sensor", "REDISCOVER_EVERY", "relative_memcg", "same_server_twice"]
 
 log = logging.getLogger("dbguard")
 # One count for every sensor of the process: a snapshot's `since` names only its own sensor's last.
@@ -36,18 +40,6 @@ REDISCOVER_EVERY = 30.0
 
 def make_database(cfg: DatabaseConfig, state_dir: str) -> Database:
     return registry.make(cfg, state_dir)
-
-
-def relative_memcg(cgroup_dir: str) -> str | None:
-    """The /proc/PID/cgroup form of a cgroup directory; None for the host (every process)."""
-    if not cgroup_dir:
-        return None
-    for base in (f"{CGROUP_ROOT}/memory", f"{CGROUP_ROOT}/unified", CGROUP_ROOT):
-        if cgroup_dir == base:
-            return None
-        if cgroup_dir.startswith(base + "/"):
-            return cgroup_dir[len(base):]
-    return None
 
 
 def same_server_twice(entries: list[tuple[str, int | None, dict[str, str] | None]]) -> str | None:
@@ -70,6 +62,13 @@ def same_server_twice(entries: list[tuple[str, int | None, dict[str, str] | None
     return None
 
 
+def pending(reading: MemoryReading, stats) -> MemoryReading:
+    """The reading with what its databases' running statements have allocated and not yet
+    touched (DbStats.pending_bytes): pressure before the kernel has charged it."""
+    total = sum(db.pending_bytes for db in stats if db.up)
+    return dataclasses.replace(reading, pending_bytes=total) if total else reading
+
+
 class Sensor:
     """Databases plus the pressure monitor: what `run` and `explain` both read from."""
 
@@ -89,12 +88,10 @@ class Sensor:
         self.caches.update({c.name: caches_registry.make(c, "poolers", cfg.general.state_dir) for c in cfg.poolers})
         self._caches_up: dict[str, bool] = {}
         self._discovered_at = time.monotonic()
-        self.pressure: PressureMonitor | None = None
-        self.scope: Scope | None = None
-        self.cgroup = ""
+        self.watches: list[Watch] = []
         self.table = ProcTable()
         self.classifier = Classifier()
-        self._seq = -1          # the number of this sensor's last snapshot
+        self._seqs: dict[str, int] = {}     # scope -> the number of its last snapshot
         self.observe_collector = lambda source, ok, seconds: None
 
     def _discover(self) -> tuple[DatabaseConfig, ...]:
@@ -117,22 +114,31 @@ class Sensor:
         return added
 
     def open_pressure(self, stats: list) -> None:
-        """Watch the scope that can run out: [pressure] cgroup when set, else where the limit
-        that applies to the (first identified) database server really is (sense/scope.py)."""
+        """Watch each scope that can run out (sense/scope.py): [pressure] cgroup when set, else
+        the scope of each identified database server, one watch per distinct cgroup."""
         p = self.cfg.pressure
         if p.cgroup:
-            self.scope = configured(p.cgroup)
-        else:
-            server = next((s.server_pid for s in stats if s.server_pid), None)
-            self.scope = scope_of(server) if server else Scope(
-                "", None, "no database server identified yet: watching the host's RAM")
-            missed = unwatched(self.scope, self._scopes(stats))
+            scope, missed = configured(p.cgroup), unwatched(configured(p.cgroup), self._scopes(stats))
             if missed:
                 log.warning("%s", missed)
-                self.scope = dataclasses.replace(self.scope, why=f"{self.scope.why}; {missed}")
-        self.cgroup = self.scope.cgroup_dir if relative_memcg(self.scope.cgroup_dir) is not None else ""
-        self.pressure = PressureMonitor(self.cgroup or None, trigger_stall_us=p.psi_trigger_stall_us,
-                                        trigger_window_us=p.psi_trigger_window_us)
+                scope = dataclasses.replace(scope, why=f"{scope.why}; {missed}")
+            groups = [(scope, tuple(s.name for s in stats))]
+        else:
+            own = self._scopes(stats)
+            groups = group({s.name: own.get(s.name) for s in stats})
+        try:
+            for scope, names in groups:
+                self.watches.append(self._watch(scope, names))
+        except DbguardError:
+            self._close_watches()
+            raise
+        self._host_psi()
+
+    def _host_psi(self) -> None:
+        """The host's PSI counts for a scope without its own (cgroup v1) only when it is the
+        only scope (sense/pressure.py)."""
+        for w in self.watches:
+            w.monitor.count_host_psi = len(self.watches) == 1
 
     @staticmethod
     def _scopes(stats: list) -> dict[str, Scope]:
@@ -143,6 +149,55 @@ class Sensor:
                 with contextlib.suppress(DbguardError, OSError):
                     out[s.name] = scope_of(s.server_pid)
         return out
+
+    def place(self, name: str, server_pid: int | None) -> Watch:
+        """Where a database found after start is answered (a new pod): the watch of its own
+        scope, opened now if it is a new one; the first when [pressure] cgroup is set or its
+        scope cannot be read."""
+        scope = None
+        if server_pid and not self.cfg.pressure.cgroup:
+            with contextlib.suppress(DbguardError, OSError):
+                scope = scope_of(server_pid)
+        w = next((w for w in self.watches if scope is not None and w.scope.cgroup_dir == scope.cgroup_dir), None)
+        if w is None and scope is not None:
+            with contextlib.suppress(DbguardError):
+                w = self._watch(scope, ())
+                self.watches.append(w)
+                self._host_psi()
+        w = w or self.watches[0]
+        w.databases += (name,)
+        return w
+
+    def update_scopes(self) -> bool:
+        """Scopes whose cgroup went away (a pod deleted) dropped, databases found since
+        (discovery) placed, each in its own scope (a new pod: a new scope); whether anything changed."""
+        scopes = [w.name for w in self.watches]
+        for w in self.gone():
+            log.info("scope %s: its cgroup is gone; no longer watched", w.name)
+        added = self.rediscover()
+        for name in added:
+            w = self.place(name, self.databases[name].collect().server_pid)
+            log.info("now protecting %s (scope %s)", name, w.name)
+        return bool(added) or scopes != [w.name for w in self.watches]
+
+    def gone(self) -> list[Watch]:
+        """Watches whose cgroup was removed (a pod deleted), dropped; their databases are placed
+        again by where their servers are now (gone too: the first watch). The last watch stays."""
+        out = [w for w in self.watches if w.cgroup and not os.path.isdir(w.cgroup)][:len(self.watches) - 1]
+        for w in out:
+            self.watches.remove(w)
+            w.close()
+        self._host_psi()
+        stats = {s.name: s for s in self.collect()} if out else {}
+        for name in (n for w in out for n in w.databases):
+            self.place(name, stats[name].server_pid if name in stats else None)
+        return out
+
+    def _watch(self, scope: Scope, names: tuple[str, ...]) -> Watch:
+        p = self.cfg.pressure
+        cgroup = scope.cgroup_dir if relative_memcg(scope.cgroup_dir) is not None else ""
+        return Watch(scope, names, PressureMonitor(cgroup or None, trigger_stall_us=p.psi_trigger_stall_us,
+                                                   trigger_window_us=p.psi_trigger_window_us))
 
     def collect(self) -> list:
         stats = []
@@ -171,7 +226,7 @@ class Sensor:
     def processes(self) -> Snapshot:
         """The process table alone (no SQL, no pressure reading): for what is undone at stop."""
         procs = read_procs()
-        reading = MemoryReading(cgroup=self.cgroup, cgroup_version=0, usage_bytes=0, limit_bytes=None,
+        reading = MemoryReading(cgroup="", cgroup_version=0, usage_bytes=0, limit_bytes=None,
                                 psi_some_avg10=0.0, psi_full_avg10=0.0)
         return Snapshot(ts=time.time(), memory=reading, procs=procs, roles=classify(procs, [], self.self_pid),
                         databases=(), self_pid=self.self_pid)
@@ -182,30 +237,57 @@ class Sensor:
         return ("process events from the kernel (netlink process connector)" if self.table.events
                 else "process connector unavailable here: /proc listed each cycle")
 
-    def reading(self) -> MemoryReading:
-        return self.pressure.read()
-
-    def snapshot(self, reading: MemoryReading | None = None, fresh: bool = True) -> Snapshot:
-        """One Snapshot. `fresh`: every process of the watched scope read this cycle (under
-        pressure, and for one-shot callers); otherwise the table is refreshed at rest's pace
-        (sense/proctable.py)."""
-        reading = reading or self.reading()
+    def snapshots(self, readings: list[MemoryReading], fresh: list[bool]) -> list[Snapshot]:
+        """One Snapshot per watch (readings and `fresh` in the same order). `fresh`: every
+        process of that scope is read this cycle (under pressure, and for one-shot callers);
+        otherwise the table is refreshed at rest's pace (sense/proctable.py). The process
+        table, the SQL and the roles are read once; each scope gets the processes it holds
+        innermost (sense/scope.owner), its own databases and the caches whose server it holds."""
         t0 = time.monotonic()
-        members = scope_members(self.cgroup) if fresh and self.cgroup else None
-        procs = self.table.refresh(fresh, members, relative_memcg(self.cgroup) if members is not None else None)
+        pressed = [w for w, f in zip(self.watches, fresh) if f]
+        members = None
+        if pressed and all(w.cgroup for w in pressed):
+            found = [scope_members(w.cgroup) for w in pressed]
+            members = None if any(m is None for m in found) else set().union(*found)
+        memcg = pressed[0].memcg if members is not None and len(pressed) == 1 else None
+        procs = self.table.refresh(bool(pressed), members, memcg)
         self.observe_collector("procfs", True, time.monotonic() - t0)
         stats = self.collect()
         caches = self.collect_caches()
         read = self.table.take_changed()
         roles = self.classifier.update(procs, stats, self.self_pid, caches, read)
-        seq, since = next(SNAPSHOTS), self._seq
-        self._seq = seq
-        pending = sum(db.pending_bytes for db in stats if db.up)
-        if pending:
-            reading = dataclasses.replace(reading, pending_bytes=pending)
-        return Snapshot(ts=time.time(), memory=reading, procs=procs, roles=roles, databases=tuple(stats),
-                        self_pid=self.self_pid, caches=tuple(caches), seq=seq, since=since,
-                        changed=frozenset(read | self.classifier.changed))
+        # Every scope gets a snapshot of every refresh, so the pids changed since the last
+        # refresh are those changed since that scope's last snapshot (a superset for it).
+        changed, ts = frozenset(read | self.classifier.changed), time.time()
+        if len(self.watches) == 1:
+            return [Snapshot(ts=ts, memory=pending(readings[0], stats), procs=procs, roles=roles,
+                             databases=tuple(stats), self_pid=self.self_pid, caches=tuple(caches), changed=changed,
+                             **self._numbered(self.watches[0]))]
+        split, out = held(procs, [w.memcg for w in self.watches]), []
+        for i, (w, reading, mine) in enumerate(zip(self.watches, readings, split)):
+            dbs = tuple(s for s in stats if s.name in w.databases)
+            out.append(Snapshot(ts=ts, memory=pending(reading, dbs), procs=mine,
+                                roles={p: roles[p] for p in mine if p in roles}, databases=dbs,
+                                self_pid=self.self_pid, changed=changed, **self._numbered(w),
+                                caches=tuple(c for c in caches if c.server_pid in mine or c.server_pid not in procs
+                                             and i == 0)))
+        return out
+
+    def _numbered(self, w: Watch) -> dict[str, int]:
+        """seq and since of a scope's next snapshot (model.Snapshot)."""
+        seq, since = next(SNAPSHOTS), self._seqs.get(w.name, -1)
+        self._seqs[w.name] = seq
+        return {"seq": seq, "since": since}
+
+    def snapshot(self, reading: MemoryReading | None = None, fresh: bool = True) -> Snapshot:
+        """The first scope's Snapshot (one-shot callers of a single scope: benchmarks)."""
+        return self.snapshots([reading or self.watches[0].monitor.read()] + [
+            w.monitor.read() for w in self.watches[1:]], [fresh] * len(self.watches))[0]
+
+    def _close_watches(self) -> None:
+        for w in self.watches:
+            w.close()
+        self.watches = []
 
     def close(self) -> None:
         for db in [*self.databases.values(), *self.caches.values()]:
@@ -213,8 +295,7 @@ class Sensor:
                 db.close()
             except Exception as e:   # closing must not hide the reason we stop
                 log.warning("closing %s: %s", db.name, e)
-        if self.pressure is not None:
-            self.pressure.close()
+        self._close_watches()
         if self.table.events is not None:
             self.table.events.close()
             self.table.events = None

@@ -74,7 +74,7 @@ class Executor:
 
     def __init__(self, databases: dict[str, Database], audit: AuditLog,
                  observe: Callable[[Action, Outcome], None] | None = None,
-                 recheck: Callable[[], Assessment] | None = None, caches: dict[str, AppCache] | None = None):
+                 recheck: Callable[[Action], Assessment] | None = None, caches: dict[str, AppCache] | None = None):
         self.databases = databases
         self.caches = caches or {}
         self.audit = audit
@@ -121,7 +121,7 @@ class Executor:
         if a.dry_run:
             return Outcome.dry_run()
         if a.kind is ActionKind.KILL and self.recheck is not None:
-            fresh = self.recheck()
+            fresh = self.recheck(a)
             if not fresh.kill_justified:
                 return Outcome.skipped(f"pressure fell before the kill ({fresh.why})")
         log.debug("carrying out %s on %s", a.kind.value, a.target)

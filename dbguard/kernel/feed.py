@@ -2,9 +2,9 @@
 the kernel's events.
 
 Writing (sync, once per cycle): the kill gate (streaks by level, pages, the size an unlisted
-task must hold), the cancel gate (PostgreSQL client backends), the scope, the database
-servers' executables, and the per-process entries compiled from the policy's verdicts, each
-with its process's start time.
+task must hold), the cancel gate (PostgreSQL client backends), the watched scopes, the
+database servers' executables, and the per-process entries compiled from each scope's
+policy's verdicts, each with its process's start time.
 
 Reading (drain, every cycle and whenever the kernel's ring buffer wakes the daemon): kills,
 cancels and kernel OOM victims go to the audit log and metrics, a raised shield is put back (to the
@@ -17,11 +17,14 @@ from __future__ import annotations
 import glob
 import logging
 import time
+from typing import Iterable
 
 from ..config import Config
 from ..databases import registry
+from ..errors import DbguardError
 from ..model import Level, Role, Snapshot
 from ..sense.procfs import read_proc
+from ..sense.scope import owner
 from .bpf import INHERIT, SHIELD, BpfEvent, BpfGuard, event_to_audit, exe_identity
 
 log = logging.getLogger("dbguard")
@@ -58,64 +61,84 @@ def running_server_exes(snap: Snapshot) -> set[tuple[int, int]]:
 
 
 class KernelFeed:
-    def __init__(self, bpf: BpfGuard, cfg: Config, scope_dir: str | None):
+    def __init__(self, bpf: BpfGuard, cfg: Config, scope_dirs: list[str]):
+        """scope_dirs: the memory cgroup directory of each watched scope ("": the host)."""
         self.bpf = bpf
         self._known = known_server_exes()
-        self._scope = scope_dir
         self._server_exes: set[tuple[int, int]] = set()
-        bpf.set_scope(scope_dir, unlisted=cfg.bpf.unlisted)
+        self.rescope(cfg, scope_dirs)
         bpf.set_exes(self._known)
 
-    def rescope(self, cfg: Config, scope_dir: str | None) -> None:
-        self._scope = scope_dir
-        self.bpf.set_scope(scope_dir, unlisted=cfg.bpf.unlisted)
+    def rescope(self, cfg: Config, scope_dirs: list[str]) -> None:
+        try:
+            self.bpf.set_scopes(scope_dirs, unlisted=cfg.bpf.unlisted)
+        except DbguardError as e:
+            log.warning("%s; the kernel kills listed candidates only", e)
+            self.bpf.set_scopes(scope_dirs, unlisted=False)
 
-    def sync(self, snap: Snapshot, level: Level, policy, cfg: Config, dry_run: bool) -> None:
+    def sync(self, answered: Iterable[tuple[object, Snapshot]], level: Level, cfg: Config, dry_run: bool) -> None:
+        """answered: (policy, snapshot) of each scope; level: the highest of them."""
         b = cfg.bpf
         self.bpf.set_policy(level=int(level), enabled=cfg.kill.enabled, dry_run=dry_run,
                             min_level_to_kill=b.min_level_to_kill, fail_streak=b.fail_streak,
                             fail_pages=b.fail_pages, early_streak=b.early_fail_streak, births=b.births,
                             min_anon_bytes=cfg.kill.min_rss, cancel_streak=b.cancel_streak if b.cancel else 0,
                             cancel_gap=b.cancel_interval, cancel_pages=b.cancel_pages)
-        running = running_server_exes(snap)
+        answered = list(answered)
+        running = set().union(*(running_server_exes(snap) for _, snap in answered))
         if running != self._server_exes:
             self._server_exes = running
             self.bpf.set_exes(self._known | running)
         # One decision, two enforcers: the maps are compiled from the same verdicts the
         # user-space kill path uses (per tgid, also for cgroup rules: on cgroup v1 the
         # kernel's per-cgroup map never matches a memory cgroup; see dbguard.kernel.bpf).
-        view = policy.kernel_view(snap)
-        protected = {pid: (SHIELD | INHERIT if inherit else SHIELD, tier)
-                     for pid, (inherit, tier) in view.protected.items()}
-        starts = {pid: snap.procs[pid].start_time for pid in (*protected, *view.candidates) if pid in snap.procs}
-        self.bpf.sync_processes(protected, view.candidates, starts=starts, judged=snap.procs.keys(),
-                                cancel=view.cancel if b.cancel else frozenset())
+        # Each scope lists the processes it holds; no process is held by two.
+        protected, candidates, starts, cancel, held = {}, {}, {}, set(), {}
+        for policy, snap in answered:
+            view = policy.kernel_view(snap)
+            protected.update({pid: (SHIELD | INHERIT if inherit else SHIELD, tier)
+                              for pid, (inherit, tier) in view.protected.items()})
+            candidates.update(view.candidates)
+            starts.update({pid: snap.procs[pid].start_time for pid in (*view.protected, *view.candidates)
+                           if pid in snap.procs})
+            held.update({pid: snap.procs[pid] for pid in view.candidates if pid in snap.procs})
+            cancel |= view.cancel
+        judged = answered[0][1].procs.keys() if len(answered) == 1 else \
+            set().union(*(snap.procs for _, snap in answered))
+        self.bpf.sync_processes(protected, candidates, starts=starts, judged=judged,
+                                cancel=frozenset(cancel) if b.cancel else frozenset())
         # The largest of them, for the kernel to kill when a task that may not be killed is stuck.
-        listed = sorted((p for p in view.candidates if p in snap.procs), key=lambda p: -snap.procs[p].rss_bytes)
-        self.bpf.set_listed_victims([(p, starts[p], view.candidates[p], snap.procs[p].comm) for p in listed])
+        listed = sorted(held, key=lambda p: -held[p].rss_bytes)
+        self.bpf.set_listed_victims([(p, starts[p], candidates[p], held[p].comm) for p in listed])
 
     def is_server_exe(self, pid: int) -> bool:
         ident = exe_identity(f"/proc/{pid}/exe")
         return ident is not None and ident in (self._known | self._server_exes)
 
-    def drain(self, daemon, snap: Snapshot, level: Level) -> list[BpfEvent]:
-        """Read the kernel's events and answer each; returns them."""
+    def drain(self, daemon) -> list[BpfEvent]:
+        """Read the kernel's events and answer each (in the scope of the process concerned,
+        with the last cycle's snapshot of it); returns them."""
         try:
             events = self.bpf.poll(0)
         except Exception as e:      # BCC errors must not stop the loop
             log.warning("BPF events not read: %s", e)
             return []
+        level = daemon.level
         for ev in events:
             if ev.kind == "birth":
-                self._newborn(daemon, ev, snap, level)
+                self._newborn(daemon, ev, level)
                 continue
             if ev.kind == "reclaim_fail":
                 continue            # a wake-up: the cycle that follows reads the pressure
             rec = event_to_audit(ev)
+            snap = next((s for s in daemon.snaps if ev.pid in s.procs), None)   # its scope at the last cycle
+            if len(daemon.snaps) > 1:
+                rec["scope"] = (snap.memory.cgroup or "host") if snap is not None else "unknown"
             daemon.audit.write(rec)
             old = ev.detail.get("old_score_adj")
-            if ev.kind == "score_tamper" and not daemon.dry_run and old is not None:
-                daemon.executor.restore_score(ev.pid, old, f"restore the shield: {rec['reason']}", level, snap,
+            if ev.kind == "score_tamper" and not daemon.dry_run and old is not None and daemon.snaps:
+                daemon.executor.restore_score(ev.pid, old, f"restore the shield: {rec['reason']}", level,
+                                              snap or daemon.snaps[0],
                                               start_time=ev.detail.get("start_time"))
             daemon.metrics.observe_kernel_event(METRIC_KIND.get(ev.kind, ev.kind),
                                                 breach=ev.kind in ("breach", "score_tamper"))
@@ -125,11 +148,14 @@ class KernelFeed:
             log.debug("BPF counters not read: %s", e)
         return events
 
-    def _newborn(self, daemon, ev: BpfEvent, snap: Snapshot, level: Level) -> None:
+    def _newborn(self, daemon, ev: BpfEvent, level: Level) -> None:
         proc = read_proc(ev.pid)
-        if proc is None or proc.kernel_thread or proc.pid == snap.self_pid or self.is_server_exe(proc.pid):
+        if not daemon.snaps or proc is None or proc.kernel_thread or proc.pid == daemon.snaps[0].self_pid \
+                or self.is_server_exe(proc.pid):
             return
-        a = daemon.policy.newborn(proc, snap.self_pid, snap.memory.limit_bytes, daemon.state)
+        w = daemon.watches[owner(proc.memcg, [w.memcg for w in daemon.watches])]     # its scope
+        snap = next((s for s in daemon.snaps if s.memory.cgroup == w.cgroup), daemon.snaps[0])
+        a = w.policy.newborn(proc, snap.self_pid, snap.memory.limit_bytes, w.state)
         if a is None:
             return
         one = Snapshot(ts=time.time(), memory=snap.memory, procs={proc.pid: proc}, roles={proc.pid: Role.OTHER},

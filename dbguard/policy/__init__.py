@@ -36,6 +36,7 @@ class Policy:
     watched_memcg: str | None = None     # "/a/b" relative memcg path; None: every process (host)
     rule_uids: dict[str, int] = field(default_factory=dict)
     pss_reader: Callable[[Proc], int | None] | None = None
+    scope: str = ""                      # the watched scope's name, given to every action ("": the only one)
     judge: Judge = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,8 +77,7 @@ class Policy:
                    + shrink_grow + app
                    + idle_sessions(snap, a.level, state, self.db_configs)
                    + self._relief(snap, a, state))
-        if self.dry_run:
-            actions = [replace(x, dry_run=True) for x in actions]
+        actions = self._stamped(actions)
         state.forget(snap)
         return Plan(a.level, a.why, tuple(actions), tuple(deferred))
 
@@ -111,12 +111,17 @@ class Policy:
     def newborn(self, proc: Proc, self_pid: int, limit: int | None, state: PolicyState) -> Action | None:
         """The score of a process the kernel saw born in the scope (not a database process)."""
         a = newborn(proc, self.judge.verdict(proc, Role.OTHER, self_pid, limit), state, self.cfg.protection)
-        return replace(a, dry_run=True) if a is not None and self.dry_run else a
+        return None if a is None else self._stamped([a])[0]
 
     def on_stop(self, snap: Snapshot, state: PolicyState) -> list[Action]:
         """What to undo at stop: the scores dbguard raised (the caches go back by their own path)."""
-        actions = put_back(snap, state)
-        return [replace(x, dry_run=True) for x in actions] if self.dry_run else actions
+        return self._stamped(put_back(snap, state))
+
+    def _stamped(self, actions: list[Action]) -> list[Action]:
+        """Marked dry run when it is one, and with the scope that decided them."""
+        if not self.dry_run and not self.scope:
+            return actions
+        return [replace(x, dry_run=x.dry_run or self.dry_run, scope=self.scope) for x in actions]
 
     @staticmethod
     def learn(state: PolicyState, action: Action, outcome: Outcome) -> None:

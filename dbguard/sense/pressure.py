@@ -59,6 +59,11 @@ class PressureMonitor(Wakeups):
         self.psi_path = v2_psi if self.version == 2 and os.path.exists(v2_psi) else PROC_PSI_MEMORY
         v2_io = os.path.join(self.cgroup_dir, "io.pressure")
         self.io_psi_path = v2_io if self.version == 2 and os.path.exists(v2_io) else PROC_PSI_IO
+        # A cgroup on v1 has no PSI of its own: the host's stalls are everyone's. With one
+        # scope they are its own (as ever); one of several scopes must not take a stall in
+        # another for its own pressure, so the sensor turns this off: usage marks judge it.
+        self.own_psi = self.version == 0 or self.psi_path != PROC_PSI_MEMORY
+        self.count_host_psi = True
         self._init_wakeups(trigger_stall_us)
         self.read()                     # fail now, with one line, if the files cannot be read
         self._open_trigger(trigger_stall_us, trigger_window_us)
@@ -92,7 +97,8 @@ class PressureMonitor(Wakeups):
             return 0.0
 
     def read(self) -> MemoryReading:
-        some, full = self._psi()
+        counted = self.own_psi or self.count_host_psi
+        some, full = self._psi() if counted else (0.0, 0.0)
         if self.version == 0:
             usage, limit, reclaimable = self._host_usage()
         elif self.version == 1:
@@ -112,7 +118,7 @@ class PressureMonitor(Wakeups):
                 reclaimable = reclaimable_from_stat(parse_flat_keyed(self._cg("memory.stat")), 2)
         return MemoryReading(cgroup=self.cgroup_dir, cgroup_version=self.version, usage_bytes=usage,
                              limit_bytes=limit, psi_some_avg10=some, psi_full_avg10=full,
-                             reclaimable_bytes=reclaimable, io_some_avg10=self._io_some())
+                             reclaimable_bytes=reclaimable, io_some_avg10=self._io_some() if counted else 0.0)
 
     def _host_usage(self) -> tuple[int, int, int]:
         info = parse_meminfo(_read_text(MEMINFO))

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 from ..errors import DbguardError
 from .memtext import MEMINFO, parse_limit, parse_meminfo
 from .procfs import CGROUP_ROOT, memcg_dir, parse_memcg
+
+P = TypeVar("P")
 
 
 @dataclass(frozen=True)
@@ -23,6 +26,11 @@ class Scope:
     cgroup_dir: str            # the watched memory cgroup's directory; "" for the host
     limit_bytes: int | None    # its limit; None for the host (MemTotal is the bound)
     why: str                   # one line for the start log, explain and check
+
+    @property
+    def name(self) -> str:
+        """What the audit, the metrics and the logs call it."""
+        return self.cgroup_dir or "host"
 
 
 def _read(path: str) -> str:
@@ -94,14 +102,68 @@ def covers(watched: Scope, other: Scope) -> bool:
 
 
 def unwatched(watched: Scope, others: dict[str, Scope]) -> str:
-    """One line naming the databases whose own limit lies outside the watched scope (a second
-    container with its own cgroup), '' when there are none: dbguard watches one scope."""
+    """One line naming the databases whose own limit lies outside the scope [pressure] cgroup
+    sets, '' when there are none."""
     missed = [f"{name} ({s.cgroup_dir}, {_fmt(s.limit_bytes) if s.limit_bytes else 'no limit'})"
               for name, s in others.items() if not covers(watched, s)]
     if not missed:
         return ""
     return (f"not watched: the memory limit of {', '.join(missed)}; set [pressure] cgroup to a cgroup "
-            "above all of them, or run one dbguard per memory cgroup")
+            "above all of them, or leave it unset to watch each database's own scope")
+
+
+HOST = Scope("", None, "no database server identified yet: watching the host's RAM")
+
+
+def group(own: dict[str, Scope | None]) -> list[tuple[Scope, tuple[str, ...]]]:
+    """The scopes to watch and the databases each answers, from each database's own scope
+    (scope_of; None: its server is not identified, so where its limit lies is unknown: the
+    host). Databases whose scopes are the same cgroup share it; first seen first; the host
+    alone when there are no databases."""
+    out: dict[str, tuple[Scope, list[str]]] = {}
+    for name, s in own.items():
+        s = s or HOST
+        out.setdefault(s.cgroup_dir, (s, []))[1].append(name)
+    if not out:
+        return [(HOST, ())]
+    return [(s, tuple(names)) for s, names in out.values()]
+
+
+def owner(memcg: str, scopes: list[str | None]) -> int:
+    """Index of the innermost scope (relative memcg paths, None for the host) holding a process
+    of memory cgroup `memcg`; 0 when none does (the single-scope case: its judge leaves such a
+    process alone as outside the watched cgroup)."""
+    best, depth = 0, -2
+    for i, s in enumerate(scopes):
+        if not s or s == "/":
+            d = -1
+        elif memcg == s or memcg.startswith(s.rstrip("/") + "/"):
+            d = s.rstrip("/").count("/")
+        else:
+            continue
+        if d > depth:
+            best, depth = i, d
+    return best
+
+
+def relative_memcg(cgroup_dir: str) -> str | None:
+    """The /proc/PID/cgroup form of a cgroup directory; None for the host (every process)."""
+    if not cgroup_dir:
+        return None
+    for base in (f"{CGROUP_ROOT}/memory", f"{CGROUP_ROOT}/unified", CGROUP_ROOT):
+        if cgroup_dir == base:
+            return None
+        if cgroup_dir.startswith(base + "/"):
+            return cgroup_dir[len(base):]
+    return None
+
+
+def held(procs: dict[int, P], scopes: list[str | None]) -> list[dict[int, P]]:
+    """`procs` (anything with a `memcg`) split by the scope that answers for each (`owner`)."""
+    out: list[dict[int, P]] = [{} for _ in scopes]
+    for pid, proc in procs.items():
+        out[owner(proc.memcg, scopes)][pid] = proc
+    return out
 
 
 def configured(cgroup_dir: str) -> Scope:

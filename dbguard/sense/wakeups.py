@@ -7,7 +7,7 @@ cgroup.event_control), on cgroup v2 memory.events (the kernel notifies it on eve
 `max` and `oom` event), and descriptors the daemon adds (its signal pipe, the BPF ring
 buffer). wait() returns as soon as one fires and says which in `fired`. Where a source
 cannot be had, `trigger_error` says why and the others still work; with none, wait()
-sleeps.
+sleeps. `wait_any` waits on several monitors at once (one per watched scope).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class Wakeups:
         self._stall_us = trigger_stall_us
         self._horizon = 0.0
         self._samples: list[tuple[float, int]] = []
-        self._poll = select.poll()
+        self._watching: dict[int, int] = {}     # fd -> poll events: what wait_any polls for
         self._psi_fd: int | None = None
         self._event_fd: int | None = None
         self._usage_fd: int | None = None
@@ -59,7 +59,7 @@ class Wakeups:
                 fd = os.open(os.path.join(self.cgroup_dir, "memory.events"), os.O_RDONLY | os.O_CLOEXEC)
                 os.read(fd, 4096)            # armed: the next change is an event
                 self._limit_fd, self.limit_events = fd, "memory.events"
-                self._poll.register(fd, select.POLLPRI)
+                self._watching[fd] = select.POLLPRI
             elif self.version == 1:
                 src = os.open(os.path.join(self.cgroup_dir, "memory.oom_control"), os.O_RDONLY | os.O_CLOEXEC)
                 efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -71,7 +71,7 @@ class Wakeups:
                     os.close(src)
                     raise
                 self._limit_fd, self._limit_src, self.limit_events = efd, src, "memory.oom_control"
-                self._poll.register(efd, select.POLLIN)
+                self._watching[efd] = select.POLLIN
         except OSError as e:
             self.trigger_error = self.trigger_error or f"limit events on {self.cgroup_dir}: {e.strerror}"
 
@@ -110,7 +110,7 @@ class Wakeups:
             self._horizon = 2 * window / 1e6 + 2.0
             break
         self._psi_fd = fd
-        self._poll.register(fd, select.POLLPRI)
+        self._watching[fd] = select.POLLPRI
         self.trigger_active = True
         self._sample(time.monotonic())
 
@@ -155,7 +155,7 @@ class Wakeups:
                                   f"{e.strerror}")
             return False
         self._event_fd = efd
-        self._poll.register(efd, select.POLLIN)
+        self._watching[efd] = select.POLLIN
         self.usage_threshold = int(threshold_bytes)
         try:
             if int(os.pread(self._usage_fd, 32, 0)) >= self.usage_threshold:
@@ -168,7 +168,7 @@ class Wakeups:
 
     def _drop_threshold(self) -> None:
         if self._event_fd is not None:
-            self._poll.unregister(self._event_fd)
+            self._watching.pop(self._event_fd, None)
             os.close(self._event_fd)   # closing the eventfd is what unregisters it in the kernel
             self._event_fd = None
         self.usage_threshold = None
@@ -177,44 +177,36 @@ class Wakeups:
         """Also wake wait() when `fd` becomes readable (the daemon's signal pipe, the BPF ring
         buffer); the owner drains it."""
         self._wake_fds.add(fd)
-        self._poll.register(fd, select.POLLIN)
+        self._watching[fd] = select.POLLIN
 
     def wait(self, timeout: float) -> bool:
         """Block until a PSI trigger fires, usage crosses the threshold, the cgroup hits its
         limit or a wake fd is readable (True; `fired` says which), or `timeout` s pass."""
-        deadline = time.monotonic() + timeout
-        if self._psi_fd is not None:
-            self._sample(time.monotonic())
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            if self._psi_fd is None and self._event_fd is None and self._limit_fd is None \
-                    and not self._wake_fds:
-                time.sleep(remaining)
-                return False
-            self.fired = set()
-            for fd, events in self._poll.poll(max(1, int(remaining * 1000))):
-                if fd in self._wake_fds:
-                    self.fired.add("fd")
-                elif fd == self._event_fd or (fd == self._limit_fd and self._limit_src is not None):
-                    try:
-                        os.eventfd_read(fd)   # reset the counter, or poll() stays readable
-                    except BlockingIOError:
-                        pass
-                    self.fired.add("usage" if fd == self._event_fd else "limit")
-                elif fd == self._limit_fd:
-                    os.lseek(fd, 0, os.SEEK_SET)
-                    os.read(fd, 4096)         # re-armed for the next change
-                    self.fired.add("limit")
-                elif fd == self._psi_fd:
-                    if events & (select.POLLERR | select.POLLNVAL):
-                        # The watched cgroup went away under the trigger.
-                        self._close_trigger(f"PSI trigger on {self.psi_path} broke (cgroup removed?)")
-                    elif events & select.POLLPRI and self._genuine(time.monotonic()):
-                        self.fired.add("psi")
-            if self.fired:
-                return True
+        return bool(wait_any([self], timeout))
+
+    def _handle(self, fd: int, events: int) -> bool:
+        """Take one poll result if `fd` is this monitor's (noting what fired); whether it was."""
+        if fd not in self._watching:
+            return False
+        if fd in self._wake_fds:
+            self.fired.add("fd")
+        elif fd == self._event_fd or (fd == self._limit_fd and self._limit_src is not None):
+            try:
+                os.eventfd_read(fd)   # reset the counter, or poll() stays readable
+            except BlockingIOError:
+                pass
+            self.fired.add("usage" if fd == self._event_fd else "limit")
+        elif fd == self._limit_fd:
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.read(fd, 4096)         # re-armed for the next change
+            self.fired.add("limit")
+        elif fd == self._psi_fd:
+            if events & (select.POLLERR | select.POLLNVAL):
+                # The watched cgroup went away under the trigger.
+                self._close_trigger(f"PSI trigger on {self.psi_path} broke (cgroup removed?)")
+            elif events & select.POLLPRI and self._genuine(time.monotonic()):
+                self.fired.add("psi")
+        return True
 
     def _genuine(self, now: float) -> bool:
         samples = list(self._samples)
@@ -226,7 +218,7 @@ class Wakeups:
 
     def _close_trigger(self, why: str) -> None:
         if self._psi_fd is not None:
-            self._poll.unregister(self._psi_fd)
+            self._watching.pop(self._psi_fd, None)
             os.close(self._psi_fd)
             self._psi_fd = None
         self.trigger_active = False
@@ -240,3 +232,37 @@ class Wakeups:
             if fd is not None:
                 os.close(fd)
         self._usage_fd = self._limit_fd = self._limit_src = None
+
+
+def wait_any(sources: list[Wakeups], timeout: float, wake_fds: frozenset[int] | set[int] = frozenset()) -> set[str]:
+    """Wait on every source's descriptors (one per watched scope) and on `wake_fds` (the
+    daemon's signal pipe, the BPF ring buffer; the owner drains them) at once. What fired,
+    across them all ("fd" for a wake fd; each source's `fired` says what fired there), as soon
+    as anything did; empty when `timeout` s pass."""
+    deadline = time.monotonic() + timeout
+    for src in sources:
+        src.fired = set()
+        if src._psi_fd is not None:
+            src._sample(time.monotonic())
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return set()
+        poll = select.poll()      # built afresh: a source drops a broken trigger while waiting
+        for fd in wake_fds:
+            poll.register(fd, select.POLLIN)
+        for src in sources:
+            for fd, events in src._watching.items():
+                poll.register(fd, events)
+        if not wake_fds and not any(src._watching for src in sources):
+            time.sleep(remaining)
+            return set()
+        woken = set()
+        for fd, events in poll.poll(max(1, int(remaining * 1000))):
+            if fd in wake_fds:
+                woken.add("fd")
+            else:
+                any(src._handle(fd, events) for src in sources)
+        fired = woken.union(*(src.fired for src in sources))
+        if fired:
+            return fired

@@ -26,7 +26,7 @@ from dbguard.daemon import Daemon
 from dbguard.kernel.bpf import CANDIDATE, INHERITED, SHIELD
 from dbguard.kernel.feed import KernelFeed
 from dbguard.metrics import Metrics
-from dbguard.model import Level, MemoryReading, Role, Snapshot
+from dbguard.model import MemoryReading, Role, Snapshot
 from dbguard.policy import Policy
 from dbguard.sense.procfs import read_procs, read_pss
 from dbguard.sensor import relative_memcg
@@ -125,8 +125,8 @@ def test_maps_hold_the_user_space_decision_for_every_process(bpf_guard, procs, t
             assert not cfg.warnings
             pol = Policy(cfg, watched_memcg=cg.relpath, pss_reader=read_pss)
             daemon = Daemon(cfg)
-            daemon.bpf, daemon.policy = guard, pol
-            daemon.feed = KernelFeed(guard, cfg, str(cg.path))     # the kernel's own kills: this cgroup only
+            daemon.bpf = guard
+            daemon.feed = KernelFeed(guard, cfg, [str(cg.path)])     # the kernel's own kills: this cgroup only
             daemon.audit = AuditLog(str(tmp_path / "audit.jsonl"))
             daemon.metrics = Metrics("")
             reading = MemoryReading(cgroup=str(cg.path), cgroup_version=cg.version, usage_bytes=cg.usage(),
@@ -137,7 +137,7 @@ def test_maps_hold_the_user_space_decision_for_every_process(bpf_guard, procs, t
                 procs = read_procs()
                 snap = Snapshot(ts=time.time(), memory=reading, procs=procs,
                                 roles=classify(procs, [], os.getpid()), databases=(), self_pid=os.getpid())
-                daemon._sync_bpf(snap, Level.OK)        # level OK: nothing may be killed meanwhile
+                daemon._sync_bpf([(pol, snap)])        # at rest (no scope pressed): nothing may be killed meanwhile
                 protected, candidates = guard.protected_tgids(), guard.candidate_tgids()
                 view = pol.kernel_view(snap)
                 got: dict[int, str] = {}

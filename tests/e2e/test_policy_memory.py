@@ -61,8 +61,8 @@ def _kills(plan_actions) -> list[int]:
 
 def _cycle(d: Daemon):
     """One real cycle, returning what it planned (dry run: planned and audited, not done)."""
-    _, a, plan = d.cycle()
-    return a, plan
+    x, = d.cycle()          # one scope: the cgroup of [pressure] cgroup
+    return x.assessment, x.plan
 
 
 def test_cancel_rate_and_escalation_survive_sighup(tmp_path):
@@ -135,12 +135,12 @@ def test_kill_rate_and_level_survive_a_newly_discovered_database(tmp_path, monke
             d.open()
             a, plan = _cycle(d)
             assert len(_kills(plan.actions)) == 1, plan.actions
-            state, level = d.state, d.level
+            state, level = d.watches[0].state, d.level
             with PgCluster() as cluster:
                 a, plan = _cycle(d)
                 names = {dc.data_directory for dc in d.sensor.db_configs}
                 assert cluster.data_dir in names, f"the new cluster was discovered: {names}"
-                assert d.state is state and d.level >= level
+                assert d.watches[0].state is state and d.level >= level
                 assert _kills(plan.actions) == [], f"the kill rate survives the rediscovery: {plan.actions}"
         finally:
             d.close()

@@ -149,6 +149,25 @@ def test_stale_database_keeps_up_and_step_but_drops_figures(served):
     assert not any(dict(k[1]).get("cgroup") == "/sys/fs/cgroup/memory/test" for k in s)
 
 
+def test_each_scope_has_its_level_and_memory_and_each_database_its_scope(served):
+    import dataclasses
+    m, base = served
+    a = make_snapshot(cgroup="/sys/fs/cgroup/memory/kubepods/pod-a")
+    b = make_snapshot(cgroup="/sys/fs/cgroup/memory/kubepods/pod-b")
+    a = dataclasses.replace(a, databases=a.databases[:1], caches=())
+    b = dataclasses.replace(b, databases=b.databases[1:], caches=(), memory=dataclasses.replace(b.memory, usage_bytes=1))
+    m.observe_scopes([(a, Level.HIGH), (b, Level.OK)])
+    s = samples(get(base + "/metrics")[2])
+    pod_a, pod_b = (("cgroup", a.memory.cgroup),), (("cgroup", b.memory.cgroup),)
+    assert s[("dbguard_pressure_level", ())] == 2, "the highest of the scopes"
+    assert (s[("dbguard_scope_pressure_level", pod_a)], s[("dbguard_scope_pressure_level", pod_b)]) == (2, 0)
+    assert (s[("dbguard_memory_usage_bytes", pod_a)], s[("dbguard_memory_usage_bytes", pod_b)]) == (900 * MiB, 1)
+    assert s[("dbguard_database_scope", (("cgroup", a.memory.cgroup), ("database", "main"), ("kind", "postgresql")))] == 1
+    assert s[("dbguard_database_scope", (("cgroup", b.memory.cgroup), ("database", "orders"), ("kind", "mysql")))] == 1
+    assert not any(k[0] == "dbguard_database_scope" and dict(k[1])["database"] == "main"
+                   and dict(k[1])["cgroup"] == b.memory.cgroup for k in s)
+
+
 def test_healthz_follows_protection_state(served):
     m, base = served
     status, ctype, body = get(base + "/healthz")

@@ -149,13 +149,14 @@ def test_mariadb_in_a_pod_is_identified_by_its_host_pid(my, tmp_path, monkeypatc
     assert Path(my.path(my.PID_FILE)).read_text().strip() == "1"
 
 
-def explain(tmp_path, databases: list[dict], pid: int) -> dict:
+def explain(tmp_path, databases: list[dict], pid: int | None) -> dict:
     from lab.launcher import base_config, toml
     cfg = {**base_config(tmp_path), "databases": databases}
     cfg["general"]["discover"] = False
     (tmp_path / "c.toml").write_text(toml(cfg))
-    r = subprocess.run([sys.executable, "-m", "dbguard.cli", "explain", "-c", str(tmp_path / "c.toml"), "--pid",
-                        str(pid), "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+    only = ["--pid", str(pid)] if pid is not None else []
+    r = subprocess.run([sys.executable, "-m", "dbguard.cli", "explain", "-c", str(tmp_path / "c.toml"), *only,
+                        "--json"], cwd=ROOT, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "POD_PW": "pw"})
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
@@ -213,10 +214,10 @@ def test_discovery_finds_mariadb_in_a_pod_and_reaches_it(my, tmp_path):
     assert s.server_pid == my.host_pid
 
 
-def test_two_pods_with_their_own_limits_the_one_not_watched_is_named(make_cgroup, tmp_path, postgresql_host,
-                                                                      mariadb_host, monkeypatch):
-    # One dbguard watches one scope: the first database's own cgroup. The other pod's limit is
-    # named in the scope line explain and the start record show, with what to do about it.
+def test_two_pods_with_their_own_limits_are_each_watched_in_their_own_scope(make_cgroup, tmp_path, postgresql_host,
+                                                                           mariadb_host, monkeypatch):
+    # One dbguard, two pods each under its own limit: explain shows one scope per pod, each
+    # with its own database and its own processes.
     a, b = make_cgroup(400 * 2**20), make_cgroup(500 * 2**20)
     monkeypatch.setenv("POD_PW", "pw")
     with PodPostgres(a) as pgpod, PodMariaDB(b) as mypod:
@@ -225,8 +226,13 @@ def test_two_pods_with_their_own_limits_the_one_not_watched_is_named(make_cgroup
         dbs = [{"kind": "postgresql", "name": "pod-pg", "dsn": pgpod.dsn, "namespace_of": str(a.path)},
                {"kind": "mysql", "name": "pod-my", "socket": mypod.SOCKET, "user": "dbguard",
                 "password_env": "POD_PW", "namespace_of": str(b.path)}]
-        out = explain(tmp_path, dbs, pgpod.host_pid)
-    assert out["memory"]["cgroup"] == str(a.path)
-    assert out["memory"]["scope"].endswith(f"not watched: the memory limit of pod-my ({b.path}, 500 MiB); set "
-                                           "[pressure] cgroup to a cgroup above all of them, or run one dbguard "
-                                           "per memory cgroup"), out["memory"]
+        out = explain(tmp_path, dbs, None)
+        servers = (pgpod.host_pid, mypod.host_pid)
+    pg, my = out["scopes"]
+    assert (pg["memory"]["cgroup"], pg["memory"]["limit_bytes"]) == (str(a.path), 400 * 2**20), pg["memory"]
+    assert (my["memory"]["cgroup"], my["memory"]["limit_bytes"]) == (str(b.path), 500 * 2**20), my["memory"]
+    assert [d["name"] for d in pg["databases"]] == ["pod-pg"] and [d["name"] for d in my["databases"]] == ["pod-my"]
+    assert "own memory cgroup holds the limit" in pg["memory"]["scope"] and "not watched" not in pg["memory"]["scope"]
+    rows = {s: {r["pid"]: r for r in scope["processes"]} for s, scope in zip(("pg", "my"), (pg, my))}
+    assert rows["pg"][servers[0]]["role"] == "postmaster" and servers[0] not in rows["my"]
+    assert rows["my"][servers[1]]["role"] == "mysqld" and servers[1] not in rows["pg"]

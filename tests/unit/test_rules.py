@@ -295,7 +295,7 @@ def test_explain_shows_pss_where_a_rule_needed_it_and_where_the_tier_came_from(m
         pol = Driven(Policy(cfg, watched_memcg=CG, pss_reader=pss))
         snap = snapshot([proc(21, 200, comm="sharer"), proc(22, 200, memcg="/lab/p/x", comm="hog"),
                          proc(23, 90, comm="small")])
-        return {"snapshot": snap, "plan": pol.decide(snap), "policy": pol, "cgroup": "/sys/fs/cgroup/memory/lab"}
+        return [{"snapshot": snap, "plan": pol.decide(snap), "policy": pol, "cgroup": "/sys/fs/cgroup/memory/lab"}]
     monkeypatch.setattr(dbguard.explain, "explain", explain)
     assert cli_main(["explain", "-c", str(f)]) == 0
     out = capsys.readouterr().out

@@ -77,7 +77,7 @@ def test_a_process_that_is_gone_is_one_line(tmp_path):
         scope_of(43, proc, root)
 
 
-def test_a_second_database_with_its_own_limit_is_named_as_not_watched():
+def test_a_database_outside_the_configured_scope_is_named_as_not_watched():
     from dbguard.sense.scope import Scope, covers, unwatched
     pod_a = Scope("/sys/fs/cgroup/memory/kubepods/pod-a", 400 * 1024**2, "")
     pod_b = Scope("/sys/fs/cgroup/memory/kubepods/pod-b", 512 * 1024**2, "")
@@ -89,4 +89,51 @@ def test_a_second_database_with_its_own_limit_is_named_as_not_watched():
     assert unwatched(parent, {"a": pod_a, "b": pod_b}) == ""
     assert unwatched(pod_a, {"a": pod_a, "b": pod_b}) == (
         "not watched: the memory limit of b (/sys/fs/cgroup/memory/kubepods/pod-b, 512 MiB); set [pressure] "
-        "cgroup to a cgroup above all of them, or run one dbguard per memory cgroup")
+        "cgroup to a cgroup above all of them, or leave it unset to watch each database's own scope")
+
+
+POD_A = "/sys/fs/cgroup/memory/kubepods/pod-a"
+POD_B = "/sys/fs/cgroup/memory/kubepods/pod-b"
+
+
+def test_each_database_own_scope_is_watched_and_a_shared_one_once():
+    from dbguard.sense.scope import Scope, group
+    a, b = Scope(POD_A, 400 * 1024**2, "a's"), Scope(POD_B, 512 * 1024**2, "b's")
+    got = group({"pg1": a, "maria": b, "pg2": Scope(POD_A, 400 * 1024**2, "a's again")})
+    assert [(s.cgroup_dir, names) for s, names in got] == [(POD_A, ("pg1", "pg2")), (POD_B, ("maria",))]
+    assert got[0][0].why == "a's"        # the first database's account of it
+
+
+def test_unlimited_and_unidentified_databases_share_the_host_scope():
+    from dbguard.sense.scope import HOST, Scope, group
+    host = Scope("", None, "no memory limit on ...")
+    got = group({"a": host, "b": None, "c": Scope(POD_B, GiB, "")})
+    assert [(s.name, names) for s, names in got] == [("host", ("a", "b")), (POD_B, ("c",))]
+    assert group({}) == [(HOST, ())]
+    assert group({"x": None}) == [(HOST, ("x",))]
+
+
+@pytest.mark.parametrize("memcg, scopes, want", [
+    ("/kubepods/pod-a/c1", ["/kubepods/pod-a", "/kubepods/pod-b"], 0),
+    ("/kubepods/pod-b", ["/kubepods/pod-a", "/kubepods/pod-b"], 1),
+    ("/kubepods/pod-ab", ["/kubepods/pod-a", "/kubepods/pod-b"], 0),        # in neither: the first
+    ("/kubepods/pod-ab", ["/kubepods/pod-a", None], 1),                      # the host holds it
+    ("/kubepods/pod-a/c1", [None, "/kubepods", "/kubepods/pod-a"], 2),       # the innermost wins
+    ("/kubepods/pod-b/c1", [None, "/kubepods", "/kubepods/pod-a"], 1),
+    ("/user.slice", [None], 0),
+])
+def test_a_process_is_answered_in_the_innermost_scope_that_holds_it(memcg, scopes, want):
+    from dbguard.sense.scope import owner
+    assert owner(memcg, scopes) == want
+
+
+def test_processes_are_split_by_the_scope_that_answers_for_them():
+    from types import SimpleNamespace as P
+
+    from dbguard.sense.scope import held
+    procs = {1: P(memcg="/"), 10: P(memcg="/kubepods/pod-a"), 11: P(memcg="/kubepods/pod-a/c"),
+             20: P(memcg="/kubepods/pod-b"), 30: P(memcg="/system.slice/x")}
+    a, b = held(procs, ["/kubepods/pod-a", "/kubepods/pod-b"])
+    assert (sorted(a), sorted(b)) == ([1, 10, 11, 30], [20]), "outside every scope: the first's"
+    host, a = held(procs, [None, "/kubepods/pod-a"])
+    assert (sorted(host), sorted(a)) == ([1, 20, 30], [10, 11])
