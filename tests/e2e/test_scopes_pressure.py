@@ -1,0 +1,146 @@
+"""One dbguard, two databases in two pods on one node, each pod with its own memory limit.
+
+Two PostgreSQL servers each run in a pod (lab/pod.py: `unshare --mount --pid --fork`, data
+directory, socket and pid file under /srv/db, seen only inside the pod; each server is its
+pod's pid 1) inside a memory cgroup of its own with its own limit, as a Kubernetes node runs
+database pods. One `dbguard run` on the host is told only which container each is in
+(namespace_of) and the socket path as the pod sees it; no [pressure] cgroup: it must find
+both scopes itself and watch each.
+
+Then hogs grow beside ONE of them (pod A): dbguard answers inside A (A's work_mem shrunk,
+A's hogs killed, by its own audit records, path user or bpf, carrying A's scope) while B is
+untouched (its work_mem as the DBA set it, read over SQL; no record of any kind for B's
+scope, database or processes). Then the same in B, answered in B. Both servers survive with
+the same host pids, the kernel OOM killer never struck in either cgroup, dbguard runs on.
+"""
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+
+import pytest
+
+from dbguard.errors import DbguardError
+from lab import hog
+from lab.launcher import DbguardRun, audit_names, base_config
+from lab.pod import PodPostgres
+from lab.procs import wait_until
+
+MiB = 1024**2
+LIMIT = 400 * MiB
+WORK_MEM = "64MB"           # the DBA's setting in both pods (ALTER SYSTEM: dbguard shrinks it the same way)
+ANSWERS = ("kill", "shrink_cache", "cancel_query", "terminate_session", "set_oom_score_adj", "level_change")
+
+pytestmark = [pytest.mark.e2e, pytest.mark.db, pytest.mark.root]
+
+
+def work_mem(pod: PodPostgres) -> str:
+    return pod.psql("SHOW work_mem")
+
+
+def answers(pod: PodPostgres) -> bool:
+    try:
+        return pod.psql("SELECT 1") == "1"
+    except Exception:
+        return False
+
+
+def press(daemon: DbguardRun, cg, procs, name: str) -> tuple[list, float]:
+    """Hogs beside the database in `cg`: one that holds 4/5 of the limit (the database's
+    caches are answered; on cgroup v1 a scope of several is judged by its usage, the host's
+    PSI being everyone's), then one that would pass it (a kill). Returns the hogs and the
+    time pressure began."""
+    began = time.time()
+    steady = procs.add(hog.spawn(LIMIT * 4 // 5, 8 * MiB, 0.1, hold=600, preexec_fn=cg.preexec(),
+                                 stdout=subprocess.DEVNULL))
+    daemon.wait_record(lambda r: r.get("action") == "shrink_cache" and r.get("database") == name, 90,
+                       f"{name}'s work_mem shrunk")
+    big = procs.add(hog.spawn(2 * LIMIT, 10 * MiB, 0.1, hold=600, preexec_fn=cg.preexec(),
+                              stdout=subprocess.DEVNULL))
+    assert wait_until(lambda: big.poll() is not None, 60), f"the hog in {name} was never killed: {daemon.audit()[-5:]}"
+    return [steady, big], began
+
+
+def settle(daemon: DbguardRun, hogs: list, scope: str) -> None:
+    """The hogs gone, and the scope back at ok (its caches may grow back meanwhile)."""
+    for h in hogs:
+        if h.poll() is None:
+            h.kill()
+            h.wait(10)
+    def at_ok() -> bool:
+        changes = [r for r in daemon.audit() if r.get("action") == "level_change" and r.get("scope") == scope]
+        return bool(changes) and changes[-1]["result"].endswith("-> ok")
+    daemon.wait_for(at_ok, 90, f"{scope} back at ok")
+
+
+def test_two_pods_each_answered_in_its_own_scope(tmp_path, make_cgroup, procs, postgresql_host):
+    cg_a, cg_b = make_cgroup(LIMIT), make_cgroup(LIMIT)
+    pods: list[PodPostgres] = []
+    daemon = None
+    try:
+        for cg in (cg_a, cg_b):
+            pods.append(PodPostgres(cg).__enter__())
+        a, b = pods
+        for pod in pods:
+            pod.psql(f"ALTER SYSTEM SET work_mem = '{WORK_MEM}'")
+            pod.psql("SELECT pg_reload_conf()")
+            assert wait_until(lambda pod=pod: work_mem(pod) == WORK_MEM, 10)
+        servers = (a.host_pid, b.host_pid)
+        cfg = base_config(tmp_path)
+        cfg["general"].update(interval=0.2, discover=False)
+        cfg["databases"] = [
+            {"kind": "postgresql", "name": "pod-a", "dsn": a.dsn, "namespace_of": str(cg_a.path)},
+            {"kind": "postgresql", "name": "pod-b", "dsn": b.dsn, "namespace_of": str(cg_b.path)}]
+        daemon = DbguardRun(tmp_path, cfg)
+        daemon.wait_protecting(settle=2)
+        start = next(r for r in daemon.audit() if r.get("action") == "start")
+        assert "watching 2 scopes: " in start["reason"], start
+        assert f"{cg_a.path} (" in start["reason"] and f"{cg_b.path} (" in start["reason"], start
+        scope_a, scope_b = str(cg_a.path), str(cg_b.path)
+
+        # 1. Pressure in A only.
+        hogs_a, began_a = press(daemon, cg_a, procs, "pod-a")
+        assert work_mem(b) == WORK_MEM, "B's work_mem is as the DBA set it"
+        assert work_mem(a) != WORK_MEM, "A's work_mem was shrunk"
+        settle(daemon, hogs_a, scope_a)
+        phase_a = [r for r in daemon.audit() if float(r.get("ts", 0)) >= began_a]
+
+        # 2. Pressure in B only.
+        hogs_b, began_b = press(daemon, cg_b, procs, "pod-b")
+        assert work_mem(b) != WORK_MEM, "B's work_mem was shrunk"
+        settle(daemon, hogs_b, scope_b)
+        phase_b = [r for r in daemon.audit() if float(r.get("ts", 0)) >= began_b]
+        phase_a = [r for r in phase_a if float(r["ts"]) < began_b]
+
+        assert all(answers(pod) for pod in pods), "both servers answer"
+        assert (a.host_pid, b.host_pid) == servers, "the same servers"
+        assert daemon.running(), daemon.tail(5)
+        oom_kills = (cg_a.oom_kills(), cg_b.oom_kills())
+    finally:
+        if daemon is not None:
+            with contextlib.suppress(DbguardError):
+                daemon.stop()
+        for pod in pods:
+            pod.destroy()
+
+    for phase, pressed, hogs, db, other, other_db in ((phase_a, scope_a, hogs_a, "pod-a", scope_b, "pod-b"),
+                                                      (phase_b, scope_b, hogs_b, "pod-b", scope_a, "pod-a")):
+        text = "\n".join(str(r) for r in phase)
+        print(f"\npressure in {db}:")
+        for r in phase:
+            if r.get("action") in ANSWERS:
+                print(f"  {r.get('scope', '-')[-24:]:<24} {r['action']} path={r.get('path')} {r.get('target')}: "
+                      f"{r.get('result')}")
+        kills = [r for r in phase if r.get("action") == "kill" and r.get("ok", True)
+                 and any(audit_names(r, h.pid) for h in hogs)]
+        assert kills, f"no kill of {db}'s hogs\n{text}"
+        assert all(r.get("path") in ("user", "bpf") and r.get("scope") == pressed for r in kills), text
+        shrinks = [r for r in phase if r.get("action") == "shrink_cache"]
+        assert shrinks and all(r["database"] == db and r["scope"] == pressed and r["ok"] for r in shrinks), text
+        # The other scope, at rest: not one answer there. Its caches may grow back only after
+        # its own pressure (phase 2: A's work_mem returning is A's own answer, in A's scope).
+        touched = [r for r in phase if r.get("action") in ANSWERS and r.get("action") != "grow_cache"
+                   and (r.get("scope") == other or r.get("database") == other_db)]
+        assert touched == [], f"{other_db} was answered for {db}'s pressure\n{text}"
+    assert oom_kills == (0, 0), f"the kernel OOM killer struck: {oom_kills}"
