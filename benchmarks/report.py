@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from . import scenario_cache, vm_oomd
+from . import giveback, scenario_cache, vm_oomd
 from .machine import has_capability, machine_of, machine_text, memory_gib
 from .stats import fmt_spread, markdown_table
 from .tables import (COST_HEADER, FASTHOGS_HEADER, FORK_HEADER, MARIADB_HEADER, PRESSURE_HEADER_FULL,
@@ -376,7 +376,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                       + fmt_spread((c["seconds"] * 1000 for c in child), "{:.0f}", " ms")
                       + " at start, then it exits; the daemon holds the programs and maps by descriptor.", ""]
     lines += vm_oomd.section()
-    lines += scenario_cache.section()
+    lines += scenario_cache.section() + giveback.section()
     lines += ["## Reproduce", "", "```", "sudo make bench                                   # = python -m benchmarks.run",
               "sudo .venv/bin/python -m benchmarks.run --help", "sudo .venv/bin/python -m benchmarks.run --quick",
               "# one scenario only, the others' results kept (here: MariaDB's)",
@@ -384,6 +384,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
               "sudo .venv/bin/python -m benchmarks.bpf.run --write   # BPF per-call cost",
               "sudo .venv/bin/python -m benchmarks.vm_oomd --runs 3     # systemd-oomd, in the cgroup v2 test VM",
               "sudo .venv/bin/python -m benchmarks.scenario_cache --runs 3   # the Redis cache (extra \"cache\")",
+              "sudo .venv/bin/python -m benchmarks.giveback --runs 3   # memcached, PgBouncer steps (extra \"giveback\")",
               "```", ""]
     path.write_text("\n".join(lines))
 

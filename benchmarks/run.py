@@ -39,7 +39,7 @@ RESULTS_MD = HERE / "RESULTS.md"
 CONTENDERS = ("none", "pg-documented", "mariadb-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
 SCENARIO_NAMES = ("moderate-hogs", "parent-limit", "moderate-hogs-mariadb", "fast-hog", "fast-hogs", "runaway",
                   "fork-storm", "sessions", "sessions-mariadb")
-EXTRAS = ("scale", "cost", "cache")
+EXTRAS = ("scale", "cost", "cache", "giveback")
 
 
 def _csv(allowed: tuple[str, ...], what: str):
@@ -59,7 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         epilog="scenarios: " + ", ".join(SCENARIO_NAMES) + "\ncontenders: " + ", ".join(CONTENDERS)
         + "\nextras: scale (one cycle's cost against 100-20,000 processes: at rest, under pressure, full read; 500 backends), "
         "cost (dbguard's own CPU, RSS, startup; idle and with 5,000 extra processes), "
-        "cache (a Redis cache in front of PostgreSQL: benchmarks.scenario_cache)"
+        "cache (a Redis cache in front of PostgreSQL: benchmarks.scenario_cache), giveback (what memcached and "
+        "PgBouncer give back a step: benchmarks.giveback)"
         "\n\nNeeds root, a memory cgroup controller, PostgreSQL 15, "
         "MariaDB 10.11 and earlyoom (make setup). Ctrl-C stops and cleans up.")
     ap.add_argument("-s", "--scenarios", type=_csv(SCENARIO_NAMES, "scenario"), default=list(SCENARIO_NAMES),
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             data["cost"] = cost.run(quick=a.quick, log=lambda m: say("  " + m, always=True))
             data.setdefault("provenance", {})["cost"] = _provenance(data, round(time.time() - t_x))
             _save(data)
-        for name, module in (("cache", "scenario_cache"),):
+        for name, module in (("cache", "scenario_cache"), ("giveback", "giveback")):
             if name in a.extras:       # each keeps its own record (its *-results.json); RESULTS.md shows it
                 say(f"{name}: python -m benchmarks.{module}", always=True)
                 runs = ["--runs", "1" if a.quick else "3"]
