@@ -14,6 +14,13 @@ attributed to:
           (dbguard's in-kernel kill);
 its latency is the delivery's time minus the start of the target's failing streak.
 
+Tracer(sig=2) times SIGINT instead, PostgreSQL's cancel: `user` is pg_cancel_backend (kill() by
+dbguard's own backend), `bpf` dbguard's in-kernel cancel; every delivery counts (a backend's
+statements can be cancelled one after another). A SIGINT does not end the allocation that is
+waiting (a SIGKILL does): it is delivered once a reclaim freed something and the allocation got
+its memory, which ends the streak, so it is timed against the streak going on or one that
+ended within the last second.
+
     python -m benchmarks.reclaim_latency -- CMD ...   # trace while CMD runs, print a summary
 """
 from __future__ import annotations
@@ -30,6 +37,7 @@ PROGRAM = r"""
 struct sent { u64 ts; u32 sender; s32 code; };
 struct kill_ev { u64 ts; u64 first; u64 sent_ts; u32 target; u32 sender; u32 kind; u32 pad; };
 BPF_HASH(first_fail, u32, u64, 65536);
+BPF_HASH(last_first, u32, u64, 65536);   /* the start of the last streak that ended (SIGINT) */
 BPF_HASH(sent, u32, struct sent, 4096);
 BPF_HASH(delivered, u32, u64, 4096);
 BPF_PERF_OUTPUT(kills);
@@ -38,6 +46,13 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_end)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     if (args->nr_reclaimed) {
+#if SIG != 9
+        u64 *f = first_fail.lookup(&tgid);
+        if (f) {
+            u64 began = *f;
+            last_first.update(&tgid, &began);
+        }
+#endif
         first_fail.delete(&tgid);
         return 0;
     }
@@ -48,7 +63,7 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_end)
 
 TRACEPOINT_PROBE(signal, signal_generate)
 {
-    if (args->sig != 9)
+    if (args->sig != SIG)
         return 0;
     u32 target = args->pid;
     struct sent s = {.ts = bpf_ktime_get_ns(), .sender = bpf_get_current_pid_tgid() >> 32, .code = args->code};
@@ -58,15 +73,24 @@ TRACEPOINT_PROBE(signal, signal_generate)
 
 TRACEPOINT_PROBE(signal, signal_deliver)
 {
-    if (args->sig != 9)
+    if (args->sig != SIG)
         return 0;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 now = bpf_ktime_get_ns();
+#if SIG == 9
     if (delivered.lookup(&tgid))
-        return 0;
+        return 0;               /* one SIGKILL per process: its other threads see it too */
     delivered.update(&tgid, &now);
+#endif
     struct kill_ev ev = {.ts = now, .target = tgid};
     u64 *f = first_fail.lookup(&tgid);
+#if SIG != 9
+    if (!f) {       /* a streak that ended within the last second, not an older one */
+        f = last_first.lookup(&tgid);
+        if (f && now - *f > 1000000000)
+            f = 0;
+    }
+#endif
     ev.first = f ? *f : 0;
     struct sent *s = sent.lookup(&tgid);
     ev.kind = 3;                       /* not seen sent */
@@ -76,6 +100,7 @@ TRACEPOINT_PROBE(signal, signal_deliver)
         ev.kind = s->code == 0x80 /* SI_KERNEL */ ? 1 : 0;
     }
     kills.perf_submit(args, &ev, sizeof(ev));
+    sent.delete(&tgid);
     return 0;
 }
 """
@@ -109,11 +134,11 @@ class Latencies:
     def ms(self) -> dict[str, list[float]]:
         return {p: [k.ms for k in self.kills if k.path == p and k.ms is not None] for p in (*PATHS.values(), "kernel")}
 
-    def summary(self) -> dict:
+    def summary(self, noun: str = "kills") -> dict:
         out = {}
         for path, xs in self.ms.items():
             xs = sorted(xs)
-            out[path] = {"kills": sum(k.path == path for k in self.kills),
+            out[path] = {noun: sum(k.path == path for k in self.kills),
                          "without_failing_reclaim": sum(k.path == path and k.ms is None for k in self.kills),
                          "median_ms": statistics.median(xs) if xs else None,
                          "p99_ms": xs[min(len(xs) - 1, int(round(0.99 * (len(xs) - 1))))] if xs else None}
@@ -123,8 +148,9 @@ class Latencies:
 class Tracer:
     """with Tracer() as t: ...; t.latencies.summary()"""
 
-    def __init__(self, pids: set[int] | None = None):
+    def __init__(self, pids: set[int] | None = None, sig: int = 9):
         self.latencies = Latencies()
+        self._sig = sig
         self._pids = pids          # only kills of these targets, when given
         self._halt = threading.Event()
 
@@ -133,7 +159,7 @@ class Tracer:
 
         from lab.watch import Kmsg
         self._kmsg = Kmsg()
-        self._b = BPF(text=PROGRAM)
+        self._b = BPF(text=f"#define SIG {int(self._sig)}\n" + PROGRAM)
         self._b[b"kills"].open_perf_buffer(self._on)
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()

@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from . import giveback, scenario_cache, vm_oomd
+from . import cancel_latency, giveback, scenario_cache, vm_oomd
 from .machine import has_capability, machine_of, machine_text, memory_gib
 from .stats import fmt_spread, markdown_table
 from .tables import (COST_HEADER, FASTHOGS_HEADER, FORK_HEADER, MARIADB_HEADER, PRESSURE_HEADER_FULL,
@@ -375,6 +375,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                       + fmt_spread((c["peak_mib"] for c in child), "{:.0f}", " MiB") + " for "
                       + fmt_spread((c["seconds"] * 1000 for c in child), "{:.0f}", " ms")
                       + " at start, then it exits; the daemon holds the programs and maps by descriptor.", ""]
+    lines += cancel_latency.section()
     lines += vm_oomd.section()
     lines += scenario_cache.section() + giveback.section()
     lines += ["## Reproduce", "", "```", "sudo make bench                                   # = python -m benchmarks.run",
@@ -385,6 +386,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
               "sudo .venv/bin/python -m benchmarks.vm_oomd --runs 3     # systemd-oomd, in the cgroup v2 test VM",
               "sudo .venv/bin/python -m benchmarks.scenario_cache --runs 3   # the Redis cache (extra \"cache\")",
               "sudo .venv/bin/python -m benchmarks.giveback --runs 3   # memcached, PgBouncer steps (extra \"giveback\")",
+              "sudo .venv/bin/python -m benchmarks.cancel_latency --runs 3   # the cancel: kernel vs user space",
               "```", ""]
     path.write_text("\n".join(lines))
 
