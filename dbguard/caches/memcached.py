@@ -6,8 +6,8 @@ cache has no free page to move there (measured with 1.6.18: RSS stayed at 236 Mi
 256 -> 64 MiB and 5,000 evictions). So after lowering the limit dbguard moves pages there
 itself, `slabs reassign -1 0` (a page of any class: its items are rescued into free chunks
 or evicted), until the slab memory held (`total_malloced`) is down to the limit; each page
-is then handed back to the kernel (measured: 192 pages in 0.26 s, RSS 262 -> 69 MiB;
-tests/integration/test_memcached.py). This needs slab_reassign (on by default since 1.5);
+is then handed back to the kernel (its RSS falls: tests/integration/test_memcached.py;
+figures per step: benchmarks.giveback). This needs slab_reassign (on by default since 1.5);
 a server started with `-o no_slab_reassign` cannot hand memory back and is left alone, as is
 one started with -M (no evictions: a lower limit would make sets fail). Both are said so and
 are not shielded for a memory they cannot give.
