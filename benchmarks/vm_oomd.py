@@ -1,6 +1,7 @@
 """systemd-oomd as a contender, on the cgroup v2 test VM (lab/vm.py).
 
     python -m benchmarks.vm_oomd --runs 3      # as root, on the host: boots the VM, prints the table
+    python -m benchmarks.vm_oomd --runs 1 --add    # one more round, added to the recorded runs
 
 The moderate-hogs scenario (lab.scenario.run_pg_scenario: PostgreSQL with pgbench -S and six
 150 MB hogs), laid out as on a systemd host: a slice with MemoryMax= holding the database's
@@ -97,9 +98,9 @@ def section(path: Path = RECORD) -> list[str]:
         return []
     text = table(data["runs"])
     return [HEADING, "",
-            f"Recorded {data['recorded']}, git {data.get('git', '?')}, `sudo .venv/bin/python -m benchmarks.vm_oomd "
-            f"--runs {data['runs_per_contender']} --duration {data.get('duration', 30)}` ({data['vm_seconds']} s in "
-            "the VM, contenders interleaved). "
+            f"Recorded {data['recorded']}, git {data.get('git', '?')}, "
+            f"{data.get('command') or _command(data['runs_per_contender'], data.get('duration', 30))} "
+            f"({data['runs_per_contender']} runs per contender, {data['vm_seconds']} s in the VM, contenders interleaved). "
             "The moderate-hogs scenario (PostgreSQL, pgbench -S -c 8, six 150 MB hogs) on Debian 12's kernel "
             "6.1 with systemd 252 on the unified hierarchy: a slice with MemoryMax=1000M holds the database's "
             "unit and the hogs' unit. systemd-oomd is configured as its documentation advises "
@@ -110,6 +111,10 @@ def section(path: Path = RECORD) -> list[str]:
             "comparable with the tables above; who survived and who was killed are. pgbench ran "
             f"{data.get('duration', 30)} s (the host's runs: 30 s) so that the hogs reach the limit under emulation.",
             "", "```", text, "```", "", *notes(data["runs"]), ""]
+
+
+def _command(runs: int, duration: int, add: bool = False) -> str:
+    return f"`sudo .venv/bin/python -m benchmarks.vm_oomd --runs {runs} --duration {duration}{' --add' if add else ''}`"
 
 
 def notes(runs: list[dict]) -> list[str]:
@@ -146,10 +151,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=float, default=8.0)
     ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, default=RECORD)
+    ap.add_argument("--add", action="store_true", help="add the runs to those recorded in --out (same --duration)")
     a = ap.parse_args(argv)
     if a.guest:
         guest(a.runs, a.out, a.duration, a.warmup)
         return 0
+    before = {"runs": [], "runs_per_contender": 0, "vm_seconds": 0}
+    if a.add:
+        try:
+            before = json.loads(a.out.read_text())
+        except (OSError, ValueError) as e:
+            print(f"vm_oomd: --add: no record to add to in {a.out} ({e}); run without --add first", file=sys.stderr)
+            return 1
+        if before.get("duration") != a.duration:
+            print(f"vm_oomd: --add: the recorded runs used --duration {before.get('duration')}; "
+                  f"add runs with the same", file=sys.stderr)
+            return 1
     from dbguard.errors import DbguardError
     from lab.vm import Vm
     try:
@@ -166,9 +183,15 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     results = json.loads(res.read_text())
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    a.out.write_text(json.dumps({"recorded": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "git": git,
-                                 "runs_per_contender": a.runs, "duration": a.duration,
-                                 "vm_seconds": round(run.seconds),
+    now = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    command = _command(a.runs, a.duration, a.add)
+    if a.add:
+        now, git = f"{before['recorded']} and {now}", f"{before.get('git', '?')} and {git}"
+        command = f"{before.get('command') or _command(before['runs_per_contender'], a.duration)} then {command}"
+    results = before["runs"] + results
+    a.out.write_text(json.dumps({"recorded": now, "git": git, "command": command,
+                                 "runs_per_contender": before["runs_per_contender"] + a.runs, "duration": a.duration,
+                                 "vm_seconds": before["vm_seconds"] + round(run.seconds),
                                  "runs": results}, indent=1) + "\n")
     print(table(results))
     if a.out == RECORD:
