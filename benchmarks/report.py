@@ -50,7 +50,7 @@ def _latency_rows(groups: dict, s: str) -> list[list[str]]:
     import statistics
     rows = []
     for c in contenders_in(groups, s):
-        for path in ("bpf", "user", "kernel"):
+        for path in ("unseen", "kernel", "bpf"):
             ms = sorted(x for r in ok_runs(groups[(s, c)]) for x in (r.get("reclaim_to_kill_ms") or {}).get(path, []))
             none = sum((r.get("reclaim_to_kill") or {}).get(path, {}).get("without_failing_reclaim", 0)
                        for r in ok_runs(groups[(s, c)]))
@@ -301,12 +301,18 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                                       "median", "p99", "kills without a failing reclaim"], _latency_rows(groups, s)),
                       "", "Measured by benchmarks/reclaim_latency.py, a tracer of its own (not dbguard's "
                       "programs): per killed process, from the start of its last streak of reclaims that freed "
-                      "nothing to the delivery of its SIGKILL; path kernel = the kernel OOM killer (its own log "
-                      "names the victim), user = a process's kill (SI_USER: dbguard's pidfd kill, earlyoom), "
-                      "bpf = dbguard's in-kernel kill (SI_KERNEL, not the OOM killer's). Rounds: one cluster "
-                      "and data set per contender, hogs started together again once the last round's were "
-                      "killed or held their memory (then ended); a round with a kernel OOM kill counts the "
-                      "cgroup's oom_kill counter and the kernel log.", ""]
+                      "nothing to the delivery of its SIGKILL. Paths as that tracer recorded them: unseen = "
+                      "no signal_generate was seen for the SIGKILL, which is how dbguard's in-kernel kill shows "
+                      "(bpf_send_signal / bpf_send_signal_task; the 2-3 such kills in runs without dbguard-bpf "
+                      "had no failing-reclaim streak before them); kernel = "
+                      "the kernel's OOM killer, named in the kernel log; bpf = an SI_KERNEL SIGKILL the kernel "
+                      "log did not name (kernel OOM kills whose log lines the tracer missed: they occur only "
+                      "where the cgroup counted kernel OOM kills, never with dbguard-bpf). Kills by user space "
+                      "are left out here: that path also holds the harness's own SIGKILL of each round's "
+                      "survivors; the guard's kills are counted from its audit above. Rounds: one cluster and "
+                      "data set per contender, hogs started together again once the last round's were killed "
+                      "or held their memory; a round with a kernel OOM kill counts the cgroup's oom_kill "
+                      "counter and the kernel log.", ""]
         tps = []
         for c in contenders_in(groups, s) if s != "fast-hogs" else ():    # rounds, not a timed load
             runs = ok_runs(groups[(s, c)])

@@ -1,7 +1,8 @@
 """dbguard against the kernel default, the databases' documented setups and earlyoom, side by side.
 
-    sudo .venv/bin/python -m benchmarks.run                 # everything (make bench): ~44 min (measured:
-                                                            # 31 min, then 13 for moderate-hogs-mariadb)
+    sudo .venv/bin/python -m benchmarks.run                 # everything (make bench): ~58 min (measured:
+                                                            # 31 min, then 13 for moderate-hogs-mariadb;
+                                                            # fast-hogs 279 s a repeat, estimated 14 min)
     sudo .venv/bin/python -m benchmarks.run --quick         # one round, shorter loads, ~16 min (estimated)
     sudo .venv/bin/python -m benchmarks.run --scenarios runaway --contenders none,dbguard-user -r 5
     sudo .venv/bin/python -m benchmarks.run -s moderate-hogs-mariadb -x '' --merge   # 13 min; others kept
