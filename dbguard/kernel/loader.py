@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,11 +29,45 @@ TIMEOUT_S = 120.0       # a compile on a loaded 2-core host takes ~1-2 s
 
 class LoadFailed(Exception):
     """The child could not compile, load or attach (stage "compile": the message is the
-    compiler's first error) or read the running kernel's layout (stage "btf")."""
+    compiler's first error, or the verifier's decisive line) or read the running kernel's
+    layout (stage "btf")."""
 
     def __init__(self, message: str, stage: str):
         super().__init__(message)
         self.stage = stage
+
+
+_PROCESSED = re.compile(r"^processed \d+ insns")      # the verifier's last line, its summary
+_INSN = re.compile(r"^\d+: \(")                       # an instruction the verifier walked ("12: (85) call ...")
+_PROGRAM = re.compile(r"Failed to load BPF program b?'([^']+)'")
+
+
+def _verifier_error(text: str, program: str = "") -> str | None:
+    """One line from a verifier rejection that BCC printed (its log then "processed N insns ..."):
+    the program, the verifier's decisive line(s) just above the summary, the instruction they are
+    about, BCC's first hint and the summary; None when `text` holds no verifier log."""
+    lines = [ln.rstrip() for ln in text.splitlines()]
+    ends = [i for i, ln in enumerate(lines) if _PROCESSED.match(ln)]
+    if not ends:
+        return None
+    end = ends[-1]
+    decisive: list[str] = []
+    insn = ""
+    for ln in reversed(lines[:end]):
+        if not ln.strip() or ln.startswith("bpf: Failed to load program"):
+            break
+        if _INSN.match(ln):
+            insn = re.sub(r"\s+;.*$", "", ln).strip()     # without the register states after ';'
+            break
+        if len(decisive) == 3:
+            break
+        decisive.insert(0, ln.strip())
+    hint = next((ln.strip() for ln in lines[end + 1:] if ln.startswith("HINT:")), "")
+    m = _PROGRAM.search(program)
+    parts = [f"{m.group(1)}: " if m else "", " ".join(decisive) or "rejected by the verifier",
+             f" (at {' '.join(insn.split())})" if insn else "", f"; {hint}" if hint else "",
+             f"; {lines[end].strip()}"]
+    return "".join(parts)
 
 
 def _first_error(text: str) -> str:
@@ -125,8 +160,8 @@ class Loading:
 
     def result(self) -> tuple[str, dict, list[int]]:
         """(the C as compiled, description, descriptors now owned by the caller). Raises
-        LoadFailed with the compiler's first error (stage "compile") or why the running
-        kernel's layout could not be read (stage "btf")."""
+        LoadFailed with the compiler's first error or the verifier's decisive line (stage
+        "compile") or why the running kernel's layout could not be read (stage "btf")."""
         proc = self._proc
         try:
             try:
@@ -150,7 +185,9 @@ class Loading:
             for fd in fds:
                 os.close(fd)
             stage = desc.get("stage", "compile")
-            detail = (desc.get("error") if stage == "btf" else None) or _first_error(err.decode(errors="replace")) \
+            text = err.decode(errors="replace")
+            detail = (desc.get("error") if stage == "btf" else None) \
+                or _verifier_error(text, desc.get("error") or "") or _first_error(text) \
                 or desc.get("error") or f"the loader exited with status {proc.returncode}"
             raise LoadFailed(detail, stage)
         return desc.pop("source"), desc, fds
