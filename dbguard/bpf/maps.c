@@ -109,9 +109,25 @@ static __always_inline u64 dbg_ancestor_id(u64 cgrp, u32 level)
     return anc ? dbg_ptr(dbg_ptr(anc, DBG_OFF_CGROUP_KN), DBG_OFF_KN_ID) : 0;
 }
 
+/* Whether the cgroup's ancestor at `level` (a constant) is in the scopes map; -1 when the cgroup
+ * lies above that level (no deeper scope can hold it). */
+static __always_inline int dbg_scope_hit(u64 cgrp, u32 depth, u32 level)
+{
+    if (level > depth)
+        return -1;
+    u64 id = dbg_ancestor_id(cgrp, level);
+    return id && scopes.lookup(&id);
+}
+
 /* Whether the task's memory cgroup is the scope cgroup or below it: one read of its
  * ancestor at the scope's depth (struct cgroup keeps ancestors[] by level). With a set of
- * scopes, each of its ancestors is looked up in the scopes map. */
+ * scopes, each of its ancestors is looked up in the scopes map, level by level written out:
+ * a loop over them, which older clang (LLVM 14, Debian bookworm) does not unroll, becomes a
+ * countdown on the cgroup's depth whose bound Linux 6.1's verifier loses ("The sequence of
+ * 8193 jumps is too complex"). */
+#define DBG_SCOPE_AT(l) do { int hit = dbg_scope_hit(cgrp, depth, l); if (hit) return hit > 0; } while (0)
+_Static_assert(DBG_SCOPE_DEPTH == 16, "dbg_in_scope looks at levels 1 .. 15");
+
 static __always_inline int dbg_in_scope(struct dbg_policy *pol, u64 task)
 {
     if (pol->scope == DBG_SCOPE_ALL)
@@ -125,14 +141,9 @@ static __always_inline int dbg_in_scope(struct dbg_policy *pol, u64 task)
         return 0;
     u32 depth = dbg_u32(cgrp, DBG_OFF_CGROUP_LEVEL);
     if (pol->scope == DBG_SCOPE_SET) {
-#pragma unroll
-        for (u32 level = 1; level < DBG_SCOPE_DEPTH; level++) {
-            if (level > depth)
-                return 0;
-            u64 id = dbg_ancestor_id(cgrp, level);
-            if (id && scopes.lookup(&id))
-                return 1;
-        }
+        DBG_SCOPE_AT(1); DBG_SCOPE_AT(2); DBG_SCOPE_AT(3); DBG_SCOPE_AT(4); DBG_SCOPE_AT(5);
+        DBG_SCOPE_AT(6); DBG_SCOPE_AT(7); DBG_SCOPE_AT(8); DBG_SCOPE_AT(9); DBG_SCOPE_AT(10);
+        DBG_SCOPE_AT(11); DBG_SCOPE_AT(12); DBG_SCOPE_AT(13); DBG_SCOPE_AT(14); DBG_SCOPE_AT(15);
         return 0;
     }
     if (depth < pol->scope_level)
