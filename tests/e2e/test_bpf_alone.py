@@ -255,6 +255,22 @@ def test_an_entry_with_the_right_start_time_shields(bpf, procs):
         assert of(events, "breach", h.pid), "a shielded victim of the kernel is a breach"
 
 
+def test_births_in_each_scope_of_a_set_are_reported_and_in_no_other_cgroup(bpf, procs):
+    """The scope set's ancestor lookups (dbg_in_scope) without memory pressure: a birth in either
+    scope of a set is the kernel's to report, one in a third cgroup is not."""
+    with MemoryCgroup(512 * MiB) as a, MemoryCgroup(512 * MiB) as b, MemoryCgroup(512 * MiB) as other:
+        arm(bpf, a, b, births=True)
+        assert bpf._policy.scope == layout.SCOPE_SET
+        started = {cg: procs.start([PY, "-c", "import sys; sys.stdin.readline()"], stdin=subprocess.PIPE,
+                                   preexec_fn=cg.preexec()) for cg in (a, b, other)}
+        import time
+        births, deadline = set(), time.monotonic() + WAIT
+        while time.monotonic() < deadline and not {started[a].pid, started[b].pid} <= births:
+            births |= {e.pid for e in bpf.poll(100) if e.kind == "birth"}
+        births |= {e.pid for e in bpf.poll(200) if e.kind == "birth"}
+        assert started[a].pid in births and started[b].pid in births, births
+        assert started[other].pid not in births, births
+
 def test_births_in_the_scope_are_reported(bpf, procs):
     with MemoryCgroup(512 * MiB) as cg:
         arm(bpf, cg, births=True)
