@@ -32,6 +32,9 @@ GUEST_DESELECT = [
     # v1-only by nature: cgroup v2 has no usage thresholds.
     "tests/e2e/test_pressure.py::test_usage_threshold_wakes_wait",
     "tests/e2e/test_pressure.py::test_usage_threshold_already_crossed_when_set_wakes_wait",
+    # Needs the bpf_send_signal_task kfunc (Linux 6.13): the guest's 6.1 loads the fallback
+    # without the kill for another task, so the test cannot hold there.
+    "tests/e2e/test_bpf.py::test_a_shielded_allocator_stuck_in_reclaim_gets_the_listed_victim_killed",
     # A product gap the guest's slow exits expose, not the test's shape (docs/testing-vm.md, "Not yet"):
     # the kernel OOM killer chose the protected process while the BPF-killed hog was still exiting
     # (1 of 4 VM runs; memory.events oom_kill 1, the BPF breach counter 1).
