@@ -301,8 +301,8 @@ def test_a_shielded_allocator_stuck_in_reclaim_gets_the_listed_victim_killed(bpf
     of a kill it did not send. tests/e2e/test_fast_hogs.py asserts the outcome next to a real
     database."""
     if "#define DBG_HAVE_SIGNAL_TASK 1" not in bpf.source:
-        pytest.skip("the kill for another task needs bpf_send_signal_task (Linux 6.13); "
-                    "this kernel got the fallback (test_kfunc_ids_agree_with_bpftool)")
+        pytest.fail("the kill for another task needs bpf_send_signal_task (Linux 6.13); "
+                    "this kernel got the fallback (test_kfunc_ids_agree_with_bpftool)", pytrace=False)
     with MemoryCgroup(200 * MiB) as cg:
         idle = start_hog(procs, cg, total=100 * MiB, gate=False)
         wait_holding(idle, "the idle candidate")
@@ -461,6 +461,16 @@ def test_without_bcc_the_reason_and_fix_are_one_line():
     assert lines[1].startswith("ERR BPF unavailable") and "enabled = false" in lines[1] and len(lines) == 2
 
 
+def _load_from(bpf_dir):
+    """BpfGuard.load() in a fresh interpreter from the C in `bpf_dir`: (the run, its stdout lines)."""
+    code = ("from dbguard.kernel.bpf import BpfGuard\n"
+            "from dbguard.errors import DbguardError\n"
+            "try:\n    BpfGuard.load()\nexcept DbguardError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, DBGUARD_BPF_DIR=str(bpf_dir)))
+    return out, out.stdout.splitlines()
+
+
 def test_a_compile_error_in_the_loader_child_is_one_line(tmp_path):
     """The C is compiled in a child (dbguard.kernel.loader): its compiler error comes back as
     the daemon's one-line error, no traceback."""
@@ -469,12 +479,7 @@ def test_a_compile_error_in_the_loader_child_is_one_line(tmp_path):
     shutil.copytree(layout.BPF_DIR, broken)
     with open(broken / "oom.c", "a") as f:
         f.write("\nthis is not C;\n")
-    code = ("from dbguard.kernel.bpf import BpfGuard\n"
-            "from dbguard.errors import DbguardError\n"
-            "try:\n    BpfGuard.load()\nexcept DbguardError as e:\n    print('ERR', e)\n")
-    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, DBGUARD_BPF_DIR=str(broken)))
-    lines = out.stdout.splitlines()
+    out, lines = _load_from(broken)
     assert len(lines) == 1 and lines[0].startswith("ERR BPF programs failed to load: "), out
     assert "error" in lines[0] and "enabled = false" in lines[0]
     assert "Traceback" not in out.stderr
@@ -490,12 +495,7 @@ def test_a_verifier_rejection_in_the_loader_child_keeps_the_decisive_line(tmp_pa
     src = (broken / "oom.c").read_text()
     bad = "TRACEPOINT_PROBE(oom, mark_victim)\n{\n    ((int (*)(int))0x0DBCFFFF)(1);\n"
     (broken / "oom.c").write_text(src.replace("TRACEPOINT_PROBE(oom, mark_victim)\n{\n", bad, 1))
-    code = ("from dbguard.kernel.bpf import BpfGuard\n"
-            "from dbguard.errors import DbguardError\n"
-            "try:\n    BpfGuard.load()\nexcept DbguardError as e:\n    print('ERR', e)\n")
-    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, DBGUARD_BPF_DIR=str(broken)))
-    lines = out.stdout.splitlines()
+    out, lines = _load_from(broken)
     assert len(lines) == 1 and lines[0].startswith("ERR BPF programs failed to load: "), out
     assert "tracepoint__oom__mark_victim: " in lines[0] and "func" in lines[0] and "call" in lines[0], lines[0]
     assert "processed " in lines[0] and "Traceback" not in out.stderr
