@@ -111,7 +111,9 @@ class BufferPool:
         return Pool(size=size, configured=configured, floor=self.cfg.buffer_pool_floor, steps=self.cfg.shrink_steps,
                     resize_in_progress=self.resizing(server_status), self_shrunk_ago=ago,
                     auto_shrink_min=self._auto_shrink_min(configured),
-                    cap_steps=int(any(x > self.cfg.session_memory_cap for x in original.values())),
+                    # shrink_steps = 0 is the DBA's "leave this server's settings alone": no cap either
+                    cap_steps=int(bool(self.cfg.shrink_steps)
+                                  and any(x > self.cfg.session_memory_cap for x in original.values())),
                     cap_step=int(any(caps[c] < original[c] for c in caps)))
 
     def caps(self, live: dict[str, str]) -> tuple[str, ...]:
