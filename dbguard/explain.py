@@ -42,11 +42,12 @@ TOP_SESSIONS = 5
 
 def _cache_line(c) -> str:
     what = "pooler" if c.pooler else "cache"
+    pid = f"server pid {c.server_pid}" if c.server_pid else "server pid not found"
     if not c.up:
-        return f"{what} {c.name} ({c.kind}): DOWN ({c.error}); server pid {c.server_pid}"
+        return f"{what} {c.name} ({c.kind}): DOWN ({c.error})" + (f"; {pid}" if c.server_pid else "")
     size = (lambda n: f"{n} connection(s)") if c.unit == "connections" else _mib
     used = "in use" if c.pooler else "used"
-    line = (f"{what} {c.name} ({c.kind}): up; server pid {c.server_pid}; {used} {size(c.memory)}, limit "
+    line = (f"{what} {c.name} ({c.kind}): up; {pid}; {used} {size(c.memory)}, limit "
             f"{size(c.limit)} (configured {size(c.configured)}); shrink step {c.shrink_step}/{c.shrink_steps_max}")
     if not c.pooler:
         hits = "-" if c.hit_ratio is None else f"{c.hit_ratio:.3f}"

@@ -139,7 +139,7 @@ _DB_HELP = {
 
 _CACHE_HELP = {
     "cache_up": "1 when the application cache ([[caches]]) answered this cycle.",
-    "cache_used_bytes": "Memory the cache holds in items: Redis used_memory, memcached bytes.",
+    "cache_used_bytes": "Memory the cache holds: Redis used_memory, memcached total_malloced (its slab pages).",
     "cache_limit_bytes": "Its memory limit now: Redis maxmemory, memcached limit_maxbytes.",
     "cache_configured_limit_bytes": "The limit its owner configured (what dbguard puts back).",
     "cache_shrink_step": "0: the cache's limit as configured; higher: lowered by dbguard.",

@@ -293,3 +293,12 @@ def test_pgbouncer_next_step_waits_for_the_last_and_for_clients_near_their_timeo
     assert held({**config, "query_wait_timeout": "0"}, [pool(sv_active=4, maxwait=300)], {"app": 4}) == ""
     # the console's own pool and a database with no pool size of its own are not counted
     assert held(config, [{"database": "pgbouncer", "sv_active": 9}], {"pgbouncer": 2}) == ""
+
+
+def test_explain_names_a_cache_down_without_a_pid_it_does_not_know():
+    from dbguard.explain import _cache_line
+    down = CacheStats(name="app", kind="redis", up=False, error="redis app: connection refused; check url")
+    assert _cache_line(down) == "cache app (redis): DOWN (redis app: connection refused; check url)"
+    up = cache(1, pid=None)
+    assert "server pid not found;" in _cache_line(up) and "None" not in _cache_line(up)
+    assert "up; server pid 600; used 0 MiB" in _cache_line(cache(1))
