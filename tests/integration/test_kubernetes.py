@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dbguard import config
+from dbguard import config, units
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "integrations" / "kubernetes"
@@ -103,7 +103,7 @@ def test_sidecar_shares_the_process_namespace_and_takes_config_and_dsn_from_the_
     d = docs("postgres-sidecar.yaml")
     spec = pod_spec("postgres-sidecar.yaml")
     assert spec["shareProcessNamespace"] is True
-    assert {c["name"] for c in spec["containers"]} == {"postgres", "dbguard"}
+    assert {c["name"] for c in spec["containers"]} == {"postgres", "dbguard", "redis"}
     dbg = container(spec)
     assert dbg["securityContext"]["privileged"] is False
     config_volume = next(v for v in spec["volumes"] if v["name"] == "config")
@@ -118,6 +118,12 @@ def test_sidecar_shares_the_process_namespace_and_takes_config_and_dsn_from_the_
     assert "password" not in cfg.databases[0].dsn
     assert [(c.kind, c.url) for c in cfg.caches] == [("redis", "redis://127.0.0.1:6379")], \
         "the sidecar example shows the application's cache next to the database"
+    # ... and that cache is in the pod, as the entry describes it: its port, a policy that evicts
+    redis = container(spec, "redis")
+    assert [p["containerPort"] for p in redis["ports"]] == [int(cfg.caches[0].url.rsplit(":", 1)[1])]
+    args = dict(zip(redis["args"][::2], redis["args"][1::2]))
+    assert args["--maxmemory-policy"].startswith("allkeys-"), "a noeviction Redis would be left alone"
+    assert units.parse_size(args["--maxmemory"].replace("mb", "MiB")) > cfg.caches[0].floor
 
 
 @pytest.mark.parametrize("name", ["daemonset.yaml", "postgres-sidecar.yaml"])
