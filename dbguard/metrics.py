@@ -4,8 +4,8 @@ Names and meanings are documented in docs/metrics.md; the alert rules and the Gr
 dashboard in integrations/prometheus/ use only names defined here (a test checks that).
 
 Figures that describe "now" (level, memory, database caches, shielded processes,
-protection status) are kept as one state object replaced under a lock and rendered by a
-custom collector, so a scrape never sees half of one cycle and half of the next, and a
+protection status) are kept as one state object replaced under a lock and rendered from
+it, so a scrape never sees half of one cycle and half of the next, and a
 database or cgroup that went away simply stops being exported.
 """
 from __future__ import annotations
@@ -15,34 +15,14 @@ import platform
 import threading
 from collections import Counter as _Tally
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
-
-from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from prometheus_client.registry import Collector
+from typing import Callable
 
 from . import __version__, validate
 from .escape import shown
 from .errors import DbguardError
+from .exposition import CONTENT_TYPE, Family, render
 from .model import Action, Level, Outcome, Role, Snapshot
 from .serve import HttpServer
-
-
-def _no_created_series() -> None:
-    """`_created` series would double every counter for a timestamp no rule or panel uses."""
-    try:
-        from prometheus_client import disable_created_metrics
-    except ImportError:
-        # prometheus_client < 0.17 (Debian 12 ships 0.16) has no switch but the flag that its
-        # PROMETHEUS_DISABLE_CREATED_SERIES variable sets at import.
-        import prometheus_client.metrics as metrics_module
-        metrics_module._use_created = False     # type: ignore[attr-defined]
-        return
-    disable_created_metrics()
-
-
-_no_created_series()
 
 PREFIX = "dbguard"
 MECHANISMS = ("bpf", "lower_scores", "raise_scores", "kill")
@@ -74,40 +54,33 @@ class _State:
     protection: dict[str, bool] = field(default_factory=dict)
 
 
-class _StateCollector(Collector):
-    def __init__(self, metrics: "Metrics"):
-        self._metrics = metrics
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        st = self._metrics._state_copy()
-        if st.level is not None:
-            yield _gauge("pressure_level", "Pressure level, the highest of the watched scopes: 0 ok, 1 warn, "
-                         "2 high, 3 critical.", st.level)
-            yield _gauge("last_snapshot_timestamp_seconds",
-                         "Unix time of the last complete sense cycle.", st.ts)
-        yield from _families(st.memory, _MEMORY_HELP)
-        yield from _families(st.databases, {**_DB_HELP, **_CACHE_HELP})
-        fam = GaugeMetricFamily(f"{PREFIX}_shielded_processes",
-                                "Processes dbguard never signals and shields from the OOM killer, by role.",
-                                labels=["role"])
-        for role, n in sorted(st.shielded.items()):
-            fam.add_metric([role], n)
-        yield fam
-        fam = GaugeMetricFamily(f"{PREFIX}_protection_active",
-                                "1 when a protection mechanism works here, by mechanism.",
-                                labels=["mechanism"])
-        for mech, on in st.protection.items():
-            fam.add_metric([mech], 1.0 if on else 0.0)
-        yield fam
-        bpf = self._metrics._bpf_copy()
-        if bpf:
-            fam = CounterMetricFamily(f"{PREFIX}_bpf_program_events",
-                                      "What dbguard's BPF programs counted in the kernel, by counter "
-                                      "(map_full, kills, reclaim_failed, births, ...; docs/metrics.md).",
-                                      labels=["counter"])
-            for name, n in sorted(bpf.items()):
-                fam.add_metric([name], n)
-            yield fam
+def _state_families(st: _State, bpf: dict[str, int]) -> list[Family]:
+    """The families that describe "now", from one state object (never half of two cycles)."""
+    out = []
+    if st.level is not None:
+        out.append(_gauge("pressure_level", "Pressure level, the highest of the watched scopes: 0 ok, 1 warn, "
+                          "2 high, 3 critical.", st.level))
+        out.append(_gauge("last_snapshot_timestamp_seconds", "Unix time of the last complete sense cycle.", st.ts))
+    out += _families(st.memory, _MEMORY_HELP)
+    out += _families(st.databases, {**_DB_HELP, **_CACHE_HELP})
+    fam = Family(f"{PREFIX}_shielded_processes",
+                 "Processes dbguard never signals and shields from the OOM killer, by role.", labels=["role"])
+    for role, n in sorted(st.shielded.items()):
+        fam.set(n, role)
+    out.append(fam)
+    fam = Family(f"{PREFIX}_protection_active", "1 when a protection mechanism works here, by mechanism.",
+                 labels=["mechanism"])
+    for mech, on in st.protection.items():
+        fam.set(1.0 if on else 0.0, mech)
+    out.append(fam)
+    if bpf:
+        fam = Family(f"{PREFIX}_bpf_program_events",
+                     "What dbguard's BPF programs counted in the kernel, by counter "
+                     "(map_full, kills, reclaim_failed, births, ...; docs/metrics.md).", "counter", labels=["counter"])
+        for name, n in sorted(bpf.items()):
+            fam.set(n, name)
+        out.append(fam)
+    return out
 
 
 _MEMORY_HELP = {
@@ -180,63 +153,61 @@ def _cache_rows(snap: Snapshot) -> list[tuple[str, dict[str, str], float]]:
     return rows
 
 
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=value)
+def _gauge(name: str, doc: str, value: float) -> Family:
+    return Family(f"{PREFIX}_{name}", doc).set(value)
 
 
-def _families(rows, helps: dict[str, str]) -> Iterator[GaugeMetricFamily]:
-    by_name: dict[str, GaugeMetricFamily] = {}
+def _families(rows, helps: dict[str, str]) -> list[Family]:
+    by_name: dict[str, Family] = {}
     for name, labels, value in rows:
         fam = by_name.get(name)
         if fam is None:
-            fam = by_name[name] = GaugeMetricFamily(f"{PREFIX}_{name}", helps[name], labels=list(labels))
-        fam.add_metric(list(labels.values()), value)
-    yield from by_name.values()
+            fam = by_name[name] = Family(f"{PREFIX}_{name}", helps[name], labels=list(labels))
+        fam.set(value, *labels.values())
+    return list(by_name.values())
 
 
 class Metrics:
     def __init__(self, listen: str, *, healthy: HealthCheck | None = None):
-        self.registry = CollectorRegistry(auto_describe=True)
         self._healthy = healthy
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()      # the families below change in the loop, render in the server
         self._state = _State()
         self._bpf: dict[str, int] = {}
         self._last_roles: tuple[int, dict[int, Role]] | None = None     # (seq, roles) of the last snapshot
         self._roles_tally: _Tally = _Tally()
         self._server: HttpServer | None = None
 
-        r = self.registry
-        Gauge(f"{PREFIX}_build_info", "Always 1; labels say which dbguard runs.",
-              ["version", "python"], registry=r).labels(__version__, platform.python_version()).set(1)
-        self._collector_ok = Gauge(f"{PREFIX}_collector_success",
-                                   "1 when the data source answered in the last cycle.", ["source"], registry=r)
-        self._collector_seconds = Gauge(f"{PREFIX}_collector_duration_seconds",
-                                        "Seconds the data source took in the last cycle.", ["source"], registry=r)
-        self._actions = Counter(f"{PREFIX}_actions", "Actions decided, by kind and outcome (done, dry_run, skipped, gone, refused, failed).",
-                                ["kind", "outcome"], registry=r)
-        self._kernel_events = Counter(f"{PREFIX}_kernel_events",
-                                      "Events seen from the kernel (BPF), by kind.", ["kind"], registry=r)
-        self._oom_kills = Counter(f"{PREFIX}_kernel_oom_kills", "Kernel OOM killer victims seen.", registry=r)
-        self._bpf_kills = Counter(f"{PREFIX}_bpf_kills", "Processes killed in-kernel by the BPF path.", registry=r)
-        self._breaches = Counter(f"{PREFIX}_protection_breaches",
-                                 "A shielded process was hurt anyway (OOM-killed, score changed), by event kind.",
-                                 ["kind"], registry=r)
-        self._audit_errors = Counter(f"{PREFIX}_audit_write_errors",
-                                     "Audit records that could not be written (the record is lost; protection "
-                                     "goes on), by error (ENOSPC, EFBIG, ...).", ["error"], registry=r)
+        build = Family(f"{PREFIX}_build_info", "Always 1; labels say which dbguard runs.", labels=["version", "python"])
+        build.set(1, __version__, platform.python_version())
+        self._collector_ok = Family(f"{PREFIX}_collector_success",
+                                    "1 when the data source answered in the last cycle.", labels=["source"])
+        self._collector_seconds = Family(f"{PREFIX}_collector_duration_seconds",
+                                         "Seconds the data source took in the last cycle.", labels=["source"])
+        self._actions = Family(f"{PREFIX}_actions", "Actions decided, by kind and outcome (done, dry_run, skipped, gone, refused, failed).",
+                               "counter", ["kind", "outcome"])
+        self._kernel_events = Family(f"{PREFIX}_kernel_events",
+                                     "Events seen from the kernel (BPF), by kind.", "counter", ["kind"])
+        self._oom_kills = Family(f"{PREFIX}_kernel_oom_kills", "Kernel OOM killer victims seen.", "counter")
+        self._bpf_kills = Family(f"{PREFIX}_bpf_kills", "Processes killed in-kernel by the BPF path.", "counter")
+        self._breaches = Family(f"{PREFIX}_protection_breaches",
+                                "A shielded process was hurt anyway (OOM-killed, score changed), by event kind.",
+                                "counter", ["kind"])
+        self._audit_errors = Family(f"{PREFIX}_audit_write_errors",
+                                    "Audit records that could not be written (the record is lost; protection "
+                                    "goes on), by error (ENOSPC, EFBIG, ...).", "counter", ["error"])
         # Zero series up front, so increase() in alerts works from the first breach.
-        self._oom_kills.inc(0)
-        self._bpf_kills.inc(0)
-        self._breaches.labels("oom_kill")
-        r.register(_StateCollector(self))
+        self._breaches.touch("oom_kill")
+        self._fixed = (build, self._collector_ok, self._collector_seconds, self._actions, self._kernel_events,
+                       self._oom_kills, self._bpf_kills, self._breaches, self._audit_errors)
 
         if listen:
             self._serve(*parse_listen(listen))
 
     # --- what the daemon feeds in -----------------------------------------------------------
     def observe_collector(self, source: str, ok: bool, seconds: float) -> None:
-        self._collector_ok.labels(source).set(1 if ok else 0)
-        self._collector_seconds.labels(source).set(seconds)
+        with self._lock:
+            self._collector_ok.set(1 if ok else 0, source)
+            self._collector_seconds.set(seconds, source)
 
     def observe_snapshot(self, snap: Snapshot, level: Level) -> None:
         self.observe_scopes([(snap, level)])
@@ -301,20 +272,23 @@ class Metrics:
 
     def observe_audit_error(self, kind: str) -> None:
         """AuditLog's on_error: one audit record lost to a write error of this kind."""
-        self._audit_errors.labels(kind).inc()
+        with self._lock:
+            self._audit_errors.inc(kind)
 
     def observe_action(self, action: Action, outcome: Outcome) -> None:
-        self._actions.labels(action.kind.value, outcome.status.value).inc()
+        with self._lock:
+            self._actions.inc(action.kind.value, outcome.status.value)
 
     def observe_kernel_event(self, kind: str, *, breach: bool = False) -> None:
         """kind: "oom_kill" (kernel OOM victim), "bpf_kill", "score_tamper", ..."""
-        self._kernel_events.labels(kind).inc()
-        if kind == "oom_kill":
-            self._oom_kills.inc()
-        elif kind == "bpf_kill":
-            self._bpf_kills.inc()
-        if breach:
-            self._breaches.labels(kind).inc()
+        with self._lock:
+            self._kernel_events.inc(kind)
+            if kind == "oom_kill":
+                self._oom_kills.inc()
+            elif kind == "bpf_kill":
+                self._bpf_kills.inc()
+            if breach:
+                self._breaches.inc(kind)
 
     def observe_bpf_counters(self, counters: dict[str, int]) -> None:
         """The BPF programs' own counters (BpfGuard.counters()), as they stand now."""
@@ -329,7 +303,8 @@ class Metrics:
 
     # --- output ---------------------------------------------------------------------------
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        with self._lock:
+            return render([*self._fixed, *_state_families(self._state, self._bpf)])
 
     def health(self) -> tuple[bool, dict]:
         """(ok, body) for /healthz. Without a health callback: ok when any protection works."""
@@ -367,13 +342,9 @@ class Metrics:
         with self._lock:
             return self._state
 
-    def _bpf_copy(self) -> dict[str, int]:
-        with self._lock:
-            return self._bpf
-
     def _page(self, path: str) -> tuple[int, str, bytes]:
         if path == "/metrics":
-            return 200, CONTENT_TYPE_LATEST, self.render()
+            return 200, CONTENT_TYPE, self.render()
         if path == "/healthz":
             ok, body = self.health()
             return 200 if ok else 503, "application/json", json.dumps(body).encode() + b"\n"

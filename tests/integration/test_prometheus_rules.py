@@ -67,14 +67,29 @@ def dashboard_queries(node) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def scraped_names() -> set[str]:
+def scraped() -> str:
+    """A scrape of /metrics over HTTP after one of every observation."""
     m = Metrics("127.0.0.1:0")
     try:
         feed_everything(m)
+        m.observe_bpf_counters({"kills": 3, "map_full": 0})
         with urllib.request.urlopen("http://%s:%d/metrics" % m.address, timeout=5) as r:
-            return exported_names(r.read().decode())
+            return r.read().decode()
     finally:
         m.close()
+
+
+@pytest.fixture(scope="module")
+def scraped_names(scraped) -> set[str]:
+    return exported_names(scraped)
+
+
+def test_promtool_check_metrics_finds_nothing_in_a_scrape(scraped):
+    """dbguard writes its exposition itself (dbguard/exposition.py): Prometheus's own linter
+    must parse it and find no problem (names, types, help, _total on counters)."""
+    r = subprocess.run([promtool(), "check", "metrics"], input=scraped, capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stdout.strip() and not r.stderr.strip(), r.stdout + r.stderr
+    assert "dbguard_bpf_program_events_total{counter=\"kills\"} 3.0" in scraped
 
 
 def test_name_extraction_finds_names_and_ignores_the_rest():
