@@ -18,12 +18,11 @@ statement ended (the client's own error), kernel OOM kills and crash recoveries.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
 
-from .record import Standalone
+from .record import Standalone, grouped, repeat
 
 HERE = Path(__file__).resolve().parent
 TITLE = "The cancel: first failing reclaim → SIGINT, in the kernel and from user space (issue #18)"
@@ -56,10 +55,7 @@ def body(data: dict) -> list[str]:
              "| path | runs | statement cancelled | kernel OOM kills | crash recoveries | SIGINTs timed | first failing "
              "reclaim → SIGINT delivered, median | max | SIGINTs before any failing reclaim |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for path in PATHS:
-        mine = [r for r in runs if r["path"] == path]
-        if not mine:
-            continue
+    for path, mine in grouped(runs, "path", PATHS):
         ms = sorted(x for r in mine for x in r["sigint_ms"])
         lines.append(f"| {path} | {len(mine)} | {sum(r['cancelled'] for r in mine)} | "
                      f"{sum(r['kernel_oom_kills'] for r in mine)} | {sum(r['crash_recoveries'] for r in mine)} | {len(ms)} | "
@@ -75,18 +71,9 @@ section = RECORD.section
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.cancel_latency", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3, help="runs per path (default 3)")
-    a = ap.parse_args(argv)
     from lab.scenario import require_lab
-    require_lab()
-    results = []
-    for i in range(a.runs):
-        for path in PATHS:
-            results.append(one(path))
-            print(f"run {i + 1} {path}: {results[-1]['outcome']}; SIGINT ms {results[-1]['sigint_ms']}", flush=True)
-    RECORD.save(argv, a.runs, results)
-    return 0
+    return RECORD.main(argv, __doc__, require_lab, lambda a: repeat(
+        a.runs, PATHS, one, lambda r: f"{r['outcome']}; SIGINT ms {r['sigint_ms']}"))
 
 
 if __name__ == "__main__":

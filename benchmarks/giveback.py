@@ -27,9 +27,8 @@ import time
 from pathlib import Path
 
 from dbguard import config
-from dbguard.errors import DbguardError
 
-from .record import Standalone
+from .record import Standalone, grouped, repeat
 from .stats import median
 
 HERE = Path(__file__).resolve().parent
@@ -115,20 +114,19 @@ def pooler_run(pg, way: str) -> dict:
                 "latency_steady_low": lat(t_steady - 4, t_steady)}
 
 
-def run(what: list[str], runs: int, log) -> dict:
+WHAT = ("memcached", "pgbouncer")
+
+
+def run(what: list[str], runs: int) -> dict:
     out: dict = {"memcached": [], "pgbouncer": []}
     if "memcached" in what:
-        for i in range(runs):
-            out["memcached"].append(memcached_run())
-            log(f"memcached run {i + 1}: {json.dumps(out['memcached'][-1]['steps'][:4])}")
+        out["memcached"] = repeat(runs, ("memcached",), lambda _: memcached_run(),
+                                  lambda r: json.dumps(r["steps"][:4]))
     if "pgbouncer" in what:
         from lab.pgcluster import PgCluster
         pg = PgCluster(settings={"max_connections": "60"}).start()
         try:
-            for i in range(runs):
-                for way in POOLER_WAYS:
-                    out["pgbouncer"].append(pooler_run(pg, way))
-                    log(f"pgbouncer run {i + 1}: {json.dumps(out['pgbouncer'][-1])}")
+            out["pgbouncer"] = repeat(runs, POOLER_WAYS, lambda way: pooler_run(pg, way), json.dumps)
         finally:
             pg.destroy()
     return out
@@ -165,10 +163,7 @@ def body(data: dict) -> list[str]:
                   "| way | runs with a client error | first error | in effect s (per step) | server connections after 8 s at 2 | "
                   "latency s before (median / max) | while stepping | steady at 2 |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-        for way in POOLER_WAYS:
-            rs = [r for r in pb if r["way"] == way]
-            if not rs:
-                continue
+        for way, rs in grouped(pb, "way", POOLER_WAYS):
             effect = " / ".join(str(median([r["steps"][i]["in_effect_s"] for r in rs]) or "-")
                                 for i in range(len(rs[0]["steps"])))
 
@@ -188,26 +183,28 @@ RECORD = Standalone("giveback", TITLE, HERE / "giveback-results.json", HERE / "G
 section = RECORD.section
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.giveback", description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", nargs="*", metavar="memcached|pgbouncer", help="what to measure (default: both)")
-    ap.add_argument("--runs", type=int, default=3, help="runs of each (default 3)")
-    a = ap.parse_args(argv)
-    if set(a.what) - {"memcached", "pgbouncer"}:
-        ap.error(f"unknown {sorted(set(a.what) - {'memcached', 'pgbouncer'})[0]!r}: choose memcached or pgbouncer")
+def _needs() -> None:
     from lab import require
     from lab.memcached import require as memcached_required
     from lab.pgbouncer import require as pgbouncer_required
-    try:
-        require.postgresql()
-        memcached_required()
-        pgbouncer_required()
-    except DbguardError as e:
-        print(f"benchmarks.giveback: {e}", file=sys.stderr)
-        return 2
-    results = run(a.what or ["memcached", "pgbouncer"], a.runs, lambda m: print(m, flush=True))
-    RECORD.save(argv, a.runs, results)
-    return 0
+    require.postgresql()
+    memcached_required()
+    pgbouncer_required()
+
+
+def _one_of_what(x: str) -> str:
+    if x not in WHAT:
+        raise argparse.ArgumentTypeError(f"unknown {x!r}: choose memcached or pgbouncer")
+    return x
+
+
+def _what(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("what", nargs="*", type=_one_of_what, metavar="memcached|pgbouncer",
+                    help="what to measure (default: both)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return RECORD.main(argv, __doc__, _needs, lambda a: run(a.what or list(WHAT), a.runs), _what)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,17 @@ actions from its audit log, the sampler's series and the guard's own cost, and t
 every pressure scenario reports (pressure_record)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime as dt
 import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from .contenders import Sampler, guard_cpu_pct
-from .stats import ratio, windowed_tps
+from .stats import interleave, ratio, windowed_tps
 
 MiB = 1024 * 1024
 Log = Callable[[str], None]
@@ -118,13 +119,54 @@ class Standalone:
         except (OSError, ValueError, KeyError):
             return []
 
-    def save(self, argv: list[str] | None, runs: int, results) -> None:
-        """The record (when, git, the command that reruns it, the results) and its report, written and printed."""
+    def save(self, argv: list[str] | None, runs: int, results, out: Path | None = None) -> None:
+        """The record (when, git, the command that reruns it, the results) and its report, written
+        (in `out` instead of beside RESULTS.md when given) and printed."""
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=self.json_path.parent).stdout.strip()
         data = {"when": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "git": git,
                 "command": f"python -m benchmarks.{self.module} " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "runs": runs, "results": results}
-        self.json_path.write_text(json.dumps(data, indent=1) + "\n")
-        self.md_path.write_text(self.report(data))
+        where = out or self.json_path.parent
+        where.mkdir(parents=True, exist_ok=True)
+        (where / self.json_path.name).write_text(json.dumps(data, indent=1) + "\n")
+        (where / self.md_path.name).write_text(self.report(data))
         print(self.report(data))
+
+    def main(self, argv: list[str] | None, doc: str, need: Callable[[], None],
+             measure: Callable[[argparse.Namespace], Any],
+             options: Callable[[argparse.ArgumentParser], None] = lambda ap: None) -> int:
+        """The command line every standalone benchmark shares: `--runs`, `--out`; what it needs
+        (`need` raises DbguardError) refused in one line, exit 2; then `measure(args)`'s
+        results recorded."""
+        from dbguard.errors import DbguardError
+        ap = argparse.ArgumentParser(prog=f"python -m benchmarks.{self.module}", description=doc.split("\n\n")[0])
+        ap.add_argument("--runs", type=int, default=3, help="runs of each (default 3)")
+        ap.add_argument("--out", type=Path, metavar="DIR",
+                        help=f"write {self.json_path.name} and {self.md_path.name} in DIR, not beside RESULTS.md "
+                             "(a smoke run leaves the recorded runs alone)")
+        options(ap)
+        a = ap.parse_args(argv)
+        if a.runs < 1:
+            ap.error(f"--runs {a.runs}: give 1 or more")
+        try:
+            need()
+        except DbguardError as e:
+            print(f"benchmarks.{self.module}: {e}", file=sys.stderr)
+            return 2
+        self.save(argv, a.runs, measure(a), a.out)
+        return 0
+
+
+def repeat(runs: int, ways: Sequence[str], one: Callable[[str], dict], line: Callable[[dict], str]) -> list[dict]:
+    """`one(way)` for each way, `runs` times, interleaved (stats.interleave); a line printed after each."""
+    out: list[dict] = []
+    for i, way in interleave(ways, runs):
+        out.append(one(way))
+        print(f"run {i + 1}/{runs} {way}: {line(out[-1])}", flush=True)
+    return out
+
+
+def grouped(results: list[dict], key: str, ways: Sequence[str]) -> list[tuple[str, list[dict]]]:
+    """(way, its runs) for each way that has runs, in the ways' order: a report's table rows."""
+    return [(w, rs) for w in ways if (rs := [r for r in results if r[key] == w])]

@@ -1,7 +1,7 @@
 """A Redis cache in front of PostgreSQL under memory pressure: dbguard against the kernel default.
 
     sudo .venv/bin/python -m benchmarks.scenario_cache              # 3 runs per contender, ~10 min
-    sudo .venv/bin/python -m benchmarks.scenario_cache --runs 1     # a smoke run, ~3 min
+    sudo .venv/bin/python -m benchmarks.scenario_cache --runs 1 --out /tmp/cache-smoke   # ~3 min; the record stays
     (make bench runs it too: benchmarks.run's extra "cache"; RESULTS.md shows its table)
 
 PostgreSQL (shared_buffers 128 MB, pgbench scale 5), Redis (maxmemory 256 MiB, allkeys-lru,
@@ -15,7 +15,6 @@ Contenders: `none` (the kernel's OOM killer) and `dbguard` (dbguard run with the
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
@@ -36,7 +35,7 @@ from lab.pgoutput import count_crash_recoveries
 from lab.procs import alive, stop_all
 from lab.redis import RedisServer
 
-from .record import Standalone
+from .record import Standalone, grouped, repeat
 from .stats import median
 
 HERE = Path(__file__).resolve().parent
@@ -46,6 +45,7 @@ MAXMEMORY = 256 * MiB
 VALUE = 20_000
 HOG = 110 * MiB
 BEFORE, DURING, AFTER = 10.0, 25.0, 30.0
+CONTENDERS = ("none", "dbguard")
 
 
 class App(threading.Thread):
@@ -105,7 +105,7 @@ def phase(events, t0: float, t1: float) -> dict:
             "cache_down_share": round(seen.count("down") / n, 3), "db_errors": seen.count("dberror")}
 
 
-def one_run(contender: str, log) -> dict:
+def one_run(contender: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="dbguard-bench-cache-") as work, MemoryCgroup(2048 * MiB) as cg:
         work = Path(work)
         pg = PgCluster(settings={"shared_buffers": "128MB"}, cgroup=cg).start()
@@ -150,7 +150,6 @@ def one_run(contender: str, log) -> dict:
                    "cache_grows": sum(1 for x in audit if x.get("action") in ("grow_cache", "restore_cache")
                                       and x.get("cache")),
                    "hogs_killed_by_dbguard": sum(1 for x in audit if x.get("action") == "kill" and x.get("ok"))}
-            log(f"{contender}: {json.dumps(rec)}")
             return rec
         finally:
             if daemon is not None:
@@ -179,10 +178,7 @@ def body(data: dict) -> list[str]:
              "| contender | Redis killed | PG crash recoveries | kernel OOM kills | hit rate before / during / after | "
              "app reads/s before / during / after | PostgreSQL queries/s before / during / after | maxmemory at the end |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for c in ("none", "dbguard"):
-        runs = [x for x in data["results"] if x["contender"] == c]
-        if not runs:
-            continue
+    for c, runs in grouped(data["results"], "contender", CONTENDERS):
 
         def m(ph, key):
             return median([x[ph][key] for x in runs])
@@ -204,25 +200,17 @@ RECORD = Standalone("scenario_cache", TITLE, HERE / "cache-results.json", HERE /
 section = RECORD.section
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.scenario_cache", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--runs", type=int, default=3, help="runs per contender (default 3)")
-    a = ap.parse_args(argv)
+def _needs() -> None:
     from lab import require
     from lab.redis import require as redis_required
-    try:
-        require.memory_cgroups()
-        require.postgresql()
-        redis_required()
-    except DbguardError as e:
-        print(f"benchmarks.scenario_cache: {e}", file=sys.stderr)
-        return 2
-    results = []
-    for _ in range(a.runs):
-        for c in ("none", "dbguard"):
-            results.append(one_run(c, lambda msg: print(msg, flush=True)))
-    RECORD.save(argv, a.runs, results)
-    return 0
+    require.memory_cgroups()
+    require.postgresql()
+    redis_required()
+
+
+def main(argv: list[str] | None = None) -> int:
+    return RECORD.main(argv, __doc__, _needs, lambda a: repeat(
+        a.runs, CONTENDERS, one_run, json.dumps))
 
 
 if __name__ == "__main__":
