@@ -25,7 +25,7 @@ from .caches.base import AppCache
 from .config import Config
 from .databases.base import Database
 from .errors import DbguardError
-from .host import lock_memory, sd_notify, watchdog_interval
+from .host import lock_memory, sd_notify, trim_heap, watchdog_interval
 from .metrics import Metrics
 from .notices import DatabaseNotices
 from .model import Action, ActionKind, Level, Outcome, Snapshot
@@ -296,6 +296,8 @@ class Daemon:
             sd_notify("WATCHDOG=1")
             if self.stopping:
                 break
+            if not any(x.assessment.pressed for x in answers):
+                trim_heap()
             self._wait(answers)
         sd_notify("STOPPING=1")
         return 0

@@ -34,6 +34,23 @@ def lock_memory() -> str:
     return "memory locked (mlockall, on fault)"
 
 
+_libc = None
+
+
+def trim_heap() -> None:
+    """Free heap pages back to the kernel (glibc's malloc_trim). A cycle's transient tables
+    (5,000 processes: dicts of ~150 KiB) leave freed chunks between live ones that malloc keeps
+    resident, and locked: most of a MiB with 5,000 processes, for a fraction of a millisecond.
+    At rest only: under pressure the next cycle would fault them in again."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None)
+    try:
+        _libc.malloc_trim(0)
+    except AttributeError:      # not glibc (musl has no malloc_trim): nothing to give back this way
+        pass
+
+
 def resolve_users(names: tuple[str, ...]) -> frozenset[int]:
     """kill.protect_users as uids (the validator has refused names this host does not know)."""
     return frozenset(uid for uid in map(uid_of, names) if uid is not None)
