@@ -61,7 +61,8 @@ def one(bpf: bool, idle: float, log, extra: int = 0) -> dict:
 
 # What the RSS is made of: a fresh interpreter after each step's imports (cumulative).
 IMPORT_STEPS = (("python alone", ""),
-                ("+ dbguard's daemon (its modules, prometheus_client, tomllib, ...)", "import dbguard.daemon"),
+                ("+ dbguard's daemon and command line (its modules, tomllib, ctypes, argparse, ...)",
+                 "import dbguard.cli, dbguard.daemon"),
                 ("+ psycopg (a PostgreSQL configured)", "import psycopg"),
                 ("+ PyMySQL (a MariaDB or MySQL configured)", "import pymysql"),
                 ("+ libbpf (the BPF path's maps)", "import dbguard.kernel.maps as m; m.libbpf()"))
