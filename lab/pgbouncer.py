@@ -8,6 +8,7 @@ by stop() / the context manager.
         b.admin_dsn           # the admin console, for dbguard ([[poolers]] dsn)
         b.show("CONFIG")      # psql against the console: the tests' oracle
         with Clients(b.dsn("app"), 10, "SELECT 1") as c: ...   # clients through it, back to back
+        with logins_held(pg): ...   # server logins PgBouncer starts now stay in their login
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ import subprocess
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from dbguard.errors import DbguardError
 
@@ -38,8 +41,10 @@ def require() -> None:
 
 
 class PgBouncer:
-    def __init__(self, pg: PgCluster, pool_size: int = 8, max_db_connections: int = 0):
+    def __init__(self, pg: PgCluster, pool_size: int = 8, max_db_connections: int = 0,
+                 settings: dict[str, str] | None = None):
         self.pg, self.pool_size, self.max_db = pg, pool_size, max_db_connections
+        self.settings = settings or {}          # more [pgbouncer] lines, e.g. query_wait_timeout
         self.dir: Path | None = None
         self.port = 0
         self.proc: subprocess.Popen | None = None
@@ -76,7 +81,8 @@ class PgBouncer:
             "auth_type = trust", f"auth_file = {self.dir / 'userlist.txt'}", f"admin_users = {ADMIN}",
             "pool_mode = transaction", f"default_pool_size = {self.pool_size}",
             f"max_db_connections = {self.max_db}", "max_client_conn = 500",
-            f"logfile = {self.dir / 'pgbouncer.log'}", f"pidfile = {self.dir / 'pgbouncer.pid'}", ""]))
+            f"logfile = {self.dir / 'pgbouncer.log'}", f"pidfile = {self.dir / 'pgbouncer.pid'}",
+            *(f"{k} = {v}" for k, v in self.settings.items()), ""]))
         for f in self.dir.iterdir():
             os.chown(f, user.pw_uid, user.pw_gid)
 
@@ -117,12 +123,12 @@ class PgBouncer:
 
 
 class Clients:
-    """`n` clients through the pooler, each on its own connection running `sql` back to back:
-    every query's (start, end) on the monotonic clock, and every error (a client stops at its
-    first)."""
+    """`n` clients through the pooler, each on its own connection running `sql` back to back
+    (`once`: a single time): every query's (start, end) on the monotonic clock, and every error
+    (a client stops at its first)."""
 
-    def __init__(self, dsn: str, n: int, sql: str):
-        self.dsn, self.sql = dsn, sql
+    def __init__(self, dsn: str, n: int, sql: str, once: bool = False):
+        self.dsn, self.sql, self.once = dsn, sql, once
         self.queries: list[tuple[float, float]] = []
         self.errors: list[str] = []
         self.done = threading.Event()
@@ -136,6 +142,8 @@ class Clients:
                     t0 = time.monotonic()
                     c.execute(self.sql).fetchone()
                     self.queries.append((t0, time.monotonic()))
+                    if self.once:
+                        break
         except Exception as e:
             self.errors.append(f"{type(e).__name__}: {e}"[:300])
 
@@ -163,3 +171,20 @@ class Clients:
         """Seconds each query took that started in [start, end): its wait in the pooler's queue
         and its run."""
         return sorted(e - s for s, e in list(self.queries) if start <= s < end)
+
+
+@contextmanager
+def logins_held(pg: PgCluster) -> Iterator[None]:
+    """While inside, a new connection to `pg` stays in its login: a superuser's transaction
+    holds pg_database and pg_authid in ACCESS EXCLUSIVE mode, and a backend starting up reads
+    its database's row (InitPostgres) and its role from them under ACCESS SHARE locks
+    (PostgreSQL 15 has no login hook, and auth_delay delays failed logins only). Connections
+    already open go on: they read neither again. Keep it short: PgBouncer gives up a login
+    after server_connect_timeout (15 s)."""
+    import psycopg
+    with psycopg.connect(pg.dsn) as holder:
+        holder.execute("LOCK TABLE pg_catalog.pg_database, pg_catalog.pg_authid IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            holder.rollback()
