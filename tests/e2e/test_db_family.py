@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -57,6 +58,29 @@ def _helpers(postmaster: int) -> dict[str, int]:
     return found
 
 
+# How psql's COPY may end once the test stops the server under it (pg_ctl fast, then immediate,
+# then the cluster's leftovers killed, the helper among them): any other ending is a failure.
+STOPPED = re.compile(r"terminating connection due to (administrator|immediate shutdown) command"
+                     r"|server closed the connection unexpectedly"
+                     r"|program .* failed.*terminated by signal", re.S)
+
+
+class Copy(threading.Thread):
+    """`COPY ... TO PROGRAM` through psql: it runs until its helper ends (45 s) or the server
+    stops; how it ended is kept (`error`, None: it finished), never raised in the thread."""
+
+    def __init__(self, cluster, holder: Path):
+        super().__init__(daemon=True)
+        self.cluster, self.holder = cluster, holder
+        self.error: str | None = None
+
+    def run(self) -> None:
+        try:
+            self.cluster.psql(f"COPY (SELECT 1) TO PROGRAM '{self.holder} copy'")
+        except Exception as e:         # kept for the test to judge, with the server's own words
+            self.error = f"{type(e).__name__}: {e}"
+
+
 @pytest.fixture
 def procs_cleanup():
     undo: list = []
@@ -79,7 +103,7 @@ def test_copy_program_and_archive_command_children_are_never_killed(postgresql_h
     with PgCluster(settings={"shared_buffers": "64MB", "archive_mode": "on", "wal_level": "replica",
                              "archive_command": f"{holder} archive", "archive_timeout": "0"}, cgroup=cg) as c:
         pm = c.postmaster_pid()
-        copy = threading.Thread(target=lambda: c.psql(f"COPY (SELECT 1) TO PROGRAM '{holder} copy'"), daemon=True)
+        copy = Copy(c, holder)
         copy.start()
         c.psql("CREATE TABLE w AS SELECT g FROM generate_series(1, 100000) g; SELECT pg_switch_wal()")
         deadline = time.monotonic() + 30
@@ -127,4 +151,9 @@ def test_copy_program_and_archive_command_children_are_never_killed(postgresql_h
             run.stop(15)
             for h in hogs if "hogs" in locals() else ():
                 h.kill()
-        # (the helpers end by themselves: the archiver would run a killed archive_command again)
+        assert copy.is_alive(), f"the COPY ended before the server was stopped: {copy.error}"
+    # (the helpers end with the server: the archiver would run a killed archive_command again)
+    copy.join(60)
+    assert not copy.is_alive(), "the COPY's psql still runs after the server stopped"
+    assert copy.error is None or STOPPED.search(copy.error), f"the COPY failed otherwise: {copy.error}"
+    print(f"the COPY ended with the server: {copy.error or 'finished'}")
