@@ -1,6 +1,6 @@
 """The wheel as a user gets it: built from a copy of this checkout, installed into a fresh venv
 that sees only the distribution's Python packages (Debian's python3-psycopg, -pymysql,
--tenacity, -bpfcc; no index, no pip config), then run from outside the
+-bpfcc; no index, no pip config), then run from outside the
 source tree: `--version`, `bpf-source`, `check`, `explain` on a real PostgreSQL and a short
 `run --dry-run` that loads the BPF programs from the installed package."""
 from __future__ import annotations
@@ -21,7 +21,7 @@ from lab.launcher import DbguardRun, base_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-DEBIAN_PACKAGES = ("python3-psycopg", "python3-pymysql", "python3-tenacity", "python3-bpfcc")
+DEBIAN_PACKAGES = ("python3-psycopg", "python3-pymysql", "python3-bpfcc")
 # What the build reads (a copy, so no build/ or egg-info of an earlier build leaks in).
 BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "dbguard")
 
@@ -93,14 +93,14 @@ def test_wheel_is_ours_and_carries_the_bpf_sources_license_and_types(installed):
     # the hard requirements are plain names Debian has; psycopg's own libpq build is an extra
     required = {re.split(r"[ ;<>=(\[]", line.split(": ", 1)[1])[0].lower() for line in meta.splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line}
-    assert required == {"psycopg", "pymysql", "tenacity"}, required
+    assert required == {"psycopg", "pymysql"}, required
 
 
 def test_it_runs_on_the_distributions_packages(installed):
     _, bin_dir = installed
     r = subprocess.run([str(bin_dir / "python"), "-c",
-                        "import dbguard, psycopg, pymysql, tenacity, bcc; "
-                        "print('\\n'.join(m.__file__ for m in (dbguard, psycopg, pymysql, tenacity, bcc)))"],
+                        "import dbguard, psycopg, pymysql, bcc; "
+                        "print('\\n'.join(m.__file__ for m in (dbguard, psycopg, pymysql, bcc)))"],
                        capture_output=True, text=True, cwd="/", env=clean_env())
     assert r.returncode == 0, r.stderr
     ours, *deps = r.stdout.split()

@@ -11,11 +11,11 @@ import threading
 from typing import Any, Callable, TypeVar
 
 import pymysql
-import tenacity
 
 from ...config import DatabaseConfig
 from ...errors import DbguardError
 from ..bounded import close_quietly
+from ..retry import retry
 from .facts import FACT_VARIABLES, ServerFacts, server_facts
 from .grants import needed_grants
 from ..namespaces import Host, Locator
@@ -84,13 +84,9 @@ class Link:
             kw["unix_socket"] = self.ns().path(self.cfg.socket)
         else:
             kw.update(host=self.cfg.host, port=self.cfg.port)
-        retry = tenacity.Retrying(
-            stop=tenacity.stop_after_attempt(2) | tenacity.stop_after_delay(self.cfg.connect_timeout),
-            wait=tenacity.wait_fixed(0.2),
-            retry=tenacity.retry_if_exception(
-                lambda e: isinstance(e, pymysql.err.OperationalError) and e.args and e.args[0] in CONNECTION_LOST),
-            reraise=True)
-        return retry(pymysql.connect, **kw)
+        return retry(lambda: pymysql.connect(**kw),
+                     lambda e: isinstance(e, pymysql.err.OperationalError) and bool(e.args) and e.args[0] in CONNECTION_LOST,
+                     attempts=2, within=self.cfg.connect_timeout, wait=lambda _: 0.2)
 
     def run(self, fn: Callable[[Any], T]) -> T:
         """fn(connection) under the lock; a connection the server dropped (restart) is replaced once."""

@@ -12,7 +12,6 @@ import threading
 from typing import Any, Callable, TypeVar
 
 import psycopg
-import tenacity
 from psycopg import sql
 
 from ...config import DatabaseConfig
@@ -20,6 +19,7 @@ from ...errors import DbguardError
 from ...validate import parse_dsn
 from ..bounded import BoundedCaller, Busy, Overdue
 from ..namespaces import HOST, Host, Locator
+from ..retry import exponential, retry
 
 T = TypeVar("T")
 
@@ -157,13 +157,9 @@ class Connection:
         def transient(e: BaseException) -> bool:
             return isinstance(e, psycopg.OperationalError) and not any(p in str(e) for p in _PERMANENT)
 
-        retry = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(transient),
-            stop=tenacity.stop_after_attempt(3) | tenacity.stop_after_delay(self.cfg.connect_timeout),
-            wait=tenacity.wait_exponential(multiplier=0.05, max=0.5),
-            reraise=True)
         try:
-            conn = retry(psycopg.connect, self.cfg.dsn, **kw)
+            conn = retry(lambda: psycopg.connect(self.cfg.dsn, **kw), transient, attempts=3,
+                         within=self.cfg.connect_timeout, wait=exponential(0.05, 0.5))
         except psycopg.Error as e:
             raise DbguardError(connect_error_line(str(e), self.where, password)) from None
         try:
