@@ -234,7 +234,8 @@ class Daemon:
         if self.feed is None:
             return
         try:
-            self.feed.sync(answered, self.level, self.cfg, self.dry_run)
+            self.feed.sync(answered, self.level, self.cfg, self.dry_run,
+                           levels={w.cgroup: w.level for w in self.watches})
         except Exception as e:     # a map full or a BCC error must not stop the user-space path
             log.warning("BPF sync failed: %s", e)
         self.feed.drain(self)     # read even when the sync failed

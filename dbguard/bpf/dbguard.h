@@ -34,6 +34,7 @@
                                * (several databases on one node, each with its own limit) */
 #define DBG_MAX_SCOPES    64  /* entries of the scopes map */
 #define DBG_SCOPE_DEPTH   16  /* scopes of the set lie at depths 1 .. DBG_SCOPE_DEPTH - 1 */
+#define DBG_SCOPE_HOST    0xffffffffffffffffULL  /* the scope key of a host-wide scope (no memcg id is) */
 
 #define DBG_PF_KTHREAD    0x00200000   /* task_struct.flags: a kernel thread */
 #define DBG_PF_EXITING    0x00000004   /* task_struct.flags: exiting */
@@ -122,7 +123,15 @@ struct dbg_victim {
     u64 seen_ns;           /* its exec or last failed reclaim */
     u32 tier;
     u32 pad;
+    u64 scope;             /* the key of the watched scope it lies in (dbg_scope_of): a stuck task's
+                            * victim comes from its own scope, never another pod's */
     char comm[16];
+};
+
+/* scopes[memory cgroup id]: one watched scope of a set (several databases, each with its own limit). */
+struct dbg_scope {
+    u32 depth;             /* the cgroup's level (root 0) */
+    u32 level;             /* the scope's own pressure level (the sidecar's): its kill gate */
 };
 
 /* exes[{inode, device}]: database server executables; a task running one is never killed. */

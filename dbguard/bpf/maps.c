@@ -5,7 +5,7 @@
 BPF_F_TABLE("hash", u32, struct dbg_proc, procs, DBG_MAX_PROCS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", u64, struct dbg_cgroup, cgroups, DBG_MAX_CGROUPS, BPF_F_NO_PREALLOC);
 BPF_F_TABLE("hash", struct dbg_exe, u32, exes, DBG_MAX_EXES, BPF_F_NO_PREALLOC);
-BPF_F_TABLE("hash", u64, u32, scopes, DBG_MAX_SCOPES, BPF_F_NO_PREALLOC);   /* memcg id -> its depth */
+BPF_F_TABLE("hash", u64, struct dbg_scope, scopes, DBG_MAX_SCOPES, BPF_F_NO_PREALLOC);   /* memcg id -> depth, level */
 /* LRU: a streak needs no bookkeeping by the sidecar, and a full map forgets the oldest. */
 BPF_TABLE("lru_hash", u32, struct dbg_streak, streaks, DBG_MAX_STREAKS);
 BPF_ARRAY(policy, struct dbg_policy, 1);
@@ -109,29 +109,32 @@ static __always_inline u64 dbg_ancestor_id(u64 cgrp, u32 level)
     return anc ? dbg_ptr(dbg_ptr(anc, DBG_OFF_CGROUP_KN), DBG_OFF_KN_ID) : 0;
 }
 
-/* Whether the cgroup's ancestor at `level` (a constant) is in the scopes map; -1 when the cgroup
- * lies above that level (no deeper scope can hold it). */
-static __always_inline int dbg_scope_hit(u64 cgrp, u32 depth, u32 level)
+/* The scope of the set that is the cgroup's ancestor at `level` (a constant), its id in *id;
+ * 0 when there is none or the cgroup lies above that level. */
+static __always_inline struct dbg_scope *dbg_scope_at(u64 cgrp, u32 depth, u32 level, u64 *id)
 {
     if (level > depth)
-        return -1;
-    u64 id = dbg_ancestor_id(cgrp, level);
-    return id && scopes.lookup(&id);
+        return 0;
+    *id = dbg_ancestor_id(cgrp, level);
+    return *id ? scopes.lookup(id) : 0;
 }
 
-/* Whether the task's memory cgroup is the scope cgroup or below it: one read of its
- * ancestor at the scope's depth (struct cgroup keeps ancestors[] by level). With a set of
- * scopes, each of its ancestors is looked up in the scopes map, level by level written out:
- * a loop over them, which older clang (LLVM 14, Debian bookworm) does not unroll, becomes a
- * countdown on the cgroup's depth whose bound Linux 6.1's verifier loses ("The sequence of
- * 8193 jumps is too complex"). */
-#define DBG_SCOPE_AT(l) do { int hit = dbg_scope_hit(cgrp, depth, l); if (hit) return hit > 0; } while (0)
-_Static_assert(DBG_SCOPE_DEPTH == 16, "dbg_in_scope looks at levels 1 .. 15");
+/* The watched scope holding the task's memory cgroup: its key (the scope cgroup's id,
+ * DBG_SCOPE_HOST for the host), 0 when none does. One read of the cgroup's ancestor at the
+ * scope's depth (struct cgroup keeps ancestors[] by level). With a set of scopes, the innermost
+ * one holding it (as the sidecar's owner()), and *level is that scope's own level (else left
+ * as the caller set it). The set's levels are written out, deepest first: a loop over them,
+ * which older clang (LLVM 14, Debian bookworm) does not unroll, becomes a countdown on the
+ * cgroup's depth whose bound Linux 6.1's verifier loses ("The sequence of 8193 jumps is too
+ * complex"). */
+#define DBG_SCOPE_AT(l) do { struct dbg_scope *sc = dbg_scope_at(cgrp, depth, l, &id); \
+                             if (sc) { *level = sc->level; return id; } } while (0)
+_Static_assert(DBG_SCOPE_DEPTH == 16, "dbg_scope_of looks at levels 15 .. 1");
 
-static __always_inline int dbg_in_scope(struct dbg_policy *pol, u64 task)
+static __always_inline u64 dbg_scope_of(struct dbg_policy *pol, u64 task, u32 *level)
 {
     if (pol->scope == DBG_SCOPE_ALL)
-        return 1;
+        return DBG_SCOPE_HOST;
     if (pol->scope != DBG_SCOPE_CGROUP && pol->scope != DBG_SCOPE_SET)
         return 0;
     u64 cset = dbg_ptr(task, DBG_OFF_TASK_CGROUPS);
@@ -141,14 +144,22 @@ static __always_inline int dbg_in_scope(struct dbg_policy *pol, u64 task)
         return 0;
     u32 depth = dbg_u32(cgrp, DBG_OFF_CGROUP_LEVEL);
     if (pol->scope == DBG_SCOPE_SET) {
-        DBG_SCOPE_AT(1); DBG_SCOPE_AT(2); DBG_SCOPE_AT(3); DBG_SCOPE_AT(4); DBG_SCOPE_AT(5);
-        DBG_SCOPE_AT(6); DBG_SCOPE_AT(7); DBG_SCOPE_AT(8); DBG_SCOPE_AT(9); DBG_SCOPE_AT(10);
-        DBG_SCOPE_AT(11); DBG_SCOPE_AT(12); DBG_SCOPE_AT(13); DBG_SCOPE_AT(14); DBG_SCOPE_AT(15);
+        u64 id = 0;
+        DBG_SCOPE_AT(15); DBG_SCOPE_AT(14); DBG_SCOPE_AT(13); DBG_SCOPE_AT(12); DBG_SCOPE_AT(11);
+        DBG_SCOPE_AT(10); DBG_SCOPE_AT(9); DBG_SCOPE_AT(8); DBG_SCOPE_AT(7); DBG_SCOPE_AT(6);
+        DBG_SCOPE_AT(5); DBG_SCOPE_AT(4); DBG_SCOPE_AT(3); DBG_SCOPE_AT(2); DBG_SCOPE_AT(1);
         return 0;
     }
     if (depth < pol->scope_level)
         return 0;
-    return dbg_ancestor_id(cgrp, pol->scope_level) == pol->scope_id;
+    return dbg_ancestor_id(cgrp, pol->scope_level) == pol->scope_id ? pol->scope_id : 0;
+}
+
+/* Whether the task's memory cgroup is a watched scope or below one. */
+static __always_inline int dbg_in_scope(struct dbg_policy *pol, u64 task)
+{
+    u32 level = 0;
+    return dbg_scope_of(pol, task, &level) != 0;
 }
 
 /* Whether the task runs a database server's executable (file identity, set by the sidecar). */

@@ -25,17 +25,25 @@
  * needs bpf_send_signal_task (Linux 6.13); BPF can otherwise signal only the current task. */
 #include "dbguard.h"
 
-static __always_inline u32 dbg_needed(struct dbg_policy *pol)
+/* The streak the gate asks for at `level` (the stuck task's own scope's); 0: no kill. */
+static __always_inline u32 dbg_needed(struct dbg_policy *pol, u32 level)
 {
-    return pol->level >= pol->min_level_to_kill ? pol->fail_streak : pol->early_streak;
+    return level >= pol->min_level_to_kill ? pol->fail_streak : pol->early_streak;
+}
+
+/* The shortest streak any level asks for: below it no scope needs to be looked up. */
+static __always_inline u32 dbg_least_needed(struct dbg_policy *pol)
+{
+    u32 early = pol->early_streak;
+    return early && early < pol->fail_streak ? early : pol->fail_streak;
 }
 
 /* Fills a kill event (the streak that led to it, who was allocating) and counts it; returns
  * whether a signal is to be sent (not in a dry run). */
-static __always_inline int dbg_kill_event(struct dbg_policy *pol, struct dbg_event *ev, u32 evflags,
-                                          struct dbg_streak *s)
+static __always_inline int dbg_kill_event(struct dbg_policy *pol, u32 level, struct dbg_event *ev,
+                                          u32 evflags, struct dbg_streak *s)
 {
-    ev->level = pol->level;
+    ev->level = level;
     ev->flags = evflags;
     ev->a = s->fails;
     ev->b = bpf_ktime_get_ns() - s->first_ns;
@@ -53,7 +61,7 @@ static __always_inline int dbg_kill_event(struct dbg_policy *pol, struct dbg_eve
     return 1;
 }
 
-static __always_inline void dbg_kill(void *ctx, struct dbg_policy *pol, u32 tier, u32 evflags,
+static __always_inline void dbg_kill(void *ctx, struct dbg_policy *pol, u32 level, u32 tier, u32 evflags,
                                      struct dbg_streak *s)
 {
     u64 id = bpf_get_current_pid_tgid();
@@ -62,7 +70,7 @@ static __always_inline void dbg_kill(void *ctx, struct dbg_policy *pol, u32 tier
     ev.tgid = id >> 32;
     ev.tier = tier;
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
-    if (dbg_kill_event(pol, &ev, evflags, s)) {
+    if (dbg_kill_event(pol, level, &ev, evflags, s)) {
         ev.c = bpf_send_signal(9);
         dbg_count(ev.c ? DBG_CTR_KILL_ERRORS : DBG_CTR_KILLS);
     }
@@ -70,22 +78,29 @@ static __always_inline void dbg_kill(void *ctx, struct dbg_policy *pol, u32 tier
     dbg_emit(ctx, &ev);
 }
 
-/* The current task, whose reclaim keeps failing, may not be killed: a victim is. Each slot's
- * process is looked up by pid and must still be the one offered (start time), alive, not
- * shielded since, not running a database executable, and unlisted ones hold min_anon_pages;
- * the largest by anonymous memory now wins. */
-static __always_inline void dbg_kill_victim(void *ctx, struct dbg_policy *pol, struct dbg_streak *s)
+/* The current task, whose reclaim keeps failing, may not be killed: a victim of its own scope
+ * (`scope`, its key) is. Another scope's tasks are another pod's, under their own limit: killing
+ * one frees nothing here. Each slot's process is looked up by pid and must still be the one
+ * offered (start time), alive, not shielded since, not running a database executable, and
+ * unlisted ones hold min_anon_pages; the largest by anonymous memory now wins, and it must
+ * still lie in the scope (it may have been moved since it was offered). */
+static __always_inline void dbg_kill_victim(void *ctx, struct dbg_policy *pol, u32 level, u64 scope,
+                                            struct dbg_streak *s)
 {
 #ifdef DBG_HAVE_SIGNAL_TASK
     u32 best_tgid = 0;
     u64 best_start = 0;
     s64 best_anon = -1;
     int best = -1;
+    if (!scope) {           /* no watched scope holds it: no pod to take a victim from */
+        dbg_count(DBG_CTR_NO_VICTIM);
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < DBG_VICTIM_SLOTS + DBG_LISTED_VICTIMS; i++) {
         int k = i;
         struct dbg_victim *v = victims.lookup(&k);
-        if (!v || !v->tgid)
+        if (!v || !v->tgid || v->scope != scope)
             continue;
         u32 tgid = v->tgid;
         struct dbg_proc *p = procs.lookup(&tgid);
@@ -128,13 +143,14 @@ static __always_inline void dbg_kill_victim(void *ctx, struct dbg_policy *pol, s
         dbg_count(DBG_CTR_NO_VICTIM);
         return;
     }
-    if (dbg_start_ticks((u64)task) != best_start) {
+    u32 its_level = level;
+    if (dbg_start_ticks((u64)task) != best_start || dbg_scope_of(pol, (u64)task, &its_level) != scope) {
         dbg_task_release(task);
         dbg_count(DBG_CTR_NO_VICTIM);
         return;
     }
     bpf_get_current_comm(&ev.by_comm, sizeof(ev.by_comm));
-    if (dbg_kill_event(pol, &ev, evflags, s)) {
+    if (dbg_kill_event(pol, level, &ev, evflags, s)) {
         ev.c = dbg_send_signal_task(task, 9, DBG_PIDTYPE_TGID, 0);
         dbg_count(ev.c ? DBG_CTR_KILL_ERRORS : DBG_CTR_KILLS);
     }
@@ -238,6 +254,8 @@ static __always_inline void dbg_offer_victim(struct dbg_policy *pol, u64 task, u
     v->start = dbg_start_ticks(task);
     v->anon_pages = anon;
     v->seen_ns = now;
+    u32 level = 0;
+    v->scope = dbg_scope_of(pol, task, &level);
     bpf_get_current_comm(&v->comm, sizeof(v->comm));
 }
 
@@ -258,20 +276,25 @@ static __always_inline int dbg_reclaim_begin(void *ctx)
     if (s && !s->reported && p && (p->flags & DBG_CANCEL) &&    /* a client backend: cancel.c */
         dbg_cancel_gate(ctx, pol, tgid, bpf_get_current_task(), s))
         return 0;
-    u32 needed = dbg_needed(pol);
-    if (!s || s->reported || !needed || s->fails < needed)
+    if (!s || s->reported || s->fails < dbg_least_needed(pol))
         return 0;
     u64 task = bpf_get_current_task();
     if (dbg_dying(task))
+        return 0;
+    /* The gate is the task's own scope's: pressure in one pod does not shorten another's. */
+    u32 level = pol->level;
+    u64 scope = dbg_scope_of(pol, task, &level);
+    u32 needed = dbg_needed(pol, level);
+    if (!needed || s->fails < needed)
         return 0;
     u32 tier = 0;
     u32 evflags = dbg_kill_gate(pol, task, tgid, dbg_anon_pages(task), &tier);
     if (evflags) {
         s->reported = 1;
-        dbg_kill(ctx, pol, tier, evflags, s);
+        dbg_kill(ctx, pol, level, tier, evflags, s);
         return 0;
     }
-    dbg_kill_victim(ctx, pol, s);
+    dbg_kill_victim(ctx, pol, level, scope, s);
     s->fails = 0;
     s->first_ns = bpf_ktime_get_ns();
     return 0;

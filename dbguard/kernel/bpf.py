@@ -150,7 +150,9 @@ class BpfGuard:
         self._scopes = bpf[b"scopes"]
         self._streaks = bpf[b"streaks"]
         self._victims = bpf[b"victims"]
-        self._listed: list[tuple[int, int, int, str]] = []
+        self._listed: list[tuple[int, int, int, str, int]] = []
+        self._scope_keys: dict[str, int] = {}       # scope directory -> the kernel's key for it (dbg_scope_of)
+        self._scope_entries: dict[int, layout.Scope] = {}
         self._policy = layout.Policy(level=0, enabled=0, dry_run=1, min_level_to_kill=3,
                                      fail_streak=DEFAULT_FAIL_STREAK, fail_pages=0,
                                      self_tgid=os.getpid(), n_cgroups=0, early_streak=0,
@@ -234,24 +236,48 @@ class BpfGuard:
         killed in any of them; the host ("") among them is every task."""
         dirs = list(dict.fromkeys(d.rstrip("/") for d in cgroup_dirs)) or [""]
         found: dict[int, int] = {}
+        keys: dict[str, int] = {}
         if not unlisted:
             kind, ident, level = layout.SCOPE_NONE, 0, 0
         elif len(dirs) == 1 or "" in dirs:
             kind, ident, level = scope_of("" if "" in dirs else dirs[0])
+            keys = dict.fromkeys(dirs, layout.SCOPE_HOST if kind == layout.SCOPE_ALL else ident)
         else:
+            keys = {d: scope_of(d)[1] for d in dirs}
             found = {ident: depth for _, ident, depth in map(scope_of, dirs)}
             if len(found) > layout.MAX_SCOPES or not all(0 < d < layout.SCOPE_DEPTH for d in found.values()):
                 raise DbguardError(f"{len(found)} scopes at depths {sorted(set(found.values()))}: the kernel's "
                                    f"scope set holds {layout.MAX_SCOPES} at depths 1 to {layout.SCOPE_DEPTH - 1}")
             kind, ident, level = layout.SCOPE_SET, 0, 0
-        for key in [k.value for k in self._scopes.keys() if k.value not in found]:
+        self._scope_keys = keys
+        for key in [k for k in self._scope_entries if k not in found]:
             self._delete(self._scopes, ct.c_uint64(key))
+            del self._scope_entries[key]
         for key, depth in found.items():
-            self._scopes[ct.c_uint64(key)] = ct.c_uint32(depth)
+            old = self._scope_entries.get(key)
+            if old is None or old.depth != depth:
+                self._scope_entries[key] = layout.Scope(depth, old.level if old else 0)
+                self._scopes[ct.c_uint64(key)] = self._scope_entries[key]
         p = self._policy
         if (p.scope, p.scope_id, p.scope_level) != (kind, ident, level):
             p.scope, p.scope_id, p.scope_level = kind, ident, level
             self._write_policy()
+
+    def set_scope_levels(self, levels: dict[str, int]) -> None:
+        """Each watched scope's own level (scope directory -> level), for its kill gate: in a set
+        of scopes the kernel judges a streak by the level of the scope the task lies in, not by
+        the highest of them (set_policy's level, which still serves a single scope)."""
+        for d, lvl in levels.items():
+            key = self._scope_keys.get(d.rstrip("/"))
+            e = self._scope_entries.get(key)
+            if e is not None and e.level != int(lvl):
+                e.level = int(lvl)
+                self._scopes[ct.c_uint64(key)] = e
+
+    def scope_key(self, cgroup_dir: str) -> int:
+        """The kernel's key for a watched scope (what dbg_scope_of returns for its tasks); 0 when
+        it is not one."""
+        return self._scope_keys.get(cgroup_dir.rstrip("/"), 0)
 
     def set_exes(self, identities: set[tuple[int, int]]) -> None:
         """Database server executables by (inode, kernel dev_t): a task running one is never
@@ -296,19 +322,20 @@ class BpfGuard:
             if e.start and _start_ticks(tgid) != e.start:
                 self._delete(self._procs, ct.c_uint32(tgid))
 
-    def set_listed_victims(self, listed: list[tuple[int, int, int, str]]) -> None:
+    def set_listed_victims(self, listed: list[tuple[int, int, int, str, str]]) -> None:
         """The candidates the kernel may kill for a task that may not be killed, besides the
-        ones it found itself: (tgid, start time, candidate tier, comm), at most LISTED_VICTIMS,
-        written only when they changed (the kernel clears a slot whose process it killed or
-        that exited)."""
-        listed = list(listed)[:layout.LISTED_VICTIMS]
-        if listed == self._listed:
+        ones it found itself: (tgid, start time, candidate tier, comm, the directory of the
+        watched scope it lies in: only a stuck task of that scope gets it killed), at most
+        LISTED_VICTIMS, written only when they changed (the kernel clears a slot whose process
+        it killed or that exited)."""
+        keyed = [(t, st, tier, comm, self.scope_key(d)) for t, st, tier, comm, d in list(listed)[:layout.LISTED_VICTIMS]]
+        if keyed == self._listed:
             return
-        self._listed = listed
+        self._listed = keyed
         for i in range(layout.LISTED_VICTIMS):
-            tgid, start, tier, comm = listed[i] if i < len(listed) else (0, 0, 0, "")
+            tgid, start, tier, comm, key = keyed[i] if i < len(keyed) else (0, 0, 0, "", 0)
             self._victims[ct.c_int(layout.VICTIM_SLOTS + i)] = layout.Victim(
-                tgid, layout.EVF_CANDIDATE, start, 0, 0, tier, 0, comm.encode()[:15])
+                tgid, layout.EVF_CANDIDATE, start, 0, 0, tier, 0, key, comm.encode()[:15])
 
     def sync_cgroups(self, policies: dict[int, tuple[int, int]]) -> None:
         """cgroup v2 id -> (tier, action ACTION_KILL/ACTION_SHIELD); see the module doc for v1 hosts."""

@@ -26,6 +26,8 @@ from ..model import Level, Role, Snapshot
 from ..sense.procfs import read_proc
 from ..sense.scope import owner
 from .bpf import INHERIT, SHIELD, BpfEvent, BpfGuard, event_to_audit, exe_identity
+from .layout import LISTED_VICTIMS
+from .sync import listed_victims
 
 log = logging.getLogger("dbguard")
 
@@ -76,14 +78,17 @@ class KernelFeed:
             log.warning("%s; the kernel kills listed candidates only", e)
             self.bpf.set_scopes(scope_dirs, unlisted=False)
 
-    def sync(self, answered: Iterable[tuple[object, Snapshot]], level: Level, cfg: Config, dry_run: bool) -> None:
-        """answered: (policy, snapshot) of each scope; level: the highest of them."""
+    def sync(self, answered: Iterable[tuple[object, Snapshot]], level: Level, cfg: Config, dry_run: bool,
+             levels: dict[str, Level] | None = None) -> None:
+        """answered: (policy, snapshot) of each scope; level: the highest of them; levels: each
+        scope's own (its memory cgroup directory -> level), the kill gate of its tasks."""
         b = cfg.bpf
         self.bpf.set_policy(level=int(level), enabled=cfg.kill.enabled, dry_run=dry_run,
                             min_level_to_kill=b.min_level_to_kill, fail_streak=b.fail_streak,
                             fail_pages=b.fail_pages, early_streak=b.early_fail_streak, births=b.births,
                             min_anon_bytes=cfg.kill.min_rss, cancel_streak=b.cancel_streak if b.cancel else 0,
                             cancel_gap=b.cancel_interval, cancel_pages=b.cancel_pages)
+        self.bpf.set_scope_levels({d: int(lv) for d, lv in (levels or {}).items()})
         answered = list(answered)
         running = set().union(*(running_server_exes(snap) for _, snap in answered))
         if running != self._server_exes:
@@ -94,6 +99,7 @@ class KernelFeed:
         # kernel's per-cgroup map never matches a memory cgroup; see dbguard.kernel.bpf).
         # Each scope lists the processes it holds; no process is held by two.
         protected, candidates, starts, cancel, held = {}, {}, {}, set(), {}
+        scope_of: dict[int, str] = {}
         for policy, snap in answered:
             view = policy.kernel_view(snap)
             protected.update({pid: (SHIELD | INHERIT if inherit else SHIELD, tier)
@@ -102,14 +108,16 @@ class KernelFeed:
             starts.update({pid: snap.procs[pid].start_time for pid in (*view.protected, *view.candidates)
                            if pid in snap.procs})
             held.update({pid: snap.procs[pid] for pid in view.candidates if pid in snap.procs})
+            scope_of.update(dict.fromkeys(view.candidates, snap.memory.cgroup or ""))
             cancel |= view.cancel
         judged = answered[0][1].procs.keys() if len(answered) == 1 else \
             set().union(*(snap.procs for _, snap in answered))
         self.bpf.sync_processes(protected, candidates, starts=starts, judged=judged,
                                 cancel=frozenset(cancel) if b.cancel else frozenset())
-        # The largest of them, for the kernel to kill when a task that may not be killed is stuck.
-        listed = sorted(held, key=lambda p: -held[p].rss_bytes)
-        self.bpf.set_listed_victims([(p, starts[p], candidates[p], held[p].comm) for p in listed])
+        # The largest of each scope, for the kernel to kill when a task of that scope that may not
+        # be killed is stuck.
+        listed = listed_victims({p: (scope_of[p], held[p].rss_bytes) for p in held}, LISTED_VICTIMS)
+        self.bpf.set_listed_victims([(p, starts[p], candidates[p], held[p].comm, scope_of[p]) for p in listed])
 
     def is_server_exe(self, pid: int) -> bool:
         ident = exe_identity(f"/proc/{pid}/exe")

@@ -32,6 +32,7 @@ EVF_UNLISTED = C["DBG_EVF_UNLISTED"]
 EVF_EXEC = C["DBG_EVF_EXEC"]
 SCOPE_NONE, SCOPE_CGROUP, SCOPE_ALL = C["DBG_SCOPE_NONE"], C["DBG_SCOPE_CGROUP"], C["DBG_SCOPE_ALL"]
 SCOPE_SET, MAX_SCOPES, SCOPE_DEPTH = C["DBG_SCOPE_SET"], C["DBG_MAX_SCOPES"], C["DBG_SCOPE_DEPTH"]
+SCOPE_HOST = C["DBG_SCOPE_HOST"]
 NSEC_PER_TICK = C["DBG_NSEC_PER_TICK"]
 EVF_KILLED = C["DBG_EVF_KILLED"]
 EVF_CANDIDATE = C["DBG_EVF_CANDIDATE"]
@@ -73,7 +74,11 @@ class Streak(ct.Structure):
 class Victim(ct.Structure):
     _fields_ = [("tgid", ct.c_uint32), ("flags", ct.c_uint32), ("start", ct.c_uint64),
                 ("anon_pages", ct.c_uint64), ("seen_ns", ct.c_uint64), ("tier", ct.c_uint32),
-                ("pad", ct.c_uint32), ("comm", ct.c_char * 16)]
+                ("pad", ct.c_uint32), ("scope", ct.c_uint64), ("comm", ct.c_char * 16)]
+
+
+class Scope(ct.Structure):
+    _fields_ = [("depth", ct.c_uint32), ("level", ct.c_uint32)]
 
 
 class Exe(ct.Structure):
@@ -108,6 +113,6 @@ class Event(ct.Structure):
 MAP_KEYS = {"procs": ct.c_uint32, "cgroups": ct.c_uint64, "exes": Exe, "scopes": ct.c_uint64,
             "streaks": ct.c_uint32, "policy": ct.c_int, "counters": ct.c_int, "last_wake": ct.c_int,
             "reclaim_jump": ct.c_int, "events": ct.c_int, "last_cancel": ct.c_int, "victims": ct.c_int}
-MAP_VALUES = {"procs": Proc, "cgroups": Cgroup, "exes": ct.c_uint32, "scopes": ct.c_uint32, "streaks": Streak,
+MAP_VALUES = {"procs": Proc, "cgroups": Cgroup, "exes": ct.c_uint32, "scopes": Scope, "streaks": Streak,
               "policy": Policy, "counters": ct.c_uint64, "last_wake": ct.c_uint64, "reclaim_jump": ct.c_int,
               "events": ct.c_int, "last_cancel": ct.c_uint64, "victims": Victim}

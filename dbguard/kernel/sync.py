@@ -92,3 +92,19 @@ def diff_plain(current: dict, wanted: dict) -> Diff:
     updates = {k: v for k, v in wanted.items() if current.get(k) != v}
     deletes = [k for k in current if k not in wanted]
     return Diff(updates, deletes)
+
+
+def listed_victims(held: dict[int, tuple[str, int]], slots: int) -> list[int]:
+    """Which candidates fill the kernel's listed-victim slots: held is tgid -> (its scope, bytes
+    held). The kernel takes a stuck task's victim from its own scope only, so every scope gets
+    its largest first, then each its second, and so on, larger before smaller in each round."""
+    by_scope: dict[str, list[int]] = {}
+    for tgid in sorted(held, key=lambda t: (-held[t][1], t)):
+        by_scope.setdefault(held[tgid][0], []).append(tgid)
+    out: list[int] = []
+    rank = 0
+    while len(out) < slots and any(rank < len(v) for v in by_scope.values()):
+        row = [v[rank] for v in by_scope.values() if rank < len(v)]
+        out += sorted(row, key=lambda t: (-held[t][1], t))
+        rank += 1
+    return out[:slots]

@@ -22,6 +22,7 @@ from dbguard.kernel.maps import map_info
 from lab import pace
 from lab.cgroup import MemoryCgroup
 from lab.hog import UNLIMITED, spawn, wait_holding
+from lab.procs import start_time
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root, pytest.mark.e2e]
 
@@ -309,8 +310,8 @@ def test_a_shielded_allocator_stuck_in_reclaim_gets_the_listed_victim_killed(bpf
         shielded = start_hog(procs, cg, total=150 * MiB)
         start = int(open(f"/proc/{idle.pid}/stat").read().rsplit(")", 1)[1].split()[19])
         bpf.sync_processes({shielded.pid: (SHIELD, 0)}, {idle.pid: 1})
-        bpf.set_listed_victims([(idle.pid, start, 1, "idle")])
         bpf.set_scope(str(cg.path))
+        bpf.set_listed_victims([(idle.pid, start, 1, "idle", str(cg.path))])
         bpf.set_policy(level=3, enabled=True, dry_run=False, min_level_to_kill=3, fail_streak=3)
         before = bpf.counters()
         go(shielded)
@@ -323,6 +324,36 @@ def test_a_shielded_allocator_stuck_in_reclaim_gets_the_listed_victim_killed(bpf
         rec = event_to_audit(ev)
         assert rec["path"] == "bpf" and f"pid {shielded.pid}" in rec["reason"]
         assert bpf.counters()["kills_for_other"] > before["kills_for_other"]
+
+
+def test_a_stuck_shielded_allocator_gets_a_victim_of_its_own_scope_never_another_pods(bpf, procs):
+    """Two pods on one node, each in its own memory cgroup, one guard: scope A's shielded
+    allocator is stuck in reclaim. Pod B's candidate is the largest on the node, but its memory
+    would free nothing under A's limit: the victim killed for A's task is A's own candidate,
+    and B's survives untouched (no kill event for it, no kernel OOM kill in B)."""
+    if "#define DBG_HAVE_SIGNAL_TASK 1" not in bpf.source:
+        pytest.fail("the kill for another task needs bpf_send_signal_task (Linux 6.13); "
+                    "this kernel got the fallback (test_kfunc_ids_agree_with_bpftool)", pytrace=False)
+    with MemoryCgroup(200 * MiB) as a, MemoryCgroup(400 * MiB) as b:
+        small = start_hog(procs, a, total=60 * MiB, gate=False)
+        big = start_hog(procs, b, total=250 * MiB, gate=False)
+        wait_holding(small, "scope A's candidate")
+        wait_holding(big, "scope B's candidate")
+        shielded = start_hog(procs, a, total=170 * MiB)      # fits in A alone, not beside A's candidate
+        bpf.set_scopes([str(a.path), str(b.path)])
+        bpf.sync_processes({shielded.pid: (SHIELD, 0)}, {small.pid: 1, big.pid: 1})
+        bpf.set_listed_victims([(big.pid, start_time(big.pid), 1, "big", str(b.path)),
+                                (small.pid, start_time(small.pid), 1, "small", str(a.path))])
+        bpf.set_policy(level=3, enabled=True, dry_run=False, min_level_to_kill=3, fail_streak=3)
+        go(shielded)
+        events = wait_events(bpf, lambda evs: any(e.kind == "kill" and e.tgid == small.pid for e in evs))
+        kills = [e for e in events if e.kind == "kill" and e.tgid == small.pid]
+        assert kills, f"no BPF kill of scope A's candidate; events: {events}, counters: {bpf.counters()}"
+        assert kills[0].detail["for_pid"] == shielded.pid and wait_exit(small) == -9
+        events += bpf.poll(200)
+        assert not [e for e in events if e.tgid == big.pid], f"scope B's candidate was acted on: {events}"
+        assert big.poll() is None, f"scope B's candidate died (exit {big.returncode})"
+        assert b.oom_kills() == 0
 
 
 def test_page_cache_full_cgroup_sees_no_kill(bpf, procs, big_file):

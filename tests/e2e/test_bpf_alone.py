@@ -117,6 +117,25 @@ def test_each_scope_of_a_set_is_watched_in_the_kernel_and_no_other_cgroup(bpf, p
         assert not of(events, "kill", h.pid) and not of(events, "would_kill", h.pid)
 
 
+def test_each_scope_of_a_set_is_judged_by_its_own_level(bpf, procs):
+    """Pod A at critical, pod B at ok with no kill below critical (early streak 0): the kernel
+    kills A's hog, and leaves B's to the kernel's OOM killer, as B's own level says; the
+    highest level of the node (the policy's) is not B's gate."""
+    with MemoryCgroup(192 * MiB) as a, MemoryCgroup(192 * MiB) as b:
+        bpf.set_scopes([str(a.path), str(b.path)])
+        bpf.set_policy(level=3, enabled=True, dry_run=False, min_level_to_kill=3, fail_streak=3,
+                       early_streak=0, min_anon_bytes=32 * MiB)
+        bpf.set_scope_levels({str(a.path): 3, str(b.path): 0})
+        h = hog(procs, a)
+        rc, events = events_until_exit(bpf, h)
+        assert rc == -9 and of(events, "kill", h.pid), f"A: exit {rc}; events {events}"
+        assert of(events, "kill", h.pid)[0].level == 3 and a.oom_kills() == 0
+        h = hog(procs, b)
+        rc, events = events_until_exit(bpf, h)
+        assert rc == -9 and b.oom_kills() >= 1, "the kernel OOM killer ended it"
+        assert not of(events, "kill", h.pid) and not of(events, "would_kill", h.pid), events
+
+
 def test_a_page_cache_load_sees_no_kill(bpf, procs):
     """Reclaim that succeeds is normal: the scope full of clean page cache, nobody killed."""
     with tempfile.NamedTemporaryFile(dir="/var/tmp", prefix="dbguard-cache-") as f:

@@ -6,7 +6,7 @@ import pytest
 from dbguard.kernel import layout
 from dbguard.kernel.events import PAGE_SIZE, BpfEvent, decode, event_to_audit
 from dbguard.kernel.source import kernel_has_ringbuf
-from dbguard.kernel.sync import ProcEntry, diff_plain, diff_procs
+from dbguard.kernel.sync import ProcEntry, diff_plain, diff_procs, listed_victims
 
 S, I, H, C = layout.SHIELD, layout.INHERIT, layout.INHERITED, layout.CANDIDATE
 
@@ -194,3 +194,13 @@ def test_decode_a_kill_sent_for_a_task_that_may_not_be_killed():
     assert "for postgres (pid 12)" in rec["reason"] and "8 times" in rec["reason"]
     own = decode(_raw(kind=1, pid=70, tgid=70, a=8, by_pid=70, flags=layout.EVF_UNLISTED), 0)
     assert "for_pid" not in own.detail
+
+
+def test_listed_victims_give_every_scope_its_largest_first():
+    """The kernel takes a stuck task's victim from its own scope only: one big pod must not take
+    every listed slot from the others."""
+    held = {1: ("/a", 900), 2: ("/a", 800), 3: ("/a", 700), 4: ("/b", 10), 5: ("/c", 50), 6: ("/b", 5)}
+    assert listed_victims(held, 3) == [1, 5, 4]
+    assert listed_victims(held, 8) == [1, 5, 4, 2, 6, 3]
+    assert listed_victims({}, 8) == []
+    assert listed_victims({7: ("", 1), 8: ("", 2)}, 8) == [8, 7]

@@ -35,6 +35,7 @@ GUEST_DESELECT = [
     # Needs the bpf_send_signal_task kfunc (Linux 6.13): the guest's 6.1 loads the fallback
     # without the kill for another task, so the test cannot hold there.
     "tests/e2e/test_bpf.py::test_a_shielded_allocator_stuck_in_reclaim_gets_the_listed_victim_killed",
+    "tests/e2e/test_bpf.py::test_a_stuck_shielded_allocator_gets_a_victim_of_its_own_scope_never_another_pods",
     # A product gap the guest's slow exits expose, not the test's shape (docs/testing-vm.md, "Not yet"):
     # the kernel OOM killer chose the protected process while the BPF-killed hog was still exiting
     # (1 of 4 VM runs; memory.events oom_kill 1, the BPF breach counter 1).
