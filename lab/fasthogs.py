@@ -28,13 +28,14 @@ class Round:
     oom_kills: int                               # the cgroup's kernel OOM kill counter, this round
     kmsg_victims: list[tuple[int, str]] = field(default_factory=list)   # the kernel log's, this round
     seconds: float = 0.0
+    limit_hits: int = 0                          # charges that hit the cgroup's limit (v1 memory.failcnt), this round
 
 
 def one_round(cg: MemoryCgroup, workdir: Path, name: str, kmsg: Kmsg, procs=None) -> Round:
     """HOGS hogs started together, HOG_STEP steps without pause up to HOG_SIZE; the round ends
     when each was killed or holds its memory (the survivors are then ended). `procs`: a
     lab.procs.Processes that cleans up after a failure."""
-    oom_before = cg.oom_kills()
+    oom_before, hits_before = cg.oom_kills(), cg.limit_hits()
     kmsg.read()
     t0 = time.monotonic()
     hogs, outs = [], [workdir / f"hog-{name}-{j}.out" for j in range(HOGS)]
@@ -53,7 +54,7 @@ def one_round(cg: MemoryCgroup, workdir: Path, name: str, kmsg: Kmsg, procs=None
     time.sleep(0.5)          # the kernel log's records of this round, if any, are written
     return Round(pids=[p.pid for p in hogs], killed=sum(c == -9 for c in codes),
                  oom_kills=cg.oom_kills() - oom_before, kmsg_victims=kmsg_oom_victims(kmsg.read(), cg.relpath),
-                 seconds=round(seconds, 3))
+                 seconds=round(seconds, 3), limit_hits=cg.limit_hits() - hits_before)
 
 
 def kills_by_path(audit: list[dict], pids: list[int]) -> dict[str, int]:

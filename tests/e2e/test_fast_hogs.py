@@ -72,7 +72,8 @@ def check(rounds: list[tuple[Round, str, bool, dict]], audit: list[dict], what: 
         kills = kills_by_path(audit, r.pids)
         lines.append(f"round {i}: {r.killed} hogs killed ({kills['bpf']} by BPF, {kills['bpf_for_other']} of them "
                      f"for a stuck task, {kills['user']} by user space), "
-                     f"kernel OOM kills {r.oom_kills} (counter) {r.kmsg_victims} (log); BPF counted {counted}"
+                     f"kernel OOM kills {r.oom_kills} (counter) {r.kmsg_victims} (log), limit hit {r.limit_hits} times; "
+                     f"BPF counted {counted}"
                      f"{', database: ' + database if database else ''}{'' if running else ', dbguard not running'}")
         ran_out = counted["kills"] or counted["no_victim"]      # a failing streak reached the gate
         if r.oom_kills or r.kmsg_victims or database or not running or (ran_out and not kills["bpf"]):
