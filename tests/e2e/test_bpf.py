@@ -341,6 +341,7 @@ def test_a_stuck_shielded_allocator_gets_a_victim_of_its_own_scope_never_another
         wait_holding(big, "scope B's candidate")
         shielded = start_hog(procs, a, total=170 * MiB)      # fits in A alone, not beside A's candidate
         bpf.set_scopes([str(a.path), str(b.path)])
+        bpf.set_scope_levels({str(a.path): 3, str(b.path): 3})     # a set: each scope's own level is its gate
         bpf.sync_processes({shielded.pid: (SHIELD, 0)}, {small.pid: 1, big.pid: 1})
         bpf.set_listed_victims([(big.pid, start_time(big.pid), 1, "big", str(b.path)),
                                 (small.pid, start_time(small.pid), 1, "small", str(a.path))])
