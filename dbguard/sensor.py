@@ -92,6 +92,10 @@ class Sensor:
         self.table = ProcTable()
         self.classifier = Classifier()
         self._seqs: dict[str, int] = {}     # scope -> the number of its last snapshot
+        # database -> its server pid: when it was placed in a watch, and at the last collect.
+        # They differ when a server started after dbguard or again in another pod (scope).
+        self._placed: dict[str, int | None] = {}
+        self._seen: dict[str, int | None] = {}
         self.observe_collector = lambda source, ok, seconds: None
 
     def _discover(self) -> tuple[DatabaseConfig, ...]:
@@ -132,6 +136,7 @@ class Sensor:
         except DbguardError:
             self._close_watches()
             raise
+        self._placed = {s.name: s.server_pid for s in stats}
         self._host_psi()
 
     def _host_psi(self) -> None:
@@ -166,19 +171,48 @@ class Sensor:
                 self._host_psi()
         w = w or self.watches[0]
         w.databases += (name,)
+        self._placed[name] = server_pid
         return w
 
     def update_scopes(self) -> bool:
-        """Scopes whose cgroup went away (a pod deleted) dropped, databases found since
-        (discovery) placed, each in its own scope (a new pod: a new scope); whether anything changed."""
+        """Scopes whose cgroup went away (a pod deleted) dropped, databases whose server started
+        since or moved (a pod started after dbguard, or again elsewhere) and those found since
+        (discovery) placed, each in its own scope (a new pod: a new scope); a watch left with no
+        database dropped; whether anything changed."""
         scopes = [w.name for w in self.watches]
         for w in self.gone():
             log.info("scope %s: its cgroup is gone; no longer watched", w.name)
+        for name in self.moved():
+            log.info("database %s: server pid %s, answered in scope %s", name, self._placed[name],
+                     next(w.name for w in self.watches if name in w.databases))
         added = self.rediscover()
         for name in added:
             w = self.place(name, self.databases[name].collect().server_pid)
             log.info("now protecting %s (scope %s)", name, w.name)
+        self._drop_empty()
         return bool(added) or scopes != [w.name for w in self.watches]
+
+    def moved(self) -> list[str]:
+        """Databases whose server is another process than when they were placed (one that was
+        down at start: placed in the host's watch), placed again where that server is now. Only
+        server pids already collected are compared: no SQL and no cgroup walk when none changed."""
+        if self.cfg.pressure.cgroup:          # one configured scope answers every database
+            return []
+        out = [n for n, pid in self._seen.items() if pid and pid != self._placed.get(n) and n in self.databases]
+        for name in out:
+            for w in self.watches:
+                w.databases = tuple(d for d in w.databases if d != name)
+            self.place(name, self._seen[name])
+        return out
+
+    def _drop_empty(self) -> None:
+        """Watches no database is answered in any more (the host's, opened for a server not
+        found at start), closed; the last one stays (the host when nothing is configured)."""
+        for w in [w for w in self.watches if not w.databases][:len(self.watches) - 1]:
+            self.watches.remove(w)
+            w.close()
+            log.info("scope %s: no database answered there any more; no longer watched", w.name)
+        self._host_psi()
 
     def gone(self) -> list[Watch]:
         """Watches whose cgroup was removed (a pod deleted), dropped; their databases are placed
@@ -206,6 +240,7 @@ class Sensor:
             s = db.collect()
             self.observe_collector(f"{db.kind}:{db.name}", s.up, time.monotonic() - t0)
             stats.append(s)
+        self._seen = {s.name: s.server_pid for s in stats}
         return stats
 
     def collect_caches(self) -> list[CacheStats]:

@@ -16,27 +16,18 @@ the same host pids, the kernel OOM killer never struck in either cgroup, dbguard
 from __future__ import annotations
 
 import contextlib
-import subprocess
-import time
 
 import pytest
 
 from dbguard.errors import DbguardError
-from lab import hog
 from lab.launcher import DbguardRun, audit_names, base_config
 from lab.pod import PodPostgres
 from lab.procs import wait_until
+from lab.scopes import ANSWERS, press, pressure_answer, settle
 
 MiB = 1024**2
 LIMIT = 400 * MiB
 WORK_MEM = "64MB"           # the DBA's setting in both pods (ALTER SYSTEM: dbguard shrinks it the same way)
-ANSWERS = ("kill", "shrink_cache", "cancel_query", "terminate_session", "set_oom_score_adj", "level_change")
-
-
-def pressure_answer(r: dict) -> bool:
-    """An answer to pressure: not the shield every new database process gets at rest (its
-    score lowered), which B's autovacuum workers may get while A is pressed."""
-    return r.get("action") in ANSWERS and not (r["action"] == "set_oom_score_adj" and r.get("value", 0) <= 0)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.db, pytest.mark.root]
 
@@ -50,34 +41,6 @@ def answers(pod: PodPostgres) -> bool:
         return pod.psql("SELECT 1") == "1"
     except Exception:
         return False
-
-
-def press(daemon: DbguardRun, cg, procs, name: str) -> tuple[list, float]:
-    """Hogs beside the database in `cg`: one that holds 4/5 of the limit (the database's
-    caches are answered; on cgroup v1 a scope of several is judged by its usage, the host's
-    PSI being everyone's), then one that would pass it (a kill). Returns the hogs and the
-    time pressure began."""
-    began = time.time()
-    steady = procs.add(hog.spawn(LIMIT * 4 // 5, 8 * MiB, 0.1, hold=600, preexec_fn=cg.preexec(),
-                                 stdout=subprocess.DEVNULL))
-    daemon.wait_record(lambda r: r.get("action") == "shrink_cache" and r.get("database") == name, 90,
-                       f"{name}'s work_mem shrunk")
-    big = procs.add(hog.spawn(2 * LIMIT, 10 * MiB, 0.1, hold=600, preexec_fn=cg.preexec(),
-                              stdout=subprocess.DEVNULL))
-    assert wait_until(lambda: big.poll() is not None, 60), f"the hog in {name} was never killed: {daemon.audit()[-5:]}"
-    return [steady, big], began
-
-
-def settle(daemon: DbguardRun, hogs: list, scope: str) -> None:
-    """The hogs gone, and the scope back at ok (its caches may grow back meanwhile)."""
-    for h in hogs:
-        if h.poll() is None:
-            h.kill()
-            h.wait(10)
-    def at_ok() -> bool:
-        changes = [r for r in daemon.audit() if r.get("action") == "level_change" and r.get("scope") == scope]
-        return bool(changes) and changes[-1]["result"].endswith("-> ok")
-    daemon.wait_for(at_ok, 90, f"{scope} back at ok")
 
 
 def test_two_pods_each_answered_in_its_own_scope(tmp_path, make_cgroup, procs, postgresql_host):
