@@ -237,6 +237,25 @@ class PodMariaDB(Pod):
             conn.close()
 
 
+def start_pod(kind: str, cg: MemoryCgroup, work: Path, settings: dict[str, Any] | None = None):
+    """A database pod in `cg` and its [[databases]] entry for dbguard (namespace_of: the cgroup
+    for PostgreSQL, a pid file in `work` for MariaDB, so both forms run; MariaDB's dbguard
+    user's password in a file there)."""
+    if kind == "postgresql":
+        pod = PodPostgres(cg, settings).__enter__()
+        return pod, {"kind": "postgresql", "name": "pod-pg", "dsn": pod.dsn, "namespace_of": str(cg.path)}
+    pod = PodMariaDB(cg, settings).__enter__()
+    pod.sql("CREATE USER dbguard@localhost IDENTIFIED BY 's3cret'")
+    pod.sql("GRANT PROCESS, SUPER, CONNECTION ADMIN ON *.* TO dbguard@localhost")
+    pw = work / "mysql.password"
+    pw.write_text("s3cret\n")
+    pw.chmod(0o600)
+    pid_file = work / "pod.pid"
+    pid_file.write_text(f"{pod.host_pid}\n")
+    return pod, {"kind": "mysql", "name": "pod-my", "socket": pod.SOCKET, "user": "dbguard",
+                 "password_file": str(pw), "namespace_of": str(pid_file)}
+
+
 def _ids(user: str) -> tuple[int, int]:
     import pwd
     pw = pwd.getpwnam(user)

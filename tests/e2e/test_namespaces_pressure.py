@@ -20,7 +20,7 @@ import pytest
 from dbguard.errors import DbguardError
 from lab import hog
 from lab.launcher import DbguardRun, audit_names, base_config
-from lab.pod import PodMariaDB, PodPostgres
+from lab.pod import start_pod
 from lab.procs import oom_score_adj, wait_until
 
 MiB = 1024**2
@@ -39,24 +39,6 @@ def pod_pids(pod) -> list[int]:
                 if (d / "ns/pid").readlink() == link:
                     out.append(int(d.name))
     return out
-
-
-def start_pod(kind: str, cg, work: Path):
-    """The pod and its [[databases]] entry (namespace_of: the cgroup for PostgreSQL, a pid
-    file for MariaDB, so both forms run)."""
-    if kind == "postgresql":
-        pod = PodPostgres(cg).__enter__()
-        return pod, {"kind": "postgresql", "name": "pod-pg", "dsn": pod.dsn, "namespace_of": str(cg.path)}
-    pod = PodMariaDB(cg).__enter__()
-    pod.sql("CREATE USER dbguard@localhost IDENTIFIED BY 's3cret'")
-    pod.sql("GRANT PROCESS, SUPER, CONNECTION ADMIN ON *.* TO dbguard@localhost")
-    pw = work / "mysql.password"
-    pw.write_text("s3cret\n")
-    pw.chmod(0o600)
-    pid_file = work / "pod.pid"
-    pid_file.write_text(f"{pod.host_pid}\n")
-    return pod, {"kind": "mysql", "name": "pod-my", "socket": pod.SOCKET, "user": "dbguard",
-                 "password_file": str(pw), "namespace_of": str(pid_file)}
 
 
 def answers(kind: str, pod) -> bool:
