@@ -189,6 +189,8 @@ class Daemon:
     def cycle(self) -> list[Answer]:
         """Every scope read, judged and answered on its own (one process table, one round of SQL)."""
         if self.sensor.update_scopes():          # a database found since, a pod gone
+            self._put_back_scores(self.sensor.dropped, "scope no longer watched")
+            self.sensor.dropped = []
             build_policies(self.cfg, self.sensor, self.dry_run)
             self.executor.databases = self.sensor.databases
             if self.feed is not None:
@@ -343,7 +345,7 @@ class Daemon:
     def close(self) -> None:
         self.stopping = True
         if self.executor is not None and not self.dry_run:
-            self._put_back_scores()
+            self._put_back_scores(self.watches)
             self._restore_caches()
         if self.bpf is not None:
             self.bpf.close()
@@ -356,14 +358,18 @@ class Daemon:
         if self.sensor is not None:
             self.sensor.close()
 
-    def _put_back_scores(self) -> None:
+    def _put_back_scores(self, watches: list[Watch], why: str = "dbguard stopping") -> None:
+        """The scores raised in these scopes, back (at stop; for a scope dropped while running:
+        no other scope's policy knows them, so they would stay raised)."""
+        if not any(w.state.scored for w in watches):
+            return
         try:
             snap = self.sensor.processes()
-        except Exception as e:      # stopping must go on: say it and leave the scores
-            log.warning("scores not put back at stop: %s", e)
+        except Exception as e:      # stopping (or the loop) must go on: say it and leave the scores
+            log.warning("scores not put back (%s): %s", why, e)
             return
-        for w in self.watches:
-            for a in w.policy.on_stop(snap, w.state):
+        for w in (w for w in watches if w.policy is not None):
+            for a in w.policy.on_stop(snap, w.state, why):
                 self.executor.one(a, self.level, snap)
 
     def _restore_caches(self) -> None:

@@ -96,6 +96,7 @@ class Sensor:
         # They differ when a server started after dbguard or again in another pod (scope).
         self._placed: dict[str, int | None] = {}
         self._seen: dict[str, int | None] = {}
+        self.dropped: list[Watch] = []      # watches dropped since the daemon last undid their scores
         self.observe_collector = lambda source, ok, seconds: None
 
     def _discover(self) -> tuple[DatabaseConfig, ...]:
@@ -211,6 +212,7 @@ class Sensor:
         for w in [w for w in self.watches if not w.databases][:len(self.watches) - 1]:
             self.watches.remove(w)
             w.close()
+            self.dropped.append(w)
             log.info("scope %s: no database answered there any more; no longer watched", w.name)
         self._host_psi()
 
@@ -221,6 +223,7 @@ class Sensor:
         for w in out:
             self.watches.remove(w)
             w.close()
+        self.dropped += out
         self._host_psi()
         stats = {s.name: s for s in self.collect()} if out else {}
         for name in (n for w in out for n in w.databases):

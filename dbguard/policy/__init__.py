@@ -113,9 +113,10 @@ class Policy:
         a = newborn(proc, self.judge.verdict(proc, Role.OTHER, self_pid, limit), state, self.cfg.protection)
         return None if a is None else self._stamped([a])[0]
 
-    def on_stop(self, snap: Snapshot, state: PolicyState) -> list[Action]:
-        """What to undo at stop: the scores dbguard raised (the caches go back by their own path)."""
-        return self._stamped(put_back(snap, state))
+    def on_stop(self, snap: Snapshot, state: PolicyState, why: str = "dbguard stopping") -> list[Action]:
+        """What to undo at stop, or when this scope is no longer watched: the scores dbguard
+        raised (the caches go back by their own path)."""
+        return self._stamped(put_back(snap, state, why))
 
     def _stamped(self, actions: list[Action]) -> list[Action]:
         """Marked dry run when it is one, and with the scope that decided them."""

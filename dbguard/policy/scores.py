@@ -65,14 +65,15 @@ def newborn(proc: Proc, v: Verdict, state: PolicyState, prot: Protection) -> Act
                   target=proc_name(proc), value=want)
 
 
-def put_back(snap: Snapshot, state: PolicyState) -> list[Action]:
-    """At stop: the scores dbguard raised, back to what they were, where they are still ours
-    (a process whose score someone else changed since is left as it is)."""
+def put_back(snap: Snapshot, state: PolicyState, why: str = "dbguard stopping") -> list[Action]:
+    """At stop, or when the scope is no longer watched: the scores dbguard raised, back to what
+    they were, where they are still ours (a process whose score someone else changed since is
+    left as it is)."""
     out = []
     for pid, proc in snap.procs.items():
         original, want = state.scored.get(proc.key, (None, None))
         if want is None or want <= original or proc.oom_score_adj != want:
             continue
-        out.append(Action(ActionKind.SET_OOM_SCORE_ADJ, f"dbguard stopping: put back the score it raised to {want}",
+        out.append(Action(ActionKind.SET_OOM_SCORE_ADJ, f"{why}: put back the score it raised to {want}",
                           pid=pid, start_time=proc.start_time, target=proc_name(proc), value=original))
     return out

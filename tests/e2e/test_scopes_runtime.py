@@ -5,7 +5,8 @@ namespace_of), but when `dbguard run` starts only A and C are up: B's cgroup doe
 yet, so B's server cannot be found and is answered in the host's scope. Then B's pod starts
 in a new cgroup: dbguard must watch that cgroup as B's own scope (its memcg id in the BPF
 scope set, bpftool's reading; B's pressure answered in B: its work_mem shrunk and its hog
-killed, by records carrying B's scope) and drop the host's, which no database needs any more.
+killed, by records carrying B's scope) and drop the host's, which no database needs any more,
+putting back the scores it raised there (this test's own process among them).
 Then A's pod stops and its cgroup is removed, as a deleted pod's is: A's scope is dropped
 (its id gone from the BPF set; no record for A's scope afterwards, and not a line a cycle in
 dbguard's output about it), while C's pressure is still answered in C. Nothing is killed by
@@ -24,7 +25,7 @@ from dbguard.errors import DbguardError
 from lab.cgroup import MemoryCgroup
 from lab.launcher import DbguardRun, audit_names, base_config
 from lab.pod import PodPostgres
-from lab.procs import wait_until
+from lab.procs import oom_score_adj
 from lab.scopes import press, settle, bpf_scope_ids
 
 MiB = 1024**2
@@ -58,6 +59,7 @@ def test_a_pod_started_later_gets_its_scope_and_a_deleted_one_is_dropped(tmp_pat
         cfg["bpf"] = {"enabled": True}        # the scope set is under test: no load, no test
         cfg["databases"] = [{"kind": "postgresql", "name": f"pod-{x}", "dsn": pods["a"].dsn,
                              "namespace_of": str(cg.path)} for x, cg in (("a", cg_a), ("b", cg_b), ("c", cg_c))]
+        own_score = oom_score_adj(os.getpid())
         daemon = DbguardRun(tmp_path, cfg)
         daemon.wait_protecting(settle=2)
         ids = {x: os.stat(cg.path).st_ino for x, cg in (("a", cg_a), ("c", cg_c))}
@@ -69,6 +71,8 @@ def test_a_pod_started_later_gets_its_scope_and_a_deleted_one_is_dropped(tmp_pat
         ids["b"] = os.stat(cg_b.path).st_ino
         daemon.wait_for(lambda: bpf_scope_ids(daemon.pid) == set(ids.values()), 30,
                         f"the BPF scope set to be A, B and C ({ids})")
+        # The host's scope, dropped, raised no score for good: this test's own process among them.
+        daemon.wait_for(lambda: oom_score_adj(os.getpid()) == own_score, 10, "the host scope's raised scores put back")
         hogs_b, began_b = press(daemon, cg_b, procs, "pod-b")
         settle(daemon, hogs_b, scope_b)
         phase_b = [r for r in daemon.audit() if float(r.get("ts", 0)) >= began_b]
@@ -101,6 +105,9 @@ def test_a_pod_started_later_gets_its_scope_and_a_deleted_one_is_dropped(tmp_pat
     print(f"\nstart: {start['reason']}\nafter A was deleted ({seconds:.0f} s), dbguard said:")
     print("\n".join(f"  {ln}" for ln in lines[:20]))
     assert "host memory" in start["reason"] and scope_b not in start["reason"], start  # B not found at start
+    put_back = [r for r in daemon.audit() if r.get("action") == "set_oom_score_adj"
+                and "scope no longer watched" in r.get("reason", "")]
+    assert put_back, "no score put back when the host's scope was dropped"
     assert not (why := answered_in(phase_b, scope_b, "pod-b", hogs_b)), why
     assert not (why := answered_in(phase_c, scope_c, "pod-c", hogs_c)), why
     stale = [r for r in after_gone if r.get("scope") == scope_a]
