@@ -1,8 +1,9 @@
 """Scenario 5, sessions and sessions-mariadb: the database as its own hog (lab/sessions.py).
 
-A dozen sessions sorting at once, no outside process: PostgreSQL (work_mem=96MB,
-shared_buffers=200MB, pgbench -S -c 2 beside them) or MariaDB (sort_buffer_size=160M, merge
-runs to temporary files, two range-read clients) in a 900 MB cgroup. Recorded beside the
+Many sessions sorting at once, no outside process: PostgreSQL (12 sorts, work_mem=96MB,
+shared_buffers=200MB, pgbench -S -c 2 beside them) or MariaDB (16 sessions: 8 sorts with
+sort_buffer_size=160M, merge runs to temporary files, 8 in-memory temporary tables; two
+range-read clients) in a 900 MB cgroup. Recorded beside the
 usual figures: how the large queries ended (finished, cancelled, terminated, failed: by the
 clients' own errors), and the time from the cgroup first reaching its limit (the first
 reclaim that could not stay under it) to the guard's first session end.

@@ -13,7 +13,7 @@
     runaway        a PostgreSQL session whose sort eats memory, 500 MB cgroup, pgbench beside it
     fork-storm     the postmaster (a protected parent) forks thousands of backends (scenario_fork.py)
     sessions       a dozen PostgreSQL sessions sorting at once, no outside process, 900 MB (scenario_sessions.py)
-    sessions-mariadb  the same with MariaDB sorts spilling merge runs to tmpdir
+    sessions-mariadb  the same with MariaDB: sorts spilling merge runs to tmpdir, in-memory temp tables
 
 Times are seconds since the load started (hogs, runaway query or storm): negative before.
 Every run builds its own cgroup, cluster and data set, so each contender gets the same ones;

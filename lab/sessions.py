@@ -29,7 +29,7 @@ from lab.cgroup import MemoryCgroup
 from lab.launcher import audit_records
 from lab.pgoutput import count_crash_recoveries, crash_excerpt, parse_pgbench
 from lab.scenario import Guard, ScenarioEnv, _resolve_guard, dbguard_guard, require_lab
-from lab.watch import Watcher
+from lab.watch import Kmsg, Watcher, kmsg_oom_victims
 
 MiB = 1024 * 1024
 
@@ -51,17 +51,23 @@ class QueryCounts:
 
 
 class SortLoad:
-    """`n` sessions, each on its own connection, running `sql` again and again until stopped.
-    A session whose connection broke reconnects (a crash shows as failed queries, not as a
-    silent stop). `classify(error) -> "cancelled" | "terminated" | "refused" | "failed"`."""
+    """`n` sessions, each on its own connection, running its statement again and again until
+    stopped; session i runs `sql[i % len(sql)]` (one statement: all run it). A session whose
+    connection broke reconnects (a crash shows as failed queries, not as a silent stop).
+    `classify(error) -> "cancelled" | "terminated" | "refused" | "failed"`. `ident`: the SQL
+    that gives a session's id as the server names it (its backend pid, its connection id):
+    every id the sessions had is in `ids`, the oracle of which sessions were the load's."""
 
-    def __init__(self, connect: Callable[[], object], sql: str, n: int, classify: Callable[[Exception], str],
-                 setup: tuple[str, ...] = ()):
-        self.connect, self.sql, self.n, self.classify, self.setup = connect, sql, n, classify, setup
+    def __init__(self, connect: Callable[[], object], sql: str | tuple[str, ...], n: int,
+                 classify: Callable[[Exception], str], setup: tuple[str, ...] = (), ident: str | None = None):
+        self.connect, self.n, self.classify, self.setup, self.ident = connect, n, classify, setup, ident
+        self.sqls = (sql,) if isinstance(sql, str) else tuple(sql)
         self.counts = QueryCounts()
+        self.ids: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._work, daemon=True, name=f"sort-{i}") for i in range(n)]
+        self._threads = [threading.Thread(target=self._work, args=(self.sqls[i % len(self.sqls)],), daemon=True,
+                                          name=f"sort-{i}") for i in range(n)]
 
     def _note(self, what: str, error: Exception | None = None) -> None:
         with self._lock:
@@ -69,7 +75,7 @@ class SortLoad:
             if error is not None and len(self.counts.errors) < 20:
                 self.counts.errors.append(f"{what}: {type(error).__name__}: {str(error).splitlines()[0]}")
 
-    def _work(self) -> None:
+    def _work(self, sql: str) -> None:
         conn = None
         while not self._stop.is_set():
             try:
@@ -77,7 +83,10 @@ class SortLoad:
                     conn = self.connect()
                     for stmt in self.setup:
                         _execute(conn, stmt)
-                _execute(conn, self.sql)
+                    if self.ident:
+                        with self._lock:
+                            self.ids.add(int(_execute(conn, self.ident)[0][0]))
+                _execute(conn, sql)
                 self._note("finished")
             except Exception as e:          # noqa: BLE001 - every end is counted, by its kind
                 if self._stop.is_set():
@@ -107,13 +116,12 @@ class SortLoad:
         return self.counts
 
 
-def _execute(conn, sql: str) -> None:
+def _execute(conn, sql: str) -> list:
     if isinstance(conn, psycopg.Connection):
-        conn.execute(sql).fetchall()
-    else:
-        cur = conn.cursor()
-        cur.execute(sql)
-        cur.fetchall()
+        return conn.execute(sql).fetchall()
+    cur = conn.cursor()
+    cur.execute(sql)
+    return list(cur.fetchall())
 
 
 def pg_classify(e: Exception) -> str:
@@ -148,6 +156,9 @@ class SessionsResult:
     load_started_monotonic: float = 0.0
     progress: list = field(default_factory=list)   # (seconds since the sorts started, read transactions/s)
     first_death_at: float | None = None  # seconds after the sorts started: the first database process death
+    server_pid: int = 0                # the postmaster / mariadbd when the load started
+    session_ids: set = field(default_factory=set)   # every id the large queries' sessions had (the server's)
+    oom_victims: list = field(default_factory=list)  # (pid, comm) of the kernel's OOM kills, from /dev/kmsg
 
     @property
     def limit_reached_wall(self) -> float | None:
@@ -158,7 +169,8 @@ class SessionsResult:
                  f"oom_kills={self.oom_kills} pgbench ok={self.transactions_ok} failed={self.transactions_failed} "
                  f"lost={self.sessions_lost} large: finished={self.large.finished} cancelled={self.large.cancelled} "
                  f"terminated={self.large.terminated} refused={self.large.refused} failed={self.large.failed} "
-                 f"peak={self.peak_bytes // MiB}/{self.limit_bytes // MiB} MiB limit_reached_at={self.limit_reached_at}"]
+                 f"peak={self.peak_bytes // MiB}/{self.limit_bytes // MiB} MiB limit_reached_at={self.limit_reached_at} "
+                 f"oom_victims={self.oom_victims}"]
         lines += [f"  {e}" for e in self.timeline]
         lines += [f"  large query: {e}" for e in self.large.errors[:8]]
         lines += [f"  pgbench: {e}" for e in self.pgbench_errors[:3]]
@@ -199,6 +211,7 @@ def run_pg_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB, shar
                 run = stack.enter_context(dbguard_guard(env, extra_config=extra_config))
             else:
                 stack.enter_context(guard_cm(env))
+            kmsg = stack.enter_context(contextlib.closing(Kmsg()))
             t_bench = time.monotonic()
             pgbench = cluster.pgbench("-S", "-c", str(clients), "-j", str(min(clients, 2)), "-T",
                                       str(int(warmup + duration)), "-P", "1", "--no-vacuum")
@@ -206,7 +219,8 @@ def run_pg_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB, shar
             t0, t0_wall = time.monotonic(), time.time()
             watcher = Watcher(cg, t0, kills_until=t0 + duration, load="the sorts")
             watcher.start()
-            load = SortLoad(lambda: psycopg.connect(cluster.dsn, autocommit=True), PG_SORT, sessions, pg_classify)
+            load = SortLoad(lambda: psycopg.connect(cluster.dsn, autocommit=True), PG_SORT, sessions, pg_classify,
+                            ident="SELECT pg_backend_pid()")
             load.start()
             say(f"[{guard_name}] {sessions} sorting sessions started")
             time.sleep(duration)
@@ -225,6 +239,7 @@ def run_pg_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB, shar
             server_log = cluster.log()
             result = SessionsResult(
                 guard=guard_name, database_survived=survived, crash_recoveries=count_crash_recoveries(server_log),
+                server_pid=postmaster, session_ids=set(load.ids), oom_victims=kmsg_oom_victims(kmsg.read(), cg.relpath),
                 oom_kills=cg.oom_kills(), transactions_ok=bench.transactions_ok,
                 transactions_failed=bench.transactions_failed, sessions_lost=bench.sessions_lost, large=counts,
                 peak_bytes=cg.peak(), limit_bytes=limit, limit_reached_at=watcher.limit_reached,
@@ -250,10 +265,15 @@ def _text(b) -> str:
 
 
 # --- MariaDB ---------------------------------------------------------------------------------
-# A dozen connections sorting 400,000 wide rows with a 160 MB sort_buffer_size: each sort
-# fills its buffer, writes its merge runs to temporary files in tmpdir and merges them.
+# Sixteen connections over 400,000 wide rows. Half sort them with a 160 MB sort_buffer_size:
+# each sort fills its buffer, writes its merge runs to temporary files in tmpdir and merges
+# them. The other half make every row distinct in an in-memory (HEAP) temporary table, which
+# tmp_table_size lets grow to 256 MB before it would go to disk.
 MARIADB_ROWS = 400_000
 MARIADB_SORT = (f"SELECT id, pad FROM w.t ORDER BY CONCAT(pad, id) DESC LIMIT 1 OFFSET {MARIADB_ROWS - 10}")
+MARIADB_TEMP_TABLE = "SELECT COUNT(*) FROM (SELECT DISTINCT CONCAT(pad, id) k FROM w.t) s"
+MARIADB_SETTINGS = {"sort_buffer_size": "160M", "tmp_table_size": "256M", "max_heap_table_size": "256M",
+                    "max_connections": 64}
 ER_QUERY_INTERRUPTED = 1317        # KILL QUERY
 ER_CONNECTION_KILLED = 1927        # KILL CONNECTION
 ER_OPTION_PREVENTS_STATEMENT = 1290  # "... running with the --max-session-mem-used=N option": the cap
@@ -270,12 +290,16 @@ def mariadb_classify(e: Exception) -> str:
     return "failed"
 
 
-def run_mariadb_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB, sort_buffer: str = "160M",
-                         sessions: int = 12, clients: int = 2, duration: int = 30, warmup: float = 3.0,
-                         extra_config: dict | None = None, log: Callable[[str], None] | None = None) -> SessionsResult:
+def run_mariadb_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB, sessions: int = 16,
+                         statements: tuple[str, ...] = (MARIADB_SORT, MARIADB_TEMP_TABLE), clients: int = 2,
+                         duration: int = 30, warmup: float = 3.0, dry_run: bool = False,
+                         settings: dict | None = None, extra_config: dict | None = None,
+                         log: Callable[[str], None] | None = None) -> SessionsResult:
     """The MariaDB variant: read clients (lab.mariadb.ReadLoad) instead of pgbench; the
     result's transactions are their queries, its crash recoveries the server's restarts
-    (a killed mariadbd is not restarted here: `database_survived` says it)."""
+    (a killed mariadbd is not restarted here: `database_survived` says it, with the same pid).
+    Session i runs `statements[i % len(statements)]`. `dry_run`: dbguard runs with --dry-run
+    (it decides and records, changes nothing: the control that keeps dbguard's eyes)."""
     import pymysql
 
     from lab import require
@@ -292,8 +316,7 @@ def run_mariadb_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB,
     try:
         with contextlib.ExitStack() as stack:
             cg = stack.enter_context(MemoryCgroup(4096 * MiB))
-            db = stack.enter_context(MariaDB(settings={"sort_buffer_size": sort_buffer, "max_connections": 64},
-                                             cgroup=cg))
+            db = stack.enter_context(MariaDB(settings={**MARIADB_SETTINGS, **(settings or {})}, cgroup=cg))
             load_table(db, MARIADB_ROWS)
             db.value("SELECT COUNT(*) FROM w.t")
             db.grant_dbguard()
@@ -302,9 +325,11 @@ def run_mariadb_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB,
             say(f"[{guard_name}] MariaDB loaded; limit {limit // MiB} MiB, usage {cg.usage() // MiB} MiB")
             env = ScenarioEnv(cg, db, workdir, audit_path, lambda m: say(f"[{guard_name}] {m}"))
             if guard_name == "dbguard":
-                run = stack.enter_context(dbguard_guard(env, extra_config=extra_config))
+                run = stack.enter_context(dbguard_guard(env, extra_config=extra_config,
+                                                        extra_args=("--dry-run",) if dry_run else ()))
             else:
                 stack.enter_context(guard_cm(env))
+            kmsg = stack.enter_context(contextlib.closing(Kmsg()))
             reads = ReadLoad(db, MARIADB_ROWS, clients=clients, reconnect=False).start()
             time.sleep(warmup)
             t0, t0_wall = time.monotonic(), time.time()
@@ -312,7 +337,8 @@ def run_mariadb_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB,
             watcher.watch_process(server, f"mariadbd (pid {server})")
             watcher.start()
             kw = db.connect_kwargs()
-            load = SortLoad(lambda: pymysql.connect(**kw), MARIADB_SORT, sessions, mariadb_classify).start()
+            load = SortLoad(lambda: pymysql.connect(**kw), statements, sessions, mariadb_classify,
+                            ident="SELECT CONNECTION_ID()").start()
             say(f"[{guard_name}] {sessions} sorting sessions started")
             time.sleep(duration)
             counts = load.stop()
@@ -322,7 +348,9 @@ def run_mariadb_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB,
             guard_running = run.running() if run is not None else None
             survived = db.proc.poll() is None and _alive(server)
             result = SessionsResult(
-                guard=guard_name, database_survived=survived, crash_recoveries=0 if survived else 1,
+                guard=guard_name + (" --dry-run" if dry_run else ""), database_survived=survived,
+                crash_recoveries=0 if survived else 1, server_pid=server, session_ids=set(load.ids),
+                oom_victims=kmsg_oom_victims(kmsg.read(), cg.relpath),
                 oom_kills=cg.oom_kills(), transactions_ok=summary.queries_ok,
                 transactions_failed=summary.queries_failed, sessions_lost=summary.sessions_lost, large=counts,
                 peak_bytes=cg.peak(), limit_bytes=limit, limit_reached_at=watcher.limit_reached,

@@ -1,0 +1,58 @@
+"""The database as its own hog, MariaDB (issue #18): sixteen sessions sorting and hashing at
+once, no outside process.
+
+lab/sessions.py runs it: mariadbd (sort_buffer_size=160M, tmp_table_size=256M) alone in a
+900 MB memory cgroup over 400,000 wide rows; two read clients outside the cgroup; eight
+sessions sort the rows (filesort: the whole sort buffer, merge runs to tmpdir), eight make
+them distinct in an in-memory temporary table, each in a loop for 30 s. The control is
+dbguard with --dry-run (it decides, changes nothing): the kernel OOM-kills mariadbd, the only
+process in the cgroup. With dbguard the kernel OOM killer never fires, mariadbd keeps its
+pid, the read clients see no error, and dbguard ends the large statements by KILL QUERY (the
+clients' own errors say so), never a read client's or its own connection.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lab.sessions import run_mariadb_sessions
+
+pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.db]
+
+ENDS = ("cancel_query", "terminate_session")
+
+
+def test_dry_run_control_ends_in_a_kernel_oom_kill_of_mariadbd(scenario_host):
+    r = run_mariadb_sessions("dbguard", dry_run=True, log=print)
+    story = "\n" + r.summary()
+    assert r.peak_bytes >= r.limit_bytes - 8 * 2**20, "the sessions never reached the limit: the control proves nothing" + story
+    assert r.oom_kills >= 1 and r.server_pid in {pid for pid, _ in r.oom_victims}, \
+        "the kernel was expected to OOM-kill mariadbd: the scenario no longer shows the problem" + story
+    assert not r.database_survived, story
+    # A dry run sends nothing: no client saw a KILL, every record of an end says it was not sent.
+    assert r.large.cancelled == 0 and r.large.terminated == 0, "a statement was ended in a dry run" + story
+    assert all(a.get("dry_run") for a in r.audit if a.get("action") in ENDS), story
+
+
+def test_dbguard_ends_the_large_sessions_and_mariadbd_lives(scenario_host):
+    r = run_mariadb_sessions("dbguard", log=print)
+    story = "\n" + r.summary()
+    assert r.peak_bytes >= 0.9 * r.limit_bytes, "the sessions never pressed on the cgroup: the test proves nothing" + story
+    assert r.oom_kills == 0 and r.oom_victims == [], "the kernel OOM killer fired" + story
+    assert r.database_survived, f"mariadbd (pid {r.server_pid}) is gone" + story
+    assert r.transactions_failed == 0 and r.sessions_lost == 0, "a read client saw an error" + story
+    assert r.transactions_ok > 0, "the read clients made no progress" + story
+    assert r.large.failed == 0, "a large statement ended some other way than by KILL or the session cap" + story
+    assert r.large.cancelled >= 1, "no client saw its statement ended by KILL QUERY" + story
+    assert r.guard_running, "dbguard was not running at the end" + story
+    # Who acted: dbguard, by SQL from user space, on the load's own sessions only (their
+    # connection ids as the sessions read them), naming memory and start, never the text.
+    ends = [a for a in r.audit if a.get("action") in ENDS]
+    assert ends and all(a.get("path") == "user" and not a.get("dry_run") for a in ends), story
+    assert {a["pid"] for a in ends} <= r.session_ids, "a session other than the large statements' was ended" + story
+    assert all(re.fullmatch(r"KILL (QUERY|CONNECTION) \d+", a.get("result", "")) for a in ends if a.get("ok")), story
+    assert any(a.get("result") == f"KILL QUERY {a['pid']}" for a in ends), "no KILL QUERY was sent" + story
+    assert all("statement started" in a.get("reason", "") for a in ends), story
+    assert not any("CONCAT" in str(a) or "w.t" in str(a) for a in r.audit), "the audit names a statement's text"
+    assert not any(a.get("action") in ("kill", "kernel_oom_kill") for a in r.audit), story
