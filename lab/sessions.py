@@ -277,13 +277,17 @@ MARIADB_SETTINGS = {"sort_buffer_size": "160M", "tmp_table_size": "256M", "max_h
 ER_QUERY_INTERRUPTED = 1317        # KILL QUERY
 ER_CONNECTION_KILLED = 1927        # KILL CONNECTION
 ER_OPTION_PREVENTS_STATEMENT = 1290  # "... running with the --max-session-mem-used=N option": the cap
+# KILL CONNECTION of a session in the middle of a statement reaches its client as a dropped
+# socket, not as 1927; a crashed server looks the same, which the callers rule out by the
+# server's pid and the audit's KILL CONNECTION records.
+CR_SERVER_LOST = 2013
 
 
 def mariadb_classify(e: Exception) -> str:
     code = e.args[0] if getattr(e, "args", None) else None
     if code == ER_QUERY_INTERRUPTED:
         return "cancelled"
-    if code == ER_CONNECTION_KILLED:
+    if code in (ER_CONNECTION_KILLED, CR_SERVER_LOST):
         return "terminated"
     if code == ER_OPTION_PREVENTS_STATEMENT and "max-session-mem-used" in str(e):
         return "refused"
