@@ -19,7 +19,7 @@ import time
 
 from . import config as config_mod
 from .act.executor import Executor
-from .assess import Assessment, assess, judge, next_mark_bytes, recheck
+from .assess import Assessment, assess, judge, kill_still_needed, next_mark_bytes, recheck
 from .audit import AuditLog
 from .caches.base import AppCache
 from .config import Config
@@ -158,10 +158,10 @@ class Daemon:
             if self.executor.recover_cache(name, self.level).carried_out:
                 self._step_back(name, cache, deadline, "left changed by a previous run of dbguard")
 
-    def _recheck(self, a: Action) -> Assessment:
-        """The scope that decided `a`, read again."""
+    def _recheck(self, a: Action) -> tuple[bool, str]:
+        """Whether kill `a` is still needed, by the scope that decided it read again."""
         w = next((w for w in self.watches if w.name == a.scope), self.watches[0])
-        return recheck(w.monitor.read(), self.cfg.pressure)
+        return kill_still_needed(recheck(w.monitor.read(), self.cfg.pressure), self.cfg.pressure)
 
     def describe(self) -> str:
         dbs = ", ".join(f"{dc.kind} {dc.name}" for dc in self.sensor.db_configs) or "no database yet"

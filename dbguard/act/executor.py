@@ -14,7 +14,6 @@ from ..audit import AuditLog
 from ..caches.base import AppCache
 from ..databases import registry
 from ..databases.base import Database
-from ..assess import Assessment
 from ..model import Action, ActionKind, Level, Outcome, Plan, Proc, ProcKey, Role, Snapshot, Status
 from ..sense.procfs import read_proc
 from . import process
@@ -74,13 +73,14 @@ class Executor:
 
     def __init__(self, databases: dict[str, Database], audit: AuditLog,
                  observe: Callable[[Action, Outcome], None] | None = None,
-                 recheck: Callable[[Action], Assessment] | None = None, caches: dict[str, AppCache] | None = None):
+                 recheck: Callable[[Action], tuple[bool, str]] | None = None, caches: dict[str, AppCache] | None = None):
         self.databases = databases
         self.caches = caches or {}
         self.audit = audit
         self.observe = observe or (lambda a, outcome: None)
-        # A fresh judgment right before each kill: the memory a previous kill of the same
-        # round released may already be enough.
+        # A fresh judgment right before each kill (assess.kill_still_needed): whether it is
+        # still needed, and why; the memory a previous kill of the same round released may
+        # already be enough.
         self.recheck = recheck
 
     def execute(self, plan: Plan, snap: Snapshot) -> list[tuple[Action, Outcome]]:
@@ -121,9 +121,9 @@ class Executor:
         if a.dry_run:
             return Outcome.dry_run()
         if a.kind is ActionKind.KILL and self.recheck is not None:
-            fresh = self.recheck(a)
-            if not fresh.kill_justified:
-                return Outcome.skipped(f"pressure fell before the kill ({fresh.why})")
+            needed, why = self.recheck(a)
+            if not needed:
+                return Outcome.skipped(f"pressure fell before the kill ({why})")
         log.debug("carrying out %s on %s", a.kind.value, a.target)
         try:
             return self._carry_out(a)
