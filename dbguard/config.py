@@ -110,7 +110,7 @@ class Bpf:
     fail_pages: int = Bounded(0, 0, 1_000_000)
     unlisted: bool = True
     births: bool = True
-    cancel: bool = False
+    cancel: bool = True
     cancel_streak: int = Bounded(1, 1, 1000)
     cancel_interval: float = Bounded(0.05, 0, 60)
     cancel_pages: int = Bounded(0, 0, 1_000_000)

@@ -78,7 +78,7 @@ PROTECTIONS = (
     ("bpf_fork_inheritance", "children of protected processes are protected at birth, in the kernel"),
     ("bpf_reclaim_kill", "a task of the watched scope whose reclaim keeps failing is killed in the kernel, "
      "listed by user space or not (never a database executable, PID 1, dbguard or a kernel thread)"),
-    ("bpf_reclaim_cancel", "with [bpf] cancel = true (off by default), a PostgreSQL client backend whose reclaim "
+    ("bpf_reclaim_cancel", "with [bpf] cancel = true (the default), a PostgreSQL client backend whose reclaim "
      "keeps failing has its statement cancelled in the kernel (SIGINT, PostgreSQL's own cancel; never the "
      "postmaster, an auxiliary process or a walsender)"),
     ("bpf_births", "forks and execs in the watched scope wake the sidecar, which raises the newcomer's score"),

@@ -5,8 +5,8 @@ memory cgroup, two `pgbench -S` clients and twelve sessions each sorting pgbench
 (1M rows) by md5 in a loop for 30 s. The control run (no guard) shows what the kernel does:
 it OOM-kills a backend and PostgreSQL goes through crash recovery. With `dbguard run` the
 kernel OOM killer never fires, there is no crash recovery, the pgbench clients lose no
-transaction, and dbguard ends some of the large queries (by pg_cancel_backend, as the
-clients' own errors say) while others finish.
+transaction, and dbguard ends some of the large queries (by pg_cancel_backend, or by SIGINT
+from the kernel with [bpf] cancel, as the clients' own errors say) while others finish.
 """
 from __future__ import annotations
 
@@ -37,10 +37,17 @@ def test_dbguard_ends_enough_sessions_and_postgresql_never_crashes(scenario_host
     assert r.large.cancelled >= 1, "no large query was cancelled" + story
     assert r.large.finished >= 1, "no large query finished: dbguard ended every one" + story
     assert r.guard_running, "dbguard was not running at the end" + story
-    # Who acted: dbguard's own records, by SQL from user space, naming memory and start, never the text.
+    # Who acted: dbguard's own records, by SQL from user space or by SIGINT from the kernel
+    # ([bpf] cancel, on by default: a cancel only), on the load's own backends only (their pids as
+    # the sessions read them), naming memory and start, never the text.
     ends = [a for a in r.audit if a.get("action") in ("cancel_query", "terminate_session")]
-    assert ends and all(a.get("path") == "user" for a in ends), story
-    assert all("statement started" in a.get("reason", "") for a in ends), story
+    assert ends and all(a.get("path") in ("user", "bpf") for a in ends), story
+    assert {a["pid"] for a in ends} <= r.session_ids, "a backend other than the large queries' was ended" + story
+    user = [a for a in ends if a["path"] == "user"]
+    bpf = [a for a in ends if a["path"] == "bpf"]
+    assert all(a["action"] == "cancel_query" and a["result"] == "cancelled (SIGINT in kernel)" for a in bpf), story
+    assert all("statement started" in a.get("reason", "") for a in user), story
+    assert all("backend started" in a.get("reason", "") for a in bpf), story
     assert not any("md5" in str(a) or "pgbench_accounts" in str(a) for a in r.audit), "the audit names a query's text"
     assert not any(a.get("action") == "kill" for a in r.audit), "a process was killed" + story
     assert not any(a.get("action") == "kernel_oom_kill" for a in r.audit), story
