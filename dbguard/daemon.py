@@ -32,7 +32,7 @@ from .model import Action, ActionKind, Level, Outcome, Snapshot
 from .policy import Policy
 from .sensor import REDISCOVER_EVERY, Sensor, same_server_twice
 from .sense.wakeups import wait_any
-from .watch import Answer, Watch, build_policies, wakeups, watching
+from .watch import Answer, Watch, build_policies, wakeups, watching, woken_by
 
 log = logging.getLogger("dbguard")
 
@@ -230,7 +230,7 @@ class Daemon:
                           "result": f"{before.name.lower()} -> {a.level.name.lower()}",
                           "usage_bytes": m.usage_bytes, "limit_bytes": m.limit_bytes,
                           "reclaimable_bytes": m.reclaimable_bytes, "pending_bytes": m.pending_bytes,
-                          "psi_some_avg10": m.psi_some_avg10})
+                          "psi_some_avg10": m.psi_some_avg10, "woken_by": list(w.woken_by)})
 
     def _sync_bpf(self, answered: list[tuple[Policy, Snapshot]]) -> None:
         if self.feed is None:
@@ -266,6 +266,10 @@ class Daemon:
             events = self.feed.drain(self)
             if not events or any(ev.kind != "birth" for ev in events):     # nothing read: never spin
                 break
+        # Said in the next level_change record: which trigger, if any, brought the change to light.
+        for w in self.watches:
+            others = set().union(*(v.monitor.fired for v in self.watches if v is not w))
+            w.woken_by = woken_by(w.monitor.fired, others, "fd" in fired - w.monitor.fired - others)
         self._drain_signals()
 
     def _drain_signals(self) -> None:

@@ -33,6 +33,7 @@ class Watch:
     threshold: int | None = None        # the usage mark the kernel watches now (v1)
     ooms: OomWatch = field(default_factory=OomWatch)
     deferred: set[str] = field(default_factory=set)             # targets whose deferred answer was logged
+    woken_by: tuple[str, ...] = ("first cycle",)                # what woke the loop for this cycle (woken_by())
 
     @property
     def name(self) -> str:
@@ -96,6 +97,19 @@ class Answer:
     snap: Snapshot
     assessment: Assessment
     plan: Plan
+
+
+def woken_by(own: set[str], others: set[str], fd: bool) -> tuple[str, ...]:
+    """What woke the loop for a scope's cycle, as its level_change record says: the scope's own
+    kernel sources ("psi": its PSI trigger, "limit": its limit events, "usage": its v1 usage
+    mark), "another scope" when another scope's fired, "signal or BPF event" for the daemon's
+    descriptors, and "interval" when nothing did (the poll)."""
+    said = sorted(own - {"fd"})
+    if others - {"fd"}:
+        said.append("another scope")
+    if fd:
+        said.append("signal or BPF event")
+    return tuple(said) or ("interval",)
 
 
 def watching(watches: list[Watch]) -> str:
