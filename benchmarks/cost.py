@@ -3,7 +3,10 @@
 `dbguard run` is started as a subprocess (as lab.scenario.dbguard_guard does) watching an
 idle throwaway PostgreSQL in a 1000 MB memory cgroup. Startup: from spawn to its "start"
 audit record (written once the config is loaded, the database reached, BPF compiled and
-attached, and memory locked: the moment it is protecting). Idle CPU: utime+stime over the
+attached, and memory locked: the moment it is protecting), with an empty state directory,
+so the BPF programs are compiled; restart (BPF path): the same once more after a stop, in
+the same state directory, where the first start kept the compiled programs
+(dbguard/kernel/objcache.py: loaded, verified by the kernel and attached without clang). Idle CPU: utime+stime over the
 idle window after that. RSS steady: VmRSS at the end; peak: VmHWM. BCC compiles in a short-lived
 child (dbguard/kernel/loader.py) that is not in these figures: its own peak RSS and lifetime are
 measured apart (the child alone, started as the daemon starts it). CPU under pressure comes from the scenario runs (sampled the same way). The idle
@@ -37,7 +40,8 @@ def one(bpf: bool, idle: float, log, extra: int = 0) -> dict:
             tempfile.TemporaryDirectory(prefix="dbguard-bench-cost-") as tmp:
         work = Path(tmp)
         env = ScenarioEnv(cg, cluster, work, work / "audit.jsonl", log)
-        with DbguardRun(work, dbguard_config(env, {"bpf": {"enabled": bpf}})) as run:
+        cfg = dbguard_config(env, {"bpf": {"enabled": bpf}})
+        with DbguardRun(work, cfg) as run:
             startup = run.wait_protecting(poll=0.01)
             time.sleep(2.0)         # first cycles done
             t1, c1 = time.monotonic(), cpu_ticks(run.pid)
@@ -48,15 +52,34 @@ def one(bpf: bool, idle: float, log, extra: int = 0) -> dict:
                 # Never a zero in the table for a guard that was not there to be measured.
                 raise RuntimeError(f"dbguard exited during the idle window (code {run.returncode}): "
                                    f"{run.tail(3) or 'no output'}")
-            return {"startup_s": startup,
-                    "cpu_idle_pct": 100.0 * (c2 - c1) / CLK_TCK / (t2 - t1) if c1 is not None and c2 is not None
-                    else None,
-                    "rss_steady_mib": rss["VmRSS"] / 1024,
-                    "rss_peak_mib": rss["VmHWM"] / 1024,
-                    "rss_anon_mib": rss["RssAnon"] / 1024,
-                    "rss_file_mib": rss["RssFile"] / 1024,
-                    "extra_processes": extra,
-                    "idle_window_s": round(t2 - t1, 1)}
+            out = {"startup_s": startup,
+                   "cpu_idle_pct": 100.0 * (c2 - c1) / CLK_TCK / (t2 - t1) if c1 is not None and c2 is not None
+                   else None,
+                   "rss_steady_mib": rss["VmRSS"] / 1024,
+                   "rss_peak_mib": rss["VmHWM"] / 1024,
+                   "rss_anon_mib": rss["RssAnon"] / 1024,
+                   "rss_file_mib": rss["RssFile"] / 1024,
+                   "extra_processes": extra,
+                   "idle_window_s": round(t2 - t1, 1)}
+        if bpf:
+            out["restart_s"] = restart(work, cfg)
+        return out
+
+
+def restart(work: Path, cfg: dict) -> float:
+    """A second start in the same state directory, the first one stopped: the programs its
+    compile kept are loaded (kernel.objcache); seconds to "protecting". Raises when that start
+    compiled after all (its "start" record does not say so), so no compile is counted as one."""
+    cfg = {**cfg, "audit": {**cfg["audit"], "path": str(work / "audit-restart.jsonl")}}
+    with DbguardRun(work, cfg) as run:
+        seconds = run.wait_protecting(poll=0.01)
+        reason = next(r.get("reason", "") for r in run.audit() if r.get("action") == "start")
+    if RESTART_NOTE not in reason:
+        raise RuntimeError(f"the restart did not load the kept programs: {reason[:200]}")
+    return seconds
+
+
+RESTART_NOTE = "programs from the compile cache"      # dbguard.daemon's bpf_note on such a start
 
 
 # What the RSS is made of: a fresh interpreter after each step's imports (cumulative).
@@ -87,20 +110,32 @@ def imports() -> list[dict]:
     return out
 
 
-def compile_child() -> dict:
-    """The BPF compile child's peak RSS (VmHWM sampled every 10 ms) and lifetime."""
+def _child(cache_dir: str = "") -> tuple[float, float, str]:
+    """(peak RSS in MiB: VmHWM sampled every 10 ms, seconds, the loader's cache note) of one loader child."""
     from dbguard.kernel.loader import Loading
     t = time.monotonic()
-    loading = Loading(16384, 1024)
+    loading = Loading(16384, 1024, cache_dir)
     pid, peak = loading._proc.pid, 0
     while loading._proc.poll() is None:
         peak = max(peak, status_kib(pid, "VmHWM") or 0)
         time.sleep(0.01)
-    _, _, fds = loading.result()
+    _, desc, fds = loading.result()
     seconds = time.monotonic() - t
     for fd in fds:
         os.close(fd)
-    return {"peak_mib": peak / 1024, "seconds": seconds}
+    return peak / 1024, seconds, desc.get("cache", "")
+
+
+def compile_child() -> dict:
+    """The BPF loader child's peak RSS and lifetime: compiling, then loading what that compile
+    kept (kernel.objcache) as a restart does."""
+    from dbguard.kernel.loader import FROM_CACHE
+    with tempfile.TemporaryDirectory(prefix="dbguard-bench-objcache-") as tmp:
+        peak, seconds, _ = _child(os.path.join(tmp, "bpf"))
+        cached_peak, cached_seconds, note = _child(os.path.join(tmp, "bpf"))
+    if not note.startswith(FROM_CACHE):
+        raise RuntimeError(f"the second child did not load the kept programs: {note[:200]}")
+    return {"peak_mib": peak, "seconds": seconds, "cached_peak_mib": cached_peak, "cached_seconds": cached_seconds}
 
 
 def run(quick: bool = False, log=print) -> dict:

@@ -217,12 +217,14 @@ def cost_rows(data: dict) -> list[list[str]]:
                 fmt_spread((r.get("rss_anon_mib") for r in these), "{:.0f}", " MiB"),
                 fmt_spread((r.get("rss_peak_mib") for r in these), "{:.0f}", " MiB"),
                 fmt_spread((ms(r.get("startup_s")) for r in these), "{:.0f}", " ms"),
+                fmt_spread((ms(r.get("restart_s")) for r in these), "{:.0f}", " ms"),
             ])
     return rows
 
 
 COST_HEADER = ["dbguard", "CPU idle (1 core = 100 %)", "CPU under pressure", "RSS steady",
-               "of which anonymous", "RSS peak (VmHWM)", "startup to \"protecting\""]
+               "of which anonymous", "RSS peak (VmHWM)", "startup to \"protecting\" (BPF compiled)",
+               "restart to \"protecting\" (compiled programs kept)"]
 
 
 def run_notes(groups, scenario: str) -> list[str]:

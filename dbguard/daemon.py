@@ -43,6 +43,8 @@ PRESSED_INTERVAL = 0.2
 RESTORE_ON_STOP_SECONDS = 15.0
 # Config tables a SIGHUP does not swap in (their connections and files are opened at start).
 RESTART_ONLY = ("databases", "caches", "poolers", "audit", "metrics", "bpf")
+# Compiled BPF programs are kept here, under general.state_dir, for the next start (kernel.objcache).
+BPF_CACHE = "bpf"
 # /healthz fails when the last completed cycle is older than this many intervals.
 STALE_AFTER_INTERVALS = 5
 
@@ -126,7 +128,8 @@ class Daemon:
             return None
         from .kernel.bpf import BpfGuard
         try:
-            return BpfGuard.begin(max_procs=self.cfg.bpf.max_procs, max_cgroups=self.cfg.bpf.max_cgroups)
+            return BpfGuard.begin(max_procs=self.cfg.bpf.max_procs, max_cgroups=self.cfg.bpf.max_cgroups,
+                                  cache_dir=os.path.join(self.cfg.general.state_dir, BPF_CACHE))
         except DbguardError as e:
             return e
 
@@ -136,11 +139,16 @@ class Daemon:
             self.bpf_note = "BPF path off ([bpf] enabled = false)"
             return
         from .kernel.bpf import BpfGuard
+        from .kernel.loader import FROM_CACHE
         try:
             if isinstance(loading, DbguardError):
                 raise loading
             self.bpf = BpfGuard.finish(loading)
             self.bpf_note = "BPF path active"
+            if self.bpf.cache_note:
+                (log.warning if self.bpf.cache_warn else log.info)("BPF programs: %s", self.bpf.cache_note)
+            if self.bpf.cache_note.startswith(FROM_CACHE):
+                self.bpf_note += " (programs from the compile cache)"
         except DbguardError as e:
             if enabled is True:
                 raise DbguardError(f"{e} ([bpf] enabled = true requires it)") from None

@@ -141,6 +141,8 @@ class BpfGuard:
     def __init__(self, bpf: Loaded, source: str):
         self._b = bpf
         self.source = source
+        self.cache_note = ""        # what the loader did with the compile cache (set by finish)
+        self.cache_warn = False     # ... and whether that is a warning (a stale or damaged entry)
         self._pending: list[BpfEvent] = []
         self._procs = bpf[b"procs"]
         self._cgroups = bpf[b"cgroups"]
@@ -168,12 +170,14 @@ class BpfGuard:
         self._closed = False
 
     @staticmethod
-    def begin(*, max_procs: int = 16384, max_cgroups: int = 1024) -> Loading:
-        """Start the compile in a child (dbguard.kernel.loader); finish() takes its result."""
+    def begin(*, max_procs: int = 16384, max_cgroups: int = 1024, cache_dir: str = "") -> Loading:
+        """Start the compile in a child (dbguard.kernel.loader); finish() takes its result.
+        cache_dir: where compiled programs are kept for the next start (dbguard.kernel.objcache;
+        "" for none)."""
         usable, why = availability()
         if not usable:
             raise DbguardError(f"{why} ({OFF_HINT})")
-        return Loading(max_procs, max_cgroups)
+        return Loading(max_procs, max_cgroups, cache_dir)
 
     @classmethod
     def finish(cls, loading: Loading) -> "BpfGuard":
@@ -189,14 +193,16 @@ class BpfGuard:
         except (OSError, ValueError) as e:
             raise DbguardError(f"BPF programs loaded but not usable: {e} {OFF_HINT}") from None
         try:
-            return cls(loaded, source)
+            guard = cls(loaded, source)
+            guard.cache_note, guard.cache_warn = desc.get("cache", ""), bool(desc.get("cache_warn"))
+            return guard
         except BaseException:
             loaded.cleanup()
             raise
 
     @classmethod
-    def load(cls, *, max_procs: int = 16384, max_cgroups: int = 1024) -> "BpfGuard":
-        return cls.finish(cls.begin(max_procs=max_procs, max_cgroups=max_cgroups))
+    def load(cls, *, max_procs: int = 16384, max_cgroups: int = 1024, cache_dir: str = "") -> "BpfGuard":
+        return cls.finish(cls.begin(max_procs=max_procs, max_cgroups=max_cgroups, cache_dir=cache_dir))
 
     # --- policy --------------------------------------------------------------------------
     def _write_policy(self) -> None:

@@ -53,7 +53,8 @@ def rewrite(code, ids: dict[str, int]) -> int:
 
 def bcc_class(ids: dict[str, int]):
     """bcc.BPF, rewriting placeholder calls in each program before it is loaded (BCC loads
-    the tracepoint programs from its constructor, through load_func)."""
+    the tracepoint programs from its constructor, through load_func); each program's
+    instructions as BCC made them (before the rewrite) are kept in .compiled, by name."""
     import ctypes as ct
 
     from bcc import BPF, lib
@@ -64,7 +65,9 @@ def bcc_class(ids: dict[str, int]):
             start = lib.bpf_function_start(self.module, name)
             if start and name not in self.funcs:
                 size = lib.bpf_function_size(self.module, name)
-                rewrite(memoryview((ct.c_uint8 * size).from_address(start)).cast("B"), ids)
+                code = (ct.c_uint8 * size).from_address(start)
+                self.__dict__.setdefault("compiled", {})[name.decode()] = bytes(code)
+                rewrite(memoryview(code).cast("B"), ids)
             return super().load_func(func_name, prog_type, *args, **kw)
 
     return KfuncBPF

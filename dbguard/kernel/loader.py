@@ -21,10 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .source import TRACEPOINTS
+
 # One message: the description and every descriptor (SCM_MAX_FD is 253).
 MAX_FDS = 250
 MAX_MESSAGE = 1 << 20      # the description and the C source (~25 kB)
 TIMEOUT_S = 120.0       # a compile on a loaded 2-core host takes ~1-2 s
+FROM_CACHE = "loaded from the compile cache"     # how the loader's note starts when nothing was compiled
 
 
 class LoadFailed(Exception):
@@ -89,18 +92,22 @@ def _fields(desc: str) -> list[str] | None:
     return None
 
 
-def _compile(source: bytes) -> tuple[dict, list[int]]:
+def _compile(source: str, keep: bool) -> tuple[dict, list[int], dict | None]:
+    """BCC's compile, load and attach: (description, descriptors, the objcache entry when
+    `keep`, else None)."""
     import ctypes as ct
 
     from bcc.libbcc import lib
 
+    from . import objcache
     from .btf import kernel_kfuncs
     from .kfuncs import bcc_class
+    from .maps import map_info
     lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ct.c_size_t, [ct.c_void_p]
     lib.bpf_table_name.restype, lib.bpf_table_name.argtypes = ct.c_char_p, [ct.c_void_p, ct.c_size_t]
-    b = bcc_class(kernel_kfuncs())(text=source)   # compiles, loads, and attaches every TRACEPOINT_PROBE
+    b = bcc_class(kernel_kfuncs())(text=source.encode())   # compiles, loads, and attaches every TRACEPOINT_PROBE
     fds: list[int] = []
-    maps = {}
+    maps, kept, map_fds = {}, {}, {}
     for i in range(lib.bpf_num_tables(b.module)):
         name = lib.bpf_table_name(b.module, i)
         fd = lib.bpf_table_fd(b.module, name)
@@ -109,6 +116,13 @@ def _compile(source: bytes) -> tuple[dict, list[int]]:
         maps[name.decode()] = {"fd": len(fds),
                                "key_fields": _fields((lib.bpf_table_key_desc(b.module, name) or b"").decode()),
                                "leaf_fields": _fields((lib.bpf_table_leaf_desc(b.module, name) or b"").decode())}
+        if keep:
+            info = map_info(fd)
+            kept[name.decode()] = {"type": info.type, "key_size": info.key_size, "value_size": info.value_size,
+                                   "max_entries": info.max_entries, "flags": info.map_flags,
+                                   "key_fields": maps[name.decode()]["key_fields"],
+                                   "leaf_fields": maps[name.decode()]["leaf_fields"]}
+            map_fds[fd] = name.decode()
         fds.append(fd)
     progs = {}
     for name, fn in b.funcs.items():
@@ -121,10 +135,36 @@ def _compile(source: bytes) -> tuple[dict, list[int]]:
             fds.append(fd)
     if len(fds) > MAX_FDS:
         raise LoadFailed(f"{len(fds)} descriptors to hand over, more than {MAX_FDS}", "compile")
-    return {"maps": maps, "progs": progs, "links": links}, fds
+    entry = None
+    if keep:
+        try:
+            entry = objcache.entry(source, getattr(b, "compiled", {}), kept, map_fds,
+                                   lib.bpf_module_license(b.module).decode(),
+                                   lib.bpf_module_kern_version(b.module), objcache.compiler_libs())
+        except objcache.Unusable as e:
+            entry = {"unusable": str(e)}
+    return {"maps": maps, "progs": progs, "links": links}, fds, entry
 
 
-def child(fd: int, max_procs: int, max_cgroups: int) -> int:
+def _from_cache(cache_dir: str, source: str) -> tuple[dict, list[int], str]:
+    """The programs kept by an earlier compile of the same source (dbguard.kernel.objcache),
+    loaded without a compiler; objcache.Unusable says why not."""
+    from . import objcache
+    from .btf import kernel_kfuncs
+    e = objcache.lookup(cache_dir, source, list(_PROGRAMS))
+    try:
+        desc, fds = objcache.load(e, kernel_kfuncs())
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise objcache.Unusable(f"its programs did not load ({exc})") from None
+    return desc, fds, f"{FROM_CACHE} (not compiled)"
+
+
+# The programs BCC loads (one per TRACEPOINT_PROBE), by BCC's names: the cache's key reads
+# their tracepoints' formats, which BCC compiled their arguments from.
+_PROGRAMS = tuple(f"tracepoint__{cat}__{ev}" for cat, ev in TRACEPOINTS)
+
+
+def child(fd: int, max_procs: int, max_cgroups: int, cache_dir: str = "") -> int:
     sock = socket.socket(fileno=fd)
     from .btf import BtfError
     from .source import program_source
@@ -133,13 +173,35 @@ def child(fd: int, max_procs: int, max_cgroups: int) -> int:
     except BtfError as e:
         sock.send(json.dumps({"error": str(e), "stage": "btf"}).encode())
         return 1
+    # "cache": one line on what was done with the compile cache; "cache_warn": whether that
+    # line is a warning (an entry there but not usable, or the compile's entry not kept).
+    missed, warn = "", False
+    if cache_dir:
+        from .objcache import Unusable
+        try:
+            desc, fds, note = _from_cache(cache_dir, source)
+            socket.send_fds(sock, [json.dumps({**desc, "source": source, "cache": note}).encode()], fds)
+            return 0
+        except Unusable as e:
+            missed, warn = f"compile cache not used: {e}", not e.expected
     try:
-        desc, fds = _compile(source.encode())
+        desc, fds, entry = _compile(source, bool(cache_dir))
     except Exception as e:      # BCC raises bare Exception for compile and attach errors
         sock.send(json.dumps({"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
                               "stage": "compile"}).encode())
         return 1
-    socket.send_fds(sock, [json.dumps({**desc, "source": source}).encode()], fds)
+    kept = ""
+    if entry is not None:
+        from ..errors import DbguardError
+        from . import objcache
+        try:
+            kept = objcache.store(cache_dir, entry) if "unusable" not in entry else f"not kept: {entry['unusable']}"
+        except (OSError, DbguardError) as e:
+            kept = f"not kept: {e}"
+        warn = warn or kept.startswith("not kept")
+    note = "; ".join(filter(None, (missed, kept)))
+    socket.send_fds(sock, [json.dumps({**desc, "source": source, "cache": note, "cache_warn": warn}).encode()],
+                    fds)
     return 0
 
 
@@ -147,14 +209,15 @@ class Loading:
     """A compile under way in a child (started at once, so the daemon's own start goes on
     beside it); result() waits for it."""
 
-    def __init__(self, max_procs: int, max_cgroups: int):
+    def __init__(self, max_procs: int, max_cgroups: int, cache_dir: str = ""):
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # The child finds this package where the daemon found it (a source tree, a venv, the .deb).
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p))
         with theirs:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "dbguard.kernel.loader", str(theirs.fileno()), str(max_procs), str(max_cgroups)],
+                [sys.executable, "-m", "dbguard.kernel.loader", str(theirs.fileno()), str(max_procs), str(max_cgroups),
+                 cache_dir],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                 pass_fds=(theirs.fileno(),), env=env, close_fds=True)
 
@@ -195,7 +258,7 @@ class Loading:
 
 if __name__ == "__main__":
     try:
-        code = child(*map(int, sys.argv[1:4]))
+        code = child(*map(int, sys.argv[1:4]), *sys.argv[4:5])
     finally:
         sys.stdout.flush()
     # Not BCC's atexit cleanup: the daemon holds the descriptors now, and leaving at once

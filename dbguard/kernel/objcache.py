@@ -9,12 +9,15 @@ tracepoint as BCC attaches it. Nothing stays in the kernel between runs: what a 
 crashed dbguard held goes with its descriptors, as without the cache.
 
 Used only when everything a compile reads is as it was (`key`): the C exactly as it would be
-compiled now (sizes, kernel struct offsets, features, kfunc availability), the tracepoint
-formats BCC builds the programs' arguments from, the kernel's release and build, and the
-compiler (BCC's version, libbcc and the LLVM libraries it mapped, by inode, size and mtime).
-Anything else (another entry, an unreadable or damaged file, a directory others can write,
-a program the verifier now refuses) is a compile, and the compile's entry replaces every
-other one.
+compiled now (sizes, kernel struct offsets, features, and the kfunc choice: the C defines
+DBG_HAVE_SIGNAL_TASK only when the kernel has every kfunc; the kfuncs' BTF ids are looked up
+again at each load), the programs and the tracepoint formats BCC builds their arguments from,
+the kernel's release, build and BTF (by digest), the possible CPUs (BCC sizes a perf output map
+by them), and the compiler (BCC's version, libbcc and the LLVM libraries it mapped, by inode,
+size and mtime). Anything else is a compile, and the compile's entry replaces every other one:
+an entry for other inputs (stale), a file that is unreadable or fails its own checksum
+(damaged), a directory others can write, a program the verifier now refuses. Each of those is
+one warning line from the daemon; only a missing entry (the first start) is not.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ from pathlib import Path
 
 from .. import fsafe
 from . import kfuncs
+from .btf import VMLINUX_BTF
 from .source import tracefs
 
 FORMAT = 1
@@ -43,7 +47,12 @@ COMPILER_LIBS = re.compile(r"/lib(bcc|LLVM|clang)[^/]*\.so[^/]*$")
 
 
 class Unusable(Exception):
-    """Why an entry is not used (one line)."""
+    """Why an entry is not used (one line). `expected`: nothing was kept yet (a first start),
+    no reason to warn."""
+
+    def __init__(self, why: str, expected: bool = False):
+        super().__init__(why)
+        self.expected = expected
 
 
 def _tracepoint_formats(names: list[tuple[str, str]]) -> str:
@@ -60,6 +69,21 @@ def _tracepoint_formats(names: list[tuple[str, str]]) -> str:
 def _kernel_build() -> str:
     try:
         return Path("/proc/sys/kernel/version").read_text()
+    except OSError:
+        return ""
+
+
+def _kernel_btf() -> str:
+    """The digest of the running kernel's BTF: the struct layouts and kfunc ids are read from it."""
+    try:
+        return hashlib.sha256(VMLINUX_BTF.read_bytes()).hexdigest()
+    except OSError:
+        return ""
+
+
+def _possible_cpus() -> str:
+    try:
+        return Path("/sys/devices/system/cpu/possible").read_text()
     except OSError:
         return ""
 
@@ -85,11 +109,13 @@ def tracepoints(names) -> list[tuple[str, str]]:
 
 
 def key(source: str, programs: list[str]) -> str:
-    """The digest of what the compile reads besides the compiler: the C, the formats of the
-    tracepoints `programs` attach to, the kernel, BCC's version."""
+    """The digest of what the compile reads besides the compiler's libraries: the C, the
+    programs and the formats of the tracepoints they attach to, the kernel (release, build,
+    BTF), the possible CPUs, BCC's version."""
     h = hashlib.sha256()
-    for part in (f"dbguard objcache {FORMAT}", source, _tracepoint_formats(tracepoints(sorted(programs))),
-                 platform.release(), _kernel_build(), _bcc_version()):
+    names = sorted(programs)
+    for part in (f"dbguard objcache {FORMAT}", source, " ".join(names), _tracepoint_formats(tracepoints(names)),
+                 platform.release(), _kernel_build(), _kernel_btf(), _possible_cpus(), _bcc_version()):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
@@ -136,8 +162,16 @@ def entry(source: str, programs: dict[str, bytes], maps: dict[str, dict], map_fd
                 relocs.append([off // INSN, map_fds[fd]])
         progs[name] = {"insns": base64.b64encode(code).decode(), "maps": relocs}
     tracepoints(progs)
-    return {"format": FORMAT, "key": key(source, list(progs)), "libs": libs, "source": source,
-            "license": license, "kern_version": kern_version, "maps": maps, "programs": progs}
+    e = {"format": FORMAT, "key": key(source, list(progs)), "libs": libs, "source": source,
+         "license": license, "kern_version": kern_version, "maps": maps, "programs": progs}
+    return {**e, "sum": checksum(e)}
+
+
+def checksum(e: dict) -> str:
+    """The digest of an entry's content (all but its "sum"): a file damaged after it was
+    written is never loaded, even where the verifier would accept its instructions."""
+    body = {k: v for k, v in e.items() if k != "sum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def store(directory: str, e: dict) -> str:
@@ -166,13 +200,21 @@ def lookup(directory: str, source: str, programs: list[str]) -> dict:
     try:
         e = json.loads(fsafe.read_small(path, READ_LIMIT))
     except FileNotFoundError:
-        raise Unusable("none kept for this source, kernel and BCC") from None
+        stale = sorted(p.name for p in Path(directory).glob(f"{PREFIX}*{SUFFIX}"))
+        if stale:
+            raise Unusable(f"{stale[0]} was compiled for other inputs (the C or its sizes, the kernel, "
+                           f"BCC)") from None
+        raise Unusable("none kept yet", expected=True) from None
     except (OSError, ValueError) as exc:
         raise Unusable(f"{path.name} unreadable ({exc})") from None
     if not isinstance(e, dict) or e.get("format") != FORMAT:
         raise Unusable(f"{path.name}: another format")
+    if e.get("sum") != checksum(e):
+        raise Unusable(f"{path.name} is damaged (its checksum does not match)")
     if e.get("key") != digest or e.get("source") != source:
         raise Unusable(f"{path.name} was compiled from other inputs")
+    if not isinstance(e.get("programs"), dict) or sorted(e["programs"]) != sorted(programs):
+        raise Unusable(f"{path.name} holds other programs than the {len(programs)} loaded")
     try:
         same = all(_file_id(lib[0]) == lib for lib in e["libs"]) and e["libs"]
     except (OSError, TypeError, IndexError, KeyError):

@@ -28,8 +28,10 @@ def test_the_key_changes_with_each_input(monkeypatch):
     assert objcache.key("int x;", PROGS) == base
     assert objcache.key("int x;", list(reversed(PROGS))) == base, "the programs' order is no input"
     assert objcache.key("int y;", PROGS) != base
+    assert objcache.key("int x;", PROGS[:1]) != base, "the programs are an input"
     for name, value in (("_kernel_build", "#2 SMP other build"), ("_bcc_version", "__version__ = '0.0'"),
-                        ("_tracepoint_formats", "field:int other;")):
+                        ("_tracepoint_formats", "field:int other;"), ("_kernel_btf", "0" * 64),
+                        ("_possible_cpus", "0-63\n")):
         with monkeypatch.context() as m:
             m.setattr(objcache, name, lambda *a, v=value: v)
             assert objcache.key("int x;", PROGS) != base, name
@@ -69,3 +71,60 @@ def test_the_compilers_libraries_are_the_ones_recorded():
                          "/usr/lib/x86_64-linux-gnu/libc.so.6") if objcache.COMPILER_LIBS.search(p)]
     assert found == ["/usr/lib/x86_64-linux-gnu/libbcc.so.0.26.0", "/usr/lib/llvm-14/lib/libclang-cpp.so.14",
                      "/usr/lib/x86_64-linux-gnu/libLLVM-14.so.1"]
+
+
+def kept(directory, source="src", libs=None):
+    """An entry for PROGS stored in `directory` (the key's kernel inputs are this host's)."""
+    e = objcache.entry(source, {p: EXIT for p in PROGS}, {}, {}, "GPL", 0,
+                       [objcache._file_id(__file__)] if libs is None else libs)
+    objcache.store(str(directory), e)
+    return objcache.path_for(str(directory), e["key"]), e
+
+
+def test_an_entry_is_found_only_as_it_was_written(tmp_path):
+    d = tmp_path / "bpf"
+    with pytest.raises(objcache.Unusable, match="none kept yet") as first:
+        objcache.lookup(str(d), "src", PROGS)
+    assert first.value.expected, "a first start is no warning"
+    path, e = kept(d)
+    assert oct(path.stat().st_mode & 0o777) == oct(0o600) and oct(d.stat().st_mode & 0o777) == oct(0o700)
+    assert objcache.lookup(str(d), "src", PROGS) == e
+
+
+def test_an_entry_missing_a_program_is_not_used(tmp_path):
+    """Written so by a bug (its checksum made over what it holds): the programs are what the
+    loader attaches, so an entry without one of them is a compile, not a guard with a hole."""
+    import json
+    d = tmp_path / "bpf"
+    path, e = kept(d)
+    del e["programs"][PROGS[1]]
+    e["sum"] = objcache.checksum(e)
+    path.write_text(json.dumps(e))
+    with pytest.raises(objcache.Unusable, match="holds other programs than the 2 loaded"):
+        objcache.lookup(str(d), "src", PROGS)
+
+
+def test_a_stale_entry_is_a_warning_and_the_compiles_entry_replaces_it(tmp_path):
+    d = tmp_path / "bpf"
+    old, _ = kept(d, source="old")
+    with pytest.raises(objcache.Unusable, match=f"{old.name} was compiled for other inputs") as stale:
+        objcache.lookup(str(d), "new", PROGS)
+    assert not stale.value.expected
+    new, e = kept(d, source="new")
+    assert not old.exists() and objcache.lookup(str(d), "new", PROGS) == e
+
+
+@pytest.mark.parametrize("damage", [
+    lambda e: e["programs"][PROGS[0]].update(insns=base64.b64encode(insn(0xb7, imm=1) + EXIT).decode()),
+    lambda e: e["maps"].update(procs={"type": 1}),
+    lambda e: e.update(license="Proprietary"),
+])
+def test_a_damaged_entry_fails_its_checksum(tmp_path, damage):
+    import json
+    d = tmp_path / "bpf"
+    path, e = kept(d)
+    damage(e)
+    path.write_text(json.dumps(e))
+    with pytest.raises(objcache.Unusable, match="is damaged") as bad:
+        objcache.lookup(str(d), "src", PROGS)
+    assert not bad.value.expected
