@@ -104,29 +104,27 @@ def recheck(m: MemoryReading, p: Pressure) -> Assessment:
     return Assessment(m, sustained, held_why, now, sustained, **_derived(m, p))
 
 
-def kill_still_needed(fresh: Assessment, p: Pressure, exiting_bytes: int = 0) -> tuple[bool, str]:
+def kill_still_needed(fresh: Assessment, p: Pressure) -> tuple[bool, str]:
     """Whether a kill planned a moment ago still stands, judged on `fresh` (read right before
-    it), and why. `exiting_bytes`: memory of victims already killed and still exiting, on its
-    way out though the reading still counts it.
+    it), and why.
 
-    Dropped only when the pressure is over: unreclaimable usage, less what exiting victims
-    still hold, a whole hysteresis under the goal (the band a level must fall through to be
-    left), and the level not held at high by the scope's own PSI or IO stalls. A reading that
-    merely dips under the goal is not that: a previous kill's memory has just come back, and
-    hogs allocating at full speed take it again within the cycle (a kill skipped at 84% against an 85% goal was followed 0.4 s later
-    by a kernel OOM kill, VM run of 2026-12-01). A level held by PSI or IO stalls still asks
-    for the kill unless victims are on their way out (their exit is the relief it waits for).
+    Dropped only when the pressure is over: unreclaimable usage a whole hysteresis under the
+    goal (the band a level must fall through to be left), and the level not held at high by
+    the scope's own PSI or IO stalls. A reading that merely dips under the goal is not that: a
+    previous kill's memory has just come back, and hogs allocating at full speed take it again
+    within the cycle (a kill skipped at 84% against an 85% goal was followed 0.4 s later by a
+    kernel OOM kill, VM run of 2026-12-01). Victims still exiting need no allowance here: their
+    memory is released at the kill (process_mrelease, act/process.py), by dbguard's own kills
+    and the BPF program's alike (kernel/feed.py).
     """
     m = fresh.reading
     if not m.limit_bytes:
         return fresh.sustained >= Level.HIGH, fresh.why
-    left = m.unreclaimable_bytes - exiting_bytes
     floor = fresh.goal - p.hysteresis
-    exiting = f" ({exiting_bytes // 2**20} MiB of it victims still exiting)" if exiting_bytes else ""
-    usage = f"unreclaimable usage {_pct(m.unreclaimable_ratio)}{exiting}"
-    if left >= floor * m.limit_bytes:
+    usage = f"unreclaimable usage {_pct(m.unreclaimable_ratio)}"
+    if m.unreclaimable_bytes >= floor * m.limit_bytes:
         return True, f"{usage}: not a hysteresis under the {_pct(fresh.goal)} goal ({_pct(floor)})"
-    if fresh.sustained >= Level.HIGH and not exiting_bytes:
+    if fresh.sustained >= Level.HIGH:
         return True, f"{usage}, but {fresh.why}"          # the scope's own PSI, IO stalls
     return False, f"{usage} < {_pct(floor)}, a hysteresis under the {_pct(fresh.goal)} goal"
 

@@ -30,26 +30,71 @@ def check_killable(pid: int) -> None:
         raise Refused("never dbguard itself")
 
 
+def _mrelease(pidfd: int) -> int:
+    """process_mrelease(2) on `pidfd`: 0, or the errno."""
+    if _libc.syscall(SYS_PROCESS_MRELEASE, pidfd, 0) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
 def release_memory(pidfd: int) -> bool:
     """Reap a SIGKILLed process's memory now instead of when it gets to run its exit."""
-    return _libc.syscall(SYS_PROCESS_MRELEASE, pidfd, 0) == 0
+    return _mrelease(pidfd) == 0
+
+
+# Why process_mrelease gave nothing back, by errno (the kill itself stands either way).
+NOT_RELEASED = {errno.ESRCH: "its exit had already let go of its memory",
+                errno.EINVAL: "it was not dying",
+                errno.EAGAIN: "its memory was busy (the kernel could not take its lock)",
+                errno.ENOSYS: "this kernel has no process_mrelease (Linux 5.15 or later)"}
+
+
+def _pidfd(key: ProcKey) -> tuple[int | None, str]:
+    """A pidfd for the process `key` names, or None and why not (gone, or its pid reused). The
+    start time is checked once the pidfd is open: from then on the pidfd is that process,
+    whatever becomes of its pid."""
+    try:
+        pidfd = os.pidfd_open(key.pid)
+    except ProcessLookupError:
+        return None, "gone"
+    try:
+        dir_fd = os.open(f"/proc/{key.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        os.close(pidfd)
+        return None, "gone"
+    try:
+        if start_time_at(dir_fd) != key.start_time:
+            os.close(pidfd)
+            return None, "the pid now belongs to another process"
+        return pidfd, ""
+    finally:
+        os.close(dir_fd)
+
+
+def release(key: ProcKey) -> tuple[bool, str]:
+    """Reap now the memory of the process `key` names, which someone else SIGKILLed (the BPF
+    program): its pages leave the cgroup at once instead of when its exit gets to them, a
+    window in which the kernel's OOM killer, which waits only for victims of its own, would
+    choose another process. (released, why not)."""
+    pidfd, why = _pidfd(key)
+    if pidfd is None:
+        return False, "it had exited" if why == "gone" else why
+    try:
+        err = _mrelease(pidfd)
+        if err == errno.EAGAIN:
+            err = _mrelease(pidfd)
+        return err == 0, NOT_RELEASED.get(err, os.strerror(err))
+    finally:
+        os.close(pidfd)
 
 
 def kill(key: ProcKey) -> Outcome:
     """SIGKILL the process `key` names, then release its memory."""
     check_killable(key.pid)
+    pidfd, why = _pidfd(key)
+    if pidfd is None:
+        return Outcome.gone("gone before the kill" if why == "gone" else f"not killed: {why}")
     try:
-        pidfd = os.pidfd_open(key.pid)
-    except ProcessLookupError:
-        return Outcome.gone("gone before the kill")
-    try:
-        dir_fd = os.open(f"/proc/{key.pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        os.close(pidfd)
-        return Outcome.gone("gone before the kill")
-    try:
-        if start_time_at(dir_fd) != key.start_time:
-            return Outcome.gone("not killed: the pid now belongs to another process")
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
@@ -57,7 +102,6 @@ def kill(key: ProcKey) -> Outcome:
         released = release_memory(pidfd)
         return Outcome.done("killed (SIGKILL via pidfd" + ("; memory released at once)" if released else ")"))
     finally:
-        os.close(dir_fd)
         os.close(pidfd)
 
 

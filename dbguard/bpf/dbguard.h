@@ -187,7 +187,8 @@ struct dbg_event {
     s32 c;                 /* kill, cancel: bpf_send_signal result; oom: victim oom_score_adj; tamper: new score */
     char comm[16];
     char by_comm[16];
-    u64 start;             /* cancel: the backend's start time (its procs entry's, /proc ticks) */
+    u64 start;             /* kill, cancel: the process's start time (/proc ticks): user space
+                              releases a killed victim's memory by pidfd, never a later holder of its pid */
     u64 pages;             /* cancel: the backend's anonymous pages at the cancel */
 };
 

@@ -69,6 +69,7 @@ static __always_inline void dbg_kill(void *ctx, struct dbg_policy *pol, u32 leve
     ev.pid = (u32)id;
     ev.tgid = id >> 32;
     ev.tier = tier;
+    ev.start = dbg_start_ticks(bpf_get_current_task());
     bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
     if (dbg_kill_event(pol, level, &ev, evflags, s)) {
         ev.c = bpf_send_signal(9);
@@ -135,6 +136,7 @@ static __always_inline void dbg_kill_victim(void *ctx, struct dbg_policy *pol, u
     ev.pid = best_tgid;
     ev.tgid = best_tgid;
     ev.tier = v->tier;
+    ev.start = best_start;
     u32 evflags = v->flags | DBG_EVF_FOR_OTHER;
     __builtin_memcpy(ev.comm, v->comm, sizeof(ev.comm));
     v->tgid = 0;

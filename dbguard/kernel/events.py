@@ -42,6 +42,7 @@ def decode(raw: layout.Event, wall_offset_ns: int) -> BpfEvent:
                   "unlisted": bool(raw.flags & layout.EVF_UNLISTED), "since_first_fail_ns": raw.b}
         if raw.flags & layout.EVF_FOR_OTHER:
             detail.update(for_pid=raw.by_pid, for_comm=by["by_comm"])
+        detail["start_time"] = raw.start or None
         if kind == "kill":
             detail["signal_result"] = raw.c
         path = "bpf"
@@ -91,6 +92,13 @@ def _started(ticks: int | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(boot_time() + ticks / clk_tck()))
 
 
+def _released(d: dict[str, Any]) -> str:
+    """What became of a killed victim's memory (kernel.feed releases it), for the result."""
+    if "memory_released" not in d:
+        return ""
+    return "; memory released at once" if d["memory_released"] else f"; memory not released: {d.get('release')}"
+
+
 def event_to_audit(ev: BpfEvent) -> dict[str, Any]:
     """The audit-log record for a kernel event (keys: ts, action, target, reason, level, result, path)."""
     d = ev.detail
@@ -110,7 +118,8 @@ def event_to_audit(ev: BpfEvent) -> dict[str, Any]:
         else:
             action = "kill"
             rc = d.get("signal_result", 0)
-            result = "killed (SIGKILL in kernel)" if rc == 0 else f"failed: the kernel's signal returned {rc}"
+            result = "killed (SIGKILL in kernel" + _released(d) + ")" if rc == 0 else \
+                f"failed: the kernel's signal returned {rc}"
     elif ev.kind in ("cancel", "would_cancel"):
         # A client backend's statement: named by pid, process start and memory, never by its text.
         target = f"postgresql client backend (pid {ev.pid})"

@@ -6,8 +6,9 @@ task must hold), the cancel gate (PostgreSQL client backends), the watched scope
 database servers' executables, and the per-process entries compiled from each scope's
 policy's verdicts, each with its process's start time.
 
-Reading (drain, every cycle and whenever the kernel's ring buffer wakes the daemon): kills,
-cancels and kernel OOM victims go to the audit log and metrics, a raised shield is put back (to the
+Reading (drain, every cycle and whenever the kernel's ring buffer wakes the daemon): a killed
+victim's memory is released at once (process_mrelease); kills, cancels and kernel OOM victims
+go to the audit log and metrics, a raised shield is put back (to the
 same process only: the event carries its start time), and a process born in the scope is
 scored at once through act/. Reading never depends on the sync having worked: a full map or
 a BCC error in the sync must not hide the kernel's kills.
@@ -17,12 +18,14 @@ from __future__ import annotations
 import glob
 import logging
 import time
+from dataclasses import replace
 from typing import Iterable
 
+from ..act import process
 from ..config import Config
 from ..databases import registry
 from ..errors import DbguardError
-from ..model import Level, Role, Snapshot
+from ..model import Level, ProcKey, Role, Snapshot
 from ..sense.procfs import read_proc
 from ..sense.scope import owner
 from .bpf import INHERIT, SHIELD, BpfEvent, BpfGuard, event_to_audit, exe_identity
@@ -60,6 +63,17 @@ def running_server_exes(snap: Snapshot) -> set[tuple[int, int]]:
             if ident is not None:
                 out.add(ident)
     return out
+
+
+def released(ev: BpfEvent) -> BpfEvent:
+    """`ev`, a kill the BPF program sent, once its victim's memory was released (act.process:
+    by pidfd, the event's start time checked): the kernel waits for its own OOM victims only,
+    so until the victim's exit frees its pages the kernel's OOM killer may choose another."""
+    start = ev.detail.get("start_time")
+    ok, why = process.release(ProcKey(ev.tgid, start)) if start else (False, "the event has no start time")
+    if not ok:
+        log.info("BPF kill of %s (pid %d): memory not released: %s", ev.comm, ev.tgid, why)
+    return replace(ev, detail={**ev.detail, "memory_released": ok, **({} if ok else {"release": why})})
 
 
 class KernelFeed:
@@ -138,6 +152,8 @@ class KernelFeed:
                 continue
             if ev.kind == "reclaim_fail":
                 continue            # a wake-up: the cycle that follows reads the pressure
+            if ev.kind == "kill" and ev.detail.get("signal_result") == 0:
+                ev = released(ev)
             rec = event_to_audit(ev)
             snap = next((s for s in daemon.snaps if ev.pid in s.procs), None)   # its scope at the last cycle
             if len(daemon.snaps) > 1:

@@ -11,13 +11,16 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from dbguard.kernel import layout
 from dbguard.kernel.bpf import (INHERIT, INHERITED, SHIELD, BpfGuard, event_to_audit,
                                 program_source, protections)
+from dbguard.kernel.feed import released
 from dbguard.kernel.maps import map_info
 from lab import pace
 from lab.cgroup import MemoryCgroup
@@ -324,6 +327,92 @@ def test_a_shielded_allocator_stuck_in_reclaim_gets_the_listed_victim_killed(bpf
         rec = event_to_audit(ev)
         assert rec["path"] == "bpf" and f"pid {shielded.pid}" in rec["reason"]
         assert bpf.counters()["kills_for_other"] > before["kills_for_other"]
+
+
+def _rss(pid: int) -> int:
+    """VmRSS of `pid` in bytes, from /proc (the kernel's own count of the mm's pages)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _holds_within(p: subprocess.Popen, bound: float) -> bool:
+    """Whether hog `p` reports holding its memory within `bound` seconds (it may be stuck)."""
+    done = threading.Event()
+
+    def read():
+        try:
+            wait_holding(p)
+            done.set()
+        except AssertionError:
+            pass            # it ended first (the control's hog, killed at the test's end)
+    threading.Thread(target=read, daemon=True).start()
+    return done.wait(bound)
+
+
+@pytest.mark.parametrize("release", [True, False], ids=["released", "control"])
+def test_a_bpf_killed_victim_that_cannot_exit_has_its_memory_released(bpf, procs, release):
+    """The window the kernel's OOM killer used (docs/testing-vm.md, "Not yet"): a victim the BPF
+    program SIGKILLed keeps its pages until its own exit frees them, and the kernel waits only
+    for OOM victims of its own. Here the victim cannot exit at all (frozen by the v1 freezer:
+    a SIGKILL does not thaw it) and the kernel's OOM killer is off in the cgroup (oom_kill_disable),
+    so whatever frees the victim's memory is kernel.feed.released (process_mrelease by pidfd).
+    Oracles: the victim's own VmRSS, and the shielded allocator getting the 150 MiB that fit
+    under the 200 MiB limit only without the victim's 100 MiB. The control releases nothing:
+    the memory stays and the allocator stays stuck, which is the old behaviour."""
+    if "#define DBG_HAVE_SIGNAL_TASK 1" not in bpf.source:
+        pytest.fail("the kill for another task needs bpf_send_signal_task (Linux 6.13); "
+                    "this kernel got the fallback (test_kfunc_ids_agree_with_bpftool)", pytrace=False)
+    freezer = Path("/sys/fs/cgroup/freezer")
+    if not (freezer / "freezer.state").exists() and not (freezer / "cgroup.procs").exists():
+        pytest.fail("needs the cgroup v1 freezer at /sys/fs/cgroup/freezer (mount -t cgroup -o freezer "
+                    "freezer /sys/fs/cgroup/freezer)", pytrace=False)
+    frozen = freezer / f"dbguard-test-{os.getpid()}"
+    with MemoryCgroup(200 * MiB) as cg:
+        (cg.path / "memory.oom_control").write_text("1")
+        idle = start_hog(procs, cg, total=100 * MiB, gate=False)
+        wait_holding(idle, "the victim")
+        frozen.mkdir()
+        try:
+            (frozen / "cgroup.procs").write_text(str(idle.pid))
+            (frozen / "freezer.state").write_text("FROZEN")
+            deadline = time.monotonic() + WAIT
+            while (frozen / "freezer.state").read_text().strip() != "FROZEN" and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert (frozen / "freezer.state").read_text().strip() == "FROZEN"
+            held = _rss(idle.pid)
+            assert held >= 95 * MiB, f"the victim holds {held >> 20} MiB, not its 100"
+            shielded = start_hog(procs, cg, total=150 * MiB)
+            bpf.sync_processes({shielded.pid: (SHIELD, 0)}, {idle.pid: 1})
+            bpf.set_scope(str(cg.path))
+            bpf.set_listed_victims([(idle.pid, start_time(idle.pid), 1, "idle", str(cg.path))])
+            bpf.set_policy(level=3, enabled=True, dry_run=False, min_level_to_kill=3, fail_streak=3)
+            go(shielded)
+            events = wait_events(bpf, lambda evs: any(e.kind == "kill" and e.tgid == idle.pid for e in evs))
+            kills = [e for e in events if e.kind == "kill" and e.tgid == idle.pid]
+            assert kills, f"no BPF kill of the victim; events: {events}, counters: {bpf.counters()}"
+            ev = kills[0]
+            assert ev.detail["signal_result"] == 0 and ev.detail["start_time"] == start_time(idle.pid)
+            if release:
+                ev = released(ev)
+                assert ev.detail["memory_released"] is True, ev.detail
+                rec = event_to_audit(ev)
+                assert rec["path"] == "bpf" and rec["detail"]["memory_released"] is True
+                assert rec["result"] == "killed (SIGKILL in kernel; memory released at once)"
+            assert _holds_within(shielded, pace.bound(5.0)) is release, \
+                f"the shielded allocator {'never got' if release else 'got'} its 150 MiB"
+            assert idle.poll() is None, "the victim exited: it was to stay frozen"
+            left = _rss(idle.pid)
+            if release:
+                assert left < 10 * MiB, f"the victim still holds {left >> 20} MiB after the release"
+            else:
+                assert left >= 95 * MiB, f"the control's victim gave back memory ({left >> 20} MiB left)"
+            assert cg.oom_kills() == 0
+        finally:
+            (frozen / "freezer.state").write_text("THAWED")
+            wait_exit(idle)
+            frozen.rmdir()
 
 
 def test_a_stuck_shielded_allocator_gets_a_victim_of_its_own_scope_never_another_pods(bpf, procs):

@@ -1,6 +1,8 @@
 """Pure logic of the BPF loader: map diffs, event decoding and audit records. No root needed."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from dbguard.kernel import layout
@@ -72,17 +74,22 @@ def _raw(**kw) -> layout.Event:
 
 def test_decode_kill_and_audit_record():
     raw = _raw(kind=1, pid=42, tgid=42, level=3, flags=layout.EVF_CANDIDATE, tier=2, a=5, c=0,
-               comm=b"hog", ts_ns=1_000, by_pid=42)
+               comm=b"hog", ts_ns=1_000, by_pid=42, start=777)
     ev = decode(raw, wall_offset_ns=1_700_000_000_000_000_000)
     assert ev.kind == "kill" and ev.path == "bpf" and ev.comm == "hog"
     assert ev.ts_ns == 1_700_000_000_000_001_000
     assert ev.detail == {"fail_streak": 5, "tier": 2, "by_cgroup_policy": False, "signal_result": 0,
-                         "unlisted": False, "since_first_fail_ns": 0}
+                         "unlisted": False, "since_first_fail_ns": 0, "start_time": 777}
     rec = event_to_audit(ev)
     assert set(rec) >= {"ts", "action", "target", "reason", "level", "result", "path"}
     assert rec == {**rec, "action": "kill", "target": "hog (pid 42)", "level": "critical",
                    "result": "killed (SIGKILL in kernel)", "path": "bpf"}
     assert "5 times" in rec["reason"]
+    # kernel.feed.released says what became of the victim's memory
+    done = replace(ev, detail={**ev.detail, "memory_released": True})
+    assert event_to_audit(done)["result"] == "killed (SIGKILL in kernel; memory released at once)"
+    late = replace(ev, detail={**ev.detail, "memory_released": False, "release": "it had exited"})
+    assert event_to_audit(late)["result"] == "killed (SIGKILL in kernel; memory not released: it had exited)"
 
 
 def test_decode_would_kill_breach_and_tamper():

@@ -43,18 +43,10 @@ def test_just_at_the_floor_keeps_the_kill():
     assert kill_still_needed(fresh(800), P)[0]             # 80%: not under 80%
 
 
-def test_victims_still_exiting_count_as_freed():
-    a = fresh(840)
-    assert kill_still_needed(a, P, exiting_bytes=30 * MiB)[0]          # 810 MiB left: 81%
-    needed, why = kill_still_needed(a, P, exiting_bytes=50 * MiB)      # 790 MiB left: 79%
-    assert not needed and "50 MiB of it victims still exiting" in why
-
-
-def test_stalls_keep_the_kill_unless_victims_are_on_their_way_out():
+def test_stalls_keep_the_kill():
     a = fresh(700, full=20.0, version=2)    # 70%, the scope's own PSI full 20% >= 10%
-    assert a.thrashing
-    assert kill_still_needed(a, P)[0]
-    assert not kill_still_needed(a, P, exiting_bytes=10 * MiB)[0]
+    needed, why = kill_still_needed(a, P)
+    assert needed and "PSI full" in why
 
 
 @given(used=st.integers(0, 1000), full=st.floats(0, 100), version=st.sampled_from([1, 2]))
