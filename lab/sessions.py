@@ -164,13 +164,25 @@ class SessionsResult:
     def limit_reached_wall(self) -> float | None:
         return None if self.limit_reached_at is None else self.load_started_wall + self.limit_reached_at
 
+    def level_changes(self) -> list[tuple[float, str]]:
+        """(seconds after the sorts started, "ok -> warn") of dbguard's audited level changes: the
+        audit's stamp is taken after the reading that changed the level, so it is never early."""
+        return [(float(a["ts"]) - self.load_started_wall, str(a.get("result", ""))) for a in self.audit
+                if a.get("action") == "level_change"]
+
+    @property
+    def left_ok_at(self) -> float | None:
+        """Seconds after the sorts started when dbguard's level first left ok (None: never)."""
+        return next((t for t, change in self.level_changes() if change.startswith("ok -> ")), None)
+
     def summary(self) -> str:
         lines = [f"guard={self.guard}: survived={self.database_survived} crash_recoveries={self.crash_recoveries} "
                  f"oom_kills={self.oom_kills} pgbench ok={self.transactions_ok} failed={self.transactions_failed} "
                  f"lost={self.sessions_lost} large: finished={self.large.finished} cancelled={self.large.cancelled} "
                  f"terminated={self.large.terminated} refused={self.large.refused} failed={self.large.failed} "
                  f"peak={self.peak_bytes // MiB}/{self.limit_bytes // MiB} MiB limit_reached_at={self.limit_reached_at} "
-                 f"oom_victims={self.oom_victims}"]
+                 f"oom_victims={self.oom_victims} left_ok_at={self.left_ok_at}"]
+        lines += [f"  {t:+9.3f}s  dbguard level {change}" for t, change in self.level_changes()[:10]]
         lines += [f"  {e}" for e in self.timeline]
         lines += [f"  large query: {e}" for e in self.large.errors[:8]]
         lines += [f"  pgbench: {e}" for e in self.pgbench_errors[:3]]

@@ -7,8 +7,10 @@ sessions sort the rows (filesort: the whole sort buffer, merge runs to tmpdir), 
 them distinct in an in-memory temporary table, each in a loop for 30 s. The control is
 dbguard with --dry-run (it decides, changes nothing): the kernel OOM-kills mariadbd, the only
 process in the cgroup. With dbguard the kernel OOM killer never fires, mariadbd keeps its
-pid, the read clients see no error, and dbguard ends the large statements by KILL QUERY (the
-clients' own errors say so), never a read client's or its own connection.
+pid, the read clients see no error, dbguard's level left ok before the cgroup reached its
+limit (the cgroup's own failcnt against the audit's level changes), and dbguard ends the large
+statements by KILL QUERY (the clients' own errors say so), never a read client's or its own
+connection.
 """
 from __future__ import annotations
 
@@ -40,6 +42,17 @@ def test_dbguard_ends_the_large_sessions_and_mariadbd_lives(scenario_host):
     r = run_mariadb_sessions("dbguard", log=print)
     story = "\n" + r.summary()
     assert r.peak_bytes >= 0.9 * r.limit_bytes, "the sessions never pressed on the cgroup: the test proves nothing" + story
+    # dbguard saw it coming: its level left ok after the sorts started and before the cgroup's
+    # own counters first recorded a charge at its limit (memory.failcnt polled every 2 ms and the
+    # usage event 2 MiB under the limit: lab.watch.Watcher), by the audit's level changes, stamped
+    # after the reading that changed the level. Issue #18 saw dbguard stay at ok (merge runs in
+    # tmpdir counted as reclaimable page cache) while the kernel OOM-killed mariadbd.
+    left = r.left_ok_at
+    assert left is not None, "dbguard's level never left ok" + story
+    assert left >= 0, f"dbguard's level left ok {-left:.2f} s before the sorts started: not their answer" + story
+    if r.limit_reached_at is not None:
+        assert left < r.limit_reached_at, (f"dbguard's level left ok {left:.3f} s after the sorts started, after the "
+                                           f"cgroup reached its limit ({r.limit_reached_at:.3f} s)") + story
     assert r.oom_kills == 0 and r.oom_victims == [], "the kernel OOM killer fired" + story
     assert r.database_survived, f"mariadbd (pid {r.server_pid}) is gone" + story
     assert r.transactions_failed == 0 and r.sessions_lost == 0, "a read client saw an error" + story
