@@ -36,6 +36,8 @@ GUEST_DESELECT = [
     # without the kill for another task, so the test cannot hold there.
     "tests/e2e/test_bpf.py::test_a_shielded_allocator_stuck_in_reclaim_gets_the_listed_victim_killed",
     "tests/e2e/test_bpf.py::test_a_stuck_shielded_allocator_gets_a_victim_of_its_own_scope_never_another_pods",
+    # The same kfunc, and the cgroup v1 freezer (a victim that cannot exit), which a v2 guest has not.
+    "tests/e2e/test_bpf.py::test_a_bpf_killed_victim_that_cannot_exit_has_its_memory_released",
     # A product gap the guest's slow exits expose, not the test's shape (docs/testing-vm.md, "Not yet"):
     # the kernel OOM killer chose the protected process while the BPF-killed hog was still exiting
     # (1 of 4 VM runs; memory.events oom_kill 1, the BPF breach counter 1).
