@@ -150,6 +150,9 @@ class Tracer:
 
     def __init__(self, pids: set[int] | None = None, sig: int = 9):
         self.latencies = Latencies()
+        # Targets the signal was sent to but never delivered to (ignored, as SIGINT by some of
+        # PostgreSQL's auxiliary processes, or the target gone): pid -> sender's tgid.
+        self.undelivered: dict[int, int] = {}
         self._sig = sig
         self._pids = pids          # only kills of these targets, when given
         self._halt = threading.Event()
@@ -164,6 +167,11 @@ class Tracer:
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
+
+    @property
+    def targets(self) -> set[int]:
+        """Every pid the signal was sent to while tracing, delivered or not."""
+        return {k.target for k in self.latencies.kills} | set(self.undelivered)
 
     def _loop(self) -> None:
         while not self._halt.is_set():
@@ -180,6 +188,7 @@ class Tracer:
         self._halt.set()
         self._thread.join(2)
         self._b.perf_buffer_poll(100)
+        self.undelivered = {int(k.value): int(v.sender) for k, v in self._b[b"sent"].items()}
         self._b.cleanup()
         by_kernel = {int(m.group(1)) for line in self._kmsg.read() if (m := _KERNEL_KILL.search(line))}
         self._kmsg.close()
