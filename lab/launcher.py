@@ -135,8 +135,10 @@ class DbguardRun:
         """(Re)write the config file; a reload() makes the running dbguard read it."""
         self.config_path.write_text(toml(config))
 
-    def audit(self) -> list[dict]:
-        return audit_records(self.audit_path)
+    def audit(self, since: float | None = None) -> list[dict]:
+        """Its audit records; with `since` (a time.time()), only those written at or after it."""
+        records = audit_records(self.audit_path)
+        return records if since is None else [r for r in records if float(r.get("ts", 0)) >= since]
 
     def output(self, limit: int = 3000) -> str:
         """The end of its stdout and stderr."""

@@ -4,6 +4,7 @@ cgroup of its own, one `dbguard run` watching each pod's cgroup as its own scope
     hogs, began = press(daemon, cg, procs, "pod-a")   # hogs beside pod-a: its caches shrunk, a hog killed
     settle(daemon, hogs, str(cg.path))                # the hogs gone, that scope back at ok
     bpf_scope_ids(daemon.pid)                         # the memcg ids in the daemon's BPF scope set
+    shut_down(daemon, pods.values())                  # dbguard stopped, then the pods (in a finally:)
 """
 from __future__ import annotations
 
@@ -14,12 +15,23 @@ import subprocess
 import time
 from pathlib import Path
 
+from dbguard.errors import DbguardError
 from lab import hog
 from lab.launcher import DbguardRun
 from lab.procs import wait_until
 
 MiB = 1024**2
 ANSWERS = ("kill", "shrink_cache", "cancel_query", "terminate_session", "set_oom_score_adj", "level_change")
+
+
+def shut_down(daemon: DbguardRun | None, servers) -> None:
+    """At a test's end, whatever happened: dbguard stopped first (an error stopping it does not
+    hide the test's own), then each pod or server destroyed."""
+    if daemon is not None:
+        with contextlib.suppress(DbguardError):
+            daemon.stop()
+    for server in servers:
+        server.destroy()
 
 
 def pressure_answer(r: dict) -> bool:

@@ -13,18 +13,16 @@ either cgroup; both servers answer with the same host pids; dbguard runs on.
 """
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import time
 
 import pytest
 
-from dbguard.errors import DbguardError
 from lab import hog
 from lab.launcher import DbguardRun, audit_names, base_config
 from lab.pod import start_pod
 from lab.procs import wait_until
-from lab.scopes import warn_hog
+from lab.scopes import shut_down, warn_hog
 
 MiB = 1024**2
 LIMITS = {"postgresql": 400 * MiB, "mariadb": 600 * MiB}
@@ -90,14 +88,10 @@ def test_postgresql_and_mariadb_pressed_at_once_each_answered_in_its_own_scope(t
         assert all(wait_until(lambda p=p: p.host_pid and _answers(p), 30) for p in pods.values()), "both answer"
         assert {k: p.host_pid for k, p in pods.items()} == servers, "the same servers"
         assert daemon.running(), daemon.tail(5)
-        audit = [r for r in daemon.audit() if float(r.get("ts", 0)) >= began]
+        audit = daemon.audit(since=began)
         oom_kills = {k: cg.oom_kills() for k, cg in cgs.items()}
     finally:
-        if daemon is not None:
-            with contextlib.suppress(DbguardError):
-                daemon.stop()
-        for pod in pods.values():
-            pod.destroy()
+        shut_down(daemon, pods.values())
 
     text = "\n".join(str(r) for r in audit if r.get("action") != "set_oom_score_adj")
     print(f"\nbefore {before}, shrunk {shrunk}")

@@ -15,15 +15,12 @@ the same host pids, the kernel OOM killer never struck in either cgroup, dbguard
 """
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 
-from dbguard.errors import DbguardError
 from lab.launcher import DbguardRun, audit_names, base_config
 from lab.pod import PodPostgres
 from lab.procs import wait_until
-from lab.scopes import ANSWERS, press, pressure_answer, settle
+from lab.scopes import ANSWERS, press, pressure_answer, settle, shut_down
 
 MiB = 1024**2
 LIMIT = 400 * MiB
@@ -73,13 +70,13 @@ def test_two_pods_each_answered_in_its_own_scope(tmp_path, make_cgroup, procs, p
         assert work_mem(b) == WORK_MEM, "B's work_mem is as the DBA set it"
         assert work_mem(a) != WORK_MEM, "A's work_mem was shrunk"
         settle(daemon, hogs_a, scope_a)
-        phase_a = [r for r in daemon.audit() if float(r.get("ts", 0)) >= began_a]
+        phase_a = daemon.audit(since=began_a)
 
         # 2. Pressure in B only.
         hogs_b, began_b = press(daemon, cg_b, procs, "pod-b")
         assert work_mem(b) != WORK_MEM, "B's work_mem was shrunk"
         settle(daemon, hogs_b, scope_b)
-        phase_b = [r for r in daemon.audit() if float(r.get("ts", 0)) >= began_b]
+        phase_b = daemon.audit(since=began_b)
         phase_a = [r for r in phase_a if float(r["ts"]) < began_b]
 
         assert all(answers(pod) for pod in pods), "both servers answer"
@@ -87,11 +84,7 @@ def test_two_pods_each_answered_in_its_own_scope(tmp_path, make_cgroup, procs, p
         assert daemon.running(), daemon.tail(5)
         oom_kills = (cg_a.oom_kills(), cg_b.oom_kills())
     finally:
-        if daemon is not None:
-            with contextlib.suppress(DbguardError):
-                daemon.stop()
-        for pod in pods:
-            pod.destroy()
+        shut_down(daemon, pods)
 
     for phase, pressed, hogs, db, other, other_db in ((phase_a, scope_a, hogs_a, "pod-a", scope_b, "pod-b"),
                                                       (phase_b, scope_b, hogs_b, "pod-b", scope_a, "pod-a")):

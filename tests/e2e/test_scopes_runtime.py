@@ -14,19 +14,17 @@ the kernel's OOM killer anywhere; dbguard runs on.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import time
 
 import pytest
 
-from dbguard.errors import DbguardError
 from lab.cgroup import MemoryCgroup
 from lab.launcher import DbguardRun, audit_names, base_config
 from lab.pod import PodPostgres
 from lab.procs import oom_score_adj
-from lab.scopes import press, settle, bpf_scope_ids
+from lab.scopes import bpf_scope_ids, press, settle, shut_down
 
 MiB = 1024**2
 LIMIT = 400 * MiB
@@ -75,7 +73,7 @@ def test_a_pod_started_later_gets_its_scope_and_a_deleted_one_is_dropped(tmp_pat
         daemon.wait_for(lambda: oom_score_adj(os.getpid()) == own_score, 10, "the host scope's raised scores put back")
         hogs_b, began_b = press(daemon, cg_b, procs, "pod-b")
         settle(daemon, hogs_b, scope_b)
-        phase_b = [r for r in daemon.audit() if float(r.get("ts", 0)) >= began_b]
+        phase_b = daemon.audit(since=began_b)
 
         # 2. A's pod stops and its cgroup goes, as a deleted pod's does.
         pods.pop("a").destroy()
@@ -86,19 +84,15 @@ def test_a_pod_started_later_gets_its_scope_and_a_deleted_one_is_dropped(tmp_pat
         out_before = len(daemon.output(limit=10**7).splitlines())
         hogs_c, began_c = press(daemon, cg_c, procs, "pod-c")
         settle(daemon, hogs_c, scope_c)
-        phase_c = [r for r in daemon.audit() if float(r.get("ts", 0)) >= began_c]
-        after_gone = [r for r in daemon.audit() if float(r.get("ts", 0)) >= gone_at]
+        phase_c = daemon.audit(since=began_c)
+        after_gone = daemon.audit(since=gone_at)
         lines = daemon.output(limit=10**7).splitlines()[out_before:]
         seconds = time.time() - gone_at
         assert daemon.running(), daemon.tail(5)
         assert all(p.psql("SELECT 1") == "1" for p in pods.values()), "B and C answer"
         oom_kills = {x: cg.oom_kills() for x, cg in (("b", cg_b), ("c", cg_c))}
     finally:
-        if daemon is not None:
-            with contextlib.suppress(DbguardError):
-                daemon.stop()
-        for pod in pods.values():
-            pod.destroy()
+        shut_down(daemon, pods.values())
         cg_b.remove()
 
     start = next(r for r in daemon.audit() if r.get("action") == "start")
