@@ -47,13 +47,14 @@ def _recorded(prov: dict) -> str:
     return f"git {prov.get('git', '?')}, {prov.get('date', '?')}, `{prov.get('command', '?')}`, load average at start {load}"
 
 
-def _latency_rows(groups: dict, s: str) -> list[list[str]]:
+def _latency_rows(groups: dict, s: str, key: str = "reclaim_to_kill",
+                  paths: tuple[str, ...] = ("unseen", "kernel", "bpf")) -> list[list[str]]:
     import statistics
     rows = []
     for c in contenders_in(groups, s):
-        for path in ("unseen", "kernel", "bpf"):
-            ms = sorted(x for r in ok_runs(groups[(s, c)]) for x in (r.get("reclaim_to_kill_ms") or {}).get(path, []))
-            none = sum((r.get("reclaim_to_kill") or {}).get(path, {}).get("without_failing_reclaim", 0)
+        for path in paths:
+            ms = sorted(x for r in ok_runs(groups[(s, c)]) for x in (r.get(f"{key}_ms") or {}).get(path, []))
+            none = sum((r.get(key) or {}).get(path, {}).get("without_failing_reclaim", 0)
                        for r in ok_runs(groups[(s, c)]))
             if ms or none:
                 p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))] if ms else None
@@ -61,6 +62,48 @@ def _latency_rows(groups: dict, s: str) -> list[list[str]]:
                              f"{statistics.median(ms):.3f} ms" if ms else "–",
                              f"{p99:.3f} ms" if p99 is not None else "–", str(none)])
     return rows
+
+
+def _repeats_text(groups: dict, options: dict) -> str:
+    """How many runs each scenario has (merged records may differ by scenario: see the runs column)."""
+    per: dict[int, list[str]] = defaultdict(list)
+    for s in dict.fromkeys(k[0] for k in groups):
+        per[max(len(groups[k]) for k in groups if k[0] == s)].append(s)
+    if len(per) <= 1:
+        return str(next(iter(per), options.get("repeats", "?")))
+    return "; ".join(f"{n} in {', '.join(ss)}" for n, ss in sorted(per.items(), reverse=True))
+
+
+def _session_end_lines(groups: dict, s: str) -> list[str]:
+    """The sessions scenarios: the cgroup reaching its limit → the guard's first session end, by
+    path (its audit), and for PostgreSQL the tracer's failing reclaim → SIGINT delivered."""
+    rows = []
+    for c in contenders_in(groups, s):
+        runs = ok_runs(groups[(s, c)])
+        for path in ("user", "bpf"):
+            xs = [(r.get("limit_to_first_end_s") or {}).get(path) for r in runs]
+            if any(x is not None for x in xs):
+                rows.append([c, path, f"{sum(x is not None for x in xs)} of {len(runs)}",
+                             fmt_spread((x * 1000 for x in xs if x is not None), "{:.0f}", " ms")])
+    out = []
+    if rows:
+        out += [markdown_table(["contender", "path", "runs with an end on it", "limit reached → first session end"],
+                               rows), "",
+                "From the guard's audit (the record's time, after the end was carried out) and the cgroup's own "
+                "failcnt / usage event (lab.watch.Watcher); negative: the guard ended a session before the cgroup "
+                "reached its limit. user: pg_cancel_backend / pg_terminate_backend, KILL QUERY / KILL CONNECTION; "
+                "bpf: SIGINT from the kernel ([bpf] cancel).", ""]
+    lat = _latency_rows(groups, s, "reclaim_to_cancel", ("user", "bpf", "kernel", "unseen"))
+    if lat:
+        out += [markdown_table(["contender", "path", "SIGINTs", "first failing reclaim → SIGINT delivered, median",
+                                "p99", "SIGINTs without a failing reclaim"], lat), "",
+                "Measured by benchmarks/reclaim_latency.py's tracer (Tracer(sig=2)), not by dbguard: every SIGINT "
+                "delivered to a sorting backend, timed from the start of its streak of reclaims that freed nothing "
+                "(or one that ended within the last second); user = sent by a process (pg_cancel_backend); unseen = "
+                "delivered with no signal_generate seen, which is how a signal sent from inside a BPF program shows "
+                "(dbguard's in-kernel cancel: the kernel runs no BPF program, the tracer's, within another); "
+                "kernel = named by the kernel's OOM log.", ""]
+    return out
 
 
 def _provenance_lines(data: dict) -> list[str]:
@@ -234,7 +277,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
         "# Benchmarks: dbguard against the kernel default, the databases' documented setups and earlyoom",
         "",
         *_provenance_lines(data),
-        f"- Runs: {o.get('repeats', '?')} per contender and scenario"
+        f"- Runs per contender and scenario: {_repeats_text(groups, o)}"
         + (" (--quick: shorter loads)" if o.get("quick") else "")
         + "; contenders interleaved (A B C A B C …); figures are median (min-max).",
         "- Raw figures: [results.json](results.json). The in-kernel programs' per-call cost: [bpf/RESULTS.md](bpf/RESULTS.md).",
@@ -314,6 +357,8 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                       "data set per contender, hogs started together again once the last round's were killed "
                       "or held their memory; a round with a kernel OOM kill counts the cgroup's oom_kill "
                       "counter and the kernel log.", ""]
+        if s in ("sessions", "sessions-mariadb"):
+            lines += _session_end_lines(groups, s)
         tps = []
         for c in contenders_in(groups, s) if s != "fast-hogs" else ():    # rounds, not a timed load
             runs = ok_runs(groups[(s, c)])

@@ -6,7 +6,11 @@ sort_buffer_size=160M, merge runs to temporary files, 8 in-memory temporary tabl
 range-read clients) in a 900 MB cgroup. Recorded beside the
 usual figures: how the large queries ended (finished, cancelled, terminated, failed: by the
 clients' own errors), and the time from the cgroup first reaching its limit (the first
-reclaim that could not stay under it) to the guard's first session end.
+reclaim that could not stay under it) to the guard's first session end, by path (user: SQL
+from user space; bpf: SIGINT from the kernel, PostgreSQL only, from the guard's audit). For
+PostgreSQL a tracer of every SIGINT (benchmarks/reclaim_latency.py, Tracer(sig=2)) also times
+each cancel delivered to a sorting backend from the start of its streak of reclaims that freed
+nothing, by who sent it, whatever the guard's audit says.
 """
 from __future__ import annotations
 
@@ -15,7 +19,22 @@ import time
 from lab.sessions import SessionsResult, run_mariadb_sessions, run_pg_sessions
 
 from .contenders import Contender, sampled
+from .reclaim_latency import Tracer
 from .record import Log, Params, pressure_record
+from .tables import carried_out
+
+PATHS = ("user", "bpf")
+
+
+def first_end_by_path(audit: list[dict], load_started_wall: float, limit_at: float | None) -> dict[str, float | None]:
+    """Per path, seconds from the cgroup first reaching its limit to the guard's first session
+    end carried out on that path (negative: before the limit; None: none, or no limit reached)."""
+    out: dict[str, float | None] = {}
+    for path in PATHS:
+        ts = [float(a["ts"]) - load_started_wall for a in audit if a.get("action") in ("cancel_query", "terminate_session")
+              and a.get("path", "user") == path and carried_out(a)]
+        out[path] = round(min(ts) - limit_at, 4) if ts and limit_at is not None else None
+    return out
 
 
 def _record(p: Params, sink: dict, r: SessionsResult, wall_minus_mono: float) -> dict:
@@ -30,14 +49,18 @@ def _record(p: Params, sink: dict, r: SessionsResult, wall_minus_mono: float) ->
         client_errors=r.pgbench_errors[:5], kernel_oom_kills=r.oom_kills,
         large_finished=r.large.finished, large_cancelled=r.large.cancelled,
         large_terminated=r.large.terminated, large_failed=r.large.failed,
-        first_session_end_at=ends[0] if ends else None, server_log=r.server_log_excerpt)
+        first_session_end_at=ends[0] if ends else None, server_log=r.server_log_excerpt,
+        limit_to_first_end_s=first_end_by_path(r.audit, r.load_started_wall, r.limit_reached_at))
 
 
 def sessions(c: Contender, p: Params, log: Log) -> dict:
     sink: dict = {}
     wall_minus_mono = time.time() - time.monotonic()
-    r = run_pg_sessions(sampled(c, sink), duration=p.duration - int(p.warmup), warmup=p.warmup, log=log)
-    return _record(p, sink, r, wall_minus_mono)
+    with Tracer(sig=2) as tracer:
+        r = run_pg_sessions(sampled(c, sink), duration=p.duration - int(p.warmup), warmup=p.warmup, log=log)
+    lat = tracer.latencies.of(r.session_ids)
+    return {**_record(p, sink, r, wall_minus_mono), "reclaim_to_cancel": lat.summary("cancels"),
+            "reclaim_to_cancel_ms": lat.ms}
 
 
 def sessions_mariadb(c: Contender, p: Params, log: Log) -> dict:

@@ -49,10 +49,14 @@ def _killed(runs: list[dict], scenario: str) -> str:
     return f"{txt}; database processes {db}"
 
 
+def carried_out(a: dict) -> bool:
+    """Whether an audited action was carried out (not refused, failed, skipped or a dry run's)."""
+    return not str(a.get("result") or "").lower().startswith(("refused", "dry_run", "failed", "would", "skipped"))
+
+
 def guard_ends(actions: list[dict]) -> tuple[int, int, int]:
     """(user-space kills, in-kernel BPF kills, queries/sessions ended by SQL) the guard carried out."""
-    def done(a: dict) -> bool:
-        return not str(a.get("result") or "").lower().startswith(("refused", "dry_run", "failed", "would", "skipped"))
+    done = carried_out
     user = sum(1 for a in actions if a.get("action") == "kill" and a.get("path") != "bpf" and done(a))
     bpf = sum(1 for a in actions if a.get("action") == "kill" and a.get("path") == "bpf" and done(a))
     sql = sum(1 for a in actions if a.get("action") in ("cancel_query", "terminate_session") and done(a))
