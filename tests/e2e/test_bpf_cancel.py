@@ -131,3 +131,24 @@ def test_dry_run_records_the_cancel_and_sends_nothing(scenario_host):
     assert not tracer.targets & server, f"SIGINT sent in a dry run to {tracer.targets & server}" + story
     assert not [ln for ln in r.shutdown_lines if "shutdown request" in ln], "the postmaster got a signal" + story
     assert r.guard_running, story
+
+
+@pytest.mark.parametrize("gap, kernel_cancels, user_answer", [(0, 2, False), (60, 1, True)])
+def test_cancel_interval_spaces_the_kernels_cancels_across_backends(scenario_host, gap, kernel_cancels, user_answer):
+    """Two backends sort at once. [bpf] cancel_interval = 0: each is cancelled in the kernel at
+    its own streak (the user-space answer out of reach). 60: one of them only; the other's
+    streak is left to the user-space answer (in reach here) and the kill path."""
+    tracer = Tracer(sig=SIGINT)
+    r = run_backend_cancel(kernel_cancel=None, backends=2, bpf={"cancel_interval": gap}, user_answer=user_answer,
+                           during=tracer, log=print)
+    story = "\n" + r.summary()
+    cancels = _cancels(r, "bpf")
+    assert len(cancels) == kernel_cancels, f"{len(cancels)} kernel cancels with cancel_interval = {gap}" + story
+    assert len({a["pid"] for a in cancels}) == kernel_cancels and {a["pid"] for a in cancels} <= r.backend_pids, story
+    in_kernel = {pid for pid, paths in _sigints(tracer, r.backend_pids).items() if IN_KERNEL in paths}
+    assert in_kernel == {a["pid"] for a in cancels}, f"the tracer saw kernel SIGINTs to {in_kernel}" + story
+    others = ({r.postmaster_pid} | set(r.server_pids)) - r.backend_pids
+    assert not tracer.targets & others, f"SIGINT sent to server processes {tracer.targets & others}" + story
+    if gap == 0:
+        assert all(e is not None and CANCELLED in e for _, e in r.statements), story
+        _server_untouched(r, tracer, story)
