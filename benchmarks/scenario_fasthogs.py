@@ -10,63 +10,46 @@ from __future__ import annotations
 import contextlib
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
-from lab.cgroup import MemoryCgroup
-from lab.fasthogs import HOGS, LIMIT, kills_by_path, one_round
+from lab.fasthogs import HOGS, kills_by_path, one_round, postgres_side
 from lab.launcher import audit_records
 from lab.pgoutput import count_crash_recoveries, crash_excerpt, parse_pgbench
-from lab.scenario import ScenarioEnv
 from lab.watch import Kmsg
 
 from .contenders import Contender
 from .reclaim_latency import Tracer
 from .record import Log, Params, kill_actions
 
-MiB = 1024 * 1024
-
 
 def fast_hogs(c: Contender, p: Params, log: Log) -> dict:
-    from lab.pgcluster import PgCluster
     workdir = Path(tempfile.mkdtemp(prefix=f"dbguard-fasthogs-{c.name}-"))
-    audit_path = workdir / "audit.jsonl"
     try:
         with contextlib.ExitStack() as stack:
-            cg = stack.enter_context(MemoryCgroup(4096 * MiB))
-            cluster = stack.enter_context(PgCluster(settings={"shared_buffers": "400MB"}, cgroup=cg))
-            cluster.pgbench_init(20)
-            cg.set_limit(LIMIT)
-            postmaster = cluster.postmaster_pid()
-            env = ScenarioEnv(cg, cluster, workdir, audit_path, lambda m: log(f"[{c.name}] {m}"))
-            stack.enter_context(c.for_env()(env))
+            pg = stack.enter_context(postgres_side(workdir, c.for_env(), lambda m: log(f"[{c.name}] {m}"),
+                                                   warmup=p.warmup))
             tracer = stack.enter_context(Tracer())
             kmsg = stack.enter_context(contextlib.closing(Kmsg()))
-            bench = cluster.pgbench("-S", "-c", "4", "-j", "2", "-T", "3600", "--no-vacuum")
-            stack.callback(lambda: (bench.poll() is None and bench.kill(), bench.wait()))
-            time.sleep(p.warmup)           # the backends touch shared buffers, as on a server up a while
             rounds = []
             for i in range(p.rounds):
-                before = count_crash_recoveries(cluster.log())
-                r = one_round(cg, workdir, str(i), kmsg)
+                before = pg.crash_recoveries()
+                r = one_round(pg.cgroup, workdir, str(i), kmsg)
                 rounds.append({"pids": r.pids, "killed": r.killed, "kernel_oom_kills": r.oom_kills,
                                "kmsg_victims": r.kmsg_victims, "seconds": r.seconds,
-                               "crash_recoveries": count_crash_recoveries(cluster.log()) - before,
-                               "server_up": cluster.is_up() and cluster.postmaster_pid() == postmaster,
-                               "pgbench_running": bench.poll() is None})
+                               "crash_recoveries": pg.crash_recoveries() - before,
+                               "server_up": pg.server_up(), "pgbench_running": pg.bench.poll() is None})
                 log(f"[{c.name}] round {i + 1}/{p.rounds}: {r.killed} hogs killed, kernel OOM kills {r.oom_kills}, "
                     f"crash recoveries {rounds[-1]['crash_recoveries']}")
-            bench.terminate()
-            out, err = bench.communicate(timeout=30)
-            survived = cluster.is_up() and cluster.postmaster_pid() == postmaster
-            server_log = cluster.log()
-        # The tracer is closed now: its kernel-log attribution is done.
-        audit = audit_records(audit_path)
+            out, err = pg.stop_bench()
+            survived = pg.server_up()
+            server_log = pg.cluster.log()
+        # The tracer is closed now: its kills are timed.
+        audit = audit_records(workdir / "audit.jsonl")
         for r in rounds:
             lat = tracer.latencies.of(r["pids"])
             r["kills"] = {path: v["kills"] for path, v in lat.summary().items()}
             r["guard_kills"] = kills_by_path(audit, r["pids"])
-        pgb = parse_pgbench(out or "", err or "")
+        pgb = parse_pgbench(out, err)
         return {
             "rounds": rounds,
             "db_survived": survived,
@@ -80,8 +63,11 @@ def fast_hogs(c: Contender, p: Params, log: Log) -> dict:
             "rounds_with_crash_recovery": sum(bool(r["crash_recoveries"]) for r in rounds),
             "rounds_with_bpf_kill": sum(bool(r["kills"].get("bpf")) for r in rounds),
             "guard_actions": kill_actions(audit),
+            "tracer": "v2",          # benchmarks/reclaim_latency.py: episode start -> SIGKILL sent
+            "tracer_lost_events": tracer.latencies.lost,
             "reclaim_to_kill": tracer.latencies.summary(),
             "reclaim_to_kill_ms": tracer.latencies.ms,
+            "reclaim_to_first_kill_ms": tracer.latencies.first_ms,
         }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

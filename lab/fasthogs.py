@@ -1,14 +1,18 @@
 """Fast hogs (issue #19): rounds of processes that allocate at full speed, started together in a
-memory cgroup next to a database, and what the kernel recorded of each round. Used by
-tests/e2e/test_fast_hogs.py and the benchmark's fast-hogs scenario.
+memory cgroup next to a database, and what the kernel recorded of each round; the PostgreSQL
+side of it (postgres_side). Used by tests/e2e/test_fast_hogs.py and the benchmark's fast-hogs
+scenario.
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import subprocess
 import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, ContextManager, Iterator
 
 from lab.cgroup import MemoryCgroup
 from lab.hog import spawn
@@ -18,6 +22,7 @@ from lab.watch import Kmsg, kmsg_oom_victims
 MiB = 1024**2
 HOGS, HOG_SIZE, HOG_STEP = 6, 110 * MiB, 8 * MiB
 LIMIT = 900 * MiB
+SHARED_BUFFERS, PGBENCH_SCALE = "400MB", 20
 ROUND_BOUND = 30.0       # bound on one round, not an assertion about speed
 
 
@@ -78,3 +83,61 @@ def bpf_counters(metrics_url: str) -> dict[str, int]:
     with urllib.request.urlopen(metrics_url, timeout=5) as r:
         text = r.read().decode()
     return {k: int(float(v)) for k, v in _COUNTER.findall(text)}
+
+
+@dataclass
+class PgSide:
+    """PostgreSQL and its pgbench load in the fast-hogs cgroup, with the guard watching."""
+    cgroup: MemoryCgroup
+    cluster: Any                # lab.pgcluster.PgCluster
+    postmaster: int
+    bench: subprocess.Popen
+    guard: Any                  # what the guard's context manager gave
+
+    def crash_recoveries(self) -> int:
+        from lab.pgoutput import count_crash_recoveries
+        return count_crash_recoveries(self.cluster.log())
+
+    def server_up(self) -> bool:
+        """The same postmaster still serves (no restart after a crash)."""
+        return self.cluster.is_up() and self.cluster.postmaster_pid() == self.postmaster
+
+    def healthy(self) -> str:
+        """"" when all is well, else what is not (crash recoveries, postmaster, pgbench)."""
+        problems = []
+        if (n := self.crash_recoveries()):
+            problems.append(f"{n} crash recovery lines in the server log")
+        if not self.server_up():
+            problems.append("postmaster down or restarted")
+        if self.bench.poll() is not None:
+            problems.append(f"pgbench ended (exit {self.bench.returncode})")
+        return "; ".join(problems)
+
+    def stop_bench(self) -> tuple[str, str]:
+        """Ends pgbench; its (stdout, stderr)."""
+        if self.bench.poll() is None:
+            self.bench.terminate()
+        out, err = self.bench.communicate(timeout=30)
+        return out or "", err or ""
+
+
+@contextlib.contextmanager
+def postgres_side(workdir: Path, guard: Callable[[Any], ContextManager], log: Callable[[str], None],
+                  warmup: float) -> Iterator[PgSide]:
+    """PostgreSQL 15 (shared_buffers SHARED_BUFFERS, pgbench scale PGBENCH_SCALE) in a memory
+    cgroup limited to LIMIT, `guard(env)` (a lab.scenario.ScenarioEnv, audit at
+    workdir/audit.jsonl) watching, and `pgbench -S -c 4` running for `warmup` seconds."""
+    from lab.pgcluster import PgCluster
+    from lab.scenario import ScenarioEnv
+    with contextlib.ExitStack() as stack:
+        cg = stack.enter_context(MemoryCgroup(4096 * MiB))         # the data set loads unlimited
+        cluster = stack.enter_context(PgCluster(settings={"shared_buffers": SHARED_BUFFERS}, cgroup=cg))
+        cluster.pgbench_init(PGBENCH_SCALE)
+        cg.set_limit(LIMIT)
+        postmaster = cluster.postmaster_pid()
+        env = ScenarioEnv(cg, cluster, workdir, workdir / "audit.jsonl", log)
+        guarded = stack.enter_context(guard(env))
+        bench = cluster.pgbench("-S", "-c", "4", "-j", "2", "-T", "3600", "--no-vacuum")
+        stack.callback(lambda: (bench.poll() is None and bench.kill(), bench.wait()))
+        time.sleep(warmup)          # the backends touch shared buffers, as on a server up a while
+        yield PgSide(cg, cluster, postmaster, bench, guarded)

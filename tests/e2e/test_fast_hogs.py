@@ -27,9 +27,8 @@ import pytest
 
 from lab import require
 from lab.cgroup import MemoryCgroup
-from lab.fasthogs import LIMIT, Round, bpf_counters, kills_by_path, one_round
+from lab.fasthogs import LIMIT, Round, bpf_counters, kills_by_path, one_round, postgres_side
 from lab.mariadb import free_port
-from lab.pgoutput import count_crash_recoveries
 from lab.scenario import ScenarioEnv, dbguard_guard
 from lab.watch import Kmsg
 
@@ -91,35 +90,14 @@ def check(rounds: list[tuple[Round, str, bool, dict]], audit: list[dict], what: 
 
 
 def test_fast_hogs_next_to_postgresql(procs, tmp_path):
-    from lab.pgcluster import PgCluster
     require.root("the fast-hogs test (memory cgroups)")
     require.postgresql()
     require.pgbench()
-    with contextlib.ExitStack() as stack:
-        cg = stack.enter_context(MemoryCgroup(4096 * MiB))
-        cluster = stack.enter_context(PgCluster(settings={"shared_buffers": "400MB"}, cgroup=cg))
-        cluster.pgbench_init(20)
-        cg.set_limit(LIMIT)
-        postmaster = cluster.postmaster_pid()
-        env = ScenarioEnv(cg, cluster, tmp_path, tmp_path / "audit.jsonl", lambda m: None)
-        config, metrics = guard_config()
-        run = stack.enter_context(dbguard_guard(env, extra_config=config))
-        bench = cluster.pgbench("-S", "-c", "4", "-j", "2", "-T", "900", "--no-vacuum")
-        stack.callback(lambda: (bench.kill(), bench.wait()))
-        time.sleep(3)          # the backends touch shared buffers, as on a server that has run a while
-
-        def healthy() -> str:
-            problems = []
-            if (n := count_crash_recoveries(cluster.log())):
-                problems.append(f"{n} crash recovery lines in the server log")
-            if not (cluster.is_up() and cluster.postmaster_pid() == postmaster):
-                problems.append("postmaster down or restarted")
-            if bench.poll() is not None:
-                problems.append(f"pgbench ended (exit {bench.returncode})")
-            return "; ".join(problems)
-
-        rounds = run_rounds(cg, procs, tmp_path, run, metrics, healthy)
-        check(rounds, run.audit(), "PostgreSQL")
+    config, metrics = guard_config()
+    with postgres_side(tmp_path, lambda env: dbguard_guard(env, extra_config=config), lambda m: None,
+                       warmup=3) as pg:
+        rounds = run_rounds(pg.cgroup, procs, tmp_path, pg.guard, metrics, pg.healthy)
+        check(rounds, pg.guard.audit(), "PostgreSQL")
 
 
 def test_fast_hogs_next_to_mariadb(procs, tmp_path):
