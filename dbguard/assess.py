@@ -104,32 +104,31 @@ def recheck(m: MemoryReading, p: Pressure) -> Assessment:
     return Assessment(m, sustained, held_why, now, sustained, **_derived(m, p))
 
 
-def kill_still_needed(fresh: Assessment, p: Pressure, exiting_bytes: int = 0) -> tuple[bool, str]:
+def kill_still_needed(fresh: Assessment, p: Pressure) -> tuple[bool, str]:
     """Whether a kill planned a moment ago still stands, judged on `fresh` (read right before
-    it), and why. `exiting_bytes`: what victims already killed and still exiting held (the
-    reading still counts it; sense/exiting.py).
+    it), and why.
 
-    Dropped only when the pressure is over: unreclaimable usage, less what exiting victims
-    held, a whole hysteresis under the goal (the band a level must fall through to be left),
-    and the level not held at high by the scope's own PSI or IO stalls unless victims are on
-    their way out (their exit is the relief it waits for). A reading that merely dips under the
-    goal is not that: a previous kill's memory has just come back, and hogs allocating at full
-    speed take it again within the cycle (a kill skipped at 84% against an 85% goal was
-    followed 0.4 s later by a kernel OOM kill, VM run of 2026-12-01).
+    Dropped only when the pressure is over: unreclaimable usage a whole hysteresis under the
+    goal (the band a level must fall through to be left), and the level not held at high by
+    the scope's own PSI or IO stalls. A reading that merely dips under the goal is not that: a
+    previous kill's memory has just come back, and hogs allocating at full speed take it again
+    within the cycle (a kill skipped at 84% against an 85% goal was followed 0.4 s later by a
+    kernel OOM kill, VM run of 2026-12-01). Victims still exiting get no allowance: their
+    memory is released at the kill where it can be (process_mrelease, act/process.py and
+    kernel/feed.py), and what a victim's own exit is still freeing is not yet there for the
+    allocators; that window is where the kernel's OOM killer acted in the VM, and a further
+    kill, released at once, is what shortens it.
     """
     m = fresh.reading
     if not m.limit_bytes:
         return fresh.sustained >= Level.HIGH, fresh.why
     floor = fresh.goal - p.hysteresis
-    left = m.unreclaimable_bytes - max(0, exiting_bytes)
     usage = f"unreclaimable usage {_pct(m.unreclaimable_ratio)}"
-    if exiting_bytes > 0:
-        usage += f", {_pct(left / m.limit_bytes)} less the {exiting_bytes // 2**20} MiB victims still exiting held"
-    if left >= floor * m.limit_bytes:
+    if m.unreclaimable_bytes >= floor * m.limit_bytes:
         return True, f"{usage}: not a hysteresis under the {_pct(fresh.goal)} goal ({_pct(floor)})"
-    if fresh.sustained >= Level.HIGH and exiting_bytes <= 0:
+    if fresh.sustained >= Level.HIGH:
         return True, f"{usage}, but {fresh.why}"          # the scope's own PSI, IO stalls
-    return False, f"{usage}: under {_pct(floor)}, a hysteresis under the {_pct(fresh.goal)} goal"
+    return False, f"{usage} < {_pct(floor)}, a hysteresis under the {_pct(fresh.goal)} goal"
 
 
 def assess(m: MemoryReading, p: Pressure, state: LevelState, ts: float) -> Assessment:

@@ -31,7 +31,6 @@ from .notices import DatabaseNotices
 from .model import Action, ActionKind, Level, Outcome, Snapshot
 from .policy import Policy
 from .sensor import REDISCOVER_EVERY, Sensor, same_server_twice
-from .sense.exiting import Exiting
 from .sense.wakeups import wait_any
 from .watch import Answer, Watch, build_policies, wakeups, watching, woken_by
 
@@ -67,7 +66,6 @@ class Daemon:
         self._wake_r: int | None = None
         self._wake_fds: set[int] = set()
         self.snaps: list[Snapshot] = []   # the last cycle's, one per scope
-        self.exiting = Exiting()          # BPF victims whose exit still frees their memory (kernel/feed.py)
         self.notices = DatabaseNotices()
 
     @property
@@ -171,8 +169,7 @@ class Daemon:
     def _recheck(self, a: Action) -> tuple[bool, str]:
         """Whether kill `a` is still needed, by the scope that decided it read again."""
         w = next((w for w in self.watches if w.name == a.scope), self.watches[0])
-        return kill_still_needed(recheck(w.monitor.read(), self.cfg.pressure), self.cfg.pressure,
-                                 self.exiting.bytes(w.cgroup))
+        return kill_still_needed(recheck(w.monitor.read(), self.cfg.pressure), self.cfg.pressure)
 
     def describe(self) -> str:
         dbs = ", ".join(f"{dc.kind} {dc.name}" for dc in self.sensor.db_configs) or "no database yet"
@@ -225,8 +222,6 @@ class Daemon:
     def _answer(self, w: Watch, before: Level, a: Assessment, snap: Snapshot) -> Answer:
         if a.level != before:
             self._audit_level(w, before, a)
-        if exiting := self.exiting.bytes(w.cgroup):
-            a = dataclasses.replace(a, excess_bytes=a.excess_bytes - exiting)     # on its way out
         plan = w.policy.decide(snap, a, w.state)
         for action, outcome in self.executor.execute(plan, snap):
             w.policy.learn(w.state, action, outcome)

@@ -152,15 +152,10 @@ class KernelFeed:
                 continue
             if ev.kind == "reclaim_fail":
                 continue            # a wake-up: the cycle that follows reads the pressure
-            snap = next((s for s in daemon.snaps if ev.pid in s.procs), None)   # its scope at the last cycle
             if ev.kind == "kill" and ev.detail.get("signal_result") == 0:
                 ev = released(ev)
-                victim = snap.procs[ev.pid] if snap is not None else None
-                if not ev.detail["memory_released"] and victim is not None \
-                        and victim.start_time == ev.detail.get("start_time"):
-                    # Its exit frees what it held: not to be answered again by a second victim.
-                    daemon.exiting.add(victim.key, victim.rss_bytes, snap.memory.cgroup)
             rec = event_to_audit(ev)
+            snap = next((s for s in daemon.snaps if ev.pid in s.procs), None)   # its scope at the last cycle
             if len(daemon.snaps) > 1:
                 rec["scope"] = (snap.memory.cgroup or "host") if snap is not None else "unknown"
             daemon.audit.write(rec)

@@ -3,6 +3,7 @@ and only the one the start time names. The release of a BPF-killed victim's memo
 tests/e2e/test_bpf.py::test_a_bpf_killed_victim_that_cannot_exit_has_its_memory_released."""
 from __future__ import annotations
 
+import subprocess
 
 import pytest
 
@@ -11,6 +12,14 @@ from dbguard.model import ProcKey
 from lab.procs import start_time
 
 pytestmark = [pytest.mark.root]
+
+
+@pytest.fixture
+def sleeper():
+    p = subprocess.Popen(["sleep", "60"])
+    yield p
+    p.kill()
+    p.wait()
 
 
 def test_a_live_process_is_not_reaped(sleeper):

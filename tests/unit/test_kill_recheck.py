@@ -36,23 +36,11 @@ def test_a_dip_a_point_under_the_goal_keeps_the_kill():
 
 def test_a_whole_hysteresis_under_the_goal_drops_the_kill():
     needed, why = kill_still_needed(fresh(790), P)         # 79% < 80%
-    assert not needed and why == "unreclaimable usage 79%: under 80%, a hysteresis under the 85% goal"
+    assert not needed and "79% < 80%" in why
 
 
 def test_just_at_the_floor_keeps_the_kill():
     assert kill_still_needed(fresh(800), P)[0]             # 80%: not under 80%
-
-
-def test_victims_still_exiting_count_as_freed():
-    a = fresh(840)
-    assert kill_still_needed(a, P, exiting_bytes=30 * MiB)[0]          # 810 MiB left: 81%
-    needed, why = kill_still_needed(a, P, exiting_bytes=50 * MiB)      # 790 MiB left: 79%
-    assert not needed and "84%, 79% less the 50 MiB victims still exiting held: under 80%" in why
-
-
-def test_stalls_keep_the_kill_unless_victims_are_on_their_way_out():
-    a = fresh(700, full=20.0, version=2)    # 70%, the scope's own PSI full 20% >= 10%
-    assert not kill_still_needed(a, P, exiting_bytes=10 * MiB)[0]
 
 
 def test_stalls_keep_the_kill():
