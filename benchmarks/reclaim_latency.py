@@ -316,9 +316,6 @@ class Tracer:
 
     def __init__(self, pids: set[int] | None = None, sig: int = 9, harness: set[int] | None = None):
         self.latencies = Latencies()
-        # Targets the signal was sent to but never delivered to (ignored, as SIGINT by some of
-        # PostgreSQL's auxiliary processes, or the target gone): pid -> sender's tgid.
-        self.undelivered: dict[int, int] = {}
         self._sig = sig
         self._pids = pids
         self._harness = {os.getpid()} if harness is None else set(harness)
@@ -336,8 +333,10 @@ class Tracer:
 
     @property
     def targets(self) -> set[int]:
-        """Every pid the signal was sent to while tracing, delivered or not."""
-        return {k.target for k in self.latencies.kills} | set(self.undelivered)
+        """Every process the signal was sent to while tracing (generated with the result
+        "delivered": a SIGINT its target ignores, as some of PostgreSQL's auxiliaries do, is not
+        among them)."""
+        return {k.target for k in self.latencies.kills}
 
     def _loop(self) -> None:
         while not self._halt.is_set():
@@ -354,7 +353,6 @@ class Tracer:
         self._halt.set()
         self._thread.join(2)
         self._b.perf_buffer_poll(100)
-        self.undelivered = {int(k.value): int(v.sender) for k, v in self._b[b"sent"].items()}
         self._b.cleanup()
         kills = timed_kills(self._events, self._harness, self._sig)
         if self._pids is not None:

@@ -93,16 +93,16 @@ def _session_end_lines(groups: dict, s: str) -> list[str]:
                 "failcnt / usage event (lab.watch.Watcher); negative: the guard ended a session before the cgroup "
                 "reached its limit. user: pg_cancel_backend / pg_terminate_backend, KILL QUERY / KILL CONNECTION; "
                 "bpf: SIGINT from the kernel ([bpf] cancel).", ""]
-    lat = _latency_rows(groups, s, "reclaim_to_cancel", ("user", "bpf", "kernel", "unseen"))
+    lat = _latency_rows(groups, s, "reclaim_to_cancel", ("user", "bpf", "unseen"))
     if lat:
         out += [markdown_table(["contender", "path", "SIGINTs", "first failing reclaim → SIGINT delivered, median",
                                 "p99", "SIGINTs without a failing reclaim"], lat), "",
                 "Measured by benchmarks/reclaim_latency.py's tracer (Tracer(sig=2)), not by dbguard: every SIGINT "
-                "delivered to a sorting backend, timed from the start of its streak of reclaims that freed nothing "
-                "(or one that ended within the last second); user = sent by a process (pg_cancel_backend); unseen = "
-                "delivered with no signal_generate seen, which is how a signal sent from inside a BPF program shows "
-                "(dbguard's in-kernel cancel: the kernel runs no BPF program, the tracer's, within another); "
-                "kernel = named by the kernel's OOM log.", ""]
+                "sent to a sorting backend, by who sent it: user = a process (pg_cancel_backend), bpf = SI_KERNEL "
+                "(dbguard's in-kernel cancel). The run recorded on 2026-12-01 14:13 used the tracer as it was then "
+                "(git e578a6b: timed to the SIGINT's delivery from the backend's own failing streak; a kernel cancel "
+                "would have shown as unseen); every SIGINT it saw came from user space before any failing reclaim "
+                "of its backend, which both tracers count the same way.", ""]
     return out
 
 

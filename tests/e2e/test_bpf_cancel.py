@@ -6,8 +6,8 @@ lab/backend_cancel.py runs it: PostgreSQL 15 in a 300 MB memory cgroup, `dbguard
 [bpf] cancel as its config says (on by default) and no user-space session answer within reach,
 one client sorting 20M rows with work_mem=4GB. The client's own error, the server log, the
 postmaster's pid, the cgroup's OOM counter and a tracer of SIGINT while the statements run
-(benchmarks/reclaim_latency.py: signal_generate/signal_deliver tracepoints, not dbguard's
-programs) are the independent account; dbguard's audit log says who acted.
+(benchmarks/reclaim_latency.py: the signal_generate raw tracepoint, not dbguard's programs)
+are the independent account; dbguard's audit log says who acted.
 
 What is asserted is PostgreSQL's own error text and the kernel's record of each SIGINT, never a
 test allocator's exit status: a Python process whose parent ignored SIGINT (pytest started in
@@ -26,12 +26,11 @@ from lab.backend_cancel import CANCELLED, run_backend_cancel
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.db, pytest.mark.bpf]
 
 SIGINT = 2
-# How the tracer sees the kernel's cancel: delivered, but never generated as far as its
-# signal_generate probe knows, as the kernel runs no BPF program from within another (dbguard's
-# bpf_send_signal is called inside its reclaim program); a kill() such as pg_cancel_backend's
-# is "user". So a SIGINT the BPF program sent that its target ignores would not show here: the
-# audit's records and the server log cover those.
-IN_KERNEL = "unseen"
+# The tracer's path of a SIGINT sent with SI_KERNEL: dbguard's bpf_send_signal (it sees it from
+# inside dbguard's reclaim program: signal_generate is a raw tracepoint there); a kill() such as
+# pg_cancel_backend's is "user". It records signals generated as delivered: one the BPF program
+# sent to a process that ignores SIGINT would not show; the audit and the server log cover those.
+IN_KERNEL = "bpf"
 
 
 def _cancels(r, path: str | None = None) -> list[dict]:
@@ -49,7 +48,7 @@ def _sigints(tracer: Tracer, pids) -> dict[int, list[str]]:
 
 def _server_untouched(r, tracer: Tracer, story: str) -> None:
     """The postmaster and every other server process (auxiliaries, dbguard's own backend) got no
-    SIGINT while the statements ran (the tracer), none was audited, and the server neither shut
+    SIGINT while the statements ran (the tracer: none generated for them), none was audited, and the server neither shut
     down nor crashed."""
     others = ({r.postmaster_pid} | set(r.server_pids)) - r.backend_pids
     assert not tracer.targets & others, f"SIGINT sent to server processes {tracer.targets & others}" + story
