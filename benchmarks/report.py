@@ -48,19 +48,26 @@ def _recorded(prov: dict) -> str:
 
 
 def _latency_rows(groups: dict, s: str, key: str = "reclaim_to_kill",
-                  paths: tuple[str, ...] = ("unseen", "kernel", "bpf")) -> list[list[str]]:
+                  paths: tuple[str, ...] = ("unseen", "kernel", "bpf"), tracer: str | None = None) -> list[list[str]]:
+    """Per contender and path: events, median, p99 (nearest rank), events with no failing reclaim;
+    with `tracer`, only runs recorded by that tracer version, and the median of the first kill of
+    each failing episode as well."""
     import statistics
+
+    from .reclaim_latency import percentile
     rows = []
     for c in contenders_in(groups, s):
+        runs = [r for r in ok_runs(groups[(s, c)]) if tracer is None or r.get("tracer") == tracer]
         for path in paths:
-            ms = sorted(x for r in ok_runs(groups[(s, c)]) for x in (r.get(f"{key}_ms") or {}).get(path, []))
-            none = sum((r.get(key) or {}).get(path, {}).get("without_failing_reclaim", 0)
-                       for r in ok_runs(groups[(s, c)]))
+            ms = sorted(x for r in runs for x in (r.get(f"{key}_ms") or {}).get(path, []))
+            none = sum((r.get(key) or {}).get(path, {}).get("without_failing_reclaim", 0) for r in runs)
             if ms or none:
-                p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))] if ms else None
-                rows.append([c, path, str(len(ms) + none),
-                             f"{statistics.median(ms):.3f} ms" if ms else "–",
-                             f"{p99:.3f} ms" if p99 is not None else "–", str(none)])
+                row = [c, path, str(len(ms) + none), f"{statistics.median(ms):.3f} ms" if ms else "–",
+                       f"{percentile(ms, 0.99):.3f} ms" if ms else "–"]
+                if tracer is not None:
+                    first = [x for r in runs for x in (r.get(f"{key.replace('kill', 'first_kill')}_ms") or {}).get(path, [])]
+                    row += [str(len(first)), f"{statistics.median(first):.3f} ms" if first else "–"]
+                rows.append(row + [str(none)])
     return rows
 
 
@@ -341,19 +348,23 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                       "seconds before the kernel's OOM kill (see results.json samples): the hog's "
                       "allocation is throttled by reclaim, not by its own speed.", ""]
         if s == "fast-hogs":
-            lines += [markdown_table(["contender", "path", "kills", "first failing reclaim → SIGKILL delivered, "
-                                      "median", "p99", "kills without a failing reclaim"], _latency_rows(groups, s)),
-                      "", "Measured by benchmarks/reclaim_latency.py, a tracer of its own (not dbguard's "
-                      "programs): per killed process, from the start of its last streak of reclaims that freed "
-                      "nothing to the delivery of its SIGKILL. Paths as that tracer recorded them: unseen = "
-                      "no signal_generate was seen for the SIGKILL, which is how dbguard's in-kernel kill shows "
-                      "(bpf_send_signal / bpf_send_signal_task; the 2-3 such kills in runs without dbguard-bpf "
-                      "had no failing-reclaim streak before them); kernel = "
-                      "the kernel's OOM killer, named in the kernel log; bpf = an SI_KERNEL SIGKILL the kernel "
-                      "log did not name (kernel OOM kills whose log lines the tracer missed: they occur only "
-                      "where the cgroup counted kernel OOM kills, never with dbguard-bpf). Kills by user space "
-                      "are left out here: that path also holds the harness's own SIGKILL of each round's "
-                      "survivors; the guard's kills are counted from its audit above. Rounds: one cluster and "
+            lines += [markdown_table(["contender", "path", "kills", "first failing reclaim → SIGKILL sent, median",
+                                      "p99", "first kills of an episode", "their median",
+                                      "kills with no failing episode"],
+                                     _latency_rows(groups, s, paths=("kernel", "user", "bpf"), tracer="v2")),
+                      "", "Measured by benchmarks/reclaim_latency.py, a tracer of its own (not dbguard's programs; "
+                      "validated against an outside oracle by tests/e2e/test_reclaim_latency.py): per SIGKILL, from "
+                      "the beginning of the first reclaim that freed nothing in the failing episode of the target's "
+                      "memory cgroup (from a moment when no task of it had a failing streak going: a streak ends "
+                      "when a reclaim frees something, a page is mapped into the task's own process, or it makes its "
+                      "next syscall) to the kill being sent (signal_generate, a raw tracepoint, so that kills sent "
+                      "inside dbguard's BPF programs are seen). A later kill of the same episode is timed from its "
+                      "start too: the first-kill columns show the first ones alone. Paths: kernel = the kernel's OOM "
+                      "killer (its oom:mark_victim of the process it just signalled); user = a process's kill() or "
+                      "pidfd_send_signal() (dbguard's user path; the harness's own SIGKILL of each round's "
+                      "survivors is left out); bpf = an SI_KERNEL SIGKILL the OOM killer did not mark "
+                      "(bpf_send_signal / bpf_send_signal_task). Only runs recorded with this tracer (results.json "
+                      "\"tracer\": \"v2\") are counted here; earlier runs timed otherwise. Rounds: one cluster and "
                       "data set per contender, hogs started together again once the last round's were killed "
                       "or held their memory; a round with a kernel OOM kill counts the cgroup's oom_kill "
                       "counter and the kernel log.", ""]

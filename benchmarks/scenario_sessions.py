@@ -60,7 +60,7 @@ def sessions(c: Contender, p: Params, log: Log) -> dict:
         r = run_pg_sessions(sampled(c, sink), duration=p.duration - int(p.warmup), warmup=p.warmup, log=log)
     lat = tracer.latencies.of(r.session_ids)
     return {**_record(p, sink, r, wall_minus_mono), "reclaim_to_cancel": lat.summary("cancels"),
-            "reclaim_to_cancel_ms": lat.ms}
+            "reclaim_to_cancel_ms": lat.ms, "tracer": "v2"}
 
 
 def sessions_mariadb(c: Contender, p: Params, log: Log) -> dict:
