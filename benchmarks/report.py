@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from . import cancel_latency, giveback, scenario_cache, vm_oomd
+from . import cancel_latency, giveback, release_race, scenario_cache, vm_oomd
 from .machine import has_capability, machine_of, machine_text, memory_gib
 from .stats import fmt_spread, markdown_table
 from .tables import (COST_HEADER, FASTHOGS_HEADER, FORK_HEADER, MARIADB_HEADER, PRESSURE_HEADER_FULL,
@@ -443,6 +443,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                          + fmt_spread((c["cached_seconds"] * 1000 for c in child), "{:.0f}", " ms") + "."
                          if all("cached_seconds" in c for c in child) else ""), ""]
     lines += cancel_latency.section()
+    lines += release_race.section()
     lines += vm_oomd.section()
     lines += scenario_cache.section() + giveback.section()
     lines += ["## Reproduce", "", "```", "sudo make bench                                   # = python -m benchmarks.run",
@@ -454,6 +455,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
               "sudo .venv/bin/python -m benchmarks.scenario_cache --runs 3   # the Redis cache (extra \"cache\")",
               "sudo .venv/bin/python -m benchmarks.giveback --runs 3   # memcached, PgBouncer steps (extra \"giveback\")",
               "sudo .venv/bin/python -m benchmarks.cancel_latency --runs 3   # the cancel: kernel vs user space",
+              "sudo .venv/bin/python -m benchmarks.release_race --runs 10   # a BPF-killed hog's memory released",
               "```", ""]
     path.write_text("\n".join(lines))
 
