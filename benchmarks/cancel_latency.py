@@ -22,6 +22,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from .reclaim_latency import TIMED_ALIKE, VERSION
 from .record import Standalone, grouped, repeat
 
 HERE = Path(__file__).resolve().parent
@@ -35,7 +36,7 @@ def one(path: str) -> dict:
     with Tracer(sig=2) as tracer:
         r = run_backend_cancel(kernel_cancel=path == "bpf")
     mine = [(k.path, k.ms) for k in tracer.latencies.of({r.backend_pid}).kills]
-    return {"path": path, "tracer": "v2", "outcome": r.client_error or "finished", "cancelled": r.cancelled,
+    return {"path": path, "tracer": VERSION, "outcome": r.client_error or "finished", "cancelled": r.cancelled,
             "seconds": round(r.seconds, 3), "kernel_oom_kills": r.oom_kills, "crash_recoveries": r.crash_recoveries,
             "sigint_ms": [ms for _, ms in mine if ms is not None],
             "sigint_before_failing_reclaim": sum(1 for _, ms in mine if ms is None),
@@ -45,7 +46,7 @@ def one(path: str) -> dict:
 
 def _timed(runs: list[dict]) -> str:
     """What the SIGINT ms are: runs recorded before the tracer's fix (issue #19) were timed otherwise."""
-    if all(r.get("tracer") == "v2" for r in runs):
+    if all(r.get("tracer") in TIMED_ALIKE for r in runs):
         return ("from the start of the failing episode of the backend's memory cgroup (its first reclaim that "
                 "freed nothing) to the sending of its SIGINT")
     return ("by the tracer before its fix of issue #19: from the end of the backend's first reclaim that freed "

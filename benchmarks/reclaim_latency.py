@@ -26,8 +26,9 @@ second perf-event tracepoint program (bpf_prog_active), but does run a raw one.
 
 A kill is attributed to
   kernel  the kernel's OOM killer: the same thread marks the same process as its victim
-          (`oom:mark_victim`) right after sending it (an already dying task it merely marks was
-          killed by someone else, and stays theirs),
+          (`oom:mark_victim`) right after sending it SEND_SIG_PRIV's SIGKILL, with no reclaim of
+          its own in between (an already dying task it merely marks was killed by someone else,
+          often a BPF program in this very thread, and stays theirs),
   user    else, a SIGKILL from a process (si_code SI_USER/SI_TKILL/SI_QUEUE: kill(),
           pidfd_send_signal()), named by its sender; `harness` senders (the benchmark's own end
           of a round) are their own path,
@@ -96,6 +97,8 @@ TRACEPOINT_PROBE(vmscan, mm_vmscan_memcg_reclaim_begin)
     u32 tid = bpf_get_current_pid_tgid();
     u64 now = bpf_ktime_get_ns();
     began.update(&tid, &now);
+    if (last_kill.lookup(&tid))
+        last_kill.delete(&tid);     /* a mark after more reclaim is not of that kill */
     return 0;
 }
 
@@ -160,20 +163,26 @@ RAW_TRACEPOINT_PROBE(signal_generate)
     killed.update(&target, &e.ts);
 #endif
     u64 info = ctx->args[1];
-    if (info == 0)
-        e.code = 0;            /* SEND_SIG_NOINFO: SI_USER */
-    else if (info == 1)
-        e.code = 0x80;         /* SEND_SIG_PRIV: SI_KERNEL */
-    else
-        e.code = (s32)rd(info, OFF_SIGINFO_CODE);
-    e.memcg = memcg_of(t);
     u32 tid = bpf_get_current_pid_tgid();
-    last_kill.update(&tid, &target);
+    if (info == 0) {
+        e.code = 0;            /* SEND_SIG_NOINFO: SI_USER */
+    } else if (info == 1) {
+        e.code = 0x80;         /* SEND_SIG_PRIV: SI_KERNEL, as the OOM killer (and bpf_send_signal) sends */
+        last_kill.update(&tid, &target);
+    } else {
+        e.code = (s32)rd(info, OFF_SIGINFO_CODE);   /* bpf_send_signal_task: a siginfo of its own */
+    }
+    e.memcg = memcg_of(t);
     events.perf_submit(ctx, &e, sizeof(e));
     return 0;
 }
 
-/* The OOM killer sends its SIGKILL, then marks the victim, in the same thread. */
+/* The OOM killer sends its SIGKILL (SEND_SIG_PRIV), then marks the victim, in the same thread.
+ * It also marks a task already dying without a signal of its own (task_will_free_mem): one
+ * killed by a BPF program, maybe from this very thread; so a mark counts only for a
+ * SEND_SIG_PRIV kill with no reclaim of the thread since (bpf_send_signal_task's siginfo is
+ * its own; bpf_send_signal kills the current task at its reclaim's end, which reclaims again
+ * before the OOM killer, unless that was its very last try: a case left). */
 TRACEPOINT_PROBE(oom, mark_victim)
 {
     u32 tid = bpf_get_current_pid_tgid();
@@ -187,6 +196,10 @@ TRACEPOINT_PROBE(oom, mark_victim)
 """
 
 SI_KERNEL = 0x80
+# What a record's "tracer" says: v2 attributed to the kernel a BPF kill the OOM killer marked
+# afterwards (its task_will_free_mem path); v3 does not. Both time alike.
+VERSION = "v3"
+TIMED_ALIKE = ("v2", "v3")
 PATHS = ("kernel", "user", "bpf", "harness")
 KILL, MARK, BEGIN, END = range(4)
 RECENT_NS = 1_000_000_000      # SIGINT: an episode that ended this recently still counts

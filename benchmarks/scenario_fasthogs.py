@@ -18,7 +18,7 @@ from lab.pgoutput import count_crash_recoveries, crash_excerpt, parse_pgbench
 from lab.watch import Kmsg
 
 from .contenders import Contender
-from .reclaim_latency import Tracer
+from .reclaim_latency import VERSION, Tracer
 from .record import Log, Params, kill_actions
 
 
@@ -63,7 +63,7 @@ def fast_hogs(c: Contender, p: Params, log: Log) -> dict:
             "rounds_with_crash_recovery": sum(bool(r["crash_recoveries"]) for r in rounds),
             "rounds_with_bpf_kill": sum(bool(r["kills"].get("bpf")) for r in rounds),
             "guard_actions": kill_actions(audit),
-            "tracer": "v2",          # benchmarks/reclaim_latency.py: episode start -> SIGKILL sent
+            "tracer": VERSION,          # benchmarks/reclaim_latency.py: episode start -> SIGKILL sent
             "tracer_lost_events": tracer.latencies.lost,
             "reclaim_to_kill": tracer.latencies.summary(),
             "reclaim_to_kill_ms": tracer.latencies.ms,

@@ -19,7 +19,7 @@ import time
 from lab.sessions import SessionsResult, run_mariadb_sessions, run_pg_sessions
 
 from .contenders import Contender, sampled
-from .reclaim_latency import Tracer
+from .reclaim_latency import VERSION, Tracer
 from .record import Log, Params, pressure_record
 from .tables import carried_out
 
@@ -60,7 +60,7 @@ def sessions(c: Contender, p: Params, log: Log) -> dict:
         r = run_pg_sessions(sampled(c, sink), duration=p.duration - int(p.warmup), warmup=p.warmup, log=log)
     lat = tracer.latencies.of(r.session_ids)
     return {**_record(p, sink, r, wall_minus_mono), "reclaim_to_cancel": lat.summary("cancels"),
-            "reclaim_to_cancel_ms": lat.ms, "tracer": "v2"}
+            "reclaim_to_cancel_ms": lat.ms, "tracer": VERSION}
 
 
 def sessions_mariadb(c: Contender, p: Params, log: Log) -> dict:
