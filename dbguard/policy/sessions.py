@@ -77,7 +77,9 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
                     and t[1].held_bytes >= t[2].runaway_min_bytes), key=lambda t: -t[1].held_bytes)
     ended = 0
     for db, s, dc in fresh:
-        if excess - freed <= 0 and (out or answered or not a.thrashing) or recent >= k.max_per_minute:
+        if recent >= k.max_per_minute:
+            break
+        if excess - freed <= 0 and (out or answered or not a.thrashing) and not _no_time_to_cap(a, db):
             break
         key = (db.name, s.pid)
         freed += s.held_bytes
@@ -86,6 +88,12 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
         why = f"level {a.level.name.lower()}: {_holding(s, now)}; the largest active session " \
               f"(runaway_min_bytes {dc.runaway_min_bytes // MiB} MiB)"
         since = now - state.last_cancel.get(key, float("-inf"))
+        if _no_time_to_cap(a, db):
+            state.terminated.add(key)
+            out.append(Action(ActionKind.TERMINATE_SESSION, f"{why}; at critical the session memory cap "
+                              "reaches it only in a new connection", pid=s.pid, target=session_name(db, s),
+                              database=db.name))
+            continue
         if since < REPEAT_WINDOW and _caps_at_connect(db):
             # Its client answered the last cancel with the same again, and the shrunk settings
             # (the session memory cap) reach only sessions that start: a cancel would be
@@ -119,6 +127,16 @@ def _new_statement(s, since_cancel: float, cancelled_start: float | None) -> boo
     if s.started is not None and cancelled_start is not None:
         return abs(s.started - cancelled_start) > STARTED_SLACK
     return s.age_seconds + CLOCK_SLACK < since_cancel
+
+
+def _no_time_to_cap(a: Assessment, db) -> bool:
+    """At critical, a server whose shrunk per-session settings reach only new connections
+    (MariaDB/MySQL) gets every large running session ended by its connection, not one round
+    per cycle: their clients send a cancelled statement again at once, in a session the cap
+    does not reach, and the ones not yet ended keep growing while each round waits for the
+    next cycle (the MariaDB session storm: one KILL QUERY per cycle, statements rerun, mariadbd
+    OOM-killed 6-8 s after the limit). Their next connection starts under the cap."""
+    return a.level >= Level.CRITICAL and _caps_at_connect(db)
 
 
 def _caps_at_connect(db) -> bool:

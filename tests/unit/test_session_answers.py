@@ -232,7 +232,7 @@ def test_mariadb_server_threads_replication_and_dbguards_own_connection_are_neve
             [6, "app", "Query", 3.0, "Creating sort index", "SELECT ... ORDER BY", 200 * MiB]]
     sessions = sessions_from(rows, own_id=5, memory_by_connection={})
     db = DbStats(name="main", kind="mysql", up=True, server_pid=500, sessions=tuple(sessions))
-    s = Snapshot(ts=0, memory=reading(990), procs={}, roles={}, databases=(db,), self_pid=999)
+    s = Snapshot(ts=0, memory=reading(950), procs={}, roles={}, databases=(db,), self_pid=999)
     pol = Driven(Policy(config.from_dict({"databases": [{"kind": "mysql", "name": "main", "socket": "/run/m.sock",
                                                         "user": "dbguard"}],
                                           "kill": {"protect_exe": [], "min_interval": 0.0}}), watched_memcg=CG))
@@ -254,7 +254,7 @@ def test_a_mariadb_session_ended_again_soon_after_its_cancel_is_terminated():
     def at(ts: float, started: float) -> Snapshot:
         s = DbSession(pid=81, kind="connection", state="active", user="app", age_seconds=ts - started,
                       memory_bytes=200 * MiB, started=started)
-        return Snapshot(ts=ts, memory=reading(960), procs={}, roles={}, databases=(db([s]),), self_pid=999)
+        return Snapshot(ts=ts, memory=reading(950), procs={}, roles={}, databases=(db([s]),), self_pid=999)
     assert ended(pol.decide(at(100.0, 99.0)), "cancel_query") == [81]
     plan = pol.decide(at(101.0, 100.5))                 # its next statement, half a second after the cancel
     assert ended(plan, "terminate_session") == [81] and ended(plan, "cancel_query") == []
@@ -263,3 +263,36 @@ def test_a_mariadb_session_ended_again_soon_after_its_cancel_is_terminated():
     pol = Driven(pol.policy)
     assert ended(pol.decide(at(200.0, 199.0)), "cancel_query") == [81]
     assert ended(pol.decide(at(261.0, 260.5)), "cancel_query") == [81]
+
+
+def test_at_critical_every_large_mariadb_session_is_ended_by_its_connection_in_one_cycle():
+    # 970 MiB of 1000: critical (96 %). MariaDB's session cap reaches new connections only and a
+    # cancelled client sends its statement again at once: every running session of 16 MiB or more
+    # is ended by KILL CONNECTION now, not the one that covers the 120 MiB excess per cycle. The
+    # small session and the system thread stay.
+    rows = [[4, "system user", "Daemon", 100.0, "InnoDB purge worker", None, 500 * MiB],
+            [5, "dbguard", "Query", 0.0, "Filling schema table", "SELECT ...", 1 * MiB],
+            [6, "app", "Query", 3.0, "Creating sort index", "SELECT ... ORDER BY", 200 * MiB],
+            [7, "app", "Query", 3.0, "Creating sort index", "SELECT ... ORDER BY", 40 * MiB],
+            [8, "app", "Query", 3.0, "Creating sort index", "SELECT ... ORDER BY", 17 * MiB],
+            [9, "app", "Query", 3.0, "Sending data", "SELECT 1", 2 * MiB]]
+    sessions = sessions_from(rows, own_id=5, memory_by_connection={})
+    db = DbStats(name="main", kind="mysql", up=True, server_pid=500, sessions=tuple(sessions))
+    pol = Driven(Policy(config.from_dict({"databases": [{"kind": "mysql", "name": "main", "socket": "/run/m.sock",
+                                                        "user": "dbguard"}],
+                                          "kill": {"protect_exe": [], "min_interval": 0.0}}), watched_memcg=CG))
+    plan = pol.decide(Snapshot(ts=0, memory=reading(970), procs={}, roles={}, databases=(db,), self_pid=999))
+    assert plan.level is Level.CRITICAL
+    assert ended(plan, "terminate_session") == [6, 7, 8] and ended(plan, "cancel_query") == []
+    # The same at high: the largest, which covers the 100 MiB over the goal, is cancelled.
+    pol = Driven(pol.policy)
+    plan = pol.decide(Snapshot(ts=0, memory=reading(950), procs={}, roles={}, databases=(db,), self_pid=999))
+    assert ended(plan, "cancel_query") == [6] and ended(plan, "terminate_session") == []
+
+
+def test_at_critical_postgresql_sessions_are_still_cancelled_to_cover_the_excess():
+    # PostgreSQL's shrunk work_mem reaches an open session at its next statement: no reason to
+    # drop connections. 970 MiB: 120 MiB over the goal; 100 + 80 MiB cover it, 60 MiB stays.
+    plan = policy().decide(snap(0, reading(970), [session(11, 60), session(12, 100), session(13, 80)]))
+    assert plan.level is Level.CRITICAL
+    assert ended(plan, "cancel_query") == [12, 13] and ended(plan, "terminate_session") == []
