@@ -140,10 +140,11 @@ class DbguardRun:
         records = audit_records(self.audit_path)
         return records if since is None else [r for r in records if float(r.get("ts", 0)) >= since]
 
-    def output(self, limit: int = 3000) -> str:
-        """The end of its stdout and stderr."""
+    def output(self, limit: int | None = 3000) -> str:
+        """The end of its stdout and stderr (limit None: all of it)."""
         try:
-            return self.out_path.read_text(errors="replace")[-limit:]
+            text = self.out_path.read_text(errors="replace")
+            return text if limit is None else text[-limit:]
         except FileNotFoundError:
             return ""
 

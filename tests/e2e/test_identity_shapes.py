@@ -66,7 +66,9 @@ def guarded(seen: dict, *, database: dict | None = None, before=None, after_star
                 pm = env.cluster.postmaster_pid()
                 seen["scores"] = {pid: score(pid) for pid in family(pm)}
                 seen["running"] = run.running()
-                seen["output"] = run.output(6000)
+                # All of it: what dbguard said at start (a refused login) must not scroll out of
+                # a window behind the kills' lines (it did, once BPF kills reported releases).
+                seen["output"] = run.output(None)
             finally:
                 if undo:
                     undo()
