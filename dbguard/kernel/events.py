@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import layout
@@ -97,6 +97,30 @@ def _released(d: dict[str, Any]) -> str:
     if "memory_released" not in d:
         return ""
     return "; memory released at once" if d["memory_released"] else f"; memory not released: {d.get('release')}"
+
+
+# The OOM killer marks a process it finds already dying (task_will_free_mem) without killing it
+# or counting an oom_kill: a victim of dbguard's own kill, reaped. Within this window of the kill
+# the pid is that victim's (pid reuse takes far longer on a running host).
+REAP_WINDOW_NS = 10 * 10**9
+
+
+class OwnKills:
+    """The victims of dbguard's in-kernel kills, to tell the kernel's reaping of one of them
+    (oom:mark_victim of a dying task) from a kill of its own."""
+
+    def __init__(self) -> None:
+        self._at: dict[int, int] = {}      # tgid -> ts_ns of the kill
+
+    def see(self, ev: BpfEvent) -> BpfEvent:
+        """`ev`, an oom_victim event of a process killed by dbguard within REAP_WINDOW_NS, marked
+        killed_by_dbguard; a successful kill is remembered."""
+        self._at = {t: ns for t, ns in self._at.items() if ev.ts_ns - ns < REAP_WINDOW_NS}
+        if ev.kind == "kill" and ev.detail.get("signal_result", 0) == 0:
+            self._at[ev.tgid] = ev.ts_ns
+        elif ev.kind == "oom_victim" and ev.tgid in self._at and not ev.detail.get("killed_by_dbguard"):
+            return replace(ev, detail={**ev.detail, "killed_by_dbguard": True})
+        return ev
 
 
 def event_to_audit(ev: BpfEvent) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from ..model import Level, ProcKey, Role, Snapshot
 from ..sense.procfs import read_proc
 from ..sense.scope import owner
 from .bpf import INHERIT, SHIELD, BpfEvent, BpfGuard, event_to_audit, exe_identity
+from .events import OwnKills
 from .layout import LISTED_VICTIMS
 from .sync import listed_victims
 
@@ -82,6 +83,7 @@ class KernelFeed:
         self.bpf = bpf
         self._known = known_server_exes()
         self._server_exes: set[tuple[int, int]] = set()
+        self._own_kills = OwnKills()
         self.rescope(cfg, scope_dirs)
         bpf.set_exes(self._known)
 
@@ -154,6 +156,7 @@ class KernelFeed:
                 continue            # a wake-up: the cycle that follows reads the pressure
             if ev.kind == "kill" and ev.detail.get("signal_result") == 0:
                 ev = released(ev)
+            ev = self._own_kills.see(ev)
             rec = event_to_audit(ev)
             snap = next((s for s in daemon.snaps if ev.pid in s.procs), None)   # its scope at the last cycle
             if len(daemon.snaps) > 1:
