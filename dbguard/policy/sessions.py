@@ -79,7 +79,8 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
     for db, s, dc in fresh:
         if recent >= k.max_per_minute:
             break
-        if excess - freed <= 0 and (out or answered or not a.thrashing) and not _no_time_to_cap(a, db):
+        no_time_to_cap = _no_time_to_cap(a, db)
+        if excess - freed <= 0 and (out or answered or not a.thrashing) and not no_time_to_cap:
             break
         key = (db.name, s.pid)
         freed += s.held_bytes
@@ -88,7 +89,7 @@ def end_sessions(snap: Snapshot, a: Assessment, state: PolicyState, configs: dic
         why = f"level {a.level.name.lower()}: {_holding(s, now)}; the largest active session " \
               f"(runaway_min_bytes {dc.runaway_min_bytes // MiB} MiB)"
         since = now - state.last_cancel.get(key, float("-inf"))
-        if _no_time_to_cap(a, db):
+        if no_time_to_cap:
             state.terminated.add(key)
             out.append(Action(ActionKind.TERMINATE_SESSION, f"{why}; at critical the session memory cap "
                               "reaches it only in a new connection", pid=s.pid, target=session_name(db, s),
