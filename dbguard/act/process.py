@@ -37,16 +37,21 @@ def _mrelease(pidfd: int) -> int:
     return ctypes.get_errno()
 
 
-def release_memory(pidfd: int) -> bool:
-    """Reap a SIGKILLed process's memory now instead of when it gets to run its exit."""
-    return _mrelease(pidfd) == 0
-
-
 # Why process_mrelease gave nothing back, by errno (the kill itself stands either way).
 NOT_RELEASED = {errno.ESRCH: "its exit had already let go of its memory",
                 errno.EINVAL: "it was not dying",
-                errno.EAGAIN: "its memory was busy (the kernel could not take its lock)",
+                errno.EAGAIN: "part of its memory could not be reaped without blocking",
                 errno.ENOSYS: "this kernel has no process_mrelease (Linux 5.15 or later)"}
+
+
+def _release_memory(pidfd: int) -> tuple[bool, str]:
+    """Reap a SIGKILLed process's memory now instead of when it gets to run its exit:
+    (released, why not). EAGAIN (a range that could not be reaped without blocking at that
+    instant) is worth one more try."""
+    err = _mrelease(pidfd)
+    if err == errno.EAGAIN:
+        err = _mrelease(pidfd)
+    return err == 0, NOT_RELEASED.get(err, os.strerror(err))
 
 
 def _pidfd(key: ProcKey) -> tuple[int | None, str]:
@@ -80,10 +85,7 @@ def release(key: ProcKey) -> tuple[bool, str]:
     if pidfd is None:
         return False, "it had exited" if why == "gone" else why
     try:
-        err = _mrelease(pidfd)
-        if err == errno.EAGAIN:
-            err = _mrelease(pidfd)
-        return err == 0, NOT_RELEASED.get(err, os.strerror(err))
+        return _release_memory(pidfd)
     finally:
         os.close(pidfd)
 
@@ -99,8 +101,9 @@ def kill(key: ProcKey) -> Outcome:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
         except ProcessLookupError:
             return Outcome.gone("exited before the kill")
-        released = release_memory(pidfd)
-        return Outcome.done("killed (SIGKILL via pidfd" + ("; memory released at once)" if released else ")"))
+        released, why = _release_memory(pidfd)
+        return Outcome.done("killed (SIGKILL via pidfd; " +
+                            ("memory released at once)" if released else f"memory not released: {why})"))
     finally:
         os.close(pidfd)
 
