@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import cancel_latency, giveback, release_race, scenario_cache, vm_oomd
+from .files import RESULTS_JSON, RESULTS_MD
 from .machine import has_capability, machine_of, machine_text, memory_gib
 from .stats import fmt_spread, markdown_table
 from .reclaim_latency import TIMED_ALIKE, percentile
@@ -480,7 +481,6 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
 
 def main() -> int:
     """Render RESULTS.md and the plots again from results.json (no benchmark runs)."""
-    from .run import RESULTS_JSON, RESULTS_MD
     try:
         data = json.loads(RESULTS_JSON.read_text())
     except (OSError, ValueError) as e:

@@ -31,12 +31,10 @@ from pathlib import Path
 
 from dbguard.errors import DbguardError
 
+from .files import HERE, RESULTS_JSON, RESULTS_MD
 from .machine import machine
 
-HERE = Path(__file__).resolve().parent
-RESULTS_JSON = HERE / "results.json"
 EARLIER_KEPT = 2        # earlier records of an extra kept when it is measured again
-RESULTS_MD = HERE / "RESULTS.md"
 CONTENDERS = ("none", "pg-documented", "mariadb-documented", "earlyoom", "dbguard-user", "dbguard-bpf")
 SCENARIO_NAMES = ("moderate-hogs", "parent-limit", "moderate-hogs-mariadb", "fast-hog", "fast-hogs", "runaway",
                   "fork-storm", "sessions", "sessions-mariadb")
