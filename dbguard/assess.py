@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import Pressure
+from .settings import Pressure
 from .model import Level, MemoryReading
 
 # A scope this close to its limit (page cache included) is being reclaimed on every charge.

@@ -22,7 +22,7 @@ from .act.executor import Executor
 from .assess import Assessment, assess, judge, kill_still_needed, next_mark_bytes, recheck
 from .audit import AuditLog
 from .caches.base import AppCache
-from .config import Config
+from .settings import Config
 from .databases.base import Database
 from .errors import DbguardError
 from .host import lock_memory, sd_notify, trim_heap, watchdog_interval

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from .assess import LevelState, assess
-from .config import Config
+from .settings import Config
 from .databases.identity import degraded
 from .watch import build_policies
 from .errors import DbguardError

@@ -6,7 +6,7 @@ import ctypes
 import os
 import socket
 
-from .config import Config
+from .settings import Config
 from .validate import uid_of
 
 CAP_SYS_RESOURCE = 24

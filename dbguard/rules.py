@@ -32,7 +32,7 @@ from .model import Proc, Role
 from .units import Threshold, parse_threshold, toml_key
 
 if TYPE_CHECKING:
-    from .config import PolicyConfig, RuleConfig
+    from .settings import PolicyConfig, RuleConfig
 
 ACTIONS = ("protect", "prefer", "kill", "default")
 ROLE_NAMES = tuple(r.value for r in Role)

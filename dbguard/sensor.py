@@ -17,7 +17,7 @@ import time
 from .caches import registry as caches_registry
 from .caches.base import AppCache
 from .classify import Classifier, classify
-from .config import Config, DatabaseConfig
+from .settings import Config, DatabaseConfig
 from .databases import registry
 from .databases.base import Database
 from .errors import DbguardError

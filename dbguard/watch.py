@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .assess import Assessment
-from .config import Config
+from .settings import Config
 from .host import CAP_SYS_RESOURCE, has_capability, resolve_rule_users, resolve_users
 from .model import Level, Plan, Snapshot
 from .policy import Policy, PolicyState

@@ -28,9 +28,9 @@ class Kind:
 
 
 def _pgbouncer_endpoint(c) -> Endpoint | None:
-    from ..validate import _pg_endpoints, parse_dsn
+    from ..dsn import parse_dsn, pg_endpoints
     opts, _ = parse_dsn(c.dsn, "")
-    found = _pg_endpoints(opts) if opts is not None else []
+    found = pg_endpoints(opts) if opts is not None else []
     if not found:
         return None
     e = found[0]
@@ -38,7 +38,7 @@ def _pgbouncer_endpoint(c) -> Endpoint | None:
 
 
 def _check_pgbouncer(c, path: str) -> list[str]:
-    from ..validate import parse_dsn
+    from ..dsn import parse_dsn
     if not c.dsn:
         return [f'{path}.dsn: set the admin console\'s DSN, e.g. "host=/run/postgresql port=6432 '
                 'dbname=pgbouncer user=pgbouncer"']

@@ -19,7 +19,7 @@ from ..errors import ConfigError
 from ..model import Role
 
 if TYPE_CHECKING:
-    from ..config import DatabaseConfig
+    from ..settings import DatabaseConfig
     from .base import Database
     from .identity import Found
 
@@ -49,7 +49,7 @@ class Kind:
 
 
 def _check_postgresql(db: "DatabaseConfig", path: str) -> None:
-    from ..validate import parse_dsn     # libpq's own parser: a password in any form, never quoted
+    from ..dsn import parse_dsn     # libpq's own parser: a password in any form, never quoted
     problems = parse_dsn(db.dsn, f"{path}.dsn")[1]
     if problems:
         raise ConfigError(*problems)

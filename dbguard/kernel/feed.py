@@ -22,7 +22,7 @@ from dataclasses import replace
 from typing import Iterable
 
 from ..act import process
-from ..config import Config
+from ..settings import Config
 from ..databases import registry
 from ..errors import DbguardError
 from ..model import Level, ProcKey, Role, Snapshot

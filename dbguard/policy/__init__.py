@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from ..assess import Assessment
-from ..config import Config, DatabaseConfig
+from ..settings import Config, DatabaseConfig
 from ..model import Action, ActionKind, Outcome, Plan, Proc, ProcKey, Role, Snapshot, Status
 from .appcaches import app_caches
 from .caches import caches

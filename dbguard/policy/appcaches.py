@@ -11,7 +11,7 @@ the next step of one whose last step is still taking effect (the adapter says wh
 from __future__ import annotations
 
 from ..assess import Assessment
-from ..config import PolicyConfig, Pressure
+from ..settings import PolicyConfig, Pressure
 from ..model import Action, ActionKind, CacheStats, Level, Snapshot
 from .caches import no_room, pace
 from .state import PolicyState

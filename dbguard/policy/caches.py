@@ -8,7 +8,7 @@ the warn level (that would flap).
 from __future__ import annotations
 
 from ..assess import Assessment
-from ..config import Pressure
+from ..settings import Pressure
 from ..model import Action, ActionKind, DbStats, Level, Snapshot
 from .state import PolicyState
 from .targets import MiB, db_name, pct

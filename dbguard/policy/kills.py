@@ -3,7 +3,7 @@ unreclaimable usage back under the goal, within the rate limits."""
 from __future__ import annotations
 
 from ..assess import Assessment
-from ..config import Kill
+from ..settings import Kill
 from ..model import Action, ActionKind, Level, Proc, Snapshot
 from .state import PolicyState
 from .targets import pct, proc_name

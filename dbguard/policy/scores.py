@@ -2,7 +2,7 @@
 and everywhere raise the kill candidates' scores so the kernel's own choice falls on them."""
 from __future__ import annotations
 
-from ..config import Protection
+from ..settings import Protection
 from ..model import Action, ActionKind, Proc, Role, Snapshot
 from .state import PolicyState
 from .targets import proc_name

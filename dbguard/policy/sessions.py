@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from ..assess import Assessment
-from ..config import DatabaseConfig, Kill
+from ..settings import DatabaseConfig, Kill
 from ..databases import registry
 from ..model import Action, ActionKind, Level, Snapshot
 from .state import REPEAT_WINDOW, PolicyState

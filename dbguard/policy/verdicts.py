@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Callable
 
-from ..config import Config
+from ..settings import Config
 from ..databases import registry
 from ..model import CacheStats, Level, Proc, Role, Snapshot
 from ..rules import Lazy, RuleSet

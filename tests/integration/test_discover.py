@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dbguard.config import DatabaseConfig
+from dbguard.settings import DatabaseConfig
 from dbguard.databases.postgresql.discover import (cluster_name, data_dir_from_cmdline, discover_postgresql,
                                                    parse_postmaster_pid)
 from dbguard.databases import registry

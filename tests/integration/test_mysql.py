@@ -17,7 +17,7 @@ import pymysql
 import pytest
 
 from dbguard import config
-from dbguard.config import DatabaseConfig
+from dbguard.settings import DatabaseConfig
 from dbguard.daemon import Daemon
 from dbguard.databases.identity import why_not_server
 from dbguard.databases.mysql import MySQL
@@ -183,7 +183,7 @@ def test_originals_survive_a_killed_dbguard(server, guard, tmp_path):
     state = tmp_path / "state"
     code = (
         "import sys, time\n"
-        "from dbguard.config import DatabaseConfig\n"
+        "from dbguard.settings import DatabaseConfig\n"
         "from dbguard.databases.mysql import MySQL\n"
         f"m = MySQL(DatabaseConfig(**{cfg.__dict__!r}), {str(state)!r})\n"
         "o = m.set_shrink_step(3)\n"

@@ -13,7 +13,7 @@ import pymysql
 import pytest
 
 from dbguard import config
-from dbguard.config import DatabaseConfig
+from dbguard.settings import DatabaseConfig
 from dbguard.daemon import Daemon
 from dbguard.databases.mysql import MySQL
 from lab.mariadb import MariaDB

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dbguard.config import DatabaseConfig
+from dbguard.settings import DatabaseConfig
 from dbguard.databases.mysql.adapter import MySQL
 from dbguard.databases.postgresql.adapter import PostgreSQL
 from dbguard.databases.postgresql.discover import discover_postgresql

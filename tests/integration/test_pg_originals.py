@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from dbguard.config import DatabaseConfig
+from dbguard.settings import DatabaseConfig
 from dbguard.databases.postgresql import PostgreSQL
 
 pytestmark = pytest.mark.db

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dbguard.config import DatabaseConfig
+from dbguard.settings import DatabaseConfig
 from dbguard.databases.postgresql import PostgreSQL
 from dbguard.databases.postgresql.adapter import COLLECT_BUDGET
 from dbguard.model import Role, Status

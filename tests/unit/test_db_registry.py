@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dbguard import config
-from dbguard.config import DatabaseConfig
+from dbguard.settings import DatabaseConfig
 from dbguard.databases import registry
 from dbguard.errors import ConfigError
 from dbguard.model import Role

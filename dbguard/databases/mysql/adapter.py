@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import pymysql
 
-from ...config import DatabaseConfig
+from ...settings import DatabaseConfig
 from ...errors import ConfigError, DbguardError
 from ...model import DbStats, Outcome, Role
 from ...originals import Originals

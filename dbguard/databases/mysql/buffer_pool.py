@@ -27,7 +27,7 @@ import logging
 import time
 from typing import Any
 
-from ...config import DatabaseConfig
+from ...settings import DatabaseConfig
 from ...errors import DbguardError
 from ...model import Outcome
 from ...originals import Originals

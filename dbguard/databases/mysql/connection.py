@@ -12,7 +12,7 @@ from typing import Any, Callable, TypeVar
 
 import pymysql
 
-from ...config import DatabaseConfig
+from ...settings import DatabaseConfig
 from ...errors import DbguardError
 from ..bounded import close_quietly
 from ..retry import retry

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from ...config import DatabaseConfig
+from ...settings import DatabaseConfig
 from .. import identity, registry, sockets
 from ..namespaces import Namespace, container_name, of_process
 

@@ -12,7 +12,7 @@ import os
 import socket
 import struct
 
-from ...config import DatabaseConfig
+from ...settings import DatabaseConfig
 from ...sense.procfs import read_proc
 from .. import identity, registry
 from ..namespaces import HOST, Host

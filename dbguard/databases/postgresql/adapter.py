@@ -12,7 +12,7 @@ from typing import Callable
 
 import psycopg
 
-from ...config import DatabaseConfig
+from ...settings import DatabaseConfig
 from ...errors import DbguardError
 from ...model import DbStats, Outcome
 from ...originals import Originals

@@ -14,9 +14,9 @@ from typing import Any, Callable, TypeVar
 import psycopg
 from psycopg import sql
 
-from ...config import DatabaseConfig
+from ...settings import DatabaseConfig
 from ...errors import DbguardError
-from ...validate import parse_dsn
+from ...dsn import parse_dsn
 from ..bounded import BoundedCaller, Busy, Overdue
 from ..namespaces import HOST, Host, Locator
 from ..retry import exponential, retry

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import re
 
-from ...config import DatabaseConfig
+from ...settings import DatabaseConfig
 from ...errors import DbguardError
 from .. import identity, registry
 from ..namespaces import Namespace, container_name, of_process

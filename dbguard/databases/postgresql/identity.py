@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 
-from ...config import DatabaseConfig
+from ...settings import DatabaseConfig
 from ...errors import DbguardError
 from ...validate import endpoints
 from .. import identity

@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from ...config import DatabaseConfig
+from ...settings import DatabaseConfig
 from ...errors import DbguardError
 from ...escape import printable
 from ...model import Outcome
