@@ -14,8 +14,8 @@ PG_DEFAULT_PORT = 5432
 
 
 def _libpq_keywords() -> frozenset[str]:
-    from psycopg import pq
-    return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
+    from .databases.postgresql.driver import psycopg     # without Python's ssl module
+    return frozenset(o.keyword.decode() for o in psycopg.pq.Conninfo.get_defaults())
 
 
 def _redacted(message: str, keywords: frozenset[str]) -> str:
@@ -29,11 +29,10 @@ def _redacted(message: str, keywords: frozenset[str]) -> str:
 def parse_dsn(dsn: str, key: str) -> tuple[dict[str, str] | None, list[str]]:
     """(options, problems) of a PostgreSQL DSN or URI, parsed by libpq; options is None when
     it does not parse. A password in any form is a problem, and never quoted."""
-    from psycopg import Error
-    from psycopg.conninfo import conninfo_to_dict
+    from .databases.postgresql.driver import psycopg     # without Python's ssl module
     try:
-        opts = {k: str(v) for k, v in conninfo_to_dict(dsn).items()}
-    except (Error, ValueError) as e:      # ValueError: a NUL byte
+        opts = {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(dsn).items()}
+    except (psycopg.Error, ValueError) as e:      # ValueError: a NUL byte
         return None, [f"{key}: not a libpq connection string or URI: {_redacted(str(e), _libpq_keywords())}"]
     problems = [f"{key}: holds a {k} (in some form libpq reads); use password_file or password_env instead, "
                 "and change the password if this file was shared" for k in SECRET_OPTIONS if k in opts]

@@ -32,9 +32,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import psycopg
-
 from ..databases.bounded import close_quietly
+from ..databases.postgresql.driver import psycopg     # without Python's ssl module
 from ..databases.steps import linear_step_of, linear_steps_to_floor, linear_target, shrink_steps_max
 from ..model import CacheStats, Outcome
 from ..originals import Originals

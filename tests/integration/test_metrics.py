@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import platform
 import socket
 import urllib.error
 import urllib.request
@@ -131,6 +132,7 @@ def test_scrape_over_http_has_every_family_with_fed_values(served):
     assert s[("dbguard_last_snapshot_timestamp_seconds", ())] == 1_700_000_000.0
     info = [k for k in s if k[0] == "dbguard_build_info"]
     assert len(info) == 1 and dict(info[0][1])["version"]
+    assert dict(info[0][1])["python"] == platform.python_version()     # what metrics.py gets without platform
     # one prefix for everything dbguard exports
     assert all(name.startswith("dbguard_") for name in exported_names(text))
     assert text == m.render().decode()

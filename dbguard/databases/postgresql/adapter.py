@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import psycopg
-
 from ...settings import DatabaseConfig
 from ...errors import DbguardError
 from ...model import DbStats, Outcome
@@ -22,6 +20,7 @@ from ..base import Database
 from ..identity import Found, Tracker
 from . import sessions
 from .connection import Connection, one_line
+from .driver import psycopg     # without Python's ssl module
 from .identity import identify
 from .settings import Settings
 from .stats import COLLECT_SQL, QUERY_MAX, Reading, down_stats, to_stats

@@ -11,15 +11,13 @@ import re
 import threading
 from typing import Any, Callable, TypeVar
 
-import psycopg
-from psycopg import sql
-
 from ...settings import DatabaseConfig
 from ...errors import DbguardError
 from ...dsn import parse_dsn
 from ..bounded import BoundedCaller, Busy, Overdue
 from ..namespaces import HOST, Host, Locator
 from ..retry import exponential, retry
+from .driver import psycopg, sql     # without Python's ssl module
 
 T = TypeVar("T")
 

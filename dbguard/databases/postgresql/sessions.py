@@ -5,11 +5,9 @@ of this very server, and never dbguard's own connection.
 """
 from __future__ import annotations
 
-import psycopg
-from psycopg import sql
-
 from ...model import Outcome, Role
 from .. import identity
+from .driver import psycopg, sql     # without Python's ssl module
 from .stats import role_of
 
 CANCEL = ("pg_cancel_backend", "cancelled the running statement of")

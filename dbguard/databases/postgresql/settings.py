@@ -19,15 +19,13 @@ import logging
 import time
 from typing import Any
 
-import psycopg
-from psycopg import sql
-
 from ...settings import DatabaseConfig
 from ...errors import DbguardError
 from ...escape import printable
 from ...model import Outcome
 from ...originals import Originals
 from ..held import taken_over
+from .driver import psycopg, sql     # without Python's ssl module
 from .serverwide import Entry, Row, live_entry, server_wide
 from .stats import MULTIPLIERS, amount_of, shrunk_literal, steps_max, unit_bytes
 

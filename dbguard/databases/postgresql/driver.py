@@ -1,0 +1,47 @@
+"""psycopg for all of dbguard, imported without Python's `ssl` module.
+
+libpq does TLS itself (sslmode=require, verify-full: its own libssl, its own certificates);
+nothing in dbguard or in psycopg's synchronous API uses Python's ssl module. It is loaded
+only through two side doors, and costs the daemon about 4 MiB of resident memory for
+nothing (_ssl, the pages of libssl and libcrypto 3 its initialisation touches, the module's
+objects; benchmarks/RESULTS.md, "dbguard's own cost"):
+- asyncio, which psycopg imports for its async API, imports ssl when it can and treats it as
+  optional (its `import ssl` is guarded: a Python built without ssl runs it);
+- psycopg.pq's implementations import it for a side effect only ("sets up Python's libcrypto
+  callbacks" before libpq's, which PQinitOpenSSL(1, 0) then skips). Those locking callbacks
+  ended with OpenSSL 1.1.0, which locks itself; the Python dbguard runs on (3.11+) requires
+  OpenSSL 1.1.1 (PEP 644), and psycopg-binary's libpq has its own libcrypto besides.
+
+So asyncio is imported with ssl absent, and psycopg with an empty module standing in for that
+side-effect import. The stand-in is gone before this module's import ends: anything that
+imports ssl later (PyMySQL, for a MariaDB over TLS) gets the real one. The daemon is one
+thread while its config is loaded (the first import of psycopg), so nothing else sees it.
+Every dbguard module takes psycopg from here; one that imported it first would only cost
+the memory (tests/unit/test_pg_driver.py checks the daemon's imports).
+"""
+from __future__ import annotations
+
+import sys
+import types
+
+STAND_IN_DOC = "stands in for Python's ssl module while psycopg is imported (dbguard.databases.postgresql.driver)"
+
+
+def _import_without_ssl() -> None:
+    if "psycopg" in sys.modules or "ssl" in sys.modules:
+        return          # already loaded: nothing left to save
+    try:
+        sys.modules["ssl"] = None       # type: ignore[assignment]  # `import ssl` raises ImportError
+        import asyncio  # noqa: F401
+        sys.modules["ssl"] = types.ModuleType("ssl", STAND_IN_DOC)
+        import psycopg  # noqa: F401
+    finally:
+        del sys.modules["ssl"]
+
+
+_import_without_ssl()
+
+import psycopg  # noqa: E402  (loaded above)
+from psycopg import sql  # noqa: E402
+
+__all__ = ["psycopg", "sql"]
