@@ -286,7 +286,7 @@ class Sensor:
         members = None
         if pressed and all(w.cgroup for w in pressed):
             found = [scope_members(w.cgroup) for w in pressed]
-            members = None if any(m is None for m in found) else set().union(*found)
+            members = None if any(m is None for m in found) else {pid: at for m in found for pid, at in m.items()}
         memcg = pressed[0].memcg if members is not None and len(pressed) == 1 else None
         procs = self.table.refresh(bool(pressed), members, memcg)
         self.observe_collector("procfs", True, time.monotonic() - t0)

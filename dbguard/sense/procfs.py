@@ -163,6 +163,36 @@ def _read_proc_at(pid: int, d: int) -> Proc | None:
                 kernel_thread=kernel_thread)
 
 
+def reread(old: Proc, root: str = "/proc") -> Proc | None:
+    """`old` read again for what changes while a process runs one program: its memory, score
+    and owner (stat, status, oom_score_adj: half the reads of read_proc, and no cgroup, cmdline
+    or exe, which change only at an exec or a move the caller watches for). `old` itself when
+    nothing changed, so what rests on it is not worked out again; a copy with the new facts;
+    None when it must be read in full: gone, another process on its pid, its parent or name
+    changed (an exec renames), its main thread exited (the memory is another thread's)."""
+    try:
+        d = os.open(f"{root}/{old.pid}", _O_READ | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        comm, f = parse_stat(_read("stat", dir_fd=d))
+        if int(f[_STARTTIME]) != old.start_time or int(f[_PPID]) != old.ppid or comm != old.comm:
+            return None
+        uid, rss, _ = parse_status(_read("status", dir_fd=d))
+        adj = int(_read("oom_score_adj", dir_fd=d))
+    except _GONE:
+        return None
+    finally:
+        os.close(d)
+    if rss is None:
+        return None
+    if rss == old.rss_bytes and adj == old.oom_score_adj and uid == old.uid:
+        return old
+    return Proc(pid=old.pid, start_time=old.start_time, ppid=old.ppid, uid=uid, comm=old.comm, exe=old.exe,
+                cmdline=old.cmdline, rss_bytes=rss, memcg=old.memcg, oom_score_adj=adj,
+                kernel_thread=old.kernel_thread)
+
+
 def _live_thread(d: int, pid: int) -> tuple[int, int] | None:
     """(dir fd on /proc/PID/task/TID, TID) of a thread that still has the process's memory,
     when the leader (pid) has exited and others live on; None when there is none."""

@@ -26,7 +26,8 @@ import time
 
 from ..model import Proc
 from .procevents import Changes, ProcEvents
-from .procfs import read_proc
+from .procfs import read_proc, reread
+from .scope import relative_memcg
 
 TOP_EACH_CYCLE = 16         # the largest processes, read every cycle even at rest
 SWEEP_SECONDS = 300.0       # at rest, every other process is read again within this time
@@ -47,15 +48,16 @@ def boot_time() -> float:
     return 0.0
 
 
-def scope_members(cgroup_dir: str) -> set[int] | None:
-    """Pids in a cgroup and every cgroup below it (None when it cannot be read: then
-    every process is a member as far as the caller knows)."""
-    pids: set[int] = set()
+def scope_members(cgroup_dir: str) -> dict[int, str | None] | None:
+    """Pids in a cgroup and every cgroup below it, each with the memory cgroup it is listed in
+    (/proc/PID/cgroup form; None where that cannot be said); None when the cgroups cannot be
+    read: then every process is a member as far as the caller knows."""
+    pids: dict[int, str | None] = {}
     try:
         for d, _, files in os.walk(cgroup_dir):
             if "cgroup.procs" in files:
                 with open(os.path.join(d, "cgroup.procs"), "rb") as f:
-                    pids.update(int(x) for x in f.read().split())
+                    pids.update(dict.fromkeys(map(int, f.read().split()), relative_memcg(d)))
     except (OSError, ValueError):
         return None
     return pids
@@ -74,7 +76,7 @@ class ProcTable:
         self.budget = budget
         self.procs: dict[int, Proc] = {}
         self.born: list[int] = []           # pids that appeared in the last refresh
-        self.reads = 0                      # processes read in the last refresh (for metrics)
+        self.reads = 0                      # processes read (in full or not) in the last refresh (for metrics)
         self.changed: set[int] = set()      # pids read, born or gone since take_changed()
         self._young: set[int] = set()
         self._retry: set[int] = set()
@@ -93,10 +95,7 @@ class ProcTable:
         self.reads += 1
         self.changed.add(pid)
         if p is not None:
-            self.procs[pid] = p
-            if not p.kernel_thread:
-                self._seq += 1
-                heapq.heappush(self._by_rss, (-p.rss_bytes, self._seq, pid, p))
+            self._put(pid, p)
             return
         self.procs.pop(pid, None)
         if os.path.exists(f"{self.root}/{pid}"):
@@ -104,14 +103,33 @@ class ProcTable:
             # instant. Look again next time rather than lose it until the next listing.
             self._retry.add(pid)
 
+    def _reread(self, pid: int) -> None:
+        """What can change of a known process (procfs.reread); in full when that is not enough."""
+        old = self.procs[pid]
+        p = reread(old, self.root)
+        if p is None:
+            self._read(pid)
+            return
+        self.reads += 1
+        if p is not old:
+            self.changed.add(pid)
+            self._put(pid, p)
+
+    def _put(self, pid: int, p: Proc) -> None:
+        self.procs[pid] = p
+        if not p.kernel_thread:
+            self._seq += 1
+            heapq.heappush(self._by_rss, (-p.rss_bytes, self._seq, pid, p))
+
     def _is_young(self, p: Proc, now: float) -> bool:
         return not p.kernel_thread and now - (self._boot + p.start_time / self._hz) < YOUNG_SECONDS
 
-    def refresh(self, fresh: bool, members: set[int] | None = None, memcg: str | None = None) -> dict[int, Proc]:
-        """The table now. `fresh`: read every process of the scope afresh: those `members`
-        lists and those last seen in memory cgroup `memcg` or below (a process whose main
-        thread has exited is no longer listed in cgroup.procs, yet holds its memory there).
-        `members` None: every process."""
+    def refresh(self, fresh: bool, members: dict[int, str | None] | None = None,
+                memcg: str | None = None) -> dict[int, Proc]:
+        """The table now. `fresh`: read the memory of every process of the scope afresh: those
+        `members` lists (scope_members: pid -> the memory cgroup it is listed in) and those last
+        seen in memory cgroup `memcg` or below (a process whose main thread has exited is no
+        longer listed in cgroup.procs, yet holds its memory there). `members` None: every process."""
         now_mono, now = time.monotonic(), time.time()
         elapsed, self._last = now_mono - self._last, now_mono
         self.reads = 0
@@ -122,7 +140,7 @@ class ProcTable:
         born, gone, again = set(changes.born) | self._retry, set(), changes.execed | (changes.exited & self.procs.keys())
         self._retry = set()
         if fresh and members is not None:
-            born |= members - self.procs.keys()       # moved into the scope, or missed
+            born |= members.keys() - self.procs.keys()       # moved into the scope, or missed
         if changes.lost or now_mono - self._listed_at >= LIST_EVERY:
             self._listed_at = now_mono
             listed = {int(n) for n in os.listdir(self.root) if n.isdigit()}
@@ -139,20 +157,45 @@ class ProcTable:
             self._read(pid)
         self._young = {pid for pid in self.born if pid in self.procs and self._is_young(self.procs[pid], now)}
         again.update(self._largest())
-        if fresh:
-            below = memcg.rstrip("/") + "/" if memcg else None
-            chosen = [p.pid for p in self.procs.values() if not p.kernel_thread and (
-                members is None or p.pid in members
-                or below is not None and (p.memcg == memcg or p.memcg.startswith(below)))]
-            again.update(self._rotate(chosen, self.budget))
-        elif self.procs:
+        # In full, at rest's pace whatever the pressure: what only a full read sees (a cgroup
+        # moved within the scope, an exec no event told of) is at most a sweep old.
+        if self.procs:
             n = len(self.procs)
             share = n * min(1.0, elapsed / self.sweep_seconds) if self.sweep_seconds > 0 else n
             again.update(self._sweep_next(max(1, round(share))))
+        light: list[int] = []
+        if fresh:
+            chosen = self._scope(members, memcg, again)
+            light = self._rotate(chosen, self.budget)
         for pid in again - born:
             if pid in self.procs:
                 self._read(pid)
+        for pid in light:
+            if pid in self.procs and pid not in again and pid not in born:
+                self._reread(pid)
         return dict(self.procs)
+
+    def _scope(self, members: dict[int, str | None] | None, memcg: str | None, full: set[int]) -> list[int]:
+        """The user processes of the pressed scope; into `full`, those whose memory cgroup is
+        not the one cgroup.procs lists them in (moved, or their main thread exited: no longer
+        listed), to be read in full."""
+        procs = self.procs
+        if members is None:
+            return [pid for pid, p in procs.items() if not p.kernel_thread]
+        chosen = []
+        for pid, where in members.items():
+            p = procs.get(pid)
+            if p is not None and not p.kernel_thread:
+                chosen.append(pid)
+                if where is not None and where != p.memcg:
+                    full.add(pid)
+        if memcg:
+            below = memcg.rstrip("/") + "/"
+            for pid, p in procs.items():
+                if pid not in members and not p.kernel_thread and (p.memcg == memcg or p.memcg.startswith(below)):
+                    chosen.append(pid)
+                    full.add(pid)
+        return chosen
 
     def take_changed(self) -> set[int]:
         """The pids read, born or gone since the last call: a Proc not among them is the same

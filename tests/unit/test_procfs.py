@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,30 @@ def test_real_own_memcg_dir_exists():
     assert os.path.isdir(d), d
     assert os.path.exists(os.path.join(d, "memory.usage_in_bytes")) or os.path.exists(
         os.path.join(d, "memory.current")), f"{d} is not a memory cgroup"
+
+
+def test_reread_gives_the_same_object_when_nothing_changed(procs):
+    p = procs[701]
+    assert procfs.reread(p, FIXTURE) is p
+
+
+def test_reread_takes_memory_score_and_owner_afresh(procs):
+    # A table entry from an earlier reading: the fixture (the oracle, read in full) is now.
+    now = procs[701]
+    old = replace(now, rss_bytes=1, oom_score_adj=7, uid=4242)
+    again = procfs.reread(old, FIXTURE)
+    assert again == now and again is not now
+    assert (again.exe, again.cmdline, again.memcg) == (old.exe, old.cmdline, old.memcg)
+
+
+@pytest.mark.parametrize("change", [{"start_time": 1}, {"ppid": 3}, {"comm": "renamed"}])
+def test_reread_asks_for_a_full_read_of_another_process_or_program(procs, change):
+    now = procs[701]
+    old = replace(now, **change)
+    assert procfs.reread(old, FIXTURE) is None
+
+
+def test_reread_asks_for_a_full_read_of_a_zombie_or_a_vanished_process(procs):
+    assert procfs.reread(procs[970], FIXTURE) is None      # no VmRSS: a full read looks at its threads
+    gone = replace(procs[701], pid=960)
+    assert procfs.reread(gone, FIXTURE) is None
