@@ -6,10 +6,13 @@ its (pid, start time): so a process is read in full when it appears, looked at o
 while young (a fork reads as its parent until it execs), and after that only when its answer
 can matter:
 
-- under pressure (`fresh`), every process in the watched scope each cycle: the policy
-  chooses from these, and a decision rests on facts of this cycle;
-- at rest, the largest few each cycle and the rest in a slow sweep, so RSS-based rules and
-  `explain` stay roughly right at a cost that does not grow with the count.
+- under pressure (`fresh`), every process in the watched scope each cycle (up to a budget,
+  the rest in rotation): the policy chooses from these, and a decision rests on facts of this
+  cycle. A known process is read only for what changes while it runs one program (memory,
+  score, owner: procfs.reread); its cgroup is checked against the scope's cgroup.procs, and
+  a move, an exec or a rename gets a full read;
+- always, the largest few each cycle and the rest in a slow sweep, in full, so RSS-based rules
+  and `explain` stay roughly right at rest at a cost that does not grow with the count.
 
 Births, execs and exits come from the kernel's process connector (sense/procevents.py)
 where it is ours to read: then /proc is not even listed at rest, and a reused pid is a death
