@@ -265,7 +265,9 @@ class Daemon:
             x.watch.arm(next_mark_bytes(x.assessment.reading, x.assessment.now, self.cfg.pressure))
         monitors = [w.monitor for w in self.watches]
         deadline = time.monotonic() + interval
-        while fired := wait_any(monitors, max(0.0, deadline - time.monotonic()), self._wake_fds):
+        # Throttling at a memory.high alone wakes no more often than the pressed pace.
+        pace = (self._cycle_done_at or 0.0) + PRESSED_INTERVAL
+        while fired := wait_any(monitors, max(0.0, deadline - time.monotonic()), self._wake_fds, pace):
             self._drain_signals()
             # Woken by the kernel's ring buffer alone: births are scored now, without a cycle;
             # anything else (a kill, a failing reclaim, a signal, pressure) is a cycle's work.

@@ -42,6 +42,20 @@ def parse_flat_keyed(text: str) -> dict[str, int]:
     return out
 
 
+# memory.events counters that say the cgroup reached its hard limit or ran out: news a cycle must
+# see at once. The rest ("low", "high") count reclaim and throttling, which a cgroup held at its
+# memory.high does dozens of times a second (the kernel notifies at most every 20 ms).
+LIMIT_EVENTS = ("max", "oom", "oom_kill", "oom_group_kill")
+
+
+def limit_event_kind(before: dict[str, int], after: dict[str, int]) -> str:
+    """What a change of memory.events from `before` to `after` says: "limit" when a counter of
+    LIMIT_EVENTS rose (or the file could not be compared), else "high" (throttling, reclaim)."""
+    if not before or not after:
+        return "limit"
+    return "limit" if any(after.get(k, 0) > before.get(k, 0) for k in LIMIT_EVENTS) else "high"
+
+
 def parse_meminfo(text: str) -> dict[str, int]:
     """/proc/meminfo in bytes ("MemTotal:  24684544 kB" -> 25276973056)."""
     out = {}

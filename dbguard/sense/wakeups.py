@@ -16,7 +16,8 @@ import os
 import select
 import time
 
-from .memtext import UNPRIVILEGED_WINDOW_US, psi_some_total, trigger_is_genuine, trigger_line, unprivileged_window
+from .memtext import (UNPRIVILEGED_WINDOW_US, limit_event_kind, parse_flat_keyed, psi_some_total, trigger_is_genuine,
+                      trigger_line, unprivileged_window)
 
 
 def _read_text(path: str) -> str:
@@ -39,7 +40,8 @@ class Wakeups:
         self.usage_threshold: int | None = None
         self.spurious_triggers = 0      # trigger events without the stall behind them (see trigger_is_genuine)
         self.limit_events = ""          # the kernel's limit notifier in use ("memory.events", "memory.oom_control")
-        self.fired: set[str] = set()    # what woke the last wait(): "psi", "usage", "limit", "fd"
+        self.fired: set[str] = set()    # what woke the last wait(): "psi", "usage", "limit", "high", "fd"
+        self._events: dict[str, int] = {}       # v2: memory.events as last read (what a change is measured against)
         self._stall_us = trigger_stall_us
         self._horizon = 0.0
         self._samples: list[tuple[float, int]] = []
@@ -57,7 +59,7 @@ class Wakeups:
         try:
             if self.version == 2 and os.path.exists(os.path.join(self.cgroup_dir, "memory.events")):
                 fd = os.open(os.path.join(self.cgroup_dir, "memory.events"), os.O_RDONLY | os.O_CLOEXEC)
-                os.read(fd, 4096)            # armed: the next change is an event
+                self._events = parse_flat_keyed(os.read(fd, 4096).decode())    # armed: the next change is an event
                 self._limit_fd, self.limit_events = fd, "memory.events"
                 self._watching[fd] = select.POLLPRI
             elif self.version == 1:
@@ -198,8 +200,9 @@ class Wakeups:
             self.fired.add("usage" if fd == self._event_fd else "limit")
         elif fd == self._limit_fd:
             os.lseek(fd, 0, os.SEEK_SET)
-            os.read(fd, 4096)         # re-armed for the next change
-            self.fired.add("limit")
+            events_now = parse_flat_keyed(os.read(fd, 4096).decode())     # re-armed for the next change
+            self.fired.add(limit_event_kind(self._events, events_now))
+            self._events = events_now
         elif fd == self._psi_fd:
             if events & (select.POLLERR | select.POLLNVAL):
                 # The watched cgroup went away under the trigger.
@@ -234,20 +237,27 @@ class Wakeups:
         self._usage_fd = self._limit_fd = self._limit_src = None
 
 
-def wait_any(sources: list[Wakeups], timeout: float, wake_fds: frozenset[int] | set[int] = frozenset()) -> set[str]:
+def wait_any(sources: list[Wakeups], timeout: float, wake_fds: frozenset[int] | set[int] = frozenset(),
+             high_not_before: float = 0.0) -> set[str]:
     """Wait on every source's descriptors (one per watched scope) and on `wake_fds` (the
     daemon's signal pipe, the BPF ring buffer; the owner drains them) at once. What fired,
     across them all ("fd" for a wake fd; each source's `fired` says what fired there), as soon
-    as anything did; empty when `timeout` s pass."""
+    as anything did; empty when `timeout` s pass. Throttling news alone ("high") ends the wait
+    no earlier than `high_not_before` (time.monotonic()): a cgroup held at its memory.high
+    fires up to 50 times a second, and a cycle more often than the pressed pace learns nothing."""
     deadline = time.monotonic() + timeout
+    held: set[str] = set()      # "high" seen before high_not_before
     for src in sources:
         src.fired = set()
         if src._psi_fd is not None:
             src._sample(time.monotonic())
     while True:
-        remaining = deadline - time.monotonic()
+        now = time.monotonic()
+        if held and now >= high_not_before:
+            return held
+        remaining = (min(deadline, high_not_before) if held else deadline) - now
         if remaining <= 0:
-            return set()
+            return held
         poll = select.poll()      # built afresh: a source drops a broken trigger while waiting
         for fd in wake_fds:
             poll.register(fd, select.POLLIN)
@@ -256,7 +266,7 @@ def wait_any(sources: list[Wakeups], timeout: float, wake_fds: frozenset[int] | 
                 poll.register(fd, events)
         if not wake_fds and not any(src._watching for src in sources):
             time.sleep(remaining)
-            return set()
+            return held
         woken = set()
         for fd, events in poll.poll(max(1, int(remaining * 1000))):
             if fd in wake_fds:
@@ -264,5 +274,6 @@ def wait_any(sources: list[Wakeups], timeout: float, wake_fds: frozenset[int] | 
             else:
                 any(src._handle(fd, events) for src in sources)
         fired = woken.union(*(src.fired for src in sources))
-        if fired:
+        if fired - {"high"} or (fired and time.monotonic() >= high_not_before):
             return fired
+        held |= fired

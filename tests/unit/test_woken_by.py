@@ -31,7 +31,7 @@ def _daemon(monkeypatch, fire: dict[str, set[str]], fd: bool) -> Daemon:
                for n, m in monitors.items()]
     d.sensor = SimpleNamespace(watches=watches)
 
-    def wait_any(sources, timeout, wake_fds=frozenset()):
+    def wait_any(sources, timeout, wake_fds=frozenset(), high_not_before=0.0):
         for n, m in monitors.items():
             m.fired = set(fire.get(n, set()))
         return set().union(*fire.values()) | ({"fd"} if fd else set())
