@@ -26,6 +26,8 @@ from lab.launcher import DbguardRun
 from lab.procs import CLK_TCK, cpu_ticks, status_kib
 from lab.scenario import ScenarioEnv, dbguard_config
 
+from .rss import by_mapping
+
 MiB = 1024 * 1024
 
 
@@ -48,6 +50,7 @@ def one(bpf: bool, idle: float, log, extra: int = 0) -> dict:
             time.sleep(idle)
             t2, c2 = time.monotonic(), cpu_ticks(run.pid)
             rss = {k: status_kib(run.pid, k) for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+            smaps = _read(f"/proc/{run.pid}/smaps")
             if not run.running() or None in rss.values():
                 # Never a zero in the table for a guard that was not there to be measured.
                 raise RuntimeError(f"dbguard exited during the idle window (code {run.returncode}): "
@@ -59,6 +62,7 @@ def one(bpf: bool, idle: float, log, extra: int = 0) -> dict:
                    "rss_peak_mib": rss["VmHWM"] / 1024,
                    "rss_anon_mib": rss["RssAnon"] / 1024,
                    "rss_file_mib": rss["RssFile"] / 1024,
+                   "rss_by_mapping_mib": by_mapping(smaps) if smaps else None,
                    "extra_processes": extra,
                    "idle_window_s": round(t2 - t1, 1)}
         if bpf:
@@ -79,6 +83,14 @@ def restart(work: Path, cfg: dict) -> float:
     return seconds
 
 
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:         # gone: the check below says so
+        return None
+
+
 RESTART_NOTE = "programs from the compile cache"      # dbguard.daemon's bpf_note on such a start
 
 
@@ -86,8 +98,13 @@ RESTART_NOTE = "programs from the compile cache"      # dbguard.daemon's bpf_not
 IMPORT_STEPS = (("python alone", ""),
                 ("+ dbguard's daemon and command line (its modules, tomllib, ctypes, argparse, ...)",
                  "import dbguard.cli, dbguard.daemon"),
-                ("+ psycopg (a PostgreSQL configured)", "import psycopg"),
-                ("+ PyMySQL (a MariaDB or MySQL configured)", "import pymysql"),
+                ("+ asyncio, which psycopg imports for its async API (without Python's ssl module, as "
+                 "dbguard.databases.postgresql.driver has psycopg import it)",
+                 "import sys\nsys.modules['ssl'] = None\nimport asyncio\ndel sys.modules['ssl']"),
+                ("+ psycopg and dbguard's PostgreSQL modules (a PostgreSQL configured)",
+                 "import dbguard.databases.postgresql.adapter"),
+                ("+ PyMySQL (a MariaDB or MySQL configured; it loads Python's ssl module, libssl and libcrypto)",
+                 "import pymysql"),
                 ("+ libbpf (the BPF path's maps)", "import dbguard.kernel.maps as m; m.libbpf()"))
 RSS_NOW = ("import sys\nf = dict(l.split(':', 1) for l in open('/proc/self/status'))\n"
            "sys.stdout.write(f['VmRSS'].split()[0] + ' ' + f['RssAnon'].split()[0])")

@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from . import cancel_latency, giveback, release_race, scenario_cache, vm_oomd
+from . import cancel_latency, giveback, release_race, rss, scenario_cache, vm_oomd
 from .files import RESULTS_JSON, RESULTS_MD
 from .machine import has_capability, machine_of, machine_text, memory_gib
 from .stats import fmt_spread, markdown_table
@@ -443,14 +443,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
         for e in (data.get("earlier") or {}).get("cost", [])[:1]:
             lines += [f"Before, by the same method: {_recorded(e['provenance'])}:", "",
                       markdown_table(COST_HEADER, cost_rows({"cost": e["data"]})), ""]
-        steps = [s for s in data["cost"].get("imports", []) if not s.get("error")]
-        if steps:
-            lines += ["What the RSS is made of: a fresh interpreter after each step's imports, cumulative "
-                      "(median of 3; `benchmarks/cost.py` IMPORT_STEPS):", "",
-                      markdown_table(["imports", "RSS", "of which anonymous", "added"],
-                                     [[s["step"], f"{s['rss_mib']:.1f} MiB", f"{s['anon_mib']:.1f} MiB",
-                                       f"+{s['rss_mib'] - steps[i - 1]['rss_mib']:.1f} MiB" if i else "–"]
-                                      for i, s in enumerate(steps)]), ""]
+        lines += rss.made_of_lines(data["cost"])
         child = [c for c in data["cost"].get("compile_child", []) if not c.get("error")]
         if child:
             lines += ["The BPF compile's child (dbguard/kernel/loader.py, not in the rows above): peak RSS "

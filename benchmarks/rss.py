@@ -1,0 +1,98 @@
+"""What dbguard's resident memory is made of (issue #17): the running daemon's RSS by mapping
+(/proc/PID/smaps, grouped; benchmarks.cost records it at the end of each idle window), and the
+tables RESULTS.md shows of it and of benchmarks.cost's import steps. Pure: no lab imports."""
+from __future__ import annotations
+
+import os
+import statistics
+
+from .stats import markdown_table
+
+TARGET_MIB = 30     # issue #17: the user path's steady RSS with 5,000 idle processes
+
+# First match wins; a mapping's path is "" when it has none (anonymous).
+MAPPING_GROUPS: tuple[tuple[str, object], ...] = (
+    ("Python's objects and the C heap (anonymous: [heap] and unnamed mappings)",
+     lambda p: p in ("", "[heap]")),
+    ("the python3 executable (its code and data)", lambda p: os.path.basename(p).startswith("python3")),
+    ("psycopg's C modules, libpq and the libraries libpq links (its OpenSSL, Kerberos, LDAP, SASL)",
+     lambda p: "psycopg" in p or "/libpq" in p),
+    ("the C library (libc, libm, the dynamic loader)",
+     lambda p: os.path.basename(p).startswith(("libc.so", "libm.so", "ld-linux"))),
+    ("Python's C extension modules (lib-dynload: _decimal, _ctypes, _lzma, ...)", lambda p: "/lib-dynload/" in p),
+    ("other shared libraries and files (libz, libexpat, liblzma, libffi, the locale, ...)", lambda p: True),
+)
+
+
+def by_mapping(smaps: str) -> dict[str, float]:
+    """MiB of RSS per MAPPING_GROUPS label, from the text of /proc/PID/smaps."""
+    out = {label: 0.0 for label, _ in MAPPING_GROUPS}
+    label = None
+    for line in smaps.splitlines():
+        head = line.split(maxsplit=5)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):        # a mapping's header
+            path = head[5].strip() if len(head) == 6 else ""
+            label = next(name for name, match in MAPPING_GROUPS if match(path))
+        elif head and head[0] == "Rss:" and label is not None:
+            out[label] += int(head[1]) / 1024
+    return out
+
+
+def made_of_lines(cost: dict) -> list[str]:
+    """RESULTS.md's lines on what the RSS is made of: the daemon's mappings, then the import steps."""
+    lines: list[str] = []
+    cases = [(f"dbguard-user{', +{:,} idle processes'.format(extra) if extra else ''}",
+              [r["rss_by_mapping_mib"] for r in cost.get("dbguard-user", {}).get("runs", [])
+               if not r.get("error") and r.get("extra_processes", 0) == extra and "rss_by_mapping_mib" in r])
+             for extra in (0, 5000)]
+    cases = [(name, runs) for name, runs in cases if runs]
+    if cases:
+        labels = [label for label, _ in MAPPING_GROUPS]
+        rows = [[label, *(f"{statistics.median(r[label] for r in runs):.1f} MiB" for _, runs in cases)]
+                for label in labels]
+        rows.append(["total (RSS steady)", *(f"{statistics.median(sum(r.values()) for r in runs):.1f} MiB"
+                                             for _, runs in cases)])
+        lines += ["The steady RSS of the user path by mapping (/proc/PID/smaps at the end of the idle window, "
+                  "median over the runs; `benchmarks/rss.py` MAPPING_GROUPS):", "",
+                  markdown_table(["mapping", *(name for name, _ in cases)], rows), ""]
+    steps = [s for s in cost.get("imports", []) if not s.get("error")]
+    if steps:
+        lines += ["What the RSS is made of: a fresh interpreter after each step's imports, cumulative "
+                  "(median of 3; `benchmarks/cost.py` IMPORT_STEPS):", "",
+                  markdown_table(["imports", "RSS", "of which anonymous", "added"],
+                                 [[s["step"], f"{s['rss_mib']:.1f} MiB", f"{s['anon_mib']:.1f} MiB",
+                                   f"+{s['rss_mib'] - steps[i - 1]['rss_mib']:.1f} MiB" if i else "–"]
+                                  for i, s in enumerate(steps)]), ""]
+    return lines + _remaining(cases, steps)
+
+
+def _added(steps: list[dict], prefix: str) -> float | None:
+    i = next((i for i, s in enumerate(steps) if s["step"].startswith(prefix)), None)
+    return steps[i]["rss_mib"] - steps[i - 1]["rss_mib"] if i else None
+
+
+def _remaining(cases: list[tuple[str, list[dict]]], steps: list[dict]) -> list[str]:
+    """Issue #17's target against the figures above, and what the rest is, said from them."""
+    runs = dict(cases)
+    at_rest, crowded = runs.get("dbguard-user"), runs.get("dbguard-user, +5,000 idle processes")
+    pg = next((s for s in steps if s["step"].startswith("+ psycopg")), None)
+    parts = {k: _added(steps, k) for k in ("+ dbguard's daemon", "+ asyncio", "+ psycopg")}
+    if not (at_rest and crowded and pg) or None in parts.values():
+        return []
+    steady = [statistics.median(sum(r.values()) for r in rs) for rs in (at_rest, crowded)]
+    python = statistics.median(r[MAPPING_GROUPS[0][0]] for r in at_rest)
+    own = parts["+ dbguard's daemon"]
+    verdict = "meets" if steady[1] <= TARGET_MIB else f"misses by {steady[1] - TARGET_MIB:.1f} MiB"
+    return [f"Issue #17 asks for at most {TARGET_MIB} MiB on the user path with 5,000 idle processes: "
+            f"{steady[1]:.1f} MiB here, which {verdict}. What remains: a fresh interpreter that has made "
+            f"the daemon's imports and nothing else is {pg['rss_mib']:.1f} MiB, against {steady[0]:.1f} MiB "
+            f"for the running daemon at rest, so nearly all of it is code and the objects the imports create "
+            f"({python:.1f} MiB of the daemon's is Python's objects and the C heap). Of those imports, psycopg "
+            f"3 (the product's PostgreSQL client) brings +{parts['+ psycopg']:.1f} MiB with its libpq and the "
+            f"libraries libpq links, and +{parts['+ asyncio']:.1f} MiB more for asyncio, which psycopg imports "
+            f"at import for its async API (unused by dbguard; leaving it out would mean patching psycopg); "
+            f"dbguard's own modules with the standard library they use, +{own:.1f} MiB; "
+            f"the interpreter alone, {steps[0]['rss_mib']:.1f} MiB. Python's ssl module (libssl, libcrypto 3, "
+            f"_ssl) is no longer among them (dbguard/databases/postgresql/driver.py). From 0 to 5,000 idle "
+            f"processes the steady RSS grows by {steady[1] - steady[0]:.1f} MiB: the process table "
+            f"(dbguard/sense/proctable.py).", ""]
