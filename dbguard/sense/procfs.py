@@ -28,6 +28,21 @@ _GONE = (FileNotFoundError, ProcessLookupError, ValueError, IndexError)
 
 _O_READ = os.O_RDONLY | os.O_CLOEXEC
 
+# One int object for a value many processes hold alike (a parent's pid, a uid, a start tick, the
+# RSS of identical workers): 28 bytes each, per field, per process, in a table that holds every
+# process. Bounded: emptied when full, so values that are not shared cost no more than that.
+_SHARED_MAX = 1024
+_shared: dict[int, int] = {}
+
+
+def _share(v: int) -> int:
+    got = _shared.get(v)
+    if got is None:
+        if len(_shared) >= _SHARED_MAX:
+            _shared.clear()
+        got = _shared[v] = v
+    return got
+
 
 def _read(path: str, size: int = 65536, dir_fd: int | None = None) -> bytes:
     """One read() call: /proc files made in one go (stat, status, cgroup) come whole in it."""
@@ -158,9 +173,9 @@ def _read_proc_at(pid: int, d: int) -> Proc | None:
             os.close(t)
     # Interned: a host's processes share a few executables, cgroups and names (500 backends,
     # one postgres), and the table holds every process.
-    return Proc(pid=pid, start_time=start_time, ppid=ppid, uid=uid, comm=intern(comm), exe=intern(exe),
-                cmdline=intern(cmdline), rss_bytes=rss, memcg=intern(memcg), oom_score_adj=oom_score_adj,
-                kernel_thread=kernel_thread)
+    return Proc(pid=pid, start_time=_share(start_time), ppid=_share(ppid), uid=_share(uid), comm=intern(comm),
+                exe=intern(exe), cmdline=intern(cmdline), rss_bytes=_share(rss), memcg=intern(memcg),
+                oom_score_adj=oom_score_adj, kernel_thread=kernel_thread)
 
 
 def reread(old: Proc, root: str = "/proc") -> Proc | None:
@@ -188,8 +203,8 @@ def reread(old: Proc, root: str = "/proc") -> Proc | None:
         return None
     if rss == old.rss_bytes and adj == old.oom_score_adj and uid == old.uid:
         return old
-    return Proc(pid=old.pid, start_time=old.start_time, ppid=old.ppid, uid=uid, comm=old.comm, exe=old.exe,
-                cmdline=old.cmdline, rss_bytes=rss, memcg=old.memcg, oom_score_adj=adj,
+    return Proc(pid=old.pid, start_time=old.start_time, ppid=old.ppid, uid=_share(uid), comm=old.comm, exe=old.exe,
+                cmdline=old.cmdline, rss_bytes=_share(rss), memcg=old.memcg, oom_score_adj=adj,
                 kernel_thread=old.kernel_thread)
 
 

@@ -38,6 +38,9 @@ YOUNG_SECONDS = 2.0         # read once more if first seen this soon after its s
 FRESH_BUDGET = 1500         # most processes read in one cycle under pressure (the rest rotate)
 LIST_EVERY = 60.0           # with process events, /proc is still listed this often (belt and braces)
 
+PID_BITS = 22               # pids are below 2**22 (the kernel's PID_MAX_LIMIT)
+PID_MASK = (1 << PID_BITS) - 1
+
 
 def clk_tck() -> int:
     return os.sysconf("SC_CLK_TCK")
@@ -85,10 +88,10 @@ class ProcTable:
         self._retry: set[int] = set()
         self._sweep: list[int] = []         # at rest: the rest of this sweep, next last
         self._round: list[int] = []         # under pressure: the rest of this round, next first
-        # (-rss, seq, pid, Proc) of every read, largest first; an entry whose Proc is no longer
-        # the table's is stale and dropped when met: the largest at rest without a pass over all.
-        self._by_rss: list = []
-        self._seq = 0
+        # Every reading as one int, -(RSS in KiB << PID_BITS | pid), largest first (an int per
+        # process, not a tuple of four); an entry whose RSS is no longer the table's is stale and
+        # dropped when met: the largest at rest without a pass over all.
+        self._by_rss: list[int] = []
         self._last = time.monotonic()
         self._hz = clk_tck()
         self._boot = boot_time()
@@ -121,8 +124,7 @@ class ProcTable:
     def _put(self, pid: int, p: Proc) -> None:
         self.procs[pid] = p
         if not p.kernel_thread:
-            self._seq += 1
-            heapq.heappush(self._by_rss, (-p.rss_bytes, self._seq, pid, p))
+            heapq.heappush(self._by_rss, -(p.rss_bytes >> 10 << PID_BITS | pid))
 
     def _is_young(self, p: Proc, now: float) -> bool:
         return not p.kernel_thread and now - (self._boot + p.start_time / self._hz) < YOUNG_SECONDS
@@ -152,6 +154,9 @@ class ProcTable:
             if self.events is None:
                 # Without events an exec is seen only by reading again: once more while young.
                 again |= self._young & listed
+        # Changed in a copy: the dict handed out last (held by the snapshot and the classifier)
+        # is never changed, so it need not be copied on the way out and is the only one held.
+        self.procs = dict(self.procs)
         for pid in gone:
             self.procs.pop(pid, None)
         self.changed |= gone
@@ -176,7 +181,7 @@ class ProcTable:
         for pid in light:
             if pid in self.procs and pid not in again and pid not in born:
                 self._reread(pid)
-        return dict(self.procs)
+        return self.procs
 
     def _scope(self, members: dict[int, str | None] | None, memcg: str | None, full: set[int]) -> list[int]:
         """The user processes of the pressed scope; into `full`, those whose memory cgroup is
@@ -211,15 +216,19 @@ class ProcTable:
         heap, out, keep = self._by_rss, [], []
         while heap and len(out) < self.top:
             entry = heapq.heappop(heap)
-            if self.procs.get(entry[2]) is entry[3]:
-                out.append(entry[2])
+            if self._current(entry) and -entry & PID_MASK not in out:     # a pid twice: once
+                out.append(-entry & PID_MASK)
                 keep.append(entry)
         for entry in keep:
             heapq.heappush(heap, entry)
         if len(heap) > len(self.procs) + len(self.procs) // 4 + 64:     # a fifth stale: rebuilt
-            self._by_rss = [e for e in heap if self.procs.get(e[2]) is e[3]]
+            self._by_rss = [e for e in set(heap) if self._current(e)]
             heapq.heapify(self._by_rss)
         return out
+
+    def _current(self, entry: int) -> bool:
+        p = self.procs.get(-entry & PID_MASK)
+        return p is not None and not p.kernel_thread and p.rss_bytes >> 10 == -entry >> PID_BITS
 
     def _sweep_next(self, n: int) -> list[int]:
         """At rest, the next `n` processes of a round over the table; a new round is listed

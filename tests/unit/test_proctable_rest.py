@@ -56,3 +56,12 @@ def test_changed_names_what_was_read_and_what_went():
     # besides the gone one and 960 (caught vanishing, so tried again): the largest and one of the sweep
     assert len(changed - {999999, 960}) <= 2 < len(table.procs)
     assert table.take_changed() == set()
+
+
+def test_a_process_read_again_at_the_same_size_is_counted_once():
+    table = ProcTable(root=FIXTURE, top=3)
+    table.refresh(fresh=False)
+    want = _user_by_rss()
+    for _ in range(3):
+        table._put(want[0], table.procs[want[0]])       # read again, nothing changed
+    assert sorted(table._largest()) == sorted(want[:3])
