@@ -441,7 +441,9 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                      + " (its runs' guard_cpu_pressure_pct is in results.json)." if apart else ""), "",
                   markdown_table(COST_HEADER, cost_rows(data)), ""]
         for e in (data.get("earlier") or {}).get("cost", [])[:1]:
-            lines += [f"Before, by the same method: {_recorded(e['provenance'])}:", "",
+            cpu = (e["provenance"].get("machine") or {}).get("cpu")
+            apart = f" on another processor ({cpu}: its times are not comparable)" if cpu and cpu != machine_of(data, "cost").get("cpu") else ""
+            lines += [f"Before, by the same method{apart}: {_recorded(e['provenance'])}:", "",
                       markdown_table(COST_HEADER, cost_rows({"cost": e["data"]})), ""]
         lines += rss.made_of_lines(data["cost"])
         child = [c for c in data["cost"].get("compile_child", []) if not c.get("error")]

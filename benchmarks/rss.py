@@ -83,16 +83,18 @@ def _remaining(cases: list[tuple[str, list[dict]]], steps: list[dict]) -> list[s
     python = statistics.median(r[MAPPING_GROUPS[0][0]] for r in at_rest)
     own = parts["+ dbguard's daemon"]
     verdict = "meets" if steady[1] <= TARGET_MIB else f"misses by {steady[1] - TARGET_MIB:.1f} MiB"
+    libs = statistics.median(r[MAPPING_GROUPS[2][0]] for r in at_rest)
     return [f"Issue #17 asks for at most {TARGET_MIB} MiB on the user path with 5,000 idle processes: "
-            f"{steady[1]:.1f} MiB here, which {verdict}. What remains: a fresh interpreter that has made "
-            f"the daemon's imports and nothing else is {pg['rss_mib']:.1f} MiB, against {steady[0]:.1f} MiB "
-            f"for the running daemon at rest, so nearly all of it is code and the objects the imports create "
-            f"({python:.1f} MiB of the daemon's is Python's objects and the C heap). Of those imports, psycopg "
-            f"3 (the product's PostgreSQL client) brings +{parts['+ psycopg']:.1f} MiB with its libpq and the "
-            f"libraries libpq links, and +{parts['+ asyncio']:.1f} MiB more for asyncio, which psycopg imports "
-            f"at import for its async API (unused by dbguard; leaving it out would mean patching psycopg); "
-            f"dbguard's own modules with the standard library they use, +{own:.1f} MiB; "
-            f"the interpreter alone, {steps[0]['rss_mib']:.1f} MiB. Python's ssl module (libssl, libcrypto 3, "
-            f"_ssl) is no longer among them (dbguard/databases/postgresql/driver.py). From 0 to 5,000 idle "
-            f"processes the steady RSS grows by {steady[1] - steady[0]:.1f} MiB: the process table "
-            f"(dbguard/sense/proctable.py).", ""]
+            f"{steady[1]:.1f} MiB here, which {verdict}. What remains, by the tables above: "
+            f"{steady[1] - steady[0]:.1f} MiB is what 5,000 more processes add (anonymous: what dbguard keeps "
+            f"and reads per process, dbguard/sense/proctable.py and procfs.py). The {steady[0]:.1f} MiB at rest "
+            f"is nearly all imports: a fresh interpreter that has made the daemon's imports and nothing else "
+            f"is {pg['rss_mib']:.1f} MiB. Of it, the interpreter alone (its executable, the C library, "
+            f"what any Python process maps) is {steps[0]['rss_mib']:.1f} MiB; dbguard's own modules with the "
+            f"standard library they use +{own:.1f} MiB; asyncio +{parts['+ asyncio']:.1f} "
+            f"MiB, which psycopg imports at import for its async API (dbguard does not use it; leaving it out "
+            f"would mean patching psycopg); psycopg 3, the product's PostgreSQL client, with dbguard's "
+            f"PostgreSQL modules +{parts['+ psycopg']:.1f} MiB, {libs:.1f} MiB of it libpq, psycopg's C modules "
+            f"and the libraries libpq links (the mapping table), the rest psycopg's Python modules and its "
+            f"adapters' objects. Python's ssl module (_ssl, libssl and libcrypto 3) is no longer loaded "
+            f"(dbguard/databases/postgresql/driver.py: libpq does the TLS).", ""]

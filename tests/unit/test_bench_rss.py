@@ -47,8 +47,9 @@ def test_the_tables_and_the_verdict_come_from_the_runs():
     assert f"| {HEAP} | 19.0 MiB | 23.5 MiB |" in text
     assert "| + asyncio, which psycopg imports | 18.5 MiB | 12.0 MiB | +1.5 MiB |" in text
     assert f"at most {TARGET_MIB} MiB" in text and "33.5 MiB here, which misses by 3.5 MiB" in text
-    assert "psycopg 3 (the product's PostgreSQL client) brings +9.5 MiB" in text
-    assert "grows by 4.5 MiB" in text
+    assert "PostgreSQL modules +9.5 MiB, 2.0 MiB of it libpq" in text and "asyncio +1.5 MiB" in text
+    assert "4.5 MiB is what 5,000 more processes add" in text and "The 29.0 MiB at rest" in text
+    assert "is 28.0 MiB" in text and "alone (its executable" in text and "is 10.0 MiB" in text
 
 
 def test_a_met_target_is_said_so():
