@@ -49,8 +49,15 @@ def _tls_of(cluster, application_name: str) -> list[str]:
                         f"WHERE a.application_name = '{application_name}'").split()
 
 
-def test_sslmode_require_reached_over_tls_without_python_ssl(tls_cluster, tmp_path):
+# psycopg's libpq wrappers: "binary" (psycopg-binary's own libpq and OpenSSL, pip installs) and
+# "python" (ctypes over the distribution's libpq5, as the .deb runs it); both import ssl for its side effect.
+LIBPQ_OF = {"binary": "psycopg_binary.libs/libpq", "python": "/libpq.so.5"}
+
+
+@pytest.mark.parametrize("impl", sorted(LIBPQ_OF))
+def test_sslmode_require_reached_over_tls_without_python_ssl(tls_cluster, tmp_path, monkeypatch, impl):
     cluster, cg = tls_cluster
+    monkeypatch.setenv("PSYCOPG_IMPL", impl)        # dbguard run inherits it
     pw = tmp_path / "pg.password"
     pw.write_text(PASSWORD + "\n")
     pw.chmod(0o600)
@@ -66,6 +73,7 @@ def test_sslmode_require_reached_over_tls_without_python_ssl(tls_cluster, tmp_pa
     assert tls == ["t"], f"dbguard's connection over TLS: {tls} (its output: {output[-2000:]})"
     assert "database tls:" not in output, output[-2000:]      # said when the database is not reached
     assert "/_ssl." not in maps, "Python's ssl module was loaded"
+    assert LIBPQ_OF[impl] in maps, f"not psycopg's {impl} libpq"
 
 
 def test_sslmode_require_is_refused_by_a_server_without_tls(tmp_path):
