@@ -14,8 +14,11 @@ objects; benchmarks/RESULTS.md, "dbguard's own cost"):
 
 So asyncio is imported with ssl absent, and psycopg with an empty module standing in for that
 side-effect import. The stand-in is gone before this module's import ends: anything that
-imports ssl later (PyMySQL, for a MariaDB over TLS) gets the real one. The daemon is one
-thread while its config is loaded (the first import of psycopg), so nothing else sees it.
+imports ssl later (PyMySQL) gets the real one. No other thread imports ssl in that window:
+psycopg is first imported when the config is loaded, before any thread starts, or for a
+PostgreSQL discovered later, while only the metrics server's thread (no ssl) and, with a
+MariaDB configured, PyMySQL's calls run, and PyMySQL has loaded ssl already (then nothing
+here is changed).
 Every dbguard module takes psycopg from here; one that imported it first would only cost
 the memory (tests/unit/test_pg_driver.py checks the daemon's imports).
 """
