@@ -1,12 +1,16 @@
-"""dbguard's own cost: startup to "protecting", CPU at idle, RSS steady and at its peak.
+"""dbguard's own cost: startup to "protecting" and to "kernel path attached", CPU at idle, RSS
+steady and at its peak.
 
 `dbguard run` is started as a subprocess (as lab.scenario.dbguard_guard does) watching an
-idle throwaway PostgreSQL in a 1000 MB memory cgroup. Startup: from spawn to its "start"
-audit record (written once the config is loaded, the database reached, BPF compiled and
-attached, and memory locked: the moment it is protecting), with an empty state directory,
-so the BPF programs are compiled; restart (BPF path): the same once more after a stop, in
-the same state directory, where the first start kept the compiled programs
-(dbguard/kernel/objcache.py: loaded, verified by the kernel and attached without clang). Idle CPU: utime+stime over the
+idle throwaway PostgreSQL in a 1000 MB memory cgroup. Startup to "protecting": from spawn to
+its "start" audit record (written once the config is loaded, the database reached and memory
+locked: the user-space path protects from then on, whether the BPF programs are ready or not);
+to "kernel path attached" (BPF path): from spawn to its "bpf_attached" record (the programs,
+compiled or loaded in the loader child beside the start, attached by the next cycle). A first
+start has an empty state directory, so the BPF programs are compiled; restart (BPF path): the
+same once more after a stop, in the same state directory, where the first start kept the
+compiled programs (dbguard/kernel/objcache.py: loaded, verified by the kernel and attached
+without clang). Idle CPU: utime+stime over the
 idle window after that. RSS steady: VmRSS at the end; peak: VmHWM. BCC compiles in a short-lived
 child (dbguard/kernel/loader.py) that is not in these figures: its own peak RSS and lifetime are
 measured apart (the child alone, started as the daemon starts it). CPU under pressure comes from the scenario runs (sampled the same way). The idle
@@ -44,7 +48,8 @@ def one(bpf: bool, idle: float, log, extra: int = 0) -> dict:
         env = ScenarioEnv(cg, cluster, work, work / "audit.jsonl", log)
         cfg = dbguard_config(env, {"bpf": {"enabled": bpf}})
         with DbguardRun(work, cfg) as run:
-            startup = run.wait_protecting(poll=0.01)
+            startup = run.wait_protecting(poll=0.01, kernel=False)
+            attached = kernel_path(run, cached=False) if bpf else None
             time.sleep(2.0)         # first cycles done
             t1, c1 = time.monotonic(), cpu_ticks(run.pid)
             time.sleep(idle)
@@ -55,7 +60,7 @@ def one(bpf: bool, idle: float, log, extra: int = 0) -> dict:
                 # Never a zero in the table for a guard that was not there to be measured.
                 raise RuntimeError(f"dbguard exited during the idle window (code {run.returncode}): "
                                    f"{run.tail(3) or 'no output'}")
-            out = {"startup_s": startup,
+            out = {"startup_s": startup, "attached_s": attached,
                    "cpu_idle_pct": 100.0 * (c2 - c1) / CLK_TCK / (t2 - t1) if c1 is not None and c2 is not None
                    else None,
                    "rss_steady_mib": rss["VmRSS"] / 1024,
@@ -66,21 +71,29 @@ def one(bpf: bool, idle: float, log, extra: int = 0) -> dict:
                    "extra_processes": extra,
                    "idle_window_s": round(t2 - t1, 1)}
         if bpf:
-            out["restart_s"] = restart(work, cfg)
+            out["restart_s"], out["restart_attached_s"] = restart(work, cfg)
         return out
 
 
-def restart(work: Path, cfg: dict) -> float:
+def kernel_path(run: DbguardRun, cached: bool) -> float:
+    """Seconds from spawn to the "bpf_attached" record; raises when the kernel path failed, or
+    when it was (not) loaded from the compile cache against `cached`, so that no compile is
+    counted as a restart nor a restart as a compile."""
+    seconds, rec = run.wait_kernel_path(timeout=120, poll=0.01)
+    if rec["action"] != "bpf_attached" or rec.get("from_cache") is not cached:
+        raise RuntimeError(f"the kernel path was not attached {'from the compile cache' if cached else 'by a compile'}: "
+                           f"{str(rec)[:200]}")
+    return seconds
+
+
+def restart(work: Path, cfg: dict) -> tuple[float, float]:
     """A second start in the same state directory, the first one stopped: the programs its
-    compile kept are loaded (kernel.objcache); seconds to "protecting". Raises when that start
-    compiled after all (its "start" record does not say so), so no compile is counted as one."""
+    compile kept are loaded (kernel.objcache); seconds to "protecting" and to "kernel path
+    attached"."""
     cfg = {**cfg, "audit": {**cfg["audit"], "path": str(work / "audit-restart.jsonl")}}
     with DbguardRun(work, cfg) as run:
-        seconds = run.wait_protecting(poll=0.01)
-        reason = next(r.get("reason", "") for r in run.audit() if r.get("action") == "start")
-    if RESTART_NOTE not in reason:
-        raise RuntimeError(f"the restart did not load the kept programs: {reason[:200]}")
-    return seconds
+        seconds = run.wait_protecting(poll=0.01, kernel=False)
+        return seconds, kernel_path(run, cached=True)
 
 
 def _read(path: str) -> str | None:
@@ -89,9 +102,6 @@ def _read(path: str) -> str | None:
             return f.read()
     except OSError:         # gone: the check below says so
         return None
-
-
-RESTART_NOTE = "programs from the compile cache"      # dbguard.daemon's bpf_note on such a start
 
 
 # What the RSS is made of: a fresh interpreter after each step's imports (cumulative).

@@ -34,7 +34,7 @@ def baseline_window(p: Params) -> tuple[float, float]:
 
 def audit_summary(audit: list[dict], wall_t0: float) -> list[dict]:
     """The guard's actions (not start/stop/level bookkeeping), time relative to the load start."""
-    skip = {"start", "stop", "reload"}
+    skip = {"start", "stop", "reload", "bpf_attached", "bpf_failed"}
     out = []
     for rec in audit:
         if rec.get("action") in skip:

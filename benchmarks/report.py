@@ -21,7 +21,7 @@ from .machine import has_capability, machine_of, machine_text, memory_gib
 from .stats import fmt_spread, markdown_table
 from .reclaim_latency import TIMED_ALIKE, percentile
 from .tables import (COST_HEADER, FASTHOGS_HEADER, FORK_HEADER, MARIADB_HEADER, PRESSURE_HEADER_FULL,
-                     PRESSURE_SCENARIOS, contenders_in, cost_rows, fasthogs_rows, fork_rows, group, mariadb_rows,
+                     PRESSURE_SCENARIOS, contenders_in, cost_before_attach, cost_rows, fasthogs_rows, fork_rows, group, mariadb_rows,
                      observations, ok_runs, pressure_rows, run_notes, scale_compare, scale_table, summary)
 
 TITLES = {
@@ -443,7 +443,9 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
         for e in (data.get("earlier") or {}).get("cost", [])[:1]:
             cpu = (e["provenance"].get("machine") or {}).get("cpu")
             apart = f" on another processor ({cpu}: its times are not comparable)" if cpu and cpu != machine_of(data, "cost").get("cpu") else ""
-            lines += [f"Before, by the same method{apart}: {_recorded(e['provenance'])}:", "",
+            how = ("by the same method but that \"protecting\" was written once the kernel path was attached "
+                   "(the BPF rows' two columns are one time)" if cost_before_attach(e["data"]) else "by the same method")
+            lines += [f"Before, {how}{apart}: {_recorded(e['provenance'])}:", "",
                       markdown_table(COST_HEADER, cost_rows({"cost": e["data"]})), ""]
         lines += rss.made_of_lines(data["cost"])
         child = [c for c in data["cost"].get("compile_child", []) if not c.get("error")]

@@ -3,7 +3,9 @@
 Everything that can fail because of the host or the config (audit file, cgroup, BPF,
 metrics port, user names) fails in `open()`, with one line, before anything is changed.
 After that, nothing in a cycle may stop protection: a database that stops answering is
-reported and protection goes on without SQL.
+reported and protection goes on without SQL. The one exception is the kernel path: it is
+compiled beside the start and attached by a later cycle (kernel.attach), and with
+`[bpf] enabled = true` its failure then stops the daemon.
 
 Each watched scope (watch.py) is judged and answered on its own, with its own Policy; its
 memory (PolicyState) lives in the watch: a SIGHUP or a newly discovered database swaps the
@@ -26,13 +28,14 @@ from .settings import Config
 from .databases.base import Database
 from .errors import DbguardError
 from .host import lock_memory, sd_notify, trim_heap, watchdog_interval
+from .kernel.attach import KernelStart
 from .metrics import Metrics
 from .notices import DatabaseNotices
 from .model import Action, ActionKind, Level, Outcome, Snapshot
 from .policy import Policy
 from .sensor import REDISCOVER_EVERY, Sensor, same_server_twice
 from .sense.wakeups import wait_any
-from .watch import Answer, Watch, build_policies, wakeups, watching, woken_by
+from .watch import Answer, Watch, build_policies, note_woken_by, wakeups, watching
 
 log = logging.getLogger("dbguard")
 
@@ -43,8 +46,6 @@ PRESSED_INTERVAL = 0.2
 RESTORE_ON_STOP_SECONDS = 15.0
 # Config tables a SIGHUP does not swap in (their connections and files are opened at start).
 RESTART_ONLY = ("databases", "caches", "poolers", "audit", "metrics", "bpf")
-# Compiled BPF programs are kept here, under general.state_dir, for the next start (kernel.objcache).
-BPF_CACHE = "bpf"
 # /healthz fails when the last completed cycle is older than this many intervals.
 STALE_AFTER_INTERVALS = 5
 
@@ -57,7 +58,7 @@ class Daemon:
         self.reload_requested = False
         self.bpf = None
         self.feed = None
-        self.bpf_note = ""
+        self.kernel: KernelStart | None = None
         self.metrics: Metrics | None = None
         self.audit: AuditLog | None = None
         self.sensor: Sensor | None = None
@@ -83,7 +84,7 @@ class Daemon:
         for w in cfg.warnings:
             log.warning("config: %s", w)
         self.audit = AuditLog(cfg.audit.path)
-        loading = self._begin_bpf()     # compiles in a child while the databases are reached
+        self.kernel = KernelStart(cfg)      # compiles in a child; a cycle attaches it (kernel.attach)
         self.sensor = Sensor(cfg)
         if not self.sensor.databases:
             log.warning("no [[databases]] configured and no local PostgreSQL or MySQL/MariaDB found; watching host memory "
@@ -105,55 +106,31 @@ class Daemon:
         self.metrics = Metrics(cfg.metrics.listen, healthy=self.health)
         self.audit.on_error = self.metrics.observe_audit_error
         self.sensor.observe_collector = self.metrics.observe_collector
-        self._open_bpf(loading)
-        if self.bpf is not None:
-            from .kernel.feed import KernelFeed
-            self.feed = KernelFeed(self.bpf, cfg, [w.cgroup for w in self.watches])
         self.executor = Executor(self.sensor.databases, self.audit, self.metrics.observe_action,
                                  recheck=self._recheck, caches=self.sensor.caches)
         self.memory_note = lock_memory() if cfg.general.lock_memory else "memory not locked (general.lock_memory)"
-        self.metrics.set_protection(bpf=self.bpf is not None, lower_scores=self.watches[0].policy.can_lower_scores
-                                    and cfg.protection.lower_databases,
-                                    raise_scores=cfg.protection.raise_candidates, kill=cfg.kill.enabled)
+        self._set_protection()
         if not self.dry_run:
             self._recover()
         self.audit.write({"action": "start", "target": "dbguard", "level": "ok",
                           "reason": self.describe(), "result": "protecting" + (" (dry run)" if self.dry_run else ""),
                           "pid": os.getpid()})
 
-    def _begin_bpf(self):
-        """The BPF compile under way (kernel.loader.Loading), None when off, or the DbguardError
-        saying why it cannot start (answered by _open_bpf)."""
-        if self.cfg.bpf.enabled is False:
-            return None
-        from .kernel.bpf import BpfGuard
-        try:
-            return BpfGuard.begin(max_procs=self.cfg.bpf.max_procs, max_cgroups=self.cfg.bpf.max_cgroups,
-                                  cache_dir=os.path.join(self.cfg.general.state_dir, BPF_CACHE))
-        except DbguardError as e:
-            return e
+    def _set_protection(self) -> None:
+        cfg = self.cfg
+        self.metrics.set_protection(bpf=self.bpf is not None, lower_scores=self.watches[0].policy.can_lower_scores
+                                    and cfg.protection.lower_databases,
+                                    raise_scores=cfg.protection.raise_candidates, kill=cfg.kill.enabled)
 
-    def _open_bpf(self, loading) -> None:
-        enabled = self.cfg.bpf.enabled
-        if enabled is False:
-            self.bpf_note = "BPF path off ([bpf] enabled = false)"
-            return
-        from .kernel.bpf import BpfGuard
-        from .kernel.loader import FROM_CACHE
-        try:
-            if isinstance(loading, DbguardError):
-                raise loading
-            self.bpf = BpfGuard.finish(loading)
-            self.bpf_note = "BPF path active"
-            if self.bpf.cache_note:
-                (log.warning if self.bpf.cache_warn else log.info)("BPF programs: %s", self.bpf.cache_note)
-            if self.bpf.cache_note.startswith(FROM_CACHE):
-                self.bpf_note += " (programs from the compile cache)"
-        except DbguardError as e:
-            if enabled is True:
-                raise DbguardError(f"{e} ([bpf] enabled = true requires it)") from None
-            self.bpf_note = f"running on the user-space path alone: {e}"
-            log.warning("%s", self.bpf_note)
+    def _attach_bpf(self) -> None:
+        """The kernel path, ready in its child, taken over: its maps are brought in step by this
+        cycle, its ring buffer wakes the loop, the protection gauge says so."""
+        self.bpf = self.kernel.attach(self.audit, self.level.name.lower())
+        if self.bpf is not None:
+            from .kernel.feed import KernelFeed
+            self.feed = KernelFeed(self.bpf, self.cfg, [w.cgroup for w in self.watches])
+            self._set_protection()
+        self._wake_fds = self._wakeup_fds()
 
     def _recover(self) -> None:
         """Settings a previous run left changed (it was killed half-way) are put back now: what
@@ -177,7 +154,7 @@ class Daemon:
             dbs += "; caches and poolers: " + ", ".join(f"{c.kind} {n}" for n, c in self.sensor.caches.items())
         caps = "can lower database scores" if self.watches[0].policy.can_lower_scores else \
             "cannot lower database scores (no CAP_SYS_RESOURCE): candidates' scores are raised instead"
-        return f"watching {watching(self.watches)}; databases: {dbs}; {self.bpf_note}; {caps}"
+        return f"watching {watching(self.watches)}; databases: {dbs}; {self.kernel.describe()}; {caps}"
 
     def health(self) -> tuple[bool, str]:
         if self.sensor is None or not self.watches or self.stopping:
@@ -196,6 +173,8 @@ class Daemon:
     # --- the loop ------------------------------------------------------------------------
     def cycle(self) -> list[Answer]:
         """Every scope read, judged and answered on its own (one process table, one round of SQL)."""
+        if self.kernel is not None and self.kernel.ready():
+            self._attach_bpf()
         if self.sensor.update_scopes():          # a database found since, a pod gone
             self._put_back_scores(self.sensor.dropped, "scope no longer watched")
             self.sensor.dropped = []
@@ -276,11 +255,16 @@ class Daemon:
             events = self.feed.drain(self)
             if not events or any(ev.kind != "birth" for ev in events):     # nothing read: never spin
                 break
-        # Said in the next level_change record: which trigger, if any, brought the change to light.
-        for w in self.watches:
-            others = set().union(*(v.monitor.fired for v in self.watches if v is not w))
-            w.woken_by = woken_by(w.monitor.fired, others, "fd" in fired - w.monitor.fired - others)
+        note_woken_by(self.watches, fired)
         self._drain_signals()
+
+    def _wakeup_fds(self) -> set[int]:
+        """Besides the scopes' own: the signal pipe, the kernel path's child while it works, then
+        the BPF programs' ring buffer (births, failing reclaim, kills)."""
+        ring = self.bpf.wake_fd() if self.bpf is not None else None
+        if ring is not None:
+            log.info("also woken by the BPF programs' events (births, failing reclaim, kills)")
+        return {fd for fd in (self._wake_r, self.kernel.fileno() if self.kernel else None, ring) if fd is not None}
 
     def _drain_signals(self) -> None:
         if self._wake_r is not None:
@@ -295,16 +279,13 @@ class Daemon:
         # polls it): SIGTERM is acted on within a cycle, not after the interval.
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        ring = self.bpf.wake_fd() if self.bpf is not None else None
-        self._wake_fds = {self._wake_r} | ({ring} if ring is not None else set())   # kernel events wake it too
+        self._wake_fds = self._wakeup_fds()
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
         log.info("dbguard started: %s; %s", self.describe(), self.memory_note)
         for w in self.watches:
             log.info("scope %s: %s", w.name, wakeups(w, self.cfg.general.interval))
-        if ring is not None:
-            log.info("also woken by the BPF programs' events (births, failing reclaim, kills)")
         sd_notify("READY=1")
         while not self.stopping:
             if self.reload_requested:
@@ -361,6 +342,8 @@ class Daemon:
         if self.executor is not None and not self.dry_run:
             self._put_back_scores(self.watches)
             self._restore_caches()
+        if self.kernel is not None:
+            self.kernel.close()
         if self.bpf is not None:
             self.bpf.close()
         if self.metrics is not None:

@@ -113,6 +113,14 @@ def woken_by(own: set[str], others: set[str], fd: bool) -> tuple[str, ...]:
     return tuple(said) or ("interval",)
 
 
+def note_woken_by(watches: list[Watch], fired: set[str]) -> None:
+    """Each scope's woken_by after a wait that returned `fired` (said in its next level_change
+    record: which trigger, if any, brought the change to light)."""
+    for w in watches:
+        others = set().union(*(v.monitor.fired for v in watches if v is not w))
+        w.woken_by = woken_by(w.monitor.fired, others, "fd" in fired - w.monitor.fired - others)
+
+
 def watching(watches: list[Watch]) -> str:
     """What the start log and record say is watched: the scope and why; several: each with its databases."""
     if len(watches) == 1:

@@ -177,18 +177,32 @@ class DbguardRun:
         self.wait_for(seen, timeout, what, poll)
         return found[0]
 
-    def wait_protecting(self, timeout: float = 60.0, settle: float = 0.0, poll: float = 0.05) -> float:
+    def wait_protecting(self, timeout: float = 60.0, settle: float = 0.0, poll: float = 0.05,
+                        kernel: bool = True) -> float:
         """Until its "start" audit record (written once the config is loaded, the databases
-        reached, BPF loaded and memory locked: it protects from then on), then `settle` s more
-        for its first cycles (scores raised, BPF maps filled). Seconds from spawn to the record."""
-        self.wait_record(lambda r: r.get("action") == "start", timeout, 'its "start" audit record', poll)
+        reached and memory locked: the user-space path protects from then on) and, with
+        `kernel`, when that record says the kernel path is still compiling or loading, until
+        that path's own record (wait_kernel_path); then `settle` s more for its first cycles
+        (scores raised, BPF maps filled). Seconds from spawn to the "start" record."""
+        from dbguard.kernel.attach import COMPILING, LOADING
+        start = self.wait_record(lambda r: r.get("action") == "start", timeout, 'its "start" audit record', poll)
         ready = time.monotonic() - self.spawned
+        if kernel and any(s in start.get("reason", "") for s in (COMPILING, LOADING)):
+            self.wait_kernel_path(timeout, poll)
         if settle:
             time.sleep(settle)
             if self.proc.poll() is not None:
                 raise DbguardError(f"dbguard run exited with code {self.proc.returncode} right after starting: "
                                    f"{self.tail(3) or 'no output'}")
         return ready
+
+    def wait_kernel_path(self, timeout: float = 60.0, poll: float = 0.05) -> tuple[float, dict]:
+        """Until the kernel path's record: "bpf_attached", or "bpf_failed" when dbguard goes on
+        without it (with [bpf] enabled = true it exits: DbguardError). (Seconds from spawn to
+        it, the record.)"""
+        rec = self.wait_record(lambda r: r.get("action") in ("bpf_attached", "bpf_failed"), timeout,
+                               'its "bpf_attached" audit record', poll)
+        return time.monotonic() - self.spawned, rec
 
     # --- signals -------------------------------------------------------------------------------
     def reload(self) -> None:

@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 from .source import TRACEPOINTS
@@ -28,6 +31,7 @@ MAX_FDS = 250
 MAX_MESSAGE = 1 << 20      # the description and the C source (~25 kB)
 TIMEOUT_S = 120.0       # a compile on a loaded 2-core host takes ~1-2 s
 FROM_CACHE = "loaded from the compile cache"     # how the loader's note starts when nothing was compiled
+PROGRESS = b'{"progress": "compiling"}'    # the child's word, before its answer, that it runs clang
 
 
 class LoadFailed(Exception):
@@ -184,6 +188,7 @@ def child(fd: int, max_procs: int, max_cgroups: int, cache_dir: str = "") -> int
             return 0
         except Unusable as e:
             missed, warn = f"compile cache not used: {e}", not e.expected
+    sock.send(PROGRESS)
     try:
         desc, fds, entry = _compile(source, bool(cache_dir))
     except Exception as e:      # BCC raises bare Exception for compile and attach errors
@@ -205,41 +210,88 @@ def child(fd: int, max_procs: int, max_cgroups: int, cache_dir: str = "") -> int
     return 0
 
 
+def attached_note(cache_note: str) -> str:
+    """What the daemon says of its kernel path once attached, by what the loader did."""
+    return "BPF path active (programs " + ("from the compile cache)" if from_cache(cache_note) else "compiled)")
+
+
+def from_cache(cache_note: str) -> bool:
+    return cache_note.startswith(FROM_CACHE)
+
+
 class Loading:
     """A compile under way in a child (started at once, so the daemon's own start goes on
-    beside it); result() waits for it."""
+    beside it). done() says, without waiting, whether its answer is in; result() takes it,
+    waiting if need be."""
 
     def __init__(self, max_procs: int, max_cgroups: int, cache_dir: str = ""):
+        from .objcache import PREFIX, SUFFIX
+        self.started = time.monotonic()
+        # Compiling for sure when nothing is kept (a first start); else until the child says so.
+        self.compiling = not cache_dir or not any(Path(cache_dir).glob(f"{PREFIX}*{SUFFIX}"))
+        self._answer: tuple[bytes, list[int]] | None = None
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # The child finds this package where the daemon found it (a source tree, a venv, the .deb).
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")) if p))
+        # Its stderr (BCC's and the verifier's words) to a file: a pipe nobody reads while the
+        # daemon runs its cycles could fill and stop the child.
+        self._err = tempfile.TemporaryFile()
         with theirs:
             self._proc = subprocess.Popen(
                 [sys.executable, "-m", "dbguard.kernel.loader", str(theirs.fileno()), str(max_procs), str(max_cgroups),
                  cache_dir],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=self._err,
                 pass_fds=(theirs.fileno(),), env=env, close_fds=True)
+
+    def fileno(self) -> int:
+        """Readable when the child says something (that it compiles, its answer) or exits."""
+        return self._sock.fileno()
+
+    def done(self) -> bool:
+        """Whether the child answered, exited without an answer or ran out of time (TIMEOUT_S),
+        read without waiting."""
+        self._sock.setblocking(False)       # Python 3.11's recv_fds ignores its flags (MSG_DONTWAIT)
+        while self._answer is None:
+            try:
+                msg, fds, _, _ = socket.recv_fds(self._sock, MAX_MESSAGE, MAX_FDS)
+            except BlockingIOError:
+                return time.monotonic() - self.started > TIMEOUT_S
+            if msg == PROGRESS and not fds:
+                self.compiling = True
+                continue
+            self._answer = (msg, fds)       # b"": it exited without a word
+        return True
+
+    def cancel(self) -> None:
+        """The child stopped and everything it handed over closed (the daemon stops first)."""
+        self._proc.kill()
+        self._proc.wait()
+        self._sock.close()
+        self._err.close()
+        for fd in self._answer[1] if self._answer else ():
+            os.close(fd)
 
     def result(self) -> tuple[str, dict, list[int]]:
         """(the C as compiled, description, descriptors now owned by the caller). Raises
         LoadFailed with the compiler's first error or the verifier's decisive line (stage
         "compile") or why the running kernel's layout could not be read (stage "btf")."""
+        while not self.done():
+            select.select([self._sock], [], [], max(0.01, self.started + TIMEOUT_S - time.monotonic()))
         proc = self._proc
+        if self._answer is None:
+            self.cancel()
+            raise LoadFailed(f"the BPF compile did not finish in {TIMEOUT_S:g} s", "compile")
         try:
-            try:
-                _, err = proc.communicate(timeout=TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
-                raise LoadFailed(f"the BPF compile did not finish in {TIMEOUT_S:g} s", "compile") from None
-            self._sock.setblocking(False)
-            try:
-                msg, fds, _, _ = socket.recv_fds(self._sock, MAX_MESSAGE, MAX_FDS)
-            except BlockingIOError:
-                msg, fds = b"", []
-        finally:
-            self._sock.close()
+            proc.wait(timeout=TIMEOUT_S)        # it leaves right after its answer
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        self._sock.close()
+        self._err.seek(0)
+        err = self._err.read()
+        self._err.close()
+        msg, fds = self._answer
         try:
             desc = json.loads(msg) if msg else {"error": ""}
         except ValueError:

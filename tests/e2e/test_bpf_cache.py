@@ -229,8 +229,8 @@ def _programs_held(pid: int) -> int:
 
 
 def test_the_daemon_restarts_on_the_programs_its_first_start_kept(tmp_path):
-    """`dbguard run` twice in one state directory: the second start says it runs the kept
-    programs, holds every one of them attached, and stops cleanly."""
+    """`dbguard run` twice in one state directory: the second start's kernel path says it runs
+    the kept programs, holds every one of them attached, and stops cleanly."""
     from lab.launcher import DbguardRun, base_config
     cfg = base_config(tmp_path)
     cfg["bpf"] = {"enabled": True}
@@ -240,12 +240,12 @@ def test_the_daemon_restarts_on_the_programs_its_first_start_kept(tmp_path):
     for n in range(2):
         cfg["audit"]["path"] = str(tmp_path / f"audit-{n}.jsonl")
         with DbguardRun(tmp_path, cfg) as run:
-            run.wait_protecting()
-            reasons.append(next(r["reason"] for r in run.audit() if r.get("action") == "start"))
+            run.wait_protecting(kernel=False)
+            _, attached = run.wait_kernel_path()
+            reasons.append(attached["result"])
             held.append(_programs_held(run.pid))
         assert run.returncode == 0, run.tail(3)
-    assert "BPF path active" in reasons[0] and "programs from the compile cache" not in reasons[0]
-    assert "BPF path active (programs from the compile cache)" in reasons[1]
+    assert reasons == ["BPF path active (programs compiled)", "BPF path active (programs from the compile cache)"]
     # The same programs held by descriptor (a program's fdinfo names it; attachments are perf events).
     assert held[1] == held[0] >= 9
 

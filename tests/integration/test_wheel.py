@@ -152,7 +152,9 @@ def test_short_dry_run_against_a_real_postgresql(installed, tmp_path, postgresql
             run.wait_protecting(timeout=120)
             start = next(rec for rec in run.audit() if rec["action"] == "start")
             assert start["result"] == "protecting (dry run)"
-            assert "postgresql main" in start["reason"] and "BPF path active" in start["reason"], start
+            assert "postgresql main" in start["reason"], start
+            attached = next(rec for rec in run.audit() if rec["action"] in ("bpf_attached", "bpf_failed"))
+            assert attached["action"] == "bpf_attached" and "BPF path active" in attached["result"], attached
             assert run.stop() == 0, run.output()
         assert "Traceback" not in run.output() and "internal error" not in run.output()
         records = run.audit()

@@ -1,0 +1,107 @@
+"""The kernel path, started beside the daemon's own start and attached when it is ready.
+
+BCC's compile (the loader child, kernel.loader) takes seconds on a small host; loading what an
+earlier compile kept (kernel.objcache) a fraction of one. Neither holds the daemon back: it
+protects on the user-space path as soon as that is ready (its "start" record says the kernel
+path is compiling or loading), runs its cycles, and attaches the kernel path at the first cycle
+after the child answered, with a "bpf_attached" audit record (seconds since the child started,
+whether from the compile cache). A restart takes the same path as a first start: only its
+timing differs.
+
+[bpf] enabled = true: what can be told before the start (no BPF, no BTF, no BCC:
+kernel.bpf.availability) refuses the start; a compile, load or attach that fails later is a
+"bpf_failed" record and stops the daemon with that one line, after it put back what it
+changed, as any stop does. enabled = "auto": the same record, a warning, and the user-space
+path goes on alone.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+from ..config import Config
+from ..errors import DbguardError
+
+log = logging.getLogger("dbguard")
+
+# Compiled BPF programs are kept here, under general.state_dir, for the next start (kernel.objcache).
+BPF_CACHE = "bpf"
+COMPILING, LOADING = "kernel path compiling", "kernel path loading from the compile cache"
+MEANWHILE = "the user-space path protects meanwhile"
+
+
+def cache_dir(cfg: Config) -> str:
+    return os.path.join(cfg.general.state_dir, BPF_CACHE)
+
+
+class KernelStart:
+    """The BPF path's state in the daemon: off, under way in the loader child, attached, or
+    given up (`note` says which, for the start record, the logs and /healthz)."""
+
+    def __init__(self, cfg: Config):
+        self.enabled = cfg.bpf.enabled
+        self.loading = None
+        self.note = "BPF path off ([bpf] enabled = false)"
+        if self.enabled is False:
+            return
+        from .bpf import BpfGuard
+        try:
+            self.loading = BpfGuard.begin(max_procs=cfg.bpf.max_procs, max_cgroups=cfg.bpf.max_cgroups,
+                                          cache_dir=cache_dir(cfg))
+        except DbguardError as e:
+            self._give_up(e)
+
+    def _give_up(self, e: DbguardError) -> None:
+        if self.enabled is True:
+            raise DbguardError(f"{e} ([bpf] enabled = true requires it)") from None
+        self.note = f"running on the user-space path alone: {e}"
+        log.warning("%s", self.note)
+
+    @property
+    def pending(self) -> bool:
+        return self.loading is not None
+
+    def describe(self) -> str:
+        if self.loading is None:
+            return self.note
+        return f"{COMPILING if self.loading.compiling else LOADING} ({MEANWHILE})"
+
+    def fileno(self) -> int | None:
+        """Readable when the child has something to say: the daemon's wait polls it."""
+        return self.loading.fileno() if self.loading is not None else None
+
+    def ready(self) -> bool:
+        return self.loading is not None and self.loading.done()
+
+    def attach(self, audit, level: str):
+        """The child's programs taken over (BpfGuard), or None when that failed and the
+        user-space path goes on alone; DbguardError when [bpf] enabled = true."""
+        from .bpf import BpfGuard
+        from .loader import attached_note, from_cache
+        loading, self.loading = self.loading, None
+        try:
+            bpf = BpfGuard.finish(loading)
+        except DbguardError as e:
+            stop = self.enabled is True
+            audit.write({"action": "bpf_failed", "target": "dbguard", "level": level, "reason": str(e),
+                         "result": "stopping: [bpf] enabled = true requires it" if stop
+                         else "running on the user-space path alone",
+                         "seconds": round(time.monotonic() - loading.started, 3)})
+            self._give_up(e)
+            return None
+        seconds = time.monotonic() - loading.started
+        if bpf.cache_note:
+            (log.warning if bpf.cache_warn else log.info)("BPF programs: %s", bpf.cache_note)
+        self.note = attached_note(bpf.cache_note)
+        cached = from_cache(bpf.cache_note)
+        log.info("kernel path attached %.2f s after its %s began", seconds, "load" if cached else "compile")
+        audit.write({"action": "bpf_attached", "target": "dbguard", "level": level,
+                     "reason": bpf.cache_note or self.note, "result": self.note,
+                     "seconds": round(seconds, 3), "from_cache": cached})
+        return bpf
+
+    def close(self) -> None:
+        if self.loading is not None:
+            self.loading.cancel()
+            self.loading = None

@@ -1,0 +1,128 @@
+"""The kernel path attached after the start (dbguard.kernel.attach): `dbguard run` protects on
+the user-space path while BCC compiles in its child, then attaches the programs with their own
+audit record; with [bpf] enabled = true a compile that fails then stops it with one line.
+
+Needs root, BCC and kernel headers (`make setup`) and PostgreSQL's binaries; without them the
+tests FAIL with the reason. The compile failure is a real one: the C copied with a line that is
+not C, through DBGUARD_BPF_DIR (as tests/e2e/test_bpf.py's compile-error test does).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dbguard.kernel import layout
+from dbguard.kernel.attach import COMPILING
+from lab.launcher import DbguardRun, base_config
+
+pytestmark = [pytest.mark.bpf, pytest.mark.root, pytest.mark.e2e, pytest.mark.db]
+
+
+def _held_map_ids(pid: int) -> list[int]:
+    ids = []
+    for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+        try:
+            text = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
+        except FileNotFoundError:       # closed while read
+            continue
+        ids += [int(ln.split()[1]) for ln in text.splitlines() if ln.startswith("map_id:")]
+    return ids
+
+
+def procs_map_keys(pid: int) -> set[int]:
+    """The tgids in the "procs" map that process `pid` holds, as bpftool reads the kernel's map
+    (the oracle: not dbguard's own reading)."""
+    for map_id in _held_map_ids(pid):
+        show = json.loads(subprocess.run(["bpftool", "-j", "map", "show", "id", str(map_id)],
+                                         capture_output=True, text=True, check=True).stdout)
+        if show.get("name") != "procs":
+            continue
+        dump = json.loads(subprocess.run(["bpftool", "-j", "map", "dump", "id", str(map_id)],
+                                         capture_output=True, text=True, check=True).stdout)
+        keys = set()
+        for e in dump:
+            if "formatted" in e:
+                keys.add(int(e["formatted"]["key"]))
+            else:
+                keys.add(int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little"))
+        return keys
+    return set()
+
+
+def _config(tmp_path: Path, dsn: str, enabled) -> dict:
+    cfg = base_config(tmp_path)
+    cfg["databases"] = [{"name": "main", "kind": "postgresql", "dsn": dsn}]
+    cfg["bpf"] = {"enabled": enabled}
+    cfg["general"]["dry_run"] = True        # what is asserted is what it protects, not what it changes
+    return cfg
+
+
+def test_a_first_start_protects_while_it_compiles_then_attaches(tmp_path):
+    """An empty state directory: the "start" record (protecting) says the kernel path is
+    compiling, a "bpf_attached" record follows it (compiled, not from the cache), and the
+    kernel's procs map the daemon holds then shields the postmaster."""
+    from lab.pgcluster import PgCluster
+    with PgCluster() as pg:
+        assert not (tmp_path / "state" / "bpf").exists()
+        with DbguardRun(tmp_path, _config(tmp_path, pg.dsn, True)) as run:
+            run.wait_protecting(kernel=False)
+            start = next(r for r in run.audit() if r["action"] == "start")
+            assert start["result"] == "protecting (dry run)" and COMPILING in start["reason"], start
+            _, attached = run.wait_kernel_path(timeout=120)
+            assert attached["action"] == "bpf_attached", attached
+            assert attached["from_cache"] is False and attached["seconds"] > 0, attached
+            assert "compiled; kept in" in attached["reason"], attached
+            actions = [r["action"] for r in run.audit()]
+            assert actions.index("start") < actions.index("bpf_attached"), actions
+            postmaster = pg.postmaster_pid()
+            run.wait_for(lambda: postmaster in procs_map_keys(run.pid), 30, "the postmaster in the procs map")
+            assert run.stop() == 0, run.tail(3)
+        assert "Traceback" not in run.output(None)
+
+
+def _broken_c(tmp_path: Path) -> Path:
+    broken = tmp_path / "broken-bpf"
+    shutil.copytree(layout.BPF_DIR, broken)
+    with open(broken / "oom.c", "a") as f:
+        f.write("\nthis is not C;\n")
+    return broken
+
+
+def test_a_late_compile_failure_with_bpf_required_stops_with_one_line(tmp_path, monkeypatch):
+    """[bpf] enabled = true and C that does not compile: dbguard protects first (the failure
+    shows only in the child), then says it in a "bpf_failed" record, stops as a stop does (its
+    "stop" record) and exits 2 with one line naming the compile error."""
+    from lab.pgcluster import PgCluster
+    monkeypatch.setenv("DBGUARD_BPF_DIR", str(_broken_c(tmp_path)))
+    with PgCluster() as pg:
+        with DbguardRun(tmp_path, _config(tmp_path, pg.dsn, True)) as run:
+            run.wait_for(lambda: not run.running(), 120, "its exit")
+        out = run.output(None)
+        assert run.returncode == 2, out
+        actions = [r["action"] for r in run.audit()]
+        assert actions[0] == "start" and actions[-2:] == ["bpf_failed", "stop"], actions
+        assert "bpf_attached" not in actions, actions
+        failed = next(r for r in run.audit() if r["action"] == "bpf_failed")
+        assert failed["result"].startswith("stopping"), failed
+        last = [ln for ln in out.splitlines() if ln.strip()][-1]
+        assert last.startswith("dbguard: BPF programs failed to load: ") and "error" in last, out
+        assert "enabled = true requires it" in last and "Traceback" not in out, out
+
+
+def test_a_late_compile_failure_with_bpf_auto_goes_on_in_user_space(tmp_path, monkeypatch):
+    """enabled = "auto": the same failure is a "bpf_failed" record and a warning; dbguard runs
+    on and stops cleanly."""
+    from lab.pgcluster import PgCluster
+    monkeypatch.setenv("DBGUARD_BPF_DIR", str(_broken_c(tmp_path)))
+    with PgCluster() as pg:
+        with DbguardRun(tmp_path, _config(tmp_path, pg.dsn, "auto")) as run:
+            _, rec = run.wait_kernel_path(timeout=120)
+            assert rec["action"] == "bpf_failed" and rec["result"] == "running on the user-space path alone", rec
+            assert "BPF programs failed to load" in rec["reason"], rec
+            assert run.stop() == 0, run.tail(3)          # 2 had it stopped on the failure
+        assert "running on the user-space path alone: BPF programs failed to load" in run.output(None)
