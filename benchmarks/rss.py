@@ -43,7 +43,7 @@ def made_of_lines(cost: dict) -> list[str]:
     lines: list[str] = []
     cases = [(f"dbguard-user{', +{:,} idle processes'.format(extra) if extra else ''}",
               [r["rss_by_mapping_mib"] for r in cost.get("dbguard-user", {}).get("runs", [])
-               if not r.get("error") and r.get("extra_processes", 0) == extra and "rss_by_mapping_mib" in r])
+               if not r.get("error") and r.get("extra_processes", 0) == extra and r.get("rss_by_mapping_mib")])
              for extra in (0, 5000)]
     cases = [(name, runs) for name, runs in cases if runs]
     if cases:

@@ -58,6 +58,7 @@ def test_a_met_target_is_said_so():
 
 def test_without_runs_by_mapping_only_the_import_steps_are_shown():
     cost = _cost(29.0, 33.5)
-    cost["dbguard-user"]["runs"] = [{"extra_processes": 0, "rss_steady_mib": 34.0}]      # recorded before mappings
+    cost["dbguard-user"]["runs"] = [{"extra_processes": 0, "rss_steady_mib": 34.0},     # recorded before mappings
+                                    {"extra_processes": 5000, "rss_by_mapping_mib": None}]      # smaps gone
     text = "\n".join(made_of_lines(cost))
     assert "by mapping" not in text and "IMPORT_STEPS" in text and "Issue #17" not in text
