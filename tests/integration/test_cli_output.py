@@ -95,3 +95,16 @@ def test_a_bad_config_for_check_is_exit_2(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
 
+
+
+def test_python_dash_m_dbguard_is_the_same_command(tmp_path):
+    """`python -m dbguard` (no console script on the PATH, a venv, a container) runs the same
+    command line: the same version, and the same one-line error and exit code for a bad config."""
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=60)
+    from dbguard import __version__
+    assert run("dbguard", "--version").stdout.split() == ["dbguard", __version__]
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[general]\nintervall = 1\n")
+    mine, script = run("dbguard", "check-config", str(bad)), run("dbguard.cli", "check-config", str(bad))
+    assert (mine.returncode, mine.stderr) == (script.returncode, script.stderr) and mine.returncode == 2, mine
