@@ -15,7 +15,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from . import cancel_latency, giveback, release_race, rss, scenario_cache, vm_oomd
+from . import cancel_latency, giveback, release_race, rss, scenario_cache, table_memory, vm_oomd
+from . import pace as loop_pace
 from .files import RESULTS_JSON, RESULTS_MD
 from .machine import has_capability, machine_of, machine_text, memory_gib
 from .stats import fmt_spread, markdown_table
@@ -431,6 +432,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                 lines += [f"{r['case']}: one cycle takes {r['wall_ms']['median']:.0f} ms with {r['processes']:,} "
                           f"processes, longer than its {pace} ms pace: on such a host the loop runs back to "
                           "back and reacts a cycle later than on a small one.", ""]
+    lines += loop_pace.section() + table_memory.section()
     if data.get("cost"):
         prov = data.get("provenance") or {}
         apart = [s for s in PRESSURE_SCENARIOS if prov.get(s, {}).get("date") not in (None, prov.get("cost", {}).get("date"))]
@@ -472,6 +474,8 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
               "sudo .venv/bin/python -m benchmarks.giveback --runs 3   # memcached, PgBouncer steps (extra \"giveback\")",
               "sudo .venv/bin/python -m benchmarks.cancel_latency --runs 3   # the cancel: kernel vs user space",
               "sudo .venv/bin/python -m benchmarks.release_race --runs 10   # a BPF-killed hog's memory released",
+              "sudo .venv/bin/python -m benchmarks.pace --runs 1   # the loop's pace under pressure, 10,000 processes",
+              "sudo .venv/bin/python -m benchmarks.table_memory --runs 3   # memory per process on the host",
               "```", ""]
     path.write_text("\n".join(lines))
 

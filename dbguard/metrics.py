@@ -195,10 +195,15 @@ class Metrics:
         self._audit_errors = Family(f"{PREFIX}_audit_write_errors",
                                     "Audit records that could not be written (the record is lost; protection "
                                     "goes on), by error (ENOSPC, EFBIG, ...).", "counter", ["error"])
+        # The loop's pace as it runs (0.2 s under pressure): rate() of it, or its steps against
+        # last_snapshot_timestamp_seconds (benchmarks/pace.py).
+        self._cycles = Family(f"{PREFIX}_cycles", "Cycles completed (every watched scope read, judged, answered).",
+                              "counter")
         # Zero series up front, so increase() in alerts works from the first breach.
         self._breaches.touch("oom_kill")
+        self._cycles.touch()
         self._fixed = (build, self._collector_ok, self._collector_seconds, self._actions, self._kernel_events,
-                       self._oom_kills, self._bpf_kills, self._breaches, self._audit_errors)
+                       self._oom_kills, self._bpf_kills, self._breaches, self._audit_errors, self._cycles)
 
         if listen:
             self._serve(*parse_listen(listen))
@@ -249,6 +254,7 @@ class Metrics:
             _Tally(role for snap, _ in scopes for role in snap.roles.values())
         shielded = {role.value: tally.get(role, 0) for role in SHIELDED_ROLES}
         with self._lock:
+            self._cycles.inc()
             self._state = _State(level=max(int(level) for _, level in scopes), ts=max(s.ts for s, _ in scopes),
                                  memory=memory, databases=dbs, shielded=shielded, protection=self._state.protection)
 

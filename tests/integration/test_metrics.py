@@ -99,6 +99,7 @@ def test_scrape_over_http_has_every_family_with_fed_values(served):
     my = (("database", "orders"), ("kind", "mysql"))
     cg = (("cgroup", "/sys/fs/cgroup/memory/test"),)
     assert s[("dbguard_pressure_level", ())] == 2
+    assert s[("dbguard_cycles_total", ())] == 1                                 # one snapshot observed
     assert s[("dbguard_memory_usage_bytes", cg)] == 900 * MiB
     assert s[("dbguard_memory_limit_bytes", cg)] == 1000 * MiB
     assert s[("dbguard_memory_unreclaimable_ratio", cg)] == pytest.approx(0.8)      # page cache does not count
