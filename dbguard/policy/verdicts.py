@@ -99,10 +99,6 @@ class Judge:
     _memo_snap: Snapshot | None = field(default=None, repr=False)
     _memo_level: Level = field(default=Level.OK, repr=False)
     _memo: dict[int, Verdict] = field(default_factory=dict, repr=False)
-    # pid -> (Proc, role, limit, Verdict) of the last snapshot: the process table hands the
-    # same Proc object back until it reads the process again, so a verdict is worked out
-    # once per change of its facts, not once per cycle for every process on the host.
-    _kept: dict[int, tuple[Proc, Role, int | None, Level, Verdict]] = field(default_factory=dict, repr=False)
     changed: set[int] = field(default_factory=set, repr=False)   # pids whose verdict was worked out anew
     # Of the last snapshot judged: pids whose verdict read PSS (never kept), that are candidates,
     # that are protected, that are cache servers.
@@ -215,48 +211,52 @@ class Judge:
         if self._memo_snap is snap and self._memo_level == self.level:
             return self._memo
         limit, level, prev = snap.memory.limit_bytes, self.level, self._memo_snap
+        # The last judgement, as it stood before this one (_volatile is replaced or changed below
+        # only for the pid at hand); its verdicts hold for this limit and level alone.
+        last_memo, last_volatile = self._memo, set(self._volatile)
+        same = prev is not None and prev.memory.limit_bytes == limit and self._memo_level == level
+        last_procs, last_roles = (prev.procs, prev.roles) if prev is not None else ({}, {})
         servers = {c.server_pid: c for c in snap.caches if c.server_pid is not None and not c.pooler}
         procs, roles, other = snap.procs, snap.roles, Role.OTHER
         if prev is not None and snap.changed is not None and snap.since == prev.seq > 0 \
                 and self._memo_level == level and prev.memory.limit_bytes == limit:
-            memo, kept = dict(self._memo), self._kept
+            memo = dict(self._memo)
             # Set operations over the changed few only: `& procs.keys()` would walk every process.
             todo = {pid for pid in (*snap.changed, *self._volatile, *servers, *self._servers) if pid in procs}
             for pid in [pid for pid in snap.changed if pid not in procs and pid in memo]:
                 del memo[pid]
-                kept.pop(pid, None)
                 self._volatile.discard(pid)
                 self._candidates.discard(pid)
                 self._protected.discard(pid)
         else:
-            memo, kept, todo = {}, {}, procs.keys()
+            memo, todo = {}, procs.keys()
             self._volatile, self._candidates, self._protected = set(), set(), set()
-        before = self._kept
         changed: set[int] = set()
         for pid in todo:
             p = procs[pid]
             role = roles.get(pid, other)
             server = servers.get(pid)
-            k = before.get(pid)
-            if k is not None and k[0] is p and k[1] is role and k[2] == limit and k[3] == level \
-                    and server is None:
-                v = k[4]
+            # The process table hands the same Proc object back until it reads the process
+            # again, and the last snapshot judged is kept: its Proc, role and verdict are the
+            # last judgement of a pid (no copy of them per process), worked out again only
+            # when one of its facts changed, not once per cycle for every process on the host.
+            if same and server is None and last_procs.get(pid) is p and last_roles.get(pid, other) is role \
+                    and pid in last_memo and pid not in last_volatile:
+                v = last_memo[pid]
             else:
                 v = self.verdict(p, role, snap.self_pid, limit, server)
                 v = self._shared.setdefault(v, v)
                 changed.add(pid)
             if v.pss_bytes is None and "pss" not in v.why:     # PSS is read afresh each time
-                kept[pid] = (p, role, limit, level, v)
                 self._volatile.discard(pid)
             else:
-                kept.pop(pid, None)
                 self._volatile.add(pid)
             (self._candidates.add if v.candidate else self._candidates.discard)(pid)
             (self._protected.add if v.protected else self._protected.discard)(pid)
             memo[pid] = v
         if len(self._shared) > SHARED_VERDICTS:
             self._shared = {}
-        self._kept, self._memo, self.changed, self._servers = kept, memo, changed, set(servers)
+        self._memo, self.changed, self._servers = memo, changed, set(servers)
         self._memo_snap, self._memo_level = snap, level
         return self._memo
 
