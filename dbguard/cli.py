@@ -31,6 +31,7 @@ examples:
   dbguard explain --config FILE --pid 1234          why one process is (not) protected or a kill candidate
   dbguard check                                     which protections work on this host, and why not the others
   dbguard bpf-source                                the BPF C exactly as it is loaded
+  dbguard bpf-compile --config FILE                 compile the BPF programs ahead of the first start
 
 The config format is documented in config.example.toml; the audit log is JSON lines.
 Exit codes: 0 ok, 1 internal error (a bug: please report it), 2 a problem you can fix (the message says how),
@@ -143,6 +144,12 @@ def cmd_bpf_source(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bpf_compile(a: argparse.Namespace) -> int:
+    from .kernel.attach import warm
+    _say(warm(_config(a.config)))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="dbguard", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -202,6 +209,17 @@ def parser() -> argparse.ArgumentParser:
         "Print the BPF program source dbguard compiles with BCC, with the map sizes from the config."))
     p.add_argument("--config", "-c", metavar="FILE", help=cfg_help)
     p.set_defaults(fn=cmd_bpf_source)
+
+    p = sub.add_parser("bpf-compile", parents=[logging_opts], help="compile the BPF programs into the compile cache",
+                       description=(
+        "Compile the BPF programs for the running kernel with the config's sizes into <state_dir>/bpf and exit, "
+        "so that `run` loads them from there without clang (it protects on the user-space path while it "
+        "compiles otherwise). The Debian package and the Ansible role run it at install; run it again after "
+        "booting a new kernel or changing [bpf] max_procs or max_cgroups if the first start should not "
+        "compile. Exit 0 when compiled and kept (or kept already), 2 when BPF cannot be used here or the "
+        "programs could not be kept (the line says why)."))
+    p.add_argument("--config", "-c", metavar="FILE", help=cfg_help)
+    p.set_defaults(fn=cmd_bpf_compile)
     return ap
 
 

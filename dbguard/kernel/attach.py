@@ -105,3 +105,24 @@ class KernelStart:
         if self.loading is not None:
             self.loading.cancel()
             self.loading = None
+
+
+def warm(cfg: Config) -> str:
+    """`dbguard bpf-compile`: the programs compiled into the compile cache (state_dir/bpf) with
+    this config's sizes, so that the next start loads them without clang; one line saying what
+    was done. They are attached for the moment it takes (with the kernel's policy off: nothing is
+    killed or cancelled) and detached. DbguardError when BPF is unusable here or nothing could be
+    kept."""
+    if cfg.bpf.enabled is False:
+        return "BPF path off ([bpf] enabled = false): nothing to compile"
+    from .bpf import BpfGuard
+    from .loader import from_cache
+    guard = BpfGuard.load(max_procs=cfg.bpf.max_procs, max_cgroups=cfg.bpf.max_cgroups, cache_dir=cache_dir(cfg))
+    note, warn = guard.cache_note, guard.cache_warn
+    guard.close()
+    if "not kept" in note:
+        raise DbguardError(f"BPF programs compiled but {note[note.index('not kept'):]}")
+    if from_cache(note):
+        return f"already compiled: {note}"
+    # The cache missed: said when that is news (a stale or damaged entry), not when none was kept.
+    return note if warn else note.split("; ", 1)[-1]

@@ -126,3 +126,38 @@ def test_a_late_compile_failure_with_bpf_auto_goes_on_in_user_space(tmp_path, mo
             assert "BPF programs failed to load" in rec["reason"], rec
             assert run.stop() == 0, run.tail(3)          # 2 had it stopped on the failure
         assert "running on the user-space path alone: BPF programs failed to load" in run.output(None)
+
+
+def test_bpf_compile_fills_the_cache_and_the_next_start_loads_from_it(tmp_path):
+    """`dbguard bpf-compile` compiles into state_dir/bpf and exits; again, it finds them kept;
+    `dbguard run` then loads them (its kernel path from the compile cache), and says at its
+    start that it loads them rather than compiles."""
+    from lab.launcher import REPO, dbguard_command, toml
+    from lab.pgcluster import PgCluster
+    from dbguard.kernel.attach import LOADING
+    with PgCluster() as pg:
+        cfg = _config(tmp_path, pg.dsn, True)
+        path = tmp_path / "warm.toml"
+        path.write_text(toml(cfg))
+        said = []
+        for _ in range(2):
+            r = subprocess.run(dbguard_command("bpf-compile", "--config", str(path)), cwd=REPO,
+                               capture_output=True, text=True, timeout=300)
+            assert r.returncode == 0 and r.stderr == "", r
+            said.append(r.stdout.strip())
+        kept = list((tmp_path / "state" / "bpf").glob("programs-*.json"))
+        assert len(kept) == 1 and said[0] == f"compiled; kept in {kept[0]}", said
+        assert said[1].startswith("already compiled: loaded from the compile cache"), said
+        with DbguardRun(tmp_path, cfg) as run:
+            run.wait_protecting(kernel=False)
+            start = next(r for r in run.audit() if r["action"] == "start")
+            assert LOADING in start["reason"], start
+            _, attached = run.wait_kernel_path(timeout=120)
+            assert attached["action"] == "bpf_attached" and attached["from_cache"] is True, attached
+            assert attached["result"] == "BPF path active (programs from the compile cache)", attached
+            assert run.stop() == 0, run.tail(3)
+        off = {**cfg, "bpf": {"enabled": False}}
+        path.write_text(toml(off))
+        r = subprocess.run(dbguard_command("bpf-compile", "--config", str(path)), cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout.strip() == "BPF path off ([bpf] enabled = false): nothing to compile", r

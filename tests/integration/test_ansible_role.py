@@ -149,6 +149,11 @@ def test_install_reload_restart_upgrade_uninstall(debs, tmp_path):
     assert cfg["policy"]["rules"] == [{"name": "batch jobs first", "action": "prefer", "user": ["nobody"]}]
     assert cfg["caches"][0]["url"] == "redis://127.0.0.1:6379" and cfg["poolers"][0]["kind"] == "pgbouncer"
     assert cfg["bpf"]["enabled"] == "auto" and cfg["metrics"]["listen"] == "127.0.0.1:9633"
+    # the BPF programs compiled for this config into its state directory: a start loads them
+    kept = list(Path(cfg["general"].get("state_dir", "/var/lib/dbguard"), "bpf").glob("programs-*.json"))
+    assert len(kept) == 1, kept
+    r = subprocess.run(["/usr/bin/dbguard", "bpf-compile", "--config", str(CONFIG)], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("already compiled: "), r.stdout + r.stderr
 
     # idempotent
     again = ok(role.play(dbguard_deb=str(deb)))
