@@ -21,7 +21,9 @@ ROLES = st.sampled_from([Role.OTHER, Role.OTHER, Role.OTHER, Role.PG_BACKEND, Ro
 
 def judge():
     cfg = config.from_dict({"databases": [{"kind": "postgresql", "name": "main", "dsn": "dbname=postgres"}],
-                            "kill": {"protect_exe": ["/usr/bin/keep*"], "prefer_exe": ["/usr/bin/hog*"]}})
+                            "kill": {"protect_exe": ["/usr/bin/keep*"], "prefer_exe": ["/usr/bin/hog*"]},
+                            # a verdict that moves with the limit alone
+                            "policy": {"rules": [{"name": "quarter", "rss_above": "0.25x limit", "action": "kill"}]}})
     return Policy(cfg, watched_memcg=CG).judge
 
 
