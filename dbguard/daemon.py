@@ -64,6 +64,7 @@ class Daemon:
         self.sensor: Sensor | None = None
         self.executor: Executor | None = None
         self._cycle_done_at: float | None = None
+        self._cycle_began = 0.0         # time.monotonic(): the loop's pace is counted from here
         self._wake_r: int | None = None
         self._wake_fds: set[int] = set()
         self.snaps: list[Snapshot] = []   # the last cycle's, one per scope
@@ -173,6 +174,7 @@ class Daemon:
     # --- the loop ------------------------------------------------------------------------
     def cycle(self) -> list[Answer]:
         """Every scope read, judged and answered on its own (one process table, one round of SQL)."""
+        self._cycle_began = time.monotonic()
         if self.kernel is not None and self.kernel.ready():
             self._attach_bpf()
         if self.sensor.update_scopes():          # a database found since, a pod gone
@@ -243,9 +245,9 @@ class Daemon:
             # held by dwell): pressure coming back is seen at once.
             x.watch.arm(next_mark_bytes(x.assessment.reading, x.assessment.now, self.cfg.pressure))
         monitors = [w.monitor for w in self.watches]
-        deadline = time.monotonic() + interval
-        # Throttling at a memory.high alone wakes no more often than the pressed pace.
-        pace = (self._cycle_done_at or 0.0) + PRESSED_INTERVAL
+        # From the cycle's start: one every `interval` while a cycle costs less, and throttling
+        # at a memory.high alone wakes no more often than the pressed pace.
+        deadline, pace = self._cycle_began + interval, self._cycle_began + PRESSED_INTERVAL
         while fired := wait_any(monitors, max(0.0, deadline - time.monotonic()), self._wake_fds, pace):
             self._drain_signals()
             # Woken by the kernel's ring buffer alone: births are scored now, without a cycle;
