@@ -155,8 +155,8 @@ def body(data: dict) -> list[str]:
             f"of each). `dbguard run --dry-run` (no BPF, no database) watching a memory cgroup that holds the "
             f"sleepers and a {HOG // MiB} MiB hog, the limit set so that the unreclaimable share is {RATIO} (high "
             f"level, below critical): every cycle reads the scope afresh. The pressed interval is "
-            f"{PRESSED_INTERVAL} s, counted from the end of one cycle's work to the next cycle, so the interval "
-            f"between cycles is that plus one cycle's work. Intervals from the daemon's own clock "
+            f"{PRESSED_INTERVAL} s, counted from the start of a cycle since git fd2785e (before: from the end "
+            f"of its work, so the interval was that plus one cycle's work). Intervals from the daemon's own clock "
             f"(dbguard_last_snapshot_timestamp_seconds and dbguard_cycles_total, /metrics polled every {POLL} s over "
             f"{WINDOW:.0f} s); CPU is utime+stime over the window, the polls' renders included.", "", *rows, ""]
 
