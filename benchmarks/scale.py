@@ -116,7 +116,7 @@ def _pg_backends(n: int, log) -> list[dict]:
                 sensor.open_pressure(stats)
                 rows.append(_row(f"{n} PostgreSQL backends", lambda: _cycle(stats),
                                  "read_procs + classify (roles by parentage of the postmaster)"))
-                build_policies(cfg, sensor, True)
+                build_policies(cfg, sensor.watches, sensor.db_configs, True)
                 policy, state = sensor.watches[0].policy, PolicyState()
 
                 def full():

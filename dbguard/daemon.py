@@ -103,7 +103,7 @@ class Daemon:
         self.notices.down = {s.name for s in stats if not s.up}      # said now: the loop says changes
         self.sensor.open_pressure(stats)
         log.info("%s", self.sensor.follow_processes())
-        build_policies(cfg, self.sensor, self.dry_run)
+        build_policies(cfg, self.sensor.watches, self.sensor.db_configs, self.dry_run)
         self.metrics = Metrics(cfg.metrics.listen, healthy=self.health)
         self.audit.on_error = self.metrics.observe_audit_error
         self.sensor.observe_collector = self.metrics.observe_collector
@@ -180,7 +180,7 @@ class Daemon:
         if self.sensor.update_scopes():          # a database found since, a pod gone
             self._put_back_scores(self.sensor.dropped, "scope no longer watched")
             self.sensor.dropped = []
-            build_policies(self.cfg, self.sensor, self.dry_run)
+            build_policies(self.cfg, self.sensor.watches, self.sensor.db_configs, self.dry_run)
             self.executor.databases = self.sensor.databases
             if self.feed is not None:
                 self.feed.rescope(self.cfg, [w.cgroup for w in self.watches])
@@ -333,7 +333,7 @@ class Daemon:
                                   general=dataclasses.replace(new.general, state_dir=self.cfg.general.state_dir))
         self.cfg = new
         self.dry_run = new.general.dry_run or self.dry_run
-        build_policies(new, self.sensor, self.dry_run)
+        build_policies(new, self.sensor.watches, self.sensor.db_configs, self.dry_run)
         self.audit.write({"action": "reload", "target": "dbguard", "level": self.level.name.lower(),
                           "reason": "SIGHUP", "result": "config reloaded" + (
                               f"; restart to apply changes to {', '.join(fixed)}" if fixed else "")})

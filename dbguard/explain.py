@@ -23,7 +23,7 @@ def explain(cfg: Config) -> list[dict[str, Any]]:
     sensor = Sensor(cfg)
     try:
         sensor.open_pressure(sensor.collect())
-        build_policies(cfg, sensor, dry_run=True)
+        build_policies(cfg, sensor.watches, sensor.db_configs, dry_run=True)
         readings = [w.monitor.read() for w in sensor.watches]
         out = []
         for w, snap in zip(sensor.watches, sensor.snapshots(readings, [True] * len(readings))):

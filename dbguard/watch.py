@@ -7,10 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from .assess import Assessment
-from .settings import Config
+from .settings import Config, DatabaseConfig
 from .host import CAP_SYS_RESOURCE, has_capability, resolve_rule_users, resolve_users
 from .model import Level, Plan, Snapshot
 from .policy import Policy, PolicyState
@@ -18,9 +17,6 @@ from .sense.procfs import read_pss
 from .sense.events import OomWatch
 from .sense.pressure import PressureMonitor
 from .sense.scope import Scope, relative_memcg
-
-if TYPE_CHECKING:
-    from .sensor import Sensor
 
 
 @dataclass
@@ -75,18 +71,19 @@ class Watch:
         self.monitor.close()
 
 
-def build_policy(cfg: Config, sensor: Sensor, dry_run: bool, watch: Watch) -> Policy:
-    full = dataclasses.replace(cfg, databases=sensor.db_configs)
+def build_policy(cfg: Config, db_configs: tuple[DatabaseConfig, ...], dry_run: bool, watch: Watch,
+                 several: bool) -> Policy:
+    full = dataclasses.replace(cfg, databases=db_configs)
     return Policy(full, dry_run=dry_run, can_lower_scores=has_capability(CAP_SYS_RESOURCE),
                   protected_uids=resolve_users(cfg.kill.protect_users), watched_memcg=watch.memcg,
                   rule_uids=resolve_rule_users(cfg), pss_reader=read_pss,
-                  scope=watch.name if len(sensor.watches) > 1 else "")
+                  scope=watch.name if several else "")
 
 
-def build_policies(cfg: Config, sensor: Sensor, dry_run: bool) -> None:
+def build_policies(cfg: Config, watches: list[Watch], db_configs: tuple[DatabaseConfig, ...], dry_run: bool) -> None:
     """Each watch's Policy, anew (a reload, a database found); the memory stays in the watch."""
-    for w in sensor.watches:
-        w.policy = build_policy(cfg, sensor, dry_run, w)
+    for w in watches:
+        w.policy = build_policy(cfg, db_configs, dry_run, w, len(watches) > 1)
 
 
 @dataclass(frozen=True)

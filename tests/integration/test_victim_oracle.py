@@ -65,7 +65,7 @@ def scope():
             sensor = Sensor(cfg)
             try:
                 sensor.open_pressure(sensor.collect())
-                build_policies(cfg, sensor, True)
+                build_policies(cfg, sensor.watches, sensor.db_configs, True)
                 # Neither the largest nor the slow sweep read in full: only what the scope's
                 # rereads and the cgroup listings see.
                 sensor.table.top, sensor.table.sweep_seconds = 0, 1e9
