@@ -32,6 +32,9 @@ MAX_MESSAGE = 1 << 20      # the description and the C source (~25 kB)
 TIMEOUT_S = 120.0       # a compile on a loaded 2-core host takes ~1-2 s
 FROM_CACHE = "loaded from the compile cache"     # how the loader's note starts when nothing was compiled
 PROGRESS = b'{"progress": "compiling"}'    # the child's word, before its answer, that it runs clang
+# The compile cache's entries (kernel.objcache) are <state_dir>/bpf/PREFIX<key>SUFFIX. Here, not
+# there: the daemon looks for them without importing objcache, whose hashlib maps libcrypto.
+PREFIX, SUFFIX = "programs-", ".json"
 
 
 class LoadFailed(Exception):
@@ -225,7 +228,6 @@ class Loading:
     waiting if need be."""
 
     def __init__(self, max_procs: int, max_cgroups: int, cache_dir: str = ""):
-        from .objcache import PREFIX, SUFFIX
         self.started = time.monotonic()
         # Compiling for sure when nothing is kept (a first start); else until the child says so.
         self.compiling = not cache_dir or not any(Path(cache_dir).glob(f"{PREFIX}*{SUFFIX}"))

@@ -34,11 +34,11 @@ from pathlib import Path
 from .. import fsafe
 from . import kfuncs
 from .btf import VMLINUX_BTF
+from .loader import PREFIX, SUFFIX   # defined there: the daemon reads them without importing this module
 from .source import tracefs
 
 FORMAT = 1
 READ_LIMIT = 16 << 20
-PREFIX, SUFFIX = "programs-", ".json"
 TRACEPOINT = 5                    # BPF_PROG_TYPE_TRACEPOINT: every program BCC loaded for dbguard
 LD_IMM64, PSEUDO_MAP_FD = 0x18, 1  # BPF_LD | BPF_DW | BPF_IMM; its src_reg for a map's descriptor
 INSN = 8

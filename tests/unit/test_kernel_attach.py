@@ -64,3 +64,16 @@ def test_the_attached_note_says_whether_clang_ran():
     assert attached_note("compiled; kept in /var/lib/dbguard/bpf/programs-x.json") == \
         "BPF path active (programs compiled)"
     assert attached_note("") == "BPF path active (programs compiled)"
+
+
+def test_the_daemon_side_of_the_kernel_path_does_not_map_libcrypto():
+    """The daemon starts the loader and reads the cache's file names, never objcache (its
+    hashlib maps libcrypto into the long-lived process): a fresh interpreter as the daemon's."""
+    import subprocess
+    import sys
+    code = ("import sys, tempfile, dbguard.daemon, dbguard.kernel.attach, dbguard.kernel.bpf, dbguard.kernel.feed\n"
+            "from dbguard.kernel.loader import Loading\n"
+            "Loading(64, 64, tempfile.mkdtemp()).cancel()      # what the daemon runs to start it\n"
+            "print(sorted(m for m in ('_hashlib', 'dbguard.kernel.objcache') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60).stdout
+    assert out.strip() == "[]"
