@@ -52,6 +52,7 @@ def cmd_run(a: argparse.Namespace) -> int:
                     "root or the capabilities listed in integrations/systemd/dbguard.service")
     d = Daemon(_config(a.config), dry_run=a.dry_run)
     try:
+        d.catch_signals()
         d.open()
         return d.run()
     finally:

@@ -54,10 +54,8 @@ class Daemon:
     def __init__(self, cfg: Config, *, dry_run: bool = False):
         self.cfg = cfg
         self.dry_run = dry_run or cfg.general.dry_run
-        self.stopping = False
-        self.reload_requested = False
-        self.bpf = None
-        self.feed = None
+        self.stopping = self.reload_requested = False
+        self.bpf = self.feed = None
         self.kernel: KernelStart | None = None
         self.metrics: Metrics | None = None
         self.audit: AuditLog | None = None
@@ -276,15 +274,18 @@ class Daemon:
             except BlockingIOError:
                 pass
 
-    def run(self) -> int:
-        # A signal wakes the wait at once (signal.set_wakeup_fd writes to this pipe, the wait
-        # polls it): SIGTERM is acted on within a cycle, not after the interval.
+    def catch_signals(self) -> None:
+        """Before open(): a SIGHUP or SIGTERM during the start (even just after the "protecting"
+        record) is kept for the loop, not the default action's end of the process. A signal
+        wakes the wait at once (set_wakeup_fd writes to this pipe, which the wait polls)."""
         self._wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        self._wake_fds = self._wakeup_fds()
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
         signal.signal(signal.SIGHUP, self._on_hup)
+
+    def run(self) -> int:
+        self._wake_fds = self._wakeup_fds()
         log.info("dbguard started: %s; %s", self.describe(), self.memory_note)
         for w in self.watches:
             log.info("scope %s: %s", w.name, wakeups(w, self.cfg.general.interval))

@@ -131,3 +131,43 @@ def test_sighup_reloads_and_a_bad_reload_keeps_the_running_config(tmp_path):
             assert run.running(), "a bad reload stopped dbguard"
         finally:
             assert _stop(run) == 0
+
+
+def test_a_sighup_while_it_starts_is_a_reload_not_its_end(tmp_path):
+    """systemd's reload (ExecReload=kill -HUP) can come while dbguard is still starting. A
+    database that accepts the connection and never answers holds dbguard inside its start
+    (reaching the databases) for as long as the test wants: the SIGHUP lands there, before the
+    "start" record, where once the signal's default action ended the process (exit -1). It must
+    be kept: the start completes, a reload follows, and a SIGTERM then stops it cleanly."""
+    import socket
+    import threading
+    held: list[socket.socket] = []
+    with socket.socket() as listener, MemoryCgroup(200 * MiB) as cg:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        arrived = threading.Event()
+
+        def hold() -> None:         # accept and never answer: libpq waits for its connect_timeout
+            while True:
+                try:
+                    held.append(listener.accept()[0])
+                except OSError:
+                    return
+                arrived.set()
+        threading.Thread(target=hold, daemon=True).start()
+        cfg = _config(tmp_path, cg)
+        cfg["databases"][0].update(dsn=f"host=127.0.0.1 port={listener.getsockname()[1]} dbname=postgres "
+                                   "user=postgres", connect_timeout=3.0)
+        run = DbguardRun(tmp_path, cfg)
+        try:
+            assert arrived.wait(30), f"dbguard never connected to the silent database: {run.output()}"
+            assert not [r for r in run.audit() if r["action"] == "start"], "the start was not held"
+            run.reload()
+            run.wait_protecting(timeout=60)
+            _wait_for(run, lambda: any(r["action"] == "reload" for r in run.audit()), 20, "a reload record")
+            assert run.running(), f"the SIGHUP ended dbguard: {run.output()}"
+        finally:
+            code = _stop(run)
+            for s in held:
+                s.close()
+    assert code == 0, run.output()
