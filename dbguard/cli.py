@@ -79,6 +79,7 @@ def cmd_explain(a: argparse.Namespace) -> int:
 
 def cmd_check(a: argparse.Namespace) -> int:
     from .host import CAP_SYS_RESOURCE, has_capability
+    from .kernel.attach import start_note
     from .kernel.bpf import protections
     cfg = _config(a.config)
     found: list[tuple[str, bool, str]] = []
@@ -100,6 +101,8 @@ def cmd_check(a: argparse.Namespace) -> int:
     report("psi", psi, "PSI wakes the loop at once" if psi else "no /proc/pressure/memory: boot with psi=1")
     for name, active, detail in protections():
         report(name, active, detail)
+    if note := start_note(cfg):         # how the kernel path comes up: no protection is off either way
+        report("bpf_start", True, note)
     degraded = _identify_databases(cfg, report)
     all_on = all(active for _, active, _ in found)
     if a.json:

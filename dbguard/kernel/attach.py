@@ -126,3 +126,23 @@ def warm(cfg: Config) -> str:
         return f"already compiled: {note}"
     # The cache missed: said when that is news (a stale or damaged entry), not when none was kept.
     return note if warn else note.split("; ", 1)[-1]
+
+
+def start_note(cfg: Config) -> str | None:
+    """For `dbguard check`: whether the next start loads the BPF programs from the compile cache
+    or compiles them (nothing is compiled here); None when the BPF path is off or unusable
+    (said by the check's other lines)."""
+    from .bpf import availability
+    if cfg.bpf.enabled is False or not availability()[0]:
+        return None
+    from . import objcache
+    from .btf import BtfError
+    from .loader import PROGRAMS
+    from .source import program_source
+    try:
+        objcache.lookup(cache_dir(cfg), program_source(max_procs=cfg.bpf.max_procs, max_cgroups=cfg.bpf.max_cgroups),
+                        list(PROGRAMS))
+    except (objcache.Unusable, BtfError) as e:
+        return (f"the next start compiles the BPF programs (\"{COMPILING}\" until they are attached; {MEANWHILE}): "
+                f"compile cache not usable: {e}; `dbguard bpf-compile` fills it")
+    return f"the next start loads the BPF programs from the compile cache in {cache_dir(cfg)}, without a compile"

@@ -158,7 +158,7 @@ def _from_cache(cache_dir: str, source: str) -> tuple[dict, list[int], str]:
     loaded without a compiler; objcache.Unusable says why not."""
     from . import objcache
     from .btf import kernel_kfuncs
-    e = objcache.lookup(cache_dir, source, list(_PROGRAMS))
+    e = objcache.lookup(cache_dir, source, list(PROGRAMS))
     try:
         desc, fds = objcache.load(e, kernel_kfuncs())
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -168,7 +168,7 @@ def _from_cache(cache_dir: str, source: str) -> tuple[dict, list[int], str]:
 
 # The programs BCC loads (one per TRACEPOINT_PROBE), by BCC's names: the cache's key reads
 # their tracepoints' formats, which BCC compiled their arguments from.
-_PROGRAMS = tuple(f"tracepoint__{cat}__{ev}" for cat, ev in TRACEPOINTS)
+PROGRAMS = tuple(f"tracepoint__{cat}__{ev}" for cat, ev in TRACEPOINTS)
 
 
 def child(fd: int, max_procs: int, max_cgroups: int, cache_dir: str = "") -> int:

@@ -129,7 +129,8 @@ def test_a_late_compile_failure_with_bpf_auto_goes_on_in_user_space(tmp_path, mo
 
 
 def test_bpf_compile_fills_the_cache_and_the_next_start_loads_from_it(tmp_path):
-    """`dbguard bpf-compile` compiles into state_dir/bpf and exits; again, it finds them kept;
+    """`dbguard check` says the next start would compile; `dbguard bpf-compile` compiles into
+    state_dir/bpf and exits; again, it finds them kept, and check says the next start loads them;
     `dbguard run` then loads them (its kernel path from the compile cache), and says at its
     start that it loads them rather than compiles."""
     from lab.launcher import REPO, dbguard_command, toml
@@ -139,6 +140,11 @@ def test_bpf_compile_fills_the_cache_and_the_next_start_loads_from_it(tmp_path):
         cfg = _config(tmp_path, pg.dsn, True)
         path = tmp_path / "warm.toml"
         path.write_text(toml(cfg))
+        def bpf_start() -> str:         # what `dbguard check` says of the next start
+            r = subprocess.run(dbguard_command("check", "--json", "--config", str(path)), cwd=REPO,
+                               capture_output=True, text=True, timeout=120)
+            return next(p["detail"] for p in json.loads(r.stdout)["protections"] if p["name"] == "bpf_start")
+        assert bpf_start().startswith("the next start compiles the BPF programs (\"kernel path compiling\"")
         said = []
         for _ in range(2):
             r = subprocess.run(dbguard_command("bpf-compile", "--config", str(path)), cwd=REPO,
@@ -148,6 +154,8 @@ def test_bpf_compile_fills_the_cache_and_the_next_start_loads_from_it(tmp_path):
         kept = list((tmp_path / "state" / "bpf").glob("programs-*.json"))
         assert len(kept) == 1 and said[0] == f"compiled; kept in {kept[0]}", said
         assert said[1].startswith("already compiled: loaded from the compile cache"), said
+        assert bpf_start() == f"the next start loads the BPF programs from the compile cache in {kept[0].parent}, " \
+            "without a compile"
         with DbguardRun(tmp_path, cfg) as run:
             run.wait_protecting(kernel=False)
             start = next(r for r in run.audit() if r["action"] == "start")
