@@ -10,8 +10,7 @@ need_pkgs=(
   redis-server memcached pgbouncer   # the application caches and pooler the suite starts its own instances of
   python3-matplotlib   # benchmarks/ plots; the venv sees system site-packages
   # what the .deb depends on (tests/integration/test_wheel.py runs the wheel on these alone),
-  # and tenacity and prometheus-client, the oracles the unit tests compare dbguard's own
-  # retries and exposition with
+  # and prometheus-client, the oracle the unit tests compare dbguard's own exposition with
   python3-psycopg python3-pymysql python3-tenacity python3-prometheus-client
   # `make deb` and its test: Debian's build tools and lintian
   debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian help2man

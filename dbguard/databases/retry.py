@@ -1,33 +1,29 @@
-"""Connecting again after a transient failure, a few times within a bound.
+"""Connecting again after a transient failure, a few times within a bound: tenacity's
+Retrying behind the one call both database connections make.
 
-Small on purpose: tenacity did this with its asyncio and tornado support imported at start
-(asyncio alone is ~9 MiB of RSS in a daemon that talks only to MySQL/MariaDB).
+tenacity is imported at the first connect, not with this module: it imports asyncio, and
+psycopg's driver (databases/postgresql/driver.py) has to be the first to import asyncio, so
+that it comes without Python's ssl module (about 4 MiB of RSS; benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
-import time
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
 
-def retry(call: Callable[[], T], transient: Callable[[Exception], bool], *, attempts: int, within: float,
-          wait: Callable[[int], float]) -> T:
-    """call() until it returns; again after wait(n) seconds when try n failed with an error
-    transient() accepts, while fewer than `attempts` tries were made and `within` seconds have
-    not passed since the first began. Otherwise the last error is raised as it was."""
-    start = time.monotonic()
-    tried = 0
-    while True:
-        tried += 1
-        try:
-            return call()
-        except Exception as e:
-            if not transient(e) or tried >= attempts or time.monotonic() - start >= within:
-                raise
-        time.sleep(wait(tried))
+def retry(call: Callable[[], T], transient: Callable[[BaseException], bool], *, attempts: int, within: float,
+          wait: Callable[[Any], float]) -> T:
+    """call() until it returns; again after wait(retry state) seconds when a try failed with an
+    error transient() accepts, while fewer than `attempts` tries were made and `within` seconds
+    have not passed since the first began. Otherwise the last error is raised as it was."""
+    import tenacity
+    return tenacity.Retrying(retry=tenacity.retry_if_exception(transient),
+                             stop=tenacity.stop_after_attempt(attempts) | tenacity.stop_after_delay(within),
+                             wait=wait, reraise=True)(call)
 
 
-def exponential(first: float, most: float) -> Callable[[int], float]:
+def exponential(first: float, most: float) -> Callable[[Any], float]:
     """first, 2 x first, 4 x first, ... seconds after try 1, 2, 3, ..., never more than `most`."""
-    return lambda n: min(most, first * 2 ** (n - 1))
+    import tenacity
+    return tenacity.wait_exponential(multiplier=first, max=most)

@@ -21,7 +21,7 @@ from lab.launcher import DbguardRun, base_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-DEBIAN_PACKAGES = ("python3-psycopg", "python3-pymysql", "python3-bpfcc")
+DEBIAN_PACKAGES = ("python3-psycopg", "python3-pymysql", "python3-tenacity", "python3-bpfcc")
 # What the build reads (a copy, so no build/ or egg-info of an earlier build leaks in).
 BUILD_INPUTS = ("pyproject.toml", "README.md", "LICENSE", "dbguard")
 
@@ -93,7 +93,7 @@ def test_wheel_is_ours_and_carries_the_bpf_sources_license_and_types(installed):
     # the hard requirements are plain names Debian has; psycopg's own libpq build is an extra
     required = {re.split(r"[ ;<>=(\[]", line.split(": ", 1)[1])[0].lower() for line in meta.splitlines()
                 if line.startswith("Requires-Dist:") and "extra ==" not in line}
-    assert required == {"psycopg", "pymysql"}, required
+    assert required == {"psycopg", "pymysql", "tenacity"}, required
 
 
 def test_it_runs_on_the_distributions_packages(installed):
