@@ -24,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .cachedir import kept_entries
 from .source import TRACEPOINTS
 
 # One message: the description and every descriptor (SCM_MAX_FD is 253).
@@ -32,9 +33,6 @@ MAX_MESSAGE = 1 << 20      # the description and the C source (~25 kB)
 TIMEOUT_S = 120.0       # a compile on a loaded 2-core host takes ~1-2 s
 FROM_CACHE = "loaded from the compile cache"     # how the loader's note starts when nothing was compiled
 PROGRESS = b'{"progress": "compiling"}'    # the child's word, before its answer, that it runs clang
-# The compile cache's entries (kernel.objcache) are <state_dir>/bpf/PREFIX<key>SUFFIX. Here, not
-# there: the daemon looks for them without importing objcache, whose hashlib maps libcrypto.
-PREFIX, SUFFIX = "programs-", ".json"
 
 
 class LoadFailed(Exception):
@@ -230,7 +228,7 @@ class Loading:
     def __init__(self, max_procs: int, max_cgroups: int, cache_dir: str = ""):
         self.started = time.monotonic()
         # Compiling for sure when nothing is kept (a first start); else until the child says so.
-        self.compiling = not cache_dir or not any(Path(cache_dir).glob(f"{PREFIX}*{SUFFIX}"))
+        self.compiling = not cache_dir or not kept_entries(cache_dir)
         self._answer: tuple[bytes, list[int]] | None = None
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         # The child finds this package where the daemon found it (a source tree, a venv, the .deb).

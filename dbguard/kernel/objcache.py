@@ -34,7 +34,7 @@ from pathlib import Path
 from .. import fsafe
 from . import kfuncs
 from .btf import VMLINUX_BTF
-from .loader import PREFIX, SUFFIX   # defined there: the daemon reads them without importing this module
+from .cachedir import PREFIX, SUFFIX, kept_entries
 from .source import tracefs
 
 FORMAT = 1
@@ -181,7 +181,7 @@ def store(directory: str, e: dict) -> str:
     path = path_for(directory, e["key"])
     fsafe.write_atomic(path, json.dumps(e, separators=(",", ":")).encode())
     # Other entries, and what a write stopped by a crash left (fsafe.write_atomic's temp files).
-    for other in [*Path(directory).glob(f"{PREFIX}*{SUFFIX}"), *Path(directory).glob(f".{PREFIX}*.tmp")]:
+    for other in [*kept_entries(directory), *Path(directory).glob(f".{PREFIX}*.tmp")]:
         if other.name != path.name:
             fsafe.remove(other)
     return f"compiled; kept in {path}"
@@ -200,7 +200,7 @@ def lookup(directory: str, source: str, programs: list[str]) -> dict:
     try:
         e = json.loads(fsafe.read_small(path, READ_LIMIT))
     except FileNotFoundError:
-        stale = sorted(p.name for p in Path(directory).glob(f"{PREFIX}*{SUFFIX}"))
+        stale = [p.name for p in kept_entries(directory)]
         if stale:
             raise Unusable(f"{stale[0]} was compiled for other inputs (the C or its sizes, the kernel, "
                            f"BCC)") from None
