@@ -9,8 +9,8 @@ dbguard with --dry-run (it decides, changes nothing): the kernel OOM-kills maria
 process in the cgroup. With dbguard the kernel OOM killer never fires, mariadbd keeps its
 pid, the read clients see no error, dbguard's level left ok before the cgroup reached its
 limit (the cgroup's own failcnt against the audit's level changes), and dbguard ends the large
-statements by KILL QUERY (the clients' own errors say so), never a read client's or its own
-connection.
+statements by KILL QUERY, or KILL CONNECTION at critical (the clients' own errors say so), never
+a read client's or its own connection.
 """
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ def test_dry_run_control_ends_in_a_kernel_oom_kill_of_mariadbd(scenario_host):
 def test_dbguard_ends_the_large_sessions_and_mariadbd_lives(scenario_host):
     r = run_mariadb_sessions("dbguard", log=print)
     story = "\n" + r.summary()
-    assert r.peak_bytes >= 0.9 * r.limit_bytes, "the sessions never pressed on the cgroup: the test proves nothing" + story
+    # The same load reaches the limit without dbguard (the control above). Here dbguard may end
+    # the statements before the cgroup fills: it counts what the sessions allocated and have not
+    # touched yet (MariaDB's own MEMORY_USED), so past dbguard's warn mark is the proof of load.
+    assert r.peak_bytes >= 0.8 * r.limit_bytes, "the sessions never pressed on the cgroup: the test proves nothing" + story
     # dbguard saw it coming: its level left ok after the sorts started and before the cgroup's
     # own counters first recorded a charge at its limit (memory.failcnt polled every 2 ms and the
     # usage event 2 MiB under the limit: lab.watch.Watcher), by the audit's level changes, stamped
@@ -59,7 +62,8 @@ def test_dbguard_ends_the_large_sessions_and_mariadbd_lives(scenario_host):
     assert r.transactions_ok > 0, "the read clients made no progress" + story
     assert r.large.failed == 0, ("a large statement ended some other way than by KILL or the session cap: "
                                  f"{[e for e in r.large.errors if e.startswith('failed')]}" + story)
-    assert r.large.cancelled >= 1, "no client saw its statement ended by KILL QUERY" + story
+    # KILL QUERY at high; at critical (where a storm like this one goes at once) KILL CONNECTION.
+    assert r.large.cancelled + r.large.terminated >= 1, "no client saw its statement ended by KILL" + story
     assert r.guard_running, "dbguard was not running at the end" + story
     # Who acted: dbguard, by SQL from user space, on the load's own sessions only (their
     # connection ids as the sessions read them), naming memory and start, never the text.
@@ -67,7 +71,8 @@ def test_dbguard_ends_the_large_sessions_and_mariadbd_lives(scenario_host):
     assert ends and all(a.get("path") == "user" and not a.get("dry_run") for a in ends), story
     assert {a["pid"] for a in ends} <= r.session_ids, "a session other than the large statements' was ended" + story
     assert all(re.fullmatch(r"KILL (QUERY|CONNECTION) \d+", a.get("result", "")) for a in ends if a.get("ok")), story
-    assert any(a.get("result") == f"KILL QUERY {a['pid']}" for a in ends), "no KILL QUERY was sent" + story
+    assert any(re.fullmatch(rf"KILL (QUERY|CONNECTION) {a['pid']}", a.get("result", "")) for a in ends), \
+        "no KILL was sent" + story
     # A statement counted as ended by KILL CONNECTION (its client lost the connection) was one:
     # as many such records as clients that saw it, or the server dropped them itself.
     dropped = [a for a in ends if a.get("ok") and a.get("result", "").startswith("KILL CONNECTION")]
