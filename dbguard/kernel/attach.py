@@ -20,7 +20,7 @@ import logging
 import os
 import time
 
-from ..config import Config
+from ..settings import Config
 from ..errors import DbguardError
 
 log = logging.getLogger("dbguard")
