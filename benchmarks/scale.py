@@ -137,17 +137,25 @@ CURVE = (100, 1000, 2000, 5000, 10000, 20000)
 QUICK_CURVE = (100, 1000, 5000)
 
 
-def _daemon_cycles(cg, n: int, log) -> list[dict]:
+def dry_run_daemon(cgroup: str, tmp: str):
+    """A Daemon in dry run watching `cgroup` alone (no database, no BPF, no metrics port), its
+    state and audit in `tmp`, opened."""
     from dbguard import config
-    from dbguard.assess import assess
     from dbguard.daemon import Daemon
 
+    cfg = config.from_dict({"general": {"state_dir": tmp, "dry_run": True, "discover": False},
+                            "pressure": {"cgroup": cgroup}, "bpf": {"enabled": False},
+                            "audit": {"path": os.path.join(tmp, "audit.jsonl")}, "metrics": {"listen": ""}})
+    d = Daemon(cfg, dry_run=True)
+    d.open()
+    return d
+
+
+def _daemon_cycles(cg, n: int, log) -> list[dict]:
+    from dbguard.assess import assess
+
     with tempfile.TemporaryDirectory(prefix="dbguard-bench-scale-") as tmp:
-        cfg = config.from_dict({"general": {"state_dir": tmp, "dry_run": True, "discover": False},
-                                "pressure": {"cgroup": str(cg.path)}, "bpf": {"enabled": False},
-                                "audit": {"path": os.path.join(tmp, "audit.jsonl")}, "metrics": {"listen": ""}})
-        d = Daemon(cfg, dry_run=True)
-        d.open()
+        d = dry_run_daemon(str(cg.path), tmp)
         try:
             for _ in range(3):
                 d.cycle()       # births read; the first sweep share taken

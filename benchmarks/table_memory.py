@@ -38,20 +38,13 @@ def _rss_anon() -> int:
 def child(how: str, n: int) -> dict:
     """One measurement in this process ("trace": tracemalloc, "rss": RssAnon); a JSON line out."""
     import gc
-    import os
     import tracemalloc
 
-    from dbguard import config
-    from dbguard.daemon import Daemon
     from lab.cgroup import MemoryCgroup
 
-    from .scale import sleepers
+    from .scale import dry_run_daemon, sleepers
     with MemoryCgroup(256 * MiB) as scope, tempfile.TemporaryDirectory(prefix="dbguard-bench-mem-") as tmp:
-        cfg = config.from_dict({"general": {"state_dir": tmp, "dry_run": True, "discover": False},
-                                "pressure": {"cgroup": str(scope.path)}, "bpf": {"enabled": False},
-                                "audit": {"path": os.path.join(tmp, "audit.jsonl")}, "metrics": {"listen": ""}})
-        d = Daemon(cfg, dry_run=True)
-        d.open()
+        d = dry_run_daemon(str(scope.path), tmp)
         try:
             for _ in range(5):
                 d.cycle()
