@@ -347,6 +347,34 @@ def _client_main() -> None:
     print(json.dumps(res), flush=True)
 
 
+class SessionMemory(threading.Thread):
+    """The most memory the server's sessions held at once by its own accounting
+    (information_schema.PROCESSLIST MEMORY_USED, summed), polled every `every` s from a
+    connection of the test's own: what the sessions asked for, whether or not the cgroup was
+    charged for it before a guard ended them. Stops polling when the server goes."""
+
+    def __init__(self, db: "MariaDB", every: float = 0.02):
+        super().__init__(daemon=True)
+        self._kw, self._every = db.connect_kwargs(), every
+        self._done = threading.Event()
+        self.peak_bytes = 0
+
+    def run(self) -> None:
+        try:
+            with contextlib.closing(pymysql.connect(**self._kw, autocommit=True)) as conn, conn.cursor() as cur:
+                while not self._done.wait(self._every):
+                    cur.execute("SELECT COALESCE(SUM(MEMORY_USED), 0) FROM information_schema.PROCESSLIST "
+                                "WHERE ID <> CONNECTION_ID()")
+                    self.peak_bytes = max(self.peak_bytes, int(cur.fetchone()[0]))
+        except pymysql.MySQLError:
+            return
+
+    def stop(self) -> int:
+        self._done.set()
+        self.join(10)
+        return self.peak_bytes
+
+
 class ReadLoad:
     """Range reads over w.t (`span` rows from a random id) by `clients` processes started
     outside the database's cgroup, as pgbench -S is in the PostgreSQL scenarios.

@@ -158,6 +158,7 @@ class SessionsResult:
     first_death_at: float | None = None  # seconds after the sorts started: the first database process death
     server_pid: int = 0                # the postmaster / mariadbd when the load started
     session_ids: set = field(default_factory=set)   # every id the large queries' sessions had (the server's)
+    sessions_peak_bytes: int = 0       # MariaDB: the most its sessions held at once, by its own accounting
     oom_victims: list = field(default_factory=list)  # (pid, comm) of the kernel's OOM kills, from /dev/kmsg
 
     @property
@@ -180,7 +181,8 @@ class SessionsResult:
                  f"oom_kills={self.oom_kills} pgbench ok={self.transactions_ok} failed={self.transactions_failed} "
                  f"lost={self.sessions_lost} large: finished={self.large.finished} cancelled={self.large.cancelled} "
                  f"terminated={self.large.terminated} refused={self.large.refused} failed={self.large.failed} "
-                 f"peak={self.peak_bytes // MiB}/{self.limit_bytes // MiB} MiB limit_reached_at={self.limit_reached_at} "
+                 f"peak={self.peak_bytes // MiB}/{self.limit_bytes // MiB} MiB "
+                 f"sessions_held={self.sessions_peak_bytes // MiB} MiB limit_reached_at={self.limit_reached_at} "
                  f"oom_victims={self.oom_victims} left_ok_at={self.left_ok_at}"]
         lines += [f"  {t:+9.3f}s  dbguard level {change}" for t, change in self.level_changes()[:10]]
         lines += [f"  {e}" for e in self.timeline]
@@ -319,7 +321,7 @@ def run_mariadb_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB,
     import pymysql
 
     from lab import require
-    from lab.mariadb import MariaDB, ReadLoad, load_table
+    from lab.mariadb import MariaDB, ReadLoad, SessionMemory, load_table
 
     require.root("the sessions scenario (memory cgroups, oom counters)")
     require.memory_cgroups()
@@ -352,6 +354,8 @@ def run_mariadb_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB,
             watcher = Watcher(cg, t0, kills_until=t0 + duration, load="the sorts")
             watcher.watch_process(server, f"mariadbd (pid {server})")
             watcher.start()
+            asked = SessionMemory(db)
+            asked.start()
             kw = db.connect_kwargs()
             load = SortLoad(lambda: pymysql.connect(**kw), statements, sessions, mariadb_classify,
                             ident="SELECT CONNECTION_ID()").start()
@@ -359,6 +363,7 @@ def run_mariadb_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB,
             time.sleep(duration)
             counts = load.stop()
             watcher.note("sorts stopped")
+            sessions_peak = asked.stop()
             summary = reads.stop()
             watcher.stop()
             guard_running = run.running() if run is not None else None
@@ -373,7 +378,8 @@ def run_mariadb_sessions(guard: str | Guard = "none", *, limit: int = 900 * MiB,
                 audit=audit_records(audit_path), server_log_excerpt=db.log_tail(15) if not survived else "",
                 pgbench_errors=summary.errors[:10], timeline=watcher.timeline, guard_running=guard_running,
                 load_started_wall=t0_wall, load_started_monotonic=t0, first_death_at=watcher.first_kill,
-                progress=[(t - (t0 - reads.t_start), qps) for t, qps in summary.progress])
+                progress=[(t - (t0 - reads.t_start), qps) for t, qps in summary.progress],
+                sessions_peak_bytes=sessions_peak)
         if run is not None:
             result.guard_output = run.output(200_000)
         say(result.summary())

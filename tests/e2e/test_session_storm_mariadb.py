@@ -41,10 +41,12 @@ def test_dry_run_control_ends_in_a_kernel_oom_kill_of_mariadbd(scenario_host):
 def test_dbguard_ends_the_large_sessions_and_mariadbd_lives(scenario_host):
     r = run_mariadb_sessions("dbguard", log=print)
     story = "\n" + r.summary()
-    # The same load reaches the limit without dbguard (the control above). Here dbguard may end
-    # the statements before the cgroup fills: it counts what the sessions allocated and have not
-    # touched yet (MariaDB's own MEMORY_USED), so past dbguard's warn mark is the proof of load.
-    assert r.peak_bytes >= 0.8 * r.limit_bytes, "the sessions never pressed on the cgroup: the test proves nothing" + story
+    # Proof of load: the cgroup at 90 % of its limit, or the sessions holding more than the
+    # limit by MariaDB's own accounting (lab.mariadb.SessionMemory, the test's own reads). dbguard
+    # counts what the sessions allocated and have not touched yet, so it may end them before the
+    # kernel has charged the cgroup for it.
+    assert r.peak_bytes >= 0.9 * r.limit_bytes or r.sessions_peak_bytes >= r.limit_bytes, \
+        "the sessions never pressed on the cgroup: the test proves nothing" + story
     # dbguard saw it coming: its level left ok after the sorts started and before the cgroup's
     # own counters first recorded a charge at its limit (memory.failcnt polled every 2 ms and the
     # usage event 2 MiB under the limit: lab.watch.Watcher), by the audit's level changes, stamped
