@@ -100,8 +100,8 @@ def woken_by(own: set[str], others: set[str], fd: bool) -> tuple[str, ...]:
     """What woke the loop for a scope's cycle, as its level_change record says: the scope's own
     kernel sources ("psi": its PSI trigger, "limit": it reached its limit or ran out, "high":
     throttling at a memory.high in it, "usage": its v1 usage mark), "another scope" when another
-    scope's fired, "signal or BPF event" for the daemon's
-    descriptors, and "interval" when nothing did (the poll)."""
+    scope's fired, "signal or BPF event" for the daemon's descriptors, and "interval" when
+    nothing did (the poll)."""
     said = sorted(own - {"fd"})
     if others - {"fd"}:
         said.append("another scope")
