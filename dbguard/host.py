@@ -28,27 +28,54 @@ def has_capability(bit: int) -> bool:
 
 def lock_memory() -> str:
     """mlockall so dbguard never waits on reclaim itself; ONFAULT locks only pages it touches."""
+    global _locked
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
         return f"memory not locked: mlockall failed ({os.strerror(ctypes.get_errno())}); needs CAP_IPC_LOCK"
+    _locked = True
     return "memory locked (mlockall, on fault)"
 
 
 _libc = None
+_locked = False
+MLOCK_ONFAULT = 1
+
+
+def heap_range(maps: str = "/proc/self/maps") -> tuple[int, int] | None:
+    """(start, length) of the process's [heap] (glibc's main arena), None without one."""
+    with open(maps, "rb") as f:
+        for line in f:
+            if line.rstrip().endswith(b"[heap]"):
+                lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split(b"-"))
+                return lo, hi - lo
+    return None
 
 
 def trim_heap() -> None:
     """Free heap pages back to the kernel (glibc's malloc_trim). A cycle's transient tables
     (5,000 processes: dicts of ~150 KiB) leave freed chunks between live ones that malloc keeps
-    resident, and locked: most of a MiB with 5,000 processes, for a fraction of a millisecond.
+    resident. The kernel discards no page of a locked range (madvise gives EINVAL), so once
+    lock_memory has locked everything, the heap is unlocked for the trim and locked again on
+    fault after it: no page is faulted in by that, and none is unlocked for longer than the call.
     At rest only: under pressure the next cycle would fault them in again."""
     global _libc
     if _libc is None:
-        _libc = ctypes.CDLL(None)
+        _libc = ctypes.CDLL(None, use_errno=True)
     try:
-        _libc.malloc_trim(0)
+        trim = _libc.malloc_trim
     except AttributeError:      # not glibc (musl has no malloc_trim): nothing to give back this way
-        pass
+        return
+    heap = heap_range() if _locked else None
+    if heap is None:
+        trim(0)
+        return
+    _libc.munlock(ctypes.c_void_p(heap[0]), ctypes.c_size_t(heap[1]))
+    try:
+        trim(0)
+    finally:
+        # Trimming may have lowered the break: lock what the heap is now.
+        heap = heap_range() or heap
+        _libc.mlock2(ctypes.c_void_p(heap[0]), ctypes.c_size_t(heap[1]), MLOCK_ONFAULT)
 
 
 def resolve_users(names: tuple[str, ...]) -> frozenset[int]:
