@@ -78,7 +78,7 @@ class KernelStart:
         """The child's programs taken over (BpfGuard), or None when that failed and the
         user-space path goes on alone; DbguardError when [bpf] enabled = true."""
         from .bpf import BpfGuard
-        from .loader import attached_note, from_cache
+        from .loader import attached_note
         loading, self.loading = self.loading, None
         try:
             bpf = BpfGuard.finish(loading)
@@ -93,8 +93,8 @@ class KernelStart:
         seconds = time.monotonic() - loading.started
         if bpf.cache_note:
             (log.warning if bpf.cache_warn else log.info)("BPF programs: %s", bpf.cache_note)
-        self.note = attached_note(bpf.cache_note)
-        cached = from_cache(bpf.cache_note)
+        self.note = attached_note(bpf.from_cache)
+        cached = bpf.from_cache
         log.info("kernel path attached %.2f s after its %s began", seconds, "load" if cached else "compile")
         audit.write({"action": "bpf_attached", "target": "dbguard", "level": level,
                      "reason": bpf.cache_note or self.note, "result": self.note,
@@ -116,13 +116,12 @@ def warm(cfg: Config) -> str:
     if cfg.bpf.enabled is False:
         return "BPF path off ([bpf] enabled = false): nothing to compile"
     from .bpf import BpfGuard
-    from .loader import from_cache
     guard = BpfGuard.load(max_procs=cfg.bpf.max_procs, max_cgroups=cfg.bpf.max_cgroups, cache_dir=cache_dir(cfg))
-    note, warn = guard.cache_note, guard.cache_warn
+    note, warn, cached, not_kept = guard.cache_note, guard.cache_warn, guard.from_cache, guard.not_kept
     guard.close()
-    if "not kept" in note:
-        raise DbguardError(f"BPF programs compiled but {note[note.index('not kept'):]}")
-    if from_cache(note):
+    if not_kept:
+        raise DbguardError(f"BPF programs compiled but not kept: {not_kept}")
+    if cached:
         return f"already compiled: {note}"
     # The cache missed: said when that is news (a stale or damaged entry), not when none was kept.
     return note if warn else note.split("; ", 1)[-1]

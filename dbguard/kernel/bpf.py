@@ -143,6 +143,8 @@ class BpfGuard:
         self.source = source
         self.cache_note = ""        # what the loader did with the compile cache (set by finish)
         self.cache_warn = False     # ... and whether that is a warning (a stale or damaged entry)
+        self.from_cache = False     # loaded from the compile cache, not compiled
+        self.not_kept = ""          # why a compile's programs were not kept in the cache ("": kept, or no cache)
         self._pending: list[BpfEvent] = []
         self._procs = bpf[b"procs"]
         self._cgroups = bpf[b"cgroups"]
@@ -195,6 +197,7 @@ class BpfGuard:
         try:
             guard = cls(loaded, source)
             guard.cache_note, guard.cache_warn = desc.get("cache", ""), bool(desc.get("cache_warn"))
+            guard.from_cache, guard.not_kept = bool(desc.get("from_cache")), desc.get("not_kept", "")
             return guard
         except BaseException:
             loaded.cleanup()

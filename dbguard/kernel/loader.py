@@ -179,13 +179,16 @@ def child(fd: int, max_procs: int, max_cgroups: int, cache_dir: str = "") -> int
         sock.send(json.dumps({"error": str(e), "stage": "btf"}).encode())
         return 1
     # "cache": one line on what was done with the compile cache; "cache_warn": whether that
-    # line is a warning (an entry there but not usable, or the compile's entry not kept).
+    # line is a warning (an entry there but not usable, or the compile's entry not kept);
+    # "from_cache": loaded from a kept entry, not compiled; "not_kept": why a compile's entry
+    # was not kept ("" when it was, or when there is no cache).
     missed, warn = "", False
     if cache_dir:
         from .objcache import Unusable
         try:
             desc, fds, note = _from_cache(cache_dir, source)
-            socket.send_fds(sock, [json.dumps({**desc, "source": source, "cache": note}).encode()], fds)
+            socket.send_fds(sock, [json.dumps({**desc, "source": source, "cache": note, "from_cache": True}).encode()],
+                            fds)
             return 0
         except Unusable as e:
             missed, warn = f"compile cache not used: {e}", not e.expected
@@ -196,28 +199,28 @@ def child(fd: int, max_procs: int, max_cgroups: int, cache_dir: str = "") -> int
         sock.send(json.dumps({"error": str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
                               "stage": "compile"}).encode())
         return 1
-    kept = ""
+    kept, not_kept = "", ""
     if entry is not None:
         from ..errors import DbguardError
         from . import objcache
         try:
-            kept = objcache.store(cache_dir, entry) if "unusable" not in entry else f"not kept: {entry['unusable']}"
+            if "unusable" in entry:
+                not_kept = entry["unusable"]
+            else:
+                kept = objcache.store(cache_dir, entry)
         except (OSError, DbguardError) as e:
-            kept = f"not kept: {e}"
-        warn = warn or kept.startswith("not kept")
+            not_kept = str(e)
+        kept = kept or f"not kept: {not_kept}"
+        warn = warn or bool(not_kept)
     note = "; ".join(filter(None, (missed, kept)))
-    socket.send_fds(sock, [json.dumps({**desc, "source": source, "cache": note, "cache_warn": warn}).encode()],
-                    fds)
+    socket.send_fds(sock, [json.dumps({**desc, "source": source, "cache": note, "cache_warn": warn,
+                                       "from_cache": False, "not_kept": not_kept}).encode()], fds)
     return 0
 
 
-def attached_note(cache_note: str) -> str:
+def attached_note(from_cache: bool) -> str:
     """What the daemon says of its kernel path once attached, by what the loader did."""
-    return "BPF path active (programs " + ("from the compile cache)" if from_cache(cache_note) else "compiled)")
-
-
-def from_cache(cache_note: str) -> bool:
-    return cache_note.startswith(FROM_CACHE)
+    return "BPF path active (programs " + ("from the compile cache)" if from_cache else "compiled)")
 
 
 class Loading:

@@ -32,7 +32,7 @@ def load_cached_guard(request, cache_dir: str):
     finally:
         first.close()
     g = load_guard(request, cache_dir=cache_dir)
-    if not g.cache_note.startswith(FROM_CACHE):
+    if not g.from_cache:
         g.close()
         pytest.fail(f"the second load did not use the compile cache: {g.cache_note}", pytrace=False)
     return g
