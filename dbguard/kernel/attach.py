@@ -58,10 +58,6 @@ class KernelStart:
         self.note = f"running on the user-space path alone: {e}"
         log.warning("%s", self.note)
 
-    @property
-    def pending(self) -> bool:
-        return self.loading is not None
-
     def describe(self) -> str:
         if self.loading is None:
             return self.note

@@ -169,3 +169,69 @@ def test_bpf_compile_fills_the_cache_and_the_next_start_loads_from_it(tmp_path):
         r = subprocess.run(dbguard_command("bpf-compile", "--config", str(path)), cwd=REPO,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and r.stdout.strip() == "BPF path off ([bpf] enabled = false): nothing to compile", r
+
+
+def _loader_child(parent: int, timeout: float = 30.0) -> int:
+    """The pid of dbguard's BPF loader child (python -m dbguard.kernel.loader)."""
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                stat = Path(f"/proc/{name}/stat").read_text()
+                cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == parent and b"dbguard.kernel.loader" in cmdline:
+                return int(name)
+        time.sleep(0.005)
+    pytest.fail(f"dbguard (pid {parent}) started no BPF loader child in {timeout:g} s", pytrace=False)
+
+
+def test_the_user_path_answers_a_hog_while_the_kernel_path_is_not_attached(tmp_path, make_cgroup, procs):
+    """The window before the kernel path attaches, held open: a first start (nothing compiled)
+    whose loader child the test stops (SIGSTOP) as soon as it exists, so the BPF programs cannot
+    attach. A hog then grows past the limit of the memory cgroup PostgreSQL runs in. The user-space
+    path must end it: the hog killed (SIGKILL), dbguard's own kill record for it on path "user",
+    zero kernel OOM kills (the cgroup's counter), the postmaster and dbguard alive, and no
+    "bpf_attached" yet. The child then runs on and the kernel path attaches."""
+    import signal
+    import subprocess as sp
+
+    from lab import hog
+    from lab.launcher import audit_names
+    from lab.pgcluster import PgCluster
+    MiB = 1024 * 1024
+    cg = make_cgroup(600 * MiB)
+    with PgCluster(settings={"shared_buffers": "128MB"}, cgroup=cg) as pg:
+        cfg = _config(tmp_path, pg.dsn, True)
+        cfg["general"]["dry_run"] = False
+        cfg["pressure"] = {"cgroup": str(cg.path)}
+        with DbguardRun(tmp_path, cfg) as run:
+            loader = _loader_child(run.pid)
+            os.kill(loader, signal.SIGSTOP)
+            try:
+                run.wait_protecting(kernel=False)
+                postmaster = pg.postmaster_pid()
+                # 10 MiB every 50 ms up to 900 MiB: past the 600 MiB limit in about 3 s.
+                h = procs.add(hog.spawn(900 * MiB, 10 * MiB, 0.05, 60, preexec_fn=cg.preexec(), stdout=sp.DEVNULL))
+                try:
+                    code = h.wait(timeout=60)
+                except sp.TimeoutExpired:
+                    pytest.fail(f"the hog was not ended in 60 s; audit: {run.audit()[-3:]}", pytrace=False)
+                actions = [r["action"] for r in run.audit()]
+                kills = [r for r in run.audit() if r["action"] == "kill" and audit_names(r, h.pid)]
+                assert code == -signal.SIGKILL, (code, actions)
+                assert kills and kills[0]["path"] == "user" and kills[0]["result"].startswith("killed"), kills
+                assert cg.oom_kills() == 0, f"the kernel OOM-killed {cg.oom_kills()} process(es); audit: {actions}"
+                assert "bpf_attached" not in actions and "bpf_failed" not in actions, actions
+                assert pg.postmaster_pid() == postmaster and os.path.exists(f"/proc/{postmaster}"), postmaster
+                assert run.running(), run.tail(5)
+            finally:
+                os.kill(loader, signal.SIGCONT)
+            _, attached = run.wait_kernel_path(timeout=120)
+            assert attached["action"] == "bpf_attached", attached
+            assert run.stop() == 0, run.tail(3)
+        assert "Traceback" not in run.output(None)

@@ -46,7 +46,7 @@ def test_a_child_gone_without_an_answer_is_done():
 
 def test_the_kernel_path_off_says_so_and_waits_on_nothing():
     k = KernelStart(from_dict({"bpf": {"enabled": False}}))
-    assert not k.pending and not k.ready() and k.fileno() is None
+    assert k.loading is None and not k.ready() and k.fileno() is None
     assert k.describe() == "BPF path off ([bpf] enabled = false)"
 
 
