@@ -9,7 +9,7 @@ whether from the compile cache). A restart takes the same path as a first start:
 timing differs.
 
 [bpf] enabled = true: what can be told before the start (no BPF, no BTF, no BCC:
-kernel.bpf.availability) refuses the start; a compile, load or attach that fails later is a
+kernel.availability) refuses the start; a compile, load or attach that fails later is a
 "bpf_failed" record and stops the daemon with that one line, after it put back what it
 changed, as any stop does. enabled = "auto": the same record, a warning, and the user-space
 path goes on alone.
