@@ -120,21 +120,40 @@ RSS_NOW = ("import sys\nf = dict(l.split(':', 1) for l in open('/proc/self/statu
            "sys.stdout.write(f['VmRSS'].split()[0] + ' ' + f['RssAnon'].split()[0])")
 
 
-def imports() -> list[dict]:
-    """RSS and its anonymous part after each of IMPORT_STEPS (median of 3 fresh interpreters)."""
+# The .deb's psycopg: Debian's python3-psycopg has no C wrapper of libpq but its pure-Python one
+# (ctypes over the system's libpq5); the venv above has psycopg-binary's.
+DEB_PSYCOPG = {"PSYCOPG_IMPL": "python"}
+
+
+def _fresh_rss(code: str, env: dict | None = None) -> dict:
+    """VmRSS and RssAnon in MiB of a fresh interpreter that ran `code` (median of 3)."""
+    import os
     import statistics
     import subprocess
     import sys
     from pathlib import Path
+    runs = [subprocess.run([sys.executable, "-c", code + "\n" + RSS_NOW], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).parent.parent, env={**os.environ, **(env or {})}).stdout.split()
+            for _ in range(3)]
+    return {"rss_mib": statistics.median(int(r[0]) for r in runs) / 1024,
+            "anon_mib": statistics.median(int(r[1]) for r in runs) / 1024}
+
+
+def imports() -> list[dict]:
+    """RSS and its anonymous part after each of IMPORT_STEPS (median of 3 fresh interpreters)."""
     out, code = [], []
     for label, stmt in IMPORT_STEPS:
         code.append(stmt)
-        runs = [subprocess.run([sys.executable, "-c", "\n".join(filter(None, code)) + "\n" + RSS_NOW],
-                               capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent)
-                .stdout.split() for _ in range(3)]
-        out.append({"step": label, "rss_mib": statistics.median(int(r[0]) for r in runs) / 1024,
-                    "anon_mib": statistics.median(int(r[1]) for r in runs) / 1024})
+        out.append({"step": label, **_fresh_rss("\n".join(filter(None, code)))})
     return out
+
+
+def imports_deb() -> dict:
+    """The daemon's imports up to psycopg's step, with the .deb's psycopg (DEB_PSYCOPG)."""
+    upto = next(i for i, (label, _) in enumerate(IMPORT_STEPS) if label.startswith("+ psycopg"))
+    code = "\n".join(filter(None, (stmt for _, stmt in IMPORT_STEPS[:upto + 1])))
+    code += "\nimport psycopg\nassert psycopg.pq.__impl__ == 'python', psycopg.pq.__impl__"
+    return _fresh_rss(code, DEB_PSYCOPG)
 
 
 def _child(cache_dir: str = "") -> tuple[float, float, str]:
@@ -176,6 +195,11 @@ def run(quick: bool = False, log=print) -> dict:
     except Exception as e:
         res["imports"] = [{"error": f"{type(e).__name__}: {e}"[:300]}]
     log(f"imports: {res['imports']}")
+    try:
+        res["imports_deb"] = imports_deb()
+    except Exception as e:
+        res["imports_deb"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    log(f"imports with the .deb's psycopg: {res['imports_deb']}")
     res["compile_child"] = []
     for _ in range(rounds):
         try:

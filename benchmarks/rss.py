@@ -63,6 +63,13 @@ def made_of_lines(cost: dict) -> list[str]:
                                  [[s["step"], f"{s['rss_mib']:.1f} MiB", f"{s['anon_mib']:.1f} MiB",
                                    f"+{s['rss_mib'] - steps[i - 1]['rss_mib']:.1f} MiB" if i else "–"]
                                   for i, s in enumerate(steps)]), ""]
+        deb, pg = cost.get("imports_deb") or {}, next((s for s in steps if s["step"].startswith("+ psycopg")), None)
+        if pg and "rss_mib" in deb:
+            lines += [f"The .deb's psycopg (Debian's python3-psycopg: its pure-Python wrapper over the system's libpq5, "
+                      f"where the venv above has psycopg-binary's C one; PSYCOPG_IMPL=python, `benchmarks/cost.py` "
+                      f"imports_deb): the same imports up to psycopg's step are {deb['rss_mib']:.1f} MiB "
+                      f"({deb['anon_mib']:.1f} MiB anonymous), {deb['rss_mib'] - pg['rss_mib']:+.1f} MiB against "
+                      f"{pg['rss_mib']:.1f} MiB: a .deb install runs that much above the rows of this section.", ""]
     return lines + _remaining(cases, steps)
 
 

@@ -62,3 +62,13 @@ def test_without_runs_by_mapping_only_the_import_steps_are_shown():
                                     {"extra_processes": 5000, "rss_by_mapping_mib": None}]      # smaps gone
     text = "\n".join(made_of_lines(cost))
     assert "by mapping" not in text and "IMPORT_STEPS" in text and "Issue #17" not in text
+
+
+def test_the_debs_psycopg_is_said_against_the_psycopg_step():
+    cost = _cost(29.0, 33.5)
+    assert "The .deb's psycopg" not in "\n".join(made_of_lines(cost))
+    cost["imports_deb"] = {"rss_mib": 29.75, "anon_mib": 18.5}
+    text = "\n".join(made_of_lines(cost))
+    assert "up to psycopg's step are 29.8 MiB (18.5 MiB anonymous), +1.8 MiB against 28.0 MiB" in text
+    cost["imports_deb"] = {"error": "ImportError: no pq wrapper available"}
+    assert "The .deb's psycopg" not in "\n".join(made_of_lines(cost))
