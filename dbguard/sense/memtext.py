@@ -50,10 +50,16 @@ LIMIT_EVENTS = ("max", "oom", "oom_kill", "oom_group_kill")
 
 def limit_event_kind(before: dict[str, int], after: dict[str, int]) -> str:
     """What a change of memory.events from `before` to `after` says: "limit" when a counter of
-    LIMIT_EVENTS rose (or the file could not be compared), else "high" (throttling, reclaim)."""
+    LIMIT_EVENTS rose (or the file could not be compared), "high" when only the throttling or
+    protection counters did (high, low), "" when none did. The kernel defers a notification
+    that comes within 20 ms of the last one and sends it later, when the read that answered the
+    first may already have seen its count: nothing new, and not a wake-up."""
     if not before or not after:
         return "limit"
-    return "limit" if any(after.get(k, 0) > before.get(k, 0) for k in LIMIT_EVENTS) else "high"
+    rose = {k for k, v in after.items() if v > before.get(k, 0)}
+    if rose & set(LIMIT_EVENTS):
+        return "limit"
+    return "high" if rose else ""
 
 
 def parse_meminfo(text: str) -> dict[str, int]:

@@ -201,7 +201,9 @@ class Wakeups:
         elif fd == self._limit_fd:
             os.lseek(fd, 0, os.SEEK_SET)
             events_now = parse_flat_keyed(os.read(fd, 4096).decode())     # re-armed for the next change
-            self.fired.add(limit_event_kind(self._events, events_now))
+            kind = limit_event_kind(self._events, events_now)
+            if kind:
+                self.fired.add(kind)
             self._events = events_now
         elif fd == self._psi_fd:
             if events & (select.POLLERR | select.POLLNVAL):

@@ -29,3 +29,10 @@ def test_a_kernel_without_oom_group_kill_compares_what_it_has():
     older = {k: v for k, v in BEFORE.items() if k != "oom_group_kill"}
     assert limit_event_kind(older, {**older, "high": 121}) == "high"
     assert limit_event_kind(older, {**older, "max": 4}) == "limit"
+
+
+def test_a_notification_with_nothing_new_is_no_wake_up():
+    """A deferred notification whose count the last read already saw: in the v2 test VM it woke
+    a wait as "high" on a cgroup that has no memory.high (test_pressure's few-ms-stall test)."""
+    assert limit_event_kind(BEFORE, dict(BEFORE)) == ""
+    assert limit_event_kind(BEFORE, {**BEFORE, "newkey": 0}) == ""
