@@ -6,6 +6,7 @@ import ctypes
 import os
 import socket
 
+from .sense.procfs import PAGE_SIZE
 from .settings import Config
 from .validate import uid_of
 
@@ -44,14 +45,13 @@ MLOCK_ONFAULT = 1
 # at 256 KiB a cycle's transients (a 5,000-entry dict is 147 KiB) stayed, +0.4 MiB RSS steady.
 TRIM_GROWTH = 64 * 1024
 _trimmed_to = 0
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _anon_bytes() -> int:
     """Resident memory not backed by a file (statm's resident - shared; one small read)."""
     with open("/proc/self/statm", "rb") as f:
         fields = f.read().split()
-    return (int(fields[1]) - int(fields[2])) * _PAGE
+    return (int(fields[1]) - int(fields[2])) * PAGE_SIZE
 
 
 def heap_range(maps: str = "/proc/self/maps") -> tuple[int, int] | None:

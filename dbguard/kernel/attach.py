@@ -90,11 +90,10 @@ class KernelStart:
         if bpf.cache_note:
             (log.warning if bpf.cache_warn else log.info)("BPF programs: %s", bpf.cache_note)
         self.note = attached_note(bpf.from_cache)
-        cached = bpf.from_cache
-        log.info("kernel path attached %.2f s after its %s began", seconds, "load" if cached else "compile")
+        log.info("kernel path attached %.2f s after its %s began", seconds, "load" if bpf.from_cache else "compile")
         audit.write({"action": "bpf_attached", "target": "dbguard", "level": level,
                      "reason": bpf.cache_note or self.note, "result": self.note,
-                     "seconds": round(seconds, 3), "from_cache": cached})
+                     "seconds": round(seconds, 3), "from_cache": bpf.from_cache})
         return bpf
 
     def close(self) -> None:
