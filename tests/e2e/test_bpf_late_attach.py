@@ -171,23 +171,15 @@ def test_bpf_compile_fills_the_cache_and_the_next_start_loads_from_it(tmp_path):
         assert r.returncode == 0 and r.stdout.strip() == "BPF path off ([bpf] enabled = false): nothing to compile", r
 
 
-def _loader_child(parent: int, timeout: float = 30.0) -> int:
-    """The pid of dbguard's BPF loader child (python -m dbguard.kernel.loader)."""
-    import time
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                stat = Path(f"/proc/{name}/stat").read_text()
-                cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if int(stat[stat.rindex(")") + 2:].split()[1]) == parent and b"dbguard.kernel.loader" in cmdline:
-                return int(name)
-        time.sleep(0.005)
-    pytest.fail(f"dbguard (pid {parent}) started no BPF loader child in {timeout:g} s", pytrace=False)
+def _loader_child(parent: int, cache_dir: Path, timeout: float = 30.0) -> int:
+    """The pid of dbguard's BPF loader child, found by the cache directory on its command line
+    (python -m dbguard.kernel.loader FD MAX_PROCS MAX_CGROUPS CACHE_DIR)."""
+    from lab.procs import find_by_cmdline, ppid, wait_until
+    if not wait_until(lambda: find_by_cmdline(str(cache_dir)), timeout, poll=0.005):
+        pytest.fail(f"dbguard (pid {parent}) started no BPF loader child in {timeout:g} s", pytrace=False)
+    pid = find_by_cmdline(str(cache_dir))
+    assert pid is not None and ppid(pid) == parent, (pid, parent)
+    return pid
 
 
 def test_the_user_path_answers_a_hog_while_the_kernel_path_is_not_attached(tmp_path, make_cgroup, procs):
@@ -210,7 +202,7 @@ def test_the_user_path_answers_a_hog_while_the_kernel_path_is_not_attached(tmp_p
         cfg["general"]["dry_run"] = False
         cfg["pressure"] = {"cgroup": str(cg.path)}
         with DbguardRun(tmp_path, cfg) as run:
-            loader = _loader_child(run.pid)
+            loader = _loader_child(run.pid, tmp_path / "state" / "bpf")
             os.kill(loader, signal.SIGSTOP)
             try:
                 run.wait_protecting(kernel=False)
