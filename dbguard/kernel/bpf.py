@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Collection
 
 from ..errors import DbguardError
+from ..sense.procfs import PAGE_SIZE
 from . import layout
 from .availability import OFF_HINT, availability, protections
-from .events import PAGE_SIZE, BpfEvent, decode, event_to_audit
+from .events import BpfEvent, decode, event_to_audit
 from .layout import ACTION_KILL, ACTION_SHIELD, CANCEL, CANDIDATE, FRESH, INHERIT, INHERITED, SHIELD
 from .loader import LoadFailed, Loading
 from .maps import Loaded

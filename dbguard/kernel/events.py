@@ -1,16 +1,14 @@
 """Kernel events as dbguard sees them, and as the audit log records them. Pure: no I/O."""
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import layout
 from ..model import Level
+from ..sense.procfs import PAGE_SIZE
 from ..sense.proctable import boot_time, clk_tck
-
-PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass(frozen=True)

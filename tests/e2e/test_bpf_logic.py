@@ -6,9 +6,10 @@ from dataclasses import replace
 import pytest
 
 from dbguard.kernel import layout
-from dbguard.kernel.events import PAGE_SIZE, BpfEvent, decode, event_to_audit
+from dbguard.kernel.events import BpfEvent, decode, event_to_audit
 from dbguard.kernel.source import kernel_has_ringbuf
 from dbguard.kernel.sync import ProcEntry, diff_plain, diff_procs, listed_victims
+from dbguard.sense.procfs import PAGE_SIZE
 
 S, I, H, C = layout.SHIELD, layout.INHERIT, layout.INHERITED, layout.CANDIDATE
 
