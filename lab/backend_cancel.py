@@ -81,6 +81,7 @@ class CancelResult:
                  f"peak={self.peak_bytes // MiB}/{self.limit_bytes // MiB} MiB guard_running={self.guard_running}"]
         lines += [f"  audit: {a.get('action')} {a.get('path')} pid={a.get('pid')} {a.get('reason', '')} -> "
                   f"{a.get('result', '')}" for a in self.audit if a.get("action") not in ("set_oom_score_adj",)][:20]
+        lines.append(f"  other server processes: {self.server_pids}")
         lines += [f"  server log: {x}" for x in self.shutdown_lines[:10]]
         lines += self.notes
         return "\n".join(lines)

@@ -123,10 +123,11 @@ class PgSide:
 
 @contextlib.contextmanager
 def postgres_side(workdir: Path, guard: Callable[[Any], ContextManager], log: Callable[[str], None],
-                  warmup: float) -> Iterator[PgSide]:
+                  warmup: float, room: int | None = None) -> Iterator[PgSide]:
     """PostgreSQL 15 (shared_buffers SHARED_BUFFERS, pgbench scale PGBENCH_SCALE) in a memory
     cgroup limited to LIMIT, `guard(env)` (a lab.scenario.ScenarioEnv, audit at
-    workdir/audit.jsonl) watching, and `pgbench -S -c 4` running for `warmup` seconds."""
+    workdir/audit.jsonl) watching, and `pgbench -S -c 4` running for `warmup` seconds; then,
+    with `room`, the limit lowered or raised to what the cgroup holds plus `room`."""
     from lab.pgcluster import PgCluster
     from lab.scenario import ScenarioEnv
     with contextlib.ExitStack() as stack:
@@ -140,4 +141,6 @@ def postgres_side(workdir: Path, guard: Callable[[Any], ContextManager], log: Ca
         bench = cluster.pgbench("-S", "-c", "4", "-j", "2", "-T", "3600", "--no-vacuum")
         stack.callback(lambda: (bench.poll() is None and bench.kill(), bench.wait()))
         time.sleep(warmup)          # the backends touch shared buffers, as on a server up a while
+        if room is not None:
+            cg.set_limit(cg.usage() + room)
         yield PgSide(cg, cluster, postmaster, bench, guarded)
