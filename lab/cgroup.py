@@ -106,6 +106,13 @@ class MemoryCgroup:
         name = "memory.usage_in_bytes" if self.version == 1 else "memory.current"
         return int((self.path / name).read_text())
 
+    def unreclaimable(self) -> int:
+        """Anonymous and shared memory (tmpfs, a database's shared buffers) in this cgroup and
+        below: what reclaim cannot take without swap, where usage also counts the page cache."""
+        keys = ("total_rss", "total_shmem") if self.version == 1 else ("anon", "shmem")
+        stat = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())
+        return sum(int(stat[k]) for k in keys)
+
     def limit_hits(self) -> int:
         """How often a charge hit the limit (each one a reclaim): memory.failcnt on v1, the
         "max" count of memory.events on v2."""

@@ -127,7 +127,8 @@ def postgres_side(workdir: Path, guard: Callable[[Any], ContextManager], log: Ca
     """PostgreSQL 15 (shared_buffers SHARED_BUFFERS, pgbench scale PGBENCH_SCALE) in a memory
     cgroup limited to LIMIT, `guard(env)` (a lab.scenario.ScenarioEnv, audit at
     workdir/audit.jsonl) watching, and `pgbench -S -c 4` running for `warmup` seconds; then,
-    with `room`, the limit lowered or raised to what the cgroup holds plus `room`."""
+    with `room`, the limit set to what the cgroup cannot give back (MemoryCgroup.unreclaimable:
+    shared buffers and the processes' own memory, not the page cache) plus `room`."""
     from lab.pgcluster import PgCluster
     from lab.scenario import ScenarioEnv
     with contextlib.ExitStack() as stack:
@@ -142,5 +143,5 @@ def postgres_side(workdir: Path, guard: Callable[[Any], ContextManager], log: Ca
         stack.callback(lambda: (bench.poll() is None and bench.kill(), bench.wait()))
         time.sleep(warmup)          # the backends touch shared buffers, as on a server up a while
         if room is not None:
-            cg.set_limit(cg.usage() + room)
+            cg.set_limit(cg.unreclaimable() + room)
         yield PgSide(cg, cluster, postmaster, bench, guarded)
