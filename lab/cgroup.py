@@ -107,11 +107,11 @@ class MemoryCgroup:
         return int((self.path / name).read_text())
 
     def unreclaimable(self) -> int:
-        """Anonymous and shared memory (tmpfs, a database's shared buffers) in this cgroup and
-        below: what reclaim cannot take without swap, where usage also counts the page cache."""
-        keys = ("total_rss", "total_shmem") if self.version == 1 else ("anon", "shmem")
+        """Usage less the page cache, in this cgroup and below: what no reclaim frees without
+        swap (shared memory, a database's shared buffers, counts: it is cache that stays)."""
         stat = dict(line.split() for line in (self.path / "memory.stat").read_text().splitlines())
-        return sum(int(stat[k]) for k in keys)
+        cache = int(stat.get("total_cache", stat.get("file", 0))) - int(stat.get("total_shmem", stat.get("shmem", 0)))
+        return self.usage() - cache
 
     def limit_hits(self) -> int:
         """How often a charge hit the limit (each one a reclaim): memory.failcnt on v1, the

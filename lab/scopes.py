@@ -45,9 +45,7 @@ def warn_hog(cg) -> int:
     memory counts: without swap it stays) to 85 % of its limit: between the warn (80 %) and
     high (90 %) marks, whatever the database beside it already holds (a MariaDB's is larger
     than a PostgreSQL's)."""
-    stat = dict(ln.split() for ln in (cg.path / "memory.stat").read_text().splitlines())
-    cache = int(stat.get("total_cache", stat.get("file", 0))) - int(stat.get("total_shmem", stat.get("shmem", 0)))
-    return max(8 * MiB, int(cg.limit_bytes * 0.85) - (cg.usage() - cache))
+    return max(8 * MiB, int(cg.limit_bytes * 0.85) - cg.unreclaimable())
 
 
 def press(daemon: DbguardRun, cg, procs, name: str) -> tuple[list, float]:
