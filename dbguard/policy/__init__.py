@@ -73,10 +73,13 @@ class Policy:
         app, app_deferred = app_caches(snap, a, state, cfg.pressure, cfg.policy, held > hogs)
         deferred += app_deferred
         verdicts = self.verdicts(snap)
+        # Carried out in this order: the scores and the relief (a kill, a cancel) act at once,
+        # the resizes are SQL or cache round trips to servers that may themselves be stalled in
+        # reclaim, so the relief never waits behind them.
         actions = (scores(snap, verdicts, state, cfg.protection, self.can_lower_scores, self.judge.changed)
+                   + self._relief(snap, a, state)
                    + shrink_grow + app
-                   + idle_sessions(snap, a.level, state, self.db_configs)
-                   + self._relief(snap, a, state))
+                   + idle_sessions(snap, a.level, state, self.db_configs))
         actions = self._stamped(actions)
         state.forget(snap)
         return Plan(a.level, a.why, tuple(actions), tuple(deferred))

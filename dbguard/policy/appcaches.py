@@ -2,7 +2,7 @@
 it has passed, paced like the database's caches (policy/caches.py).
 
 When they answer is policy ([policy] caches_from, poolers_from): by default at warn, together
-with the database's caches and before any kill (their actions come first in the plan). A
+with the database's caches, a level before any kill (in one plan a kill comes first). A
 pooler answers only pressure that comes from the database's sessions: fewer server
 connections at once is no help against a hog. A cache that cannot give memory back (a
 noeviction Redis, CONFIG SET refused) is left alone and said so, as an answer put off; so is
