@@ -4,7 +4,7 @@ VENV  := .venv
 PY    := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: setup host venv demo test test-unit vm-test vm-image bench deb lint clean help
+.PHONY: setup host venv demo test test-unit vm-test vm-image bench deb clean help
 
 help:
 	@echo "make demo   - PostgreSQL under memory pressure, without and with dbguard, side by side"

@@ -87,7 +87,6 @@ def _remaining(cases: list[tuple[str, list[dict]]], steps: list[dict]) -> list[s
     if not (at_rest and crowded and pg) or None in parts.values():
         return []
     steady = [statistics.median(sum(r.values()) for r in rs) for rs in (at_rest, crowded)]
-    python = statistics.median(r[MAPPING_GROUPS[0][0]] for r in at_rest)
     own = parts["+ dbguard's daemon"]
     verdict = "meets" if steady[1] <= TARGET_MIB else f"misses by {steady[1] - TARGET_MIB:.1f} MiB"
     libs = statistics.median(r[MAPPING_GROUPS[2][0]] for r in at_rest)

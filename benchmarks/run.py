@@ -27,7 +27,6 @@ import subprocess
 import sys
 import time
 import traceback
-from pathlib import Path
 
 from dbguard.errors import DbguardError
 

@@ -166,7 +166,7 @@ def _daemon_cycles(cg, n: int, log) -> list[dict]:
             def pressed():
                 w, = d.watches
                 reading = w.monitor.read()
-                a = assess(reading, cfg.pressure, w.state.levels, time.time())
+                a = assess(reading, d.cfg.pressure, w.state.levels, time.time())
                 snap = d.sensor.snapshot(reading, fresh=True)
                 w.policy.decide(snap, a, w.state)
                 return len(snap.procs)

@@ -19,8 +19,7 @@ from .databases import registry
 from .errors import ConfigError
 from .escape import has_control, printable, shown
 from .caches.config import CacheConfig, PoolerConfig
-from .settings import (Audit, Bpf, Config, DatabaseConfig, General, Kill, Metrics, PolicyConfig, Pressure,
-                     Protection, RuleConfig)
+from .settings import Config, DatabaseConfig, PolicyConfig, RuleConfig
 from .units import finite, parse_size, toml_key
 
 

@@ -20,7 +20,7 @@ import pytest
 from dbguard.kernel import layout
 from dbguard.kernel.bpf import INHERIT, SHIELD, event_to_audit, exe_identity
 from lab.cgroup import MemoryCgroup
-from lab.hog import UNLIMITED, spawn, wait_holding
+from lab.hog import UNLIMITED, spawn
 from lab.procs import start_time
 
 pytestmark = [pytest.mark.bpf, pytest.mark.root, pytest.mark.e2e]

@@ -26,7 +26,7 @@ from dbguard.daemon import Daemon
 from dbguard.kernel.bpf import CANDIDATE, INHERITED, SHIELD
 from dbguard.kernel.feed import KernelFeed
 from dbguard.metrics import Metrics
-from dbguard.model import MemoryReading, Role, Snapshot
+from dbguard.model import MemoryReading, Snapshot
 from dbguard.policy import Policy
 from dbguard.sense.procfs import read_procs, read_pss
 from dbguard.sensor import relative_memcg

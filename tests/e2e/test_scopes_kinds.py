@@ -51,7 +51,7 @@ def test_postgresql_and_mariadb_pressed_at_once_each_answered_in_its_own_scope(t
             pods[kind], entry = start_pod(kind, cg, work, {"innodb_buffer_pool_size": "256M"}
                                           if kind == "mariadb" else None)
             entries.append(entry)
-        pg, my = pods["postgresql"], pods["mariadb"]
+        pg = pods["postgresql"]
         pg.psql(f"ALTER SYSTEM SET work_mem = '{WORK_MEM}'")
         pg.psql("SELECT pg_reload_conf()")
         assert wait_until(lambda: cache_size("postgresql", pg) == WORK_MEM, 10)

@@ -70,7 +70,7 @@ def test_installs_the_command_from_the_distributions_python(package):
     assert "/usr/bin/dbguard" in package
     r = sh("/usr/bin/dbguard", "--version")
     assert r.returncode == 0 and r.stdout.strip() == f"dbguard {VERSION}", r.stdout + r.stderr
-    assert f"/usr/lib/python3/dist-packages/dbguard/bpf/dbguard.h" in package
+    assert "/usr/lib/python3/dist-packages/dbguard/bpf/dbguard.h" in package
     head = Path("/usr/bin/dbguard").read_text().splitlines()[0]
     assert head == "#! /usr/bin/python3" or head == "#!/usr/bin/python3", head
 

@@ -5,9 +5,6 @@ reported by name; a password that is used and never shown; a server that is down
 originals a killed dbguard left, put back by the next one; the server's pid by its socket."""
 from __future__ import annotations
 
-import os
-import time
-
 import pytest
 
 from dbguard import config

@@ -12,8 +12,8 @@ from dbguard.caches.endpoint import BadUrl, host_port, listener_pid, redis_url
 from dbguard.caches.redis import cannot_evict, expiring_keys, parse_info, refusal, to_stats
 from dbguard.caches.resp import RespError
 from dbguard.errors import ConfigError
-from dbguard.model import ActionKind, CacheStats, Level, Role
-from test_policy import CG, policy, proc, reading, snapshot
+from dbguard.model import ActionKind, CacheStats, Role
+from test_policy import policy, proc, reading, snapshot
 
 MiB = 1024 * 1024
 

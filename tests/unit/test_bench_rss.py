@@ -43,7 +43,7 @@ def _cost(at_rest: float, crowded: float) -> dict:
 
 def test_the_tables_and_the_verdict_come_from_the_runs():
     text = "\n".join(made_of_lines(_cost(29.0, 33.5)))
-    assert f"| total (RSS steady) | 29.0 MiB | 33.5 MiB |" in text
+    assert "| total (RSS steady) | 29.0 MiB | 33.5 MiB |" in text
     assert f"| {HEAP} | 19.0 MiB | 23.5 MiB |" in text
     assert "| + asyncio, which psycopg imports | 18.5 MiB | 12.0 MiB | +1.5 MiB |" in text
     assert f"at most {TARGET_MIB} MiB" in text and "33.5 MiB here, which misses by 3.5 MiB" in text

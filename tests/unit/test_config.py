@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbguard import config, units
+from dbguard.settings import Audit, Bpf, General, Kill, Metrics, Pressure, Protection
 from dbguard.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,8 +88,8 @@ def test_password_never_read_until_asked_and_missing_env_is_one_line(monkeypatch
 toml_values = st.one_of(st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=False),
                         st.text(max_size=20), st.lists(st.text(max_size=5), max_size=3),
                         st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
-SECTIONS = {"general": config.General, "pressure": config.Pressure, "kill": config.Kill,
-            "protection": config.Protection, "bpf": config.Bpf, "audit": config.Audit, "metrics": config.Metrics}
+SECTIONS = {"general": General, "pressure": Pressure, "kill": Kill,
+            "protection": Protection, "bpf": Bpf, "audit": Audit, "metrics": Metrics}
 
 
 @st.composite

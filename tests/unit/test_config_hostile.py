@@ -19,11 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dbguard import config
+from dbguard.settings import Audit, Bpf, General, Kill, Metrics, Pressure, Protection
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "S3cretCanary"
-SECTIONS = {"general": config.General, "pressure": config.Pressure, "kill": config.Kill,
-            "protection": config.Protection, "bpf": config.Bpf, "audit": config.Audit, "metrics": config.Metrics}
+SECTIONS = {"general": General, "pressure": Pressure, "kill": Kill,
+            "protection": Protection, "bpf": Bpf, "audit": Audit, "metrics": Metrics}
 
 
 # --- a TOML writer for any value (tomllib reads, nothing in the stdlib writes) -------------------

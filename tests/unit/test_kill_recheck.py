@@ -8,12 +8,12 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dbguard import config
+from dbguard.settings import Pressure
 from dbguard.assess import kill_still_needed, recheck
 from dbguard.model import Level, MemoryReading
 
 MiB = 1024 * 1024
-P = config.Pressure()
+P = Pressure()
 
 
 def fresh(used_mib: float, *, full: float = 0.0, version: int = 1):

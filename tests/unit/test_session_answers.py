@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dbguard import config
+from dbguard.settings import Pressure
 from dbguard.assess import judge
 from dbguard.databases.mysql.stats import sessions_from
 from dbguard.model import ActionKind, DbSession, DbStats, Level, MemoryReading, Proc, Role, Snapshot
@@ -211,9 +212,9 @@ def test_what_the_sessions_allocated_and_have_not_touched_is_pressure_before_it_
     # 500 MiB charged, but the running statements have allocated 600 MiB more they have not
     # touched yet (DbStats.pending_bytes, summed into the reading by the sensor): 1100 MiB is
     # coming, 250 MiB over the 850 MiB goal. Usage alone would be ok.
-    assert judge(reading(500), config.Pressure())[0] is Level.OK
+    assert judge(reading(500), Pressure())[0] is Level.OK
     coming = dataclasses.replace(reading(500), pending_bytes=600 * MiB)
-    level, why = judge(coming, config.Pressure())
+    level, why = judge(coming, Pressure())
     assert level is Level.CRITICAL and "600 MiB the sessions have allocated and not yet touched" in why
     # The largest first until 250 MiB are covered: 160 + 160 is enough, 100 is not needed.
     plan = policy().decide(snap(0, coming, [session(31, 100), session(32, 160), session(33, 160)]))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dbguard import config, validate
+from dbguard import config
 from dbguard.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
