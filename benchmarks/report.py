@@ -420,7 +420,14 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
         sc = data["scale"]
         lines += ["## Scale: one sidecar cycle", "", sc.get("method", ""), "", scale_table(sc), ""]
         for e in (data.get("earlier") or {}).get("scale", [])[:1]:
-            lines += [f"Before and now, CPU of one cycle (median ms); before: {_recorded(e['provenance'])}:", "",
+            then, now = (e["provenance"].get("machine") or {}), machine_of(data, "scale")
+            # The full read is the same work in both runs: where the machine changed, it says by
+            # how much the machine alone moved the figures.
+            moved = ("" if then.get("cpu") == now.get("cpu") else
+                     f" The two runs were on different machines ({then.get('cpu', '?')} before, "
+                     f"{now.get('cpu', '?')} now): the last column, the same full read in both, shows how "
+                     "much of the difference is the machine's.")
+            lines += [f"Before and now, CPU of one cycle (median ms); before: {_recorded(e['provenance'])}.{moved}", "",
                       scale_compare(e["data"], sc), ""]
         if "scale" in images:
             lines += [f"![processes vs cycle CPU]({images['scale']})", ""]
