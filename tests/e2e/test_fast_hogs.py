@@ -122,13 +122,14 @@ def test_fast_hogs_next_to_mariadb(procs, tmp_path):
         run = stack.enter_context(dbguard_guard(env, extra_config=config))
         load = stack.enter_context(ReadLoad(db, 1_500_000, clients=2))
         time.sleep(3)
-        # Room for half the hogs above what the cgroup holds under MariaDB's load, which varies
-        # from run to run. With a fixed LIMIT the six hogs could fail to overrun it: in a CI
-        # rehearsal (git fc19f47) every round ended with five hogs holding (so MariaDB held at most
-        # 900 - 5 x 124 MiB) after user space ended one at "high", the limit never hit, and the
-        # kernel path had no round to act in. Six hogs now overrun it by three hogs' worth.
-        cg.set_limit(cg.usage() + HOGS // 2 * HOG_SIZE)
-        print(f"MariaDB holds {cg.usage() // MiB} MiB under its load; limit {cg.limit_bytes // MiB} MiB")
+        # Room for half the hogs above what the cgroup cannot give back under MariaDB's load,
+        # which varies from run to run. With a fixed LIMIT the six hogs could fail to overrun it:
+        # in a CI rehearsal (git fc19f47) every round ended with five hogs holding (so MariaDB held
+        # at most 900 - 5 x 124 MiB) after user space ended one at "high", the limit never hit,
+        # and the kernel path had no round to act in. Six hogs now overrun it by three hogs' worth.
+        held = cg.unreclaimable()
+        cg.set_limit(held + HOGS // 2 * HOG_SIZE)
+        print(f"MariaDB holds {held // MiB} MiB it cannot give back under its load; limit {cg.limit_bytes // MiB} MiB")
 
         def healthy() -> str:
             problems = []
