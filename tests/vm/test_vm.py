@@ -8,6 +8,7 @@ builds the image (scripts/vm/build-image.sh, cached); the costs are in docs/test
 from __future__ import annotations
 
 import ast
+import json
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -65,6 +66,24 @@ def guest_tests() -> list[str]:
     return out
 
 
+# When the guest's pytest itself dies (a kill: exit 137), its last scenario's audit says who
+# acted; the guest's /tmp is gone at power-off, so the job keeps that audit's tail in /out.
+LAST_AUDIT = "last-audit.jsonl"
+SAVE_LAST_AUDIT = ('d=$(ls -td /tmp/dbguard-scenario-*/ 2>/dev/null | head -n 1); '
+                   f'[ -n "$d" ] && tail -n 200 "${{d}}audit.jsonl" > /out/{LAST_AUDIT} 2>/dev/null')
+
+
+def last_acts(path: Path) -> str:
+    """The kills and level changes of a saved audit tail, for the failure message ("" without)."""
+    try:
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return ""
+    acts = [f"{r.get('action')} {r.get('target')} ({r.get('path', '?')}): {r.get('result', '')}" for r in records
+            if "kill" in str(r.get("action", "")) or r.get("action") == "level_change"]
+    return ("; its last scenario's audit, kills and levels: " + " | ".join(acts[-12:])) if acts else ""
+
+
 def _results(junit: Path) -> dict[str, list[tuple[str, str]]]:
     """file::function -> [(outcome, message)] for each case (a parametrized test has several)."""
     out: dict[str, list[tuple[str, str]]] = {}
@@ -90,12 +109,12 @@ def guest_run(request) -> tuple[VmRun, dict[str, list[tuple[str, str]]]]:
     selected = [item.callspec.params["name"] for item in request.session.items
                 if item.originalname == "test_in_vm"]
     args = " ".join(selected)
-    run = vm.run(f"python3 -m pytest -p no:cacheprovider -v --junitxml=/out/junit.xml {args}", outdir,
-                 timeout=SUITE_TIMEOUT)
+    run = vm.run(f"python3 -m pytest -p no:cacheprovider -v --junitxml=/out/junit.xml {args}\nrc=$?\n"
+                 f"[ -s /out/junit.xml ] || {SAVE_LAST_AUDIT}\nexit $rc", outdir, timeout=SUITE_TIMEOUT)
     junit = outdir / "junit.xml"
     if not junit.exists():
         pytest.fail(f"the guest suite left no results (exit {run.rc}, {run.seconds:.0f} s; outputs in "
-                    f"{outdir}): {run.why()}", pytrace=False)
+                    f"{outdir}): {run.why()}{last_acts(outdir / LAST_AUDIT)}", pytrace=False)
     pace = next((ln for ln in run.log.splitlines() if "times slower" in ln), "")
     print(f"\ntest VM: {run.seconds:.0f} s in QEMU, job started {run.booted_after} s after boot; {pace}; "
           f"outputs in {outdir}")

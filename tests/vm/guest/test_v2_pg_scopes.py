@@ -18,7 +18,7 @@ import pytest
 
 from lab.launcher import audit_names
 from lab.pgoutput import server_log_victims
-from lab.scenario import ScenarioResult, run_pg_scenario
+from lab.scenario import ScenarioResult, dbguard_guard, run_pg_scenario
 from lab.systemd import DATABASE_UNIT, SLICE, placement
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.db]
@@ -61,6 +61,7 @@ def assert_protected(r: ScenarioResult, watched: str) -> None:
             f"hog {i} was killed but no dbguard kill record names it" + story
     for a in kills:
         assert not any(audit_names(a, pid) for pid in r.postgres_pids), f"a kill targeted PostgreSQL: {a}" + story
+        assert any(audit_names(a, pid) for pid in r.hog_pids), f"a kill named no hog: {a}" + story
 
 
 def test_limit_on_the_database_unit(scenario_host):
@@ -73,9 +74,26 @@ def test_limit_on_a_parent_slice_with_the_hogs_in_a_sibling_unit(scenario_host):
     assert_protected(r, f"/sys/fs/cgroup/{SLICE}")
 
 
+def own_cgroup() -> str:
+    """This process's cgroup, as /proc/PID/cgroup gives it on a v2 host ("0::/..." -> "/...")."""
+    return Path("/proc/self/cgroup").read_text().split("::", 1)[1].strip()
+
+
+def runner_protected(env):
+    """dbguard with the test runner protected, as a DBA protects the host's own services: with
+    the host's RAM as the scope every process is in it, and the runner (in the guest's root
+    cgroup, the hogs moved out of it into their unit) is then a kill candidate too. In CI
+    (git 3488b9c) a kill ended it (exit 137, no kernel OOM message on the console) and with it
+    the rest of the guest suite: the kernel path kills a candidate whose own reclaim keeps
+    failing, whatever it holds, and this kernel (6.1) cannot kill another task for it."""
+    rule = {"name": "the test runner", "cgroup": [own_cgroup()], "action": "protect"}
+    return dbguard_guard(env, extra_config={"policy": {"rules": [rule]}})
+
+
 def test_no_limit_but_the_host_ram(scenario_host):
     # Enough hogs to run the whole guest out of memory: 1.5 times its RAM between them.
     n = 6
     size = (mem_total() * 3 // 2 // n) // MiB * MiB
-    r = run_pg_scenario("dbguard", placement=functools.partial(placement, "host", None), hogs=n, hog_size=size, **SCENARIO)
+    r = run_pg_scenario(runner_protected, placement=functools.partial(placement, "host", None), hogs=n,
+                        hog_size=size, **SCENARIO)
     assert_protected(r, "host memory")
