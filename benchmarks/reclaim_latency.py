@@ -338,7 +338,7 @@ class Tracer:
 
     def __enter__(self) -> "Tracer":
         from bcc import BPF
-        self._b = BPF(text="".join(f"#define {k} {v}\n" for k, v in defines(self._sig).items()) + PROGRAM)
+        self._b = BPF(text=("".join(f"#define {k} {v}\n" for k, v in defines(self._sig).items()) + PROGRAM).encode())
         self._b[b"events"].open_perf_buffer(self._on, page_cnt=1024, lost_cb=self._on_lost)
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()

@@ -26,7 +26,7 @@ int prealloc16k(void *ctx) { u32 k = bpf_get_current_pid_tgid() >> 32; return hp
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 old = STATS.read_text().strip()
 STATS.write_text("1")
-b = BPF(text=src)
+b = BPF(text=src.encode())
 names = ["empty","pidtgid","arrl","noprealloc16k","noprealloc1k","prealloc16k"]
 for n in names:
     b.attach_tracepoint(tp="task:task_newtask", fn_name=n)

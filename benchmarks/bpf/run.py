@@ -167,7 +167,7 @@ def main() -> int:
     old_stats = STATS.read_text().strip()
     STATS.write_text("1")
     g = BpfGuard.load()
-    base = BPF(text=BASELINE)
+    base = BPF(text=BASELINE.encode())
     bpfs = [("", g._b), ("baseline:", base)]
     try:
         jit = jited_bytes(g._b)

@@ -164,7 +164,7 @@ def test_bpf_kill():
     from bcc import BPF
     with _cgroup(oom_killer=False) as cg:
         p = _hog(cg)
-        killer = BPF(text=f"#define TARGET {p.pid}\n" + KILLER)
+        killer = BPF(text=(f"#define TARGET {p.pid}\n" + KILLER).encode())
         try:
             k, high = _killed_alone(cg, p)
         finally:
