@@ -113,6 +113,12 @@ class MemoryCgroup:
         cache = int(stat.get("total_cache", stat.get("file", 0))) - int(stat.get("total_shmem", stat.get("shmem", 0)))
         return self.usage() - cache
 
+    def limit_above_held(self, room: int) -> int:
+        """The limit set to what the cgroup cannot give back now plus `room`; returns the former."""
+        held = self.unreclaimable()
+        self.set_limit(held + room)
+        return held
+
     def limit_hits(self) -> int:
         """How often a charge hit the limit (each one a reclaim): memory.failcnt on v1, the
         "max" count of memory.events on v2."""

@@ -143,7 +143,6 @@ def postgres_side(workdir: Path, guard: Callable[[Any], ContextManager], log: Ca
         stack.callback(lambda: (bench.poll() is None and bench.kill(), bench.wait()))
         time.sleep(warmup)          # the backends touch shared buffers, as on a server up a while
         if room is not None:
-            held = cg.unreclaimable()
-            cg.set_limit(held + room)
+            held = cg.limit_above_held(room)
             log(f"PostgreSQL holds {held // MiB} MiB it cannot give back under pgbench; limit {cg.limit_bytes // MiB} MiB")
         yield PgSide(cg, cluster, postmaster, bench, guarded)

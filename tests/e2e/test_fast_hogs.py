@@ -127,8 +127,7 @@ def test_fast_hogs_next_to_mariadb(procs, tmp_path):
         # in a CI rehearsal (git fc19f47) every round ended with five hogs holding (so MariaDB held
         # at most 900 - 5 x 124 MiB) after user space ended one at "high", the limit never hit,
         # and the kernel path had no round to act in. Six hogs now overrun it by three hogs' worth.
-        held = cg.unreclaimable()
-        cg.set_limit(held + HOGS // 2 * HOG_SIZE)
+        held = cg.limit_above_held(HOGS // 2 * HOG_SIZE)
         print(f"MariaDB holds {held // MiB} MiB it cannot give back under its load; limit {cg.limit_bytes // MiB} MiB")
 
         def healthy() -> str:

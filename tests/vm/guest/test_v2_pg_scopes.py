@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from dbguard.sense.procfs import parse_memcg
 from lab.launcher import audit_names
 from lab.pgoutput import server_log_victims
 from lab.scenario import ScenarioResult, dbguard_guard, run_pg_scenario
@@ -74,11 +75,6 @@ def test_limit_on_a_parent_slice_with_the_hogs_in_a_sibling_unit(scenario_host):
     assert_protected(r, f"/sys/fs/cgroup/{SLICE}")
 
 
-def own_cgroup() -> str:
-    """This process's cgroup, as /proc/PID/cgroup gives it on a v2 host ("0::/..." -> "/...")."""
-    return Path("/proc/self/cgroup").read_text().split("::", 1)[1].strip()
-
-
 def runner_protected(env):
     """dbguard with the test runner protected, as a DBA protects the host's own services: with
     the host's RAM as the scope every process is in it, and the runner (in the guest's root
@@ -86,7 +82,8 @@ def runner_protected(env):
     (git 3488b9c) a kill ended it (exit 137, no kernel OOM message on the console) and with it
     the rest of the guest suite: the kernel path kills a candidate whose own reclaim keeps
     failing, whatever it holds, and this kernel (6.1) cannot kill another task for it."""
-    rule = {"name": "the test runner", "cgroup": [own_cgroup()], "action": "protect"}
+    own = parse_memcg(Path("/proc/self/cgroup").read_text())[0]       # as the rule is matched
+    rule = {"name": "the test runner", "cgroup": [own], "action": "protect"}
     return dbguard_guard(env, extra_config={"policy": {"rules": [rule]}})
 
 
