@@ -11,7 +11,7 @@ import signal
 import sys
 import traceback
 
-from . import __version__, escape
+from . import __version__, escape, lean
 from . import config as config_mod
 from .errors import DbguardError
 from .escape import printable
@@ -19,6 +19,7 @@ from .escape import say as _say
 from .logsetup import FORMATS, LEVELS
 from .logsetup import configure as configure_logging
 
+lean.import_shutil()        # before argparse loads it with what it loads for archives
 log = logging.getLogger("dbguard")
 
 EXAMPLES = """\

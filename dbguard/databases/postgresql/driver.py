@@ -21,11 +21,15 @@ MariaDB configured, PyMySQL's calls run, and PyMySQL has loaded ssl already (the
 here is changed).
 Every dbguard module takes psycopg from here; one that imported it first would only cost
 the memory (tests/unit/test_pg_driver.py checks the daemon's imports).
+
+psycopg also loads shutil (through ctypes.util): it gets dbguard.lean's, without lzma and bz2.
 """
 from __future__ import annotations
 
 import sys
 import types
+
+from ... import lean
 
 STAND_IN_DOC = "stands in for Python's ssl module while psycopg is imported (dbguard.databases.postgresql.driver)"
 
@@ -33,6 +37,7 @@ STAND_IN_DOC = "stands in for Python's ssl module while psycopg is imported (dbg
 def _import_without_ssl() -> None:
     if "psycopg" in sys.modules or "ssl" in sys.modules:
         return          # already loaded: nothing left to save
+    lean.import_shutil()
     try:
         sys.modules["ssl"] = None       # type: ignore[assignment]  # `import ssl` raises ImportError
         import asyncio  # noqa: F401
