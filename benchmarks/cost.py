@@ -15,7 +15,8 @@ idle window after that. RSS steady: VmRSS at the end; peak: VmHWM. BCC compiles 
 child (dbguard/kernel/loader.py) that is not in these figures: its own peak RSS and lifetime are
 measured apart (the child alone, started as the daemon starts it). CPU under pressure comes from the scenario runs (sampled the same way). The idle
 case is measured as the host is and with 5,000 extra sleeping processes (benchmarks.scale's
-spawner): the cost at rest must not grow with what merely exists.
+spawner): the cost at rest must not grow with what merely exists. dbguard's modules are compiled
+to bytecode first, as installing it does (compile_bytecode).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from lab.scenario import ScenarioEnv, dbguard_config
 from .rss import by_mapping
 
 MiB = 1024 * 1024
+REPO = Path(__file__).resolve().parent.parent
 
 
 EXTRA = (0, 5000)
@@ -125,15 +127,13 @@ RSS_NOW = ("import sys\nf = dict(l.split(':', 1) for l in open('/proc/self/statu
 DEB_PSYCOPG = {"PSYCOPG_IMPL": "python"}
 
 
-def _fresh_rss(code: str, env: dict | None = None) -> dict:
-    """VmRSS and RssAnon in MiB of a fresh interpreter that ran `code` (median of 3)."""
-    import os
+def _fresh_rss(code: str, env: dict | None = None, cwd: Path = REPO) -> dict:
+    """VmRSS and RssAnon in MiB of a fresh interpreter that ran `code` in `cwd` (median of 3)."""
     import statistics
     import subprocess
     import sys
-    from pathlib import Path
     runs = [subprocess.run([sys.executable, "-c", code + "\n" + RSS_NOW], capture_output=True, text=True, check=True,
-                           cwd=Path(__file__).parent.parent, env={**os.environ, **(env or {})}).stdout.split()
+                           cwd=cwd, env={**os.environ, **(env or {})}).stdout.split()
             for _ in range(3)]
     return {"rss_mib": statistics.median(int(r[0]) for r in runs) / 1024,
             "anon_mib": statistics.median(int(r[1]) for r in runs) / 1024}
@@ -148,12 +148,36 @@ def imports() -> list[dict]:
     return out
 
 
+def _upto_psycopg() -> str:
+    """The code of IMPORT_STEPS up to psycopg's step, in one."""
+    upto = next(i for i, (label, _) in enumerate(IMPORT_STEPS) if label.startswith("+ psycopg"))
+    return "\n".join(filter(None, (stmt for _, stmt in IMPORT_STEPS[:upto + 1])))
+
+
 def imports_deb() -> dict:
     """The daemon's imports up to psycopg's step, with the .deb's psycopg (DEB_PSYCOPG)."""
-    upto = next(i for i, (label, _) in enumerate(IMPORT_STEPS) if label.startswith("+ psycopg"))
-    code = "\n".join(filter(None, (stmt for _, stmt in IMPORT_STEPS[:upto + 1])))
-    code += "\nimport psycopg\nassert psycopg.pq.__impl__ == 'python', psycopg.pq.__impl__"
+    code = _upto_psycopg() + "\nimport psycopg\nassert psycopg.pq.__impl__ == 'python', psycopg.pq.__impl__"
     return _fresh_rss(code, DEB_PSYCOPG)
+
+
+def compile_bytecode() -> None:
+    """dbguard's modules compiled to bytecode beside them, as an install does (pip; the .deb's
+    postinst runs py3compile), so that what is measured is an installed dbguard's start. A
+    checkout without it, run where PYTHONDONTWRITEBYTECODE=1 (this lab's shell), compiles every
+    module from source at every start (imports_from_source says what that costs)."""
+    import compileall
+    if not compileall.compile_dir(REPO / "dbguard", quiet=1):
+        raise RuntimeError("python -m compileall dbguard failed: the modules do not compile")
+
+
+def imports_from_source() -> dict:
+    """The daemon's imports up to psycopg's step with dbguard's modules compiled from source at
+    import (no bytecode): how the runs before 2026-12-02 started (see compile_bytecode)."""
+    import shutil
+    with tempfile.TemporaryDirectory(prefix="dbguard-bench-nopyc-") as tree:
+        shutil.copytree(REPO / "dbguard", Path(tree) / "dbguard", ignore=shutil.ignore_patterns("__pycache__"))
+        code = _upto_psycopg() + "\nimport dbguard\nassert dbguard.__file__.startswith(%r)" % tree
+        return _fresh_rss(code, {"PYTHONDONTWRITEBYTECODE": "1"}, cwd=Path(tree))
 
 
 def _child(cache_dir: str = "") -> tuple[float, float, str]:
@@ -190,6 +214,12 @@ def run(quick: bool = False, log=print) -> dict:
                  + f" {rounds} run(s) each, interleaved, idle window {idle:g} s."}
     for c in ("dbguard-user", "dbguard-bpf"):
         res[c] = {"runs": []}
+    compile_bytecode()
+    try:
+        res["imports_from_source"] = imports_from_source()
+    except Exception as e:
+        res["imports_from_source"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    log(f"imports compiled from source: {res['imports_from_source']}")
     try:
         res["imports"] = imports()
     except Exception as e:

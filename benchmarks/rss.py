@@ -70,6 +70,14 @@ def made_of_lines(cost: dict) -> list[str]:
                       f"imports_deb): the same imports up to psycopg's step are {deb['rss_mib']:.1f} MiB "
                       f"({deb['anon_mib']:.1f} MiB anonymous), {deb['rss_mib'] - pg['rss_mib']:+.1f} MiB against "
                       f"{pg['rss_mib']:.1f} MiB: a .deb install runs that much above the rows of this section.", ""]
+        src = cost.get("imports_from_source") or {}
+        if pg and "rss_mib" in src:
+            lines += [f"Without bytecode (dbguard's modules compiled from source at each start, as a checkout runs "
+                      f"where PYTHONDONTWRITEBYTECODE=1, and as this benchmark measured before 2026-12-02; "
+                      f"`benchmarks/cost.py` imports_from_source): the same imports are {src['rss_mib']:.1f} MiB "
+                      f"({src['anon_mib']:.1f} MiB anonymous), {src['rss_mib'] - pg['rss_mib']:+.1f} MiB against "
+                      f"{pg['rss_mib']:.1f} MiB. An installed dbguard has its bytecode (pip and the .deb's "
+                      f"py3compile compile it), and so have the runs above.", ""]
     return lines + _remaining(cases, steps)
 
 
