@@ -33,6 +33,7 @@ from .procfs import read_proc, reread
 from .scope import relative_memcg
 
 TOP_EACH_CYCLE = 16         # the largest processes, read every cycle even at rest
+KEPT_READINGS = 4           # x top: the largest readings the heap keeps (not one per process)
 SWEEP_SECONDS = 300.0       # at rest, every other process is read again within this time
 YOUNG_SECONDS = 2.0         # read once more if first seen this soon after its start (exec)
 FRESH_BUDGET = 1500         # most processes read in one cycle under pressure (the rest rotate)
@@ -88,9 +89,11 @@ class ProcTable:
         self._retry: set[int] = set()
         self._sweep: list[int] = []         # at rest: the rest of this sweep, next last
         self._round: list[int] = []         # under pressure: the rest of this round, next first
-        # Every reading as one int, -(RSS in KiB << PID_BITS | pid), largest first (an int per
-        # process, not a tuple of four); an entry whose RSS is no longer the table's is stale and
-        # dropped when met: the largest at rest without a pass over all.
+        # The largest readings as one int each, -(RSS in KiB << PID_BITS | pid), largest first;
+        # an entry whose RSS is no longer the table's is stale and dropped when met: the largest
+        # at rest without a pass over all. Only the KEPT_READINGS x top largest are kept: what
+        # it costs does not grow with the processes on the host, and one dropped is smaller than
+        # all of those, read again by the sweep (or each cycle under pressure) and pushed then.
         self._by_rss: list[int] = []
         self._last = time.monotonic()
         self._hz = clk_tck()
@@ -221,9 +224,10 @@ class ProcTable:
                 keep.append(entry)
         for entry in keep:
             heapq.heappush(heap, entry)
-        if len(heap) > len(self.procs) + len(self.procs) // 4 + 64:     # a fifth stale: rebuilt
-            self._by_rss = [e for e in set(heap) if self._current(e)]
-            heapq.heapify(self._by_rss)
+        kept = KEPT_READINGS * self.top
+        if len(heap) > 2 * kept + 64:
+            # nsmallest: the most negative entries are the largest; sorted, so already a heap.
+            self._by_rss = heapq.nsmallest(kept, {e for e in heap if self._current(e)})
         return out
 
     def _current(self, entry: int) -> bool:

@@ -65,3 +65,16 @@ def test_a_process_read_again_at_the_same_size_is_counted_once():
     for _ in range(3):
         table._put(want[0], table.procs[want[0]])       # read again, nothing changed
     assert sorted(table._largest()) == sorted(want[:3])
+
+
+def test_the_heap_keeps_the_largest_readings_not_one_per_process():
+    """Pushed far more readings than it keeps (every process read again and again), the heap
+    stays bounded and still gives the largest."""
+    table = ProcTable(root=FIXTURE, top=2)
+    table.refresh(fresh=False)
+    want = _user_by_rss()
+    for _ in range(40):
+        for pid in want:
+            table._put(pid, table.procs[pid])
+        assert sorted(table._largest()) == sorted(want[:2])
+    assert len(table._by_rss) <= 2 * 4 * 2 + 64 + len(want)
