@@ -1,6 +1,7 @@
 """dbguard.databases.postgresql.driver: psycopg loaded without Python's ssl module, which stays
-importable for whatever needs it after (and dbguard.lean: shutil without lzma and bz2). Each case runs in a fresh interpreter (imports are
-process-wide); TLS itself is tests/e2e/test_pg_tls.py."""
+importable for whatever needs it after (and dbguard.lean: shutil without lzma and bz2). Each
+case runs in a fresh interpreter (imports are process-wide); TLS itself is
+tests/e2e/test_pg_tls.py."""
 from __future__ import annotations
 
 import re
