@@ -1,11 +1,12 @@
 """Who is who among the processes: roles by fact (pids the databases reported), never by name.
 
-Pure: takes what sense read (procs) and what the databases said (DbStats), returns a role
-for every pid. A process merely called "postgres" (its comm or argv) is OTHER; a brand-new
-backend that pg_stat_activity does not list yet is a PG_BACKEND from birth, because it is a
-child of the postmaster. Every descendant of a database process is DB_CHILD, and a process
-running a database server executable that no database claims is DB_UNKNOWN: neither is ever
-a kill candidate.
+Pure: takes what sense read (procs) and what the databases said (DbStats), returns the role
+of every pid that has one. OTHER, what most processes are, is left out (`roles.get(pid,
+Role.OTHER)`): a host's thousands of ordinary processes cost no entry. A process merely called
+"postgres" (its comm or argv) is OTHER; a brand-new backend that pg_stat_activity does not list
+yet is a PG_BACKEND from birth, because it is a child of the postmaster. Every descendant of a
+database process is DB_CHILD, and a process running a database server executable that no
+database claims is DB_UNKNOWN: neither is ever a kill candidate.
 """
 from __future__ import annotations
 
@@ -88,13 +89,24 @@ def _family(procs: dict[int, Proc], heads: set[int]) -> set[int]:
 
 def classify(procs: dict[int, Proc], databases: Iterable[DbStats], self_pid: int,
              caches: Iterable[CacheStats] = ()) -> dict[int, Role]:
-    """A role for every pid in `procs`. A cache server is the process listening at its endpoint
+    """The role of every pid in `procs` that is not OTHER. A cache server is the process listening at its endpoint
     (found by fact, caches/endpoint.py); a database role wins over it."""
     db_roles = _fixed_roles(procs, databases, caches, _children(procs))
     exes = registry.server_executables()
     unknown = {pid for pid, p in procs.items() if pid not in db_roles and _runs_server(pid, p, self_pid, exes)}
     family = _family(procs, _heads(db_roles, unknown))
-    return {pid: _role(pid, proc, self_pid, db_roles, pid in unknown, pid in family) for pid, proc in procs.items()}
+    return _roles(procs, self_pid, db_roles, unknown, family)
+
+
+def _roles(procs: dict[int, Proc], self_pid: int, db_roles: dict[int, Role], unknown: set[int],
+           family: set[int]) -> dict[int, Role]:
+    """{pid: role} of `procs`, OTHER left out."""
+    out = {}
+    for pid, proc in procs.items():
+        role = _role(pid, proc, self_pid, db_roles, pid in unknown, pid in family)
+        if role is not Role.OTHER:
+            out[pid] = role
+    return out
 
 
 def _fixed_roles(procs: dict[int, Proc], databases: Iterable[DbStats], caches: Iterable[CacheStats],
@@ -171,8 +183,7 @@ class Classifier:
             self._unknown = self._server_exe - self._db_roles.keys()
             self._descends = _heads(self._db_roles, self._unknown)
             self._descends |= _family(procs, self._descends)
-            self.roles = {pid: _role(pid, p, self_pid, self._db_roles, pid in self._unknown, pid in self._descends)
-                          for pid, p in procs.items()}
+            self.roles = _roles(procs, self_pid, self._db_roles, self._unknown, self._descends)
             self.changed = set(procs)
             return self.roles
         roots: set[int] = set()
@@ -224,8 +235,11 @@ class Classifier:
             # would otherwise keep itself a database's family.
             now = descends(pid)
             role = _role(pid, proc, self_pid, db_roles, pid in unknown, now and pid not in heads)
-            if self.roles.get(pid) is not role:
-                self.roles[pid] = role
+            if self.roles.get(pid, Role.OTHER) is not role:
+                if role is Role.OTHER:
+                    del self.roles[pid]
+                else:
+                    self.roles[pid] = role
                 self.changed.add(pid)
             if now != (pid in self._descends):
                 (self._descends.add if now else self._descends.discard)(pid)

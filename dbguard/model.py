@@ -199,7 +199,7 @@ class Snapshot:
     ts: float
     memory: MemoryReading
     procs: dict[int, Proc]
-    roles: dict[int, Role]                # every pid in procs -> role
+    roles: dict[int, Role]                # pid -> role, for every pid in procs whose role is not OTHER
     databases: tuple[DbStats, ...]
     self_pid: int
     caches: tuple[CacheStats, ...] = ()   # application caches and poolers

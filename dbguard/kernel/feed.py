@@ -185,6 +185,6 @@ class KernelFeed:
         a = w.policy.newborn(proc, snap.self_pid, snap.memory.limit_bytes, w.state)
         if a is None:
             return
-        one = Snapshot(ts=time.time(), memory=snap.memory, procs={proc.pid: proc}, roles={proc.pid: Role.OTHER},
+        one = Snapshot(ts=time.time(), memory=snap.memory, procs={proc.pid: proc}, roles={},
                        databases=snap.databases, self_pid=snap.self_pid)
         daemon.executor.one(a, level, one)
