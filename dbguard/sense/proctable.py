@@ -11,8 +11,9 @@ can matter:
   cycle. A known process is read only for what changes while it runs one program (memory,
   score, owner: procfs.reread); its cgroup is checked against the scope's cgroup.procs, and
   a move, an exec or a rename gets a full read;
-- always, the largest few each cycle and the rest in a slow sweep, in full, so RSS-based rules
-  and `explain` stay roughly right at rest at a cost that does not grow with the count.
+- always, the largest few each cycle for what changes (procfs.reread: their memory, so RSS-based
+  rules and `explain` stay roughly right at rest), and every process in a slow sweep, in full:
+  a cost that does not grow with the count.
 
 Births, execs and exits come from the kernel's process connector (sense/procevents.py)
 where it is ours to read: then /proc is not even listed at rest, and a reused pid is a death
@@ -167,21 +168,20 @@ class ProcTable:
         for pid in self.born:
             self._read(pid)
         self._young = {pid for pid in self.born if pid in self.procs and self._is_young(self.procs[pid], now)}
-        again.update(self._largest())
+        light = self._largest()
         # In full, at rest's pace whatever the pressure: what only a full read sees (a cgroup
         # moved within the scope, an exec no event told of) is at most a sweep old.
         if self.procs:
             n = len(self.procs)
             share = n * min(1.0, elapsed / self.sweep_seconds) if self.sweep_seconds > 0 else n
             again.update(self._sweep_next(max(1, round(share))))
-        light: list[int] = []
         if fresh:
             chosen = self._scope(members, memcg, again)
-            light = self._rotate(chosen, self.budget)
+            light += self._rotate(chosen, self.budget)
         for pid in again - born:
             if pid in self.procs:
                 self._read(pid)
-        for pid in light:
+        for pid in dict.fromkeys(light):
             if pid in self.procs and pid not in again and pid not in born:
                 self._reread(pid)
         return self.procs

@@ -97,3 +97,28 @@ def test_memory_read_afresh_under_pressure_only(events):
     finally:
         p.kill()
         p.wait()
+
+
+def test_the_largest_are_read_again_each_cycle_at_rest(events):
+    """At rest the largest processes are read again every cycle, lightly (procfs.reread): their
+    memory is this cycle's, and one that did not change keeps its Proc (nothing rests on it
+    anew). `top` covers every process here, so the test's own one is among the largest."""
+    grow = ("import sys; print('ready', flush=True); sys.stdin.readline(); b = bytearray(64 << 20); "
+            "print('grown', flush=True); sys.stdin.readline()")
+    table = ProcTable(events=events, top=1_000_000, sweep_seconds=3600)
+    table.refresh(fresh=False)
+    p = subprocess.Popen([sys.executable, "-c", grow], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline().strip() == b"ready"
+        assert lp.wait_until(lambda: p.pid in table.refresh(fresh=False), 5)
+        p.stdin.write(b"go\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == b"grown"
+        real = lp.rss(p.pid)
+        assert table.refresh(fresh=False)[p.pid].rss_bytes >= real - (4 << 20)     # at rest, as one of the largest
+        settled = table.refresh(fresh=False)[p.pid]
+        assert settled.rss_bytes == lp.rss(p.pid)
+        assert table.refresh(fresh=False)[p.pid] is settled         # idle, unchanged: the same Proc
+    finally:
+        p.kill()
+        p.wait()
