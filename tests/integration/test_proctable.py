@@ -116,9 +116,13 @@ def test_the_largest_are_read_again_each_cycle_at_rest(events):
         assert p.stdout.readline().strip() == b"grown"
         real = lp.rss(p.pid)
         assert table.refresh(fresh=False)[p.pid].rss_bytes >= real - (4 << 20)     # at rest, as one of the largest
-        settled = table.refresh(fresh=False)[p.pid]
-        assert settled.rss_bytes == lp.rss(p.pid)
-        assert table.refresh(fresh=False)[p.pid] is settled         # idle, unchanged: the same Proc
+
+        def unchanged() -> bool:
+            """Once its memory has settled: the same Proc, holding what /proc says now."""
+            before = table.procs[p.pid]
+            now = table.refresh(fresh=False)[p.pid]
+            return now is before and now.rss_bytes == lp.rss(p.pid)
+        assert lp.wait_until(unchanged, 5)
     finally:
         p.kill()
         p.wait()
