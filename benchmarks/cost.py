@@ -180,6 +180,22 @@ def imports_from_source() -> dict:
         return _fresh_rss(code, {"PYTHONDONTWRITEBYTECODE": "1"}, cwd=Path(tree))
 
 
+def procfs_reference(passes: int = 5) -> dict:
+    """How fast this machine reads /proc at the time of the run: microseconds per process of
+    dbguard's full read of the host's /proc (sense.procfs.read_procs, median of `passes`). The
+    CPU at rest is mostly such reads (the sweep, the largest each cycle), so the same code costs
+    more CPU where they are slower: this puts runs on different machines or boots side by side."""
+    import statistics
+
+    from dbguard.sense.procfs import read_procs
+    per, n = [], 0
+    for _ in range(passes):
+        t = time.perf_counter()
+        n = len(read_procs())
+        per.append((time.perf_counter() - t) / max(n, 1))
+    return {"us_per_process": statistics.median(per) * 1e6, "processes": n}
+
+
 def _child(cache_dir: str = "") -> tuple[float, float, str]:
     """(peak RSS in MiB: VmHWM sampled every 10 ms, seconds, the loader's cache note) of one loader child."""
     from dbguard.kernel.loader import Loading
@@ -215,6 +231,8 @@ def run(quick: bool = False, log=print) -> dict:
     for c in ("dbguard-user", "dbguard-bpf"):
         res[c] = {"runs": []}
     compile_bytecode()
+    res["procfs_reference"] = procfs_reference()
+    log(f"procfs reference: {res['procfs_reference']}")
     try:
         res["imports_from_source"] = imports_from_source()
     except Exception as e:

@@ -44,6 +44,17 @@ TITLES = {
 }
 
 
+def procfs_reference_lines(cost: dict, when: str) -> list[str]:
+    """The machine's /proc read speed a cost run recorded (benchmarks.cost.procfs_reference)."""
+    ref = cost.get("procfs_reference")
+    if not ref:
+        return []
+    return [f"{when}, dbguard read one process's /proc in full in {ref['us_per_process']:.0f} µs (`benchmarks/cost.py` "
+            f"procfs_reference: sense.procfs.read_procs over the host's {ref['processes']} processes, median of 5). "
+            "The CPU at rest is mostly such reads (the sweep, the largest each cycle): where they are slower, the "
+            "same code shows more CPU.", ""]
+
+
 def _recorded(prov: dict) -> str:
     """Where an earlier record came from, in one line."""
     load = " ".join((prov.get("machine") or {}).get("loadavg_start") or []) or "?"
@@ -449,6 +460,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                      + (" on another machine" if elsewhere else "")
                      + " (its runs' guard_cpu_pressure_pct is in results.json)." if apart else ""), "",
                   markdown_table(COST_HEADER, cost_rows(data)), ""]
+        lines += procfs_reference_lines(data["cost"], "In this run")
         for e in (data.get("earlier") or {}).get("cost", [])[:1]:
             cpu = (e["provenance"].get("machine") or {}).get("cpu")
             apart = f" on another processor ({cpu}: its times are not comparable)" if cpu and cpu != machine_of(data, "cost").get("cpu") else ""
@@ -456,6 +468,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                    "(the BPF rows' two columns are one time)" if cost_before_attach(e["data"]) else "by the same method")
             lines += [f"Before, {how}{apart}: {_recorded(e['provenance'])}:", "",
                       markdown_table(COST_HEADER, cost_rows({"cost": e["data"]})), ""]
+            lines += procfs_reference_lines(e["data"], "In that run")
         lines += rss.made_of_lines(data["cost"])
         child = [c for c in data["cost"].get("compile_child", []) if not c.get("error")]
         if child:
