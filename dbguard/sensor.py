@@ -305,7 +305,7 @@ class Sensor:
         for i, (w, reading, mine) in enumerate(zip(self.watches, readings, split)):
             dbs = tuple(s for s in stats if s.name in w.databases)
             out.append(Snapshot(ts=ts, memory=pending(reading, dbs), procs=mine,
-                                roles={p: roles[p] for p in mine if p in roles}, databases=dbs,
+                                roles={p: r for p, r in roles.items() if p in mine}, databases=dbs,
                                 self_pid=self.self_pid, changed=changed, **self._numbered(w),
                                 caches=tuple(c for c in caches if c.server_pid in mine or c.server_pid not in procs
                                              and i == 0)))
