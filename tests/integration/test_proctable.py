@@ -1,11 +1,14 @@
 """The incremental process table against the real /proc and the kernel's process connector:
 births, execs and exits are seen (with events and by listing), a reused pid is read again,
-and a process's memory is read afresh under pressure while at rest it may lag.
+and a process's memory is read afresh under pressure, and at rest for the largest, while the
+others' may lag at rest.
 Oracle: /proc/PID read directly by the test (lab.procs), never through the table."""
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+from typing import Iterator
 
 import pytest
 
@@ -77,12 +80,15 @@ def test_birth_exec_and_exit(request, with_events):
     assert lp.wait_until(lambda: p.pid not in table.refresh(fresh=False), 5)
 
 
-def test_memory_read_afresh_under_pressure_only(events):
-    grow = ("import sys; print('ready', flush=True); sys.stdin.readline(); b = bytearray(64 << 20); "
-            "print('grown', flush=True); sys.stdin.readline()")
-    table = ProcTable(events=events, top=0, sweep_seconds=3600)
-    table.refresh(fresh=False)
-    p = subprocess.Popen([sys.executable, "-c", grow], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+GROW = ("import sys; print('ready', flush=True); sys.stdin.readline(); b = bytearray(64 << 20); "
+        "print('grown', flush=True); sys.stdin.readline()")
+
+
+@contextlib.contextmanager
+def grown(table: ProcTable) -> Iterator[tuple[int, int]]:
+    """A process the table read at its start, then grown by 64 MiB: (its pid, the RSS the
+    table read then); killed on the way out."""
+    p = subprocess.Popen([sys.executable, "-c", GROW], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert p.stdout.readline().strip() == b"ready"          # exec'd and running: its exec event is out
         assert lp.wait_until(lambda: p.pid in table.refresh(fresh=False), 5)
@@ -90,39 +96,36 @@ def test_memory_read_afresh_under_pressure_only(events):
         p.stdin.write(b"go\n")
         p.stdin.flush()
         assert p.stdout.readline().strip() == b"grown"
-        real = lp.rss(p.pid)
-        assert real > small + (60 << 20)
-        assert table.refresh(fresh=False)[p.pid].rss_bytes == small      # at rest: not read again yet
-        assert table.refresh(fresh=True)[p.pid].rss_bytes >= real - (4 << 20)
+        yield p.pid, small
     finally:
         p.kill()
         p.wait()
+
+
+def test_memory_read_afresh_under_pressure_only(events):
+    table = ProcTable(events=events, top=0, sweep_seconds=3600)
+    table.refresh(fresh=False)
+    with grown(table) as (pid, small):
+        real = lp.rss(pid)
+        assert real > small + (60 << 20)
+        assert table.refresh(fresh=False)[pid].rss_bytes == small      # at rest: not read again yet
+        assert table.refresh(fresh=True)[pid].rss_bytes >= real - (4 << 20)
 
 
 def test_the_largest_are_read_again_each_cycle_at_rest(events):
     """At rest the largest processes are read again every cycle, lightly (procfs.reread): their
     memory is this cycle's, and one that did not change keeps its Proc (nothing rests on it
     anew). `top` covers every process here, so the test's own one is among the largest."""
-    grow = ("import sys; print('ready', flush=True); sys.stdin.readline(); b = bytearray(64 << 20); "
-            "print('grown', flush=True); sys.stdin.readline()")
     table = ProcTable(events=events, top=1_000_000, sweep_seconds=3600)
     table.refresh(fresh=False)
-    p = subprocess.Popen([sys.executable, "-c", grow], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    try:
-        assert p.stdout.readline().strip() == b"ready"
-        assert lp.wait_until(lambda: p.pid in table.refresh(fresh=False), 5)
-        p.stdin.write(b"go\n")
-        p.stdin.flush()
-        assert p.stdout.readline().strip() == b"grown"
-        real = lp.rss(p.pid)
-        assert table.refresh(fresh=False)[p.pid].rss_bytes >= real - (4 << 20)     # at rest, as one of the largest
+    with grown(table) as (pid, small):
+        real = lp.rss(pid)
+        assert real > small + (60 << 20)
+        assert table.refresh(fresh=False)[pid].rss_bytes >= real - (4 << 20)     # at rest, as one of the largest
 
         def unchanged() -> bool:
             """Once its memory has settled: the same Proc, holding what /proc says now."""
-            before = table.procs[p.pid]
-            now = table.refresh(fresh=False)[p.pid]
-            return now is before and now.rss_bytes == lp.rss(p.pid)
+            before = table.procs[pid]
+            now = table.refresh(fresh=False)[pid]
+            return now is before and now.rss_bytes == lp.rss(pid)
         assert lp.wait_until(unchanged, 5)
-    finally:
-        p.kill()
-        p.wait()
