@@ -138,11 +138,17 @@ def test_dry_run_records_the_cancel_and_sends_nothing(scenario_host):
     assert r.guard_running, story
 
 
-@pytest.mark.parametrize("gap, kernel_cancels, user_answer", [(0, 2, False), (60, 1, True)])
-def test_cancel_interval_spaces_the_kernels_cancels_across_backends(scenario_host, gap, kernel_cancels, user_answer):
-    """Two backends sort at once. [bpf] cancel_interval = 0: each is cancelled in the kernel at
-    its own streak (the user-space answer out of reach). 60: one of them only; the other's
-    streak is left to the user-space answer (in reach here) and the kill path.
+@pytest.mark.parametrize("gap, kernel_cancels", [(0, 2), (60, 1)])
+def test_cancel_interval_spaces_the_kernels_cancels_across_backends(scenario_host, gap, kernel_cancels):
+    """Two backends sort at once, the user-space session answer out of reach. [bpf]
+    cancel_interval = 0: each is cancelled in the kernel at its own streak. 60: one of them
+    only; the other's streak is left to the kill path, which spares database processes (the
+    kernel then OOM-kills a backend if that sort does not fit once the first has let go).
+
+    In reach, the user-space answer races the kernel: in a CI rehearsal on a slower machine
+    (2026-12-02, git 5cb8b55) it cancelled both sessions at level high, at 144 and 231 MiB, 0.8 s
+    in, before either reclaimed in vain, and the interval was never put to the test; so it is
+    kept out of reach here (the sessions scenario in benchmarks/RESULTS.md measures it).
 
     What is asserted is who was cancelled, and by whom, not that the server survives: two sorts
     growing at once in 300 MB can outrun the cancel. A backend blocked in its own failing
@@ -154,7 +160,7 @@ def test_cancel_interval_spaces_the_kernels_cancels_across_backends(scenario_hos
     before that (the sessions scenario, benchmarks/RESULTS.md); the one-backend tests above
     assert the server's survival."""
     tracer = Tracer(sig=SIGINT)
-    r = run_backend_cancel(kernel_cancel=None, backends=2, bpf={"cancel_interval": gap}, user_answer=user_answer,
+    r = run_backend_cancel(kernel_cancel=None, backends=2, bpf={"cancel_interval": gap}, user_answer=False,
                            during=tracer, log=print)
     story = "\n" + r.summary()
     cancels = _cancels(r, "bpf")
