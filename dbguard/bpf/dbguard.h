@@ -40,6 +40,7 @@
 #define DBG_PF_EXITING    0x00000004   /* task_struct.flags: exiting */
 #define DBG_SIGKILL_BIT   (1UL << 8)   /* SIGKILL (9) in task_struct.pending.signal.sig[0] */
 #define DBG_NSEC_PER_TICK 10000000     /* /proc/PID/stat start times are in USER_HZ (100) ticks */
+#define DBG_STREAK_QUIET_NS 250000000ULL /* a streak answered, then this quiet: over (reclaim.c) */
 #define DBG_RECLAIM_BATCH 32           /* SWAP_CLUSTER_MAX: what one memcg reclaim pass aims to free */
 
 /* cgroups[id].action */
@@ -103,6 +104,7 @@ struct dbg_proc {
 /* streaks[tgid]: consecutive failed reclaims of one process (kernel-owned, LRU). */
 struct dbg_streak {
     u64 first_ns;          /* bpf_ktime_get_ns of the first failure of this streak */
+    u64 last_ns;           /* and of its last */
     u32 fails;
     u32 reported;          /* a kill or cancel (or their dry-run events) was sent for this streak:
                             * at most one per process per streak */

@@ -343,6 +343,17 @@ static __always_inline int dbg_reclaim_end(void *ctx, unsigned long nr_reclaimed
     u64 task = bpf_get_current_task();
     u64 now = bpf_ktime_get_ns();
     if (s) {
+        /* Answered (a cancel or a kill sent), then no failure for DBG_STREAK_QUIET_NS: the
+         * streak is over though no reclaim of the task's own freed a batch. A client backend
+         * whose statement was cancelled gives its memory back without reclaiming; its next
+         * statement's failures, where nothing is left to reclaim, are a new streak, with its own
+         * cancel. Within one charge the kernel's retries follow each other closely. */
+        if (s->reported && now - s->last_ns > DBG_STREAK_QUIET_NS) {
+            s->fails = 0;
+            s->reported = 0;
+            s->first_ns = now;
+        }
+        s->last_ns = now;
         __sync_fetch_and_add(&s->fails, 1);
         dbg_count(DBG_CTR_RECLAIM_FAILED);
         dbg_offer_victim(pol, task, tgid, now);
@@ -351,7 +362,7 @@ static __always_inline int dbg_reclaim_end(void *ctx, unsigned long nr_reclaimed
     u32 tier = 0;
     if (!dbg_cancellable(tgid, task) && !dbg_judge(pol, task, tgid, &tier) && !dbg_in_scope(pol, task))
         return 0;
-    struct dbg_streak fresh = {.first_ns = now, .fails = 1};
+    struct dbg_streak fresh = {.first_ns = now, .last_ns = now, .fails = 1};
     streaks.update(&tgid, &fresh);
     dbg_count(DBG_CTR_RECLAIM_FAILED);
     dbg_offer_victim(pol, task, tgid, now);

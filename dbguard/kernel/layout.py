@@ -68,7 +68,8 @@ class Proc(ct.Structure):
 
 
 class Streak(ct.Structure):
-    _fields_ = [("first_ns", ct.c_uint64), ("fails", ct.c_uint32), ("reported", ct.c_uint32)]
+    _fields_ = [("first_ns", ct.c_uint64), ("last_ns", ct.c_uint64), ("fails", ct.c_uint32),
+                ("reported", ct.c_uint32)]
 
 
 class Victim(ct.Structure):
