@@ -65,6 +65,7 @@ class CancelResult:
     notes: list[str] = field(default_factory=list)
     client_errors: dict[int, str | None] = field(default_factory=dict)   # every backend: pid -> its first error
     statements: list[tuple[int, str | None]] = field(default_factory=list)  # (backend, its error) of each run
+    durations: list[float] = field(default_factory=list)    # each run's seconds, start to end, as the client saw them
 
     @property
     def cancelled(self) -> bool:
@@ -133,13 +134,14 @@ def run_backend_cancel(*, dry_run: bool = False, kernel_cancel: bool | None = Tr
                 t0 = time.monotonic()
                 ends = _run_all(conns, sql, repeat)
                 time.sleep(2 * interval + 1.0)  # the kernel's events drained, the server's log written
-            backend, (error, seconds) = pids[0], ends[0][0]
+            backend, (error, _, seconds) = pids[0], ends[0][0]
             accepts = _accepts(cluster.dsn)
             server_log = cluster.log()
             result = CancelResult(
                 dry_run=dry_run, client_error=error, seconds=seconds - t0, backend_pid=backend,
                 client_errors={pid: runs[0][0] for pid, runs in zip(pids, ends)},
-                statements=[(pid, e) for pid, runs in zip(pids, ends) for e, _ in runs], postmaster_pid=postmaster,
+                statements=[(pid, e) for pid, runs in zip(pids, ends) for e, _, _ in runs],
+                durations=[end - start for runs in ends for _, start, end in runs], postmaster_pid=postmaster,
                 server_pids=others, postmaster_alive=alive(postmaster) and cluster.postmaster_pid() == postmaster,
                 accepts=accepts, crash_recoveries=count_crash_recoveries(server_log),
                 shutdown_lines=[ln for ln in server_log.splitlines() if SHUTDOWN.search(ln)],
@@ -152,19 +154,19 @@ def run_backend_cancel(*, dry_run: bool = False, kernel_cancel: bool | None = Tr
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run_all(conns: list, sql: str, repeat: int) -> list[list[tuple[str | None, float]]]:
+def _run_all(conns: list, sql: str, repeat: int) -> list[list[tuple[str | None, float, float]]]:
     """Runs `sql` on every connection at once, `repeat` times on each; per connection, per run
-    (its error as the client saw it, or None; time.monotonic() at its end)."""
-    ends: list[list[tuple[str | None, float]]] = [[] for _ in conns]
+    (its error as the client saw it, or None; time.monotonic() at its start and at its end)."""
+    ends: list[list[tuple[str | None, float, float]]] = [[] for _ in conns]
 
     def one(i: int) -> None:
         for _ in range(repeat):
-            error = None
+            error, start = None, time.monotonic()
             try:
                 conns[i].execute(sql).fetchall()
             except Exception as e:          # noqa: BLE001 - the client's own words are the result
                 error = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            ends[i].append((error, time.monotonic()))
+            ends[i].append((error, start, time.monotonic()))
 
     threads = [threading.Thread(target=one, args=(i,), name=f"sort-{i}") for i in range(len(conns))]
     for th in threads:

@@ -297,8 +297,7 @@ static __always_inline int dbg_reclaim_begin(void *ctx)
         return 0;
     }
     dbg_kill_victim(ctx, pol, level, scope, s);
-    s->fails = 0;
-    s->first_ns = bpf_ktime_get_ns();
+    s->fails = 0;           /* the next failure starts a streak (dbg_reclaim_end) */
     return 0;
 }
 
@@ -321,6 +320,14 @@ static __always_inline void dbg_wake(void *ctx, struct dbg_policy *pol, u64 now)
     dbg_emit(ctx, &ev);
 }
 
+/* A streak ends (by progress, or answered and then quiet): the task's next failure starts
+ * the next one, and stamps its first_ns. */
+static __always_inline void dbg_streak_end(struct dbg_streak *s)
+{
+    s->fails = 0;
+    s->reported = 0;
+}
+
 /* Streaks are counted for every task a kill could reach (listed candidates, cgroup-policy
  * tasks) and every task of the watched scope, shielded or not: dbg_reclaim_begin decides
  * whom a streak kills. Client backends flagged for cancel have streaks too: cancel.c. */
@@ -334,10 +341,8 @@ static __always_inline int dbg_reclaim_end(void *ctx, unsigned long nr_reclaimed
     if (nr_reclaimed > pol->fail_pages && !dbg_cancel_short(pol, tgid, nr_reclaimed)) {
         /* Progress. A full batch ends the streak; a few pages do not: the kernel's charge retries
          * on them without counting them, and still goes to its OOM killer after 16 failures. */
-        if (s && s->fails && nr_reclaimed >= DBG_RECLAIM_BATCH) {
-            s->fails = 0;
-            s->reported = 0;
-        }
+        if (s && s->fails && nr_reclaimed >= DBG_RECLAIM_BATCH)
+            dbg_streak_end(s);
         return 0;
     }
     u64 task = bpf_get_current_task();
@@ -348,11 +353,10 @@ static __always_inline int dbg_reclaim_end(void *ctx, unsigned long nr_reclaimed
          * whose statement was cancelled gives its memory back without reclaiming; its next
          * statement's failures, where nothing is left to reclaim, are a new streak, with its own
          * cancel. Within one charge the kernel's retries follow each other closely. */
-        if (s->reported && now - s->last_ns > DBG_STREAK_QUIET_NS) {
-            s->fails = 0;
-            s->reported = 0;
-            s->first_ns = now;
-        }
+        if (s->reported && now - s->last_ns > DBG_STREAK_QUIET_NS)
+            dbg_streak_end(s);
+        if (!s->fails)
+            s->first_ns = now;          /* a streak's first failure: what its events time from */
         s->last_ns = now;
         __sync_fetch_and_add(&s->fails, 1);
         dbg_count(DBG_CTR_RECLAIM_FAILED);

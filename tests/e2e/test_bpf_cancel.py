@@ -97,6 +97,11 @@ def test_once_per_streak_a_backend_is_cancelled_again_at_its_next_statement(scen
     assert [a["pid"] for a in cancels] == [r.backend_pid] * 2, "one kernel cancel per statement" + story
     assert _cancels(r, "user") == [], story
     assert _sigints(tracer, {r.backend_pid}) == {r.backend_pid: [IN_KERNEL, IN_KERNEL]}, story
+    # Each cancel times its streak from that statement's first failure: within the statement as
+    # the client timed it (the second's streak is not the first's carried over).
+    since = [a["detail"]["since_first_fail_ns"] / 1e9 for a in cancels]
+    assert all(0 <= s <= d for s, d in zip(since, r.durations)), \
+        f"streak ages {since} s against statements of {r.durations} s" + story
     _server_untouched(r, tracer, story)
 
 
