@@ -27,7 +27,7 @@ from .caches.base import AppCache
 from .settings import Config
 from .databases.base import Database
 from .errors import DbguardError
-from .host import lock_memory, sd_notify, trim_heap, watchdog_interval
+from .host import lock_memory, one_malloc_arena, sd_notify, trim_heap, watchdog_interval
 from .kernel.attach import KernelStart
 from .metrics import Metrics
 from .notices import DatabaseNotices
@@ -80,6 +80,7 @@ class Daemon:
     # --- start ---------------------------------------------------------------------------
     def open(self) -> None:
         cfg = self.cfg
+        one_malloc_arena()      # before the first SQL call's worker thread
         for w in cfg.warnings:
             log.warning("config: %s", w)
         self.audit = AuditLog(cfg.audit.path)

@@ -12,6 +12,8 @@ from .validate import uid_of
 
 CAP_SYS_RESOURCE = 24
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+M_ARENA_MAX = -8        # glibc's mallopt parameter (malloc.h)
+_libc: ctypes.CDLL | None = None
 
 
 def cap_eff(status_path: str = "/proc/self/status") -> int:
@@ -27,17 +29,35 @@ def has_capability(bit: int) -> bool:
     return bool(cap_eff() >> bit & 1)
 
 
+def _c() -> ctypes.CDLL:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    return _libc
+
+
+def one_malloc_arena() -> None:
+    """All of dbguard's threads allocate from glibc's main arena. A thread's own arena (the
+    bounded SQL calls' worker, the metrics server's) is locked with the rest by lock_memory, and
+    trim_heap can give back only the main arena's pages; these threads allocate little and
+    seldom, so sharing one arena costs them nothing. Called before any thread starts: an arena
+    a thread already has stays its own."""
+    try:
+        mallopt = _c().mallopt
+    except AttributeError:      # not glibc: no arenas of this kind
+        return
+    mallopt(M_ARENA_MAX, 1)
+
+
 def lock_memory() -> str:
     """mlockall so dbguard never waits on reclaim itself; ONFAULT locks only pages it touches."""
     global _locked
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+    if _c().mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
         return f"memory not locked: mlockall failed ({os.strerror(ctypes.get_errno())}); needs CAP_IPC_LOCK"
     _locked = True
     return "memory locked (mlockall, on fault)"
 
 
-_libc = None
 _locked = False
 MLOCK_ONFAULT = 1
 # Trim again only once this much anonymous memory has come since the last trim left it: the
@@ -72,26 +92,25 @@ def trim_heap() -> None:
     fault after it: no page is faulted in by that, and none is unlocked for longer than the call.
     At rest only (under pressure the next cycle would fault them in again), and only once the
     anonymous memory has grown TRIM_GROWTH since the last trim."""
-    global _libc, _trimmed_to
+    global _trimmed_to
     if _anon_bytes() < _trimmed_to + TRIM_GROWTH:
         return
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
     try:
-        trim = _libc.malloc_trim
+        libc = _c()
+        trim = libc.malloc_trim
     except AttributeError:      # not glibc (musl has no malloc_trim): nothing to give back this way
         return
     heap = heap_range() if _locked else None
     if heap is None:
         trim(0)
     else:
-        _libc.munlock(ctypes.c_void_p(heap[0]), ctypes.c_size_t(heap[1]))
+        libc.munlock(ctypes.c_void_p(heap[0]), ctypes.c_size_t(heap[1]))
         try:
             trim(0)
         finally:
             # Trimming may have lowered the break: lock what the heap is now.
             heap = heap_range() or heap
-            _libc.mlock2(ctypes.c_void_p(heap[0]), ctypes.c_size_t(heap[1]), MLOCK_ONFAULT)
+            libc.mlock2(ctypes.c_void_p(heap[0]), ctypes.c_size_t(heap[1]), MLOCK_ONFAULT)
     _trimmed_to = _anon_bytes()
 
 

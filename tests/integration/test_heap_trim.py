@@ -71,3 +71,51 @@ def test_plain_malloc_trim_frees_nothing_of_a_locked_heap():
     got = _child("plain")
     assert got["before"] - got["after"] < 2 * MiB, got
     assert "lo" in got["flags"], got["flags"]
+
+
+THREAD_CHILD = r"""
+import json, sys, threading
+from dbguard import host
+
+def anon():
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
+
+if sys.argv[1] == "one arena":
+    host.one_malloc_arena()
+note = host.lock_memory()
+if not note.startswith("memory locked"):
+    print(json.dumps({"error": note})); sys.exit()
+kept = []
+
+def work():
+    # As above, but in a thread, as the bounded SQL calls' worker allocates.
+    blocks = [bytes(1000) for _ in range(20000)]
+    kept.extend(blocks[::20])
+
+t = threading.Thread(target=work)
+t.start()
+t.join()
+before = anon()
+host.trim_heap()
+print(json.dumps({"before": before, "after": anon(), "kept": len(kept)}))
+"""
+
+
+def _thread_child(how: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", THREAD_CHILD, how], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    got = json.loads(out.stdout)
+    assert "error" not in got, f"needs CAP_IPC_LOCK (run as root) to lock memory: {got['error']}"
+    return got
+
+
+def test_with_one_arena_trim_heap_gives_back_what_a_thread_freed():
+    got = _thread_child("one arena")
+    assert got["before"] - got["after"] >= 12 * MiB, got
+
+
+def test_a_threads_own_arena_keeps_what_it_freed():
+    """The control: why one_malloc_arena. A thread's own glibc arena stays locked through
+    trim_heap, which unlocks only the main one."""
+    got = _thread_child("own arena")
+    assert got["before"] - got["after"] < 2 * MiB, got
