@@ -50,8 +50,8 @@ print(json.dumps({"before": before, "after": anon(), "flags": heap_flags(), "kep
 """
 
 
-def _child(how: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, how], capture_output=True, text=True, cwd=REPO, timeout=60)
+def _child(how: str, code: str = CHILD) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, how], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     got = json.loads(out.stdout)
     assert "error" not in got, f"needs CAP_IPC_LOCK (run as root) to lock memory: {got['error']}"
@@ -101,21 +101,13 @@ print(json.dumps({"before": before, "after": anon(), "kept": len(kept)}))
 """
 
 
-def _thread_child(how: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", THREAD_CHILD, how], capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert out.returncode == 0, out.stderr[-2000:]
-    got = json.loads(out.stdout)
-    assert "error" not in got, f"needs CAP_IPC_LOCK (run as root) to lock memory: {got['error']}"
-    return got
-
-
 def test_with_one_arena_trim_heap_gives_back_what_a_thread_freed():
-    got = _thread_child("one arena")
+    got = _child("one arena", THREAD_CHILD)
     assert got["before"] - got["after"] >= 12 * MiB, got
 
 
 def test_a_threads_own_arena_keeps_what_it_freed():
     """The control: why one_malloc_arena. A thread's own glibc arena stays locked through
     trim_heap, which unlocks only the main one."""
-    got = _thread_child("own arena")
+    got = _child("own arena", THREAD_CHILD)
     assert got["before"] - got["after"] < 2 * MiB, got
