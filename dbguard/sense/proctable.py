@@ -89,6 +89,7 @@ class ProcTable:
         self._young: set[int] = set()
         self._retry: set[int] = set()
         self._sweep: list[int] = []         # at rest: the rest of this sweep, next last
+        self._sweep_due = 0.0               # the sweep's share carried over (under one process)
         self._round: list[int] = []         # under pressure: the rest of this round, next first
         # The largest readings as one int each, -(RSS in KiB << PID_BITS | pid), largest first;
         # an entry whose RSS is no longer the table's is stale and dropped when met: the largest
@@ -171,10 +172,15 @@ class ProcTable:
         light = self._largest()
         # In full, at rest's pace whatever the pressure: what only a full read sees (a cgroup
         # moved within the scope, an exec no event told of) is at most a sweep old.
+        # A cycle's share can be a fraction of a process (100 processes at 1 s: a third each
+        # cycle): it is carried over, so the sweep keeps the pace sweep_seconds says.
         if self.procs:
             n = len(self.procs)
-            share = n * min(1.0, elapsed / self.sweep_seconds) if self.sweep_seconds > 0 else n
-            again.update(self._sweep_next(max(1, round(share))))
+            self._sweep_due += n * min(1.0, elapsed / self.sweep_seconds) if self.sweep_seconds > 0 else n
+            due = int(self._sweep_due)
+            if due:
+                self._sweep_due -= due
+                again.update(self._sweep_next(due))
         if fresh:
             chosen = self._scope(members, memcg, again)
             light += self._rotate(chosen, self.budget)

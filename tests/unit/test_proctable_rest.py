@@ -78,3 +78,34 @@ def test_the_heap_keeps_the_largest_readings_not_one_per_process():
             table._put(pid, table.procs[pid])
         assert sorted(table._largest()) == sorted(want[:2])
     assert len(table._by_rss) <= 2 * 4 * 2 + 64 + len(want)
+
+
+def _swept_over(table: ProcTable, cycles: int, seconds: float) -> int:
+    """Processes the sweep handed out over `cycles` refreshes at rest, `seconds` apart (the
+    table's clock set back by that much before each)."""
+    swept, sweep_next = [], table._sweep_next
+
+    def spy(n: int) -> list[int]:
+        got = sweep_next(n)
+        swept.extend(got)
+        return got
+    table._sweep_next = spy
+    for _ in range(cycles):
+        table._last -= seconds
+        table.refresh(fresh=False)
+    return len(swept)
+
+
+def test_the_sweep_keeps_its_pace_where_a_cycle_is_owed_less_than_one_process():
+    """A host of N processes swept every 3 N seconds, at 1 s a cycle, owes a third of one each
+    cycle: 10 reads in 30 cycles (it read one every cycle, 30, a round 3 times too fast)."""
+    table = ProcTable(root=FIXTURE, top=0)
+    table.refresh(fresh=False)
+    table.sweep_seconds = 3.0 * len(table.procs)
+    assert _swept_over(table, 30, 1.0) in (9, 10)
+
+
+def test_a_sweep_of_a_long_period_reads_nothing_in_a_few_cycles():
+    table = ProcTable(root=FIXTURE, top=0, sweep_seconds=1e9)
+    table.refresh(fresh=False)
+    assert _swept_over(table, 30, 1.0) == 0
