@@ -21,26 +21,34 @@ pytestmark = pytest.mark.root
 
 MiB = 1024 * 1024
 
-CHILD = r"""
-import ctypes, json, sys
+# What both children do first: lock memory as the daemon does (one arena first when asked).
+PRELUDE = r"""
+import ctypes, json, sys, threading
 from dbguard import host
 
 def anon():
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
 
+def fragment():
+    # 20,000 blocks of 1000 bytes (above pymalloc's 512: glibc's heap), one in 20 kept: the freed
+    # ones lie between live ones, so only madvise, not lowering the break, can give them back.
+    blocks = [bytes(1000) for _ in range(20000)]
+    return blocks[::20]
+
+if sys.argv[1] == "one arena":
+    host.one_malloc_arena()
+note = host.lock_memory()
+if not note.startswith("memory locked"):
+    print(json.dumps({"error": note})); sys.exit()
+"""
+
+CHILD = PRELUDE + r"""
 def heap_flags():
     lines = open("/proc/self/smaps").read().splitlines()
     at = next(i for i, l in enumerate(lines) if l.endswith("[heap]"))
     return next(l.split()[1:] for l in lines[at + 1:] if l.startswith("VmFlags:"))
 
-note = host.lock_memory()
-if not note.startswith("memory locked"):
-    print(json.dumps({"error": note})); sys.exit()
-# 20,000 blocks of 1000 bytes (above pymalloc's 512: glibc's heap), one in 20 kept: the freed
-# ones lie between live ones, so only madvise, not lowering the break, can give them back.
-blocks = [bytes(1000) for _ in range(20000)]
-kept = blocks[::20]
-del blocks
+kept = fragment()
 before = anon()
 if sys.argv[1] == "plain":
     ctypes.CDLL(None).malloc_trim(0)
@@ -73,26 +81,10 @@ def test_plain_malloc_trim_frees_nothing_of_a_locked_heap():
     assert "lo" in got["flags"], got["flags"]
 
 
-THREAD_CHILD = r"""
-import json, sys, threading
-from dbguard import host
-
-def anon():
-    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("RssAnon:"))
-
-if sys.argv[1] == "one arena":
-    host.one_malloc_arena()
-note = host.lock_memory()
-if not note.startswith("memory locked"):
-    print(json.dumps({"error": note})); sys.exit()
+# As CHILD, but the blocks are allocated and freed in a thread, as the bounded SQL calls' worker does.
+THREAD_CHILD = PRELUDE + r"""
 kept = []
-
-def work():
-    # As above, but in a thread, as the bounded SQL calls' worker allocates.
-    blocks = [bytes(1000) for _ in range(20000)]
-    kept.extend(blocks[::20])
-
-t = threading.Thread(target=work)
+t = threading.Thread(target=lambda: kept.extend(fragment()))
 t.start()
 t.join()
 before = anon()
