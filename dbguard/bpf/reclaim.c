@@ -261,6 +261,13 @@ static __always_inline void dbg_offer_victim(struct dbg_policy *pol, u64 task, u
     bpf_get_current_comm(&v->comm, sizeof(v->comm));
 }
 
+/* A streak ends (batch reclaimed, victim killed, answered then quiet); next failure stamps the next. */
+static __always_inline void dbg_streak_end(struct dbg_streak *s)
+{
+    s->fails = 0;
+    s->reported = 0;
+}
+
 /* At the streak the gate asks for: the current task is killed, or when it may not be, the
  * victim; either way once per streak (a victim's kill starts the stuck task's streak over,
  * so that a second victim goes only if the first one's memory did not help). */
@@ -297,7 +304,7 @@ static __always_inline int dbg_reclaim_begin(void *ctx)
         return 0;
     }
     dbg_kill_victim(ctx, pol, level, scope, s);
-    s->fails = 0;           /* the next failure starts a streak (dbg_reclaim_end) */
+    dbg_streak_end(s);      /* reported is 0 here: a reported streak returned above */
     return 0;
 }
 
@@ -320,14 +327,6 @@ static __always_inline void dbg_wake(void *ctx, struct dbg_policy *pol, u64 now)
     dbg_emit(ctx, &ev);
 }
 
-/* A streak ends (by progress, or answered and then quiet): the task's next failure starts
- * the next one, and stamps its first_ns. */
-static __always_inline void dbg_streak_end(struct dbg_streak *s)
-{
-    s->fails = 0;
-    s->reported = 0;
-}
-
 /* Streaks are counted for every task a kill could reach (listed candidates, cgroup-policy
  * tasks) and every task of the watched scope, shielded or not: dbg_reclaim_begin decides
  * whom a streak kills. Client backends flagged for cancel have streaks too: cancel.c. */
@@ -348,11 +347,9 @@ static __always_inline int dbg_reclaim_end(void *ctx, unsigned long nr_reclaimed
     u64 task = bpf_get_current_task();
     u64 now = bpf_ktime_get_ns();
     if (s) {
-        /* Answered (a cancel or a kill sent), then no failure for DBG_STREAK_QUIET_NS: the
-         * streak is over though no reclaim of the task's own freed a batch. A client backend
-         * whose statement was cancelled gives its memory back without reclaiming; its next
-         * statement's failures, where nothing is left to reclaim, are a new streak, with its own
-         * cancel. Within one charge the kernel's retries follow each other closely. */
+        /* Answered, then no failure for DBG_STREAK_QUIET_NS (one charge's retries come close
+         * together): over. A cancelled backend frees its memory without reclaiming; its next
+         * statement's failures, with nothing left to reclaim, are a new streak with its own cancel. */
         if (s->reported && now - s->last_ns > DBG_STREAK_QUIET_NS)
             dbg_streak_end(s);
         if (!s->fails)
