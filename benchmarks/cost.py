@@ -110,10 +110,8 @@ def _read(path: str) -> str | None:
 IMPORT_STEPS = (("python alone", ""),
                 ("+ dbguard's daemon and command line (its modules, tomllib, ctypes, argparse, ...)",
                  "import dbguard.cli, dbguard.daemon"),
-                ("+ asyncio, which psycopg imports for its async API (without Python's ssl module, as "
-                 "dbguard.databases.postgresql.driver has psycopg import it)",
-                 "import sys\nsys.modules['ssl'] = None\nimport asyncio\ndel sys.modules['ssl']"),
-                ("+ psycopg and dbguard's PostgreSQL modules (a PostgreSQL configured)",
+                ("+ psycopg, tenacity and dbguard's PostgreSQL modules (a PostgreSQL configured; as "
+                 "dbguard.databases.postgresql.driver imports psycopg: without Python's ssl module and asyncio)",
                  "import dbguard.databases.postgresql.adapter"),
                 ("+ PyMySQL (a MariaDB or MySQL configured; it loads Python's ssl module, libssl and libcrypto)",
                  "import pymysql"),
@@ -158,6 +156,13 @@ def imports_deb() -> dict:
     """The daemon's imports up to psycopg's step, with the .deb's psycopg (DEB_PSYCOPG)."""
     code = _upto_psycopg() + "\nimport psycopg\nassert psycopg.pq.__impl__ == 'python', psycopg.pq.__impl__"
     return _fresh_rss(code, DEB_PSYCOPG)
+
+
+def imports_asyncio() -> dict:
+    """The daemon's imports up to psycopg's step, and asyncio as psycopg and tenacity would load
+    it without dbguard.lean's stand-in (without ssl, as the stand-in's fallback loads it)."""
+    return _fresh_rss(_upto_psycopg() + "\nimport sys\nfrom dbguard import lean\nwith lean.absent('ssl'):\n"
+                      "    import asyncio\nassert 'ssl' not in sys.modules")
 
 
 def compile_bytecode() -> None:
@@ -233,21 +238,15 @@ def run(quick: bool = False, log=print) -> dict:
     compile_bytecode()
     res["procfs_reference"] = procfs_reference()
     log(f"procfs reference: {res['procfs_reference']}")
-    try:
-        res["imports_from_source"] = imports_from_source()
-    except Exception as e:
-        res["imports_from_source"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    log(f"imports compiled from source: {res['imports_from_source']}")
-    try:
-        res["imports"] = imports()
-    except Exception as e:
-        res["imports"] = [{"error": f"{type(e).__name__}: {e}"[:300]}]
-    log(f"imports: {res['imports']}")
-    try:
-        res["imports_deb"] = imports_deb()
-    except Exception as e:
-        res["imports_deb"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-    log(f"imports with the .deb's psycopg: {res['imports_deb']}")
+    for key, measure, what in (("imports_from_source", imports_from_source, "imports compiled from source"),
+                               ("imports", imports, "imports"),
+                               ("imports_deb", imports_deb, "imports with the .deb's psycopg"),
+                               ("imports_asyncio", imports_asyncio, "imports with asyncio")):
+        try:
+            res[key] = measure()
+        except Exception as e:
+            res[key] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        log(f"{what}: {res[key]}")
     res["compile_child"] = []
     for _ in range(rounds):
         try:
