@@ -38,6 +38,22 @@ def by_mapping(smaps: str) -> dict[str, float]:
     return out
 
 
+# The daemon's imports up to psycopg's step made another way, each said against that step:
+# (its key in the cost results, the words before its figures, the words after).
+IMPORT_VARIANTS = (
+    ("imports_deb", "The .deb's psycopg (Debian's python3-psycopg: its pure-Python wrapper over the system's libpq5, "
+     "where the venv above has psycopg-binary's C one; PSYCOPG_IMPL=python, `benchmarks/cost.py` imports_deb): the "
+     "same imports up to psycopg's step are", ": a .deb install runs that much above the rows of this section."),
+    ("imports_asyncio", "asyncio, which psycopg and tenacity import for their async APIs (dbguard never calls them), "
+     "is left out: they are imported with a stand-in that loads it at the first async call (dbguard/lean.py). With "
+     "it (`benchmarks/cost.py` imports_asyncio), the same imports up to psycopg's step are", "."),
+    ("imports_from_source", "Without bytecode (dbguard's modules compiled from source at each start, as a checkout "
+     "runs where PYTHONDONTWRITEBYTECODE=1, and as this benchmark measured before 2026-12-02; `benchmarks/cost.py` "
+     "imports_from_source): the same imports are", ". An installed dbguard has its bytecode (pip and the .deb's "
+     "py3compile compile it), and so have the runs above."),
+)
+
+
 def made_of_lines(cost: dict) -> list[str]:
     """RESULTS.md's lines on what the RSS is made of: the daemon's mappings, then the import steps."""
     lines: list[str] = []
@@ -63,29 +79,12 @@ def made_of_lines(cost: dict) -> list[str]:
                                  [[s["step"], f"{s['rss_mib']:.1f} MiB", f"{s['anon_mib']:.1f} MiB",
                                    f"+{s['rss_mib'] - steps[i - 1]['rss_mib']:.1f} MiB" if i else "–"]
                                   for i, s in enumerate(steps)]), ""]
-        deb, pg = cost.get("imports_deb") or {}, next((s for s in steps if s["step"].startswith("+ psycopg")), None)
-        if pg and "rss_mib" in deb:
-            lines += [f"The .deb's psycopg (Debian's python3-psycopg: its pure-Python wrapper over the system's libpq5, "
-                      f"where the venv above has psycopg-binary's C one; PSYCOPG_IMPL=python, `benchmarks/cost.py` "
-                      f"imports_deb): the same imports up to psycopg's step are {deb['rss_mib']:.1f} MiB "
-                      f"({deb['anon_mib']:.1f} MiB anonymous), {deb['rss_mib'] - pg['rss_mib']:+.1f} MiB against "
-                      f"{pg['rss_mib']:.1f} MiB: a .deb install runs that much above the rows of this section.", ""]
-        asy = cost.get("imports_asyncio") or {}
-        if pg and "rss_mib" in asy:
-            lines += [f"asyncio, which psycopg and tenacity import for their async APIs (dbguard never calls them), "
-                      f"is left out: they are imported with a stand-in that loads it at the first async call "
-                      f"(dbguard/lean.py). With it, the same imports up to psycopg's step are "
-                      f"{asy['rss_mib']:.1f} MiB ({asy['anon_mib']:.1f} MiB anonymous), "
-                      f"{asy['rss_mib'] - pg['rss_mib']:+.1f} MiB against {pg['rss_mib']:.1f} MiB "
-                      f"(`benchmarks/cost.py` imports_asyncio).", ""]
-        src = cost.get("imports_from_source") or {}
-        if pg and "rss_mib" in src:
-            lines += [f"Without bytecode (dbguard's modules compiled from source at each start, as a checkout runs "
-                      f"where PYTHONDONTWRITEBYTECODE=1, and as this benchmark measured before 2026-12-02; "
-                      f"`benchmarks/cost.py` imports_from_source): the same imports are {src['rss_mib']:.1f} MiB "
-                      f"({src['anon_mib']:.1f} MiB anonymous), {src['rss_mib'] - pg['rss_mib']:+.1f} MiB against "
-                      f"{pg['rss_mib']:.1f} MiB. An installed dbguard has its bytecode (pip and the .deb's "
-                      f"py3compile compile it), and so have the runs above.", ""]
+        pg = next((s for s in steps if s["step"].startswith("+ psycopg")), None)
+        for key, before, after in IMPORT_VARIANTS:
+            m = cost.get(key) or {}
+            if pg and "rss_mib" in m:
+                lines += [f"{before} {m['rss_mib']:.1f} MiB ({m['anon_mib']:.1f} MiB anonymous), "
+                          f"{m['rss_mib'] - pg['rss_mib']:+.1f} MiB against {pg['rss_mib']:.1f} MiB{after}", ""]
     return lines + _remaining(cases, steps)
 
 

@@ -79,7 +79,7 @@ def test_asyncio_left_out_is_said_against_the_psycopg_step():
     assert "asyncio, which psycopg and tenacity import" not in "\n".join(made_of_lines(cost))
     cost["imports_asyncio"] = {"rss_mib": 27.9, "anon_mib": 18.25}
     text = "\n".join(made_of_lines(cost))
-    assert "With it, the same imports up to psycopg's step are 27.9 MiB (18.2 MiB anonymous), +1.4 MiB against " \
+    assert "imports_asyncio), the same imports up to psycopg's step are 27.9 MiB (18.2 MiB anonymous), +1.4 MiB against " \
            "26.5 MiB" in text
     cost["imports_asyncio"] = {"error": "RuntimeError: x"}
     assert "asyncio, which psycopg and tenacity import" not in "\n".join(made_of_lines(cost))
