@@ -9,8 +9,8 @@ through ctypes.util. dbguard makes no archives. So shutil is imported first here
 two absent: it says it cannot make such archives, and a later `import lzma` anywhere gets the
 real module.
 
-`asyncio` (about 1.9 MiB resident; benchmarks/RESULTS.md, "dbguard's own cost") is imported by
-psycopg and tenacity for their async APIs (psycopg's AsyncConnection and AsyncCopy, tenacity's
+`asyncio` (1.3 MiB of the daemon's resident memory; benchmarks/RESULTS.md, "dbguard's own
+cost") is imported by psycopg and tenacity for their async APIs (psycopg's AsyncConnection and AsyncCopy, tenacity's
 AsyncRetrying), which dbguard never calls: they take a few of its functions by name as they are
 imported, and reach for the rest through the module when an async call runs. So they are
 imported with a stand-in for asyncio (`with_asyncio_on_call`): each name in ON_CALL is a
@@ -92,8 +92,9 @@ STAND_IN = _AsyncioOnCall("asyncio", "stands in for asyncio while psycopg and te
 
 def with_asyncio_on_call(do_import: Callable[[], object]) -> None:
     """do_import() with STAND_IN for asyncio, unless asyncio is loaded already; where that
-    fails, do_import() again after loading asyncio itself (without Python's ssl module, as
-    asyncio allows, unless ssl is loaded: dbguard.databases.postgresql.driver)."""
+    fails, do_import() again after loading asyncio itself, without Python's ssl module unless
+    that is loaded already (asyncio's `import ssl` is guarded; why ssl is kept out:
+    dbguard.databases.postgresql.driver)."""
     if "asyncio" in sys.modules:
         do_import()
         return

@@ -2,7 +2,7 @@
 Retrying behind the one call both database connections make.
 
 tenacity is imported with dbguard.lean's stand-in for asyncio, which it imports for its
-AsyncRetrying (about 1.9 MiB of RSS; benchmarks/RESULTS.md).
+AsyncRetrying (1.3 MiB of the daemon's RSS; benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
