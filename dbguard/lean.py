@@ -10,14 +10,14 @@ two absent: it says it cannot make such archives, and a later `import lzma` anyw
 real module.
 
 `asyncio` (1.3 MiB of the daemon's resident memory; benchmarks/RESULTS.md, "dbguard's own
-cost") is imported by psycopg and tenacity for their async APIs (psycopg's AsyncConnection and AsyncCopy, tenacity's
-AsyncRetrying), which dbguard never calls: they take a few of its functions by name as they are
-imported, and reach for the rest through the module when an async call runs. So they are
-imported with a stand-in for asyncio (`with_asyncio_on_call`): each name in ON_CALL is a
-function that loads asyncio and calls asyncio's own when it is first called, any other name
-asked for later loads asyncio and is asyncio's. A version that asks for another name as it is
-imported is imported again with asyncio itself (then nothing is saved, and
-tests/unit/test_pg_driver.py, which checks the daemon's imports, says so).
+cost") is imported by psycopg and tenacity for their async APIs (psycopg's AsyncConnection and
+AsyncCopy, tenacity's AsyncRetrying), which dbguard never calls: they take a few of its
+functions by name as they are imported, and reach for the rest through the module when an
+async call runs. So they are imported with a stand-in for asyncio (`with_asyncio_on_call`):
+each name in ON_CALL is a function that loads asyncio and calls asyncio's own when it is first
+called, any other name asked for later loads asyncio and is asyncio's. A version that asks for
+another name as it is imported is imported again with asyncio itself (then nothing is saved,
+and tests/unit/test_pg_driver.py, which checks the daemon's imports, says so).
 """
 from __future__ import annotations
 

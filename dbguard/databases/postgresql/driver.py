@@ -13,11 +13,12 @@ stand-in for asyncio, which psycopg imports for its async API (where a psycopg t
 asyncio as it is imported than that stand-in gives, asyncio itself is loaded, with ssl absent,
 as asyncio allows: its `import ssl` is guarded).
 
-The stand-in is gone before this module's import ends: anything that imports ssl later
-(PyMySQL) gets the real one. No other thread imports ssl in that window: psycopg is first
-imported when the config is loaded, before any thread starts, or for a PostgreSQL discovered
-later, while only the metrics server's thread (no ssl) and, with a MariaDB configured,
-PyMySQL's calls run, and PyMySQL has loaded ssl already (then it is left as it is).
+Both stand-ins are gone before this module's import ends: anything that imports ssl or
+asyncio later (PyMySQL) gets the real one. No other thread imports either in that window:
+psycopg is first imported when the config is loaded, before any thread starts, or for a
+PostgreSQL discovered later, while only the metrics server's thread and, with a MariaDB
+configured, PyMySQL's calls run (neither imports asyncio), and PyMySQL has loaded ssl already
+(then it is left as it is).
 Every dbguard module takes psycopg from here; one that imported it first would only cost
 the memory (tests/unit/test_pg_driver.py checks the daemon's imports).
 
