@@ -72,6 +72,7 @@ def made_of_lines(cost: dict) -> list[str]:
                   "median over the runs; `benchmarks/rss.py` MAPPING_GROUPS):", "",
                   markdown_table(["mapping", *(name for name, _ in cases)], rows), ""]
     steps = [s for s in cost.get("imports", []) if isinstance(s, dict) and not s.get("error")]
+    pg = next((s for s in steps if s["step"].startswith("+ psycopg")), None)
     if steps:
         lines += ["What the RSS is made of: a fresh interpreter after each step's imports, cumulative "
                   "(median of 3; `benchmarks/cost.py` IMPORT_STEPS):", "",
@@ -79,13 +80,12 @@ def made_of_lines(cost: dict) -> list[str]:
                                  [[s["step"], f"{s['rss_mib']:.1f} MiB", f"{s['anon_mib']:.1f} MiB",
                                    f"+{s['rss_mib'] - steps[i - 1]['rss_mib']:.1f} MiB" if i else "–"]
                                   for i, s in enumerate(steps)]), ""]
-        pg = next((s for s in steps if s["step"].startswith("+ psycopg")), None)
         for key, before, after in IMPORT_VARIANTS:
             m = cost.get(key) or {}
             if pg and "rss_mib" in m:
                 lines += [f"{before} {m['rss_mib']:.1f} MiB ({m['anon_mib']:.1f} MiB anonymous), "
                           f"{m['rss_mib'] - pg['rss_mib']:+.1f} MiB against {pg['rss_mib']:.1f} MiB{after}", ""]
-    return lines + _remaining(cases, steps)
+    return lines + _remaining(cases, steps, pg)
 
 
 def _added(steps: list[dict], prefix: str) -> float | None:
@@ -93,11 +93,10 @@ def _added(steps: list[dict], prefix: str) -> float | None:
     return steps[i]["rss_mib"] - steps[i - 1]["rss_mib"] if i else None
 
 
-def _remaining(cases: list[tuple[str, list[dict]]], steps: list[dict]) -> list[str]:
+def _remaining(cases: list[tuple[str, list[dict]]], steps: list[dict], pg: dict | None) -> list[str]:
     """Issue #17's target against the figures above, and what the rest is, said from them."""
     runs = dict(cases)
     at_rest, crowded = runs.get("dbguard-user"), runs.get("dbguard-user, +5,000 idle processes")
-    pg = next((s for s in steps if s["step"].startswith("+ psycopg")), None)
     parts = {k: _added(steps, k) for k in ("+ dbguard's daemon", "+ psycopg")}
     if not (at_rest and crowded and pg) or None in parts.values():
         return []
