@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from . import cancel_latency, giveback, release_race, rss, scenario_cache, table_memory, vm_oomd
+from . import cancel_again, cancel_latency, giveback, release_race, rss, scenario_cache, table_memory, vm_oomd
 from . import pace as loop_pace
 from .files import RESULTS_JSON, RESULTS_MD
 from .machine import has_capability, machine_of, machine_text, memory_gib
@@ -480,7 +480,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
                          + fmt_spread((c["cached_peak_mib"] for c in child), "{:.0f}", " MiB") + " for "
                          + fmt_spread((c["cached_seconds"] * 1000 for c in child), "{:.0f}", " ms") + "."
                          if all("cached_seconds" in c for c in child) else ""), ""]
-    lines += cancel_latency.section()
+    lines += cancel_latency.section() + cancel_again.section()
     lines += release_race.section()
     lines += vm_oomd.section()
     lines += scenario_cache.section() + giveback.section()
@@ -493,6 +493,7 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
               "sudo .venv/bin/python -m benchmarks.scenario_cache --runs 3   # the Redis cache (extra \"cache\")",
               "sudo .venv/bin/python -m benchmarks.giveback --runs 3   # memcached, PgBouncer steps (extra \"giveback\")",
               "sudo .venv/bin/python -m benchmarks.cancel_latency --runs 3   # the cancel: kernel vs user space",
+              "sudo .venv/bin/python -m benchmarks.cancel_again --runs 10   # the cancel, statement after statement",
               "sudo .venv/bin/python -m benchmarks.release_race --runs 10   # a BPF-killed hog's memory released",
               "sudo .venv/bin/python -m benchmarks.pace --runs 1   # the loop's pace under pressure, 10,000 processes",
               "sudo .venv/bin/python -m benchmarks.table_memory --runs 3   # memory per process on the host",

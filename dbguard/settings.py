@@ -99,6 +99,7 @@ class Bpf:
     cancel_streak: int = Bounded(1, 1, 1000)
     cancel_interval: float = Bounded(0.05, 0, 60)
     cancel_pages: int = Bounded(0, 0, 1_000_000)
+    cancel_level: int = Bounded(3, 0, 3)
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@
  * shutdown to the postmaster and something else to auxiliary processes and walsenders, so
  * nothing but that flag leads here. Only a backend holding at least `min_anon_pages`
  * (kill.min_rss), at most once per backend per streak (the streak's `reported`), at most one
- * cancel per `cancel_gap_ns` across backends; dry run: the event only. Called from reclaim.c, which counts the streaks
- * and, when no cancel was sent (dbg_cancel_gate returned 0), goes on to its kill gate. */
+ * cancel per `cancel_gap_ns` across backends; dry run: the event only. Called from reclaim.c,
+ * which counts the streaks (dbg_cancel_short says which passes count for a backend) and, when
+ * no cancel was sent (dbg_cancel_gate returned 0), goes on to its kill gate. */
 #include "dbguard.h"
 
 BPF_ARRAY(last_cancel, u64, 1);     /* when the last in-kernel cancel was sent */
@@ -23,13 +24,23 @@ static __always_inline struct dbg_proc *dbg_cancellable(u32 tgid, u64 task)
 }
 
 /* Whether a reclaim pass that freed more than fail_pages failed anyway for this task: a
- * client backend flagged for cancel, and at most cancel_pages freed. */
+ * client backend flagged for cancel, and at most cancel_pages freed or its scope at
+ * cancel_level. A pending SIGINT is handled only once the allocation in flight got its
+ * memory, and a cgroup that reached its limit with little besides anonymous memory has that
+ * memory for a few passes more: the cancel comes at the limit, not once reclaim is dry. */
 static __always_inline int dbg_cancel_short(struct dbg_policy *pol, u32 tgid, unsigned long nr_reclaimed)
 {
-    if (nr_reclaimed > pol->cancel_pages)
-        return 0;
     struct dbg_proc *p = procs.lookup(&tgid);
-    return p && (p->flags & DBG_CANCEL);
+    if (!p || !(p->flags & DBG_CANCEL))
+        return 0;
+    if (nr_reclaimed <= pol->cancel_pages)
+        return 1;
+    if (!pol->cancel_level)
+        return 0;
+    u64 task = bpf_get_current_task();
+    u32 level = pol->level;
+    dbg_scope_of(pol, task, &level);
+    return level >= pol->cancel_level && dbg_anon_pages(task) >= (s64)pol->min_anon_pages;
 }
 
 /* Whether the gap since the last cancel allows one now; claims it if so (one CPU wins). */
@@ -53,6 +64,8 @@ static __always_inline int dbg_cancel_gate(void *ctx, struct dbg_policy *pol, u3
     struct dbg_proc *p = dbg_cancellable(tgid, task);
     if (!p || dbg_untouchable(pol, task, tgid))
         return 0;
+    u32 level = pol->level;
+    dbg_scope_of(pol, task, &level);
     /* A small backend that happens to allocate when reclaim fails is not the one to end. */
     s64 pages = dbg_anon_pages(task);
     if (pages < (s64)pol->min_anon_pages)
@@ -67,8 +80,8 @@ static __always_inline int dbg_cancel_gate(void *ctx, struct dbg_policy *pol, u3
     struct dbg_event ev = {};
     ev.pid = (u32)id;
     ev.tgid = tgid;
-    ev.level = pol->level;
-    ev.flags = p->flags;
+    ev.level = level;
+    ev.flags = p->flags | (pol->cancel_level && level >= pol->cancel_level ? DBG_EVF_AT_LIMIT : 0);
     ev.tier = p->tier;
     ev.a = s->fails;
     ev.b = now - s->first_ns;

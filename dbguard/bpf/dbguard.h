@@ -25,6 +25,7 @@
 #define DBG_EVF_EXEC      0x1000 /* birth: an exec (else a fork) */
 #define DBG_EVF_FOR_OTHER 0x2000 /* kill: sent from another task's failing reclaim (by_pid), a task
                                   * that may not be killed itself (see reclaim.c) */
+#define DBG_EVF_AT_LIMIT  0x4000 /* cancel: its scope at cancel_level, where every reclaim pass counts */
 
 /* dbg_policy.scope: which unlisted tasks the kernel may kill on its own */
 #define DBG_SCOPE_NONE    0   /* only the candidates the sidecar listed */
@@ -170,6 +171,9 @@ struct dbg_policy {        /* policy[0], written by the sidecar every cycle it c
     u32 cancel_pages;      /* for a client backend, a reclaim that freed at most this many pages failed
                             * (max with fail_pages): its cancel must come while the charge can still
                             * succeed, SIGINT does not end a charge the way SIGKILL does */
+    u32 cancel_level;      /* from this level of its scope on, every reclaim pass of a client backend
+                            * holding min_anon_pages counts: at the limit, not once reclaim is dry; 0 off */
+    u32 pad;
 };
 
 struct dbg_event {

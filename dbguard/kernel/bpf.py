@@ -105,7 +105,8 @@ class BpfGuard:
                                      fail_streak=DEFAULT_FAIL_STREAK, fail_pages=0,
                                      self_tgid=os.getpid(), n_cgroups=0, early_streak=0,
                                      scope=layout.SCOPE_NONE, scope_level=0, births=0, scope_id=0,
-                                     min_anon_pages=0, cancel_gap_ns=0, cancel_streak=0, cancel_pages=0)
+                                     min_anon_pages=0, cancel_gap_ns=0, cancel_streak=0, cancel_pages=0,
+                                     cancel_level=0)
         self._write_policy()
         jump = bpf[b"reclaim_jump"]
         for slot, prog in ((0, b"tracepoint__vmscan__mm_vmscan_memcg_reclaim_begin"),
@@ -158,22 +159,22 @@ class BpfGuard:
     def set_policy(self, *, level: int, enabled: bool, dry_run: bool, min_level_to_kill: int = 3,
                    fail_streak: int = DEFAULT_FAIL_STREAK, fail_pages: int = 0, early_streak: int = 0,
                    births: bool = False, min_anon_bytes: int = 0, cancel_streak: int = 0,
-                   cancel_gap: float = 0.0, cancel_pages: int = 0) -> None:
+                   cancel_gap: float = 0.0, cancel_pages: int = 0, cancel_level: int = 0) -> None:
         """A task is killed when its last N reclaims each freed at most fail_pages pages, N being
         fail_streak from min_level_to_kill on and early_streak below it (0: no kill below).
         Unlisted tasks are killed only in the scope (set_scope) and holding min_anon_bytes of
         anonymous memory. births: report forks and execs in the scope. A client backend
         flagged for cancel (sync_processes) is cancelled after cancel_streak such reclaims
-        (0: never; for it a reclaim that freed at most cancel_pages fails too), one backend per
-        cancel_gap seconds at most. Written to the kernel only
-        when it changed."""
+        (0: never; for it a reclaim that freed at most cancel_pages fails too, and from
+        cancel_level on, 0 never, every reclaim while it holds min_anon_bytes), one backend per
+        cancel_gap seconds at most. Written to the kernel only when it changed."""
         p = self._policy
         new = dict(level=int(level), enabled=int(enabled), dry_run=int(dry_run),
                    min_level_to_kill=int(min_level_to_kill), fail_streak=max(1, int(fail_streak)),
                    fail_pages=int(fail_pages), early_streak=max(0, int(early_streak)), births=int(births),
                    min_anon_pages=max(0, int(min_anon_bytes)) // PAGE_SIZE,
                    cancel_streak=max(0, int(cancel_streak)), cancel_gap_ns=max(0, int(cancel_gap * 1e9)),
-                   cancel_pages=max(0, int(cancel_pages)))
+                   cancel_pages=max(0, int(cancel_pages)), cancel_level=max(0, int(cancel_level)))
         if any(getattr(p, k) != v for k, v in new.items()):
             for k, v in new.items():
                 setattr(p, k, v)

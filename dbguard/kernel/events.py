@@ -46,7 +46,7 @@ def decode(raw: layout.Event, wall_offset_ns: int) -> BpfEvent:
         path = "bpf"
     elif kind in ("cancel", "would_cancel"):
         detail = {"fail_streak": raw.a, "since_first_fail_ns": raw.b, "start_time": raw.start or None,
-                  "anon_rss_bytes": raw.pages * PAGE_SIZE}
+                  "anon_rss_bytes": raw.pages * PAGE_SIZE, "at_limit": bool(raw.flags & layout.EVF_AT_LIMIT)}
         if kind == "cancel":
             detail["signal_result"] = raw.c
         path = "bpf"
@@ -146,8 +146,11 @@ def event_to_audit(ev: BpfEvent) -> dict[str, Any]:
         # A client backend's statement: named by pid, process start and memory, never by its text.
         target = f"postgresql client backend (pid {ev.pid})"
         action = "cancel_query"
-        reason = (f"allocating while reclaim failed {d.get('fail_streak')} times in a row at level "
-                  f"{_level_name(ev.level)}; holds {d.get('anon_rss_bytes', 0) // 2**20} MiB of anonymous memory, "
+        n, level = d.get('fail_streak'), _level_name(ev.level)
+        why = (f"allocating at its cgroup's limit at level {level}, from which ([bpf] cancel_level) every "
+               f"reclaim pass counts, failed or not: {n} in a row" if d.get("at_limit") else
+               f"allocating while reclaim failed {n} times in a row at level {level}")
+        reason = (f"{why}; holds {d.get('anon_rss_bytes', 0) // 2**20} MiB of anonymous memory, "
                   f"backend started {_started(d.get('start_time'))}")
         rc = d.get("signal_result", 0)
         result = ("dry_run: would have sent SIGINT in kernel" if ev.kind == "would_cancel" else

@@ -103,7 +103,8 @@ class KernelFeed:
                             min_level_to_kill=b.min_level_to_kill, fail_streak=b.fail_streak,
                             fail_pages=b.fail_pages, early_streak=b.early_fail_streak, births=b.births,
                             min_anon_bytes=cfg.kill.min_rss, cancel_streak=b.cancel_streak if b.cancel else 0,
-                            cancel_gap=b.cancel_interval, cancel_pages=b.cancel_pages)
+                            cancel_gap=b.cancel_interval, cancel_pages=b.cancel_pages,
+                            cancel_level=b.cancel_level)
         self.bpf.set_scope_levels({d: int(lv) for d, lv in (levels or {}).items()})
         answered = list(answered)
         running = set().union(*(running_server_exes(snap) for _, snap in answered))

@@ -38,6 +38,7 @@ EVF_KILLED = C["DBG_EVF_KILLED"]
 EVF_CANDIDATE = C["DBG_EVF_CANDIDATE"]
 EVF_BY_CGROUP = C["DBG_EVF_BY_CGROUP"]
 EVF_FOR_OTHER = C["DBG_EVF_FOR_OTHER"]
+EVF_AT_LIMIT = C["DBG_EVF_AT_LIMIT"]
 ACTION_NONE = C["DBG_ACTION_NONE"]
 ACTION_KILL = C["DBG_ACTION_KILL"]
 ACTION_SHIELD = C["DBG_ACTION_SHIELD"]
@@ -97,7 +98,8 @@ class Policy(ct.Structure):
                 ("fail_pages", ct.c_uint32), ("self_tgid", ct.c_uint32), ("n_cgroups", ct.c_uint32),
                 ("early_streak", ct.c_uint32), ("scope", ct.c_uint32), ("scope_level", ct.c_uint32),
                 ("births", ct.c_uint32), ("scope_id", ct.c_uint64), ("min_anon_pages", ct.c_uint64),
-                ("cancel_gap_ns", ct.c_uint64), ("cancel_streak", ct.c_uint32), ("cancel_pages", ct.c_uint32)]
+                ("cancel_gap_ns", ct.c_uint64), ("cancel_streak", ct.c_uint32), ("cancel_pages", ct.c_uint32),
+                ("cancel_level", ct.c_uint32), ("pad", ct.c_uint32)]
 
 
 class Event(ct.Structure):

@@ -105,6 +105,28 @@ def test_once_per_streak_a_backend_is_cancelled_again_at_its_next_statement(scen
     _server_untouched(r, tracer, story)
 
 
+def test_from_cancel_level_on_the_cancel_comes_at_the_limit(scenario_host):
+    """[bpf] cancel_level = 1 (warn): every reclaim pass of the sorting backend counts, failed or
+    not, so its cancel goes at the limit while reclaim still meets the allocation in flight. The
+    second statement starts with its cgroup's page cache spent by the first and the level raised
+    by it: its cancel comes by that rule (the audit's at_limit), and both statements end with
+    PostgreSQL's cancel, no OOM kill. With cancel_level = 0 the second statement's cancel waits
+    for a pass that frees nothing and lost the backend to the kernel's OOM killer in 5 of 11 runs
+    here (benchmarks/CANCEL-AGAIN-RESULTS.md has the recorded comparison)."""
+    tracer = Tracer(sig=SIGINT)
+    r = run_backend_cancel(kernel_cancel=None, repeat=2, bpf={"cancel_level": 1}, during=tracer, log=print)
+    story = "\n" + r.summary()
+    assert [e is not None and CANCELLED in e for _, e in r.statements] == [True, True], \
+        f"each statement should end with {CANCELLED!r}: {r.statements}" + story
+    cancels = _cancels(r, "bpf")
+    assert [a["pid"] for a in cancels] == [r.backend_pid] * 2, "one kernel cancel per statement" + story
+    assert cancels[1]["detail"]["at_limit"] and cancels[1]["level"] in ("warn", "high", "critical"), \
+        "the second statement's cancel did not come by cancel_level" + story
+    assert "limit" in cancels[1]["reason"] and "failed or not" in cancels[1]["reason"], story
+    assert _sigints(tracer, {r.backend_pid}) == {r.backend_pid: [IN_KERNEL, IN_KERNEL]}, story
+    _server_untouched(r, tracer, story)
+
+
 def test_cancel_false_leaves_the_backend_to_user_space(scenario_host):
     """[bpf] cancel = false: the kernel sends no SIGINT; the statement is left to the user-space
     answer (pg_cancel_backend at level high). That answer races the sort to the limit: it won

@@ -180,11 +180,17 @@ def test_decode_cancel_and_its_audit_record_names_no_query():
     ev = decode(raw, 0)
     assert ev.kind == "cancel" and ev.path == "bpf"
     assert ev.detail == {"fail_streak": 2, "since_first_fail_ns": 1_500_000, "start_time": 123_456,
-                         "anon_rss_bytes": 25_600 * PAGE_SIZE, "signal_result": 0}
+                         "anon_rss_bytes": 25_600 * PAGE_SIZE, "signal_result": 0, "at_limit": False}
     rec = event_to_audit(ev)
     assert rec["action"] == "cancel_query" and rec["path"] == "bpf" and rec["pid"] == 4321
     assert rec["result"] == "cancelled (SIGINT in kernel)" and rec["level"] == "warn"
     assert f"{25_600 * PAGE_SIZE // 2**20} MiB" in rec["reason"] and "backend started 20" in rec["reason"]
+    assert rec["reason"].startswith("allocating while reclaim failed 2 times in a row at level warn")
+    # At [bpf] cancel_level the passes counted whether or not they failed: the record says so.
+    at = event_to_audit(decode(_raw(kind=8, pid=4321, tgid=4321, level=3, flags=S | X | layout.EVF_AT_LIMIT,
+                                    a=1, start=5, pages=1), 0))
+    assert at["reason"].startswith("allocating at its cgroup's limit at level critical") and "failed or not: 1" in \
+        at["reason"] and at["level"] == "critical"
     would = event_to_audit(decode(_raw(kind=9, pid=4321, tgid=4321, a=1, start=5, pages=1), 0))
     assert would["action"] == "cancel_query" and would["result"].startswith("dry_run: would have sent SIGINT")
     failed = event_to_audit(decode(_raw(kind=8, pid=4321, tgid=4321, c=-3), 0))
