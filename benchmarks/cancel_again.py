@@ -26,7 +26,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .record import Standalone, grouped, repeat
+from .record import Standalone, grouped, recorded
 
 HERE = Path(__file__).resolve().parent
 TITLE = "The cancel, statement after statement: [bpf] cancel_level off and at its default"
@@ -47,7 +47,7 @@ def one(way: str) -> dict:
 
 def body(data: dict) -> list[str]:
     runs = data["results"]
-    lines = [f"Recorded {data['when']}, git {data['git']}, `sudo .venv/bin/{data['command']}` "
+    lines = [recorded(data) + " "
              f"({data['runs']} runs per way, interleaved). One PostgreSQL 15 client backend sorting 20M rows "
              "with work_mem=4GB in a 300 MB memory cgroup, twice in a row (lab/backend_cancel.py, repeat=2); "
              "`[bpf] cancel` on, the user-space session answer out of reach. level-off: `cancel_level = 0` "
@@ -74,9 +74,8 @@ section = RECORD.section
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lab.scenario import require_lab
-    return RECORD.main(argv, __doc__, require_lab, lambda a: repeat(
-        a.runs, WAYS, one, lambda r: f"{' / '.join(r['statements'])}; OOM kills {r['kernel_oom_kills']}"))
+    return RECORD.main_repeated(argv, __doc__, WAYS, one,
+                                lambda r: f"{' / '.join(r['statements'])}; OOM kills {r['kernel_oom_kills']}")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from .reclaim_latency import TIMED_ALIKE, VERSION
-from .record import Standalone, grouped, repeat
+from .record import Standalone, grouped, recorded
 
 HERE = Path(__file__).resolve().parent
 TITLE = "The cancel: first failing reclaim → SIGINT, in the kernel and from user space (issue #18)"
@@ -55,7 +55,7 @@ def _timed(runs: list[dict]) -> str:
 
 def body(data: dict) -> list[str]:
     runs = data["results"]
-    lines = [f"Recorded {data['when']}, git {data['git']}, `sudo .venv/bin/{data['command']}` "
+    lines = [recorded(data) + " "
              f"({data['runs']} runs per path, interleaved). One PostgreSQL 15 client backend sorting "
              "20M rows with work_mem=4GB in a 300 MB memory cgroup (lab/backend_cancel.py, as "
              "tests/e2e/test_bpf_cancel.py). bpf: `[bpf] cancel = true`, the user-space session answer out of reach; "
@@ -80,9 +80,7 @@ section = RECORD.section
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lab.scenario import require_lab
-    return RECORD.main(argv, __doc__, require_lab, lambda a: repeat(
-        a.runs, PATHS, one, lambda r: f"{r['outcome']}; SIGINT ms {r['sigint_ms']}"))
+    return RECORD.main_repeated(argv, __doc__, PATHS, one, lambda r: f"{r['outcome']}; SIGINT ms {r['sigint_ms']}")
 
 
 if __name__ == "__main__":

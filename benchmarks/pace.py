@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from .record import Standalone, repeat
+from .record import Standalone, recorded, repeat
 
 HERE = Path(__file__).resolve().parent
 TITLE = "The loop's pace under pressure with many processes (issue #17)"
@@ -151,7 +151,7 @@ def body(data: dict) -> list[str]:
                     f"{r['interval_p95_s'] * 1000:.0f} ms | {r['interval_max_s'] * 1000:.0f} ms | "
                     f"{r['cpu_pct']:.1f} % | {r['high_share']:.0%} | {r['unreclaimable_ratio']:.2f} "
                     f"(limit {r['limit_mib']} MiB) |")
-    return [f"Recorded {data['when']}, git {data['git']}, `sudo .venv/bin/{data['command']}` ({data['runs']} run(s) "
+    return [recorded(data) + f" ({data['runs']} run(s) "
             f"of each). `dbguard run --dry-run` (no BPF, no database) watching a memory cgroup that holds the "
             f"sleepers and a {HOG // MiB} MiB hog, the limit set so that the unreclaimable share is {RATIO} (high "
             f"level, below critical): every cycle reads the scope afresh. The pressed interval is "

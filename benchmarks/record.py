@@ -157,6 +157,17 @@ class Standalone:
         self.save(argv, a.runs, measure(a), a.out)
         return 0
 
+    def main_repeated(self, argv: list[str] | None, doc: str, ways: Sequence[str], one: Callable[[str], dict],
+                      line: Callable[[dict], str]) -> int:
+        """main() of a benchmark that runs `one(way)` `--runs` times per way on a lab host (repeat)."""
+        from lab.scenario import require_lab
+        return self.main(argv, doc, require_lab, lambda a: repeat(a.runs, ways, one, line))
+
+
+def recorded(data: dict) -> str:
+    """A record's provenance, the first words of its report: when, at which git, the command."""
+    return f"Recorded {data['when']}, git {data['git']}, `sudo .venv/bin/{data['command']}`"
+
 
 def repeat(runs: int, ways: Sequence[str], one: Callable[[str], dict], line: Callable[[dict], str]) -> list[dict]:
     """`one(way)` for each way, `runs` times, interleaved (stats.interleave); a line printed after each."""

@@ -23,7 +23,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .record import Standalone, repeat
+from .record import Standalone, recorded, repeat
 
 HERE = Path(__file__).resolve().parent
 TITLE = "The release of a BPF-killed hog's memory: in time or after its own exit (issues #15, #19)"
@@ -82,7 +82,7 @@ def body(data: dict) -> list[str]:
     runs = data["results"]
     ms = sorted(r["kill_to_audit_ms"] for r in runs if r["kill_to_audit_ms"] is not None)
     outcomes = Counter("released" if r["memory_released"] else (r["why_not"] or "no kill") for r in runs)
-    return [f"Recorded {data['when']}, git {data['git']}, `sudo .venv/bin/{data['command']}` "
+    return [recorded(data) + " "
             f"({data['runs']} runs). One unlisted hog at full speed in a 192 MiB memory cgroup, killed by the BPF "
             "program in its own context; the sidecar's event path (KernelFeed.drain, woken by the ring buffer) "
             "releases its memory by pidfd (process_mrelease) and audits the kill. Released: process_mrelease "

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .record import Standalone, grouped, repeat
+from .record import Standalone, grouped, recorded, repeat
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -95,7 +95,7 @@ def body(data: dict) -> list[str]:
                     f"{runs[0]['processes']:,} | {statistics.median(traced):.2f} MiB | "
                     f"{statistics.median(traced) * MiB / n:.0f} bytes | {statistics.median(rss):.2f} MiB "
                     f"({min(rss):.2f}-{max(rss):.2f}) | {TARGET_MIB} MiB |")
-    return [f"Recorded {data['when']}, git {data['git']}, `sudo .venv/bin/{data['command']}` ({data['runs']} runs "
+    return [recorded(data) + f" ({data['runs']} runs "
             "of each). " + " ".join(__doc__.split("\n\n")[0].split()), "", *rows, ""]
 
 
