@@ -110,9 +110,9 @@ def test_from_cancel_level_on_the_cancel_comes_at_the_limit(scenario_host):
     not, so its cancel goes at the limit while reclaim still meets the allocation in flight. The
     second statement starts with its cgroup's page cache spent by the first and the level raised
     by it: its cancel comes by that rule (the audit's at_limit), and both statements end with
-    PostgreSQL's cancel, no OOM kill. With cancel_level = 0 the second statement's cancel waits
-    for a pass that frees nothing and lost the backend to the kernel's OOM killer in 5 of 11 runs
-    here (benchmarks/CANCEL-AGAIN-RESULTS.md has the recorded comparison)."""
+    PostgreSQL's cancel, no OOM kill. With cancel_level = 0 the cancel waits for a pass that
+    frees nothing, and the kernel's OOM killer took the backend in 4 of 10 runs of
+    benchmarks.cancel_again (benchmarks/CANCEL-AGAIN-RESULTS.md, 2026-12-03)."""
     tracer = Tracer(sig=SIGINT)
     r = run_backend_cancel(kernel_cancel=None, repeat=2, bpf={"cancel_level": 1}, during=tracer, log=print)
     story = "\n" + r.summary()
