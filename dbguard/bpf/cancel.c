@@ -1,7 +1,7 @@
-/* The in-kernel cancel: a PostgreSQL client backend whose own reclaim keeps failing gets
- * SIGINT in its own context, PostgreSQL's own cancel (what pg_cancel_backend sends): its
- * statement ends with "canceling statement due to user request" and gives its memory back,
- * the session and the server stay.
+/* The in-kernel cancel: a PostgreSQL client backend whose own reclaim keeps failing (or, from
+ * cancel_level on, that reclaims at all) gets SIGINT in its own context, PostgreSQL's own
+ * cancel (what pg_cancel_backend sends): its statement ends with "canceling statement due to
+ * user request" and gives its memory back, the session and the server stay.
  *
  * Only entries the sidecar wrote with DBG_CANCEL qualify: it sets the flag from
  * pg_stat_activity's backend_type 'client backend' alone, on an entry that carries the
@@ -27,7 +27,9 @@ static __always_inline struct dbg_proc *dbg_cancellable(u32 tgid, u64 task)
  * client backend flagged for cancel, and at most cancel_pages freed or its scope at
  * cancel_level. A pending SIGINT is handled only once the allocation in flight got its
  * memory, and a cgroup that reached its limit with little besides anonymous memory has that
- * memory for a few passes more: the cancel comes at the limit, not once reclaim is dry. */
+ * memory for a few passes more: the cancel comes at the limit, not once reclaim is dry.
+ * They count in the streak the kill gate reads too: a backend whose cancel is held back
+ * (cancel_gap_ns) has a victim killed for it after fail_streak of them at min_level_to_kill. */
 static __always_inline int dbg_cancel_short(struct dbg_policy *pol, u32 tgid, unsigned long nr_reclaimed)
 {
     struct dbg_proc *p = procs.lookup(&tgid);
