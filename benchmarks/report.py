@@ -318,8 +318,8 @@ def write(data: dict, path: Path, plot_dir: Path) -> None:
         + (" (--quick: shorter loads)" if o.get("quick") else "")
         + "; contenders interleaved (A B C A B C …); figures are median (min-max).",
         "- Raw figures: [results.json](results.json). The in-kernel programs' per-call cost: [bpf/RESULTS.md](bpf/RESULTS.md).",
-        "- PostgreSQL crash recoveries are counted once per crash (the postmaster's \"terminating any other "
-        "active server processes\") in records made from 2026-12-03 06:10 UTC on; records made before counted "
+        "- PostgreSQL crash recoveries are counted once per crash (the postmaster's line for the crash's first "
+        "process, \"... was terminated by signal\") in records made from 2026-12-03 06:10 UTC on; records made before counted "
         "the server log's crash lines, two per crash the server restarted from (the killed process's line and "
         "\"reinitializing\"): there, crash recoveries are twice the crashes.",
         "",

@@ -18,9 +18,12 @@ class PgbenchSummary:
     exit_code: int | None = None
 
 
-# The postmaster logs this once per crash, however many processes died in it ("... was
-# terminated by signal 9" is one line per process, "reinitializing" only with restart_after_crash).
-_CRASH_RE = re.compile(r"terminating any other active server processes")
+# One line per crash: the postmaster logs the first process of a crash at LOG ("server process
+# (PID n) was terminated by signal 9") and the ones it takes down with it at DEBUG2 only;
+# "reinitializing" follows a crash the server restarts from, not one it shuts down on (its
+# startup process killed during recovery). Excerpts keep this line (crash_excerpt), and
+# "terminating any other active server processes", the other once-per-crash line, they do not.
+_CRASH_RE = re.compile(r"was terminated by signal")
 _LOG_VICTIM_RE = re.compile(r"\(PID (\d+)\) was terminated by signal 9")
 _PROGRESS_RE = re.compile(r"^progress: ([\d.]+) s, ([\d.]+) tps")
 _ABORT_RE = re.compile(r"client \d+ .*aborted|client \d+ aborted")

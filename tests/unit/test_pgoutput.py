@@ -28,6 +28,11 @@ def test_one_crash_counts_once_though_the_postmaster_writes_three_lines_of_it():
     assert server_log_victims(CRASH) == [13284]
 
 
+def test_an_excerpt_of_the_crash_counts_it_too():
+    from lab.pgoutput import crash_excerpt
+    assert count_crash_recoveries(crash_excerpt(CRASH)) == 1
+
+
 def test_two_crashes_and_none():
     assert count_crash_recoveries(CRASH + CRASH.replace("13284", "13301")) == 2
     assert count_crash_recoveries(CLEAN) == 0 and count_crash_recoveries("") == 0
