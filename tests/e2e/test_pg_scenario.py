@@ -12,7 +12,7 @@ import json
 import pytest
 
 from lab.launcher import audit_names
-from lab.pgoutput import count_crash_recoveries, parse_pgbench, server_log_victims
+from lab.pgoutput import parse_pgbench, server_log_victims
 from lab.scenario import ScenarioResult, run_pg_scenario
 from lab.watch import kmsg_oom_victims
 
@@ -95,13 +95,6 @@ pgbench: error: client 5 aborted in command 1 (SQL) of script 0; perhaps the bac
 pgbench: error: client 2 aborted in command 1 (SQL) of script 0; perhaps the backend died while processing
 pgbench: error: Run was aborted; the above results are incomplete.
 """
-SERVER_LOG_CRASH = """\
-2026-11-28 05:10:14.402 UTC [11831] LOG:  server process (PID 11846) was terminated by signal 9: Killed
-2026-11-28 05:10:14.464 UTC [11831] LOG:  all server processes terminated; reinitializing
-2026-11-28 05:10:14.636 UTC [11861] LOG:  database system was not properly shut down; automatic recovery in progress
-2026-11-28 05:10:15.536 UTC [11831] LOG:  startup process (PID 11861) was terminated by signal 9: Killed
-2026-11-28 05:10:15.537 UTC [11831] LOG:  shutting down due to startup process failure
-"""
 
 
 def test_parse_pgbench_clean_run():
@@ -116,13 +109,6 @@ def test_parse_pgbench_aborted_clients_count_as_lost_sessions_and_failures():
     assert s.sessions_lost == 2
     assert s.transactions_failed == 2
     assert len(s.errors) == 3
-
-
-def test_crash_recovery_and_victims_from_server_log():
-    # Two crashes: a backend's (restarted from) and the startup process's in that recovery (shut down on).
-    assert count_crash_recoveries(SERVER_LOG_CRASH) == 2
-    assert server_log_victims(SERVER_LOG_CRASH) == [11846, 11861]
-    assert count_crash_recoveries("LOG:  database system is ready to accept connections\n") == 0
 
 
 def test_kmsg_victims_only_from_the_scenario_cgroup():
