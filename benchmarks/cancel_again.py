@@ -34,11 +34,11 @@ WAYS = ("level-off", "default")
 
 
 def one(way: str) -> dict:
-    from lab.backend_cancel import CANCELLED, run_backend_cancel
+    from lab.backend_cancel import run_backend_cancel
     r = run_backend_cancel(kernel_cancel=None, repeat=2, bpf={"cancel_level": 0} if way == "level-off" else None)
     cancels = [a for a in r.audit if a.get("action") == "cancel_query"]
     return {"way": way, "statements": [e or "finished" for _, e in r.statements],
-            "both_cancelled": len(r.statements) == 2 and all(e is not None and CANCELLED in e for _, e in r.statements),
+            "both_cancelled": r.statements_cancelled == [True, True],
             "kernel_oom_kills": r.oom_kills, "crash_recoveries": r.crash_recoveries,
             "seconds": [round(s, 3) for s in r.durations],
             "cancels": [{"path": a.get("path"), "level": a.get("level"), "at_limit": a["detail"].get("at_limit"),

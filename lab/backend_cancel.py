@@ -72,6 +72,11 @@ class CancelResult:
         return self.client_error is not None and CANCELLED in self.client_error
 
     @property
+    def statements_cancelled(self) -> list[bool]:
+        """Whether each statement run ended with PostgreSQL's cancel, in the order they ran."""
+        return [e is not None and CANCELLED in e for _, e in self.statements]
+
+    @property
     def backend_pids(self) -> set[int]:
         return set(self.client_errors) or {self.backend_pid}
 
