@@ -26,6 +26,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from .cancel_latency import SORTING
 from .record import Standalone, grouped, recorded
 
 HERE = Path(__file__).resolve().parent
@@ -48,8 +49,8 @@ def one(way: str) -> dict:
 def body(data: dict) -> list[str]:
     runs = data["results"]
     lines = [recorded(data) + " "
-             f"({data['runs']} runs per way, interleaved). One PostgreSQL 15 client backend sorting 20M rows "
-             "with work_mem=4GB in a 300 MB memory cgroup, twice in a row (lab/backend_cancel.py, repeat=2); "
+             f"({data['runs']} runs per way, interleaved). {SORTING}, twice in a row (lab/backend_cancel.py, "
+             "repeat=2); "
              "`[bpf] cancel` on, the user-space session answer out of reach. level-off: `cancel_level = 0` "
              "(a pass counts toward the cancel only when it freed nothing); default: `cancel_level` as the "
              "config's default leaves it (critical). A run passes when both statements end with "

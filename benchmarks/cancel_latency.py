@@ -28,6 +28,8 @@ from .record import Standalone, grouped, recorded
 HERE = Path(__file__).resolve().parent
 TITLE = "The cancel: first failing reclaim → SIGINT, in the kernel and from user space (issue #18)"
 PATHS = ("bpf", "user")
+# lab.backend_cancel's scenario, as both cancel benchmarks' reports say it.
+SORTING = "One PostgreSQL 15 client backend sorting 20M rows with work_mem=4GB in a 300 MB memory cgroup"
 
 
 def one(path: str) -> dict:
@@ -56,8 +58,7 @@ def _timed(runs: list[dict]) -> str:
 def body(data: dict) -> list[str]:
     runs = data["results"]
     lines = [recorded(data) + " "
-             f"({data['runs']} runs per path, interleaved). One PostgreSQL 15 client backend sorting "
-             "20M rows with work_mem=4GB in a 300 MB memory cgroup (lab/backend_cancel.py, as "
+             f"({data['runs']} runs per path, interleaved). {SORTING} (lab/backend_cancel.py, as "
              "tests/e2e/test_bpf_cancel.py). bpf: `[bpf] cancel = true`, the user-space session answer out of reach; "
              "user: `[bpf] cancel = false`, pg_cancel_backend at level high. Timed by benchmarks/reclaim_latency.py "
              f"(Tracer(sig=2)), not by dbguard: {_timed(runs)}.", "",
